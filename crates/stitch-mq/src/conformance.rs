@@ -1,0 +1,820 @@
+//! The behaviour every backend must show. Each check is a public async
+//! function taking a [`Backend`]; [`conformance_tests!`](crate::conformance_tests)
+//! expands to one `#[tokio::test]` per check so a backend's test file is one line.
+//!
+//! Checks use short real timings with generous deadlines: they assert what
+//! happens (and, for barriers and delays, that something does *not* happen
+//! early), never how fast.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
+use crate::error::MqError;
+use crate::message::{Failure, Message};
+use crate::queue::{Delivery, NackOutcome, Queue, Subscription};
+
+/// A backend under test.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// A queue on the storage named `name`: fresh the first time, the same
+    /// stored state when opened again (a restart).
+    async fn open(&self, name: &str, config: QueueConfig) -> Queue;
+}
+
+const T: &str = "topic";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn quiet() -> QueueConfig {
+    QueueConfig {
+        gc_interval: None,
+        ..QueueConfig::default()
+    }
+}
+
+/// Short timings so lease and visibility behaviour shows within a test.
+pub fn fast_config(group: &str) -> SubscriptionConfig {
+    SubscriptionConfig {
+        batch_size: 10,
+        visibility_timeout: Duration::from_secs(30),
+        lease_duration: Duration::from_millis(1500),
+        lease_renewal: Duration::from_millis(100),
+        poll_interval: Duration::from_millis(200),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            jitter: 0.0,
+        },
+        ..SubscriptionConfig::new(group)
+    }
+}
+
+async fn recv(sub: &mut Subscription) -> Delivery {
+    match tokio::time::timeout(WAIT, sub.recv()).await {
+        Ok(Some(d)) => d,
+        Ok(None) => panic!("subscription closed while waiting for a delivery"),
+        Err(_) => panic!("no delivery within {WAIT:?}"),
+    }
+}
+
+async fn recv_none(sub: &mut Subscription, for_: Duration) {
+    if let Ok(Some(d)) = tokio::time::timeout(for_, sub.recv()).await {
+        panic!("unexpected delivery {:?} (attempt {})", d.id(), d.attempt());
+    }
+}
+
+fn msg(id: &str, partition: &str) -> Message {
+    Message::new(id, partition, format!("payload-{id}").into_bytes())
+}
+
+async fn subscribe(q: &Queue, cfg: SubscriptionConfig) -> Subscription {
+    q.subscriber().subscribe(T, cfg).await.expect("subscribe")
+}
+
+/// Payload and metadata round-trip; first attempt is 1.
+pub async fn publish_round_trip(b: &dyn Backend) {
+    let q = b.open("round-trip", quiet()).await;
+    let m = Message::new("m1", "p", vec![0u8, 1, 2, 255])
+        .with_meta("k", "v")
+        .with_meta("trace", "abc");
+    let r = q.publisher().publish(T, m.clone()).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0));
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    let d = recv(&mut sub).await;
+    assert_eq!(d.message(), &m);
+    assert_eq!(d.attempt(), 1);
+    assert_eq!(d.topic(), T);
+    assert!(d.published_at() > 0 && d.received_at() >= d.published_at());
+    d.ack().await.unwrap();
+}
+
+/// Messages stored before a group first subscribes are delivered to it.
+pub async fn late_subscriber_gets_history(b: &dyn Backend) {
+    let q = b.open("late", quiet()).await;
+    q.publisher()
+        .publish_batch(T, (0..5).map(|i| msg(&format!("m{i}"), "p")).collect())
+        .await
+        .unwrap();
+    let mut sub = subscribe(&q, fast_config("late-group")).await;
+    for i in 0..5 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.id(), format!("m{i}"));
+        d.ack().await.unwrap();
+    }
+}
+
+/// A batch publish is one unit and keeps order; empty batch is a no-op.
+pub async fn publish_batch_keeps_order(b: &dyn Backend) {
+    let q = b.open("batch", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    let r = q.publisher().publish_batch(T, vec![]).await.unwrap();
+    assert_eq!(r.stored, 0);
+    let r = q
+        .publisher()
+        .publish_batch(T, (0..50).map(|i| msg(&format!("m{i:02}"), "p")).collect())
+        .await
+        .unwrap();
+    assert_eq!(r.stored, 50);
+    for i in 0..50 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.id(), format!("m{i:02}"));
+        d.ack().await.unwrap();
+    }
+}
+
+/// `publish_after` holds a message back; it does not hold back the others.
+pub async fn publish_after_delays_delivery(b: &dyn Backend) {
+    let q = b.open("delayed", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    let start = Instant::now();
+    q.publisher()
+        .publish_after(T, msg("late", "p"), Duration::from_millis(400))
+        .await
+        .unwrap();
+    q.publisher().publish(T, msg("now", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), "now");
+    d.ack().await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), "late");
+    assert!(start.elapsed() >= Duration::from_millis(390), "delivered after {:?}", start.elapsed());
+    d.ack().await.unwrap();
+}
+
+/// After `close`, publish and subscribe fail with `Closed`.
+pub async fn publish_after_close_fails(b: &dyn Backend) {
+    let q = b.open("closed", quiet()).await;
+    q.close();
+    assert!(matches!(q.publisher().publish(T, msg("m", "p")).await, Err(MqError::Closed)));
+    assert!(matches!(
+        q.subscriber().subscribe(T, fast_config("g")).await,
+        Err(MqError::Closed)
+    ));
+}
+
+/// The same id twice in a partition is stored and delivered once, even after
+/// it was consumed; another partition or a cause-qualified id is new.
+pub async fn idempotent_publish(b: &dyn Backend) {
+    let q = b.open("dedup", quiet()).await;
+    let p = q.publisher();
+    assert_eq!(p.publish(T, msg("same", "p")).await.unwrap().stored, 1);
+    let r = p.publish(T, msg("same", "p")).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1));
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), "same");
+    d.ack().await.unwrap();
+    recv_none(&mut sub, Duration::from_millis(300)).await;
+    // Still deduplicated after consumption.
+    assert_eq!(p.publish(T, msg("same", "p")).await.unwrap().duplicates, 1);
+    recv_none(&mut sub, Duration::from_millis(300)).await;
+    // Scoped to (topic, partition): other partitions and new causes pass.
+    assert_eq!(p.publish(T, msg("same", "other")).await.unwrap().stored, 1);
+    assert_eq!(p.publish(T, msg("same/retry-1", "p")).await.unwrap().stored, 1);
+    let mut got = HashSet::new();
+    for _ in 0..2 {
+        let d = recv(&mut sub).await;
+        got.insert((d.partition_key().to_string(), d.id().to_string()));
+        d.ack().await.unwrap();
+    }
+    assert!(got.contains(&("other".into(), "same".into())));
+    assert!(got.contains(&("p".into(), "same/retry-1".into())));
+}
+
+/// The dedup horizon is the configured retention: once an acked message is
+/// older than it and collected, the id is accepted again.
+pub async fn dedup_horizon_is_bounded_by_retention(b: &dyn Backend) {
+    let cfg = QueueConfig {
+        dedup_retention: Duration::from_millis(200),
+        ..quiet()
+    };
+    let q = b.open("horizon", cfg).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    recv(&mut sub).await.ack().await.unwrap();
+    // Inside the horizon: collected nothing, still a duplicate.
+    q.admin().gc().await.unwrap();
+    assert_eq!(q.publisher().publish(T, msg("m", "p")).await.unwrap().duplicates, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = q.admin().gc().await.unwrap();
+    assert_eq!(report.messages, 1);
+    assert_eq!(q.publisher().publish(T, msg("m", "p")).await.unwrap().stored, 1);
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), "m");
+    d.ack().await.unwrap();
+}
+
+/// Per-partition order holds with many interleaved partitions.
+pub async fn ordering_within_partition(b: &dyn Backend) {
+    let q = b.open("ordering", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    let mut msgs = Vec::new();
+    for i in 0..30 {
+        for p in ["a", "b", "c"] {
+            msgs.push(msg(&format!("{p}-{i:02}"), p));
+        }
+    }
+    q.publisher().publish_batch(T, msgs).await.unwrap();
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for _ in 0..90 {
+        let d = recv(&mut sub).await;
+        seen.entry(d.partition_key().to_string())
+            .or_default()
+            .push(d.id().to_string());
+        d.ack().await.unwrap();
+    }
+    for (p, ids) in seen {
+        let expected: Vec<String> = (0..30).map(|i| format!("{p}-{i:02}")).collect();
+        assert_eq!(ids, expected, "partition {p}");
+    }
+}
+
+/// An unfinished message in one partition never delays another partition.
+pub async fn partitions_are_isolated(b: &dyn Backend) {
+    let q = b.open("isolation", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.batch_size = 1;
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher().publish(T, msg("a1", "a")).await.unwrap();
+    q.publisher().publish(T, msg("a2", "a")).await.unwrap();
+    let held = recv(&mut sub).await;
+    assert_eq!(held.id(), "a1");
+    q.publisher()
+        .publish_batch(T, (0..5).map(|i| msg(&format!("b{i}"), "b")).collect())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.id(), format!("b{i}"));
+        d.ack().await.unwrap();
+    }
+    held.ack().await.unwrap();
+    assert_eq!(recv(&mut sub).await.id(), "a2");
+}
+
+/// `batch_size = 1`: one message of a partition in flight at a time, in order.
+pub async fn batch_size_one_serializes(b: &dyn Backend) {
+    let q = b.open("serial", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.batch_size = 1;
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher()
+        .publish_batch(T, (0..4).map(|i| msg(&format!("m{i}"), "p")).collect())
+        .await
+        .unwrap();
+    for i in 0..4 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.id(), format!("m{i}"));
+        recv_none(&mut sub, Duration::from_millis(150)).await;
+        d.ack().await.unwrap();
+    }
+}
+
+/// Consumer groups keep independent state: A's nack does not affect B.
+pub async fn consumer_groups_are_independent(b: &dyn Backend) {
+    let q = b.open("groups", quiet()).await;
+    let mut a = subscribe(&q, fast_config("group-a")).await;
+    let mut bsub = subscribe(&q, fast_config("group-b")).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let da = recv(&mut a).await;
+    let db = recv(&mut bsub).await;
+    assert_eq!((da.id(), db.id()), ("m", "m"));
+    assert!(matches!(da.nack(Failure::new("a failed")).await.unwrap(), NackOutcome::RetryAt(_)));
+    db.ack().await.unwrap();
+    let again = recv(&mut a).await;
+    assert_eq!((again.id(), again.attempt()), ("m", 2));
+    again.ack().await.unwrap();
+    recv_none(&mut bsub, Duration::from_millis(300)).await;
+}
+
+/// Nack backoff honours initial, multiplier and cap, and is stored: a new
+/// queue on the same storage (a restart) keeps the schedule.
+pub async fn nack_backoff_is_persisted(b: &dyn Backend) {
+    let q = b.open("backoff", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.retry = RetryPolicy {
+        max_attempts: 10,
+        initial_backoff: Duration::from_millis(300),
+        max_backoff: Duration::from_millis(700),
+        multiplier: 2.0,
+        jitter: 0.0,
+    };
+    let mut sub = subscribe(&q, cfg.clone()).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    let t0 = Instant::now();
+    d.nack(Failure::new("first")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.attempt(), 2);
+    assert!(t0.elapsed() >= Duration::from_millis(290), "first retry after {:?}", t0.elapsed());
+    // Second failure: 600 ms. Restart the engine in between.
+    let t1 = Instant::now();
+    d.nack(Failure::new("second")).await.unwrap();
+    sub.close().await;
+    q.close();
+    let q2 = b.open("backoff", quiet()).await;
+    let mut sub2 = subscribe(&q2, cfg.clone()).await;
+    let d = recv(&mut sub2).await;
+    assert_eq!(d.attempt(), 3);
+    assert!(t1.elapsed() >= Duration::from_millis(590), "second retry after {:?}", t1.elapsed());
+    // Third failure: 1200 ms capped to 700 ms.
+    let t2 = Instant::now();
+    d.nack(Failure::new("third")).await.unwrap();
+    let d = recv(&mut sub2).await;
+    let e = t2.elapsed();
+    assert!(e >= Duration::from_millis(690) && e < Duration::from_millis(1150), "capped retry after {e:?}");
+    d.ack().await.unwrap();
+}
+
+/// The nack that exhausts `max_attempts` dead-letters with the caller's failure.
+pub async fn nack_exhaustion_dead_letters(b: &dyn Backend) {
+    let q = b.open("exhaust", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.retry.max_attempts = 3;
+    let mut sub = subscribe(&q, cfg).await;
+    let m = Message::new("m", "p", b"body".to_vec()).with_meta("k", "v");
+    q.publisher().publish(T, m.clone()).await.unwrap();
+    for attempt in 1..=3u32 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.attempt(), attempt);
+        let out = d
+            .nack(Failure::new(format!("failure {attempt}")).with_detail(serde_json::json!({"n": attempt})))
+            .await
+            .unwrap();
+        if attempt < 3 {
+            assert!(matches!(out, NackOutcome::RetryAt(_)));
+        } else {
+            assert_eq!(out, NackOutcome::DeadLettered);
+        }
+    }
+    recv_none(&mut sub, Duration::from_millis(300)).await;
+    let dead = q.admin().dead_letters(T, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.message, m);
+    assert_eq!(d.original_topic, T);
+    assert_eq!(d.group, "g");
+    assert_eq!(d.attempts, 3);
+    assert_eq!(d.failure.message, "failure 3");
+    assert_eq!(d.failure.detail, serde_json::json!({"n": 3}));
+    assert!(d.failed_at >= d.published_at && d.failed_at > 0);
+}
+
+/// Reject dead-letters at once; re-dead-lettering the same id is not an error.
+pub async fn reject_dead_letters_now(b: &dyn Backend) {
+    let q = b.open("reject", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher().publish(T, msg("poison", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    d.reject(Failure::new("malformed")).await.unwrap();
+    recv_none(&mut sub, Duration::from_millis(200)).await;
+    let dead = q.admin().dead_letters(T, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(dead[0].failure, Failure::new("malformed"));
+    // Replay, fail again: one dead letter, refreshed.
+    q.admin().replay_dead_letter(T, dead[0].dlq_id).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("poison", 1));
+    d.reject(Failure::new("still malformed")).await.unwrap();
+    let dead = q.admin().dead_letters(T, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].failure.message, "still malformed");
+}
+
+/// Dead letters are listable with paging and replayable; unknown ids error.
+pub async fn dead_letters_list_and_replay(b: &dyn Backend) {
+    let q = b.open("dlq", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher()
+        .publish_batch(T, (0..3).map(|i| msg(&format!("m{i}"), &format!("p{i}"))).collect())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        recv(&mut sub).await.reject(Failure::new("bad")).await.unwrap();
+    }
+    let all = q.admin().dead_letters(T, 0, 10).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let page = q.admin().dead_letters(T, all[0].dlq_id, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].dlq_id, all[1].dlq_id);
+    assert!(q.admin().dead_letters("other", 0, 10).await.unwrap().is_empty());
+    let target = &all[1];
+    q.admin().replay_dead_letter(T, target.dlq_id).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.message(), &target.message);
+    d.ack().await.unwrap();
+    assert_eq!(q.admin().dead_letters(T, 0, 10).await.unwrap().len(), 2);
+    assert!(matches!(
+        q.admin().replay_dead_letter(T, target.dlq_id).await,
+        Err(MqError::UnknownDeadLetter { .. })
+    ));
+    assert!(matches!(
+        q.admin().replay_dead_letter(T, 999_999).await,
+        Err(MqError::UnknownDeadLetter { .. })
+    ));
+}
+
+/// Postpone is a barrier: later messages of the partition wait, the
+/// postponed message comes back first as attempt 1.
+pub async fn postpone_is_a_barrier(b: &dyn Backend) {
+    let q = b.open("postpone", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher().publish(T, msg("m1", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    let t0 = Instant::now();
+    d.postpone(Duration::from_millis(500)).await.unwrap();
+    q.publisher().publish(T, msg("m2", "p")).await.unwrap();
+    q.publisher().publish(T, msg("x", "other")).await.unwrap();
+    let other = recv(&mut sub).await;
+    assert_eq!(other.id(), "x", "another partition is not blocked");
+    other.ack().await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("m1", 1));
+    assert!(t0.elapsed() >= Duration::from_millis(490));
+    d.ack().await.unwrap();
+    assert_eq!(recv(&mut sub).await.id(), "m2");
+}
+
+/// After a postpone, `max_attempts` genuine failures still dead-letter.
+pub async fn postpone_resets_failure_streak(b: &dyn Backend) {
+    let q = b.open("streak", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.retry.max_attempts = 2;
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    d.nack(Failure::new("1")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.attempt(), 2);
+    d.postpone(Duration::from_millis(50)).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.attempt(), 1, "postpone resets the streak");
+    assert!(matches!(d.nack(Failure::new("2")).await.unwrap(), NackOutcome::RetryAt(_)));
+    let d = recv(&mut sub).await;
+    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.nack(Failure::new("3")).await.unwrap(), NackOutcome::DeadLettered);
+    assert_eq!(q.admin().dead_letters(T, 0, 10).await.unwrap().len(), 1);
+}
+
+/// `wake` makes a postponed message due now.
+pub async fn wake_makes_postponed_due(b: &dyn Backend) {
+    let q = b.open("wake", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    recv(&mut sub).await.postpone(Duration::from_secs(3600)).await.unwrap();
+    recv_none(&mut sub, Duration::from_millis(200)).await;
+    assert_eq!(q.admin().wake(T, "other").await.unwrap(), 0);
+    assert_eq!(q.admin().wake(T, "p").await.unwrap(), 1);
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("m", 1));
+    d.ack().await.unwrap();
+}
+
+/// An unfinished delivery redelivers after the visibility timeout with
+/// attempt + 1; `extend_visibility` prevents it.
+pub async fn visibility_timeout_redelivers(b: &dyn Backend) {
+    let q = b.open("visibility", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.visibility_timeout = Duration::from_millis(300);
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher().publish(T, msg("dropped", "a")).await.unwrap();
+    let d = recv(&mut sub).await;
+    drop(d);
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("dropped", 2));
+    d.ack().await.unwrap();
+
+    q.publisher().publish(T, msg("extended", "b")).await.unwrap();
+    let d = recv(&mut sub).await;
+    d.extend_visibility(Duration::from_secs(2)).await.unwrap();
+    recv_none(&mut sub, Duration::from_millis(800)).await;
+    d.ack().await.unwrap();
+}
+
+/// Every outcome is one-shot.
+pub async fn outcomes_are_one_shot(b: &dyn Backend) {
+    let q = b.open("one-shot", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    d.ack().await.unwrap();
+    assert!(matches!(d.ack().await, Err(MqError::AlreadyFinalized(_))));
+    assert!(matches!(d.nack(Failure::new("x")).await, Err(MqError::AlreadyFinalized(_))));
+    assert!(matches!(d.reject(Failure::new("x")).await, Err(MqError::AlreadyFinalized(_))));
+    assert!(matches!(
+        d.postpone(Duration::from_secs(1)).await,
+        Err(MqError::AlreadyFinalized(_))
+    ));
+    assert!(matches!(
+        d.extend_visibility(Duration::from_secs(1)).await,
+        Err(MqError::AlreadyFinalized(_))
+    ));
+}
+
+/// An outcome from a delivery that was since redelivered is refused.
+pub async fn stale_delivery_is_fenced(b: &dyn Backend) {
+    let q = b.open("stale", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.visibility_timeout = Duration::from_millis(200);
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let first = recv(&mut sub).await;
+    let second = recv(&mut sub).await;
+    assert_eq!(second.attempt(), 2);
+    assert!(matches!(first.ack().await, Err(MqError::StaleDelivery(_))));
+    second.ack().await.unwrap();
+}
+
+/// Two subscribers of one group split the partitions and every message is
+/// delivered exactly once between them.
+pub async fn subscribers_share_partitions(b: &dyn Backend) {
+    let q = b.open("share", quiet()).await;
+    let mut s1 = subscribe(&q, fast_config("g")).await;
+    let mut s2 = subscribe(&q, fast_config("g")).await;
+    // Let both heartbeat before work arrives so the first does not take all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let parts = ["p0", "p1", "p2", "p3"];
+    let total = 200;
+    let publisher = q.publisher();
+    let feeder = tokio::spawn(async move {
+        for i in 0..total / 4 {
+            let batch = parts.iter().map(|p| msg(&format!("{p}-{i:03}"), p)).collect();
+            publisher.publish_batch(T, batch).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_sub = [HashSet::new(), HashSet::new()];
+    let deadline = Instant::now() + WAIT * 2;
+    while got.len() < total && Instant::now() < deadline {
+        tokio::select! {
+            Some(d) = s1.recv() => { per_sub[0].insert(d.partition_key().to_string()); *got.entry(d.id().to_string()).or_default() += 1; d.ack().await.unwrap(); }
+            Some(d) = s2.recv() => { per_sub[1].insert(d.partition_key().to_string()); *got.entry(d.id().to_string()).or_default() += 1; d.ack().await.unwrap(); }
+        }
+    }
+    feeder.await.unwrap();
+    assert_eq!(got.len(), total, "every message delivered");
+    assert!(got.values().all(|n| *n == 1), "no message delivered twice");
+    assert!(
+        !per_sub[0].is_empty() && !per_sub[1].is_empty(),
+        "both subscribers served partitions: {per_sub:?}"
+    );
+}
+
+/// A crashed subscriber's partitions and unfinished messages are taken over.
+pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
+    let q = b.open("takeover", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.visibility_timeout = Duration::from_millis(800);
+    cfg.lease_duration = Duration::from_millis(600);
+    let mut a = subscribe(&q, cfg.clone()).await;
+    q.publisher()
+        .publish_batch(T, (0..3).map(|i| msg(&format!("m{i}"), &format!("p{i}"))).collect())
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(recv(&mut a).await);
+    }
+    a.kill();
+    drop(held);
+    let mut b2 = subscribe(&q, cfg).await;
+    let mut ids = HashSet::new();
+    for _ in 0..3 {
+        let d = recv(&mut b2).await;
+        assert_eq!(d.attempt(), 2);
+        ids.insert(d.id().to_string());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(ids.len(), 3);
+}
+
+/// Graceful close releases leases at once: a peer serves the partition
+/// long before the lease would have expired.
+pub async fn graceful_close_releases_leases(b: &dyn Backend) {
+    let q = b.open("release", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.lease_duration = Duration::from_secs(60);
+    cfg.lease_renewal = Duration::from_secs(20);
+    let mut a = subscribe(&q, cfg.clone()).await;
+    q.publisher().publish(T, msg("m1", "p")).await.unwrap();
+    q.publisher().publish(T, msg("m2", "p")).await.unwrap();
+    recv(&mut a).await.ack().await.unwrap();
+    // m2 may sit buffered in `a`; close hands it back without an attempt.
+    a.close().await;
+    let mut b2 = subscribe(&q, cfg).await;
+    let start = Instant::now();
+    let d = recv(&mut b2).await;
+    assert_eq!((d.id(), d.attempt()), ("m2", 1));
+    assert!(start.elapsed() < Duration::from_secs(30));
+    d.ack().await.unwrap();
+}
+
+/// Reject, the retry limit and an unfinished earlier message in one window:
+/// a restart still delivers the unfinished message (no watermark skip).
+pub async fn no_message_lost_across_dead_letters(b: &dyn Backend) {
+    let q = b.open("no-loss", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.retry.max_attempts = 1;
+    cfg.visibility_timeout = Duration::from_millis(500);
+    let mut sub = subscribe(&q, cfg.clone()).await;
+    q.publisher()
+        .publish_batch(T, (1..=5).map(|i| msg(&format!("m{i}"), "p")).collect())
+        .await
+        .unwrap();
+    let mut ds = Vec::new();
+    for _ in 0..5 {
+        ds.push(recv(&mut sub).await);
+    }
+    let ids: Vec<&str> = ds.iter().map(|d| d.id()).collect();
+    assert_eq!(ids, ["m1", "m2", "m3", "m4", "m5"]);
+    ds[1].reject(Failure::new("poison")).await.unwrap();
+    assert_eq!(ds[2].nack(Failure::new("once")).await.unwrap(), NackOutcome::DeadLettered);
+    ds[3].ack().await.unwrap();
+    ds[4].ack().await.unwrap();
+    // m1 never finished: crash and restart.
+    sub.kill();
+    drop(ds);
+    q.close();
+    let q2 = b.open("no-loss", quiet()).await;
+    cfg.retry.max_attempts = 5;
+    let mut sub2 = subscribe(&q2, cfg).await;
+    let d = recv(&mut sub2).await;
+    assert_eq!((d.id(), d.attempt()), ("m1", 2));
+    d.ack().await.unwrap();
+    recv_none(&mut sub2, Duration::from_millis(300)).await;
+    let dead: Vec<String> = q2
+        .admin()
+        .dead_letters(T, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.message.id)
+        .collect();
+    assert_eq!(dead, ["m2", "m3"]);
+    let stats = q2.admin().stats(T, "g").await.unwrap();
+    assert_eq!(stats.pending, 0);
+}
+
+/// A message redelivered `max_attempts` times without any outcome (its
+/// consumer keeps dying) is dead-lettered instead of looping forever.
+pub async fn redelivery_limit_dead_letters(b: &dyn Backend) {
+    let q = b.open("redelivery-limit", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.retry.max_attempts = 2;
+    cfg.visibility_timeout = Duration::from_millis(150);
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    assert_eq!(recv(&mut sub).await.attempt(), 1);
+    assert_eq!(recv(&mut sub).await.attempt(), 2);
+    recv_none(&mut sub, Duration::from_millis(600)).await;
+    let dead = q.admin().dead_letters(T, 0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 2);
+    assert!(dead[0].failure.message.contains("without an outcome"));
+}
+
+/// Acked messages past the retention are collected; unfinished ones stay;
+/// empty partitions are removed and idle partitions hold no lease.
+pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
+    let cfg = QueueConfig {
+        dedup_retention: Duration::ZERO,
+        ..quiet()
+    };
+    let q = b.open("gc", cfg).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher()
+        .publish_batch(T, (0..10).map(|i| msg(&format!("m{i}"), &format!("p{i}"))).collect())
+        .await
+        .unwrap();
+    let mut keep = None;
+    for _ in 0..10 {
+        let d = recv(&mut sub).await;
+        if d.id() == "m0" {
+            keep = Some(d);
+        } else {
+            d.ack().await.unwrap();
+        }
+    }
+    // Give the claim loop a pass to advance cursors and a lease tick to shed idle leases.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stats = q.admin().stats(T, "g").await.unwrap();
+    assert_eq!(stats.leased, 1, "only the busy partition keeps a lease: {stats:?}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let report = q.admin().gc().await.unwrap();
+    assert_eq!(report.messages, 9);
+    assert_eq!(report.partitions, 9);
+    let stats = q.admin().stats(T, "g").await.unwrap();
+    assert_eq!((stats.stored, stats.pending, stats.partitions), (1, 1, 1));
+    if let Some(d) = keep {
+        d.ack().await.unwrap();
+    }
+}
+
+/// A publish or wake reaches a waiting subscriber without a polling tick.
+pub async fn wake_ups_are_event_driven(b: &dyn Backend) {
+    let q = b.open("push", quiet()).await;
+    let mut cfg = fast_config("g");
+    // Polling alone would take a minute.
+    cfg.poll_interval = Duration::from_secs(60);
+    cfg.lease_renewal = Duration::from_secs(20);
+    cfg.lease_duration = Duration::from_secs(60);
+    let mut sub = subscribe(&q, cfg).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert!(start.elapsed() < Duration::from_secs(5), "publish wake-up took {:?}", start.elapsed());
+    d.postpone(Duration::from_secs(3600)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    q.admin().wake(T, "p").await.unwrap();
+    let d = recv(&mut sub).await;
+    assert!(start.elapsed() < Duration::from_secs(5), "wake took {:?}", start.elapsed());
+    d.ack().await.unwrap();
+}
+
+/// Bad input gets a typed error and changes nothing.
+pub async fn bad_input_is_rejected(b: &dyn Backend) {
+    let cfg = QueueConfig {
+        max_payload_bytes: 64,
+        ..quiet()
+    };
+    let q = b.open("bad-input", cfg).await;
+    let p = q.publisher();
+    assert!(matches!(p.publish("Bad Topic", msg("m", "p")).await, Err(MqError::InvalidTopic(_))));
+    assert!(matches!(p.publish("", msg("m", "p")).await, Err(MqError::InvalidTopic(_))));
+    assert!(matches!(
+        p.publish(T, Message::new("m", "p", vec![0u8; 65])).await,
+        Err(MqError::PayloadTooLarge { size: 65, limit: 64 })
+    ));
+    assert!(matches!(
+        p.publish(T, Message::new("", "p", vec![])).await,
+        Err(MqError::InvalidMessage { .. })
+    ));
+    assert!(matches!(
+        p.publish_after(T, msg("m", "p"), Duration::ZERO).await,
+        Err(MqError::InvalidDelay(..))
+    ));
+    // A batch with one bad message stores none of it.
+    let batch = vec![msg("ok", "p"), Message::new("big", "p", vec![0u8; 100])];
+    assert!(p.publish_batch(T, batch).await.is_err());
+    assert!(matches!(
+        q.admin().replay_dead_letter(T, 42).await,
+        Err(MqError::UnknownDeadLetter { id: 42, .. })
+    ));
+    let mut bad = fast_config("g");
+    bad.batch_size = 0;
+    assert!(matches!(q.subscriber().subscribe(T, bad).await, Err(MqError::InvalidConfig(_))));
+    assert!(matches!(
+        q.subscriber().subscribe("UPPER", fast_config("g")).await,
+        Err(MqError::InvalidTopic(_))
+    ));
+    assert_eq!(q.admin().stats(T, "g").await.unwrap().stored, 0);
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    p.publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert!(matches!(d.postpone(Duration::ZERO).await, Err(MqError::InvalidDelay(..))));
+    assert!(matches!(
+        d.extend_visibility(Duration::ZERO).await,
+        Err(MqError::InvalidDelay(..))
+    ));
+    // The rejected postpone did not use up the one outcome.
+    d.ack().await.unwrap();
+}
+
+/// Expands to one `#[tokio::test]` per conformance check for a backend.
+/// `$backend` is an expression giving something that implements [`Backend`].
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:expr) => {
+        $crate::conformance_tests!(@each $backend;
+            publish_round_trip, late_subscriber_gets_history, publish_batch_keeps_order,
+            publish_after_delays_delivery, publish_after_close_fails, idempotent_publish,
+            dedup_horizon_is_bounded_by_retention, ordering_within_partition,
+            partitions_are_isolated, batch_size_one_serializes, consumer_groups_are_independent,
+            nack_backoff_is_persisted, nack_exhaustion_dead_letters, reject_dead_letters_now,
+            dead_letters_list_and_replay, postpone_is_a_barrier, postpone_resets_failure_streak,
+            wake_makes_postponed_due, visibility_timeout_redelivers, outcomes_are_one_shot,
+            stale_delivery_is_fenced, subscribers_share_partitions,
+            crashed_subscriber_is_taken_over, graceful_close_releases_leases,
+            no_message_lost_across_dead_letters, redelivery_limit_dead_letters,
+            garbage_collection_and_idle_partitions, wake_ups_are_event_driven,
+            bad_input_is_rejected
+        );
+    };
+    (@each $backend:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let backend = $backend;
+                $crate::conformance::$name(&backend).await;
+            }
+        )*
+    };
+}

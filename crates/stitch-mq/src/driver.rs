@@ -1,0 +1,259 @@
+//! The storage contract every backend implements. The engine (`queue.rs`)
+//! owns timing, wake-ups, leases' fair share and outcome batching; a driver
+//! owns only durable state and makes each call atomic.
+//!
+//! Model (identical in every backend):
+//! - `messages`: an immutable log; `seq` is a global, increasing position.
+//!   Unique on (topic, partition_key, id) → idempotent publish.
+//! - `partitions`: one row per (topic, group, partition): `cursor` (every
+//!   message at or below it is done for the group), `next_due` (earliest time
+//!   something may be deliverable; `None` = nothing pending), and the lease.
+//! - `state`: per (group, message) past the cursor: attempt, invisible-until,
+//!   postponed flag, done flag, and the delivery token that fences stale outcomes.
+//! - `dead_letters`, `groups`, `subscribers` (heartbeats).
+
+use async_trait::async_trait;
+
+use crate::error::MqResult;
+use crate::message::{Failure, Message, Millis};
+
+/// One message to store, with the time it becomes deliverable.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    /// The message.
+    pub message: Message,
+    /// Epoch ms at which it may first be delivered (`publish_after`).
+    pub available_at: Millis,
+}
+
+/// How many messages a publish stored and how many were duplicates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishReport {
+    /// Newly stored messages.
+    pub stored: usize,
+    /// Messages whose id was already stored for their (topic, partition).
+    pub duplicates: usize,
+}
+
+/// Parameters of one claim: find due partitions this subscriber may serve
+/// and mark their deliverable messages as delivered.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    pub topic: String,
+    pub group: String,
+    pub subscriber: String,
+    pub now: Millis,
+    /// Total messages to hand out at most.
+    pub max_messages: usize,
+    /// Per-partition window (unfinished messages in play).
+    pub batch_size: u32,
+    /// Delivered messages are invisible until `now + visibility_ms`.
+    pub visibility_ms: Millis,
+    /// Leases taken or kept run until `now + lease_ms`.
+    pub lease_ms: Millis,
+    /// How many partitions this subscriber may still acquire (fair share).
+    pub may_acquire: usize,
+    /// Redeliveries past this many attempts dead-letter (0 = never).
+    pub max_attempts: u32,
+}
+
+/// A message handed to a consumer.
+#[derive(Clone, Debug)]
+pub struct ClaimedMessage {
+    pub seq: i64,
+    pub message: Message,
+    pub published_at: Millis,
+    /// 1-based; reset to 1 after a postpone.
+    pub attempt: u32,
+    /// Fences outcomes: only the live delivery's token matches.
+    pub token: i64,
+}
+
+/// What a claim produced.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimResult {
+    pub messages: Vec<ClaimedMessage>,
+    /// Messages dead-lettered because their redeliveries ran out (a consumer
+    /// kept dying or timing out before finishing them).
+    pub dead_lettered: usize,
+    /// Partitions newly leased by this claim.
+    pub acquired: usize,
+    /// Earliest `next_due` among partitions this subscriber may serve.
+    pub next_due: Option<Millis>,
+}
+
+/// The outcome of one delivery, as stored.
+#[derive(Clone, Debug)]
+pub enum OutcomeKind {
+    /// Done; never redeliver.
+    Ack,
+    /// Failed; deliverable again at `retry_at`.
+    Retry { retry_at: Millis, failure: Failure },
+    /// Dead-letter now with this failure.
+    DeadLetter { failure: Failure },
+    /// Barrier until `until`; the next delivery is attempt 1.
+    Postpone { until: Millis },
+    /// Still working: stay invisible until `until`.
+    Extend { until: Millis },
+    /// Never processed (graceful shutdown): deliverable now, attempt not counted.
+    Release,
+}
+
+/// An outcome addressed to one live delivery.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub topic: String,
+    pub group: String,
+    pub partition_key: String,
+    pub message_id: String,
+    pub seq: i64,
+    pub token: i64,
+    pub attempt: u32,
+    pub kind: OutcomeKind,
+}
+
+/// Result of a lease tick: the fair-share cap and what this subscriber holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseReport {
+    /// Partitions this subscriber may hold (`usize::MAX` = unlimited).
+    pub cap: usize,
+    /// Partitions it holds after renewing and shedding.
+    pub owned: usize,
+    /// Active subscribers in the group (including this one).
+    pub active_subscribers: usize,
+}
+
+/// Parameters of a lease tick.
+#[derive(Clone, Debug)]
+pub struct LeaseTick {
+    pub topic: String,
+    pub group: String,
+    pub subscriber: String,
+    pub now: Millis,
+    pub lease_ms: Millis,
+}
+
+/// A dead-lettered message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// The dead letter's own id (for replay).
+    pub dlq_id: i64,
+    /// The topic it was published to.
+    pub original_topic: String,
+    /// The consumer group that gave up on it.
+    pub group: String,
+    pub message: Message,
+    pub failure: Failure,
+    /// Attempts made before it was dead-lettered.
+    pub attempts: u32,
+    pub published_at: Millis,
+    pub failed_at: Millis,
+}
+
+/// Counts for one topic and group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TopicStats {
+    /// Stored messages (acked ones stay until the dedup retention passes).
+    pub stored: u64,
+    /// Messages not yet done for the group.
+    pub pending: u64,
+    /// Partitions rows for the group.
+    pub partitions: u64,
+    /// Partitions currently leased.
+    pub leased: u64,
+    /// Dead letters of the topic.
+    pub dead_letters: u64,
+}
+
+/// What a garbage collection pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub messages: u64,
+    pub partitions: u64,
+    pub subscribers: u64,
+}
+
+/// Durable storage for the queue. Every method is one atomic unit.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Backend name (`memory`, `sqlite`, …).
+    fn name(&self) -> &'static str;
+
+    /// Stores messages; ids already stored for (topic, partition) are skipped.
+    async fn publish(&self, topic: &str, msgs: &[NewMessage], now: Millis) -> MqResult<PublishReport>;
+
+    /// Makes `group` a consumer of `topic`; its state starts at the oldest
+    /// stored message, so messages published before it subscribed are delivered.
+    async fn register_group(&self, topic: &str, group: &str, now: Millis) -> MqResult<()>;
+
+    /// Heartbeat, renew own leases, compute the fair-share cap and shed leases
+    /// above it (the lexicographically last partitions, idle ones first).
+    async fn lease_tick(&self, tick: &LeaseTick) -> MqResult<LeaseReport>;
+
+    /// Releases every lease and the heartbeat of a subscriber (graceful exit).
+    async fn deregister(&self, topic: &str, group: &str, subscriber: &str) -> MqResult<()>;
+
+    /// Finds due partitions and marks their deliverable messages delivered.
+    async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult>;
+
+    /// Applies outcomes in one transaction; one result per outcome, in order.
+    /// A stale token yields `MqError::StaleDelivery` for that outcome only.
+    async fn apply(&self, outcomes: &[Outcome], now: Millis) -> MqResult<Vec<MqResult<()>>>;
+
+    /// Makes postponed messages of a partition (every group) due now.
+    /// Returns how many were woken.
+    async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64>;
+
+    /// Dead letters of a topic, oldest first, after `after_id`.
+    async fn dead_letters(&self, topic: &str, after_id: i64, limit: usize) -> MqResult<Vec<DeadLetter>>;
+
+    /// Publishes a dead letter again (same id, payload, partition, metadata)
+    /// and removes it from the dead letters. Unknown id → `UnknownDeadLetter`.
+    async fn replay_dead_letter(&self, topic: &str, dlq_id: i64, now: Millis) -> MqResult<()>;
+
+    /// Deletes messages done for every group and older than `retention_ms`,
+    /// partitions with no stored messages, and heartbeats idle for `stale_ms`.
+    async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport>;
+
+    /// Counts for one topic and group.
+    async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats>;
+}
+
+/// Fair share of `partitions` among the sorted `active` subscribers for `me`:
+/// ⌊P/N⌋ plus one for the first P mod N ranks, so the caps sum to P. A
+/// subscriber missing from `active` (its heartbeat not visible yet) assumes
+/// it is one more. One subscriber alone gets no cap.
+pub fn fair_share_cap(partitions: usize, active: &[String], me: &str) -> usize {
+    match active.iter().position(|s| s == me) {
+        Some(_) if active.len() <= 1 => usize::MAX,
+        Some(rank) => {
+            let n = active.len();
+            (partitions / n + usize::from(rank < partitions % n)).max(1)
+        }
+        None => partitions.div_ceil(active.len() + 1).max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_share_cap;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("s{i}")).collect()
+    }
+
+    #[test]
+    fn fair_share_sums_to_partitions() {
+        let subs = names(5);
+        let caps: Vec<usize> = subs.iter().map(|s| fair_share_cap(12, &subs, s)).collect();
+        assert_eq!(caps, vec![3, 3, 2, 2, 2]);
+        assert_eq!(caps.iter().sum::<usize>(), 12);
+        let two = names(2);
+        assert_eq!(fair_share_cap(4, &two, "s0"), 2);
+        assert_eq!(fair_share_cap(5, &two, "s1"), 2);
+        assert_eq!(fair_share_cap(5, &two, "s0"), 3);
+        assert_eq!(fair_share_cap(2, &names(4), "s3"), 1);
+        assert_eq!(fair_share_cap(7, &names(1), "s0"), usize::MAX);
+        assert_eq!(fair_share_cap(9, &two, "new"), 3);
+    }
+}

@@ -1,0 +1,28 @@
+//! stitch's durable message queue.
+//!
+//! Topics carry messages with an id (the dedup key), a partition key, a
+//! payload and metadata. Delivery is ordered within a partition and parallel
+//! across partitions; consumer groups keep independent state. Each delivery
+//! ends with exactly one outcome: `ack`, `nack` (persisted exponential
+//! backoff, dead-letter on the last attempt), `reject` (dead-letter now) or
+//! `postpone` (a barrier for its partition that resets the failure streak).
+//!
+//! Storage is behind [`Driver`]; the engine in [`Queue`] is shared by every
+//! backend, and [`conformance`] holds the suite every backend must pass.
+//! See `docs/architecture.md` for tables, states and guarantees.
+
+pub mod config;
+pub mod conformance;
+pub mod driver;
+pub mod error;
+pub mod memory;
+pub mod message;
+mod queue;
+pub mod sqlite;
+mod window;
+
+pub use config::{QueueConfig, RetryPolicy, SubscriptionConfig};
+pub use driver::{DeadLetter, Driver, GcReport, NewMessage, PublishReport, TopicStats};
+pub use error::{MqError, MqResult};
+pub use message::{now_millis, Failure, Message, Millis};
+pub use queue::{Admin, Delivery, NackOutcome, Publisher, Queue, Subscriber, Subscription};

@@ -1,0 +1,657 @@
+//! The queue engine on top of a [`Driver`]: publishing, subscriptions (claim
+//! loop, leases, in-process wake-ups), deliveries with one-shot outcomes,
+//! batched outcome writes and background garbage collection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
+use crate::driver::*;
+use crate::error::{MqError, MqResult};
+use crate::message::{now_millis, validate_message, validate_topic, Failure, Message, Millis};
+
+/// Outcomes written per transaction at most (group commit).
+const OUTCOME_BATCH: usize = 512;
+/// Messages one claim hands out at most.
+const CLAIM_MAX: usize = 512;
+
+type OutcomeRequest = (Outcome, oneshot::Sender<MqResult<()>>);
+
+struct Shared {
+    driver: Arc<dyn Driver>,
+    config: QueueConfig,
+    closed: AtomicBool,
+    /// Subscriptions waiting per topic; woken on publish/wake (in-process push).
+    wakers: Mutex<HashMap<String, Vec<Weak<Notify>>>>,
+    outcomes: mpsc::UnboundedSender<OutcomeRequest>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn notify_topic(&self, topic: &str) {
+        let mut wakers = self.wakers.lock();
+        if let Some(list) = wakers.get_mut(topic) {
+            list.retain(|w| match w.upgrade() {
+                Some(n) => {
+                    n.notify_one();
+                    true
+                }
+                None => false,
+            });
+        }
+    }
+
+    fn ensure_open(&self) -> MqResult<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(MqError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn write_outcome(&self, outcome: Outcome) -> MqResult<()> {
+        let (tx, rx) = oneshot::channel();
+        self.outcomes.send((outcome, tx)).map_err(|_| MqError::Closed)?;
+        rx.await.map_err(|_| MqError::Closed)?
+    }
+}
+
+/// A message queue over one storage backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// Starts the engine on `driver` (must be called inside a Tokio runtime):
+    /// spawns the outcome writer and, if configured, the garbage collector.
+    pub fn new(driver: Arc<dyn Driver>, config: QueueConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            driver,
+            config,
+            closed: AtomicBool::new(false),
+            wakers: Mutex::new(HashMap::new()),
+            outcomes: tx,
+            shutdown: CancellationToken::new(),
+        });
+        tokio::spawn(outcome_writer(shared.driver.clone(), rx));
+        if let Some(every) = shared.config.gc_interval {
+            tokio::spawn(gc_loop(Arc::downgrade(&shared), every, shared.shutdown.clone()));
+        }
+        Self { shared }
+    }
+
+    /// Backend name.
+    pub fn backend(&self) -> &'static str {
+        self.shared.driver.name()
+    }
+
+    /// The publishing side.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The consuming side.
+    pub fn subscriber(&self) -> Subscriber {
+        Subscriber {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Operations: wake, dead letters, stats, garbage collection.
+    pub fn admin(&self) -> Admin {
+        Admin {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Refuses further publishes and subscriptions and stops background work.
+    /// Existing subscriptions keep running until closed themselves.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// Publishes messages. Thread-safe, cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    /// Publishes one message, deliverable now. An id already stored for
+    /// (topic, partition) is a silent success that stores nothing.
+    pub async fn publish(&self, topic: &str, msg: Message) -> MqResult<PublishReport> {
+        self.publish_at(topic, vec![msg], now_millis()).await
+    }
+
+    /// Publishes several messages in one transaction, deliverable now.
+    pub async fn publish_batch(&self, topic: &str, msgs: Vec<Message>) -> MqResult<PublishReport> {
+        self.publish_at(topic, msgs, now_millis()).await
+    }
+
+    /// Publishes a message that becomes deliverable after `delay` (> 0).
+    pub async fn publish_after(&self, topic: &str, msg: Message, delay: Duration) -> MqResult<PublishReport> {
+        if delay.is_zero() {
+            return Err(MqError::InvalidDelay(delay, "publish_after"));
+        }
+        self.publish_at(topic, vec![msg], now_millis() + delay.as_millis() as Millis)
+            .await
+    }
+
+    async fn publish_at(&self, topic: &str, msgs: Vec<Message>, available_at: Millis) -> MqResult<PublishReport> {
+        self.shared.ensure_open()?;
+        let new = prepare(&self.shared.config, topic, msgs, available_at)?;
+        if new.is_empty() {
+            return Ok(PublishReport::default());
+        }
+        let report = self.shared.driver.publish(topic, &new, now_millis()).await?;
+        if report.stored > 0 {
+            self.shared.notify_topic(topic);
+        }
+        Ok(report)
+    }
+
+    /// Validates messages for a publish done inside a caller's transaction
+    /// (the transactional outbox; see the SQLite backend's `publish_in_tx`).
+    pub fn prepare(&self, topic: &str, msgs: Vec<Message>, delay: Option<Duration>) -> MqResult<Vec<NewMessage>> {
+        self.shared.ensure_open()?;
+        if delay.is_some_and(|d| d.is_zero()) {
+            return Err(MqError::InvalidDelay(Duration::ZERO, "publish_after"));
+        }
+        let at = now_millis() + delay.map_or(0, |d| d.as_millis() as Millis);
+        prepare(&self.shared.config, topic, msgs, at)
+    }
+
+    /// Tells this process's subscribers of `topic` that messages were
+    /// committed by a transaction the queue did not run itself.
+    pub fn notify_published(&self, topic: &str) {
+        self.shared.notify_topic(topic);
+    }
+}
+
+fn prepare(config: &QueueConfig, topic: &str, msgs: Vec<Message>, available_at: Millis) -> MqResult<Vec<NewMessage>> {
+    validate_topic(topic)?;
+    msgs.into_iter()
+        .map(|m| {
+            validate_message(&m, config.max_payload_bytes)?;
+            Ok(NewMessage {
+                message: m,
+                available_at,
+            })
+        })
+        .collect()
+}
+
+/// Opens subscriptions.
+#[derive(Clone)]
+pub struct Subscriber {
+    shared: Arc<Shared>,
+}
+
+impl Subscriber {
+    /// Starts consuming `topic` as `config.group`. Messages stored before the
+    /// group's first subscription are delivered too.
+    pub async fn subscribe(&self, topic: &str, config: SubscriptionConfig) -> MqResult<Subscription> {
+        self.shared.ensure_open()?;
+        validate_topic(topic)?;
+        config.validate()?;
+        self.shared
+            .driver
+            .register_group(topic, &config.group, now_millis())
+            .await?;
+        let notify = Arc::new(Notify::new());
+        self.shared
+            .wakers
+            .lock()
+            .entry(topic.to_string())
+            .or_default()
+            .push(Arc::downgrade(&notify));
+        let (tx, rx) = mpsc::channel(config.max_in_flight);
+        let stop = CancellationToken::new();
+        let sub = Arc::new(SubShared {
+            queue: self.shared.clone(),
+            topic: topic.to_string(),
+            config,
+            notify,
+            permits: Arc::new(Semaphore::new(0)),
+        });
+        sub.permits.add_permits(sub.config.max_in_flight);
+        let task = tokio::spawn(claim_loop(sub.clone(), tx, stop.clone()));
+        Ok(Subscription {
+            rx,
+            stop,
+            task: Some(task),
+            sub,
+        })
+    }
+}
+
+struct SubShared {
+    queue: Arc<Shared>,
+    topic: String,
+    config: SubscriptionConfig,
+    notify: Arc<Notify>,
+    permits: Arc<Semaphore>,
+}
+
+/// A live subscription: receive deliveries, then close it.
+pub struct Subscription {
+    rx: mpsc::Receiver<Delivery>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    sub: Arc<SubShared>,
+}
+
+impl Subscription {
+    /// The next delivery; `None` once the subscription stopped.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// The next delivery if one waits already.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The subscriber name holding this subscription's leases.
+    pub fn subscriber_name(&self) -> &str {
+        &self.sub.config.subscriber
+    }
+
+    /// Graceful shutdown: stop claiming, hand buffered (unseen) deliveries
+    /// back without counting an attempt, release leases and the heartbeat.
+    /// Deliveries already received stay valid until their visibility lapses.
+    pub async fn close(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.rx.close();
+        while let Some(d) = self.rx.recv().await {
+            let _ = d.finish(OutcomeKind::Release).await;
+        }
+        let c = &self.sub.config;
+        if let Err(e) = self
+            .sub
+            .queue
+            .driver
+            .deregister(&self.sub.topic, &c.group, &c.subscriber)
+            .await
+        {
+            tracing::warn!(topic = %self.sub.topic, error = %e, "releasing leases on close failed; they expire instead");
+        }
+    }
+
+    /// Stops the subscription the way a crash would: no lease release, no
+    /// hand-back. Peers take over after the lease and visibility timeouts.
+    pub fn kill(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+    let c = &sub.config;
+    let driver = sub.queue.driver.clone();
+    let renewal = c.lease_renewal.as_millis() as Millis;
+    let poll = c.poll_interval.as_millis() as Millis;
+    let mut lease = LeaseReport {
+        cap: usize::MAX,
+        owned: 0,
+        active_subscribers: 1,
+    };
+    let mut next_tick: Millis = 0;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let now = now_millis();
+        if now >= next_tick {
+            let tick = LeaseTick {
+                topic: sub.topic.clone(),
+                group: c.group.clone(),
+                subscriber: c.subscriber.clone(),
+                now,
+                lease_ms: c.lease_duration.as_millis() as Millis,
+            };
+            match driver.lease_tick(&tick).await {
+                Ok(r) => lease = r,
+                Err(e) => tracing::warn!(topic = %sub.topic, error = %e, "lease tick failed"),
+            }
+            next_tick = now + renewal;
+        }
+        let room = sub.permits.available_permits().min(CLAIM_MAX);
+        let mut wait_until = (now + poll).min(next_tick);
+        if room > 0 {
+            let req = ClaimRequest {
+                topic: sub.topic.clone(),
+                group: c.group.clone(),
+                subscriber: c.subscriber.clone(),
+                now,
+                max_messages: room,
+                batch_size: c.batch_size,
+                visibility_ms: c.visibility_timeout.as_millis() as Millis,
+                lease_ms: c.lease_duration.as_millis() as Millis,
+                may_acquire: lease.cap.saturating_sub(lease.owned),
+                max_attempts: c.retry.max_attempts,
+            };
+            match driver.claim(&req).await {
+                Ok(res) => {
+                    lease.owned += res.acquired;
+                    let full = res.messages.len() >= room;
+                    for m in res.messages {
+                        let Ok(permit) = sub.permits.clone().try_acquire_owned() else {
+                            break;
+                        };
+                        let d = Delivery::new(sub.clone(), m, permit);
+                        if tx.send(d).await.is_err() {
+                            return;
+                        }
+                    }
+                    if full {
+                        continue;
+                    }
+                    if let Some(due) = res.next_due {
+                        wait_until = wait_until.min(due);
+                    }
+                }
+                Err(e) => tracing::warn!(topic = %sub.topic, error = %e, "claim failed"),
+            }
+        }
+        let wait = Duration::from_millis(wait_until.saturating_sub(now_millis()).max(0) as u64);
+        if wait.is_zero() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sub.notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// What a `nack` led to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NackOutcome {
+    /// Redelivered after the persisted backoff, at this epoch-ms time.
+    RetryAt(Millis),
+    /// The attempt exhausted `max_attempts`; the message is dead-lettered.
+    DeadLettered,
+}
+
+/// One delivered message and its one-shot outcome.
+pub struct Delivery {
+    sub: Arc<SubShared>,
+    claimed: ClaimedMessage,
+    received_at: Millis,
+    finalized: AtomicBool,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("topic", &self.sub.topic)
+            .field("id", &self.claimed.message.id)
+            .field("partition", &self.claimed.message.partition_key)
+            .field("attempt", &self.claimed.attempt)
+            .finish()
+    }
+}
+
+impl Delivery {
+    fn new(sub: Arc<SubShared>, claimed: ClaimedMessage, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            sub,
+            claimed,
+            received_at: now_millis(),
+            finalized: AtomicBool::new(false),
+            permit: Mutex::new(Some(permit)),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.claimed.message
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.claimed.message.id
+    }
+
+    /// The partition key.
+    pub fn partition_key(&self) -> &str {
+        &self.claimed.message.partition_key
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.claimed.message.payload
+    }
+
+    /// The topic it came from.
+    pub fn topic(&self) -> &str {
+        &self.sub.topic
+    }
+
+    /// 1-based delivery attempt (reset to 1 by a postpone).
+    pub fn attempt(&self) -> u32 {
+        self.claimed.attempt
+    }
+
+    /// When the message was stored (epoch ms).
+    pub fn published_at(&self) -> Millis {
+        self.claimed.published_at
+    }
+
+    /// When this delivery was handed out (epoch ms).
+    pub fn received_at(&self) -> Millis {
+        self.received_at
+    }
+
+    /// The backend's position of the message (unique per database).
+    pub fn sequence(&self) -> i64 {
+        self.claimed.seq
+    }
+
+    /// Processed: never redeliver.
+    pub async fn ack(&self) -> MqResult<()> {
+        self.finish(OutcomeKind::Ack).await
+    }
+
+    /// Failed: redeliver after the persisted exponential backoff, or
+    /// dead-letter with `failure` if this attempt exhausts `max_attempts`.
+    pub async fn nack(&self, failure: Failure) -> MqResult<NackOutcome> {
+        let retry: &RetryPolicy = &self.sub.config.retry;
+        if retry.max_attempts > 0 && self.claimed.attempt >= retry.max_attempts {
+            self.finish(OutcomeKind::DeadLetter { failure }).await?;
+            return Ok(NackOutcome::DeadLettered);
+        }
+        let at = now_millis() + retry.backoff(self.claimed.attempt).as_millis() as Millis;
+        self.finish(OutcomeKind::Retry { retry_at: at, failure }).await?;
+        Ok(NackOutcome::RetryAt(at))
+    }
+
+    /// Poison: dead-letter now with `failure`.
+    pub async fn reject(&self, failure: Failure) -> MqResult<()> {
+        self.finish(OutcomeKind::DeadLetter { failure }).await
+    }
+
+    /// Processed for now, come back after `delay` (> 0). A barrier: later
+    /// messages of the partition wait; the next delivery is attempt 1.
+    pub async fn postpone(&self, delay: Duration) -> MqResult<()> {
+        if delay.is_zero() {
+            return Err(MqError::InvalidDelay(delay, "postpone"));
+        }
+        let until = now_millis() + delay.as_millis() as Millis;
+        self.finish(OutcomeKind::Postpone { until }).await
+    }
+
+    /// Still working: stay invisible for `by` from now. Not an outcome.
+    pub async fn extend_visibility(&self, by: Duration) -> MqResult<()> {
+        if by.is_zero() {
+            return Err(MqError::InvalidDelay(by, "extend_visibility"));
+        }
+        if self.finalized.load(Ordering::Acquire) {
+            return Err(MqError::AlreadyFinalized(self.id().to_string()));
+        }
+        let until = now_millis() + by.as_millis() as Millis;
+        self.sub.queue.write_outcome(self.outcome(OutcomeKind::Extend { until })).await
+    }
+
+    fn outcome(&self, kind: OutcomeKind) -> Outcome {
+        Outcome {
+            topic: self.sub.topic.clone(),
+            group: self.sub.config.group.clone(),
+            partition_key: self.claimed.message.partition_key.clone(),
+            message_id: self.claimed.message.id.clone(),
+            seq: self.claimed.seq,
+            token: self.claimed.token,
+            attempt: self.claimed.attempt,
+            kind,
+        }
+    }
+
+    async fn finish(&self, kind: OutcomeKind) -> MqResult<()> {
+        if self.finalized.swap(true, Ordering::AcqRel) {
+            return Err(MqError::AlreadyFinalized(self.id().to_string()));
+        }
+        let res = self.sub.queue.write_outcome(self.outcome(kind)).await;
+        match &res {
+            // A storage failure left nothing written: let the caller try again.
+            Err(e) if e.is_retryable() => self.finalized.store(false, Ordering::Release),
+            _ => {
+                self.permit.lock().take();
+                self.sub.notify.notify_one();
+            }
+        }
+        res
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        // Dropped without an outcome: the visibility timeout redelivers it.
+        if self.permit.lock().take().is_some() {
+            self.sub.notify.notify_one();
+        }
+    }
+}
+
+/// Operator and wiring operations.
+#[derive(Clone)]
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+impl Admin {
+    /// Makes postponed messages of `partition_key` due now, in every group.
+    pub async fn wake(&self, topic: &str, partition_key: &str) -> MqResult<u64> {
+        validate_topic(topic)?;
+        let n = self.shared.driver.wake(topic, partition_key, now_millis()).await?;
+        self.shared.notify_topic(topic);
+        Ok(n)
+    }
+
+    /// Dead letters of `topic` with ids above `after_id`, oldest first.
+    pub async fn dead_letters(&self, topic: &str, after_id: i64, limit: usize) -> MqResult<Vec<DeadLetter>> {
+        validate_topic(topic)?;
+        self.shared.driver.dead_letters(topic, after_id, limit).await
+    }
+
+    /// Publishes dead letter `dlq_id` to its topic again (same id, payload,
+    /// partition and metadata; every group of the topic receives it).
+    pub async fn replay_dead_letter(&self, topic: &str, dlq_id: i64) -> MqResult<()> {
+        validate_topic(topic)?;
+        self.shared
+            .driver
+            .replay_dead_letter(topic, dlq_id, now_millis())
+            .await?;
+        self.shared.notify_topic(topic);
+        Ok(())
+    }
+
+    /// Runs one garbage-collection pass now.
+    pub async fn gc(&self) -> MqResult<GcReport> {
+        run_gc(&self.shared).await
+    }
+
+    /// Counts for one topic and group.
+    pub async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats> {
+        validate_topic(topic)?;
+        self.shared.driver.stats(topic, group).await
+    }
+}
+
+async fn run_gc(shared: &Shared) -> MqResult<GcReport> {
+    let retention = shared.config.dedup_retention.as_millis() as Millis;
+    // Heartbeats of subscribers gone for ten minutes are only clutter.
+    shared.driver.gc(now_millis(), retention, 600_000).await
+}
+
+async fn gc_loop(shared: Weak<Shared>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        if let Err(e) = run_gc(&shared).await {
+            tracing::warn!(error = %e, "queue garbage collection failed");
+        }
+    }
+}
+
+async fn outcome_writer(driver: Arc<dyn Driver>, mut rx: mpsc::UnboundedReceiver<OutcomeRequest>) {
+    let mut batch: Vec<OutcomeRequest> = Vec::with_capacity(OUTCOME_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < OUTCOME_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let ops: Vec<Outcome> = batch.iter().map(|(o, _)| o.clone()).collect();
+        match driver.apply(&ops, now_millis()).await {
+            Ok(results) => {
+                for ((_, reply), result) in batch.drain(..).zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(_) => {
+                // The batch transaction failed as a whole: apply one by one so
+                // each caller gets its own answer and one bad row spoils nothing.
+                for (op, reply) in batch.drain(..) {
+                    let result = match driver.apply(std::slice::from_ref(&op), now_millis()).await {
+                        Ok(mut r) => r.pop().unwrap_or(Ok(())),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Backend-agnostic value types: what callers put in and get back.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+use stitch_core::{BuildId, BuildStatus};
+
+/// Free-form `string → string` metadata (caller keys or runner keys).
+pub type Metadata = BTreeMap<String, String>;
+
+/// The runner metadata key whose value becomes the record's `url`.
+pub const URL_KEY: &str = "url";
+/// The runner metadata key a failure reason is mirrored into.
+pub const ERROR_KEY: &str = "error";
+
+/// What a caller supplies to create a build. The build starts `accepted`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBuild {
+    /// Minted by the caller before the insert, so it can be stamped on the provider's build.
+    pub id: BuildId,
+    /// The build queue (configuration binding), e.g. `"app"`.
+    pub queue: String,
+    /// Name of the runner kind that runs the queue (`"buildkite"`, `"local"`, …).
+    pub runner: String,
+    /// Change URIs assumed good, in order.
+    pub base: Vec<String>,
+    /// Change URIs under test, in order.
+    pub head: Vec<String>,
+    /// Caller metadata, echoed back in the record.
+    pub metadata: Metadata,
+    /// Same key on the same queue returns the existing build instead of a new one.
+    pub idempotency_key: Option<String>,
+}
+
+/// A stored build.
+///
+/// `Serialize` produces the API record shape (DESIGN §6):
+/// `{id, queue, status, base, head, metadata, runner_ref, created_at, updated_at, finished_at, url}`.
+/// The internal fields (version, token hash, cancel flag, …) are not part of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Build {
+    /// The build's id.
+    pub id: BuildId,
+    /// Its queue.
+    pub queue: String,
+    /// Its current status.
+    pub status: BuildStatus,
+    /// Change URIs assumed good.
+    pub base: Vec<String>,
+    /// Change URIs under test.
+    pub head: Vec<String>,
+    /// Metadata the caller supplied at creation (immutable).
+    pub caller_metadata: Metadata,
+    /// Metadata the runner and stages reported (`url`, `error`, …).
+    pub runner_metadata: Metadata,
+    /// Name of the runner kind for this build's queue.
+    pub runner: String,
+    /// The provider's identity of the build, opaque to the store; a cache.
+    pub runner_ref: Option<serde_json::Value>,
+    /// The idempotency key it was created with, if any.
+    pub idempotency_key: Option<String>,
+    /// Whether cancellation was requested.
+    pub cancel_requested: bool,
+    /// When cancellation was first requested.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Hash of the build-scoped job token, if one was issued.
+    pub job_token_hash: Option<String>,
+    /// Why the build failed or was cancelled by stitch, if it says.
+    pub failure_reason: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Time of the last write to the row.
+    pub updated_at: DateTime<Utc>,
+    /// First time it was recorded `running`.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Time it became terminal.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Incremented on every write; the optimistic-concurrency token.
+    pub version: i64,
+}
+
+impl Build {
+    /// The record view of metadata: caller keys overlaid with runner keys
+    /// (the runner's facts about the build win on a clash).
+    pub fn metadata(&self) -> Metadata {
+        let mut merged = self.caller_metadata.clone();
+        merged.extend(
+            self.runner_metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        merged
+    }
+
+    /// The provider's web URL (runner metadata key `url`).
+    pub fn url(&self) -> Option<&str> {
+        self.runner_metadata.get(URL_KEY).map(String::as_str)
+    }
+
+    /// The API record view of this build.
+    pub fn record(&self) -> BuildRecord {
+        BuildRecord {
+            id: self.id.clone(),
+            queue: self.queue.clone(),
+            status: self.status,
+            base: self.base.clone(),
+            head: self.head.clone(),
+            metadata: self.metadata(),
+            runner_ref: self.runner_ref.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+            url: self.url().map(str::to_owned),
+        }
+    }
+}
+
+impl Serialize for Build {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.record().serialize(serializer)
+    }
+}
+
+/// The build record as the HTTP API shows it (DESIGN §6). Deserializable so
+/// clients can read what the server wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// Build id.
+    pub id: BuildId,
+    /// Queue name.
+    pub queue: String,
+    /// Current status.
+    pub status: BuildStatus,
+    /// Change URIs assumed good.
+    pub base: Vec<String>,
+    /// Change URIs under test.
+    pub head: Vec<String>,
+    /// Caller keys plus runner keys.
+    pub metadata: Metadata,
+    /// The provider's identity of the build, if known.
+    pub runner_ref: Option<serde_json::Value>,
+    /// Creation time (RFC 3339).
+    pub created_at: DateTime<Utc>,
+    /// Last write (RFC 3339).
+    pub updated_at: DateTime<Utc>,
+    /// When it became terminal (RFC 3339), if it has.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The provider's web URL, if known.
+    pub url: Option<String>,
+}
+
+/// What [`crate::Store::create_build`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateOutcome {
+    /// A new build was inserted (the API answers 202).
+    Created(Build),
+    /// The (queue, idempotency key) pair, or the id, was already taken by this
+    /// build; nothing was written (the API answers 200).
+    Existing(Build),
+}
+
+impl CreateOutcome {
+    /// The build, new or existing.
+    pub fn build(&self) -> &Build {
+        match self {
+            CreateOutcome::Created(b) | CreateOutcome::Existing(b) => b,
+        }
+    }
+
+    /// The build, new or existing, by value.
+    pub fn into_build(self) -> Build {
+        match self {
+            CreateOutcome::Created(b) | CreateOutcome::Existing(b) => b,
+        }
+    }
+
+    /// Whether a new build was inserted.
+    pub fn is_created(&self) -> bool {
+        matches!(self, CreateOutcome::Created(_))
+    }
+}
+
+/// What [`crate::Store::request_cancel`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelOutcome {
+    /// The build after the request.
+    pub build: Build,
+    /// False when cancel had already been requested or the build is terminal.
+    pub newly_requested: bool,
+}
+
+/// The kind of an [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The build's status (or status-carried metadata) changed.
+    Status,
+    /// A running job promised the build will fail.
+    Failing,
+}
+
+impl EventKind {
+    /// The stable wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Status => "status",
+            EventKind::Failing => "failing",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "status" => Ok(EventKind::Status),
+            "failing" => Ok(EventKind::Failing),
+            other => Err(format!("unknown event kind {other:?}")),
+        }
+    }
+}
+
+/// One entry of the event log; serializes to
+/// `{seq, build_id, queue, kind, status, metadata, at}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Gapless, database-wide sequence number, starting at 1.
+    pub seq: u64,
+    /// The build it is about.
+    pub build_id: BuildId,
+    /// That build's queue.
+    pub queue: String,
+    /// Status change or promised failure.
+    pub kind: EventKind,
+    /// The build's status after the change.
+    pub status: BuildStatus,
+    /// The build's merged (caller + runner) metadata after the change.
+    pub metadata: Metadata,
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+}
+
+/// Filter and page size for [`crate::Store::list_builds`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildFilter {
+    /// Only builds of this queue.
+    pub queue: Option<String>,
+    /// Only builds with this status.
+    pub status: Option<BuildStatus>,
+    /// Page size; clamped to `1..=`[`BuildFilter::MAX_LIMIT`].
+    pub limit: u32,
+}
+
+impl BuildFilter {
+    /// Page size when the caller gives none.
+    pub const DEFAULT_LIMIT: u32 = 50;
+    /// Largest page served.
+    pub const MAX_LIMIT: u32 = 1000;
+
+    pub(crate) fn effective_limit(&self) -> u32 {
+        self.limit.clamp(1, Self::MAX_LIMIT)
+    }
+}
+
+impl Default for BuildFilter {
+    fn default() -> Self {
+        Self {
+            queue: None,
+            status: None,
+            limit: Self::DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// Opaque position in a newest-first build listing. Renders as a string for
+/// the `cursor=` query parameter and parses back from it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cursor(pub(crate) BuildId);
+
+/// A `cursor=` value that this store did not hand out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cursor {0:?}")]
+pub struct InvalidCursor(pub String);
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The id of the last build on the previous page; ids are time-ordered and unique.
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = InvalidCursor;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<BuildId>()
+            .map(Cursor)
+            .map_err(|_| InvalidCursor(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Cursor {
+    type Error = InvalidCursor;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Cursor> for String {
+    fn from(c: Cursor) -> String {
+        c.0.into()
+    }
+}
+
+/// One stored log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLogLine {
+    /// 1-based, per build, gapless within a build.
+    pub line_no: u64,
+    /// The line as the JSON text it was appended as (a `LogLine` frame).
+    pub json: String,
+}
+
+impl StoredLogLine {
+    /// Decodes the stored JSON into the caller's line type.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.json)
+    }
+}
+
+/// Current wall-clock time at the millisecond precision the store keeps, so a
+/// returned value equals the one read back later.
+pub(crate) fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let id = BuildId::new();
+        let c = Cursor(id.clone());
+        assert_eq!(c.to_string().parse::<Cursor>().unwrap(), c);
+        assert!("nope".parse::<Cursor>().is_err());
+        assert_eq!(String::from(c), id.to_string());
+    }
+
+    #[test]
+    fn filter_limit_is_clamped() {
+        let mut f = BuildFilter {
+            limit: 0,
+            ..BuildFilter::default()
+        };
+        assert_eq!(f.effective_limit(), 1);
+        f.limit = 1_000_000;
+        assert_eq!(f.effective_limit(), BuildFilter::MAX_LIMIT);
+    }
+}

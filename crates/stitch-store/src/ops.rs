@@ -1,0 +1,79 @@
+//! The primitive operations a SQL backend provides. The rules (idempotency,
+//! terminal write-once, no-op detection, event append) live once in
+//! [`crate::logic`] on top of this trait; a PostgreSQL or MySQL module mirrors
+//! [`crate::sqlite`] by implementing it for its own connection type.
+//!
+//! Every method runs on one connection; the write methods are only ever called
+//! inside a write transaction.
+
+use stitch_core::BuildId;
+
+use crate::error::Result;
+use crate::model::{Build, BuildFilter, Event, StoredLogLine};
+
+/// Primitive reads and writes of one backend, on one connection.
+pub(crate) trait Ops {
+    /// Loads a build. Inside a write transaction the backend must also make
+    /// sure no other writer can change the row until commit (SQLite: the
+    /// transaction began IMMEDIATE and holds the write lock; PostgreSQL/MySQL:
+    /// `SELECT … FOR UPDATE`).
+    async fn load_build_for_update(&mut self, id: &BuildId) -> Result<Option<Build>>;
+
+    /// Loads a build without locking it.
+    async fn load_build(&mut self, id: &BuildId) -> Result<Option<Build>>;
+
+    /// Finds the build holding `(queue, key)`.
+    async fn find_by_idempotency_key(&mut self, queue: &str, key: &str) -> Result<Option<Build>>;
+
+    /// Inserts a build; `Ok(false)` when the id or `(queue, idempotency_key)`
+    /// is already taken (nothing written, transaction still usable).
+    async fn insert_build(&mut self, build: &Build) -> Result<bool>;
+
+    /// Writes every mutable column of `build` (including its `version`) where
+    /// the stored version is `expected_version`; `Ok(false)` when no row matched.
+    async fn update_build(&mut self, build: &Build, expected_version: i64) -> Result<bool>;
+
+    /// Allocates the next event sequence number inside the current transaction.
+    async fn next_event_seq(&mut self) -> Result<u64>;
+
+    /// Inserts an event whose `seq` came from [`Ops::next_event_seq`].
+    async fn insert_event(&mut self, event: &Event) -> Result<()>;
+
+    /// Reserves `count` log line numbers for a build and returns the last one
+    /// reserved (the first is `last - count + 1`); `None` for an unknown build.
+    async fn reserve_log_lines(&mut self, id: &BuildId, count: u64) -> Result<Option<u64>>;
+
+    /// Inserts one log line under a reserved number.
+    async fn insert_log_line(&mut self, id: &BuildId, line_no: u64, json: &str) -> Result<()>;
+
+    /// Number of log lines of a build; `None` for an unknown build.
+    async fn log_line_count(&mut self, id: &BuildId) -> Result<Option<u64>>;
+
+    /// Up to `limit` builds matching `filter` with ids below `before`, newest first.
+    async fn list_builds(
+        &mut self,
+        filter: &BuildFilter,
+        before: Option<&BuildId>,
+        limit: u32,
+    ) -> Result<Vec<Build>>;
+
+    /// Every build whose status is not terminal, oldest first.
+    async fn builds_not_terminal(&mut self) -> Result<Vec<Build>>;
+
+    /// Up to `limit` events with `seq > after`, in seq order.
+    async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>>;
+
+    /// Every event of one build, in seq order.
+    async fn events_for_build(&mut self, id: &BuildId) -> Result<Vec<Event>>;
+
+    /// The highest committed seq, 0 when the log is empty.
+    async fn latest_seq(&mut self) -> Result<u64>;
+
+    /// Up to `limit` log lines with `line_no > after`, in order.
+    async fn log_lines(
+        &mut self,
+        id: &BuildId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredLogLine>>;
+}

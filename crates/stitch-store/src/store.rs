@@ -1,0 +1,413 @@
+//! The public handles: [`Store`] (pool + convenience methods) and
+//! [`StoreTx`] (one write transaction shared with other crates' statements).
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
+use sqlx::Sqlite;
+use stitch_core::{BuildId, BuildStatus};
+
+use crate::error::{Result, StoreError};
+use crate::logic;
+use crate::model::{
+    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, EventKind, Metadata, NewBuild,
+    StoredLogLine,
+};
+use crate::ops::Ops;
+use crate::sqlite::{self, SqliteOps};
+
+/// Handle to the build store. Cheap to clone (it is a connection pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+/// The database behind a [`Store`]. PostgreSQL and MySQL become variants here;
+/// callers of [`Store`] do not change.
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$ops` bound to the backend's [`Ops`] on a pooled connection.
+macro_rules! with_read_ops {
+    ($store:expr, |$ops:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                let mut $ops = SqliteOps::new(&mut conn);
+                $body
+            }
+        }
+    };
+}
+
+/// Runs `$op` in a fresh write transaction and commits it.
+macro_rules! in_tx {
+    ($store:expr, |$tx:ident| $op:expr) => {{
+        let mut $tx = $store.begin().await?;
+        let out = $op.await?;
+        $tx.commit().await?;
+        Ok(out)
+    }};
+}
+
+impl Store {
+    /// Opens (creating if missing) the SQLite database file at `path` with WAL,
+    /// `synchronous = NORMAL`, foreign keys on and a 10 s busy timeout, and
+    /// applies the store's migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let pool = sqlite::open_pool(path).await?;
+        Store::from_pool(pool).await
+    }
+
+    /// Uses an existing pool (the one the message queue also uses) and applies
+    /// the store's migrations to it. The pool should have been built from
+    /// [`Store::sqlite_connect_options`] so the pragmas match.
+    pub async fn from_pool(pool: SqlitePool) -> Result<Store> {
+        sqlite::migrate(&pool).await?;
+        Ok(Store {
+            backend: Backend::Sqlite(pool),
+        })
+    }
+
+    /// The connection settings [`Store::open`] uses, for building a pool that
+    /// the store and the message queue then share.
+    pub fn sqlite_connect_options(path: &Path) -> SqliteConnectOptions {
+        sqlite::connect_options(path)
+    }
+
+    /// The underlying pool, to share with the message queue.
+    pub fn pool(&self) -> &SqlitePool {
+        match &self.backend {
+            Backend::Sqlite(pool) => pool,
+        }
+    }
+
+    /// Closes the pool, waiting for checked-out connections to come back.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(pool) => pool.close().await,
+        }
+    }
+
+    /// Starts a write transaction. It takes the database write lock at once
+    /// (`BEGIN IMMEDIATE`), waiting up to the busy timeout for other writers,
+    /// so it never fails later on a lock upgrade. Dropping it uncommitted
+    /// rolls back.
+    pub async fn begin(&self) -> Result<StoreTx<'_>> {
+        let inner = match &self.backend {
+            Backend::Sqlite(pool) => TxInner::Sqlite(pool.begin_with(sqlite::BEGIN_WRITE).await?),
+        };
+        Ok(StoreTx {
+            inner,
+            _store: PhantomData,
+        })
+    }
+
+    /// Creates a build (status `accepted`, plus its first event), or returns
+    /// the build that already holds `(queue, idempotency_key)`.
+    /// See [`StoreTx::create_build`].
+    pub async fn create_build(&self, new: NewBuild) -> Result<CreateOutcome> {
+        in_tx!(self, |tx| tx.create_build(new))
+    }
+
+    /// Loads a build; [`StoreError::NotFound`] when there is none.
+    pub async fn get_build(&self, id: &BuildId) -> Result<Build> {
+        with_read_ops!(self, |ops| logic::get_build(&mut ops, id).await)
+    }
+
+    /// One page of builds, newest first, and the cursor of the next page
+    /// (`None` on the last page).
+    pub async fn list_builds(
+        &self,
+        filter: &BuildFilter,
+        cursor: Option<&Cursor>,
+    ) -> Result<(Vec<Build>, Option<Cursor>)> {
+        let limit = filter.effective_limit();
+        // One extra row tells whether another page exists without a COUNT.
+        let mut builds = with_read_ops!(self, |ops| {
+            ops.list_builds(filter, cursor.map(|c| &c.0), limit + 1)
+                .await?
+        });
+        let more = builds.len() > limit as usize;
+        builds.truncate(limit as usize);
+        let next = match builds.last() {
+            Some(last) if more => Some(Cursor(last.id.clone())),
+            _ => None,
+        };
+        Ok((builds, next))
+    }
+
+    /// Records a status report. See [`StoreTx::record_status`].
+    pub async fn record_status(
+        &self,
+        id: &BuildId,
+        expected_from: Option<BuildStatus>,
+        new_status: BuildStatus,
+        runner_metadata_patch: &Metadata,
+        reason: Option<&str>,
+    ) -> Result<Option<Event>> {
+        in_tx!(self, |tx| tx.record_status(
+            id,
+            expected_from,
+            new_status,
+            runner_metadata_patch,
+            reason
+        ))
+    }
+
+    /// Records the provider's identity of a build. See [`StoreTx::set_runner_ref`].
+    pub async fn set_runner_ref(
+        &self,
+        id: &BuildId,
+        runner_ref: &serde_json::Value,
+    ) -> Result<Build> {
+        in_tx!(self, |tx| tx.set_runner_ref(id, runner_ref))
+    }
+
+    /// Records the hash of a build's job token. See [`StoreTx::set_job_token_hash`].
+    pub async fn set_job_token_hash(&self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
+        in_tx!(self, |tx| tx.set_job_token_hash(id, hash))
+    }
+
+    /// Records a cancel request. See [`StoreTx::request_cancel`].
+    pub async fn request_cancel(&self, id: &BuildId) -> Result<CancelOutcome> {
+        in_tx!(self, |tx| tx.request_cancel(id))
+    }
+
+    /// Records a promised failure. See [`StoreTx::record_failing`].
+    pub async fn record_failing(&self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
+        in_tx!(self, |tx| tx.record_failing(id, metadata))
+    }
+
+    /// Every build that is not terminal, oldest first: what a restarting
+    /// server must make sure is being watched.
+    pub async fn builds_not_terminal(&self) -> Result<Vec<Build>> {
+        with_read_ops!(self, |ops| ops.builds_not_terminal().await)
+    }
+
+    /// Up to `limit` events with `seq > after`, in seq order. Because seqs are
+    /// allocated under the write lock and committed in order, a reader that
+    /// resumes from the last seq it saw never skips an event.
+    pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>> {
+        with_read_ops!(self, |ops| ops.events_after(after, limit).await)
+    }
+
+    /// The highest committed event seq; 0 when there are no events.
+    pub async fn latest_seq(&self) -> Result<u64> {
+        with_read_ops!(self, |ops| ops.latest_seq().await)
+    }
+
+    /// Every event of one build, in seq order; [`StoreError::NotFound`] for an
+    /// unknown build.
+    pub async fn events_for_build(&self, id: &BuildId) -> Result<Vec<Event>> {
+        with_read_ops!(self, |ops| {
+            if ops.load_build(id).await?.is_none() {
+                return Err(StoreError::NotFound(id.clone()));
+            }
+            ops.events_for_build(id).await
+        })
+    }
+
+    /// Appends log lines (each serialized to JSON) and returns the number of
+    /// the last line stored. See [`StoreTx::append_log_lines`].
+    pub async fn append_log_lines<T: Serialize>(&self, id: &BuildId, lines: &[T]) -> Result<u64> {
+        let lines = serialize_lines(lines)?;
+        let mut tx = self.begin().await?;
+        let last = tx.append_json_log_lines(id, &lines).await?;
+        tx.commit().await?;
+        Ok(last)
+    }
+
+    /// Up to `limit` log lines numbered above `after_line`, in order;
+    /// [`StoreError::NotFound`] for an unknown build.
+    pub async fn log_lines(
+        &self,
+        id: &BuildId,
+        after_line: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredLogLine>> {
+        with_read_ops!(self, |ops| {
+            if ops.log_line_count(id).await?.is_none() {
+                return Err(StoreError::NotFound(id.clone()));
+            }
+            ops.log_lines(id, after_line, limit).await
+        })
+    }
+
+    /// Whether any log line is stored for the build; [`StoreError::NotFound`]
+    /// for an unknown build.
+    pub async fn has_logs(&self, id: &BuildId) -> Result<bool> {
+        with_read_ops!(self, |ops| match ops.log_line_count(id).await? {
+            Some(count) => Ok(count > 0),
+            None => Err(StoreError::NotFound(id.clone())),
+        })
+    }
+}
+
+/// One write transaction on the store's database.
+///
+/// Every store write is available here, and [`StoreTx::conn`] exposes the
+/// connection so another crate (the message queue) can run its own statements
+/// in the same transaction: "record the change + publish the message" commits
+/// or rolls back as one. Dropping the transaction without
+/// [`StoreTx::commit`] rolls it back.
+#[derive(Debug)]
+pub struct StoreTx<'s> {
+    inner: TxInner,
+    // Ties the transaction to its store so it cannot outlive the handle.
+    _store: PhantomData<&'s Store>,
+}
+
+#[derive(Debug)]
+enum TxInner {
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+}
+
+impl StoreTx<'_> {
+    fn ops(&mut self) -> SqliteOps<'_> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => SqliteOps::new(tx),
+        }
+    }
+
+    /// The transaction's connection, for statements of other crates that must
+    /// commit or roll back together with the store's writes.
+    pub fn conn(&mut self) -> &mut SqliteConnection {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx,
+        }
+    }
+
+    /// Commits every write made through this transaction.
+    pub async fn commit(self) -> Result<()> {
+        match self.inner {
+            TxInner::Sqlite(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    /// Rolls back every write made through this transaction.
+    pub async fn rollback(self) -> Result<()> {
+        match self.inner {
+            TxInner::Sqlite(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+
+    /// Creates a build in status `accepted` and appends its first `status`
+    /// event. When `(queue, idempotency_key)` is already taken — or the same
+    /// id was already created for the same queue and key — returns
+    /// [`CreateOutcome::Existing`] and writes nothing. An id taken by a
+    /// different request is [`crate::Conflict::DuplicateId`]; an empty queue,
+    /// runner or key is [`StoreError::InvalidInput`].
+    pub async fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
+        logic::create_build(&mut self.ops(), new).await
+    }
+
+    /// Loads a build inside this transaction (sees its uncommitted writes).
+    pub async fn get_build(&mut self, id: &BuildId) -> Result<Build> {
+        logic::get_build(&mut self.ops(), id).await
+    }
+
+    /// Records a status report: merges `runner_metadata_patch` into the runner
+    /// metadata, stores `reason` as the failure reason (and as runner metadata
+    /// `error` unless the patch sets `error`), sets `started_at` on the first
+    /// `running` and `finished_at` on a terminal status, and appends a
+    /// `status` event in the same transaction.
+    ///
+    /// Returns `None` and writes nothing when status, metadata and reason are
+    /// unchanged. Errors: [`StoreError::NotFound`];
+    /// [`crate::Conflict::UnexpectedStatus`] when `expected_from` is given
+    /// and differs; [`StoreError::InvalidTransition`] for any change to a
+    /// terminal build.
+    pub async fn record_status(
+        &mut self,
+        id: &BuildId,
+        expected_from: Option<BuildStatus>,
+        new_status: BuildStatus,
+        runner_metadata_patch: &Metadata,
+        reason: Option<&str>,
+    ) -> Result<Option<Event>> {
+        logic::record_status(
+            &mut self.ops(),
+            id,
+            expected_from,
+            new_status,
+            runner_metadata_patch,
+            reason,
+        )
+        .await
+    }
+
+    /// Records the provider's identity of the build (also on terminal builds:
+    /// it is a cache). Setting the same value again writes nothing.
+    pub async fn set_runner_ref(
+        &mut self,
+        id: &BuildId,
+        runner_ref: &serde_json::Value,
+    ) -> Result<Build> {
+        logic::set_runner_ref(&mut self.ops(), id, runner_ref).await
+    }
+
+    /// Sets or clears the hash of the build-scoped job token.
+    pub async fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
+        logic::set_job_token_hash(&mut self.ops(), id, hash).await
+    }
+
+    /// Records that cancellation was requested. Idempotent:
+    /// `newly_requested` is false when it already was, or when the build is
+    /// terminal (nothing left to cancel; nothing is written then).
+    pub async fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
+        logic::request_cancel(&mut self.ops(), id).await
+    }
+
+    /// Records a promised failure: merges `metadata` (e.g.
+    /// `promised_exit_status`) into the runner metadata and appends a
+    /// `failing` event. `None` when the same promise was already recorded.
+    /// [`StoreError::InvalidTransition`] on a terminal build.
+    pub async fn record_failing(
+        &mut self,
+        id: &BuildId,
+        metadata: &Metadata,
+    ) -> Result<Option<Event>> {
+        logic::record_failing(&mut self.ops(), id, metadata).await
+    }
+
+    /// Appends an event snapshotting the build's current status and metadata
+    /// without changing the build (the status-changing methods append their
+    /// own events; this is for callers that need to re-announce a state).
+    pub async fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
+        logic::append_event(&mut self.ops(), id, kind).await
+    }
+
+    /// Appends log lines, each serialized to JSON, numbering them after the
+    /// build's existing lines; returns the number of the last line (the
+    /// current count when `lines` is empty). Allowed on terminal builds, whose
+    /// output may trail their status.
+    pub async fn append_log_lines<T: Serialize>(
+        &mut self,
+        id: &BuildId,
+        lines: &[T],
+    ) -> Result<u64> {
+        let lines = serialize_lines(lines)?;
+        self.append_json_log_lines(id, &lines).await
+    }
+
+    async fn append_json_log_lines(&mut self, id: &BuildId, lines: &[String]) -> Result<u64> {
+        logic::append_log_lines(&mut self.ops(), id, lines).await
+    }
+}
+
+fn serialize_lines<T: Serialize>(lines: &[T]) -> Result<Vec<String>> {
+    lines
+        .iter()
+        .map(|line| {
+            serde_json::to_string(line)
+                .map_err(|e| StoreError::InvalidInput(format!("log line is not serializable: {e}")))
+        })
+        .collect()
+}

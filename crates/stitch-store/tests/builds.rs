@@ -1,0 +1,718 @@
+//! Build records: creation, idempotency, status rules, cancel, refs, listing.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{keyed, meta, new_build, open};
+use serde_json::json;
+use stitch_core::{BuildId, BuildStatus};
+use stitch_store::{BuildFilter, Conflict, CreateOutcome, Cursor, EventKind, Metadata, StoreError};
+
+#[tokio::test]
+async fn create_then_get_returns_the_record_shape() {
+    let db = open().await;
+    let new = new_build("app");
+    let created = db.store.create_build(new.clone()).await.unwrap();
+    assert!(created.is_created());
+    let build = created.into_build();
+    assert_eq!(build.status, BuildStatus::Accepted);
+    assert_eq!(build.version, 1);
+    assert_eq!(build.runner, "fake");
+    assert!(!build.cancel_requested);
+
+    let read = db.store.get_build(&new.id).await.unwrap();
+    assert_eq!(read, build);
+
+    let record = serde_json::to_value(&read).unwrap();
+    let keys: BTreeSet<_> = record.as_object().unwrap().keys().cloned().collect();
+    let expected: BTreeSet<_> = [
+        "id",
+        "queue",
+        "status",
+        "base",
+        "head",
+        "metadata",
+        "runner_ref",
+        "created_at",
+        "updated_at",
+        "finished_at",
+        "url",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(keys, expected);
+    assert_eq!(record["id"], json!(new.id.as_str()));
+    assert_eq!(record["status"], json!("accepted"));
+    assert_eq!(record["base"], json!(new.base));
+    assert_eq!(record["head"], json!(new.head));
+    assert_eq!(record["metadata"], json!({"requested_by": "queue-bot"}));
+    assert_eq!(record["runner_ref"], json!(null));
+    assert_eq!(record["finished_at"], json!(null));
+    assert_eq!(record["url"], json!(null));
+    // RFC 3339 timestamps that parse back to what was stored.
+    let created_at: chrono::DateTime<chrono::Utc> =
+        record["created_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(created_at, read.created_at);
+    let back: stitch_store::BuildRecord = serde_json::from_value(record).unwrap();
+    assert_eq!(back, read.record());
+}
+
+#[tokio::test]
+async fn create_appends_an_accepted_event() {
+    let db = open().await;
+    let build = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build();
+    let events = db.store.events_for_build(&build.id).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].seq, 1);
+    assert_eq!(events[0].kind, EventKind::Status);
+    assert_eq!(events[0].status, BuildStatus::Accepted);
+    assert_eq!(events[0].queue, "app");
+    assert_eq!(events[0].metadata, build.metadata());
+    assert_eq!(db.store.latest_seq().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_existing_build_per_queue() {
+    let db = open().await;
+    let first = db.store.create_build(keyed("app", "k1")).await.unwrap();
+    assert!(first.is_created());
+
+    let again = db.store.create_build(keyed("app", "k1")).await.unwrap();
+    let CreateOutcome::Existing(existing) = again else {
+        panic!("expected the existing build, got {again:?}");
+    };
+    assert_eq!(existing.id, first.build().id);
+
+    // Keys are scoped to a queue.
+    let other_queue = db.store.create_build(keyed("docs", "k1")).await.unwrap();
+    assert!(other_queue.is_created());
+    // No key never collides.
+    assert!(db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .is_created());
+    assert!(db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .is_created());
+
+    let (all, _) = db
+        .store
+        .list_builds(&BuildFilter::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 4);
+    // The replay wrote no event.
+    assert_eq!(db.store.latest_seq().await.unwrap(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_with_one_key_make_one_build() {
+    let db = open().await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let store = db.store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.create_build(keyed("app", "race")).await.unwrap()
+        }));
+    }
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for task in tasks {
+        let outcome = task.await.unwrap();
+        created += usize::from(outcome.is_created());
+        ids.insert(outcome.build().id.clone());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    let (all, _) = db
+        .store
+        .list_builds(&BuildFilter::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+}
+
+#[tokio::test]
+async fn reusing_an_id_is_a_replay_or_a_conflict() {
+    let db = open().await;
+    let new = new_build("app");
+    db.store.create_build(new.clone()).await.unwrap();
+    // The same request again (a retried insert) returns the build.
+    let replay = db.store.create_build(new.clone()).await.unwrap();
+    assert!(!replay.is_created());
+    // The same id for another queue is a caller bug.
+    let mut clash = new.clone();
+    clash.queue = "docs".into();
+    let err = db.store.create_build(clash).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(Conflict::DuplicateId(ref id)) if *id == new.id));
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected() {
+    let db = open().await;
+    for bad in [
+        new_build(""),
+        keyed("app", ""),
+        stitch_store::NewBuild {
+            runner: String::new(),
+            ..new_build("app")
+        },
+    ] {
+        let err = db.store.create_build(bad).await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    }
+    assert_eq!(db.store.latest_seq().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn unknown_ids_are_not_found() {
+    let db = open().await;
+    let id = BuildId::new();
+    let none = Metadata::new();
+    let s = &db.store;
+    let errs = [
+        s.get_build(&id).await.unwrap_err(),
+        s.record_status(&id, None, BuildStatus::Running, &none, None)
+            .await
+            .unwrap_err(),
+        s.set_runner_ref(&id, &json!({"number": 1}))
+            .await
+            .unwrap_err(),
+        s.request_cancel(&id).await.unwrap_err(),
+        s.record_failing(&id, &meta(&[("promised_exit_status", "1")]))
+            .await
+            .unwrap_err(),
+        s.set_job_token_hash(&id, Some("h")).await.unwrap_err(),
+        s.events_for_build(&id).await.unwrap_err(),
+        s.append_log_lines(&id, &[json!({"content": "x"})])
+            .await
+            .unwrap_err(),
+        s.append_log_lines::<serde_json::Value>(&id, &[])
+            .await
+            .unwrap_err(),
+        s.log_lines(&id, 0, 10).await.unwrap_err(),
+        s.has_logs(&id).await.unwrap_err(),
+    ];
+    for err in errs {
+        assert!(
+            matches!(err, StoreError::NotFound(ref e) if *e == id),
+            "{err:?}"
+        );
+        assert!(err.is_not_found());
+        assert!(!err.is_retryable());
+    }
+    let mut tx = s.begin().await.unwrap();
+    assert!(tx
+        .append_event(&id, EventKind::Status)
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[tokio::test]
+async fn status_changes_set_times_and_append_one_event_each() {
+    let db = open().await;
+    let build = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build();
+    let id = &build.id;
+    let url = meta(&[("url", "https://ci.example/builds/7")]);
+
+    let running = db
+        .store
+        .record_status(
+            id,
+            Some(BuildStatus::Accepted),
+            BuildStatus::Running,
+            &url,
+            None,
+        )
+        .await
+        .unwrap()
+        .expect("a change");
+    assert_eq!(running.seq, 2);
+    assert_eq!(running.status, BuildStatus::Running);
+    assert_eq!(running.kind, EventKind::Status);
+    assert_eq!(
+        running.metadata.get("url").unwrap(),
+        "https://ci.example/builds/7"
+    );
+    assert_eq!(running.metadata.get("requested_by").unwrap(), "queue-bot");
+
+    // Same status, same metadata: no write, no event.
+    let noop = db
+        .store
+        .record_status(id, None, BuildStatus::Running, &url, None)
+        .await
+        .unwrap();
+    assert!(noop.is_none());
+    let after_noop = db.store.get_build(id).await.unwrap();
+    assert_eq!(after_noop.version, 2);
+
+    // Same status, new metadata: a change.
+    let progress = db
+        .store
+        .record_status(
+            id,
+            None,
+            BuildStatus::Running,
+            &meta(&[("step", "2/3")]),
+            None,
+        )
+        .await
+        .unwrap()
+        .expect("a metadata change");
+    assert_eq!(progress.seq, 3);
+
+    let b = db.store.get_build(id).await.unwrap();
+    assert_eq!(b.url(), Some("https://ci.example/builds/7"));
+    assert!(b.started_at.is_some());
+    assert!(b.finished_at.is_none());
+    assert_eq!(b.version, 3);
+    let started = b.started_at;
+
+    let done = db
+        .store
+        .record_status(id, None, BuildStatus::Succeeded, &Metadata::new(), None)
+        .await
+        .unwrap()
+        .expect("terminal change");
+    let b = db.store.get_build(id).await.unwrap();
+    assert_eq!(b.status, BuildStatus::Succeeded);
+    assert_eq!(b.started_at, started, "started_at is set once");
+    assert_eq!(b.finished_at, Some(done.at));
+    assert_eq!(b.record().finished_at, Some(done.at));
+    assert_eq!(
+        b.record().url.as_deref(),
+        Some("https://ci.example/builds/7")
+    );
+
+    let events = db.store.events_for_build(id).await.unwrap();
+    let statuses: Vec<_> = events.iter().map(|e| (e.seq, e.status)).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (1, BuildStatus::Accepted),
+            (2, BuildStatus::Running),
+            (3, BuildStatus::Running),
+            (4, BuildStatus::Succeeded)
+        ]
+    );
+    assert_eq!(db.store.latest_seq().await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn terminal_status_is_write_once() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let none = Metadata::new();
+    db.store
+        .record_status(&id, None, BuildStatus::Failed, &none, Some("exit status 2"))
+        .await
+        .unwrap()
+        .unwrap();
+
+    for status in [
+        BuildStatus::Running,
+        BuildStatus::Succeeded,
+        BuildStatus::Cancelled,
+        BuildStatus::Unknown,
+        BuildStatus::Accepted,
+    ] {
+        let err = db
+            .store
+            .record_status(&id, None, status, &none, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::InvalidTransition {
+                    from: BuildStatus::Failed,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    // Changing a terminal build's metadata is refused too...
+    let err = db
+        .store
+        .record_status(
+            &id,
+            None,
+            BuildStatus::Failed,
+            &meta(&[("late", "1")]),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidTransition { .. }));
+    // ...while repeating the terminal report is a harmless no-op.
+    assert!(db
+        .store
+        .record_status(
+            &id,
+            Some(BuildStatus::Failed),
+            BuildStatus::Failed,
+            &none,
+            Some("exit status 2")
+        )
+        .await
+        .unwrap()
+        .is_none());
+    let err = db
+        .store
+        .record_failing(&id, &meta(&[("promised_exit_status", "1")]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidTransition { .. }));
+
+    let b = db.store.get_build(&id).await.unwrap();
+    assert_eq!(b.status, BuildStatus::Failed);
+    assert_eq!(b.failure_reason.as_deref(), Some("exit status 2"));
+    assert_eq!(
+        b.metadata().get("error").map(String::as_str),
+        Some("exit status 2")
+    );
+    assert!(b.started_at.is_none(), "never ran");
+    assert!(b.finished_at.is_some());
+    assert_eq!(db.store.events_for_build(&id).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn explicit_error_metadata_wins_over_the_reason() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    db.store
+        .record_status(
+            &id,
+            None,
+            BuildStatus::Failed,
+            &meta(&[("error", "job 3 exited 137")]),
+            Some("build failed"),
+        )
+        .await
+        .unwrap();
+    let b = db.store.get_build(&id).await.unwrap();
+    assert_eq!(b.runner_metadata.get("error").unwrap(), "job 3 exited 137");
+    assert_eq!(b.failure_reason.as_deref(), Some("build failed"));
+}
+
+#[tokio::test]
+async fn expected_from_is_a_compare_and_set() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let err = db
+        .store
+        .record_status(
+            &id,
+            Some(BuildStatus::Running),
+            BuildStatus::Succeeded,
+            &Metadata::new(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::Conflict(Conflict::UnexpectedStatus {
+            expected: BuildStatus::Running,
+            actual: BuildStatus::Accepted,
+            ..
+        })
+    ));
+    assert_eq!(
+        db.store.get_build(&id).await.unwrap().status,
+        BuildStatus::Accepted
+    );
+    assert_eq!(db.store.latest_seq().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn unknown_is_not_terminal() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let none = Metadata::new();
+    db.store
+        .record_status(&id, None, BuildStatus::Unknown, &none, None)
+        .await
+        .unwrap();
+    assert!(db.store.get_build(&id).await.unwrap().finished_at.is_none());
+    db.store
+        .record_status(&id, None, BuildStatus::Running, &none, None)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn cancel_request_is_idempotent() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let first = db.store.request_cancel(&id).await.unwrap();
+    assert!(first.newly_requested);
+    assert!(first.build.cancel_requested);
+    let at = first.build.cancel_requested_at.expect("time recorded");
+    let second = db.store.request_cancel(&id).await.unwrap();
+    assert!(!second.newly_requested);
+    assert_eq!(second.build.cancel_requested_at, Some(at));
+    assert_eq!(second.build.version, first.build.version);
+    // A cancel request is intent, not a status change: no event.
+    assert_eq!(db.store.latest_seq().await.unwrap(), 1);
+
+    let done = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    db.store
+        .record_status(&done, None, BuildStatus::Succeeded, &Metadata::new(), None)
+        .await
+        .unwrap();
+    let late = db.store.request_cancel(&done).await.unwrap();
+    assert!(!late.newly_requested);
+    assert!(!late.build.cancel_requested);
+}
+
+#[tokio::test]
+async fn runner_ref_and_job_token_hash_are_stored() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let r = json!({"number": 42, "uuid": "0190-abc", "web_url": "https://buildkite.com/acme/app/builds/42"});
+    let b = db.store.set_runner_ref(&id, &r).await.unwrap();
+    assert_eq!(b.runner_ref.as_ref(), Some(&r));
+    assert_eq!(b.version, 2);
+    // Same value: no write.
+    assert_eq!(db.store.set_runner_ref(&id, &r).await.unwrap().version, 2);
+    let read = db.store.get_build(&id).await.unwrap();
+    assert_eq!(read.runner_ref, Some(r.clone()));
+    assert_eq!(serde_json::to_value(&read).unwrap()["runner_ref"], r);
+
+    let b = db
+        .store
+        .set_job_token_hash(&id, Some("sha256:abcd"))
+        .await
+        .unwrap();
+    assert_eq!(b.job_token_hash.as_deref(), Some("sha256:abcd"));
+    let b = db.store.set_job_token_hash(&id, None).await.unwrap();
+    assert!(b.job_token_hash.is_none());
+    // Neither is a status change.
+    assert_eq!(db.store.latest_seq().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn promised_failure_appends_one_failing_event() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    db.store
+        .record_status(&id, None, BuildStatus::Running, &Metadata::new(), None)
+        .await
+        .unwrap();
+    let promise = meta(&[("promised_exit_status", "3")]);
+    let event = db
+        .store
+        .record_failing(&id, &promise)
+        .await
+        .unwrap()
+        .expect("first promise");
+    assert_eq!(event.kind, EventKind::Failing);
+    assert_eq!(event.status, BuildStatus::Running);
+    assert_eq!(event.metadata.get("promised_exit_status").unwrap(), "3");
+    assert!(db
+        .store
+        .record_failing(&id, &promise)
+        .await
+        .unwrap()
+        .is_none());
+
+    let json = serde_json::to_value(&event).unwrap();
+    assert_eq!(json["kind"], "failing");
+    assert_eq!(json["status"], "running");
+    assert_eq!(json["seq"], 3);
+    assert_eq!(json["build_id"], id.as_str());
+    assert_eq!(json["queue"], "app");
+    assert!(json["at"].is_string());
+    let back: stitch_store::Event = serde_json::from_value(json).unwrap();
+    assert_eq!(back, event);
+}
+
+#[tokio::test]
+async fn builds_not_terminal_lists_open_builds_oldest_first() {
+    let db = open().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            db.store
+                .create_build(new_build("app"))
+                .await
+                .unwrap()
+                .into_build()
+                .id,
+        );
+    }
+    let none = Metadata::new();
+    db.store
+        .record_status(&ids[0], None, BuildStatus::Running, &none, None)
+        .await
+        .unwrap();
+    db.store
+        .record_status(&ids[1], None, BuildStatus::Cancelled, &none, None)
+        .await
+        .unwrap();
+    db.store
+        .record_status(&ids[2], None, BuildStatus::Unknown, &none, None)
+        .await
+        .unwrap();
+    let open_ids: Vec<_> = db
+        .store
+        .builds_not_terminal()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    let mut expected = vec![ids[0].clone(), ids[2].clone(), ids[3].clone()];
+    expected.sort();
+    assert_eq!(open_ids, expected);
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_with_a_cursor() {
+    let db = open().await;
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let queue = if i % 2 == 0 { "app" } else { "docs" };
+        ids.push(
+            db.store
+                .create_build(new_build(queue))
+                .await
+                .unwrap()
+                .into_build()
+                .id,
+        );
+    }
+    ids.sort();
+    ids.reverse();
+
+    let filter = BuildFilter {
+        limit: 10,
+        ..BuildFilter::default()
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    let mut pages = 0;
+    loop {
+        let (page, next) = db
+            .store
+            .list_builds(&filter, cursor.as_ref())
+            .await
+            .unwrap();
+        pages += 1;
+        seen.extend(page.into_iter().map(|b| b.id));
+        match next {
+            // A cursor survives a trip through the query string.
+            Some(c) => cursor = Some(c.to_string().parse().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids);
+
+    // Exactly one page's worth: no dangling cursor.
+    let exact = BuildFilter {
+        limit: 25,
+        ..BuildFilter::default()
+    };
+    let (page, next) = db.store.list_builds(&exact, None).await.unwrap();
+    assert_eq!(page.len(), 25);
+    assert!(next.is_none());
+
+    // Filters.
+    let app = BuildFilter {
+        queue: Some("app".into()),
+        limit: 100,
+        ..BuildFilter::default()
+    };
+    let (page, _) = db.store.list_builds(&app, None).await.unwrap();
+    assert_eq!(page.len(), 13);
+    assert!(page.iter().all(|b| b.queue == "app"));
+
+    db.store
+        .record_status(&ids[3], None, BuildStatus::Running, &Metadata::new(), None)
+        .await
+        .unwrap();
+    let running = BuildFilter {
+        status: Some(BuildStatus::Running),
+        ..BuildFilter::default()
+    };
+    let (page, next) = db.store.list_builds(&running, None).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, ids[3]);
+    assert!(next.is_none());
+    let nothing = BuildFilter {
+        queue: Some("nope".into()),
+        ..BuildFilter::default()
+    };
+    let (page, next) = db.store.list_builds(&nothing, None).await.unwrap();
+    assert!(page.is_empty() && next.is_none());
+}

@@ -1,0 +1,453 @@
+//! The database itself: migrations, pragmas, transactions shared with foreign
+//! statements, the gapless event sequence under concurrency, log lines.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{meta, new_build, open};
+use serde_json::json;
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::Row;
+use stitch_core::BuildStatus;
+use stitch_store::{EventKind, Metadata, Store, StoreError};
+
+#[tokio::test]
+async fn opening_twice_keeps_data_and_tolerates_foreign_migrations() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+
+    // The message queue records its own versions in the same table.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (1001, 'mq topics', 1, x'00', 0)",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    db.store.close().await;
+
+    let again = Store::open(&db.path).await.unwrap();
+    assert_eq!(again.get_build(&id).await.unwrap().id, id);
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(again.pool())
+            .await
+            .unwrap();
+    assert_eq!(versions, vec![1001, 2001, 2002, 2003]);
+    // Migrating an already migrated pool is a no-op.
+    let shared = Store::from_pool(again.pool().clone()).await.unwrap();
+    assert_eq!(shared.latest_seq().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn connections_use_wal_busy_timeout_and_foreign_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    // The way the server builds the pool it shares with the queue.
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(Store::sqlite_connect_options(&path))
+        .await
+        .unwrap();
+    let store = Store::from_pool(pool).await.unwrap();
+    let mut conn = store.pool().acquire().await.unwrap();
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(journal, "wal");
+    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(busy >= 5000, "busy_timeout {busy}");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(sync, 1, "NORMAL");
+    drop(conn);
+
+    // Foreign keys hold: an event for a build that does not exist is refused.
+    let err = sqlx::query(
+        "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
+         VALUES (99, 'b_nope', 'q', 'status', 'running', '{}', 0)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+}
+
+#[tokio::test]
+async fn rollback_leaves_neither_build_nor_event() {
+    let db = open().await;
+    let new = new_build("app");
+    let mut tx = db.store.begin().await.unwrap();
+    let created = tx.create_build(new.clone()).await.unwrap();
+    assert!(created.is_created());
+    // Visible inside the transaction...
+    assert_eq!(
+        tx.get_build(&new.id).await.unwrap().status,
+        BuildStatus::Accepted
+    );
+    tx.record_status(&new.id, None, BuildStatus::Running, &Metadata::new(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.rollback().await.unwrap();
+
+    // ...and gone after rollback, events included.
+    assert!(db
+        .store
+        .get_build(&new.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(db.store.latest_seq().await.unwrap(), 0);
+    assert!(db.store.events_after(0, 100).await.unwrap().is_empty());
+
+    // Dropping an uncommitted transaction rolls back too.
+    let other = new_build("app");
+    {
+        let mut tx = db.store.begin().await.unwrap();
+        tx.create_build(other.clone()).await.unwrap();
+    }
+    assert!(db
+        .store
+        .get_build(&other.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    // The next committed event still gets seq 1.
+    let kept = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build();
+    let events = db.store.events_after(0, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].seq, 1);
+    assert_eq!(events[0].build_id, kept.id);
+}
+
+#[tokio::test]
+async fn foreign_statements_share_the_transaction() {
+    let db = open().await;
+    // Stands in for the message queue's outbox table.
+    sqlx::query("CREATE TABLE outbox (id INTEGER PRIMARY KEY, build_id TEXT NOT NULL)")
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+
+    for commit in [false, true] {
+        let new = new_build("app");
+        let mut tx = db.store.begin().await.unwrap();
+        tx.create_build(new.clone()).await.unwrap();
+        sqlx::query("INSERT INTO outbox (build_id) VALUES (?)")
+            .bind(new.id.as_str())
+            .execute(tx.conn())
+            .await
+            .unwrap();
+        // The foreign statement sees the store's uncommitted row.
+        let visible: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM builds WHERE id = ?")
+            .bind(new.id.as_str())
+            .fetch_one(tx.conn())
+            .await
+            .unwrap();
+        assert_eq!(visible, 1);
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+
+        let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE build_id = ?")
+            .bind(new.id.as_str())
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+        let build = db.store.get_build(&new.id).await;
+        if commit {
+            assert_eq!(outbox, 1);
+            assert!(build.is_ok());
+        } else {
+            assert_eq!(outbox, 0);
+            assert!(build.unwrap_err().is_not_found());
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_after_resumes_and_limits() {
+    let db = open().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            db.store
+                .create_build(new_build("app"))
+                .await
+                .unwrap()
+                .into_build()
+                .id,
+        );
+    }
+    for id in &ids {
+        db.store
+            .record_status(id, None, BuildStatus::Running, &Metadata::new(), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(db.store.latest_seq().await.unwrap(), 6);
+    let first = db.store.events_after(0, 4).await.unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let rest = db.store.events_after(4, 100).await.unwrap();
+    assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
+    assert!(rest.iter().all(|e| e.status == BuildStatus::Running));
+    assert!(db.store.events_after(6, 100).await.unwrap().is_empty());
+    assert!(db
+        .store
+        .events_after(u64::MAX, 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn tx_append_event_reannounces_the_current_state() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let mut tx = db.store.begin().await.unwrap();
+    let event = tx.append_event(&id, EventKind::Status).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(event.seq, 2);
+    assert_eq!(event.status, BuildStatus::Accepted);
+    assert_eq!(db.store.events_for_build(&id).await.unwrap().len(), 2);
+}
+
+/// N concurrent writers, a fraction of whose transactions are rolled back on
+/// purpose: the committed events must be numbered 1..=M with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seq_is_gapless_under_concurrent_writers_with_rollbacks() {
+    let db = open().await;
+    const WRITERS: usize = 8;
+    const ROUNDS: usize = 40;
+
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let store = db.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut committed = 0u64;
+            let id = store
+                .create_build(new_build("app"))
+                .await
+                .unwrap()
+                .into_build()
+                .id;
+            committed += 1;
+            for round in 0..ROUNDS {
+                let mut tx = store.begin().await.unwrap();
+                let patch = meta(&[("round", &round.to_string())]);
+                let event = tx
+                    .record_status(&id, None, BuildStatus::Running, &patch, None)
+                    .await
+                    .unwrap();
+                assert!(event.is_some());
+                // Also create a build in a transaction that may be thrown away.
+                tx.create_build(new_build("side")).await.unwrap();
+                if (round + w) % 3 == 0 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                    committed += 2;
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for task in tasks {
+        committed += task.await.unwrap();
+    }
+
+    let latest = db.store.latest_seq().await.unwrap();
+    assert_eq!(latest, committed);
+    let events = db.store.events_after(0, u32::MAX).await.unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=committed).collect::<Vec<_>>());
+    // Every event points at a build that exists (nothing from rolled-back work).
+    let builds: BTreeSet<_> = sqlx::query("SELECT id FROM builds")
+        .fetch_all(db.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>("id"))
+        .collect();
+    assert!(events.iter().all(|e| builds.contains(e.build_id.as_str())));
+}
+
+/// 8 tasks × 200 writes (inserts and status updates) on one file: every write
+/// waits for the lock instead of failing with "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_see_database_is_locked() {
+    let db = open().await;
+    const TASKS: usize = 8;
+    const OPS: usize = 200;
+
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = db.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let mut mine = Vec::new();
+            for i in 0..OPS {
+                let result = if i % 4 == 0 || mine.is_empty() {
+                    store
+                        .create_build(new_build(&format!("q{t}")))
+                        .await
+                        .map(|o| mine.push(o.into_build().id))
+                } else {
+                    let id = &mine[i % mine.len()];
+                    let patch = meta(&[("tick", &i.to_string())]);
+                    store
+                        .record_status(id, None, BuildStatus::Running, &patch, None)
+                        .await
+                        .map(|_| ())
+                };
+                if let Err(e) = result {
+                    errors.push(e.to_string());
+                }
+                // Reads interleave with writes, as the API does.
+                if i % 10 == 0 {
+                    if let Err(e) = store.latest_seq().await {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for task in tasks {
+        errors.extend(task.await.unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    let seqs = db.store.latest_seq().await.unwrap();
+    assert_eq!(seqs, (TASKS * OPS) as u64);
+}
+
+#[tokio::test]
+async fn log_lines_append_number_and_page() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    assert!(!db.store.has_logs(&id).await.unwrap());
+    assert!(db.store.log_lines(&id, 0, 10).await.unwrap().is_empty());
+
+    let line = |n: usize| {
+        json!({
+            "kind": "data",
+            "content": format!("line {n}"),
+            "time": "2025-01-01T00:00:00Z",
+            "step_id": 0,
+            "stream": "stdout"
+        })
+    };
+    let batch: Vec<_> = (1..=3).map(line).collect();
+    assert_eq!(db.store.append_log_lines(&id, &batch).await.unwrap(), 3);
+    let batch: Vec<_> = (4..=5).map(line).collect();
+    assert_eq!(db.store.append_log_lines(&id, &batch).await.unwrap(), 5);
+    assert_eq!(
+        db.store
+            .append_log_lines::<serde_json::Value>(&id, &[])
+            .await
+            .unwrap(),
+        5
+    );
+    assert!(db.store.has_logs(&id).await.unwrap());
+
+    let all = db.store.log_lines(&id, 0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|l| l.line_no).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    let decoded: serde_json::Value = all[3].decode().unwrap();
+    assert_eq!(decoded, line(4));
+    // Stored verbatim: the frame is served byte for byte.
+    assert_eq!(all[0].json, serde_json::to_string(&line(1)).unwrap());
+
+    let tail = db.store.log_lines(&id, 3, 1).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].line_no, 4);
+
+    // Logs of different builds are numbered independently.
+    let other = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    assert_eq!(
+        db.store.append_log_lines(&other, &[line(1)]).await.unwrap(),
+        1
+    );
+
+    // Log lines roll back with their transaction.
+    let mut tx = db.store.begin().await.unwrap();
+    tx.append_log_lines(&id, &[line(6)]).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(db.store.append_log_lines(&id, &[line(6)]).await.unwrap(), 6);
+}
+
+#[tokio::test]
+async fn corrupt_rows_surface_as_corrupt_not_panics() {
+    let db = open().await;
+    let id = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    sqlx::query("UPDATE builds SET runner_metadata = 'not json' WHERE id = ?")
+        .bind(id.as_str())
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let err = db.store.get_build(&id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+}
