@@ -1,1 +1,38 @@
-fn main() {}
+//! stitch benchmark programs. Each prints figures; none asserts timings.
+//!
+//! `cargo run --release -p stitch-bench -- mq` measures the message queue on
+//! SQLite (see `docs/benchmarks.md` for recorded figures).
+
+mod counting;
+mod mq;
+mod sys;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "stitch-bench",
+    about = "Benchmark programs for stitch; they print figures"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The durable message queue on SQLite: publish throughput, end-to-end
+    /// throughput by partition count, publish-to-delivery and wake latency,
+    /// a plain-SQLite baseline with the same row writes, CPU and peak RSS.
+    Mq(mq::MqArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Mq(args) => rt.block_on(mq::run(args)),
+    }
+}

@@ -77,7 +77,11 @@ impl FromStr for BuildId {
             return Err(BuildIdError(s.to_string()));
         }
         // Canonical form is lower-case so ids compare and dedup byte-wise.
-        Ok(Self(format!("{}{}", Self::PREFIX, rest.to_ascii_lowercase())))
+        Ok(Self(format!(
+            "{}{}",
+            Self::PREFIX,
+            rest.to_ascii_lowercase()
+        )))
     }
 }
 
@@ -99,11 +103,17 @@ impl From<BuildId> for String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
+    /// The provider reported a state stitch does not recognise. Not terminal.
     Unknown,
+    /// Accepted but not executing yet (queued, scheduled, waiting for a slot).
     Accepted,
+    /// Executing.
     Running,
+    /// Finished and passed. Terminal.
     Succeeded,
+    /// Finished and did not pass, or could not run. Terminal.
     Failed,
+    /// Stopped on request before it finished. Terminal.
     Cancelled,
 }
 
@@ -192,7 +202,11 @@ mod tests {
             .collect();
         assert_eq!(
             terminal,
-            vec![BuildStatus::Succeeded, BuildStatus::Failed, BuildStatus::Cancelled]
+            vec![
+                BuildStatus::Succeeded,
+                BuildStatus::Failed,
+                BuildStatus::Cancelled
+            ]
         );
         for s in BuildStatus::ALL {
             assert_eq!(s.as_str().parse::<BuildStatus>().unwrap(), s);

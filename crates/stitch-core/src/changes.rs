@@ -87,7 +87,9 @@ mod tests {
     use super::*;
 
     fn uris(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("https://git.example/c/{i}")).collect()
+        (0..n)
+            .map(|i| format!("https://git.example/c/{i}"))
+            .collect()
     }
 
     #[test]
@@ -150,13 +152,18 @@ mod tests {
                 max: 2048
             }
         );
-        assert_eq!(err.to_string(), "base[1] is 2049 bytes long; change URIs are limited to 2048 bytes");
+        assert_eq!(
+            err.to_string(),
+            "base[1] is 2049 bytes long; change URIs are limited to 2048 bytes"
+        );
         assert_eq!(ChangeSet::head_only(["u".repeat(2048)]).validate(), Ok(()));
     }
 
     #[test]
     fn control_chars_are_refused() {
-        let err = ChangeSet::head_only(["ok", "bad\nuri"]).validate().unwrap_err();
+        let err = ChangeSet::head_only(["ok", "bad\nuri"])
+            .validate()
+            .unwrap_err();
         assert_eq!(
             err,
             ValidationError::ChangeControlChar {

@@ -64,9 +64,9 @@ impl RunnerError {
         match self {
             RunnerError::Http { status, .. } => classify_http_status(*status),
             RunnerError::Transport(_) | RunnerError::Internal(_) => ErrorClass::Retryable,
-            RunnerError::NotFound(_) | RunnerError::InvalidRequest(_) | RunnerError::NotSupported => {
-                ErrorClass::Permanent
-            }
+            RunnerError::NotFound(_)
+            | RunnerError::InvalidRequest(_)
+            | RunnerError::NotSupported => ErrorClass::Permanent,
         }
     }
 
@@ -122,8 +122,14 @@ mod tests {
     fn variant_classification() {
         assert!(RunnerError::Transport("reset".into()).is_retryable());
         assert!(RunnerError::Internal("disk full".into()).is_retryable());
-        assert_eq!(RunnerError::NotFound("b".into()).classify(), ErrorClass::Permanent);
-        assert_eq!(RunnerError::InvalidRequest("b".into()).classify(), ErrorClass::Permanent);
+        assert_eq!(
+            RunnerError::NotFound("b".into()).classify(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            RunnerError::InvalidRequest("b".into()).classify(),
+            ErrorClass::Permanent
+        );
         assert_eq!(RunnerError::NotSupported.classify(), ErrorClass::Permanent);
         assert!(RunnerError::NotFound("b".into()).is_not_found());
     }

@@ -21,7 +21,7 @@ pub enum LogKind {
 }
 
 /// Which output stream a data line came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputStream {
     /// Standard output.
@@ -259,14 +259,25 @@ mod tests {
 
     #[test]
     fn step_start_frame_matches_tangled() {
-        let line = LogLine::step_start(1, "step name", StepKind::User, Some("make test".into()), t());
+        let line = LogLine::step_start(
+            1,
+            "step name",
+            StepKind::User,
+            Some("make test".into()),
+            t(),
+        );
         assert_eq!(serde_json::to_string(&line).unwrap(), START);
         assert_eq!(serde_json::from_str::<LogLine>(START).unwrap(), line);
     }
 
     #[test]
     fn data_frame_matches_tangled() {
-        let line = LogLine::data(1, OutputStream::Stdout, "one line, no trailing newline\r\n", t());
+        let line = LogLine::data(
+            1,
+            OutputStream::Stdout,
+            "one line, no trailing newline\r\n",
+            t(),
+        );
         assert_eq!(serde_json::to_string(&line).unwrap(), DATA);
         assert_eq!(serde_json::from_str::<LogLine>(DATA).unwrap(), line);
     }
@@ -296,7 +307,9 @@ mod tests {
     fn whole_seconds_still_carry_millis() {
         let at = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
         let line = LogLine::data(1, OutputStream::Stdout, "x", at);
-        assert!(serde_json::to_string(&line).unwrap().contains(r#""time":"2026-01-02T03:04:05.000Z""#));
+        assert!(serde_json::to_string(&line)
+            .unwrap()
+            .contains(r#""time":"2026-01-02T03:04:05.000Z""#));
     }
 
     #[test]
@@ -313,8 +326,14 @@ mod tests {
     #[test]
     fn bad_frames_are_refused() {
         let bad_kind = r#"{"kind":"data","content":"x","time":"2026-01-02T03:04:05Z","step_id":1,"step_kind":7}"#;
-        assert!(serde_json::from_str::<LogLine>(bad_kind).unwrap_err().to_string().contains("step_kind"));
+        assert!(serde_json::from_str::<LogLine>(bad_kind)
+            .unwrap_err()
+            .to_string()
+            .contains("step_kind"));
         let bad_time = r#"{"kind":"data","content":"x","time":"yesterday","step_id":1}"#;
-        assert!(serde_json::from_str::<LogLine>(bad_time).unwrap_err().to_string().contains("RFC 3339"));
+        assert!(serde_json::from_str::<LogLine>(bad_time)
+            .unwrap_err()
+            .to_string()
+            .contains("RFC 3339"));
     }
 }

@@ -198,7 +198,13 @@ mod tests {
 
     #[test]
     fn valid_keys() {
-        for key in ["a", "ticket", "stitch:build_id", "a.b-c_d:9", &"k".repeat(128)] {
+        for key in [
+            "a",
+            "ticket",
+            "stitch:build_id",
+            "a.b-c_d:9",
+            &"k".repeat(128),
+        ] {
             assert_eq!(validate_metadata_key(key), Ok(()), "{key}");
         }
     }
@@ -217,7 +223,11 @@ mod tests {
         let err = validate_metadata_key(&key).unwrap_err();
         assert!(matches!(
             err,
-            ValidationError::MetadataKeyTooLong { len: 10_000, max: 128, .. }
+            ValidationError::MetadataKeyTooLong {
+                len: 10_000,
+                max: 128,
+                ..
+            }
         ));
         assert!(err.to_string().len() < 300, "{err}");
     }
@@ -246,7 +256,11 @@ mod tests {
         let err = too_long.validate().unwrap_err();
         assert!(matches!(
             err,
-            ValidationError::MetadataValueTooLong { len: 65537, max: 65536, .. }
+            ValidationError::MetadataValueTooLong {
+                len: 65537,
+                max: 65536,
+                ..
+            }
         ));
         assert_eq!(err.field(), "metadata.k");
     }
@@ -258,7 +272,10 @@ mod tests {
         let too_many: BuildMetadata = (0..257).map(|i| (format!("k{i}"), "v")).collect();
         assert_eq!(
             too_many.validate(),
-            Err(ValidationError::TooManyMetadataKeys { count: 257, max: 256 })
+            Err(ValidationError::TooManyMetadataKeys {
+                count: 257,
+                max: 256
+            })
         );
     }
 
@@ -272,7 +289,9 @@ mod tests {
 
     #[test]
     fn merge_lets_the_argument_win() {
-        let mut caller = BuildMetadata::new().with("url", "old").with("ticket", "T-1");
+        let mut caller = BuildMetadata::new()
+            .with("url", "old")
+            .with("ticket", "T-1");
         caller.merge(&BuildMetadata::new().with("url", "new"));
         assert_eq!(caller.get("url"), Some("new"));
         assert_eq!(caller.get("ticket"), Some("T-1"));

@@ -243,7 +243,10 @@ mod tests {
             let r = runner.trigger(&req).await.unwrap();
             let handle = req.handle().with_ref(r);
             assert!(runner.status(&handle).await.unwrap().is_terminal());
-            assert!(matches!(runner.logs(&handle).await, Err(RunnerError::NotSupported)));
+            assert!(matches!(
+                runner.logs(&handle).await,
+                Err(RunnerError::NotSupported)
+            ));
         });
         assert_eq!(runner.name(), "always");
     }
@@ -251,8 +254,12 @@ mod tests {
     #[test]
     fn trigger_request_wire_shape_is_flat() {
         let id: BuildId = "b_01j0000000000000000000000a".parse().unwrap();
-        let req = TriggerRequest::new(id, "ci", ChangeSet::new(vec!["b1".into()], vec!["h1".into()]))
-            .with_metadata(BuildMetadata::new().with("ticket", "T-1"));
+        let req = TriggerRequest::new(
+            id,
+            "ci",
+            ChangeSet::new(vec!["b1".into()], vec!["h1".into()]),
+        )
+        .with_metadata(BuildMetadata::new().with("ticket", "T-1"));
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(
             json,
@@ -276,9 +283,14 @@ mod tests {
     fn runner_ref_omits_empty_parts() {
         let r = RunnerRef::new("42");
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"id":"42"}"#);
-        let r = RunnerRef::new("42").with_url("https://ci/42").with_data("uuid", "u-1");
+        let r = RunnerRef::new("42")
+            .with_url("https://ci/42")
+            .with_data("uuid", "u-1");
         let json = serde_json::to_string(&r).unwrap();
-        assert_eq!(json, r#"{"id":"42","url":"https://ci/42","data":{"uuid":"u-1"}}"#);
+        assert_eq!(
+            json,
+            r#"{"id":"42","url":"https://ci/42","data":{"uuid":"u-1"}}"#
+        );
         assert_eq!(serde_json::from_str::<RunnerRef>(&json).unwrap(), r);
         assert_eq!(r.data("uuid"), Some("u-1"));
     }
@@ -296,7 +308,10 @@ mod tests {
         let s = StatusReport::new(BuildStatus::Failed)
             .with_metadata(BuildMetadata::new().with("exit_status", "2"));
         let json = serde_json::to_string(&s).unwrap();
-        assert_eq!(json, r#"{"status":"failed","metadata":{"exit_status":"2"}}"#);
+        assert_eq!(
+            json,
+            r#"{"status":"failed","metadata":{"exit_status":"2"}}"#
+        );
         assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), s);
         let bare: StatusReport = serde_json::from_str(r#"{"status":"unknown"}"#).unwrap();
         assert_eq!(bare, StatusReport::new(BuildStatus::Unknown));

@@ -108,7 +108,9 @@ pub enum ValidationError {
         max: usize,
     },
     /// A metadata key is the empty string.
-    #[error("a metadata key is empty; keys must be 1 to {max} bytes of letters, digits and _ . : -")]
+    #[error(
+        "a metadata key is empty; keys must be 1 to {max} bytes of letters, digits and _ . : -"
+    )]
     EmptyMetadataKey {
         /// The key length limit.
         max: usize,
@@ -124,9 +126,7 @@ pub enum ValidationError {
         max: usize,
     },
     /// A metadata key uses a character outside `[A-Za-z0-9_.:-]`.
-    #[error(
-        "metadata key {key:?} contains {ch:?}; keys may only use letters, digits and _ . : -"
-    )]
+    #[error("metadata key {key:?} contains {ch:?}; keys may only use letters, digits and _ . : -")]
     MetadataKeyInvalidChar {
         /// The start of the key (long keys are shortened for the message).
         key: String,
@@ -134,7 +134,9 @@ pub enum ValidationError {
         ch: char,
     },
     /// A metadata value is longer than allowed.
-    #[error("metadata value for key {key:?} is {len} bytes long; values are limited to {max} bytes")]
+    #[error(
+        "metadata value for key {key:?} is {len} bytes long; values are limited to {max} bytes"
+    )]
     MetadataValueTooLong {
         /// The key whose value is too long.
         key: String,
@@ -166,9 +168,8 @@ impl ValidationError {
             ValidationError::EmptyChange { list, index }
             | ValidationError::ChangeTooLong { list, index, .. }
             | ValidationError::ChangeControlChar { list, index, .. } => format!("{list}[{index}]"),
-            ValidationError::TooManyMetadataKeys { .. } | ValidationError::EmptyMetadataKey { .. } => {
-                "metadata".to_string()
-            }
+            ValidationError::TooManyMetadataKeys { .. }
+            | ValidationError::EmptyMetadataKey { .. } => "metadata".to_string(),
             ValidationError::MetadataKeyTooLong { key, .. }
             | ValidationError::MetadataKeyInvalidChar { key, .. }
             | ValidationError::MetadataValueTooLong { key, .. } => format!("metadata.{key}"),

@@ -52,9 +52,14 @@ fn log_line() -> impl Strategy<Value = LogLine> {
     let stream = prop_oneof![Just(OutputStream::Stdout), Just(OutputStream::Stderr)];
     let kind = prop_oneof![Just(StepKind::System), Just(StepKind::User)];
     prop_oneof![
-        (any::<i64>(), stream, ".*", time())
-            .prop_map(|(id, s, c, t)| LogLine::data(id, s, c, t)),
-        (any::<i64>(), ".*", kind.clone(), proptest::option::of(".*"), time())
+        (any::<i64>(), stream, ".*", time()).prop_map(|(id, s, c, t)| LogLine::data(id, s, c, t)),
+        (
+            any::<i64>(),
+            ".*",
+            kind.clone(),
+            proptest::option::of(".*"),
+            time()
+        )
             .prop_map(|(id, n, k, cmd, t)| LogLine::step_start(id, n, k, cmd, t)),
         (any::<i64>(), ".*", kind, time()).prop_map(|(id, n, k, t)| LogLine::step_end(id, n, k, t)),
     ]

@@ -198,7 +198,10 @@ mod tests {
         };
         for _ in 0..200 {
             let d = p.backoff(1);
-            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(500) && d <= Duration::from_millis(1000),
+                "{d:?}"
+            );
         }
     }
 

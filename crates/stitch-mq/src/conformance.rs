@@ -141,7 +141,11 @@ pub async fn publish_after_delays_delivery(b: &dyn Backend) {
     d.ack().await.unwrap();
     let d = recv(&mut sub).await;
     assert_eq!(d.id(), "late");
-    assert!(start.elapsed() >= Duration::from_millis(390), "delivered after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(390),
+        "delivered after {:?}",
+        start.elapsed()
+    );
     d.ack().await.unwrap();
 }
 
@@ -149,7 +153,10 @@ pub async fn publish_after_delays_delivery(b: &dyn Backend) {
 pub async fn publish_after_close_fails(b: &dyn Backend) {
     let q = b.open("closed", quiet()).await;
     q.close();
-    assert!(matches!(q.publisher().publish(T, msg("m", "p")).await, Err(MqError::Closed)));
+    assert!(matches!(
+        q.publisher().publish(T, msg("m", "p")).await,
+        Err(MqError::Closed)
+    ));
     assert!(matches!(
         q.subscriber().subscribe(T, fast_config("g")).await,
         Err(MqError::Closed)
@@ -174,7 +181,10 @@ pub async fn idempotent_publish(b: &dyn Backend) {
     recv_none(&mut sub, Duration::from_millis(300)).await;
     // Scoped to (topic, partition): other partitions and new causes pass.
     assert_eq!(p.publish(T, msg("same", "other")).await.unwrap().stored, 1);
-    assert_eq!(p.publish(T, msg("same/retry-1", "p")).await.unwrap().stored, 1);
+    assert_eq!(
+        p.publish(T, msg("same/retry-1", "p")).await.unwrap().stored,
+        1
+    );
     let mut got = HashSet::new();
     for _ in 0..2 {
         let d = recv(&mut sub).await;
@@ -198,11 +208,25 @@ pub async fn dedup_horizon_is_bounded_by_retention(b: &dyn Backend) {
     recv(&mut sub).await.ack().await.unwrap();
     // Inside the horizon: collected nothing, still a duplicate.
     q.admin().gc().await.unwrap();
-    assert_eq!(q.publisher().publish(T, msg("m", "p")).await.unwrap().duplicates, 1);
+    assert_eq!(
+        q.publisher()
+            .publish(T, msg("m", "p"))
+            .await
+            .unwrap()
+            .duplicates,
+        1
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let report = q.admin().gc().await.unwrap();
     assert_eq!(report.messages, 1);
-    assert_eq!(q.publisher().publish(T, msg("m", "p")).await.unwrap().stored, 1);
+    assert_eq!(
+        q.publisher()
+            .publish(T, msg("m", "p"))
+            .await
+            .unwrap()
+            .stored,
+        1
+    );
     let d = recv(&mut sub).await;
     assert_eq!(d.id(), "m");
     d.ack().await.unwrap();
@@ -283,7 +307,10 @@ pub async fn consumer_groups_are_independent(b: &dyn Backend) {
     let da = recv(&mut a).await;
     let db = recv(&mut bsub).await;
     assert_eq!((da.id(), db.id()), ("m", "m"));
-    assert!(matches!(da.nack(Failure::new("a failed")).await.unwrap(), NackOutcome::RetryAt(_)));
+    assert!(matches!(
+        da.nack(Failure::new("a failed")).await.unwrap(),
+        NackOutcome::RetryAt(_)
+    ));
     db.ack().await.unwrap();
     let again = recv(&mut a).await;
     assert_eq!((again.id(), again.attempt()), ("m", 2));
@@ -310,7 +337,11 @@ pub async fn nack_backoff_is_persisted(b: &dyn Backend) {
     d.nack(Failure::new("first")).await.unwrap();
     let d = recv(&mut sub).await;
     assert_eq!(d.attempt(), 2);
-    assert!(t0.elapsed() >= Duration::from_millis(290), "first retry after {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(290),
+        "first retry after {:?}",
+        t0.elapsed()
+    );
     // Second failure: 600 ms. Restart the engine in between.
     let t1 = Instant::now();
     d.nack(Failure::new("second")).await.unwrap();
@@ -320,13 +351,20 @@ pub async fn nack_backoff_is_persisted(b: &dyn Backend) {
     let mut sub2 = subscribe(&q2, cfg.clone()).await;
     let d = recv(&mut sub2).await;
     assert_eq!(d.attempt(), 3);
-    assert!(t1.elapsed() >= Duration::from_millis(590), "second retry after {:?}", t1.elapsed());
+    assert!(
+        t1.elapsed() >= Duration::from_millis(590),
+        "second retry after {:?}",
+        t1.elapsed()
+    );
     // Third failure: 1200 ms capped to 700 ms.
     let t2 = Instant::now();
     d.nack(Failure::new("third")).await.unwrap();
     let d = recv(&mut sub2).await;
     let e = t2.elapsed();
-    assert!(e >= Duration::from_millis(690) && e < Duration::from_millis(1150), "capped retry after {e:?}");
+    assert!(
+        e >= Duration::from_millis(690) && e < Duration::from_millis(1150),
+        "capped retry after {e:?}"
+    );
     d.ack().await.unwrap();
 }
 
@@ -342,7 +380,10 @@ pub async fn nack_exhaustion_dead_letters(b: &dyn Backend) {
         let d = recv(&mut sub).await;
         assert_eq!(d.attempt(), attempt);
         let out = d
-            .nack(Failure::new(format!("failure {attempt}")).with_detail(serde_json::json!({"n": attempt})))
+            .nack(
+                Failure::new(format!("failure {attempt}"))
+                    .with_detail(serde_json::json!({"n": attempt})),
+            )
             .await
             .unwrap();
         if attempt < 3 {
@@ -377,7 +418,10 @@ pub async fn reject_dead_letters_now(b: &dyn Backend) {
     assert_eq!(dead[0].attempts, 1);
     assert_eq!(dead[0].failure, Failure::new("malformed"));
     // Replay, fail again: one dead letter, refreshed.
-    q.admin().replay_dead_letter(T, dead[0].dlq_id).await.unwrap();
+    q.admin()
+        .replay_dead_letter(T, dead[0].dlq_id)
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     assert_eq!((d.id(), d.attempt()), ("poison", 1));
     d.reject(Failure::new("still malformed")).await.unwrap();
@@ -391,20 +435,37 @@ pub async fn dead_letters_list_and_replay(b: &dyn Backend) {
     let q = b.open("dlq", quiet()).await;
     let mut sub = subscribe(&q, fast_config("g")).await;
     q.publisher()
-        .publish_batch(T, (0..3).map(|i| msg(&format!("m{i}"), &format!("p{i}"))).collect())
+        .publish_batch(
+            T,
+            (0..3)
+                .map(|i| msg(&format!("m{i}"), &format!("p{i}")))
+                .collect(),
+        )
         .await
         .unwrap();
     for _ in 0..3 {
-        recv(&mut sub).await.reject(Failure::new("bad")).await.unwrap();
+        recv(&mut sub)
+            .await
+            .reject(Failure::new("bad"))
+            .await
+            .unwrap();
     }
     let all = q.admin().dead_letters(T, 0, 10).await.unwrap();
     assert_eq!(all.len(), 3);
     let page = q.admin().dead_letters(T, all[0].dlq_id, 1).await.unwrap();
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].dlq_id, all[1].dlq_id);
-    assert!(q.admin().dead_letters("other", 0, 10).await.unwrap().is_empty());
+    assert!(q
+        .admin()
+        .dead_letters("other", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let target = &all[1];
-    q.admin().replay_dead_letter(T, target.dlq_id).await.unwrap();
+    q.admin()
+        .replay_dead_letter(T, target.dlq_id)
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     assert_eq!(d.message(), &target.message);
     d.ack().await.unwrap();
@@ -454,10 +515,16 @@ pub async fn postpone_resets_failure_streak(b: &dyn Backend) {
     d.postpone(Duration::from_millis(50)).await.unwrap();
     let d = recv(&mut sub).await;
     assert_eq!(d.attempt(), 1, "postpone resets the streak");
-    assert!(matches!(d.nack(Failure::new("2")).await.unwrap(), NackOutcome::RetryAt(_)));
+    assert!(matches!(
+        d.nack(Failure::new("2")).await.unwrap(),
+        NackOutcome::RetryAt(_)
+    ));
     let d = recv(&mut sub).await;
     assert_eq!(d.attempt(), 2);
-    assert_eq!(d.nack(Failure::new("3")).await.unwrap(), NackOutcome::DeadLettered);
+    assert_eq!(
+        d.nack(Failure::new("3")).await.unwrap(),
+        NackOutcome::DeadLettered
+    );
     assert_eq!(q.admin().dead_letters(T, 0, 10).await.unwrap().len(), 1);
 }
 
@@ -466,7 +533,11 @@ pub async fn wake_makes_postponed_due(b: &dyn Backend) {
     let q = b.open("wake", quiet()).await;
     let mut sub = subscribe(&q, fast_config("g")).await;
     q.publisher().publish(T, msg("m", "p")).await.unwrap();
-    recv(&mut sub).await.postpone(Duration::from_secs(3600)).await.unwrap();
+    recv(&mut sub)
+        .await
+        .postpone(Duration::from_secs(3600))
+        .await
+        .unwrap();
     recv_none(&mut sub, Duration::from_millis(200)).await;
     assert_eq!(q.admin().wake(T, "other").await.unwrap(), 0);
     assert_eq!(q.admin().wake(T, "p").await.unwrap(), 1);
@@ -489,7 +560,10 @@ pub async fn visibility_timeout_redelivers(b: &dyn Backend) {
     assert_eq!((d.id(), d.attempt()), ("dropped", 2));
     d.ack().await.unwrap();
 
-    q.publisher().publish(T, msg("extended", "b")).await.unwrap();
+    q.publisher()
+        .publish(T, msg("extended", "b"))
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     d.extend_visibility(Duration::from_secs(2)).await.unwrap();
     recv_none(&mut sub, Duration::from_millis(800)).await;
@@ -504,8 +578,14 @@ pub async fn outcomes_are_one_shot(b: &dyn Backend) {
     let d = recv(&mut sub).await;
     d.ack().await.unwrap();
     assert!(matches!(d.ack().await, Err(MqError::AlreadyFinalized(_))));
-    assert!(matches!(d.nack(Failure::new("x")).await, Err(MqError::AlreadyFinalized(_))));
-    assert!(matches!(d.reject(Failure::new("x")).await, Err(MqError::AlreadyFinalized(_))));
+    assert!(matches!(
+        d.nack(Failure::new("x")).await,
+        Err(MqError::AlreadyFinalized(_))
+    ));
+    assert!(matches!(
+        d.reject(Failure::new("x")).await,
+        Err(MqError::AlreadyFinalized(_))
+    ));
     assert!(matches!(
         d.postpone(Duration::from_secs(1)).await,
         Err(MqError::AlreadyFinalized(_))
@@ -543,7 +623,10 @@ pub async fn subscribers_share_partitions(b: &dyn Backend) {
     let publisher = q.publisher();
     let feeder = tokio::spawn(async move {
         for i in 0..total / 4 {
-            let batch = parts.iter().map(|p| msg(&format!("{p}-{i:03}"), p)).collect();
+            let batch = parts
+                .iter()
+                .map(|p| msg(&format!("{p}-{i:03}"), p))
+                .collect();
             publisher.publish_batch(T, batch).await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -574,7 +657,12 @@ pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
     cfg.lease_duration = Duration::from_millis(600);
     let mut a = subscribe(&q, cfg.clone()).await;
     q.publisher()
-        .publish_batch(T, (0..3).map(|i| msg(&format!("m{i}"), &format!("p{i}"))).collect())
+        .publish_batch(
+            T,
+            (0..3)
+                .map(|i| msg(&format!("m{i}"), &format!("p{i}")))
+                .collect(),
+        )
         .await
         .unwrap();
     let mut held = Vec::new();
@@ -634,7 +722,10 @@ pub async fn no_message_lost_across_dead_letters(b: &dyn Backend) {
     let ids: Vec<&str> = ds.iter().map(|d| d.id()).collect();
     assert_eq!(ids, ["m1", "m2", "m3", "m4", "m5"]);
     ds[1].reject(Failure::new("poison")).await.unwrap();
-    assert_eq!(ds[2].nack(Failure::new("once")).await.unwrap(), NackOutcome::DeadLettered);
+    assert_eq!(
+        ds[2].nack(Failure::new("once")).await.unwrap(),
+        NackOutcome::DeadLettered
+    );
     ds[3].ack().await.unwrap();
     ds[4].ack().await.unwrap();
     // m1 never finished: crash and restart.
@@ -689,7 +780,12 @@ pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
     let q = b.open("gc", cfg).await;
     let mut sub = subscribe(&q, fast_config("g")).await;
     q.publisher()
-        .publish_batch(T, (0..10).map(|i| msg(&format!("m{i}"), &format!("p{i}"))).collect())
+        .publish_batch(
+            T,
+            (0..10)
+                .map(|i| msg(&format!("m{i}"), &format!("p{i}")))
+                .collect(),
+        )
         .await
         .unwrap();
     let mut keep = None;
@@ -704,7 +800,10 @@ pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
     // Give the claim loop a pass to advance cursors and a lease tick to shed idle leases.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let stats = q.admin().stats(T, "g").await.unwrap();
-    assert_eq!(stats.leased, 1, "only the busy partition keeps a lease: {stats:?}");
+    assert_eq!(
+        stats.leased, 1,
+        "only the busy partition keeps a lease: {stats:?}"
+    );
     tokio::time::sleep(Duration::from_millis(5)).await;
     let report = q.admin().gc().await.unwrap();
     assert_eq!(report.messages, 9);
@@ -729,13 +828,21 @@ pub async fn wake_ups_are_event_driven(b: &dyn Backend) {
     let start = Instant::now();
     q.publisher().publish(T, msg("m", "p")).await.unwrap();
     let d = recv(&mut sub).await;
-    assert!(start.elapsed() < Duration::from_secs(5), "publish wake-up took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "publish wake-up took {:?}",
+        start.elapsed()
+    );
     d.postpone(Duration::from_secs(3600)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     q.admin().wake(T, "p").await.unwrap();
     let d = recv(&mut sub).await;
-    assert!(start.elapsed() < Duration::from_secs(5), "wake took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "wake took {:?}",
+        start.elapsed()
+    );
     d.ack().await.unwrap();
 }
 
@@ -747,11 +854,20 @@ pub async fn bad_input_is_rejected(b: &dyn Backend) {
     };
     let q = b.open("bad-input", cfg).await;
     let p = q.publisher();
-    assert!(matches!(p.publish("Bad Topic", msg("m", "p")).await, Err(MqError::InvalidTopic(_))));
-    assert!(matches!(p.publish("", msg("m", "p")).await, Err(MqError::InvalidTopic(_))));
+    assert!(matches!(
+        p.publish("Bad Topic", msg("m", "p")).await,
+        Err(MqError::InvalidTopic(_))
+    ));
+    assert!(matches!(
+        p.publish("", msg("m", "p")).await,
+        Err(MqError::InvalidTopic(_))
+    ));
     assert!(matches!(
         p.publish(T, Message::new("m", "p", vec![0u8; 65])).await,
-        Err(MqError::PayloadTooLarge { size: 65, limit: 64 })
+        Err(MqError::PayloadTooLarge {
+            size: 65,
+            limit: 64
+        })
     ));
     assert!(matches!(
         p.publish(T, Message::new("", "p", vec![])).await,
@@ -770,7 +886,10 @@ pub async fn bad_input_is_rejected(b: &dyn Backend) {
     ));
     let mut bad = fast_config("g");
     bad.batch_size = 0;
-    assert!(matches!(q.subscriber().subscribe(T, bad).await, Err(MqError::InvalidConfig(_))));
+    assert!(matches!(
+        q.subscriber().subscribe(T, bad).await,
+        Err(MqError::InvalidConfig(_))
+    ));
     assert!(matches!(
         q.subscriber().subscribe("UPPER", fast_config("g")).await,
         Err(MqError::InvalidTopic(_))
@@ -779,7 +898,10 @@ pub async fn bad_input_is_rejected(b: &dyn Backend) {
     let mut sub = subscribe(&q, fast_config("g")).await;
     p.publish(T, msg("m", "p")).await.unwrap();
     let d = recv(&mut sub).await;
-    assert!(matches!(d.postpone(Duration::ZERO).await, Err(MqError::InvalidDelay(..))));
+    assert!(matches!(
+        d.postpone(Duration::ZERO).await,
+        Err(MqError::InvalidDelay(..))
+    ));
     assert!(matches!(
         d.extend_visibility(Duration::ZERO).await,
         Err(MqError::InvalidDelay(..))

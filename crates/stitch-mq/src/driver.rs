@@ -180,7 +180,12 @@ pub trait Driver: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Stores messages; ids already stored for (topic, partition) are skipped.
-    async fn publish(&self, topic: &str, msgs: &[NewMessage], now: Millis) -> MqResult<PublishReport>;
+    async fn publish(
+        &self,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> MqResult<PublishReport>;
 
     /// Makes `group` a consumer of `topic`; its state starts at the oldest
     /// stored message, so messages published before it subscribed are delivered.
@@ -205,7 +210,12 @@ pub trait Driver: Send + Sync + 'static {
     async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64>;
 
     /// Dead letters of a topic, oldest first, after `after_id`.
-    async fn dead_letters(&self, topic: &str, after_id: i64, limit: usize) -> MqResult<Vec<DeadLetter>>;
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> MqResult<Vec<DeadLetter>>;
 
     /// Publishes a dead letter again (same id, payload, partition, metadata)
     /// and removes it from the dead letters. Unknown id → `UnknownDeadLetter`.

@@ -37,12 +37,18 @@ pub enum MqError {
     /// A dead letter id that does not exist for the topic.
     #[error("no dead letter {id} in topic {topic:?}")]
     UnknownDeadLetter { topic: String, id: i64 },
+    /// A bug or a panic inside the queue (never caused by input).
+    #[error("internal queue error: {0}")]
+    Internal(String),
     /// Stored data that cannot be decoded (corruption or a newer schema).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
     /// The storage backend failed.
     #[error("storage error: {0}")]
     Storage(#[from] sqlx::Error),
+    /// A statement run directly on a SQLite connection failed.
+    #[error("sqlite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// Applying migrations failed.
     #[error("migration error: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
@@ -66,6 +72,12 @@ impl MqError {
                 }
                 _ => false,
             },
+            MqError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ),
             _ => false,
         }
     }

@@ -12,7 +12,7 @@ use crate::error::{MqError, MqResult};
 use crate::message::{Failure, Message, Millis};
 use crate::window::{plan_window, RowState, WindowLimits, WindowRow};
 
-const SCAN_LIMIT_EXTRA: usize = 64;
+const SCAN_LIMIT_EXTRA: usize = 16;
 
 #[derive(Clone, Debug)]
 struct MsgRow {
@@ -76,7 +76,11 @@ fn min_due(cur: Option<Millis>, t: Millis) -> Option<Millis> {
 
 impl Inner {
     fn insert_message(&mut self, topic: &str, m: &NewMessage, now: Millis) -> bool {
-        let key = (topic.to_string(), m.message.partition_key.clone(), m.message.id.clone());
+        let key = (
+            topic.to_string(),
+            m.message.partition_key.clone(),
+            m.message.id.clone(),
+        );
         if self.by_key.contains_key(&key) {
             return false;
         }
@@ -97,7 +101,11 @@ impl Inner {
                 created_at: now,
             },
         );
-        let groups: Vec<String> = self.groups.get(topic).map(|g| g.iter().cloned().collect()).unwrap_or_default();
+        let groups: Vec<String> = self
+            .groups
+            .get(topic)
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default();
         for g in groups {
             let p = self
                 .partitions
@@ -110,8 +118,11 @@ impl Inner {
 
     fn remove_message(&mut self, seq: i64) {
         if let Some(row) = self.messages.remove(&seq) {
-            self.by_key
-                .remove(&(row.topic.clone(), row.message.partition_key.clone(), row.message.id.clone()));
+            self.by_key.remove(&(
+                row.topic.clone(),
+                row.message.partition_key.clone(),
+                row.message.id.clone(),
+            ));
             let pk = (row.topic, row.message.partition_key);
             if let Some(set) = self.by_partition.get_mut(&pk) {
                 set.remove(&seq);
@@ -122,8 +133,18 @@ impl Inner {
         }
     }
 
-    fn dead_letter(&mut self, topic: &str, group: &str, seq: i64, attempts: u32, failure: Failure, now: Millis) {
-        let Some(row) = self.messages.get(&seq) else { return };
+    fn dead_letter(
+        &mut self,
+        topic: &str,
+        group: &str,
+        seq: i64,
+        attempts: u32,
+        failure: Failure,
+        now: Millis,
+    ) {
+        let Some(row) = self.messages.get(&seq) else {
+            return;
+        };
         let existing = self.dead.iter().find_map(|(id, d)| {
             (d.original_topic == topic
                 && d.group == group
@@ -157,7 +178,12 @@ impl Driver for MemoryDriver {
         "memory"
     }
 
-    async fn publish(&self, topic: &str, msgs: &[NewMessage], now: Millis) -> MqResult<PublishReport> {
+    async fn publish(
+        &self,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> MqResult<PublishReport> {
         let mut inner = self.inner.lock();
         let mut report = PublishReport::default();
         for m in msgs {
@@ -172,7 +198,12 @@ impl Driver for MemoryDriver {
 
     async fn register_group(&self, topic: &str, group: &str, _now: Millis) -> MqResult<()> {
         let mut inner = self.inner.lock();
-        if !inner.groups.entry(topic.to_string()).or_default().insert(group.to_string()) {
+        if !inner
+            .groups
+            .entry(topic.to_string())
+            .or_default()
+            .insert(group.to_string())
+        {
             return Ok(());
         }
         let partitions: Vec<String> = inner
@@ -193,9 +224,10 @@ impl Driver for MemoryDriver {
 
     async fn lease_tick(&self, t: &LeaseTick) -> MqResult<LeaseReport> {
         let mut inner = self.inner.lock();
-        inner
-            .subscribers
-            .insert((t.topic.clone(), t.group.clone(), t.subscriber.clone()), t.now);
+        inner.subscribers.insert(
+            (t.topic.clone(), t.group.clone(), t.subscriber.clone()),
+            t.now,
+        );
         let mut active: Vec<String> = inner
             .subscribers
             .iter()
@@ -208,7 +240,9 @@ impl Driver for MemoryDriver {
             .partitions
             .iter()
             .filter(|(k, p)| {
-                in_scope(k) && (p.next_due.is_some() || (p.lease_owner.is_some() && p.lease_expires > t.now))
+                in_scope(k)
+                    && (p.next_due.is_some()
+                        || (p.lease_owner.is_some() && p.lease_expires > t.now))
             })
             .count();
         let cap = fair_share_cap(busy, &active, &t.subscriber);
@@ -266,7 +300,12 @@ impl Driver for MemoryDriver {
         let mut due: Vec<(Millis, PartKey)> = inner
             .partitions
             .iter()
-            .filter(|(k, p)| k.0 == req.topic && k.1 == req.group && p.next_due.is_some_and(|d| d <= now) && servable(p))
+            .filter(|(k, p)| {
+                k.0 == req.topic
+                    && k.1 == req.group
+                    && p.next_due.is_some_and(|d| d <= now)
+                    && servable(p)
+            })
             .map(|(k, p)| (p.next_due.unwrap_or(now), k.clone()))
             .collect();
         due.sort();
@@ -276,7 +315,9 @@ impl Driver for MemoryDriver {
             if result.messages.len() >= req.max_messages {
                 break;
             }
-            let Some(part) = inner.partitions.get(&key).cloned() else { continue };
+            let Some(part) = inner.partitions.get(&key).cloned() else {
+                continue;
+            };
             let owned = part.lease_owner.as_deref() == Some(me) && part.lease_expires > now;
             if !owned {
                 if may_acquire == 0 {
@@ -297,12 +338,15 @@ impl Driver for MemoryDriver {
                 .take(scan)
                 .filter_map(|seq| {
                     let m = inner.messages.get(seq)?;
-                    let st = inner.state.get(&(req.group.clone(), *seq)).map(|s| RowState {
-                        attempt: s.attempt,
-                        invisible_until: s.invisible_until,
-                        postponed: s.postponed,
-                        done: s.done,
-                    });
+                    let st = inner
+                        .state
+                        .get(&(req.group.clone(), *seq))
+                        .map(|s| RowState {
+                            attempt: s.attempt,
+                            invisible_until: s.invisible_until,
+                            postponed: s.postponed,
+                            done: s.done,
+                        });
                     Some(WindowRow {
                         seq: *seq,
                         available_at: m.available_at,
@@ -376,7 +420,11 @@ impl Driver for MemoryDriver {
                 p.cursor = plan.cursor;
                 p.next_due = plan.next_due;
                 p.lease_owner = Some(me.to_string());
-                p.lease_expires = if owned { p.lease_expires } else { now + req.lease_ms };
+                p.lease_expires = if owned {
+                    p.lease_expires
+                } else {
+                    now + req.lease_ms
+                };
             }
         }
         result.next_due = inner
@@ -393,7 +441,10 @@ impl Driver for MemoryDriver {
         let mut results = Vec::with_capacity(outcomes.len());
         for o in outcomes {
             let key = (o.group.clone(), o.seq);
-            let live = inner.state.get(&key).is_some_and(|s| s.token == o.token && !s.done);
+            let live = inner
+                .state
+                .get(&key)
+                .is_some_and(|s| s.token == o.token && !s.done);
             if !live {
                 results.push(Err(MqError::StaleDelivery(o.message_id.clone())));
                 continue;
@@ -427,10 +478,11 @@ impl Driver for MemoryDriver {
                 }
             }
             if !matches!(o.kind, OutcomeKind::Extend { .. }) {
-                if let Some(p) = inner
-                    .partitions
-                    .get_mut(&(o.topic.clone(), o.group.clone(), o.partition_key.clone()))
-                {
+                if let Some(p) = inner.partitions.get_mut(&(
+                    o.topic.clone(),
+                    o.group.clone(),
+                    o.partition_key.clone(),
+                )) {
                     p.next_due = min_due(p.next_due, due);
                 }
             }
@@ -449,7 +501,8 @@ impl Driver for MemoryDriver {
             .unwrap_or_default();
         let mut woken = 0;
         for ((_, seq), s) in inner.state.iter_mut() {
-            if s.postponed && !s.done && s.invisible_until > now && seqs.binary_search(seq).is_ok() {
+            if s.postponed && !s.done && s.invisible_until > now && seqs.binary_search(seq).is_ok()
+            {
                 s.invisible_until = now;
                 woken += 1;
             }
@@ -462,7 +515,12 @@ impl Driver for MemoryDriver {
         Ok(woken)
     }
 
-    async fn dead_letters(&self, topic: &str, after_id: i64, limit: usize) -> MqResult<Vec<DeadLetter>> {
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> MqResult<Vec<DeadLetter>> {
         let inner = self.inner.lock();
         Ok(inner
             .dead
@@ -475,13 +533,22 @@ impl Driver for MemoryDriver {
 
     async fn replay_dead_letter(&self, topic: &str, dlq_id: i64, now: Millis) -> MqResult<()> {
         let mut inner = self.inner.lock();
-        let Some(dead) = inner.dead.get(&dlq_id).filter(|d| d.original_topic == topic).cloned() else {
+        let Some(dead) = inner
+            .dead
+            .get(&dlq_id)
+            .filter(|d| d.original_topic == topic)
+            .cloned()
+        else {
             return Err(MqError::UnknownDeadLetter {
                 topic: topic.to_string(),
                 id: dlq_id,
             });
         };
-        let key = (topic.to_string(), dead.message.partition_key.clone(), dead.message.id.clone());
+        let key = (
+            topic.to_string(),
+            dead.message.partition_key.clone(),
+            dead.message.id.clone(),
+        );
         if let Some(old) = inner.by_key.get(&key).copied() {
             inner.remove_message(old);
         }
@@ -502,7 +569,9 @@ impl Driver for MemoryDriver {
         let mut report = GcReport::default();
         let mut min_cursor: HashMap<(String, String), i64> = HashMap::new();
         for (k, p) in &inner.partitions {
-            let e = min_cursor.entry((k.0.clone(), k.2.clone())).or_insert(i64::MAX);
+            let e = min_cursor
+                .entry((k.0.clone(), k.2.clone()))
+                .or_insert(i64::MAX);
             *e = (*e).min(p.cursor);
         }
         let doomed: Vec<i64> = inner
@@ -544,7 +613,11 @@ impl Driver for MemoryDriver {
         let inner = self.inner.lock();
         let mut stats = TopicStats {
             stored: inner.messages.values().filter(|m| m.topic == topic).count() as u64,
-            dead_letters: inner.dead.values().filter(|d| d.original_topic == topic).count() as u64,
+            dead_letters: inner
+                .dead
+                .values()
+                .filter(|d| d.original_topic == topic)
+                .count() as u64,
             ..TopicStats::default()
         };
         for (k, p) in &inner.partitions {
@@ -558,7 +631,12 @@ impl Driver for MemoryDriver {
             if let Some(set) = inner.by_partition.get(&(k.0.clone(), k.2.clone())) {
                 stats.pending += set
                     .range(p.cursor + 1..)
-                    .filter(|seq| !inner.state.get(&(group.to_string(), **seq)).is_some_and(|s| s.done))
+                    .filter(|seq| {
+                        !inner
+                            .state
+                            .get(&(group.to_string(), **seq))
+                            .is_some_and(|s| s.done)
+                    })
                     .count() as u64;
             }
         }

@@ -33,7 +33,11 @@ pub struct Message {
 
 impl Message {
     /// A message with no metadata.
-    pub fn new(id: impl Into<String>, partition_key: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        partition_key: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Self {
         Self {
             id: id.into(),
             partition_key: partition_key.into(),
@@ -80,9 +84,9 @@ impl Failure {
 pub fn validate_topic(topic: &str) -> Result<(), MqError> {
     let ok = !topic.is_empty()
         && topic.len() <= 200
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.')
+        && topic.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.'
+        })
         && topic
             .bytes()
             .next()
@@ -155,7 +159,10 @@ mod tests {
             assert!(validate_topic(ok).is_ok(), "{ok}");
         }
         for bad in ["", "Trigger", "has space", "-lead", "ütf", &"x".repeat(201)] {
-            assert!(matches!(validate_topic(bad), Err(MqError::InvalidTopic(_))), "{bad}");
+            assert!(
+                matches!(validate_topic(bad), Err(MqError::InvalidTopic(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -58,7 +58,9 @@ impl Shared {
 
     async fn write_outcome(&self, outcome: Outcome) -> MqResult<()> {
         let (tx, rx) = oneshot::channel();
-        self.outcomes.send((outcome, tx)).map_err(|_| MqError::Closed)?;
+        self.outcomes
+            .send((outcome, tx))
+            .map_err(|_| MqError::Closed)?;
         rx.await.map_err(|_| MqError::Closed)?
     }
 }
@@ -84,7 +86,11 @@ impl Queue {
         });
         tokio::spawn(outcome_writer(shared.driver.clone(), rx));
         if let Some(every) = shared.config.gc_interval {
-            tokio::spawn(gc_loop(Arc::downgrade(&shared), every, shared.shutdown.clone()));
+            tokio::spawn(gc_loop(
+                Arc::downgrade(&shared),
+                every,
+                shared.shutdown.clone(),
+            ));
         }
         Self { shared }
     }
@@ -142,7 +148,12 @@ impl Publisher {
     }
 
     /// Publishes a message that becomes deliverable after `delay` (> 0).
-    pub async fn publish_after(&self, topic: &str, msg: Message, delay: Duration) -> MqResult<PublishReport> {
+    pub async fn publish_after(
+        &self,
+        topic: &str,
+        msg: Message,
+        delay: Duration,
+    ) -> MqResult<PublishReport> {
         if delay.is_zero() {
             return Err(MqError::InvalidDelay(delay, "publish_after"));
         }
@@ -150,13 +161,22 @@ impl Publisher {
             .await
     }
 
-    async fn publish_at(&self, topic: &str, msgs: Vec<Message>, available_at: Millis) -> MqResult<PublishReport> {
+    async fn publish_at(
+        &self,
+        topic: &str,
+        msgs: Vec<Message>,
+        available_at: Millis,
+    ) -> MqResult<PublishReport> {
         self.shared.ensure_open()?;
         let new = prepare(&self.shared.config, topic, msgs, available_at)?;
         if new.is_empty() {
             return Ok(PublishReport::default());
         }
-        let report = self.shared.driver.publish(topic, &new, now_millis()).await?;
+        let report = self
+            .shared
+            .driver
+            .publish(topic, &new, now_millis())
+            .await?;
         if report.stored > 0 {
             self.shared.notify_topic(topic);
         }
@@ -165,7 +185,12 @@ impl Publisher {
 
     /// Validates messages for a publish done inside a caller's transaction
     /// (the transactional outbox; see the SQLite backend's `publish_in_tx`).
-    pub fn prepare(&self, topic: &str, msgs: Vec<Message>, delay: Option<Duration>) -> MqResult<Vec<NewMessage>> {
+    pub fn prepare(
+        &self,
+        topic: &str,
+        msgs: Vec<Message>,
+        delay: Option<Duration>,
+    ) -> MqResult<Vec<NewMessage>> {
         self.shared.ensure_open()?;
         if delay.is_some_and(|d| d.is_zero()) {
             return Err(MqError::InvalidDelay(Duration::ZERO, "publish_after"));
@@ -181,7 +206,12 @@ impl Publisher {
     }
 }
 
-fn prepare(config: &QueueConfig, topic: &str, msgs: Vec<Message>, available_at: Millis) -> MqResult<Vec<NewMessage>> {
+fn prepare(
+    config: &QueueConfig,
+    topic: &str,
+    msgs: Vec<Message>,
+    available_at: Millis,
+) -> MqResult<Vec<NewMessage>> {
     validate_topic(topic)?;
     msgs.into_iter()
         .map(|m| {
@@ -203,7 +233,11 @@ pub struct Subscriber {
 impl Subscriber {
     /// Starts consuming `topic` as `config.group`. Messages stored before the
     /// group's first subscription are delivered too.
-    pub async fn subscribe(&self, topic: &str, config: SubscriptionConfig) -> MqResult<Subscription> {
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        config: SubscriptionConfig,
+    ) -> MqResult<Subscription> {
         self.shared.ensure_open()?;
         validate_topic(topic)?;
         config.validate()?;
@@ -490,7 +524,11 @@ impl Delivery {
             return Ok(NackOutcome::DeadLettered);
         }
         let at = now_millis() + retry.backoff(self.claimed.attempt).as_millis() as Millis;
-        self.finish(OutcomeKind::Retry { retry_at: at, failure }).await?;
+        self.finish(OutcomeKind::Retry {
+            retry_at: at,
+            failure,
+        })
+        .await?;
         Ok(NackOutcome::RetryAt(at))
     }
 
@@ -518,7 +556,10 @@ impl Delivery {
             return Err(MqError::AlreadyFinalized(self.id().to_string()));
         }
         let until = now_millis() + by.as_millis() as Millis;
-        self.sub.queue.write_outcome(self.outcome(OutcomeKind::Extend { until })).await
+        self.sub
+            .queue
+            .write_outcome(self.outcome(OutcomeKind::Extend { until }))
+            .await
     }
 
     fn outcome(&self, kind: OutcomeKind) -> Outcome {
@@ -570,15 +611,27 @@ impl Admin {
     /// Makes postponed messages of `partition_key` due now, in every group.
     pub async fn wake(&self, topic: &str, partition_key: &str) -> MqResult<u64> {
         validate_topic(topic)?;
-        let n = self.shared.driver.wake(topic, partition_key, now_millis()).await?;
+        let n = self
+            .shared
+            .driver
+            .wake(topic, partition_key, now_millis())
+            .await?;
         self.shared.notify_topic(topic);
         Ok(n)
     }
 
     /// Dead letters of `topic` with ids above `after_id`, oldest first.
-    pub async fn dead_letters(&self, topic: &str, after_id: i64, limit: usize) -> MqResult<Vec<DeadLetter>> {
+    pub async fn dead_letters(
+        &self,
+        topic: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> MqResult<Vec<DeadLetter>> {
         validate_topic(topic)?;
-        self.shared.driver.dead_letters(topic, after_id, limit).await
+        self.shared
+            .driver
+            .dead_letters(topic, after_id, limit)
+            .await
     }
 
     /// Publishes dead letter `dlq_id` to its topic again (same id, payload,
@@ -617,7 +670,9 @@ async fn gc_loop(shared: Weak<Shared>, every: Duration, stop: CancellationToken)
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let Some(shared) = shared.upgrade() else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         if let Err(e) = run_gc(&shared).await {
             tracing::warn!(error = %e, "queue garbage collection failed");
         }

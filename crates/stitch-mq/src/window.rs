@@ -47,7 +47,12 @@ pub(crate) struct WindowPlan {
 
 /// Decides one partition. `rows` are in seq order starting after `cursor`;
 /// `truncated` says the scan stopped at its limit with more rows stored.
-pub(crate) fn plan_window(cursor: i64, rows: &[WindowRow], truncated: bool, lim: WindowLimits) -> WindowPlan {
+pub(crate) fn plan_window(
+    cursor: i64,
+    rows: &[WindowRow],
+    truncated: bool,
+    lim: WindowLimits,
+) -> WindowPlan {
     let mut plan = WindowPlan {
         cursor,
         ..WindowPlan::default()
@@ -156,7 +161,12 @@ mod tests {
 
     #[test]
     fn done_prefix_advances_cursor_only_contiguously() {
-        let rows = vec![with(1, 1, 0, false, true), with(2, 1, 2000, false, false), with(3, 1, 0, false, true), fresh(4)];
+        let rows = vec![
+            with(1, 1, 0, false, true),
+            with(2, 1, 2000, false, false),
+            with(3, 1, 0, false, true),
+            fresh(4),
+        ];
         let p = plan_window(0, &rows, false, lim(10));
         assert_eq!(p.cursor, 1);
         assert_eq!(p.deliver, vec![(4, 1)]);
@@ -173,7 +183,10 @@ mod tests {
         assert_eq!(p.next_due, Some(2000));
         // A due postponed message redelivers first, as attempt 1.
         let rows = vec![with(1, 0, 900, true, false), fresh(2)];
-        assert_eq!(plan_window(0, &rows, false, lim(10)).deliver, vec![(1, 1), (2, 1)]);
+        assert_eq!(
+            plan_window(0, &rows, false, lim(10)).deliver,
+            vec![(1, 1), (2, 1)]
+        );
     }
 
     #[test]

@@ -55,7 +55,11 @@ async fn open(path: &Path) -> Queue {
 
 /// Consumes until stopped; writes `begin`/`done` lines around each outcome.
 async fn consume(q: &Queue, log: &mut std::fs::File, stop_when_idle: Option<Duration>) {
-    let mut sub = q.subscriber().subscribe(TOPIC, config()).await.expect("subscribe");
+    let mut sub = q
+        .subscriber()
+        .subscribe(TOPIC, config())
+        .await
+        .expect("subscribe");
     loop {
         let next = match stop_when_idle {
             Some(idle) => match tokio::time::timeout(idle, sub.recv()).await {
@@ -67,7 +71,14 @@ async fn consume(q: &Queue, log: &mut std::fs::File, stop_when_idle: Option<Dura
         let Some(d) = next else { break };
         let i: usize = d.id().trim_start_matches('m').parse().expect("numeric id");
         let act = action(i);
-        writeln!(log, "begin {} {} {}", d.id(), d.partition_key(), d.attempt()).unwrap();
+        writeln!(
+            log,
+            "begin {} {} {}",
+            d.id(),
+            d.partition_key(),
+            d.attempt()
+        )
+        .unwrap();
         log.flush().unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
         match act {
@@ -86,24 +97,36 @@ async fn consume(q: &Queue, log: &mut std::fs::File, stop_when_idle: Option<Dura
 /// Entry point of the child process; a no-op in a normal test run.
 #[test]
 fn crash_child_entry() {
-    let (Ok(db), Ok(log)) = (std::env::var("STITCH_MQ_CRASH_DB"), std::env::var("STITCH_MQ_CRASH_LOG")) else {
+    let (Ok(db), Ok(log)) = (
+        std::env::var("STITCH_MQ_CRASH_DB"),
+        std::env::var("STITCH_MQ_CRASH_LOG"),
+    ) else {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let q = open(Path::new(&db)).await;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         consume(&q, &mut f, None).await;
     });
 }
 
-fn parse_log(text: &str) -> (Vec<(String, String, u32)>, Vec<(String, String)>) {
+/// `begin` lines as (id, partition, attempt) and `done` lines as (id, action).
+type Log = (Vec<(String, String, u32)>, Vec<(String, String)>);
+
+fn parse_log(text: &str) -> Log {
     let mut begins = Vec::new();
     let mut dones = Vec::new();
     for line in text.lines() {
         let parts: Vec<&str> = line.split(' ').collect();
         match parts.as_slice() {
-            ["begin", id, p, attempt] => begins.push((id.to_string(), p.to_string(), attempt.parse().unwrap())),
+            ["begin", id, p, attempt] => {
+                begins.push((id.to_string(), p.to_string(), attempt.parse().unwrap()))
+            }
             ["done", id, act] => dones.push((id.to_string(), act.to_string())),
             _ => {} // a line torn by the kill
         }
@@ -124,7 +147,12 @@ async fn sigkill_mid_work_loses_nothing() {
 
     let exe = std::env::current_exe().unwrap();
     let mut child = std::process::Command::new(exe)
-        .args(["crash_child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "crash_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("STITCH_MQ_CRASH_DB", &db)
         .env("STITCH_MQ_CRASH_LOG", &child_log)
         .stdout(std::process::Stdio::null())
@@ -163,7 +191,10 @@ async fn sigkill_mid_work_loses_nothing() {
         .collect();
     let child_begun: HashSet<&str> = child_begins.iter().map(|(id, _, _)| id.as_str()).collect();
     for id in &parent_acked {
-        assert!(!child_acked.contains(id), "{id} was acked by the child and delivered again");
+        assert!(
+            !child_acked.contains(id),
+            "{id} was acked by the child and delivered again"
+        );
     }
     let dead: HashSet<String> = q
         .admin()
@@ -179,11 +210,16 @@ async fn sigkill_mid_work_loses_nothing() {
             "ack" => {
                 let acked = child_acked.contains(id.as_str()) || parent_acked.contains(id.as_str());
                 // Killed between the ack's commit and its log line: acked, unrecorded.
-                let ambiguous = child_begun.contains(id.as_str()) && !child_acked.contains(id.as_str());
+                let ambiguous =
+                    child_begun.contains(id.as_str()) && !child_acked.contains(id.as_str());
                 assert!(acked || ambiguous, "{id} was never acked");
                 assert!(!dead.contains(&id), "{id} should not be dead");
             }
-            _ => assert!(dead.contains(&id), "{id} should be dead-lettered ({})", action(i)),
+            _ => assert!(
+                dead.contains(&id),
+                "{id} should be dead-lettered ({})",
+                action(i)
+            ),
         }
     }
     // Within a partition the parent's first deliveries came in order
@@ -193,11 +229,17 @@ async fn sigkill_mid_work_loses_nothing() {
     let mut seen = HashSet::new();
     for (id, p, attempt) in &parent_begins {
         if *attempt == 1 && !child_begun.contains(id.as_str()) && seen.insert(id.clone()) {
-            first_seen.entry(p.clone()).or_default().push(id[1..].parse().unwrap());
+            first_seen
+                .entry(p.clone())
+                .or_default()
+                .push(id[1..].parse().unwrap());
         }
     }
     for (p, ids) in first_seen {
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "partition {p} out of order: {ids:?}");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "partition {p} out of order: {ids:?}"
+        );
     }
     let stats = q.admin().stats(TOPIC, "workers").await.unwrap();
     assert_eq!(stats.pending, 0, "{stats:?}");
@@ -208,5 +250,8 @@ async fn sigkill_mid_work_loses_nothing() {
         .filter(|(id, _, a)| *a > 1 && child_begun.contains(id.as_str()))
         .map(|(id, _, a)| (id.as_str(), *a))
         .collect();
-    assert!(!redelivered.is_empty(), "no in-flight message was redelivered");
+    assert!(
+        !redelivered.is_empty(),
+        "no in-flight message was redelivered"
+    );
 }

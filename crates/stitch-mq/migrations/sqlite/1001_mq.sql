@@ -49,7 +49,6 @@ CREATE TABLE mq_state (
     token           INTEGER NOT NULL,
     PRIMARY KEY (grp, seq)
 ) WITHOUT ROWID;
-CREATE INDEX mq_state_partition ON mq_state (grp, topic, partition_key, seq);
 
 CREATE TABLE mq_subscribers (
     topic        TEXT    NOT NULL,

@@ -1,0 +1,110 @@
+//! stitch's build runners, each behind [`stitch_core::BuildRunner`]:
+//!
+//! - [`noop`]: succeeds at once (baselines, wiring tests).
+//! - [`fake`]: a simulated CI with realistic timing and logs, outcome chosen
+//!   by markers in change URIs (the zero-config default).
+//! - [`local`]: runs a shell command per build as a real child process.
+//!
+//! [`conformance`] is the suite every runner passes; [`RunnerKind`] names
+//! the runners a configuration may choose.
+
+pub mod conformance;
+pub mod fake;
+pub mod local;
+pub mod noop;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use fake::{FakeConfig, FakeConfigError, FakeRunner};
+pub use local::{LocalConfig, LocalConfigError, LocalRunner};
+pub use noop::NoopRunner;
+
+/// The runners a queue can be configured with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RunnerKind {
+    /// [`NoopRunner`].
+    Noop,
+    /// [`FakeRunner`].
+    Fake,
+    /// [`LocalRunner`].
+    Local,
+}
+
+impl RunnerKind {
+    /// Every runner kind, in the order help texts list them.
+    pub const ALL: [RunnerKind; 3] = [RunnerKind::Noop, RunnerKind::Fake, RunnerKind::Local];
+
+    /// The configuration name (`runner = "…"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunnerKind::Noop => "noop",
+            RunnerKind::Fake => "fake",
+            RunnerKind::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for RunnerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A runner name that is not one of [`RunnerKind::ALL`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown runner {name:?}; valid runners are: {}", valid_runner_names())]
+pub struct UnknownRunnerError {
+    /// The name that was given.
+    pub name: String,
+}
+
+fn valid_runner_names() -> String {
+    RunnerKind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl FromStr for RunnerKind {
+    type Err = UnknownRunnerError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_runner_name(s)
+    }
+}
+
+/// Parse a configured runner name (exact, lower-case).
+pub fn parse_runner_name(name: &str) -> Result<RunnerKind, UnknownRunnerError> {
+    RunnerKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == name)
+        .ok_or_else(|| UnknownRunnerError {
+            name: name.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_names_parse() {
+        for k in RunnerKind::ALL {
+            assert_eq!(parse_runner_name(k.as_str()), Ok(k));
+            assert_eq!(k.to_string().parse::<RunnerKind>(), Ok(k));
+        }
+    }
+
+    #[test]
+    fn unknown_runner_lists_the_valid_names() {
+        let err = parse_runner_name("jenkins").unwrap_err();
+        assert_eq!(err.name, "jenkins");
+        assert_eq!(
+            err.to_string(),
+            r#"unknown runner "jenkins"; valid runners are: noop, fake, local"#
+        );
+        assert!(parse_runner_name("Fake").is_err());
+        assert!(parse_runner_name("").is_err());
+    }
+}

@@ -1,0 +1,324 @@
+//! The on-disk record of local builds: `<state_dir>/<build_id>/state.json`
+//! (written atomically: temp file, fsync, rename) and `log.jsonl` beside it.
+//! Everything a restarted runner needs is here; memory is only a cache.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use stitch_core::metadata::keys;
+use stitch_core::{BuildId, BuildMetadata, BuildStatus, LogLine, RunnerError, StatusReport};
+
+/// Name of the state file inside a build's directory.
+pub const STATE_FILE: &str = "state.json";
+/// Name of the log file inside a build's directory.
+pub const LOG_FILE: &str = "log.jsonl";
+/// Format version written to every state file.
+const STATE_VERSION: u32 = 1;
+
+/// One build's durable state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct BuildState {
+    pub version: u32,
+    pub build_id: BuildId,
+    pub queue: String,
+    pub base: Vec<String>,
+    pub head: Vec<String>,
+    pub metadata: BuildMetadata,
+    /// accepted → running → succeeded | failed | cancelled.
+    pub status: BuildStatus,
+    pub accepted_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgid: Option<i32>,
+    /// The leader's start time in clock ticks since boot (Linux), so a
+    /// restarted runner can tell our process from a later one with the
+    /// same pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proc_start_ticks: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl BuildState {
+    pub(crate) fn accepted(req: &stitch_core::TriggerRequest, now: DateTime<Utc>) -> Self {
+        Self {
+            version: STATE_VERSION,
+            build_id: req.build_id.clone(),
+            queue: req.queue.clone(),
+            base: req.changes.base.clone(),
+            head: req.changes.head.clone(),
+            metadata: req.metadata.clone(),
+            status: BuildStatus::Accepted,
+            accepted_at: now,
+            started_at: None,
+            pid: None,
+            pgid: None,
+            proc_start_ticks: None,
+            cancel_requested_at: None,
+            finished_at: None,
+            exit_status: None,
+            signal: None,
+            error: None,
+        }
+    }
+
+    /// Move to a terminal status.
+    pub(crate) fn finish(&mut self, status: BuildStatus, error: Option<String>) {
+        self.status = status;
+        self.finished_at = Some(Utc::now());
+        if error.is_some() {
+            self.error = error;
+        }
+    }
+
+    /// The caller's metadata echoed back, with the runner's keys on top.
+    pub(crate) fn report(&self) -> StatusReport {
+        let mut meta = self.metadata.clone();
+        if let Some(code) = self.exit_status {
+            meta.insert(keys::EXIT_STATUS, code.to_string());
+        }
+        if let Some(sig) = &self.signal {
+            meta.insert(keys::SIGNAL, sig.clone());
+        }
+        if let Some(err) = &self.error {
+            meta.insert(keys::ERROR, err.clone());
+        }
+        StatusReport::new(self.status).with_metadata(meta)
+    }
+}
+
+/// The state directory: one subdirectory per build.
+#[derive(Clone, Debug)]
+pub(crate) struct StateDir {
+    root: PathBuf,
+}
+
+fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> RunnerError {
+    RunnerError::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+impl StateDir {
+    pub(crate) fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn build_dir(&self, id: &BuildId) -> PathBuf {
+        self.root.join(id.as_str())
+    }
+
+    pub(crate) fn state_path(&self, id: &BuildId) -> PathBuf {
+        self.build_dir(id).join(STATE_FILE)
+    }
+
+    pub(crate) fn log_path(&self, id: &BuildId) -> PathBuf {
+        self.build_dir(id).join(LOG_FILE)
+    }
+
+    /// The build's state, or `None` when this directory never saw it.
+    pub(crate) fn read(&self, id: &BuildId) -> Result<Option<BuildState>, RunnerError> {
+        read_state(&self.state_path(id))
+    }
+
+    /// Write the state atomically: readers see the old or the new file,
+    /// never a torn one, even if stitch dies mid-write.
+    pub(crate) fn write(&self, state: &BuildState) -> Result<(), RunnerError> {
+        let dir = self.build_dir(&state.build_id);
+        fs::create_dir_all(&dir).map_err(|e| internal("creating build directory", &dir, e))?;
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let json = serde_json::to_vec_pretty(state).map_err(|e| internal("encoding", &path, e))?;
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            // Make the rename itself durable across a power loss.
+            File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| internal("writing", &path, e))
+    }
+
+    /// Every build recorded here, oldest first. Entries that are not build
+    /// directories are skipped; unreadable states are logged and skipped.
+    pub(crate) fn list(&self) -> Result<Vec<BuildState>, io::Error> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<BuildId>().ok())
+            else {
+                continue;
+            };
+            match read_state(&self.state_path(&id)) {
+                Ok(Some(state)) => out.push(state),
+                Ok(None) => {} // directory created but state never written
+                Err(e) => {
+                    tracing::warn!(build_id = %id, error = %e, "skipping unreadable local build state")
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.accepted_at, &a.build_id).cmp(&(b.accepted_at, &b.build_id)));
+        Ok(out)
+    }
+
+    /// Open the build's log for appending, creating it if needed.
+    pub(crate) fn open_log(&self, id: &BuildId) -> Result<LogWriter, RunnerError> {
+        let path = self.log_path(id);
+        LogWriter::open(&path).map_err(|e| internal("opening log", &path, e))
+    }
+}
+
+fn read_state(path: &Path) -> Result<Option<BuildState>, RunnerError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| internal("corrupt build state", path, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(internal("reading", path, e)),
+    }
+}
+
+/// Appends `LogLine`s to `log.jsonl`, one JSON object per line. Each line
+/// goes out in a single unbuffered write so a follower sees whole lines as
+/// soon as they exist.
+pub(crate) struct LogWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl LogWriter {
+    fn open(path: &Path) -> io::Result<Self> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)?;
+        // A crash mid-write can leave a torn last line; start on a fresh
+        // line so the next frame is not glued to it.
+        let len = file.metadata()?.len();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::Start(len - 1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n")?;
+            }
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Append one line. Failures are logged, not returned: losing a log
+    /// line must not change the build's outcome.
+    pub(crate) fn write(&mut self, line: &LogLine) {
+        let result = serde_json::to_vec(line)
+            .map_err(io::Error::other)
+            .and_then(|mut bytes| {
+                bytes.push(b'\n');
+                self.file.write_all(&bytes)
+            });
+        if let Err(e) = result {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot append build log line");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stitch_core::{ChangeSet, OutputStream, TriggerRequest};
+
+    fn state() -> BuildState {
+        let req = TriggerRequest::new(BuildId::new(), "ci", ChangeSet::head_only(["h"]))
+            .with_metadata(BuildMetadata::new().with("ticket", "T-1"));
+        BuildState::accepted(&req, Utc::now())
+    }
+
+    #[test]
+    fn write_then_read_back_and_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let mut s = state();
+        assert_eq!(sd.read(&s.build_id).unwrap(), None);
+        sd.write(&s).unwrap();
+        assert_eq!(sd.read(&s.build_id).unwrap(), Some(s.clone()));
+        s.status = BuildStatus::Running;
+        s.pid = Some(42);
+        sd.write(&s).unwrap();
+        assert_eq!(sd.read(&s.build_id).unwrap().unwrap().pid, Some(42));
+        // No temp file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path().join(s.build_id.as_str()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+        fs::create_dir(dir.path().join("not-a-build")).unwrap();
+        assert_eq!(sd.list().unwrap(), vec![s]);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_internal_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let id = BuildId::new();
+        fs::create_dir(dir.path().join(id.as_str())).unwrap();
+        fs::write(sd.state_path(&id), b"{not json").unwrap();
+        assert!(matches!(sd.read(&id), Err(RunnerError::Internal(_))));
+        assert!(sd.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn report_echoes_caller_metadata_under_runner_keys() {
+        let mut s = state();
+        s.exit_status = Some(3);
+        s.finish(
+            BuildStatus::Failed,
+            Some("command exited with status 3".into()),
+        );
+        let r = s.report();
+        assert_eq!(r.status, BuildStatus::Failed);
+        assert_eq!(r.metadata.get("ticket"), Some("T-1"));
+        assert_eq!(r.metadata.get("exit_status"), Some("3"));
+        assert_eq!(
+            r.metadata.get("error"),
+            Some("command exited with status 3")
+        );
+    }
+
+    #[test]
+    fn log_writer_repairs_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let id = BuildId::new();
+        fs::create_dir(dir.path().join(id.as_str())).unwrap();
+        fs::write(sd.log_path(&id), b"{\"kind\":\"da").unwrap();
+        let mut w = sd.open_log(&id).unwrap();
+        w.write(&LogLine::data(1, OutputStream::Stdout, "after", Utc::now()));
+        let text = fs::read_to_string(sd.log_path(&id)).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(serde_json::from_str::<LogLine>(lines[1]).is_ok());
+    }
+}
