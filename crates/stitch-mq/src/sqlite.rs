@@ -775,7 +775,8 @@ impl Driver for SqliteDriver {
         now: Millis,
     ) -> MqResult<PublishReport> {
         let (topic, msgs) = (topic.to_string(), msgs.to_vec());
-        self.write(move |c| publish_sync(c, &topic, &msgs, now)).await
+        self.write(move |c| publish_sync(c, &topic, &msgs, now))
+            .await
     }
 
     async fn register_group(&self, topic: &str, group: &str, now: Millis) -> MqResult<()> {
@@ -790,7 +791,8 @@ impl Driver for SqliteDriver {
     }
 
     async fn deregister(&self, topic: &str, group: &str, subscriber: &str) -> MqResult<()> {
-        let (topic, group, subscriber) = (topic.to_string(), group.to_string(), subscriber.to_string());
+        let (topic, group, subscriber) =
+            (topic.to_string(), group.to_string(), subscriber.to_string());
         self.write(move |c| {
             c.execute(
                 "DELETE FROM mq_subscribers WHERE topic = ?1 AND grp = ?2 AND subscriber = ?3",
@@ -851,7 +853,8 @@ impl Driver for SqliteDriver {
 
     async fn replay_dead_letter(&self, topic: &str, dlq_id: i64, now: Millis) -> MqResult<()> {
         let topic = topic.to_string();
-        self.write(move |c| replay_sync(c, &topic, dlq_id, now)).await
+        self.write(move |c| replay_sync(c, &topic, dlq_id, now))
+            .await
     }
 
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {

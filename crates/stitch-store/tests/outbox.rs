@@ -13,7 +13,9 @@ use stitch_store::StoreError;
 const TOPIC: &str = "trigger";
 
 async fn queue_on(db: &common::TestDb) -> (Queue, SqliteDriver) {
-    let driver = SqliteDriver::from_pool(db.store.pool().clone()).await.unwrap();
+    let driver = SqliteDriver::from_pool(db.store.pool().clone())
+        .await
+        .unwrap();
     let queue = Queue::new(
         Arc::new(driver.clone()),
         QueueConfig {
@@ -40,7 +42,11 @@ async fn build_and_message_commit_together() {
     tx.create_build(new).await.unwrap();
     let msgs = queue
         .publisher()
-        .prepare(TOPIC, vec![Message::new(id.to_string(), id.to_string(), b"{}".to_vec())], None)
+        .prepare(
+            TOPIC,
+            vec![Message::new(id.to_string(), id.to_string(), b"{}".to_vec())],
+            None,
+        )
         .unwrap();
     let report = SqliteDriver::publish_in_tx(tx.conn(), TOPIC, &msgs, now_millis())
         .await
@@ -74,7 +80,11 @@ async fn rollback_publishes_nothing_and_stores_nothing() {
     tx.create_build(new).await.unwrap();
     let msgs = queue
         .publisher()
-        .prepare(TOPIC, vec![Message::new(id.to_string(), id.to_string(), vec![])], None)
+        .prepare(
+            TOPIC,
+            vec![Message::new(id.to_string(), id.to_string(), vec![])],
+            None,
+        )
         .unwrap();
     SqliteDriver::publish_in_tx(tx.conn(), TOPIC, &msgs, now_millis())
         .await
@@ -82,11 +92,16 @@ async fn rollback_publishes_nothing_and_stores_nothing() {
     tx.rollback().await.unwrap();
     queue.publisher().notify_published(TOPIC);
 
-    assert!(matches!(db.store.get_build(&id).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        db.store.get_build(&id).await,
+        Err(StoreError::NotFound(_))
+    ));
     let stats = queue.admin().stats(TOPIC, "trigger-stage").await.unwrap();
     assert_eq!((stats.stored, stats.pending), (0, 0));
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), sub.recv()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(500), sub.recv())
+            .await
+            .is_err(),
         "a rolled-back message was delivered"
     );
 }

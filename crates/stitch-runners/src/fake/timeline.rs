@@ -267,7 +267,11 @@ impl Timeline {
         }
         // Heartbeat k is at test_start + (k+1)*hb; count those <= t.
         let since = t - self.test_start_ms();
-        let beats = if since >= 0 { since / self.heartbeat_ms() } else { 0 };
+        let beats = if since >= 0 {
+            since / self.heartbeat_ms()
+        } else {
+            0
+        };
         fixed + usize::try_from(beats).unwrap_or(usize::MAX - fixed)
     }
 
