@@ -305,9 +305,8 @@ fn publish_sync(
     }
     let mut upsert = c.prepare_cached(
         "INSERT INTO mq_partitions (topic, grp, partition_key, cursor, next_due, lease_expires) VALUES (?1, ?2, ?3, 0, ?4, 0) \
-         ON CONFLICT (topic, grp, partition_key) DO UPDATE SET next_due = \
-         CASE WHEN mq_partitions.next_due IS NULL OR mq_partitions.next_due > excluded.next_due \
-         THEN excluded.next_due ELSE mq_partitions.next_due END",
+         ON CONFLICT (topic, grp, partition_key) DO UPDATE SET next_due = excluded.next_due \
+         WHERE mq_partitions.next_due IS NULL OR mq_partitions.next_due > excluded.next_due",
     )?;
     for g in &groups {
         for (p, at) in &due {
@@ -317,7 +316,8 @@ fn publish_sync(
     Ok(report)
 }
 
-/// Lowers a partition's `next_due` to `at` (never raises it).
+/// Lowers a partition's `next_due` to `at` (never raises it; a row already
+/// due that early is not rewritten, which keeps commits small).
 fn bump_due(
     c: &rusqlite::Connection,
     topic: &str,
@@ -326,8 +326,8 @@ fn bump_due(
     at: Millis,
 ) -> MqResult<()> {
     c.prepare_cached(
-        "UPDATE mq_partitions SET next_due = CASE WHEN next_due IS NULL OR next_due > ?1 THEN ?1 ELSE next_due END \
-         WHERE topic = ?2 AND grp = ?3 AND partition_key = ?4",
+        "UPDATE mq_partitions SET next_due = ?1 \
+         WHERE topic = ?2 AND grp = ?3 AND partition_key = ?4 AND (next_due IS NULL OR next_due > ?1)",
     )?
     .execute(params![at, topic, group, partition])?;
     Ok(())
