@@ -368,6 +368,31 @@ pub async fn nack_backoff_is_persisted(b: &dyn Backend) {
     d.ack().await.unwrap();
 }
 
+/// `nack_after` waits the caller's delay, counts an attempt and dead-letters
+/// on the last one like `nack`.
+pub async fn nack_after_uses_callers_delay(b: &dyn Backend) {
+    let q = b.open("nack-after", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.retry.max_attempts = 2;
+    let mut sub = subscribe(&q, cfg).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    let t0 = Instant::now();
+    assert!(matches!(
+        d.nack_after(Failure::new("rate limited"), Duration::from_millis(400)).await.unwrap(),
+        NackOutcome::RetryAt(_)
+    ));
+    let d = recv(&mut sub).await;
+    assert_eq!(d.attempt(), 2);
+    assert!(t0.elapsed() >= Duration::from_millis(390), "retried after {:?}", t0.elapsed());
+    assert_eq!(
+        d.nack_after(Failure::new("again"), Duration::from_millis(10)).await.unwrap(),
+        NackOutcome::DeadLettered
+    );
+    let dead = q.admin().dead_letters(T, 0, 10).await.unwrap();
+    assert_eq!(dead[0].failure.message, "again");
+}
+
 /// The nack that exhausts `max_attempts` dead-letters with the caller's failure.
 pub async fn nack_exhaustion_dead_letters(b: &dyn Backend) {
     let q = b.open("exhaust", quiet()).await;
@@ -920,7 +945,7 @@ macro_rules! conformance_tests {
             publish_after_delays_delivery, publish_after_close_fails, idempotent_publish,
             dedup_horizon_is_bounded_by_retention, ordering_within_partition,
             partitions_are_isolated, batch_size_one_serializes, consumer_groups_are_independent,
-            nack_backoff_is_persisted, nack_exhaustion_dead_letters, reject_dead_letters_now,
+            nack_backoff_is_persisted, nack_after_uses_callers_delay, nack_exhaustion_dead_letters, reject_dead_letters_now,
             dead_letters_list_and_replay, postpone_is_a_barrier, postpone_resets_failure_streak,
             wake_makes_postponed_due, visibility_timeout_redelivers, outcomes_are_one_shot,
             stale_delivery_is_fenced, subscribers_share_partitions,

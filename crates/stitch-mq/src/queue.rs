@@ -532,6 +532,21 @@ impl Delivery {
         Ok(NackOutcome::RetryAt(at))
     }
 
+    /// Failed: redeliver after `delay` chosen by the caller (a provider's
+    /// `Retry-After`, a per-queue policy), persisted like `nack`'s backoff.
+    /// Counts an attempt and dead-letters with `failure` on the attempt that
+    /// exhausts `max_attempts`, exactly like [`Delivery::nack`].
+    pub async fn nack_after(&self, failure: Failure, delay: Duration) -> MqResult<NackOutcome> {
+        let retry: &RetryPolicy = &self.sub.config.retry;
+        if retry.max_attempts > 0 && self.claimed.attempt >= retry.max_attempts {
+            self.finish(OutcomeKind::DeadLetter { failure }).await?;
+            return Ok(NackOutcome::DeadLettered);
+        }
+        let at = now_millis() + delay.as_millis() as Millis;
+        self.finish(OutcomeKind::Retry { retry_at: at, failure }).await?;
+        Ok(NackOutcome::RetryAt(at))
+    }
+
     /// Poison: dead-letter now with `failure`.
     pub async fn reject(&self, failure: Failure) -> MqResult<()> {
         self.finish(OutcomeKind::DeadLetter { failure }).await

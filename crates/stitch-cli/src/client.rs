@@ -1,0 +1,156 @@
+//! A small client of stitch's HTTP API (`/v1`).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use stitch_server::service::CreateBuild;
+use stitch_store::BuildRecord;
+
+/// Why a request failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connection refused, DNS, timeout: exit 3.
+    #[error("cannot reach the stitch server at {server}: {detail}")]
+    Unreachable { server: String, detail: String },
+    /// The server answered with an error body.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api { status: u16, code: String, message: String },
+    /// The server answered something this client does not understand: exit 3.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// 2 for requests the server refused (4xx), 3 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Api { status, .. } if (400..500).contains(status) => 2,
+            _ => 3,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+/// A page of builds.
+#[derive(Debug, Deserialize)]
+pub struct BuildPage {
+    pub builds: Vec<BuildRecord>,
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+}
+
+/// The API client.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of `server` (base URL) authenticating with `token`.
+    pub fn new(server: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            server: self.base.clone(),
+            detail: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            server: self.base.clone(),
+            detail: e.to_string(),
+        })?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()));
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(b) => Err(ClientError::Api {
+                status,
+                code: b.error.code,
+                message: b.error.message,
+            }),
+            Err(_) => Err(ClientError::Api {
+                status,
+                code: "http_error".into(),
+                message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// `POST /v1/queues/{queue}/builds`.
+    pub async fn create(&self, queue: &str, req: &CreateBuild) -> Result<BuildRecord, ClientError> {
+        let url = format!("{}/v1/queues/{}/builds", self.base, queue);
+        Self::decode(self.send(self.http.post(url).json(req)).await?)
+    }
+
+    /// `GET /v1/builds/{id}`.
+    pub async fn get(&self, id: &str) -> Result<BuildRecord, ClientError> {
+        Self::decode(self.send(self.http.get(format!("{}/v1/builds/{}", self.base, id))).await?)
+    }
+
+    /// `POST /v1/builds/{id}/cancel`.
+    pub async fn cancel(&self, id: &str) -> Result<BuildRecord, ClientError> {
+        Self::decode(self.send(self.http.post(format!("{}/v1/builds/{}/cancel", self.base, id))).await?)
+    }
+
+    /// `GET /v1/builds?…`.
+    pub async fn list(
+        &self,
+        queue: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<BuildPage, ClientError> {
+        let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+        if let Some(c) = cursor {
+            query.push(("cursor", c.to_string()));
+        }
+        if let Some(q) = queue {
+            query.push(("queue", q.to_string()));
+        }
+        if let Some(s) = status {
+            query.push(("status", s.to_string()));
+        }
+        let url = format!("{}/v1/builds", self.base);
+        let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
+        Self::decode(self.send(self.http.get(format!("{url}?{}", qs.join("&")))).await?)
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,348 @@
+//! What each subcommand does. Every function returns the process exit code.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use stitch_core::BuildStatus;
+use stitch_server::config::{self, LoadOptions};
+use stitch_server::service::CreateBuild;
+use stitch_store::BuildRecord;
+
+use crate::client::{Client, ClientError};
+use crate::{BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, MqCommand, ServerArgs};
+
+const OK: u8 = 0;
+const BUILD_FAILED: u8 = 1;
+const USAGE: u8 = 2;
+const UNAVAILABLE: u8 = 3;
+
+pub async fn run(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Build(cmd) => build(cmd).await,
+        Command::Mq(MqCommand::Dlq(cmd)) => dlq(cmd).await,
+        Command::Config(ConfigCommand::Check { config }) => config_check(&config),
+    }
+}
+
+fn load_options(args: &ConfigArgs) -> LoadOptions {
+    LoadOptions {
+        file: args.config.clone(),
+        data_dir: args.data_dir.clone(),
+        ..LoadOptions::default()
+    }
+}
+
+async fn serve(args: crate::ServeArgs) -> u8 {
+    let mut opts = load_options(&args.config);
+    opts.listen = args.listen;
+    let config = match config::load(&opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stitch: {}", config::render_problems(&e));
+            return USAGE;
+        }
+    };
+    init_tracing();
+    match stitch_server::app::run(config, stitch_server::app::shutdown_signal()).await {
+        Ok(()) => OK,
+        Err(e) => {
+            eprintln!("stitch serve: {e:#}");
+            match e {
+                stitch_server::app::ServeError::Refused(_) => USAGE,
+                _ => UNAVAILABLE,
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STITCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+fn config_check(args: &ConfigArgs) -> u8 {
+    match config::load(&load_options(args)) {
+        Ok(c) => {
+            println!(
+                "configuration is valid: listen {}, data dir {}, {} queue(s): {}",
+                c.listen,
+                c.data_dir.display(),
+                c.queues.len(),
+                c.queues.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            OK
+        }
+        Err(e) => {
+            eprintln!("{}", config::render_problems(&e));
+            USAGE
+        }
+    }
+}
+
+fn client(server: &ServerArgs) -> Result<Client, u8> {
+    Client::new(&server.server, server.token.clone()).map_err(|e| {
+        eprintln!("stitch: {e}");
+        e.exit_code()
+    })
+}
+
+fn fail(e: ClientError) -> u8 {
+    eprintln!("stitch: {e}");
+    e.exit_code()
+}
+
+fn print_build(b: &BuildRecord, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(b).unwrap_or_default());
+        return;
+    }
+    println!("{}  {}  queue={}", b.id, b.status, b.queue);
+    println!("  head: {}", b.head.join(" "));
+    if !b.base.is_empty() {
+        println!("  base: {}", b.base.join(" "));
+    }
+    if let Some(url) = &b.url {
+        println!("  url:  {url}");
+    }
+    if let Some(err) = b.metadata.get("error") {
+        println!("  error: {err}");
+    }
+    println!("  created {}", b.created_at.to_rfc3339());
+}
+
+async fn build(cmd: BuildCommand) -> u8 {
+    match cmd {
+        BuildCommand::Trigger {
+            server,
+            queue,
+            base,
+            head,
+            meta,
+            idempotency_key,
+            wait,
+        } => {
+            let c = match client(&server) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let req = CreateBuild {
+                base,
+                head,
+                metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
+                idempotency_key,
+            };
+            let b = match c.create(&queue, &req).await {
+                Ok(b) => b,
+                Err(e) => return fail(e),
+            };
+            if !wait {
+                if server.json {
+                    print_build(&b, true);
+                } else {
+                    println!("{}", b.id);
+                }
+                return OK;
+            }
+            if !server.json {
+                eprintln!("triggered {} on queue {}", b.id, b.queue);
+            }
+            watch(&c, &b.id.to_string(), server.json).await
+        }
+        BuildCommand::Status { server, id } => {
+            let c = match client(&server) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match c.get(&id).await {
+                Ok(b) => {
+                    print_build(&b, server.json);
+                    OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+        BuildCommand::Cancel { server, id } => {
+            let c = match client(&server) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match c.cancel(&id).await {
+                Ok(b) => {
+                    if server.json {
+                        print_build(&b, true);
+                    } else {
+                        println!("cancel requested for {} (now {})", b.id, b.status);
+                    }
+                    OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+        BuildCommand::List {
+            server,
+            queue,
+            status,
+            limit,
+            cursor,
+        } => {
+            let c = match client(&server) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match c.list(queue.as_deref(), status.as_deref(), limit, cursor.as_deref()).await {
+                Ok(page) => {
+                    if server.json {
+                        for b in &page.builds {
+                            print_build(b, true);
+                        }
+                    } else {
+                        for b in &page.builds {
+                            println!("{}  {:<9}  {:<12}  {}", b.id, b.status.as_str(), b.queue, b.head.join(" "));
+                        }
+                        if let Some(next) = &page.next_cursor {
+                            println!("more: stitch build list --cursor {next}");
+                        }
+                    }
+                    OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+        BuildCommand::Watch { server, id } => {
+            let c = match client(&server) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            watch(&c, &id, server.json).await
+        }
+    }
+}
+
+/// Follows a build until it is terminal: a live line on a terminal, one line
+/// per status change otherwise (or one JSON record per change with `--json`).
+async fn watch(c: &Client, id: &str, json: bool) -> u8 {
+    let tty = std::io::stderr().is_terminal() && !json;
+    let started = Instant::now();
+    let mut last: Option<BuildStatus> = None;
+    let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut tick = 0usize;
+    loop {
+        let b = match c.get(id).await {
+            Ok(b) => b,
+            Err(e) => {
+                if tty {
+                    eprintln!();
+                }
+                return fail(e);
+            }
+        };
+        if last != Some(b.status) {
+            if json {
+                print_build(&b, true);
+            } else if tty {
+                eprint!("\r\x1b[2K");
+                eprintln!("[{:>5.1}s] {}", started.elapsed().as_secs_f64(), b.status);
+            } else {
+                println!("{} {}", b.id, b.status);
+            }
+            last = Some(b.status);
+        }
+        if b.status.is_terminal() {
+            if !json {
+                if let Some(url) = &b.url {
+                    println!("{url}");
+                }
+                if let Some(err) = b.metadata.get("error") {
+                    println!("error: {err}");
+                }
+            }
+            return if b.status == BuildStatus::Succeeded { OK } else { BUILD_FAILED };
+        }
+        if tty {
+            eprint!(
+                "\r\x1b[2K{} {} for {:.0}s",
+                spinner[tick % spinner.len()],
+                b.status,
+                started.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+            tick += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn dlq(cmd: DlqCommand) -> u8 {
+    let (args, topic) = match &cmd {
+        DlqCommand::List { config, topic, .. } | DlqCommand::Replay { config, topic, .. } => (config, topic),
+    };
+    let config = match config::load(&load_options(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}", config::render_problems(&e));
+            return USAGE;
+        }
+    };
+    let queue = match stitch_server::state::open_queue(&config).await {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("stitch: {e}");
+            return UNAVAILABLE;
+        }
+    };
+    let admin = queue.admin();
+    match cmd {
+        DlqCommand::List { json, .. } => match admin.dead_letters(topic, 0, 10_000).await {
+            Ok(dead) => {
+                for d in dead {
+                    if json {
+                        let v = serde_json::json!({
+                            "id": d.dlq_id, "topic": d.original_topic, "group": d.group,
+                            "message_id": d.message.id, "partition": d.message.partition_key,
+                            "attempts": d.attempts, "failure": d.failure.message,
+                            "detail": d.failure.detail, "failed_at": d.failed_at,
+                            "payload": String::from_utf8_lossy(&d.message.payload),
+                        });
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "{:>6}  {}  attempts={}  {}",
+                            d.dlq_id, d.message.id, d.attempts, d.failure.message
+                        );
+                    }
+                }
+                OK
+            }
+            Err(e) => {
+                eprintln!("stitch: {e}");
+                if matches!(e, stitch_mq::MqError::InvalidTopic(_)) { USAGE } else { UNAVAILABLE }
+            }
+        },
+        DlqCommand::Replay { id, .. } => {
+            let ids = match id {
+                Some(id) => vec![id],
+                None => match admin.dead_letters(topic, 0, 10_000).await {
+                    Ok(d) => d.into_iter().map(|d| d.dlq_id).collect(),
+                    Err(e) => {
+                        eprintln!("stitch: {e}");
+                        return UNAVAILABLE;
+                    }
+                },
+            };
+            for id in ids {
+                if let Err(e) = admin.replay_dead_letter(topic, id).await {
+                    eprintln!("stitch: {e}");
+                    return match e {
+                        stitch_mq::MqError::UnknownDeadLetter { .. } | stitch_mq::MqError::InvalidTopic(_) => USAGE,
+                        _ => UNAVAILABLE,
+                    };
+                }
+                println!("replayed {id}");
+            }
+            OK
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! `stitch`: run the service, drive builds, inspect the queue.
+//!
+//! Exit codes: 0 success; 1 the build failed or was cancelled (with `--wait`
+//! and `watch`); 2 usage or input error; 3 server unreachable or internal error.
+
+mod client;
+mod commands;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Drive builds on any CI through one contract.
+#[derive(Parser)]
+#[command(name = "stitch", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stitch service (HTTP API + stages) on embedded defaults or a config file.
+    Serve(ServeArgs),
+    /// Trigger, inspect, watch and cancel builds on a running server.
+    #[command(subcommand)]
+    Build(BuildCommand),
+    /// Inspect the internal message queue (dead letters) of a stitch database.
+    #[command(subcommand)]
+    Mq(MqCommand),
+    /// Check a configuration file and print every problem with its key.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Where the configuration comes from.
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Configuration file (TOML). Without it: embedded defaults + STITCH_* environment.
+    #[arg(long, short = 'c', env = "STITCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the SQLite database and runner state (wins over the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on (wins over the file), e.g. 127.0.0.1:7700.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+/// How the client reaches the server.
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// The stitch server's base URL.
+    #[arg(long, env = "STITCH_SERVER", default_value = "http://127.0.0.1:7700", global = true)]
+    server: String,
+    /// Bearer token for the API.
+    #[arg(long, env = "STITCH_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BuildCommand {
+    /// Create a build on a queue.
+    Trigger {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The build queue.
+        #[arg(long, short = 'q', default_value = "default")]
+        queue: String,
+        /// A change URI assumed good (repeatable, in order).
+        #[arg(long)]
+        base: Vec<String>,
+        /// A change URI under test (repeatable, in order; at least one).
+        #[arg(long, required = true)]
+        head: Vec<String>,
+        /// Caller metadata KEY=VALUE (repeatable).
+        #[arg(long = "meta", value_parser = parse_key_value)]
+        meta: Vec<(String, String)>,
+        /// Same key on the same queue returns the existing build.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the build is terminal, showing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one build.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Ask for a build to be cancelled.
+    Cancel {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// List builds, newest first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, short = 'q')]
+        queue: Option<String>,
+        /// unknown, accepted, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Continue from the `next cursor` a previous page printed.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Follow a build until it is terminal.
+    Watch {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MqCommand {
+    /// Dead letters of a topic (`trigger` or `signal`).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+        topic: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters again: one by id, or all of the topic.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArgs,
+        topic: String,
+        id: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load the configuration and report every problem (exit 2 if any).
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let code = runtime.block_on(commands::run(cli));
+    ExitCode::from(code)
+}

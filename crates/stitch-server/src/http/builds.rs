@@ -1,0 +1,186 @@
+//! `/v1/queues/{queue}/builds`, `/v1/builds`, `/v1/builds/{id}`,
+//! `/v1/builds/{id}/cancel`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use stitch_core::{BuildId, BuildStatus};
+use stitch_store::{Build, BuildFilter, Cursor};
+use utoipa::IntoParams;
+
+use super::error::ApiError;
+use super::extract::{non_empty, ApiJson, ApiQuery};
+use super::schema::{BuildList, BuildRecord, CreateBuildRequest, ErrorBody};
+use super::Ctx;
+use crate::service;
+
+/// Parses a build id from a path; an id that cannot exist is not found.
+pub(crate) fn parse_id(raw: &str) -> Result<BuildId, ApiError> {
+    raw.parse::<BuildId>()
+        .map_err(|_| ApiError::build_not_found(raw))
+}
+
+/// Create a build on a queue.
+///
+/// Validates the change set and metadata, then records the build and its
+/// trigger message in one transaction. The same `idempotency_key` on the
+/// same queue returns the existing build with 200 and creates nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/builds",
+    tag = "builds",
+    security(("bearer" = [])),
+    params(("queue" = String, Path, description = "A configured build queue")),
+    request_body = CreateBuildRequest,
+    responses(
+        (status = 202, description = "Build created (accepted)", body = BuildRecord),
+        (status = 200, description = "Idempotent replay: the build created earlier with this key", body = BuildRecord),
+        (status = 400, description = "`malformed_json` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_queue`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody)
+    )
+)]
+pub(crate) async fn create_build(
+    State(ctx): State<Ctx>,
+    Path(queue): Path<String>,
+    ApiJson(body): ApiJson<CreateBuildRequest>,
+) -> Result<(StatusCode, Json<Build>), ApiError> {
+    let (build, created) = service::create_build(&ctx.state, &queue, body.into()).await?;
+    let status = if created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(build)))
+}
+
+/// One build record.
+#[utoipa::path(
+    get,
+    path = "/v1/builds/{id}",
+    tag = "builds",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Build id (`b_…`)")),
+    responses(
+        (status = 200, description = "The build", body = BuildRecord),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`build_not_found`", body = ErrorBody)
+    )
+)]
+pub(crate) async fn get_build(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<Json<Build>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(service::get_build(&ctx.state, &id).await?))
+}
+
+/// Query parameters of `GET /v1/builds`. Empty values mean "not given".
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// Only builds of this queue.
+    queue: Option<String>,
+    /// Only builds with this status (`unknown`, `accepted`, `running`,
+    /// `succeeded`, `failed`, `cancelled`).
+    #[param(value_type = Option<super::schema::BuildStatus>)]
+    status: Option<String>,
+    /// Page size, 1–1000 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ListResponse {
+    builds: Vec<Build>,
+    next_cursor: Option<String>,
+}
+
+/// Builds, newest first, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/builds",
+    tag = "builds",
+    security(("bearer" = [])),
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of builds; `next_cursor` is null on the last page", body = BuildList),
+        (status = 400, description = "`invalid_request` (bad status, limit or cursor, unknown parameter)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody)
+    )
+)]
+pub(crate) async fn list_builds(
+    State(ctx): State<Ctx>,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let status = match non_empty(p.status) {
+        None => None,
+        Some(s) => Some(s.parse::<BuildStatus>().map_err(|_| {
+            ApiError::invalid(format!(
+                "invalid status {s:?}: expected one of unknown, accepted, running, succeeded, \
+                 failed, cancelled"
+            ))
+        })?),
+    };
+    let limit = match non_empty(p.limit) {
+        None => BuildFilter::DEFAULT_LIMIT,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n) if (1..=BuildFilter::MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "invalid limit {l:?}: expected an integer from 1 to {}",
+                    BuildFilter::MAX_LIMIT
+                )))
+            }
+        },
+    };
+    let cursor = match non_empty(p.cursor) {
+        None => None,
+        Some(c) => Some(
+            c.parse::<Cursor>()
+                .map_err(|_| ApiError::invalid(format!("invalid cursor {c:?}")))?,
+        ),
+    };
+    let filter = BuildFilter {
+        queue: non_empty(p.queue),
+        status,
+        limit,
+    };
+    let (builds, next) = service::list_builds(&ctx.state, &filter, cursor.as_ref()).await?;
+    Ok(Json(ListResponse {
+        builds,
+        next_cursor: next.map(|c| c.to_string()),
+    }))
+}
+
+/// Request cancellation.
+///
+/// Records the intent and wakes the build's poll loop; the signal stage
+/// cancels it at the provider and records `cancelled`. Idempotent; on a
+/// terminal build nothing changes and the record is returned as it is.
+#[utoipa::path(
+    post,
+    path = "/v1/builds/{id}/cancel",
+    tag = "builds",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Build id (`b_…`)")),
+    responses(
+        (status = 202, description = "Cancel recorded (or the build is already terminal); the build as it is now", body = BuildRecord),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`build_not_found`", body = ErrorBody)
+    )
+)]
+pub(crate) async fn cancel_build(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Build>), ApiError> {
+    let id = parse_id(&id)?;
+    let build = service::cancel_build(&ctx.state, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(build)))
+}

@@ -1,0 +1,169 @@
+//! API errors: `{"error":{"code":"<stable_snake_case>","message":"..."}}`
+//! with the matching HTTP status. Internal faults answer a generic message;
+//! their details go to the log only.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::service::ServiceError;
+
+/// An error answer of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable snake_case code.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// An error with an explicit status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 `build_not_found`.
+    pub fn build_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "build_not_found",
+            format!("build {id:?} not found"),
+        )
+    }
+
+    /// 500 `internal` with a generic message; `detail` is logged.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error answering an API request");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the details are in the server log",
+        )
+    }
+
+    /// 503 `unavailable`: a transient fault (database busy); retry later.
+    pub fn unavailable(detail: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %detail, "transient error answering an API request");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "temporarily unavailable; retry shortly",
+        )
+    }
+
+    /// The JSON body.
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&Body {
+            error: Detail {
+                code: self.code,
+                message: &self.message,
+            },
+        })
+        .unwrap_or_else(|_| r#"{"error":{"code":"internal","message":"internal error"}}"#.into())
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.body_json(),
+        )
+            .into_response();
+        match self.status {
+            StatusCode::UNAUTHORIZED => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="stitch""#),
+                );
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match &e {
+            ServiceError::UnknownQueue(_) => {
+                Self::new(StatusCode::NOT_FOUND, e.code(), e.to_string())
+            }
+            ServiceError::Invalid(_) | ServiceError::BadRequest(_) => {
+                Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+            }
+            ServiceError::NotFound(id) => Self::build_not_found(id.as_str()),
+            ServiceError::Store(se) if se.is_retryable() => Self::unavailable(&e),
+            ServiceError::Store(_) | ServiceError::Queue(_) => Self::internal(&e),
+        }
+    }
+}
+
+impl From<stitch_store::StoreError> for ApiError {
+    fn from(e: stitch_store::StoreError) -> Self {
+        ServiceError::from(e).into()
+    }
+}
+
+/// Fallback for unknown routes: 404 `not_found`.
+pub(crate) async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
+}
+
+/// Fallback for a known route with another method: 405 `method_not_allowed`.
+pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method {method} is not allowed on this route"),
+    )
+}

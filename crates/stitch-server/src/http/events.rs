@@ -1,0 +1,115 @@
+//! `GET /v1/events?after=SEQ`: the event log as SSE or WebSocket.
+
+use axum::extract::ws::{close_code, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::Event as SseEvent;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use futures::StreamExt;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::error::ApiError;
+use super::extract::ApiQuery;
+use super::schema::{ErrorBody, Event};
+use super::streams::{self, WsItem};
+use super::{Ctx, Shutdown};
+
+/// Query parameters of `GET /v1/events`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventParams {
+    /// Send events with `seq` greater than this (default 0: everything).
+    /// For SSE a `Last-Event-ID` header wins over it.
+    #[param(value_type = Option<u64>)]
+    after: Option<String>,
+}
+
+/// The event stream.
+///
+/// Without an upgrade: `text/event-stream`, one frame per event
+/// (`id: <seq>`, `event: build`, `data: <event JSON>`), a `: keepalive`
+/// comment every 15 s, resumable with `Last-Event-ID`. With
+/// `Upgrade: websocket`: one text frame per event (the event JSON), ping
+/// frames as keepalive, resumable with `?after=`. Events come in `seq`
+/// order without gaps or duplicates.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "streams",
+    security(("bearer" = [])),
+    params(
+        EventParams,
+        ("Last-Event-ID" = Option<String>, Header, description = "SSE resume: the last `seq` received")
+    ),
+    responses(
+        (status = 200, description = "SSE stream of events", content_type = "text/event-stream", body = Event),
+        (status = 101, description = "WebSocket: one text frame per event"),
+        (status = 400, description = "`invalid_request` (bad `after` or `Last-Event-ID`)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody)
+    )
+)]
+pub(crate) async fn events(
+    State(ctx): State<Ctx>,
+    ApiQuery(p): ApiQuery<EventParams>,
+    headers: HeaderMap,
+    shutdown: Option<Extension<Shutdown>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let mut after = streams::parse_position("after", p.after.as_deref())?;
+    if let Some(id) = streams::last_event_id(&headers)? {
+        after = id;
+    }
+    let shutdown = shutdown.map(|Extension(s)| s.0).unwrap_or_default();
+    let keepalive = ctx.options.keepalive;
+    let tail = streams::event_tail(ctx.state.clone(), after, ctx.options.recheck);
+
+    if streams::wants_websocket(&headers) {
+        let ws = ws.map_err(|r| ApiError::invalid(r.body_text()))?;
+        let guard = ctx.metrics.stream("events", "websocket");
+        let frames = tail
+            .map(|r| match r {
+                Ok(e) => match serde_json::to_string(&e) {
+                    Ok(json) => WsItem::Text(json),
+                    Err(err) => WsItem::Fail(format!("cannot encode event: {err}")),
+                },
+                Err(err) => {
+                    tracing::error!(error = %err, "event stream: reading the event log failed");
+                    WsItem::Fail("reading the event log failed; reconnect with ?after=".into())
+                }
+            })
+            .boxed();
+        return Ok(ws.on_upgrade(move |socket| {
+            streams::pump_websocket(
+                socket,
+                frames,
+                keepalive,
+                shutdown,
+                (close_code::NORMAL, "event stream ended"),
+                guard,
+            )
+        }));
+    }
+
+    let guard = ctx.metrics.stream("events", "sse");
+    let frames = tail
+        .take_while(|r| {
+            if let Err(err) = r {
+                tracing::error!(error = %err, "event stream: reading the event log failed");
+            }
+            std::future::ready(r.is_ok())
+        })
+        .filter_map(|r| {
+            std::future::ready(r.ok().and_then(|e| {
+                let json = serde_json::to_string(&e).ok()?;
+                Some(
+                    SseEvent::default()
+                        .id(e.seq.to_string())
+                        .event("build")
+                        .data(json),
+                )
+            }))
+        });
+    Ok(streams::sse_response(frames, keepalive, shutdown, guard).into_response())
+}

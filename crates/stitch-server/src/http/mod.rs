@@ -1,0 +1,189 @@
+//! The HTTP API (DESIGN §6): builds, the event stream, log streams, health,
+//! metrics and the OpenAPI document.
+//!
+//! - [`router`] wires every route onto an [`AppState`]; [`router_with`]
+//!   takes [`HttpOptions`] (keepalive cadence) for tests and tuning.
+//! - [`serve`] runs a router on a listener until a shutdown future
+//!   resolves, then ends open streams and drains connections.
+//! - [`check_bind`] refuses a non-loopback address when no API token is
+//!   configured; [`api_tokens`] reads the configured tokens from the
+//!   environment.
+//!
+//! Handlers only validate, call [`crate::service`], and shape answers; they
+//! never move a build's status themselves (DESIGN §2). Every error answers
+//! `{"error":{"code","message"}}` (see [`error`]). `docs/api.md` is the
+//! user-facing description.
+
+mod auth;
+mod builds;
+pub mod error;
+mod events;
+mod extract;
+mod logs;
+mod metrics;
+mod ops;
+pub mod schema;
+mod streams;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use crate::config::ApiConfig;
+use crate::state::AppState;
+
+pub use error::ApiError;
+
+/// Default interval between keepalives on idle streams: SSE comment lines
+/// and WebSocket pings.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Tunables of the HTTP layer that are not part of the configuration file.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Interval between keepalives on streams (SSE comment, WebSocket ping).
+    pub keepalive: Duration,
+    /// How often an event or log stream that is caught up re-reads the
+    /// database even without a wake-up (writers in other processes).
+    pub recheck: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            keepalive: DEFAULT_KEEPALIVE,
+            recheck: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What every handler shares: the service state plus HTTP-only parts.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub(crate) state: AppState,
+    pub(crate) options: Arc<HttpOptions>,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) openapi: Arc<String>,
+}
+
+/// Set by [`serve`] on every request: cancelled when the server shuts down,
+/// so long-lived streams end and the drain can finish.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Shutdown(pub(crate) CancellationToken);
+
+/// The API router with default [`HttpOptions`]. `tokens` are the accepted
+/// bearer tokens; empty means no authentication (bind loopback only, see
+/// [`check_bind`]).
+pub fn router(state: AppState, tokens: Vec<String>) -> Router {
+    router_with(state, tokens, HttpOptions::default())
+}
+
+/// The API router with explicit [`HttpOptions`].
+pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -> Router {
+    let max_body = state.config().api.max_body_bytes;
+    let openapi = schema::ApiDoc::openapi()
+        .to_json()
+        .unwrap_or_else(|_| "{}".to_string());
+    let ctx = Ctx {
+        state,
+        options: Arc::new(options),
+        metrics: metrics::Metrics::install(),
+        openapi: Arc::new(openapi),
+    };
+    let auth = auth::Auth::new(tokens);
+    Router::new()
+        .route("/v1/queues/{queue}/builds", post(builds::create_build))
+        .route("/v1/builds", get(builds::list_builds))
+        .route("/v1/builds/{id}", get(builds::get_build))
+        .route("/v1/builds/{id}/cancel", post(builds::cancel_build))
+        .route("/v1/builds/{id}/logs", get(logs::build_logs))
+        .route("/v1/events", get(events::events))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.metrics.clone(),
+            metrics::track,
+        ))
+        .with_state(ctx)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then ends open
+/// event and log streams (SSE streams end, WebSockets get close 1001) and
+/// waits for in-flight requests to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let token = CancellationToken::new();
+    let app = router.layer(Extension(Shutdown(token.clone())));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            token.cancel();
+        })
+        .await
+}
+
+/// Refuses to listen on a non-loopback address when no API token is
+/// configured (DESIGN §6): an unauthenticated API must not be reachable
+/// from other machines.
+pub fn check_bind(addr: SocketAddr, tokens_configured: bool) -> Result<(), String> {
+    if tokens_configured || is_loopback(addr) {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to listen on {addr}: no API tokens are configured, so only loopback addresses \
+         (127.0.0.0/8, ::1) are allowed; set api.tokens_env to environment variables holding \
+         bearer tokens, or listen on 127.0.0.1"
+    ))
+}
+
+fn is_loopback(addr: SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Reads the bearer tokens named by `api.tokens_env`. A named variable that
+/// is unset or empty is an error: silently dropping it could leave the API
+/// open when the operator meant to protect it.
+pub fn api_tokens(api: &ApiConfig) -> Result<Vec<String>, String> {
+    api_tokens_from(api, |name| std::env::var(name).ok())
+}
+
+/// [`api_tokens`] with an injected environment lookup.
+pub fn api_tokens_from(
+    api: &ApiConfig,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, String> {
+    api.tokens_env
+        .iter()
+        .map(|name| match lookup(name) {
+            Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            Some(_) => Err(format!(
+                "api.tokens_env: environment variable {name} is empty"
+            )),
+            None => Err(format!(
+                "api.tokens_env: environment variable {name} is not set"
+            )),
+        })
+        .collect()
+}

@@ -1,0 +1,186 @@
+//! The build operations the HTTP API (and tests) call: validate, persist
+//! intent and publish in one transaction, wake the stages, return. The
+//! stages are the only writers of status transitions (DESIGN §2).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use stitch_core::{BuildId, BuildMetadata, ChangeSet, ValidationError};
+use stitch_mq::sqlite::SqliteDriver;
+use stitch_mq::{now_millis, Message, MqError};
+use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreError};
+
+use crate::state::{topics, AppState};
+
+/// A request to create a build (`POST /v1/queues/{queue}/builds`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBuild {
+    /// Change URIs assumed good, in order.
+    #[serde(default)]
+    pub base: Vec<String>,
+    /// Change URIs under test, in order (at least one).
+    pub head: Vec<String>,
+    /// Caller metadata, echoed back.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Same key on the same queue returns the existing build.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// The payload of `trigger` and `signal` messages.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct BuildMessage {
+    pub build_id: BuildId,
+    pub queue: String,
+}
+
+/// Why a build operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("unknown queue {0:?}")]
+    UnknownQueue(String),
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("build {0} not found")]
+    NotFound(BuildId),
+    #[error("store: {0}")]
+    Store(StoreError),
+    #[error("queue: {0}")]
+    Queue(#[from] MqError),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => ServiceError::NotFound(id),
+            StoreError::InvalidInput(m) => ServiceError::BadRequest(m),
+            other => ServiceError::Store(other),
+        }
+    }
+}
+
+impl ServiceError {
+    /// Stable snake_case code for the HTTP error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceError::UnknownQueue(_) => "unknown_queue",
+            ServiceError::Invalid(_) | ServiceError::BadRequest(_) => "invalid_request",
+            ServiceError::NotFound(_) => "build_not_found",
+            ServiceError::Store(_) | ServiceError::Queue(_) => "internal",
+        }
+    }
+}
+
+fn trigger_message(id: &BuildId, queue: &str) -> Result<Message, ServiceError> {
+    let payload = serde_json::to_vec(&BuildMessage {
+        build_id: id.clone(),
+        queue: queue.to_string(),
+    })
+    .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+    Ok(Message::new(
+        format!("{id}/trigger"),
+        id.to_string(),
+        payload,
+    ))
+}
+
+/// The message that starts (or continues) a build's poll loop. Its id is
+/// per build, so republishing it while the chain is alive is absorbed.
+pub fn signal_message(id: &BuildId, queue: &str) -> Message {
+    let payload = serde_json::to_vec(&BuildMessage {
+        build_id: id.clone(),
+        queue: queue.to_string(),
+    })
+    .unwrap_or_default();
+    Message::new(format!("{id}/signal"), id.to_string(), payload)
+}
+
+/// Creates a build on `queue`: validates, then inserts the build and
+/// publishes its `trigger` message in one transaction. Returns the build and
+/// whether it was created (false: the idempotency key matched an existing one).
+pub async fn create_build(
+    state: &AppState,
+    queue: &str,
+    req: CreateBuild,
+) -> Result<(Build, bool), ServiceError> {
+    let runtime = state
+        .build_queue(queue)
+        .ok_or_else(|| ServiceError::UnknownQueue(queue.to_string()))?;
+    ChangeSet::new(req.base.clone(), req.head.clone()).validate()?;
+    BuildMetadata::from(req.metadata.clone()).validate()?;
+    if let Some(key) = &req.idempotency_key {
+        if key.is_empty() || key.len() > 256 || key.chars().any(char::is_control) {
+            return Err(ServiceError::BadRequest(
+                "idempotency_key must be 1-256 printable characters".into(),
+            ));
+        }
+    }
+    let id = BuildId::new();
+    let msgs = state.queue().publisher().prepare(
+        topics::TRIGGER,
+        vec![trigger_message(&id, queue)?],
+        None,
+    )?;
+    let mut tx = state.store().begin().await?;
+    let outcome = tx
+        .create_build(NewBuild {
+            id: id.clone(),
+            queue: queue.to_string(),
+            runner: runtime.runner_name.to_string(),
+            base: req.base,
+            head: req.head,
+            metadata: req.metadata,
+            idempotency_key: req.idempotency_key,
+        })
+        .await?;
+    match outcome {
+        CreateOutcome::Created(build) => {
+            SqliteDriver::publish_in_tx(tx.conn(), topics::TRIGGER, &msgs, now_millis()).await?;
+            tx.commit().await?;
+            state.queue().publisher().notify_published(topics::TRIGGER);
+            if let Ok(seq) = state.store().latest_seq().await {
+                state.events_committed(seq);
+            }
+            Ok((build, true))
+        }
+        CreateOutcome::Existing(build) => {
+            tx.rollback().await?;
+            Ok((build, false))
+        }
+    }
+}
+
+/// One build.
+pub async fn get_build(state: &AppState, id: &BuildId) -> Result<Build, ServiceError> {
+    Ok(state.store().get_build(id).await?)
+}
+
+/// A page of builds, newest first, and the cursor of the next page.
+pub async fn list_builds(
+    state: &AppState,
+    filter: &BuildFilter,
+    cursor: Option<&Cursor>,
+) -> Result<(Vec<Build>, Option<Cursor>), ServiceError> {
+    Ok(state.store().list_builds(filter, cursor).await?)
+}
+
+/// Records the intent to cancel and wakes the build's poll loop; the signal
+/// stage issues and confirms the cancel. Cancelling a terminal build changes
+/// nothing.
+pub async fn cancel_build(state: &AppState, id: &BuildId) -> Result<Build, ServiceError> {
+    let build = state.store().get_build(id).await?;
+    if build.status.is_terminal() {
+        return Ok(build);
+    }
+    let outcome = state.store().request_cancel(id).await?;
+    state
+        .queue()
+        .admin()
+        .wake(topics::SIGNAL, id.as_str())
+        .await?;
+    Ok(outcome.build)
+}

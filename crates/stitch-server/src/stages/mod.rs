@@ -1,0 +1,124 @@
+//! The two stages that move builds: `trigger` creates the provider's build,
+//! `signal` polls it until it is terminal (DESIGN §4).
+
+mod signal;
+mod trigger;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stitch_core::{BuildHandle, BuildId, RunnerRef};
+use stitch_mq::{Delivery, SubscriptionConfig};
+use stitch_store::Build;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use signal::SignalStage;
+pub use trigger::TriggerStage;
+
+use crate::consumer::{run_stage, RetryBudget, Stage, StageError};
+use crate::service::BuildMessage;
+use crate::state::AppState;
+
+/// Starts both stages; they stop (finishing in-flight work) on `shutdown`.
+pub fn start(state: &AppState, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {
+    let stages: Vec<Arc<dyn Stage>> = vec![
+        Arc::new(TriggerStage::new(state.clone())),
+        Arc::new(SignalStage::new(state.clone())),
+    ];
+    stages
+        .into_iter()
+        .map(|stage| {
+            let queue = state.queue().clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let name = stage.name();
+                if let Err(e) = run_stage(stage, queue, shutdown).await {
+                    tracing::error!(stage = name, error = %e, "stage stopped");
+                }
+            })
+        })
+        .collect()
+}
+
+/// Subscription shared by the stages: one message of a build in flight at a
+/// time (`batch_size = 1`), and a high redelivery backstop because each stage
+/// applies its queue's own retry budget.
+fn subscription(group: &str) -> SubscriptionConfig {
+    let mut cfg = SubscriptionConfig::new(group);
+    cfg.batch_size = 1;
+    cfg.max_in_flight = 512;
+    cfg.visibility_timeout = Duration::from_secs(300);
+    cfg.retry.max_attempts = 1000;
+    cfg
+}
+
+fn parse(delivery: &Delivery) -> Result<BuildMessage, StageError> {
+    serde_json::from_slice(delivery.payload()).map_err(|e| {
+        StageError::permanent(format!(
+            "malformed {} message {:?}: {e}",
+            delivery.topic(),
+            delivery.id()
+        ))
+    })
+}
+
+fn budget_for(state: &AppState, delivery: &Delivery) -> RetryBudget {
+    let cfg = parse(delivery)
+        .ok()
+        .and_then(|m| state.build_queue(&m.queue).map(|q| q.config.retry.clone()))
+        .unwrap_or_default();
+    RetryBudget {
+        max_attempts: cfg.max_attempts.clamp(1, 900),
+        initial: cfg.initial,
+        max: cfg.max,
+    }
+}
+
+fn handle_of(build: &Build) -> Result<BuildHandle, StageError> {
+    let mut handle = BuildHandle::new(build.id.clone(), build.queue.clone());
+    if let Some(raw) = &build.runner_ref {
+        let r: RunnerRef = serde_json::from_value(raw.clone()).map_err(|e| {
+            StageError::permanent(format!(
+                "stored runner ref of {} is unreadable: {e}",
+                build.id
+            ))
+        })?;
+        handle = handle.with_ref(r);
+    }
+    Ok(handle)
+}
+
+/// Fails a build that a stage gave up on (fail closed: never "accepted
+/// forever"). Terminal builds are left as they are.
+async fn fail_build(state: &AppState, id: &BuildId, reason: &str) -> Result<(), StageError> {
+    let build = match state.store().get_build(id).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if build.status.is_terminal() {
+        return Ok(());
+    }
+    let mut meta = stitch_store::Metadata::new();
+    meta.insert("error".into(), reason.to_string());
+    match state
+        .store()
+        .record_status(
+            id,
+            None,
+            stitch_core::BuildStatus::Failed,
+            &meta,
+            Some(reason),
+        )
+        .await
+    {
+        Ok(Some(ev)) => {
+            state.events_committed(ev.seq);
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,183 @@
+//! The signal stage: the poll loop. One partition per build; each delivery
+//! asks the runner for the status, records a change with its event, issues
+//! a requested cancel (level-triggered), enforces the queue's deadlines and
+//! holds the message for the status's poll delay until the build is terminal.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use stitch_core::{BuildStatus, RunnerError, StatusReport};
+use stitch_mq::{Delivery, SubscriptionConfig};
+use stitch_store::Build;
+
+use super::{budget_for, fail_build, handle_of, parse, subscription};
+use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
+use crate::state::{poll_delay, topics, AppState, QueueRuntime};
+
+/// While a cancel is pending, poll this often to confirm it.
+const CANCEL_CONFIRM_POLL: Duration = Duration::from_millis(500);
+
+/// Consumer of `signal`.
+pub struct SignalStage {
+    state: AppState,
+}
+
+impl SignalStage {
+    /// The stage over the service's state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    async fn record(
+        &self,
+        build: &Build,
+        report: &StatusReport,
+        reason: Option<&str>,
+    ) -> Result<(), StageError> {
+        match self
+            .state
+            .store()
+            .record_status(
+                &build.id,
+                None,
+                report.status,
+                report.metadata.as_map(),
+                reason,
+            )
+            .await
+        {
+            Ok(Some(ev)) => {
+                self.state.events_committed(ev.seq);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            // Someone else made it terminal first (a deadline, a cancel): fine.
+            Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Cancels at the provider (best effort) and fails the build with `reason`.
+    async fn expire(
+        &self,
+        runtime: &QueueRuntime,
+        build: &Build,
+        reason: String,
+    ) -> Result<StageOutcome, StageError> {
+        let handle = handle_of(build)?;
+        if let Err(e) = runtime.runner.cancel(&handle).await {
+            tracing::warn!(build = %build.id, error = %e, "cancel after a deadline failed; failing the build anyway");
+        }
+        fail_build(&self.state, &build.id, &reason).await?;
+        Ok(StageOutcome::Done)
+    }
+}
+
+fn deadline_reason(runtime: &QueueRuntime, build: &Build) -> Option<String> {
+    let age = (Utc::now() - build.created_at).to_std().unwrap_or_default();
+    let cfg = &runtime.config;
+    if let Some(limit) = cfg.accepted_timeout {
+        if matches!(build.status, BuildStatus::Accepted | BuildStatus::Unknown) && age > limit {
+            return Some(format!(
+                "still {} after {} (accepted_timeout)",
+                build.status,
+                humantime_serde::re::humantime::format_duration(limit)
+            ));
+        }
+    }
+    if let Some(limit) = cfg.max_duration {
+        if age > limit {
+            return Some(format!(
+                "not finished after {} (max_duration)",
+                humantime_serde::re::humantime::format_duration(limit)
+            ));
+        }
+    }
+    None
+}
+
+#[async_trait]
+impl Stage for SignalStage {
+    fn name(&self) -> &'static str {
+        "signal"
+    }
+
+    fn topic(&self) -> &'static str {
+        topics::SIGNAL
+    }
+
+    fn subscription(&self) -> SubscriptionConfig {
+        subscription("signal-stage")
+    }
+
+    fn budget(&self, delivery: &Delivery) -> RetryBudget {
+        budget_for(&self.state, delivery)
+    }
+
+    async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
+        let msg = parse(delivery)?;
+        let build = match self.state.store().get_build(&msg.build_id).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(StageError::permanent(format!(
+                    "build {} does not exist",
+                    msg.build_id
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if build.status.is_terminal() {
+            return Ok(StageOutcome::Done);
+        }
+        let runtime = self.state.build_queue(&build.queue).ok_or_else(|| {
+            StageError::permanent(format!("queue {:?} is no longer configured", build.queue))
+        })?;
+        if let Some(reason) = deadline_reason(runtime, &build) {
+            return self.expire(runtime, &build, reason).await;
+        }
+        let handle = handle_of(&build)?;
+        let report = match runtime.runner.status(&handle).await {
+            Ok(r) => r,
+            Err(RunnerError::NotFound(what)) => {
+                return Err(StageError::permanent(format!(
+                    "the runner no longer knows this build: {what}"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Level-triggered cancel: re-issued on every poll until terminal.
+        let cancelling = build.cancel_requested && !report.status.is_terminal();
+        if cancelling {
+            if let Err(e) = runtime.runner.cancel(&handle).await {
+                tracing::warn!(build = %build.id, error = %e, "cancel failed; the next poll retries");
+            }
+        }
+        let reason = (build.cancel_requested && report.status == BuildStatus::Cancelled)
+            .then_some("cancel requested");
+        self.record(&build, &report, reason).await?;
+        if report.status.is_terminal() {
+            return Ok(StageOutcome::Done);
+        }
+        let delay = if cancelling {
+            CANCEL_CONFIRM_POLL
+        } else {
+            poll_delay(&runtime.config, report.status)
+        };
+        Ok(StageOutcome::Hold(delay))
+    }
+
+    async fn give_up(&self, delivery: &Delivery, reason: &str) -> Result<(), StageError> {
+        match parse(delivery) {
+            Ok(msg) => {
+                fail_build(
+                    &self.state,
+                    &msg.build_id,
+                    &format!("status polling failed: {reason}"),
+                )
+                .await
+            }
+            Err(_) => Ok(()),
+        }
+    }
+}

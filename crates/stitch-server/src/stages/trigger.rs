@@ -1,0 +1,127 @@
+//! The trigger stage: one message per build; creates the provider's build
+//! and hands the build to the signal stage.
+
+use async_trait::async_trait;
+use stitch_core::{BuildMetadata, BuildStatus, ChangeSet, TriggerRequest};
+use stitch_mq::sqlite::SqliteDriver;
+use stitch_mq::{now_millis, Delivery, SubscriptionConfig};
+
+use super::{budget_for, fail_build, parse, subscription};
+use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
+use crate::service::signal_message;
+use crate::state::{topics, AppState};
+
+/// Consumer of `trigger`.
+pub struct TriggerStage {
+    state: AppState,
+}
+
+impl TriggerStage {
+    /// The stage over the service's state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+#[async_trait]
+impl Stage for TriggerStage {
+    fn name(&self) -> &'static str {
+        "trigger"
+    }
+
+    fn topic(&self) -> &'static str {
+        topics::TRIGGER
+    }
+
+    fn subscription(&self) -> SubscriptionConfig {
+        subscription("trigger-stage")
+    }
+
+    fn budget(&self, delivery: &Delivery) -> RetryBudget {
+        budget_for(&self.state, delivery)
+    }
+
+    async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
+        let msg = parse(delivery)?;
+        let store = self.state.store();
+        let build = match store.get_build(&msg.build_id).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(StageError::permanent(format!(
+                    "build {} does not exist",
+                    msg.build_id
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if build.status.is_terminal() {
+            return Ok(StageOutcome::Done);
+        }
+        if build.cancel_requested && build.runner_ref.is_none() {
+            // The provider never saw it: nothing to cancel there.
+            let reason = "cancelled before the build was triggered";
+            if let Some(ev) = store
+                .record_status(
+                    &build.id,
+                    None,
+                    BuildStatus::Cancelled,
+                    &Default::default(),
+                    Some(reason),
+                )
+                .await?
+            {
+                self.state.events_committed(ev.seq);
+            }
+            return Ok(StageOutcome::Done);
+        }
+        let runtime = self.state.build_queue(&build.queue).ok_or_else(|| {
+            StageError::permanent(format!("queue {:?} is no longer configured", build.queue))
+        })?;
+        let runner_ref = match &build.runner_ref {
+            // Triggered before a crash; only the hand-off may be missing.
+            Some(raw) => raw.clone(),
+            None => {
+                // A redelivery calls trigger again: the runner contract makes a
+                // trigger for a build id it already created return that build.
+                let req = TriggerRequest::new(
+                    build.id.clone(),
+                    build.queue.clone(),
+                    ChangeSet::new(build.base.clone(), build.head.clone()),
+                )
+                .with_metadata(BuildMetadata::from(build.caller_metadata.clone()));
+                let r = runtime.runner.trigger(&req).await?;
+                serde_json::to_value(&r)
+                    .map_err(|e| StageError::permanent(format!("runner ref: {e}")))?
+            }
+        };
+        // Record the ref and start the poll loop in one transaction.
+        let msgs = self.state.queue().publisher().prepare(
+            topics::SIGNAL,
+            vec![signal_message(&build.id, &build.queue)],
+            None,
+        )?;
+        let mut tx = store.begin().await?;
+        tx.set_runner_ref(&build.id, &runner_ref).await?;
+        SqliteDriver::publish_in_tx(tx.conn(), topics::SIGNAL, &msgs, now_millis()).await?;
+        tx.commit().await?;
+        self.state
+            .queue()
+            .publisher()
+            .notify_published(topics::SIGNAL);
+        Ok(StageOutcome::Done)
+    }
+
+    async fn give_up(&self, delivery: &Delivery, reason: &str) -> Result<(), StageError> {
+        match parse(delivery) {
+            Ok(msg) => {
+                fail_build(
+                    &self.state,
+                    &msg.build_id,
+                    &format!("trigger failed: {reason}"),
+                )
+                .await
+            }
+            Err(_) => Ok(()), // nothing identifiable to fail
+        }
+    }
+}

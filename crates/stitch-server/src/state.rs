@@ -1,0 +1,219 @@
+//! What a running `stitch serve` holds: the store, the queue, the runners of
+//! each build queue, and the notifier that wakes event streams.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stitch_core::BuildRunner;
+use stitch_mq::sqlite::SqliteDriver;
+use stitch_mq::{Queue, QueueConfig as MqQueueConfig};
+use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner};
+use stitch_store::Store;
+use tokio::sync::watch;
+
+use crate::config::{Config, QueueConfig, RunnerName};
+
+/// Message-queue topics the stages consume.
+pub mod topics {
+    /// One message per build: create the provider's build.
+    pub const TRIGGER: &str = "trigger";
+    /// One partition per build: the poll loop.
+    pub const SIGNAL: &str = "signal";
+}
+
+/// One configured build queue with its runner.
+pub struct QueueRuntime {
+    /// Queue name.
+    pub name: String,
+    /// Runner kind name stored on builds (`fake`, `local`, …).
+    pub runner_name: &'static str,
+    /// The runner.
+    pub runner: Arc<dyn BuildRunner>,
+    /// The queue's settings (poll cadence, deadlines, retry budget).
+    pub config: QueueConfig,
+}
+
+/// Shared state of the service. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    store: Store,
+    queue: Queue,
+    queues: BTreeMap<String, QueueRuntime>,
+    events: watch::Sender<u64>,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("storage url {0:?} is not supported (use sqlite://PATH)")]
+    StorageUrl(String),
+    #[error("opening the database: {0}")]
+    Store(#[from] stitch_store::StoreError),
+    #[error("opening the message queue: {0}")]
+    Queue(#[from] stitch_mq::MqError),
+    #[error("queue {queue}: {message}")]
+    Runner { queue: String, message: String },
+}
+
+/// The SQLite file a configuration points at.
+pub fn database_path(config: &Config) -> Result<std::path::PathBuf, StartError> {
+    match &config.storage.url {
+        None => Ok(config.data_dir.join("stitch.db")),
+        Some(url) => match url.strip_prefix("sqlite://") {
+            Some(p) if !p.is_empty() => Ok(Path::new(p).to_path_buf()),
+            _ => Err(StartError::StorageUrl(url.clone())),
+        },
+    }
+}
+
+/// Opens only the message queue of a configuration's database (for the
+/// `stitch mq` commands, beside a running server).
+pub async fn open_queue(config: &Config) -> Result<Queue, StartError> {
+    let pool = stitch_mq::sqlite::open_pool(&database_path(config)?).await?;
+    let driver = SqliteDriver::from_pool(pool).await?;
+    Ok(Queue::new(
+        Arc::new(driver),
+        MqQueueConfig {
+            gc_interval: None,
+            ..MqQueueConfig::default()
+        },
+    ))
+}
+
+impl AppState {
+    /// Opens the database (creating it), the queue and every queue's runner.
+    pub async fn open(config: Config) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let db_path = database_path(&config)?;
+        let pool = stitch_mq::sqlite::open_pool(&db_path).await?;
+        let store = Store::from_pool(pool.clone()).await?;
+        let driver = SqliteDriver::from_pool(pool).await?;
+        let queue = Queue::new(Arc::new(driver), MqQueueConfig::default());
+        let mut queues = BTreeMap::new();
+        for (name, qc) in &config.queues {
+            let runtime = build_runtime(&config, name, qc)?;
+            queues.insert(name.clone(), runtime);
+        }
+        let latest = store.latest_seq().await?;
+        let (events, _) = watch::channel(latest);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                queue,
+                queues,
+                events,
+            }),
+        })
+    }
+
+    /// The configuration the service runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The build store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The message queue.
+    pub fn queue(&self) -> &Queue {
+        &self.inner.queue
+    }
+
+    /// A configured build queue.
+    pub fn build_queue(&self, name: &str) -> Option<&QueueRuntime> {
+        self.inner.queues.get(name)
+    }
+
+    /// Every configured build queue.
+    pub fn build_queues(&self) -> impl Iterator<Item = &QueueRuntime> {
+        self.inner.queues.values()
+    }
+
+    /// Latest committed event sequence; changes wake event streams.
+    pub fn event_seq(&self) -> watch::Receiver<u64> {
+        self.inner.events.subscribe()
+    }
+
+    /// Tells event streams that events up to `seq` are committed.
+    pub fn events_committed(&self, seq: u64) {
+        self.inner.events.send_if_modified(|cur| {
+            if seq > *cur {
+                *cur = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+fn build_runtime(
+    config: &Config,
+    name: &str,
+    qc: &QueueConfig,
+) -> Result<QueueRuntime, StartError> {
+    let err = |message: String| StartError::Runner {
+        queue: name.to_string(),
+        message,
+    };
+    let runner: Arc<dyn BuildRunner> = match qc.runner {
+        RunnerName::Noop => Arc::new(NoopRunner::new()),
+        RunnerName::Fake => {
+            let f = qc.fake.clone().unwrap_or_default();
+            let fake = FakeConfig {
+                accept_delay: f.accept_delay,
+                run_duration: f.run_duration,
+                slow_factor: f.slow_factor,
+                cancel_dir: Some(config.data_dir.join("fake-cancels").join(name)),
+            };
+            Arc::new(FakeRunner::new(fake).map_err(|e| err(e.to_string()))?)
+        }
+        RunnerName::Local => {
+            let l = qc.local.clone().ok_or_else(|| {
+                err("runner \"local\" needs a [queues.NAME.local] table with `command`".into())
+            })?;
+            let mut lc = LocalConfig::new(l.command, config.data_dir.join("local").join(name));
+            lc.workdir = l.workdir;
+            lc.cancel_grace = l.cancel_grace;
+            lc.env = l.env;
+            lc.concurrency = qc.concurrency.unwrap_or(1).max(1) as usize;
+            Arc::new(LocalRunner::new(lc).map_err(|e| err(e.to_string()))?)
+        }
+    };
+    Ok(QueueRuntime {
+        name: name.to_string(),
+        runner_name: match qc.runner {
+            RunnerName::Noop => "noop",
+            RunnerName::Fake => "fake",
+            RunnerName::Local => "local",
+        },
+        runner,
+        config: qc.clone(),
+    })
+}
+
+/// Poll delay for a status (unknown polls like accepted).
+pub fn poll_delay(config: &QueueConfig, status: stitch_core::BuildStatus) -> Duration {
+    match status {
+        stitch_core::BuildStatus::Running => config.poll.running,
+        _ => config.poll.accepted,
+    }
+}

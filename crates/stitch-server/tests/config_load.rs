@@ -1,0 +1,969 @@
+//! `config::load`: layering (defaults → file → `STITCH_*` → CLI), error
+//! collection with key paths, and every validation rule. Real TOML files in
+//! temporary directories; the environment is passed in, never mutated.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stitch_server::config::{
+    api_tokens, load, render_problems, ApiConfig, Config, ConfigError, FakeSection, LoadOptions,
+    LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName, StorageConfig,
+};
+use tempfile::TempDir;
+
+/// A configuration source: an optional file, an environment, CLI flags.
+struct Setup {
+    _dir: TempDir,
+    opts: LoadOptions,
+}
+
+fn setup(toml: Option<&str>, env: &[(&str, &str)]) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = toml.map(|text| {
+        let path = dir.path().join("stitch.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    });
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Setup {
+        _dir: dir,
+        opts: LoadOptions {
+            file,
+            env: Some(env),
+            ..LoadOptions::default()
+        },
+    }
+}
+
+impl Setup {
+    fn load(&self) -> Result<Config, ConfigError> {
+        load(&self.opts)
+    }
+
+    fn ok(&self) -> Config {
+        self.load()
+            .unwrap_or_else(|e| panic!("unexpected problems:\n{}", render_problems(&e)))
+    }
+
+    fn problems(&self) -> Vec<(String, String)> {
+        match self.load() {
+            Ok(c) => panic!("expected problems, got {c:#?}"),
+            Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
+        }
+    }
+}
+
+fn ok(toml: &str, env: &[(&str, &str)]) -> Config {
+    setup(Some(toml), env).ok()
+}
+
+fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<(String, String)> {
+    setup(Some(toml), env).problems()
+}
+
+/// Asserts a problem at exactly `key` whose message contains `fragment`.
+#[track_caller]
+fn assert_problem(problems: &[(String, String)], key: &str, fragment: &str) {
+    assert!(
+        problems
+            .iter()
+            .any(|(k, m)| k == key && m.contains(fragment)),
+        "no problem `{key}: …{fragment}…` in {problems:#?}"
+    );
+}
+
+/// Asserts there is exactly one problem, at `key`, containing `fragment`.
+#[track_caller]
+fn assert_only_problem(problems: &[(String, String)], key: &str, fragment: &str) {
+    assert_eq!(problems.len(), 1, "expected one problem, got {problems:#?}");
+    assert_problem(problems, key, fragment);
+}
+
+const LOCAL_CI: &str = r#"
+[queues.ci]
+runner = "local"
+[queues.ci.local]
+command = "make test"
+"#;
+
+// ---------------------------------------------------------------------------
+// Defaults and layering
+
+#[test]
+fn defaults_without_file_or_env() {
+    let config = setup(None, &[]).ok();
+    assert_eq!(config, Config::default());
+    assert_eq!(
+        config.listen,
+        "127.0.0.1:7700".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(config.data_dir, PathBuf::from("./stitch-data"));
+    assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["default"]);
+    assert_eq!(config.queues["default"].runner, RunnerName::Fake);
+}
+
+#[test]
+fn unrelated_stitch_env_vars_are_ignored() {
+    let config = setup(
+        None,
+        &[
+            ("STITCH_SERVER", "http://ci.example.com:7700"),
+            ("STITCH_TOKEN", "client-secret"),
+            ("STITCH_API_TOKEN", "server-secret"),
+            ("STITCH_CONFIG", "/etc/stitch.toml"),
+            ("STITCH_LOG", "debug"),
+            ("STITCH_BUILD_ID", "01J0000000000000000000000"),
+            ("STITCH_QUEUE", "ci"),
+            ("STITCH_BASE", "[]"),
+            ("STITCH_HEAD", "[\"https://example.com/change/1\"]"),
+            ("STITCH_METADATA", "{}"),
+            ("STITCH_JOB_ID", "7"),
+            ("STITCH_JOB_TOKEN", "job-secret"),
+            ("STITCH_TEST_DATABASE_URL", "postgres://u:p@localhost/db"),
+            ("STITCH_REQUIRE_DATABASES", "1"),
+            ("STITCH_LISTEN_ADDR", "0.0.0.0:1"),
+            ("PATH", "/usr/bin"),
+        ],
+    )
+    .ok();
+    assert_eq!(config, Config::default());
+}
+
+#[test]
+fn full_file_round_trip() {
+    let text = r#"
+listen = "127.0.0.1:7701"
+data_dir = "./my-data"
+
+[storage]
+url = "sqlite://my-data/stitch.db"
+
+[api]
+tokens_env = ["MY_API_TOKEN", "MY_OTHER_TOKEN"]
+public_url = "http://127.0.0.1:7701"
+max_body_bytes = 65536
+
+[queues.default]
+runner = "fake"
+[queues.default.fake]
+accept_delay = "500ms"
+run_duration = "3s"
+slow_factor = 2
+
+[queues.ci]
+runner = "local"
+concurrency = 4
+fail_fast = true
+accepted_timeout = "30m"
+max_duration = "2h"
+poll = { accepted = "5s", running = "2s" }
+retry = { max_attempts = 10, initial = "1s", max = "5m" }
+[queues.ci.local]
+command = "make test"
+workdir = "."
+cancel_grace = "15s"
+env = { CI = "true", Mixed_Case = "kept" }
+
+[queues.quiet]
+runner = "noop"
+"#;
+    let config = ok(
+        text,
+        &[("MY_API_TOKEN", "secret-1"), ("MY_OTHER_TOKEN", "secret-2")],
+    );
+
+    let mut queues = BTreeMap::new();
+    queues.insert(
+        "default".to_string(),
+        QueueConfig {
+            fake: Some(FakeSection {
+                accept_delay: Duration::from_millis(500),
+                run_duration: Duration::from_secs(3),
+                slow_factor: 2,
+            }),
+            ..QueueConfig::default()
+        },
+    );
+    queues.insert(
+        "ci".to_string(),
+        QueueConfig {
+            runner: RunnerName::Local,
+            concurrency: Some(4),
+            fail_fast: true,
+            accepted_timeout: Some(Duration::from_secs(30 * 60)),
+            max_duration: Some(Duration::from_secs(2 * 3600)),
+            poll: PollConfig {
+                accepted: Duration::from_secs(5),
+                running: Duration::from_secs(2),
+            },
+            retry: RetryConfig {
+                max_attempts: 10,
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(300),
+            },
+            local: Some(LocalSection {
+                command: "make test".into(),
+                workdir: PathBuf::from("."),
+                cancel_grace: Duration::from_secs(15),
+                env: [("CI", "true"), ("Mixed_Case", "kept")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            }),
+            fake: None,
+        },
+    );
+    queues.insert(
+        "quiet".to_string(),
+        QueueConfig {
+            runner: RunnerName::Noop,
+            ..QueueConfig::default()
+        },
+    );
+    let expected = Config {
+        listen: "127.0.0.1:7701".parse().unwrap(),
+        data_dir: PathBuf::from("./my-data"),
+        storage: StorageConfig {
+            url: Some("sqlite://my-data/stitch.db".into()),
+        },
+        api: ApiConfig {
+            tokens_env: vec!["MY_API_TOKEN".into(), "MY_OTHER_TOKEN".into()],
+            public_url: Some("http://127.0.0.1:7701".into()),
+            max_body_bytes: 65536,
+        },
+        queues,
+    };
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn local_section_defaults() {
+    let config = ok(LOCAL_CI, &[]);
+    let local = config.queues["ci"].local.clone().unwrap();
+    assert_eq!(local.workdir, PathBuf::from("."));
+    assert_eq!(local.cancel_grace, Duration::from_secs(10));
+    assert!(local.env.is_empty());
+}
+
+#[test]
+fn file_without_queues_keeps_the_builtin_default_queue() {
+    let config = ok("listen = \"127.0.0.1:7800\"\n", &[]);
+    assert_eq!(config.queues, Config::default().queues);
+    assert_eq!(config.listen.port(), 7800);
+}
+
+#[test]
+fn file_queues_replace_the_builtin_default_queue() {
+    let config = ok(LOCAL_CI, &[]);
+    assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["ci"]);
+}
+
+#[test]
+fn env_overrides_the_file() {
+    let text = r#"
+listen = "127.0.0.1:7701"
+data_dir = "./file-data"
+[storage]
+url = "sqlite://file.db"
+[api]
+tokens_env = ["FILE_TOKEN"]
+[queues.ci]
+runner = "local"
+concurrency = 2
+poll = { accepted = "5s", running = "2s" }
+[queues.ci.local]
+command = "make test"
+"#;
+    let config = ok(
+        text,
+        &[
+            ("STITCH_LISTEN", "127.0.0.1:7702"),
+            ("STITCH_DATA_DIR", "./env-data"),
+            ("STITCH_STORAGE__URL", "sqlite://env.db"),
+            ("STITCH_API__TOKENS_ENV", "ENV_TOKEN"),
+            ("STITCH_QUEUES__CI__CONCURRENCY", "8"),
+            ("STITCH_QUEUES__CI__POLL__RUNNING", "750ms"),
+            ("STITCH_QUEUES__CI__FAIL_FAST", "true"),
+            ("ENV_TOKEN", "t"),
+        ],
+    );
+    assert_eq!(config.listen.port(), 7702);
+    assert_eq!(config.data_dir, PathBuf::from("./env-data"));
+    assert_eq!(config.storage.url.as_deref(), Some("sqlite://env.db"));
+    assert_eq!(config.api.tokens_env, ["ENV_TOKEN"]);
+    let ci = &config.queues["ci"];
+    assert_eq!(ci.concurrency, Some(8));
+    assert!(ci.fail_fast);
+    // Sibling keys the environment did not touch keep the file's values.
+    assert_eq!(ci.poll.accepted, Duration::from_secs(5));
+    assert_eq!(ci.poll.running, Duration::from_millis(750));
+    assert_eq!(ci.local.as_ref().unwrap().command, "make test");
+}
+
+#[test]
+fn cli_overrides_win_over_env_and_file() {
+    let mut s = setup(
+        Some("listen = \"127.0.0.1:7701\"\ndata_dir = \"./file-data\"\n"),
+        &[
+            ("STITCH_LISTEN", "127.0.0.1:7702"),
+            ("STITCH_DATA_DIR", "./env-data"),
+        ],
+    );
+    s.opts.listen = Some("127.0.0.1:7703".parse().unwrap());
+    s.opts.data_dir = Some(PathBuf::from("./cli-data"));
+    let config = s.ok();
+    assert_eq!(config.listen.port(), 7703);
+    assert_eq!(config.data_dir, PathBuf::from("./cli-data"));
+}
+
+#[test]
+fn cli_override_hides_a_bad_value_it_replaces() {
+    let mut s = setup(Some("listen = \"not an address\"\n"), &[]);
+    assert_only_problem(&s.problems(), "listen", "invalid");
+    s.opts.listen = Some("127.0.0.1:7703".parse().unwrap());
+    assert_eq!(s.ok().listen.port(), 7703);
+}
+
+#[test]
+fn env_creates_a_queue_and_overrides_a_queue_key() {
+    let text = r#"
+[queues.ci]
+runner = "local"
+[queues.ci.local]
+command = "make test"
+"#;
+    let config = ok(
+        text,
+        &[
+            ("STITCH_QUEUES__CI__LOCAL__COMMAND", "make check"),
+            ("STITCH_QUEUES__NIGHTLY__RUNNER", "local"),
+            ("STITCH_QUEUES__NIGHTLY__LOCAL__COMMAND", "make nightly"),
+            ("STITCH_QUEUES__NIGHTLY__MAX_DURATION", "6h"),
+        ],
+    );
+    assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["ci", "nightly"]);
+    assert_eq!(
+        config.queues["ci"].local.as_ref().unwrap().command,
+        "make check"
+    );
+    let nightly = &config.queues["nightly"];
+    assert_eq!(nightly.runner, RunnerName::Local);
+    assert_eq!(nightly.local.as_ref().unwrap().command, "make nightly");
+    assert_eq!(nightly.max_duration, Some(Duration::from_secs(6 * 3600)));
+}
+
+#[test]
+fn env_only_queues_replace_the_builtin_default_queue() {
+    let config = setup(
+        None,
+        &[
+            ("STITCH_QUEUES__CI__RUNNER", "local"),
+            ("STITCH_QUEUES__CI__LOCAL__COMMAND", "make test"),
+        ],
+    )
+    .ok();
+    assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["ci"]);
+
+    // Overriding the built-in queue by name keeps it (with the override).
+    let config = setup(None, &[("STITCH_QUEUES__DEFAULT__CONCURRENCY", "3")]).ok();
+    assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["default"]);
+    assert_eq!(config.queues["default"].runner, RunnerName::Fake);
+    assert_eq!(config.queues["default"].concurrency, Some(3));
+}
+
+#[test]
+fn env_keys_are_lower_cased_and_may_contain_dots() {
+    let config = setup(None, &[("STITCH_QUEUES__TEAM.APP__RUNNER", "noop")]).ok();
+    assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["team.app"]);
+    assert_eq!(config.queues["team.app"].runner, RunnerName::Noop);
+}
+
+#[test]
+fn env_values_of_string_keys_are_verbatim() {
+    let config = ok(
+        LOCAL_CI,
+        &[
+            (
+                "STITCH_QUEUES__CI__LOCAL__COMMAND",
+                "[ -f Makefile ] && make, or not",
+            ),
+            ("STITCH_QUEUES__CI__LOCAL__WORKDIR", "true"),
+            ("STITCH_STORAGE__URL", "sqlite://a,b.db"),
+        ],
+    );
+    let local = config.queues["ci"].local.clone().unwrap();
+    assert_eq!(local.command, "[ -f Makefile ] && make, or not");
+    assert_eq!(local.workdir, PathBuf::from("true"));
+    assert_eq!(config.storage.url.as_deref(), Some("sqlite://a,b.db"));
+}
+
+#[test]
+fn env_tokens_env_accepts_a_comma_list_or_an_array() {
+    let env = [("A_TOKEN", "a"), ("B_TOKEN", "b")];
+    for value in [
+        "A_TOKEN,B_TOKEN",
+        " A_TOKEN , B_TOKEN ",
+        "[\"A_TOKEN\", \"B_TOKEN\"]",
+        "[A_TOKEN, B_TOKEN]",
+    ] {
+        let mut vars = env.to_vec();
+        vars.push(("STITCH_API__TOKENS_ENV", value));
+        let config = setup(None, &vars).ok();
+        assert_eq!(config.api.tokens_env, ["A_TOKEN", "B_TOKEN"], "{value}");
+    }
+}
+
+#[test]
+fn env_inline_table_and_specific_variable_combine() {
+    let config = setup(
+        None,
+        &[
+            (
+                "STITCH_QUEUES__CI",
+                "{ runner = \"local\", concurrency = 2 }",
+            ),
+            ("STITCH_QUEUES__CI__LOCAL__COMMAND", "make"),
+            ("STITCH_QUEUES__CI__CONCURRENCY", "5"),
+        ],
+    )
+    .ok();
+    let ci = &config.queues["ci"];
+    assert_eq!(ci.runner, RunnerName::Local);
+    assert_eq!(ci.concurrency, Some(5));
+}
+
+#[test]
+fn empty_env_values_count_as_unset() {
+    let config = ok(
+        "[storage]\nurl = \"sqlite://file.db\"\n",
+        &[("STITCH_STORAGE__URL", ""), ("STITCH_LISTEN", "")],
+    );
+    assert_eq!(config.storage.url.as_deref(), Some("sqlite://file.db"));
+    assert_eq!(config.listen, Config::default().listen);
+}
+
+// ---------------------------------------------------------------------------
+// Errors from reading: files, unknown keys, types
+
+#[test]
+fn missing_file_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.toml");
+    let err = load(&LoadOptions {
+        file: Some(path.clone()),
+        env: Some(BTreeMap::new()),
+        ..LoadOptions::default()
+    })
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    assert_eq!(err.problems[0].key, path.display().to_string());
+    assert!(err.problems[0].message.contains("cannot read"), "{err}");
+    assert!(render_problems(&err).contains("nope.toml"));
+}
+
+#[test]
+fn invalid_toml_reports_the_position() {
+    let p = problems(
+        "listen = \"127.0.0.1:7700\"\n[queues.ci\nrunner = \"local\"\n",
+        &[],
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].0.ends_with("stitch.toml"), "{p:#?}");
+    assert!(p[0].1.starts_with("not valid TOML at line 2"), "{p:#?}");
+    assert!(!p[0].1.contains('\n'));
+}
+
+#[test]
+fn unknown_keys_in_the_file_are_errors_naming_the_key_path() {
+    let p = problems(
+        r#"
+webhooks = { buildkite = { mode = "token" } }
+[storage]
+path = "x.db"
+[queues.ci]
+runner = "local"
+concurency = 4
+poll = { accepted = "5s", runing = "2s" }
+[queues.ci.local]
+command = "make"
+comand = "make"
+"#,
+        &[],
+    );
+    assert_problem(
+        &p,
+        "webhooks",
+        "unknown key; expected one of: listen, data_dir, storage, api, queues",
+    );
+    assert_problem(&p, "storage.path", "unknown key");
+    assert_problem(
+        &p,
+        "queues.ci.concurency",
+        "unknown key; expected one of: runner, concurrency",
+    );
+    assert_problem(&p, "queues.ci.poll.runing", "unknown key");
+    assert_problem(&p, "queues.ci.local.comand", "unknown key");
+    assert_eq!(p.len(), 5, "{p:#?}");
+}
+
+#[test]
+fn unknown_key_from_env_names_the_variable() {
+    let p = setup(None, &[("STITCH_QUEUES__DEFAULT__CONCURENCY", "4")]).problems();
+    assert_only_problem(
+        &p,
+        "queues.default.concurency",
+        "(set by STITCH_QUEUES__DEFAULT__CONCURENCY)",
+    );
+    let p = setup(None, &[("STITCH_API__TOKEN_ENV", "X")]).problems();
+    assert_only_problem(&p, "api.token_env", "unknown key");
+}
+
+#[test]
+fn type_errors_name_the_key_path() {
+    let p = problems(
+        r#"
+listen = 7700
+[api]
+max_body_bytes = "big"
+tokens_env = ["A_TOKEN", 5]
+[queues.ci]
+runner = "local"
+concurrency = -1
+fail_fast = "yes"
+[queues.ci.local]
+command = "make"
+"#,
+        &[("A_TOKEN", "a")],
+    );
+    assert_problem(
+        &p,
+        "listen",
+        "expected socket address, found signed int `7700`",
+    );
+    assert_problem(&p, "api.max_body_bytes", "expected usize");
+    assert_problem(&p, "api.tokens_env[1]", "expected a string");
+    assert_problem(&p, "queues.ci.concurrency", "expected u32");
+    assert_problem(&p, "queues.ci.fail_fast", "expected a boolean");
+    assert_eq!(p.len(), 5, "{p:#?}");
+}
+
+#[test]
+fn type_error_from_env_names_the_variable() {
+    let p = setup(None, &[("STITCH_QUEUES__DEFAULT__CONCURRENCY", "lots")]).problems();
+    assert_only_problem(&p, "queues.default.concurrency", "expected u32");
+    assert!(
+        p[0].1
+            .ends_with("(set by STITCH_QUEUES__DEFAULT__CONCURRENCY)"),
+        "{p:#?}"
+    );
+}
+
+#[test]
+fn bad_duration_strings() {
+    let p = problems(
+        r#"
+[queues.ci]
+runner = "local"
+accepted_timeout = "5 parsecs"
+max_duration = 30
+poll = { accepted = "fast" }
+[queues.ci.local]
+command = "make"
+cancel_grace = "10"
+"#,
+        &[],
+    );
+    assert_problem(
+        &p,
+        "queues.ci.accepted_timeout",
+        "invalid duration \"5 parsecs\": unknown time unit \"parsecs\"",
+    );
+    assert_problem(
+        &p,
+        "queues.ci.accepted_timeout",
+        "\"500ms\", \"5s\", \"30m\", \"2h\"",
+    );
+    assert_problem(&p, "queues.ci.max_duration", "expected a duration");
+    assert_problem(&p, "queues.ci.poll.accepted", "invalid duration");
+    assert_problem(&p, "queues.ci.local.cancel_grace", "invalid duration");
+    assert_eq!(p.len(), 4, "{p:#?}");
+}
+
+#[test]
+fn unknown_runner_does_not_cascade() {
+    let p = problems(
+        "[queues.ci]\nrunner = \"docker\"\n[queues.ci.local]\ncommand = \"make\"\n",
+        &[],
+    );
+    // Not also "table [queues.ci.local] is only read by runner = local".
+    assert_only_problem(
+        &p,
+        "queues.ci.runner",
+        "unknown value \"docker\"; expected one of: noop, fake, local",
+    );
+}
+
+#[test]
+fn several_problems_are_reported_at_once() {
+    let p = problems(
+        r#"
+listen = "0.0.0.0:7700"
+colour = "blue"
+[storage]
+url = "postgres://stitch:hunter2@db/stitch"
+[api]
+max_body_bytes = 0
+[queues.ci]
+runner = "local"
+concurrency = 0
+accepted_timeout = "soon"
+retry = { max_attempts = 0 }
+[queues.nightly]
+runner = "local"
+"#,
+        &[],
+    );
+    assert_problem(&p, "colour", "unknown key");
+    assert_problem(&p, "listen", "not a loopback address");
+    assert_problem(&p, "storage.url", "PostgreSQL and MySQL");
+    assert_problem(&p, "api.max_body_bytes", "at least 1");
+    assert_problem(&p, "queues.ci.concurrency", "at least 1");
+    assert_problem(&p, "queues.ci.accepted_timeout", "invalid duration");
+    assert_problem(&p, "queues.ci.retry.max_attempts", "at least 1");
+    assert_problem(&p, "queues.ci.local.command", "missing");
+    assert_problem(&p, "queues.nightly.local.command", "missing");
+    assert_eq!(p.len(), 9, "{p:#?}");
+    // Sorted by key path.
+    let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+}
+
+// ---------------------------------------------------------------------------
+// Validation rules, one by one
+
+#[test]
+fn invalid_queue_names() {
+    let p = problems(
+        "[queues.\"team/app\"]\nrunner = \"noop\"\n[queues.\"\"]\n",
+        &[],
+    );
+    assert_problem(&p, "queues.\"team/app\"", "contains '/'");
+    assert_problem(&p, "queues.\"\"", "empty");
+    assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+#[test]
+fn local_runner_without_a_local_table() {
+    let p = problems("[queues.ci]\nrunner = \"local\"\n", &[]);
+    assert_only_problem(
+        &p,
+        "queues.ci.local.command",
+        "missing; runner \"local\" needs a command",
+    );
+}
+
+#[test]
+fn local_table_without_a_command() {
+    let p = problems(
+        "[queues.ci]\nrunner = \"local\"\n[queues.ci.local]\nworkdir = \"src\"\n",
+        &[],
+    );
+    assert_only_problem(
+        &p,
+        "queues.ci.local.command",
+        "missing; runner \"local\" needs a command",
+    );
+}
+
+#[test]
+fn local_runner_with_an_empty_command() {
+    let p = problems(
+        "[queues.ci]\nrunner = \"local\"\n[queues.ci.local]\ncommand = \"  \"\n",
+        &[],
+    );
+    assert_only_problem(
+        &p,
+        "queues.ci.local.command",
+        "empty; runner \"local\" needs a command",
+    );
+}
+
+#[test]
+fn local_table_on_a_non_local_queue() {
+    let p = problems(
+        "[queues.ci]\nrunner = \"fake\"\n[queues.ci.local]\ncommand = \"make\"\n",
+        &[],
+    );
+    assert_only_problem(
+        &p,
+        "queues.ci.local",
+        "table [queues.ci.local] is only read by runner = \"local\" (this queue has runner = \"fake\")",
+    );
+}
+
+#[test]
+fn fake_table_on_a_non_fake_queue() {
+    let p = problems(
+        "[queues.ci]\nrunner = \"local\"\n[queues.ci.local]\ncommand = \"make\"\n[queues.ci.fake]\nslow_factor = 2\n",
+        &[],
+    );
+    assert_only_problem(&p, "queues.ci.fake", "only read by runner = \"fake\"");
+}
+
+#[test]
+fn fake_settings_use_the_fake_runner_rules() {
+    let p = problems(
+        "[queues.q.fake]\nslow_factor = 0\naccept_delay = \"31days\"\nrun_duration = \"40days\"\n",
+        &[],
+    );
+    assert_problem(&p, "queues.q.fake.slow_factor", "at least 1");
+    assert_problem(&p, "queues.q.fake.accept_delay", "at most 30 days");
+    assert_problem(&p, "queues.q.fake.run_duration", "at most 30 days");
+    assert_eq!(p.len(), 3, "{p:#?}");
+}
+
+#[test]
+fn local_env_uses_the_local_runner_rules() {
+    let p = problems(
+        r#"
+[queues.ci]
+runner = "local"
+[queues.ci.local]
+command = "make"
+env = { STITCH_BUILD_ID = "x", "A=B" = "y", OK = "fine" }
+"#,
+        &[],
+    );
+    assert_problem(
+        &p,
+        "queues.ci.local.env.STITCH_BUILD_ID",
+        "which the local runner sets",
+    );
+    assert_problem(&p, "queues.ci.local.env.\"A=B\"", "invalid variable name");
+    assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+#[test]
+fn example_config_in_the_repository_is_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/local.toml");
+    if !path.exists() {
+        return;
+    }
+    let config = load(&LoadOptions {
+        file: Some(path),
+        env: Some(BTreeMap::new()),
+        ..LoadOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("{}", render_problems(&e)));
+    assert!(config.queues.contains_key("ci"));
+}
+
+#[test]
+fn toml_examples_in_the_docs_are_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md");
+    let Ok(doc) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap_or_default())
+        .collect();
+    assert!(blocks.len() >= 2, "no TOML examples in {}", path.display());
+    for block in blocks {
+        setup(Some(block), &[("STITCH_API_TOKEN", "t")]).ok();
+    }
+}
+
+#[test]
+fn zero_poll_delays() {
+    let p = problems(
+        "[queues.q]\npoll = { accepted = \"0s\", running = \"0ms\" }\n",
+        &[],
+    );
+    assert_problem(&p, "queues.q.poll.accepted", "greater than zero");
+    assert_problem(&p, "queues.q.poll.running", "greater than zero");
+    assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+#[test]
+fn retry_max_attempts_zero() {
+    let p = problems("[queues.q]\nretry = { max_attempts = 0 }\n", &[]);
+    assert_only_problem(&p, "queues.q.retry.max_attempts", "at least 1");
+}
+
+#[test]
+fn retry_initial_longer_than_max() {
+    let p = problems(
+        "[queues.q]\nretry = { initial = \"1m\", max = \"30s\" }\n",
+        &[],
+    );
+    assert_only_problem(
+        &p,
+        "queues.q.retry.initial",
+        "1m is longer than retry.max (30s)",
+    );
+}
+
+#[test]
+fn retry_initial_zero() {
+    let p = problems("[queues.q]\nretry = { initial = \"0s\" }\n", &[]);
+    assert_only_problem(&p, "queues.q.retry.initial", "greater than zero");
+}
+
+#[test]
+fn zero_deadlines() {
+    let p = problems(
+        "[queues.q]\naccepted_timeout = \"0s\"\nmax_duration = \"0m\"\n",
+        &[],
+    );
+    assert_problem(&p, "queues.q.accepted_timeout", "greater than zero");
+    assert_problem(&p, "queues.q.max_duration", "greater than zero");
+    assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+#[test]
+fn zero_concurrency() {
+    let p = problems("[queues.q]\nconcurrency = 0\n", &[]);
+    assert_only_problem(&p, "queues.q.concurrency", "at least 1");
+}
+
+#[test]
+fn zero_max_body_bytes() {
+    let p = problems("[api]\nmax_body_bytes = 0\n", &[]);
+    assert_only_problem(&p, "api.max_body_bytes", "at least 1");
+}
+
+#[test]
+fn tokens_env_naming_unset_or_empty_variables() {
+    let p = problems(
+        "[api]\ntokens_env = [\"SET_TOKEN\", \"UNSET_TOKEN\", \"EMPTY_TOKEN\"]\n",
+        &[("SET_TOKEN", "s3cret"), ("EMPTY_TOKEN", " ")],
+    );
+    assert_problem(
+        &p,
+        "api.tokens_env[1]",
+        "environment variable \"UNSET_TOKEN\" is unset or empty",
+    );
+    assert_problem(
+        &p,
+        "api.tokens_env[2]",
+        "environment variable \"EMPTY_TOKEN\" is unset or empty",
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(!p.iter().any(|(_, m)| m.contains("s3cret")));
+}
+
+#[test]
+fn storage_url_must_be_sqlite() {
+    for (url, fragment) in [
+        (
+            "postgres://stitch:hunter2@db/stitch",
+            "PostgreSQL and MySQL storage is not supported yet",
+        ),
+        ("postgresql://db/stitch", "arrives later"),
+        ("mysql://root:hunter2@db/stitch", "PostgreSQL and MySQL"),
+        (
+            "/var/lib/stitch.db",
+            "unsupported storage url; use sqlite://PATH",
+        ),
+        ("sqlite://", "needs a path"),
+    ] {
+        let p = problems(&format!("[storage]\nurl = {url:?}\n"), &[]);
+        assert_only_problem(&p, "storage.url", fragment);
+        assert!(!p[0].1.contains("hunter2"), "password echoed: {p:#?}");
+    }
+    assert_eq!(
+        ok("[storage]\nurl = \"sqlite://x/stitch.db\"\n", &[])
+            .storage
+            .url
+            .as_deref(),
+        Some("sqlite://x/stitch.db")
+    );
+}
+
+#[test]
+fn non_loopback_listen_needs_tokens() {
+    let p = problems("listen = \"0.0.0.0:7700\"\n", &[]);
+    assert_only_problem(&p, "listen", "0.0.0.0:7700 is not a loopback address");
+    let config = ok(
+        "listen = \"0.0.0.0:7700\"\n[api]\ntokens_env = [\"API_TOKEN\"]\n",
+        &[("API_TOKEN", "t")],
+    );
+    assert_eq!(config.listen.port(), 7700);
+    ok("listen = \"[::1]:7700\"\n", &[]);
+
+    let mut s = setup(None, &[]);
+    s.opts.listen = Some("0.0.0.0:7700".parse().unwrap());
+    assert_only_problem(&s.problems(), "listen", "(set by --listen)");
+}
+
+#[test]
+fn public_url_must_be_http() {
+    let p = problems("[api]\npublic_url = \"ci.example.com:7700\"\n", &[]);
+    assert_only_problem(&p, "api.public_url", "http:// or https://");
+}
+
+#[test]
+fn empty_queue_table_is_an_error() {
+    let p = problems("[queues]\n", &[]);
+    assert_only_problem(&p, "queues", "no queues defined");
+}
+
+#[test]
+fn empty_data_dir_is_an_error() {
+    let p = problems("data_dir = \"\"\n", &[]);
+    assert_only_problem(&p, "data_dir", "must not be empty");
+}
+
+// ---------------------------------------------------------------------------
+// Rendering and tokens
+
+#[test]
+fn render_problems_prints_one_line_per_problem() {
+    let err = setup(
+        Some("[queues.ci]\nrunner = \"local\"\npoll = { running = \"0s\" }\n"),
+        &[],
+    )
+    .load()
+    .unwrap_err();
+    assert_eq!(
+        render_problems(&err),
+        "queues.ci.local.command: missing; runner \"local\" needs a command\n\
+         queues.ci.poll.running: must be greater than zero"
+    );
+    assert!(err
+        .to_string()
+        .starts_with("invalid configuration: queues.ci.local.command: missing"));
+}
+
+#[test]
+fn api_tokens_resolves_variable_names() {
+    let config = ok(
+        "[api]\ntokens_env = [\"A_TOKEN\", \"B_TOKEN\"]\n",
+        &[("A_TOKEN", "a"), ("B_TOKEN", " b\n")],
+    );
+    let env: BTreeMap<&str, &str> = [("A_TOKEN", "a"), ("B_TOKEN", " b\n")]
+        .into_iter()
+        .collect();
+    assert_eq!(
+        api_tokens(&config, |k| env.get(k).map(|v| v.to_string())),
+        ["a", "b"]
+    );
+    // Unset at runtime: skipped, not an empty token.
+    assert_eq!(
+        api_tokens(&config, |k| (k == "B_TOKEN").then(|| "b".to_string())),
+        ["b"]
+    );
+    assert!(api_tokens(&Config::default(), |_| Some("x".into())).is_empty());
+
+    let s = setup(None, &[("A_TOKEN", "from-options")]);
+    assert_eq!(s.opts.env_var("A_TOKEN").as_deref(), Some("from-options"));
+}

@@ -1,0 +1,560 @@
+//! The JSON API over a real server: builds, errors, auth, operations.
+
+mod http_support;
+
+use std::collections::BTreeSet;
+
+use http_support::{error_code, Server};
+use serde_json::{json, Value};
+use stitch_core::{BuildId, BuildStatus};
+use stitch_server::http::{self, HttpOptions};
+
+#[tokio::test]
+async fn create_get_and_list_across_pages() {
+    let s = Server::start().await;
+    let (status, created) = s
+        .create(
+            "default",
+            json!({"base": ["b1"], "head": ["h1", "h2"], "metadata": {"ticket": "T-1"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{created}");
+    assert_eq!(created["queue"], "default");
+    assert_eq!(created["status"], "accepted");
+    assert_eq!(created["base"], json!(["b1"]));
+    assert_eq!(created["head"], json!(["h1", "h2"]));
+    assert_eq!(created["metadata"], json!({"ticket": "T-1"}));
+    assert!(created["runner_ref"].is_null());
+    assert!(created["finished_at"].is_null());
+    let id = created["id"].as_str().unwrap().to_string();
+
+    let resp = s.get(&format!("/v1/builds/{id}")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got: Value = resp.json().await.unwrap();
+    assert_eq!(got, created);
+
+    let mut ids = vec![id];
+    for i in 0..4 {
+        ids.push(s.create_ok("default", &format!("change-{i}")).await);
+    }
+    ids.push(s.create_ok("q-noop", "other-queue").await);
+
+    // Pages of 2 over the default queue: 2 + 2 + 1, newest first, no repeats.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut path = "/v1/builds?queue=default&limit=2".to_string();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let resp = s.get(&path).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let page: Value = resp.json().await.unwrap();
+        pages += 1;
+        let builds = page["builds"].as_array().unwrap();
+        assert!(builds.len() <= 2);
+        seen.extend(builds.iter().map(|b| b["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => {
+                assert!(page["next_cursor"].is_null());
+                break;
+            }
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut expected: Vec<String> = ids[..5].to_vec();
+    expected.reverse();
+    assert_eq!(seen, expected, "newest first, every build once");
+
+    // Filters: status, and empty values mean "not given".
+    let resp = s
+        .get("/v1/builds?status=accepted&queue=&cursor=&limit=")
+        .send()
+        .await
+        .unwrap();
+    let all: Value = resp.json().await.unwrap();
+    assert_eq!(all["builds"].as_array().unwrap().len(), 6);
+    let resp = s.get("/v1/builds?status=succeeded").send().await.unwrap();
+    let none: Value = resp.json().await.unwrap();
+    assert_eq!(none, json!({"builds": [], "next_cursor": null}));
+}
+
+#[tokio::test]
+async fn idempotent_create_returns_the_same_build() {
+    let s = Server::start().await;
+    let body = json!({"head": ["h"], "idempotency_key": "mq-1"});
+    let (first, a) = s.create("default", body.clone()).await;
+    assert_eq!(first, 202);
+    let before = s.snapshot().await;
+    let (second, b) = s.create("default", body).await;
+    assert_eq!(second, 200);
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(s.snapshot().await, before, "a replay writes nothing");
+    // The same key on another queue is another build.
+    let (other, c) = s
+        .create("q-noop", json!({"head": ["h"], "idempotency_key": "mq-1"}))
+        .await;
+    assert_eq!(other, 202);
+    assert_ne!(a["id"], c["id"]);
+}
+
+#[tokio::test]
+async fn cancel_records_intent_and_leaves_terminal_builds_alone() {
+    let s = Server::start().await;
+    let id = s.create_ok("default", "h").await;
+    let resp = s
+        .post(&format!("/v1/builds/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let rec: Value = resp.json().await.unwrap();
+    assert_eq!(rec["id"], id.as_str());
+    let stored = s
+        .state
+        .store()
+        .get_build(&id.parse().unwrap())
+        .await
+        .unwrap();
+    assert!(stored.cancel_requested);
+    // Again: still fine.
+    let resp = s
+        .post(&format!("/v1/builds/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+
+    // A terminal build: 202 with the record exactly as it was.
+    let done = s.create_ok("default", "h2").await;
+    let done_id: BuildId = done.parse().unwrap();
+    s.state
+        .store()
+        .record_status(
+            &done_id,
+            None,
+            BuildStatus::Succeeded,
+            &Default::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    let before: Value = s
+        .get(&format!("/v1/builds/{done}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let snap = s.snapshot().await;
+    let resp = s
+        .post(&format!("/v1/builds/{done}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let after: Value = resp.json().await.unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after["status"], "succeeded");
+    assert_eq!(s.snapshot().await, snap);
+    assert!(
+        !s.state
+            .store()
+            .get_build(&done_id)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+
+    // Unknown and malformed ids.
+    let missing = BuildId::new();
+    let resp = s
+        .post(&format!("/v1/builds/{missing}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (404, "build_not_found".into()));
+    let resp = s.post("/v1/builds/nope/cancel").send().await.unwrap();
+    assert_eq!(error_code(resp).await, (404, "build_not_found".into()));
+}
+
+#[tokio::test]
+async fn bad_input_answers_the_right_error_and_changes_nothing() {
+    let s = Server::start().await;
+    s.create_ok("default", "seed").await;
+    let before = s.snapshot().await;
+    let builds = "/v1/queues/default/builds";
+    let json_ct = ("content-type", "application/json");
+
+    // (what, request, status, code)
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            s.post(builds)
+                .header(json_ct.0, json_ct.1)
+                .body("{\"head\": [\"a\""),
+            400,
+            "malformed_json",
+        ),
+        (
+            "empty body",
+            s.post(builds).header(json_ct.0, json_ct.1).body(""),
+            400,
+            "malformed_json",
+        ),
+        (
+            "unknown field",
+            s.post(builds)
+                .json(&json!({"head": ["a"], "colour": "red"})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "missing head",
+            s.post(builds).json(&json!({"base": ["a"]})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "wrong type",
+            s.post(builds).json(&json!({"head": "a"})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "empty head",
+            s.post(builds).json(&json!({"head": []})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "empty change uri",
+            s.post(builds).json(&json!({"head": [""]})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "empty idempotency key",
+            s.post(builds)
+                .json(&json!({"head": ["a"], "idempotency_key": ""})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown queue",
+            s.post("/v1/queues/nope/builds")
+                .json(&json!({"head": ["a"]})),
+            404,
+            "unknown_queue",
+        ),
+        (
+            "oversized body",
+            s.post(builds)
+                .json(&json!({"head": ["a"], "metadata": {"big": "x".repeat(10_000)}})),
+            413,
+            "body_too_large",
+        ),
+        (
+            "text content type",
+            s.post(builds)
+                .header("content-type", "text/plain")
+                .body(r#"{"head":["a"]}"#),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            s.post(builds).body(r#"{"head":["a"]}"#),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "invalid cursor",
+            s.get("/v1/builds?cursor=not-a-cursor"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "invalid status filter",
+            s.get("/v1/builds?status=exploded"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "limit zero",
+            s.get("/v1/builds?limit=0"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "limit not a number",
+            s.get("/v1/builds?limit=ten"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown list parameter",
+            s.get("/v1/builds?stauts=failed"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "invalid events position",
+            s.get("/v1/events?after=-1"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "invalid Last-Event-ID",
+            s.get("/v1/events").header("last-event-id", "yesterday"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown build",
+            s.get(&format!("/v1/builds/{}", BuildId::new())),
+            404,
+            "build_not_found",
+        ),
+        (
+            "malformed build id",
+            s.get("/v1/builds/b_nope"),
+            404,
+            "build_not_found",
+        ),
+        ("unknown route", s.get("/v2/whatever"), 404, "not_found"),
+        (
+            "wrong method",
+            s.client.delete(s.url("/v1/builds")),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (what, req, status, code) in cases {
+        let resp = req.send().await.unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/json"),
+            "{what}"
+        );
+        let got = error_code(resp).await;
+        assert_eq!(got, (status, code.to_string()), "{what}");
+        assert_eq!(s.snapshot().await, before, "{what} changed state");
+    }
+}
+
+#[tokio::test]
+async fn bearer_tokens_guard_everything_but_health() {
+    let s = Server::start_with(Some("s3cret-token"), HttpOptions::default()).await;
+    let before = s.snapshot().await;
+    let body = json!({"head": ["a"]});
+    let url = s.url("/v1/queues/default/builds");
+
+    let resp = s.client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.starts_with("Bearer")),
+        Some(true)
+    );
+    assert_eq!(error_code(resp).await, (401, "unauthorized".into()));
+    for bad in ["wrong", "s3cret-toke", "s3cret-token-and-more", ""] {
+        let resp = s
+            .client
+            .post(&url)
+            .bearer_auth(bad)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(resp).await,
+            (401, "unauthorized".into()),
+            "{bad:?}"
+        );
+    }
+    let resp = s
+        .client
+        .post(&url)
+        .header("authorization", "Basic czNjcmV0LXRva2Vu")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (401, "unauthorized".into()));
+    assert_eq!(
+        s.snapshot().await,
+        before,
+        "refused requests change nothing"
+    );
+
+    for path in [
+        "/v1/builds",
+        "/metrics",
+        "/openapi.json",
+        "/v1/events",
+        "/nope",
+    ] {
+        let resp = s.client.get(s.url(path)).send().await.unwrap();
+        assert_eq!(
+            error_code(resp).await,
+            (401, "unauthorized".into()),
+            "{path}"
+        );
+    }
+    for path in ["/healthz", "/readyz"] {
+        let resp = s.client.get(s.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    // The right token works (case-insensitive scheme).
+    let resp = s
+        .client
+        .post(&url)
+        .header("authorization", "bearer s3cret-token")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let resp = s.get("/metrics").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_openapi() {
+    let s = Server::start().await;
+    let resp = s.get("/healthz").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    let resp = s.get("/readyz").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"status": "ready"})
+    );
+
+    let id = s.create_ok("default", "h").await;
+    let got: Value = s
+        .get(&format!("/v1/builds/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let _ = s.get("/v1/builds/nope").send().await.unwrap();
+
+    let resp = s.get("/metrics").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain")));
+    let text = resp.text().await.unwrap();
+    let has = |route: &str, status: &str| {
+        text.lines().any(|l| {
+            l.starts_with("stitch_http_requests_total{")
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(has("/v1/queues/{queue}/builds", "202"), "{text}");
+    assert!(has("/v1/builds/{id}", "200"), "{text}");
+    assert!(has("/v1/builds/{id}", "404"), "{text}");
+    assert!(has("/healthz", "200"), "{text}");
+    assert!(
+        text.contains("stitch_http_request_duration_seconds"),
+        "{text}"
+    );
+
+    let resp = s.get("/openapi.json").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let doc: Value = resp.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths: BTreeSet<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for p in [
+        "/v1/queues/{queue}/builds",
+        "/v1/builds",
+        "/v1/builds/{id}",
+        "/v1/builds/{id}/cancel",
+        "/v1/builds/{id}/logs",
+        "/v1/events",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains(p), "{p} missing from {paths:?}");
+    }
+    // The documented record has exactly the keys the server sends.
+    let schema_keys: BTreeSet<&str> = doc["components"]["schemas"]["BuildRecord"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let record_keys: BTreeSet<&str> = got
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(schema_keys, record_keys);
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+#[tokio::test]
+async fn readiness_fails_when_the_database_is_gone() {
+    let s = Server::start().await;
+    s.state.store().close().await;
+    let resp = s.get("/readyz").send().await.unwrap();
+    assert_eq!(error_code(resp).await, (503, "not_ready".into()));
+    let resp = s.get("/healthz").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[test]
+fn non_loopback_bind_is_refused_without_tokens() {
+    let any = "0.0.0.0:7700".parse().unwrap();
+    let err = http::check_bind(any, false).unwrap_err();
+    assert!(err.contains("0.0.0.0:7700"), "{err}");
+    assert!(http::check_bind("[::]:7700".parse().unwrap(), false).is_err());
+    assert!(http::check_bind("127.0.0.1:7700".parse().unwrap(), false).is_ok());
+    assert!(http::check_bind("[::1]:7700".parse().unwrap(), false).is_ok());
+    assert!(http::check_bind(any, true).is_ok());
+}
+
+#[test]
+fn tokens_are_read_from_the_named_variables() {
+    let api = stitch_server::config::ApiConfig {
+        tokens_env: vec!["A".into(), "B".into()],
+        ..Default::default()
+    };
+    let env = |n: &str| match n {
+        "A" => Some("tok-a".to_string()),
+        "B" => Some(" tok-b\n".to_string()),
+        _ => None,
+    };
+    assert_eq!(
+        http::api_tokens_from(&api, env).unwrap(),
+        vec!["tok-a", "tok-b"]
+    );
+    let err = http::api_tokens_from(&api, |_| None).unwrap_err();
+    assert!(err.contains("A") && err.contains("not set"), "{err}");
+    let err = http::api_tokens_from(&api, |_| Some("  ".into())).unwrap_err();
+    assert!(err.contains("empty"), "{err}");
+    let none = stitch_server::config::ApiConfig::default();
+    assert!(http::api_tokens(&none).unwrap().is_empty());
+}

@@ -1,0 +1,300 @@
+//! The trigger and signal stages end to end on a real SQLite file, with the
+//! fake and local runners (real child processes).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use stitch_core::{BuildId, BuildStatus};
+use stitch_server::config::{
+    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName,
+};
+use stitch_server::service::{self, CreateBuild};
+use stitch_server::stages;
+use stitch_server::state::AppState;
+use stitch_store::EventKind;
+use tokio_util::sync::CancellationToken;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    state: AppState,
+    stop: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn fast_queue(runner: RunnerName) -> QueueConfig {
+    QueueConfig {
+        runner,
+        poll: PollConfig {
+            accepted: Duration::from_millis(100),
+            running: Duration::from_millis(100),
+        },
+        retry: RetryConfig {
+            max_attempts: 3,
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+        },
+        fake: Some(FakeSection {
+            accept_delay: Duration::from_millis(100),
+            run_duration: Duration::from_millis(300),
+            slow_factor: 2,
+        }),
+        ..QueueConfig::default()
+    }
+}
+
+fn local(command: &str) -> QueueConfig {
+    QueueConfig {
+        local: Some(LocalSection {
+            command: command.to_string(),
+            workdir: ".".into(),
+            cancel_grace: Duration::from_millis(500),
+            env: BTreeMap::new(),
+        }),
+        fake: None,
+        concurrency: Some(4),
+        ..fast_queue(RunnerName::Local)
+    }
+}
+
+async fn harness(
+    extra: impl FnOnce(&std::path::Path, &mut BTreeMap<String, QueueConfig>),
+) -> Harness {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut queues = BTreeMap::new();
+    queues.insert("default".to_string(), fast_queue(RunnerName::Fake));
+    extra(&dir, &mut queues);
+    let config = Config {
+        data_dir: dir.join("data"),
+        queues,
+        ..Config::default()
+    };
+    let state = AppState::open(config).await.unwrap();
+    let stop = CancellationToken::new();
+    stages::start(&state, stop.clone());
+    Harness {
+        _dir: tmp,
+        dir,
+        state,
+        stop,
+    }
+}
+
+async fn create(h: &Harness, queue: &str, head: &str) -> BuildId {
+    let (build, created) = service::create_build(
+        &h.state,
+        queue,
+        CreateBuild {
+            head: vec![head.to_string()],
+            ..CreateBuild::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(created);
+    build.id
+}
+
+async fn wait_terminal(h: &Harness, id: &BuildId) -> stitch_store::Build {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let b = h.state.store().get_build(id).await.unwrap();
+        if b.status.is_terminal() {
+            return b;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "build {id} still {}",
+            b.status
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_builds_reach_their_outcome_with_events() {
+    let h = harness(|_, _| {}).await;
+    let ok = create(&h, "default", "https://forge/c/1").await;
+    let bad = create(&h, "default", "https://forge/c/2?stitch-fake=fail").await;
+    let ok_b = wait_terminal(&h, &ok).await;
+    let bad_b = wait_terminal(&h, &bad).await;
+    assert_eq!(ok_b.status, BuildStatus::Succeeded);
+    assert_eq!(bad_b.status, BuildStatus::Failed);
+    assert!(ok_b.runner_ref.is_some());
+    let events = h.state.store().events_for_build(&ok).await.unwrap();
+    let statuses: Vec<BuildStatus> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Status)
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(statuses.first(), Some(&BuildStatus::Accepted));
+    assert_eq!(statuses.last(), Some(&BuildStatus::Succeeded));
+    assert!(statuses.contains(&BuildStatus::Running), "{statuses:?}");
+    // The event log is gapless across both builds.
+    let all = h.state.store().events_after(0, 1000).await.unwrap();
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_trigger_retries_fail_the_build() {
+    let h = harness(|_, _| {}).await;
+    let id = create(&h, "default", "https://forge/c/1?stitch-fake=trigger-error").await;
+    let b = wait_terminal(&h, &id).await;
+    assert_eq!(b.status, BuildStatus::Failed);
+    let error = b.metadata().get("error").cloned().unwrap_or_default();
+    assert!(
+        error.contains("trigger failed") && error.contains("3 attempts"),
+        "{error}"
+    );
+    assert!(b.runner_ref.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_builds_run_once_each_and_report_exit_status() {
+    let h = harness(|dir, q| {
+        let log = dir.join("ran.txt");
+        q.insert(
+            "ci".into(),
+            local(&format!(
+                "echo \"$STITCH_BUILD_ID\" >> {}; case \"$STITCH_HEAD\" in *fail*) exit 3;; esac",
+                log.display()
+            )),
+        );
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let head = if i == 5 { "c/fail" } else { "c/ok" };
+        ids.push(create(&h, "ci", &format!("{head}{i}")).await);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let b = wait_terminal(&h, id).await;
+        if i == 5 {
+            assert_eq!(b.status, BuildStatus::Failed);
+            assert_eq!(
+                b.metadata().get("exit_status").map(String::as_str),
+                Some("3")
+            );
+        } else {
+            assert_eq!(b.status, BuildStatus::Succeeded, "{:?}", b.metadata());
+        }
+    }
+    let ran = std::fs::read_to_string(h.dir.join("ran.txt")).unwrap();
+    let mut lines: Vec<&str> = ran.lines().collect();
+    lines.sort();
+    let mut expected: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    expected.sort();
+    assert_eq!(lines, expected, "every build ran exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_running_local_build_stops_it() {
+    let h = harness(|_, q| {
+        q.insert("slow".into(), local("echo started; sleep 30"));
+    })
+    .await;
+    let id = create(&h, "slow", "c/1").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.state.store().get_build(&id).await.unwrap().status != BuildStatus::Running {
+        assert!(tokio::time::Instant::now() < deadline, "never ran");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let started = tokio::time::Instant::now();
+    service::cancel_build(&h.state, &id).await.unwrap();
+    let b = wait_terminal(&h, &id).await;
+    assert_eq!(b.status, BuildStatus::Cancelled);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Cancelling a terminal build changes nothing.
+    let again = service::cancel_build(&h.state, &id).await.unwrap();
+    assert_eq!(again.status, BuildStatus::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_cancel_and_fail_with_a_reason() {
+    let h = harness(|_, q| {
+        q.insert(
+            "bounded".into(),
+            QueueConfig {
+                max_duration: Some(Duration::from_millis(800)),
+                ..fast_queue(RunnerName::Fake)
+            },
+        );
+        q.insert(
+            "stuck".into(),
+            QueueConfig {
+                accepted_timeout: Some(Duration::from_millis(300)),
+                fake: Some(FakeSection {
+                    accept_delay: Duration::from_secs(60),
+                    run_duration: Duration::from_secs(1),
+                    slow_factor: 1,
+                }),
+                ..fast_queue(RunnerName::Fake)
+            },
+        );
+    })
+    .await;
+    let hang = create(&h, "bounded", "c/1?stitch-fake=hang").await;
+    let stuck = create(&h, "stuck", "c/2").await;
+    let b = wait_terminal(&h, &hang).await;
+    assert_eq!(b.status, BuildStatus::Failed);
+    assert!(
+        b.failure_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("max_duration"),
+        "{:?}",
+        b.failure_reason
+    );
+    let b = wait_terminal(&h, &stuck).await;
+    assert_eq!(b.status, BuildStatus::Failed);
+    assert!(
+        b.failure_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("accepted_timeout"),
+        "{:?}",
+        b.failure_reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_returns_the_same_build() {
+    let h = harness(|_, _| {}).await;
+    let req = CreateBuild {
+        head: vec!["c/1".into()],
+        idempotency_key: Some("merge-42".into()),
+        ..CreateBuild::default()
+    };
+    let (a, created_a) = service::create_build(&h.state, "default", req.clone())
+        .await
+        .unwrap();
+    let (b, created_b) = service::create_build(&h.state, "default", req)
+        .await
+        .unwrap();
+    assert!(created_a && !created_b);
+    assert_eq!(a.id, b.id);
+    assert!(matches!(
+        service::create_build(
+            &h.state,
+            "nope",
+            CreateBuild {
+                head: vec!["x".into()],
+                ..CreateBuild::default()
+            }
+        )
+        .await,
+        Err(service::ServiceError::UnknownQueue(_))
+    ));
+    assert!(matches!(
+        service::create_build(&h.state, "default", CreateBuild::default()).await,
+        Err(service::ServiceError::Invalid(_))
+    ));
+}
