@@ -15,7 +15,11 @@ pub enum ClientError {
     Unreachable { server: String, detail: String },
     /// The server answered with an error body.
     #[error("{message} ({code}, HTTP {status})")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// The server answered something this client does not understand: exit 3.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
@@ -114,12 +118,21 @@ impl Client {
 
     /// `GET /v1/builds/{id}`.
     pub async fn get(&self, id: &str) -> Result<BuildRecord, ClientError> {
-        Self::decode(self.send(self.http.get(format!("{}/v1/builds/{}", self.base, id))).await?)
+        Self::decode(
+            self.send(self.http.get(format!("{}/v1/builds/{}", self.base, id)))
+                .await?,
+        )
     }
 
     /// `POST /v1/builds/{id}/cancel`.
     pub async fn cancel(&self, id: &str) -> Result<BuildRecord, ClientError> {
-        Self::decode(self.send(self.http.post(format!("{}/v1/builds/{}/cancel", self.base, id))).await?)
+        Self::decode(
+            self.send(
+                self.http
+                    .post(format!("{}/v1/builds/{}/cancel", self.base, id)),
+            )
+            .await?,
+        )
     }
 
     /// `GET /v1/builds?…`.
@@ -141,15 +154,23 @@ impl Client {
             query.push(("status", s.to_string()));
         }
         let url = format!("{}/v1/builds", self.base);
-        let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
-        Self::decode(self.send(self.http.get(format!("{url}?{}", qs.join("&")))).await?)
+        let qs: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect();
+        Self::decode(
+            self.send(self.http.get(format!("{url}?{}", qs.join("&"))))
+                .await?,
+        )
     }
 }
 
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

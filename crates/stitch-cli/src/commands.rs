@@ -10,7 +10,9 @@ use stitch_server::service::CreateBuild;
 use stitch_store::BuildRecord;
 
 use crate::client::{Client, ClientError};
-use crate::{BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, MqCommand, ServerArgs};
+use crate::{
+    BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, MqCommand, ServerArgs,
+};
 
 const OK: u8 = 0;
 const BUILD_FAILED: u8 = 1;
@@ -60,7 +62,10 @@ async fn serve(args: crate::ServeArgs) -> u8 {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STITCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 fn config_check(args: &ConfigArgs) -> u8 {
@@ -192,7 +197,15 @@ async fn build(cmd: BuildCommand) -> u8 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match c.list(queue.as_deref(), status.as_deref(), limit, cursor.as_deref()).await {
+            match c
+                .list(
+                    queue.as_deref(),
+                    status.as_deref(),
+                    limit,
+                    cursor.as_deref(),
+                )
+                .await
+            {
                 Ok(page) => {
                     if server.json {
                         for b in &page.builds {
@@ -200,7 +213,13 @@ async fn build(cmd: BuildCommand) -> u8 {
                         }
                     } else {
                         for b in &page.builds {
-                            println!("{}  {:<9}  {:<12}  {}", b.id, b.status.as_str(), b.queue, b.head.join(" "));
+                            println!(
+                                "{}  {:<9}  {:<12}  {}",
+                                b.id,
+                                b.status.as_str(),
+                                b.queue,
+                                b.head.join(" ")
+                            );
                         }
                         if let Some(next) = &page.next_cursor {
                             println!("more: stitch build list --cursor {next}");
@@ -259,7 +278,11 @@ async fn watch(c: &Client, id: &str, json: bool) -> u8 {
                     println!("error: {err}");
                 }
             }
-            return if b.status == BuildStatus::Succeeded { OK } else { BUILD_FAILED };
+            return if b.status == BuildStatus::Succeeded {
+                OK
+            } else {
+                BUILD_FAILED
+            };
         }
         if tty {
             eprint!(
@@ -277,7 +300,9 @@ async fn watch(c: &Client, id: &str, json: bool) -> u8 {
 
 async fn dlq(cmd: DlqCommand) -> u8 {
     let (args, topic) = match &cmd {
-        DlqCommand::List { config, topic, .. } | DlqCommand::Replay { config, topic, .. } => (config, topic),
+        DlqCommand::List { config, topic, .. } | DlqCommand::Replay { config, topic, .. } => {
+            (config, topic)
+        }
     };
     let config = match config::load(&load_options(args)) {
         Ok(c) => c,
@@ -318,7 +343,11 @@ async fn dlq(cmd: DlqCommand) -> u8 {
             }
             Err(e) => {
                 eprintln!("stitch: {e}");
-                if matches!(e, stitch_mq::MqError::InvalidTopic(_)) { USAGE } else { UNAVAILABLE }
+                if matches!(e, stitch_mq::MqError::InvalidTopic(_)) {
+                    USAGE
+                } else {
+                    UNAVAILABLE
+                }
             }
         },
         DlqCommand::Replay { id, .. } => {
@@ -336,7 +365,8 @@ async fn dlq(cmd: DlqCommand) -> u8 {
                 if let Err(e) = admin.replay_dead_letter(topic, id).await {
                     eprintln!("stitch: {e}");
                     return match e {
-                        stitch_mq::MqError::UnknownDeadLetter { .. } | stitch_mq::MqError::InvalidTopic(_) => USAGE,
+                        stitch_mq::MqError::UnknownDeadLetter { .. }
+                        | stitch_mq::MqError::InvalidTopic(_) => USAGE,
                         _ => UNAVAILABLE,
                     };
                 }

@@ -59,7 +59,12 @@ struct ServeArgs {
 #[derive(Args, Clone)]
 struct ServerArgs {
     /// The stitch server's base URL.
-    #[arg(long, env = "STITCH_SERVER", default_value = "http://127.0.0.1:7700", global = true)]
+    #[arg(
+        long,
+        env = "STITCH_SERVER",
+        default_value = "http://127.0.0.1:7700",
+        global = true
+    )]
     server: String,
     /// Bearer token for the API.
     #[arg(long, env = "STITCH_TOKEN", hide_env_values = true, global = true)]
@@ -172,7 +177,10 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

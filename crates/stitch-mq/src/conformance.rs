@@ -379,14 +379,22 @@ pub async fn nack_after_uses_callers_delay(b: &dyn Backend) {
     let d = recv(&mut sub).await;
     let t0 = Instant::now();
     assert!(matches!(
-        d.nack_after(Failure::new("rate limited"), Duration::from_millis(400)).await.unwrap(),
+        d.nack_after(Failure::new("rate limited"), Duration::from_millis(400))
+            .await
+            .unwrap(),
         NackOutcome::RetryAt(_)
     ));
     let d = recv(&mut sub).await;
     assert_eq!(d.attempt(), 2);
-    assert!(t0.elapsed() >= Duration::from_millis(390), "retried after {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(390),
+        "retried after {:?}",
+        t0.elapsed()
+    );
     assert_eq!(
-        d.nack_after(Failure::new("again"), Duration::from_millis(10)).await.unwrap(),
+        d.nack_after(Failure::new("again"), Duration::from_millis(10))
+            .await
+            .unwrap(),
         NackOutcome::DeadLettered
     );
     let dead = q.admin().dead_letters(T, 0, 10).await.unwrap();

@@ -543,7 +543,11 @@ impl Delivery {
             return Ok(NackOutcome::DeadLettered);
         }
         let at = now_millis() + delay.as_millis() as Millis;
-        self.finish(OutcomeKind::Retry { retry_at: at, failure }).await?;
+        self.finish(OutcomeKind::Retry {
+            retry_at: at,
+            failure,
+        })
+        .await?;
         Ok(NackOutcome::RetryAt(at))
     }
 

@@ -26,7 +26,10 @@ pub enum ServeError {
 /// Runs the service until `shutdown` resolves: stop accepting requests,
 /// let in-flight stage work finish (buffered deliveries are handed back),
 /// then return.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let tokens = config::api_tokens(&config, |k| std::env::var(k).ok());
     http::check_bind(config.listen, !tokens.is_empty()).map_err(ServeError::Refused)?;
     let state = AppState::open(config.clone()).await?;
@@ -60,11 +63,22 @@ fn print_banner(state: &AppState, addr: std::net::SocketAddr, auth: bool) {
         .build_queues()
         .map(|q| format!("{} ({})", q.name, q.runner_name))
         .collect();
-    let first = state.build_queues().next().map(|q| q.name.clone()).unwrap_or_else(|| "default".into());
+    let first = state
+        .build_queues()
+        .next()
+        .map(|q| q.name.clone())
+        .unwrap_or_else(|| "default".into());
     eprintln!("stitch is serving http://{addr}");
     eprintln!("  data:   {}", state.config().data_dir.display());
     eprintln!("  queues: {}", queues.join(", "));
-    eprintln!("  auth:   {}", if auth { "bearer tokens required" } else { "none (loopback only)" });
+    eprintln!(
+        "  auth:   {}",
+        if auth {
+            "bearer tokens required"
+        } else {
+            "none (loopback only)"
+        }
+    );
     eprintln!("Trigger a build from another terminal:");
     eprintln!("  cargo run --release -- build trigger --queue {first} --head https://example.com/change/1 --wait");
     eprintln!("  (add ?stitch-fake=fail to the URI for a failing build on the fake runner)");

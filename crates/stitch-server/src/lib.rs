@@ -1,9 +1,9 @@
 //! `stitch serve`: configuration, wiring of store, queue and runners, the
 //! consumer framework with the trigger and signal stages, and the HTTP API.
 
+pub mod app;
 pub mod config;
 pub mod consumer;
-pub mod app;
 pub mod http;
 pub mod service;
 pub mod stages;

@@ -47,6 +47,10 @@ pub enum ServiceError {
     BadRequest(String),
     #[error("build {0} not found")]
     NotFound(BuildId),
+    #[error(
+        "idempotency key {key:?} was already used for build {existing} with a different request"
+    )]
+    IdempotencyConflict { key: String, existing: BuildId },
     #[error("store: {0}")]
     Store(StoreError),
     #[error("queue: {0}")]
@@ -70,6 +74,7 @@ impl ServiceError {
             ServiceError::UnknownQueue(_) => "unknown_queue",
             ServiceError::Invalid(_) | ServiceError::BadRequest(_) => "invalid_request",
             ServiceError::NotFound(_) => "build_not_found",
+            ServiceError::IdempotencyConflict { .. } => "idempotency_key_reused",
             ServiceError::Store(_) | ServiceError::Queue(_) => "internal",
         }
     }
@@ -119,6 +124,7 @@ pub async fn create_build(
             ));
         }
     }
+    let (base, head, metadata) = (req.base.clone(), req.head.clone(), req.metadata.clone());
     let id = BuildId::new();
     let msgs = state.queue().publisher().prepare(
         topics::TRIGGER,
@@ -149,6 +155,14 @@ pub async fn create_build(
         }
         CreateOutcome::Existing(build) => {
             tx.rollback().await?;
+            // A replay must be the same request; the same key for different
+            // changes is a caller bug that would otherwise hide a build.
+            if build.base != base || build.head != head || build.caller_metadata != metadata {
+                return Err(ServiceError::IdempotencyConflict {
+                    key: build.idempotency_key.clone().unwrap_or_default(),
+                    existing: build.id,
+                });
+            }
             Ok((build, false))
         }
     }

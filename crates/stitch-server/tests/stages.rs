@@ -281,6 +281,16 @@ async fn idempotency_key_returns_the_same_build() {
         .unwrap();
     assert!(created_a && !created_b);
     assert_eq!(a.id, b.id);
+    // The same key for a different request is a conflict, not a silent replay.
+    let other = CreateBuild {
+        head: vec!["c/2".into()],
+        idempotency_key: Some("merge-42".into()),
+        ..CreateBuild::default()
+    };
+    assert!(matches!(
+        service::create_build(&h.state, "default", other).await,
+        Err(service::ServiceError::IdempotencyConflict { .. })
+    ));
     assert!(matches!(
         service::create_build(
             &h.state,

@@ -138,6 +138,9 @@ impl From<ServiceError> for ApiError {
                 Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
             }
             ServiceError::NotFound(id) => Self::build_not_found(id.as_str()),
+            ServiceError::IdempotencyConflict { .. } => {
+                Self::new(StatusCode::CONFLICT, e.code(), e.to_string())
+            }
             ServiceError::Store(se) if se.is_retryable() => Self::unavailable(&e),
             ServiceError::Store(_) | ServiceError::Queue(_) => Self::internal(&e),
         }
