@@ -65,6 +65,15 @@ impl<D: Driver> Driver for CountingDriver<D> {
     async fn deregister(&self, topic: &str, group: &str, subscriber: &str) -> MqResult<()> {
         self.inner.deregister(topic, group, subscriber).await
     }
+    async fn recover(
+        &self,
+        topic: &str,
+        group: &str,
+        subscriber: &str,
+        now: Millis,
+    ) -> MqResult<u64> {
+        self.inner.recover(topic, group, subscriber, now).await
+    }
     async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult> {
         let t = std::time::Instant::now();
         let r = self.inner.claim(req).await?;

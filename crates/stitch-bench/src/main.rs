@@ -1,10 +1,13 @@
 //! stitch benchmark programs. Each prints figures; none asserts timings.
 //!
 //! `cargo run --release -p stitch-bench -- mq` measures the message queue on
-//! SQLite (see `docs/benchmarks.md` for recorded figures).
+//! SQLite; `cargo run --release -p stitch-bench -- serve` measures a whole
+//! in-process `stitch serve` over real HTTP (see `docs/benchmarks.md` for
+//! recorded figures).
 
 mod counting;
 mod mq;
+mod serve;
 mod sys;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +28,11 @@ enum Command {
     /// throughput by partition count, publish-to-delivery and wake latency,
     /// a plain-SQLite baseline with the same row writes, CPU and peak RSS.
     Mq(mq::MqArgs),
+    /// A whole in-process `stitch serve` over loopback HTTP: build-create
+    /// throughput (noop runner), 10,000 in-flight builds on the fake runner
+    /// (CPU, RSS, polls/s, terminal-to-event latency), and 1,000 WebSocket
+    /// event subscribers (delivery latency).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Mq(args) => rt.block_on(mq::run(args)),
+        Command::Serve(args) => rt.block_on(serve::run(args)),
     }
 }

@@ -715,6 +715,46 @@ pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
     assert_eq!(ids.len(), 3);
 }
 
+/// A subscriber restarted under the same name gets the deliveries its dead
+/// incarnation held at once (not after the visibility timeout); messages
+/// backing off after a nack keep their schedule.
+pub async fn restarted_subscriber_reclaims_its_work(b: &dyn Backend) {
+    let q = b.open("reclaim", quiet()).await;
+    let mut cfg = fast_config("g");
+    cfg.subscriber = "worker-1".into();
+    cfg.visibility_timeout = Duration::from_secs(60);
+    cfg.lease_duration = Duration::from_secs(60);
+    cfg.lease_renewal = Duration::from_secs(20);
+    cfg.retry.initial_backoff = Duration::from_secs(60);
+    cfg.retry.max_backoff = Duration::from_secs(60);
+    let mut sub = subscribe(&q, cfg.clone()).await;
+    q.publisher().publish(T, msg("held", "a")).await.unwrap();
+    q.publisher()
+        .publish(T, msg("backing-off", "b"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(recv(&mut sub).await);
+    }
+    for d in &got {
+        if d.id() == "backing-off" {
+            d.nack(Failure::new("later")).await.unwrap();
+        }
+    }
+    sub.kill();
+    drop(got);
+    q.close();
+    let q2 = b.open("reclaim", quiet()).await;
+    let mut sub2 = subscribe(&q2, cfg).await;
+    let start = Instant::now();
+    let d = recv(&mut sub2).await;
+    assert_eq!((d.id(), d.attempt()), ("held", 2));
+    assert!(start.elapsed() < Duration::from_secs(30));
+    d.ack().await.unwrap();
+    recv_none(&mut sub2, Duration::from_millis(500)).await;
+}
+
 /// Graceful close releases leases at once: a peer serves the partition
 /// long before the lease would have expired.
 pub async fn graceful_close_releases_leases(b: &dyn Backend) {
@@ -957,7 +997,8 @@ macro_rules! conformance_tests {
             dead_letters_list_and_replay, postpone_is_a_barrier, postpone_resets_failure_streak,
             wake_makes_postponed_due, visibility_timeout_redelivers, outcomes_are_one_shot,
             stale_delivery_is_fenced, subscribers_share_partitions,
-            crashed_subscriber_is_taken_over, graceful_close_releases_leases,
+            crashed_subscriber_is_taken_over, restarted_subscriber_reclaims_its_work,
+            graceful_close_releases_leases,
             no_message_lost_across_dead_letters, redelivery_limit_dead_letters,
             garbage_collection_and_idle_partitions, wake_ups_are_event_driven,
             bad_input_is_rejected

@@ -198,6 +198,19 @@ pub trait Driver: Send + Sync + 'static {
     /// Releases every lease and the heartbeat of a subscriber (graceful exit).
     async fn deregister(&self, topic: &str, group: &str, subscriber: &str) -> MqResult<()>;
 
+    /// Makes the unfinished deliveries in partitions leased by `subscriber`
+    /// due now, so a restarted subscriber (same name) takes back its dead
+    /// incarnation's work without waiting for visibility timeouts. Messages
+    /// backing off after a nack or postponed keep their time. Returns how
+    /// many deliveries were released.
+    async fn recover(
+        &self,
+        topic: &str,
+        group: &str,
+        subscriber: &str,
+        now: Millis,
+    ) -> MqResult<u64>;
+
     /// Finds due partitions and marks their deliverable messages delivered.
     async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult>;
 

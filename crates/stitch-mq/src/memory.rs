@@ -37,6 +37,7 @@ struct StateRow {
     invisible_until: Millis,
     postponed: bool,
     done: bool,
+    claimed: bool,
     token: i64,
 }
 
@@ -288,6 +289,47 @@ impl Driver for MemoryDriver {
         Ok(())
     }
 
+    async fn recover(
+        &self,
+        topic: &str,
+        group: &str,
+        subscriber: &str,
+        now: Millis,
+    ) -> MqResult<u64> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let mut released = 0;
+        let owned: Vec<PartKey> = inner
+            .partitions
+            .iter()
+            .filter(|(k, p)| {
+                k.0 == topic && k.1 == group && p.lease_owner.as_deref() == Some(subscriber)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in owned {
+            let seqs: Vec<i64> = inner
+                .by_partition
+                .get(&(key.0.clone(), key.2.clone()))
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for seq in seqs {
+                if let Some(s) = inner.state.get_mut(&(group.to_string(), seq)) {
+                    if s.claimed && !s.done && s.invisible_until > now {
+                        s.invisible_until = now;
+                        released += 1;
+                    }
+                }
+            }
+            if let Some(p) = inner.partitions.get_mut(&key) {
+                if p.next_due.is_some() {
+                    p.next_due = min_due(p.next_due, now);
+                }
+            }
+        }
+        Ok(released)
+    }
+
     async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult> {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
@@ -392,6 +434,7 @@ impl Driver for MemoryDriver {
                         invisible_until: now + req.visibility_ms,
                         postponed: false,
                         done: false,
+                        claimed: true,
                         token,
                     },
                 );
@@ -459,6 +502,9 @@ impl Driver for MemoryDriver {
                 _ => {}
             }
             if let Some(s) = inner.state.get_mut(&key) {
+                if !matches!(o.kind, OutcomeKind::Extend { .. }) {
+                    s.claimed = false;
+                }
                 match &o.kind {
                     OutcomeKind::Ack | OutcomeKind::DeadLetter { .. } => s.done = true,
                     OutcomeKind::Retry { retry_at, .. } => {

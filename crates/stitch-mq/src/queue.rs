@@ -245,6 +245,16 @@ impl Subscriber {
             .driver
             .register_group(topic, &config.group, now_millis())
             .await?;
+        // A subscriber that kept its name across a restart takes back the
+        // deliveries its previous incarnation died holding.
+        let released = self
+            .shared
+            .driver
+            .recover(topic, &config.group, &config.subscriber, now_millis())
+            .await?;
+        if released > 0 {
+            tracing::info!(topic, group = %config.group, subscriber = %config.subscriber, released, "reclaimed unfinished deliveries");
+        }
         let notify = Arc::new(Notify::new());
         self.shared
             .wakers

@@ -476,10 +476,10 @@ fn claim_sync(c: &rusqlite::Connection, req: &ClaimRequest) -> MqResult<ClaimRes
          WHERE m.topic = ?2 AND m.partition_key = ?3 AND m.seq > ?4 ORDER BY m.seq LIMIT ?5",
     )?;
     let mut state_q = c.prepare_cached(
-        "INSERT INTO mq_state (grp, seq, topic, partition_key, attempt, invisible_until, postponed, done, token) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, ?7) \
+        "INSERT INTO mq_state (grp, seq, topic, partition_key, attempt, invisible_until, postponed, done, claimed, token) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, 1, ?7) \
          ON CONFLICT (grp, seq) DO UPDATE SET attempt = excluded.attempt, \
-         invisible_until = excluded.invisible_until, postponed = 0, done = 0, token = excluded.token",
+         invisible_until = excluded.invisible_until, postponed = 0, done = 0, claimed = 1, token = excluded.token",
     )?;
     let mut part_q = c.prepare_cached(
         "UPDATE mq_partitions SET cursor = ?1, next_due = ?2, lease_owner = ?3, lease_expires = ?4 \
@@ -607,15 +607,15 @@ fn apply_sync(
     const GUARD: &str = " WHERE grp = ?1 AND seq = ?2 AND token = ?3 AND done = 0";
     for o in outcomes {
         let (sql, extra, due_at): (String, Option<i64>, Option<Millis>) = match &o.kind {
-            OutcomeKind::Ack => (format!("UPDATE mq_state SET done = 1{GUARD}"), None, Some(now)),
-            OutcomeKind::DeadLetter { .. } => (format!("UPDATE mq_state SET done = 1{GUARD}"), None, Some(now)),
+            OutcomeKind::Ack => (format!("UPDATE mq_state SET done = 1, claimed = 0{GUARD}"), None, Some(now)),
+            OutcomeKind::DeadLetter { .. } => (format!("UPDATE mq_state SET done = 1, claimed = 0{GUARD}"), None, Some(now)),
             OutcomeKind::Retry { retry_at, .. } => (
-                format!("UPDATE mq_state SET invisible_until = ?4, postponed = 0{GUARD}"),
+                format!("UPDATE mq_state SET invisible_until = ?4, postponed = 0, claimed = 0{GUARD}"),
                 Some(*retry_at),
                 Some(*retry_at),
             ),
             OutcomeKind::Postpone { until } => (
-                format!("UPDATE mq_state SET invisible_until = ?4, postponed = 1, attempt = 0{GUARD}"),
+                format!("UPDATE mq_state SET invisible_until = ?4, postponed = 1, attempt = 0, claimed = 0{GUARD}"),
                 Some(*until),
                 Some(*until),
             ),
@@ -625,7 +625,7 @@ fn apply_sync(
                 None,
             ),
             OutcomeKind::Release => (
-                format!("UPDATE mq_state SET invisible_until = ?4, attempt = MAX(attempt - 1, 0){GUARD}"),
+                format!("UPDATE mq_state SET invisible_until = ?4, attempt = MAX(attempt - 1, 0), claimed = 0{GUARD}"),
                 Some(now),
                 Some(now),
             ),
@@ -804,6 +804,33 @@ impl Driver for SqliteDriver {
                 params![topic, group, subscriber],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn recover(
+        &self,
+        topic: &str,
+        group: &str,
+        subscriber: &str,
+        now: Millis,
+    ) -> MqResult<u64> {
+        let (topic, group, subscriber) =
+            (topic.to_string(), group.to_string(), subscriber.to_string());
+        self.write(move |c| {
+            let released = c.execute(
+                "UPDATE mq_state SET invisible_until = ?1 WHERE grp = ?2 AND topic = ?3 \
+                 AND claimed = 1 AND done = 0 AND invisible_until > ?1 \
+                 AND partition_key IN (SELECT partition_key FROM mq_partitions \
+                 WHERE topic = ?3 AND grp = ?2 AND lease_owner = ?4)",
+                params![now, group, topic, subscriber],
+            )?;
+            c.execute(
+                "UPDATE mq_partitions SET next_due = ?1 WHERE topic = ?2 AND grp = ?3 AND lease_owner = ?4 \
+                 AND next_due IS NOT NULL AND next_due > ?1",
+                params![now, topic, group, subscriber],
+            )?;
+            Ok(released as u64)
         })
         .await
     }

@@ -46,6 +46,8 @@ CREATE TABLE mq_state (
     invisible_until INTEGER NOT NULL,
     postponed       INTEGER NOT NULL DEFAULT 0,
     done            INTEGER NOT NULL DEFAULT 0,
+    -- 1 while a consumer holds the delivery (claimed, no outcome yet)
+    claimed         INTEGER NOT NULL DEFAULT 0,
     token           INTEGER NOT NULL,
     PRIMARY KEY (grp, seq)
 ) WITHOUT ROWID;

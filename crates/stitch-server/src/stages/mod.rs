@@ -41,11 +41,27 @@ pub fn start(state: &AppState, shutdown: CancellationToken) -> Vec<JoinHandle<()
         .collect()
 }
 
+/// This process's stable name among the stage subscribers: the same after
+/// a restart, so the restarted process takes back its leases and the
+/// deliveries it died holding at once (see `stitch_mq` `recover`).
+fn node_name() -> String {
+    std::env::var("STITCH_NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "stitch".to_string())
+}
+
 /// Subscription shared by the stages: one message of a build in flight at a
 /// time (`batch_size = 1`), and a high redelivery backstop because each stage
 /// applies its queue's own retry budget.
 fn subscription(group: &str) -> SubscriptionConfig {
     let mut cfg = SubscriptionConfig::new(group);
+    cfg.subscriber = format!("{group}@{}", node_name());
     cfg.batch_size = 1;
     cfg.max_in_flight = 512;
     cfg.visibility_timeout = Duration::from_secs(300);
