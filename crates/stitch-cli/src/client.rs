@@ -110,6 +110,15 @@ impl Client {
         serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// A copy for another task (the HTTP client is shared).
+    pub fn clone_for_task(&self) -> Client {
+        Client {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            token: self.token.clone(),
+        }
+    }
+
     /// `POST /v1/queues/{queue}/builds`.
     pub async fn create(&self, queue: &str, req: &CreateBuild) -> Result<BuildRecord, ClientError> {
         let url = format!("{}/v1/queues/{}/builds", self.base, queue);
@@ -162,6 +171,96 @@ impl Client {
             self.send(self.http.get(format!("{url}?{}", qs.join("&"))))
                 .await?,
         )
+    }
+}
+
+/// What the log stream yielded.
+pub enum LogEvent {
+    /// One `LogLine` frame.
+    Line(stitch_core::LogLine),
+    /// The log is complete.
+    End,
+}
+
+impl Client {
+    /// Streams `GET /v1/builds/{id}/logs` (SSE), calling `on` per frame.
+    /// Returns `Ok(false)` when the build has no log yet (404 `logs_not_found`).
+    pub async fn stream_logs(
+        &self,
+        id: &str,
+        mut on: impl FnMut(LogEvent),
+    ) -> Result<bool, ClientError> {
+        use futures::StreamExt;
+        let mut req = self
+            .http
+            .get(format!("{}/v1/builds/{}/logs", self.base, id))
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_secs(24 * 3600));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            server: self.base.clone(),
+            detail: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.bytes().await.unwrap_or_default();
+            let err = serde_json::from_slice::<ErrorBody>(&body).ok();
+            if status == 404
+                && err
+                    .as_ref()
+                    .is_some_and(|e| e.error.code == "logs_not_found")
+            {
+                return Ok(false);
+            }
+            return Err(match err {
+                Some(b) => ClientError::Api {
+                    status,
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                None => ClientError::Protocol(format!("HTTP {status} from the log stream")),
+            });
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let (mut event, mut data) = (String::new(), String::new());
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Unreachable {
+                server: self.base.clone(),
+                detail: e.to_string(),
+            })?;
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find('\n') {
+                let line: String = buf.drain(..=pos).collect();
+                let line = line.trim_end_matches(['\r', '\n']);
+                if line.is_empty() {
+                    match event.as_str() {
+                        "log" => {
+                            if let Ok(l) = serde_json::from_str(&data) {
+                                on(LogEvent::Line(l));
+                            }
+                        }
+                        "end" => {
+                            on(LogEvent::End);
+                            return Ok(true);
+                        }
+                        "error" => {
+                            return Err(ClientError::Protocol(format!("log stream failed: {data}")))
+                        }
+                        _ => {}
+                    }
+                    event.clear();
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+        }
+        Ok(true)
     }
 }
 

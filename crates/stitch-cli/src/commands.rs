@@ -9,7 +9,7 @@ use stitch_server::config::{self, LoadOptions};
 use stitch_server::service::CreateBuild;
 use stitch_store::BuildRecord;
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, LogEvent};
 use crate::{
     BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, MqCommand, ServerArgs,
 };
@@ -230,6 +230,28 @@ async fn build(cmd: BuildCommand) -> u8 {
                 Err(e) => fail(e),
             }
         }
+        BuildCommand::Logs { server, id } => {
+            let c = match client(&server) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let json = server.json;
+            match c
+                .stream_logs(&id, |ev| {
+                    if let LogEvent::Line(l) = ev {
+                        print_log_line(&l, json, false);
+                    }
+                })
+                .await
+            {
+                Ok(true) => OK,
+                Ok(false) => {
+                    eprintln!("stitch: build {id} has no log (yet): its runner keeps none, or it has not started");
+                    USAGE
+                }
+                Err(e) => fail(e),
+            }
+        }
         BuildCommand::Watch { server, id } => {
             let c = match client(&server) {
                 Ok(c) => c,
@@ -240,9 +262,68 @@ async fn build(cmd: BuildCommand) -> u8 {
     }
 }
 
+/// Prints one log line: steps as headers, output indented.
+fn print_log_line(l: &stitch_core::LogLine, json: bool, tty: bool) {
+    if json {
+        println!("{}", serde_json::to_string(l).unwrap_or_default());
+        return;
+    }
+    let clear = if tty { "\r\x1b[2K" } else { "" };
+    let text = match (l.kind, l.step_status) {
+        (stitch_core::LogKind::Control, Some(stitch_core::StepStatus::Start)) => {
+            format!("▶ {}", l.content)
+        }
+        (stitch_core::LogKind::Control, Some(stitch_core::StepStatus::End)) => {
+            format!("■ {}", l.content)
+        }
+        (stitch_core::LogKind::Control, _) => return,
+        (stitch_core::LogKind::Data, _) => format!("  {}", l.content),
+    };
+    println!("{clear}{text}");
+}
+
 /// Follows a build until it is terminal: a live line on a terminal, one line
-/// per status change otherwise (or one JSON record per change with `--json`).
+/// per status change otherwise (or one JSON record per change with `--json`),
+/// and the build's log lines as they are written.
 async fn watch(c: &Client, id: &str, json: bool) -> u8 {
+    let logs = (!json).then(|| spawn_log_follower(c, id));
+    let code = watch_status(c, id, json).await;
+    if let Some(task) = logs {
+        // Let the log catch up with the terminal status, briefly.
+        if tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .is_err()
+        {
+            tracing::debug!("log stream did not end in time");
+        }
+    }
+    code
+}
+
+/// Prints the build's log once it exists (retrying while it has not
+/// started), until the log ends.
+fn spawn_log_follower(c: &Client, id: &str) -> tokio::task::JoinHandle<()> {
+    let (c, id) = (c.clone_for_task(), id.to_string());
+    let tty = std::io::stderr().is_terminal();
+    tokio::spawn(async move {
+        loop {
+            match c
+                .stream_logs(&id, |ev| {
+                    if let LogEvent::Line(l) = ev {
+                        print_log_line(&l, false, tty);
+                    }
+                })
+                .await
+            {
+                Ok(true) => return,
+                Ok(false) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(_) => return, // status polling reports the outcome
+            }
+        }
+    })
+}
+
+async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
     let tty = std::io::stderr().is_terminal() && !json;
     let started = Instant::now();
     let mut last: Option<BuildStatus> = None;

@@ -126,7 +126,13 @@ enum BuildCommand {
         #[arg(long)]
         cursor: Option<String>,
     },
-    /// Follow a build until it is terminal.
+    /// Print a build's log (following it while the build runs).
+    Logs {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Follow a build until it is terminal: status changes and log lines.
     Watch {
         #[command(flatten)]
         server: ServerArgs,
