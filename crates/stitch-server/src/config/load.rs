@@ -515,7 +515,9 @@ fn parse_env_value(segments: &[String], raw: &str) -> Value {
 /// Inserts `value` at `segments`, creating tables on the way; a table
 /// replaces a non-table value in the way, tables are merged key by key.
 fn insert_path(dict: &mut Dict, segments: &[String], value: Value) {
-    let (first, rest) = segments.split_first().expect("non-empty key path");
+    let Some((first, rest)) = segments.split_first() else {
+        return;
+    };
     if rest.is_empty() {
         match (dict.get_mut(first), value) {
             (Some(Value::Dict(_, old)), Value::Dict(_, new)) => {
