@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -37,6 +36,7 @@ use stitch_server::{http, stages};
 use tokio::runtime::Runtime;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -322,11 +322,18 @@ fn signal_outcomes(metrics: Option<&PrometheusHandle>) -> f64 {
 /// What the event stream carries that the benchmark reads.
 #[derive(Deserialize)]
 struct WireEvent {
-    seq: u64,
     build_id: BuildId,
     queue: String,
     status: BuildStatus,
     at: DateTime<Utc>,
+}
+
+/// Small client buffers (tungstenite's default is 128 KiB each way), so
+/// RSS with 1,000 subscribers is mostly the server's.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
 }
 
 fn micros_between(later: DateTime<Utc>, earlier: DateTime<Utc>) -> u64 {
@@ -539,6 +546,9 @@ struct Watch {
     to_record: Option<Histogram<u64>>,
     /// Event receive time minus event `at` (µs).
     delivery: Option<Histogram<u64>>,
+    /// First `running` event's `at` minus the fake's start instant (id
+    /// time + accept delay), µs: trigger delay plus the first hold's lag.
+    to_running: Option<Histogram<u64>>,
     events: u64,
 }
 
@@ -565,6 +575,14 @@ impl Watch {
             None => {}
         }
         count(self, e.status, 1);
+        if e.status == BuildStatus::Running {
+            let started = e.build_id.created_at()
+                + chrono::Duration::from_std(ACCEPT_DELAY).unwrap_or_default();
+            self.to_running
+                .get_or_insert_with(hist)
+                .record(micros_between(e.at, started))
+                .ok();
+        }
         if e.status.is_terminal() {
             if let Some(t) = terminal_at {
                 let add = |h: &mut Option<Histogram<u64>>, v: u64| {
@@ -836,6 +854,11 @@ async fn inflight_scenario(
     );
     row(
         rows,
+        "inflight: accept-to-running lag, fake start -> `running` recorded (ms)",
+        w.to_running.as_ref().map(lat).unwrap_or_else(none),
+    );
+    row(
+        rows,
         "inflight:   event `at` -> received, all events (ms)",
         w.delivery.as_ref().map(lat).unwrap_or_else(none),
     );
@@ -869,6 +892,7 @@ async fn subscriber_scenario(
     let gate = Arc::new(Semaphore::new(64));
     let give_up = CancellationToken::new();
     let url = server.ws_url(&format!("/v1/events?after={start_seq}"));
+    let rss_before = rss_mib();
     let t_connect = Instant::now();
     let mut tasks = Vec::with_capacity(subs);
     for _ in 0..subs {
@@ -882,7 +906,9 @@ async fn subscriber_scenario(
         tasks.push(rt.spawn(async move {
             let ws = {
                 let _permit = gate.acquire().await?;
-                tokio_tungstenite::connect_async(url).await?.0
+                tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
+                    .await?
+                    .0
             };
             connected.fetch_add(1, Ordering::Relaxed);
             let (mut tx, mut rx) = ws.split();
@@ -933,8 +959,11 @@ async fn subscriber_scenario(
     }
     let connect_s = t_connect.elapsed().as_secs_f64();
     let n_connected = connected.load(Ordering::Relaxed);
-    println!("  {n_connected} connected in {connect_s:.1} s");
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_connected = rss_mib();
+    println!(
+        "  {n_connected} connected in {connect_s:.1} s; RSS {rss_before:.0} -> {rss_connected:.0} MiB"
+    );
 
     // Offer builds at --rate for --create-seconds.
     let m = Meter::start();
@@ -1009,7 +1038,9 @@ async fn subscriber_scenario(
     row(
         rows,
         format!("subscribers: {subs} WebSockets connected (s)"),
-        format!("{connect_s:.1}  ({n_connected} connected)"),
+        format!(
+            "{connect_s:.1}  ({n_connected} connected; RSS {rss_before:.0} -> {rss_connected:.0} MiB idle)"
+        ),
     );
     row(
         rows,

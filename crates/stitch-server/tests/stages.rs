@@ -199,7 +199,13 @@ async fn local_builds_run_once_each_and_report_exit_status() {
 async fn cancel_of_a_running_local_build_stops_it() {
     let h = harness(|dir, q| {
         let pid = dir.join("pid");
-        q.insert("slow".into(), local(&format!("echo $$ > {}; echo started; sleep 30", pid.display())));
+        q.insert(
+            "slow".into(),
+            local(&format!(
+                "echo $$ > {}; echo started; sleep 30",
+                pid.display()
+            )),
+        );
     })
     .await;
     let id = create(&h, "slow", "c/1").await;
@@ -214,10 +220,19 @@ async fn cancel_of_a_running_local_build_stops_it() {
     assert_eq!(b.status, BuildStatus::Cancelled);
     assert!(started.elapsed() < Duration::from_secs(10));
     // The build's process is gone.
-    let pid: i32 = std::fs::read_to_string(h.dir.join("pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(h.dir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ");
-    assert!(!alive, "process {pid} of the cancelled build is still running");
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ");
+    assert!(
+        !alive,
+        "process {pid} of the cancelled build is still running"
+    );
     // Cancelling a terminal build changes nothing.
     let again = service::cancel_build(&h.state, &id).await.unwrap();
     assert_eq!(again.status, BuildStatus::Cancelled);
