@@ -155,6 +155,12 @@ impl SqliteDriver {
         })
     }
 
+    /// The in-process writer lock; give it to other writers of the same
+    /// database (the build store) so writes queue here, not in SQLite.
+    pub fn writer_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.writer.clone()
+    }
+
     /// The pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool

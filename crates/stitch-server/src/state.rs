@@ -101,8 +101,10 @@ impl AppState {
         })?;
         let db_path = database_path(&config)?;
         let pool = stitch_mq::sqlite::open_pool(&db_path).await?;
-        let store = Store::from_pool(pool.clone()).await?;
-        let driver = SqliteDriver::from_pool(pool).await?;
+        let driver = SqliteDriver::from_pool(pool.clone()).await?;
+        let store = Store::from_pool(pool)
+            .await?
+            .with_writer_lock(driver.writer_lock());
         let queue = Queue::new(Arc::new(driver), MqQueueConfig::default());
         let mut queues = BTreeMap::new();
         for (name, qc) in &config.queues {

@@ -22,6 +22,9 @@ use crate::sqlite::{self, SqliteOps};
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: Backend,
+    /// Shared with the message queue on the same database: one writer at a
+    /// time inside the process instead of SQLite busy-handler sleeps.
+    writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// The database behind a [`Store`]. PostgreSQL and MySQL become variants here;
@@ -70,6 +73,7 @@ impl Store {
         sqlite::migrate(&pool).await?;
         Ok(Store {
             backend: Backend::Sqlite(pool),
+            writer: None,
         })
     }
 
@@ -98,13 +102,26 @@ impl Store {
     /// so it never fails later on a lock upgrade. Dropping it uncommitted
     /// rolls back.
     pub async fn begin(&self) -> Result<StoreTx<'_>> {
+        let guard = match &self.writer {
+            Some(lock) => Some(lock.clone().lock_owned().await),
+            None => None,
+        };
         let inner = match &self.backend {
             Backend::Sqlite(pool) => TxInner::Sqlite(pool.begin_with(sqlite::BEGIN_WRITE).await?),
         };
         Ok(StoreTx {
             inner,
+            _writer: guard,
             _store: PhantomData,
         })
+    }
+
+    /// Makes write transactions take `lock` first. Give it the message
+    /// queue's writer lock when both share a database (`SqliteDriver::writer_lock`),
+    /// so the two never wait on each other inside SQLite.
+    pub fn with_writer_lock(mut self, lock: std::sync::Arc<tokio::sync::Mutex<()>>) -> Self {
+        self.writer = Some(lock);
+        self
     }
 
     /// Creates a build (status `accepted`, plus its first event), or returns
@@ -257,7 +274,9 @@ impl Store {
 /// [`StoreTx::commit`] rolls it back.
 #[derive(Debug)]
 pub struct StoreTx<'s> {
+    // Dropped before the writer guard below: the transaction ends first.
     inner: TxInner,
+    _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
     // Ties the transaction to its store so it cannot outlive the handle.
     _store: PhantomData<&'s Store>,
 }

@@ -112,7 +112,9 @@ pub(crate) async fn build_logs(
                 Err(reason) => WsItem::Fail(reason),
             })
             .boxed();
-        return Ok(ws.on_upgrade(move |socket| {
+        // Clients only send pings and closes: a small read buffer keeps an idle
+        // connection cheap (the default re-zeroes 128 KiB per read).
+        return Ok(ws.read_buffer_size(4096).on_upgrade(move |socket| {
             streams::pump_websocket(
                 socket,
                 frames,
