@@ -119,6 +119,10 @@ fn print_build(b: &BuildRecord, json: bool) {
 }
 
 async fn build(cmd: BuildCommand) -> u8 {
+    let c = match client(cmd.server()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     match cmd {
         BuildCommand::Trigger {
             server,
@@ -129,10 +133,6 @@ async fn build(cmd: BuildCommand) -> u8 {
             idempotency_key,
             wait,
         } => {
-            let c = match client(&server) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             let req = CreateBuild {
                 base,
                 head,
@@ -156,36 +156,24 @@ async fn build(cmd: BuildCommand) -> u8 {
             }
             watch(&c, &b.id.to_string(), server.json).await
         }
-        BuildCommand::Status { server, id } => {
-            let c = match client(&server) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match c.get(&id).await {
-                Ok(b) => {
-                    print_build(&b, server.json);
-                    OK
-                }
-                Err(e) => fail(e),
+        BuildCommand::Status { server, id } => match c.get(&id).await {
+            Ok(b) => {
+                print_build(&b, server.json);
+                OK
             }
-        }
-        BuildCommand::Cancel { server, id } => {
-            let c = match client(&server) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match c.cancel(&id).await {
-                Ok(b) => {
-                    if server.json {
-                        print_build(&b, true);
-                    } else {
-                        println!("cancel requested for {} (now {})", b.id, b.status);
-                    }
-                    OK
+            Err(e) => fail(e),
+        },
+        BuildCommand::Cancel { server, id } => match c.cancel(&id).await {
+            Ok(b) => {
+                if server.json {
+                    print_build(&b, true);
+                } else {
+                    println!("cancel requested for {} (now {})", b.id, b.status);
                 }
-                Err(e) => fail(e),
+                OK
             }
-        }
+            Err(e) => fail(e),
+        },
         BuildCommand::List {
             server,
             queue,
@@ -193,10 +181,6 @@ async fn build(cmd: BuildCommand) -> u8 {
             limit,
             cursor,
         } => {
-            let c = match client(&server) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             match c
                 .list(
                     queue.as_deref(),
@@ -231,10 +215,6 @@ async fn build(cmd: BuildCommand) -> u8 {
             }
         }
         BuildCommand::Logs { server, id } => {
-            let c = match client(&server) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             let json = server.json;
             match c
                 .stream_logs(&id, |ev| {
@@ -252,13 +232,7 @@ async fn build(cmd: BuildCommand) -> u8 {
                 Err(e) => fail(e),
             }
         }
-        BuildCommand::Watch { server, id } => {
-            let c = match client(&server) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            watch(&c, &id, server.json).await
-        }
+        BuildCommand::Watch { server, id } => watch(&c, &id, server.json).await,
     }
 }
 

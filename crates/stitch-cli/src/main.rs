@@ -140,6 +140,20 @@ enum BuildCommand {
     },
 }
 
+impl BuildCommand {
+    /// How this command reaches the server.
+    fn server(&self) -> &ServerArgs {
+        match self {
+            BuildCommand::Trigger { server, .. }
+            | BuildCommand::Status { server, .. }
+            | BuildCommand::Cancel { server, .. }
+            | BuildCommand::List { server, .. }
+            | BuildCommand::Logs { server, .. }
+            | BuildCommand::Watch { server, .. } => server,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum MqCommand {
     /// Dead letters of a topic (`trigger` or `signal`).

@@ -528,18 +528,8 @@ impl Delivery {
     /// Failed: redeliver after the persisted exponential backoff, or
     /// dead-letter with `failure` if this attempt exhausts `max_attempts`.
     pub async fn nack(&self, failure: Failure) -> MqResult<NackOutcome> {
-        let retry: &RetryPolicy = &self.sub.config.retry;
-        if retry.max_attempts > 0 && self.claimed.attempt >= retry.max_attempts {
-            self.finish(OutcomeKind::DeadLetter { failure }).await?;
-            return Ok(NackOutcome::DeadLettered);
-        }
-        let at = now_millis() + retry.backoff(self.claimed.attempt).as_millis() as Millis;
-        self.finish(OutcomeKind::Retry {
-            retry_at: at,
-            failure,
-        })
-        .await?;
-        Ok(NackOutcome::RetryAt(at))
+        let delay = self.sub.config.retry.backoff(self.claimed.attempt);
+        self.nack_after(failure, delay).await
     }
 
     /// Failed: redeliver after `delay` chosen by the caller (a provider's

@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,15 +64,6 @@ pub async fn open_pool(path: &Path) -> MqResult<SqlitePool> {
     Ok(SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(connect_options(path))
-        .await?)
-}
-
-/// Opens a pool from a `sqlite://` URL with stitch's settings.
-pub async fn open_pool_url(url: &str) -> MqResult<SqlitePool> {
-    let opts = tune(SqliteConnectOptions::from_str(url)?);
-    Ok(SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
         .await?)
 }
 

@@ -12,19 +12,28 @@ use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreErr
 
 use crate::state::{topics, AppState};
 
-/// A request to create a build (`POST /v1/queues/{queue}/builds`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+/// A request to create a build: the body of `POST /v1/queues/{queue}/builds`.
+/// Unknown fields are refused.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "base": ["https://forge.example/acme/app/pull/41"],
+    "head": ["https://forge.example/acme/app/pull/42"],
+    "metadata": {"ticket": "T-1"},
+    "idempotency_key": "mq-7f3a"
+}))]
 pub struct CreateBuild {
-    /// Change URIs assumed good, in order.
+    /// Change URIs assumed good (the dependency prefix), in order.
     #[serde(default)]
     pub base: Vec<String>,
-    /// Change URIs under test, in order (at least one).
+    /// Change URIs under test, in order; at least one.
     pub head: Vec<String>,
-    /// Caller metadata, echoed back.
+    /// Caller metadata, echoed back on the record and events.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
-    /// Same key on the same queue returns the existing build.
+    /// Same key on the same queue returns the existing build (200) instead
+    /// of creating another; a different request with it is a 409.
+    /// 1–256 printable characters.
     #[serde(default)]
     pub idempotency_key: Option<String>,
 }
@@ -80,28 +89,17 @@ impl ServiceError {
     }
 }
 
-fn trigger_message(id: &BuildId, queue: &str) -> Result<Message, ServiceError> {
-    let payload = serde_json::to_vec(&BuildMessage {
+/// The message for one step of a build (`trigger` or `signal`): its id is
+/// `<build>/<step>` and its partition the build id, so a republish while
+/// the step is alive is absorbed and a build's messages stay in order.
+pub fn build_message(id: &BuildId, queue: &str, step: &str) -> Message {
+    let body = BuildMessage {
         build_id: id.clone(),
         queue: queue.to_string(),
-    })
-    .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
-    Ok(Message::new(
-        format!("{id}/trigger"),
-        id.to_string(),
-        payload,
-    ))
-}
-
-/// The message that starts (or continues) a build's poll loop. Its id is
-/// per build, so republishing it while the chain is alive is absorbed.
-pub fn signal_message(id: &BuildId, queue: &str) -> Message {
-    let payload = serde_json::to_vec(&BuildMessage {
-        build_id: id.clone(),
-        queue: queue.to_string(),
-    })
-    .unwrap_or_default();
-    Message::new(format!("{id}/signal"), id.to_string(), payload)
+    };
+    // A struct of two strings always serializes.
+    let payload = serde_json::to_vec(&body).unwrap_or_default();
+    Message::new(format!("{id}/{step}"), id.to_string(), payload)
 }
 
 /// Creates a build on `queue`: validates, then inserts the build and
@@ -128,7 +126,7 @@ pub async fn create_build(
     let id = BuildId::new();
     let msgs = state.queue().publisher().prepare(
         topics::TRIGGER,
-        vec![trigger_message(&id, queue)?],
+        vec![build_message(&id, queue, topics::TRIGGER)],
         None,
     )?;
     let mut tx = state.store().begin().await?;
@@ -148,9 +146,7 @@ pub async fn create_build(
             SqliteDriver::publish_in_tx(tx.conn(), topics::TRIGGER, &msgs, now_millis()).await?;
             tx.commit().await?;
             state.queue().publisher().notify_published(topics::TRIGGER);
-            if let Ok(seq) = state.store().latest_seq().await {
-                state.events_committed(seq);
-            }
+            state.events_committed();
             Ok((build, true))
         }
         CreateOutcome::Existing(build) => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use stitch_core::BuildRunner;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{Queue, QueueConfig as MqQueueConfig};
-use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner};
+use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
 use stitch_store::Store;
 use tokio::sync::watch;
 
@@ -111,8 +111,7 @@ impl AppState {
             let runtime = build_runtime(&config, name, qc)?;
             queues.insert(name.clone(), runtime);
         }
-        let latest = store.latest_seq().await?;
-        let (events, _) = watch::channel(latest);
+        let (events, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -149,21 +148,17 @@ impl AppState {
         self.inner.queues.values()
     }
 
-    /// Latest committed event sequence; changes wake event streams.
+    /// Changes whenever events were committed: event streams wait on it
+    /// and then read the durable log from their own position.
     pub fn event_seq(&self) -> watch::Receiver<u64> {
         self.inner.events.subscribe()
     }
 
-    /// Tells event streams that events up to `seq` are committed.
-    pub fn events_committed(&self, seq: u64) {
-        self.inner.events.send_if_modified(|cur| {
-            if seq > *cur {
-                *cur = seq;
-                true
-            } else {
-                false
-            }
-        });
+    /// Wakes the event streams: events were committed.
+    pub fn events_committed(&self) {
+        self.inner
+            .events
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 }
 
@@ -202,11 +197,7 @@ fn build_runtime(
     };
     Ok(QueueRuntime {
         name: name.to_string(),
-        runner_name: match qc.runner {
-            RunnerName::Noop => "noop",
-            RunnerName::Fake => "fake",
-            RunnerName::Local => "local",
-        },
+        runner_name: RunnerKind::from(qc.runner).as_str(),
         runner,
         config: qc.clone(),
     })

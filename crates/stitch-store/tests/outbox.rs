@@ -6,9 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use stitch_core::BuildId;
 use stitch_mq::sqlite::SqliteDriver;
-use stitch_mq::{now_millis, Message, Queue, QueueConfig, SubscriptionConfig};
-use stitch_store::StoreError;
+use stitch_mq::{now_millis, Message, Queue, QueueConfig, Subscription, SubscriptionConfig};
+use stitch_store::{StoreError, StoreTx};
 
 const TOPIC: &str = "trigger";
 
@@ -26,16 +27,12 @@ async fn queue_on(db: &common::TestDb) -> (Queue, SqliteDriver) {
     (queue, driver)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn build_and_message_commit_together() {
-    let db = common::open().await;
-    let (queue, _driver) = queue_on(&db).await;
-    let mut sub = queue
-        .subscriber()
-        .subscribe(TOPIC, SubscriptionConfig::new("trigger-stage"))
-        .await
-        .unwrap();
-
+/// Opens a transaction holding a new build and its trigger message, not yet
+/// committed; returns it with the build id.
+async fn build_with_message<'s>(
+    db: &'s common::TestDb,
+    queue: &Queue,
+) -> (StoreTx<'s>, BuildId, usize) {
     let new = common::new_build("ci");
     let id = new.id.clone();
     let mut tx = db.store.begin().await.unwrap();
@@ -51,7 +48,24 @@ async fn build_and_message_commit_together() {
     let report = SqliteDriver::publish_in_tx(tx.conn(), TOPIC, &msgs, now_millis())
         .await
         .unwrap();
-    assert_eq!(report.stored, 1);
+    (tx, id, report.stored)
+}
+
+async fn subscribe(queue: &Queue) -> Subscription {
+    queue
+        .subscriber()
+        .subscribe(TOPIC, SubscriptionConfig::new("trigger-stage"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_and_message_commit_together() {
+    let db = common::open().await;
+    let (queue, _driver) = queue_on(&db).await;
+    let mut sub = subscribe(&queue).await;
+    let (tx, id, stored) = build_with_message(&db, &queue).await;
+    assert_eq!(stored, 1);
     tx.commit().await.unwrap();
     queue.publisher().notify_published(TOPIC);
 
@@ -68,27 +82,8 @@ async fn build_and_message_commit_together() {
 async fn rollback_publishes_nothing_and_stores_nothing() {
     let db = common::open().await;
     let (queue, _driver) = queue_on(&db).await;
-    let mut sub = queue
-        .subscriber()
-        .subscribe(TOPIC, SubscriptionConfig::new("trigger-stage"))
-        .await
-        .unwrap();
-
-    let new = common::new_build("ci");
-    let id = new.id.clone();
-    let mut tx = db.store.begin().await.unwrap();
-    tx.create_build(new).await.unwrap();
-    let msgs = queue
-        .publisher()
-        .prepare(
-            TOPIC,
-            vec![Message::new(id.to_string(), id.to_string(), vec![])],
-            None,
-        )
-        .unwrap();
-    SqliteDriver::publish_in_tx(tx.conn(), TOPIC, &msgs, now_millis())
-        .await
-        .unwrap();
+    let mut sub = subscribe(&queue).await;
+    let (tx, id, _) = build_with_message(&db, &queue).await;
     tx.rollback().await.unwrap();
     queue.publisher().notify_published(TOPIC);
 

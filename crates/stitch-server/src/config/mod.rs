@@ -82,6 +82,16 @@ pub enum RunnerName {
     Local,
 }
 
+impl From<RunnerName> for stitch_runners::RunnerKind {
+    fn from(name: RunnerName) -> Self {
+        match name {
+            RunnerName::Noop => stitch_runners::RunnerKind::Noop,
+            RunnerName::Fake => stitch_runners::RunnerKind::Fake,
+            RunnerName::Local => stitch_runners::RunnerKind::Local,
+        }
+    }
+}
+
 /// `[queues.NAME]`
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -11,9 +11,10 @@ use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{non_empty, ApiJson, ApiQuery};
-use super::schema::{BuildList, BuildRecord, CreateBuildRequest, ErrorBody};
+use super::schema::{BuildList, BuildRecord, ErrorBody};
 use super::Ctx;
 use crate::service;
+use crate::service::CreateBuild;
 
 /// Parses a build id from a path; an id that cannot exist is not found.
 pub(crate) fn parse_id(raw: &str) -> Result<BuildId, ApiError> {
@@ -32,13 +33,14 @@ pub(crate) fn parse_id(raw: &str) -> Result<BuildId, ApiError> {
     tag = "builds",
     security(("bearer" = [])),
     params(("queue" = String, Path, description = "A configured build queue")),
-    request_body = CreateBuildRequest,
+    request_body = CreateBuild,
     responses(
         (status = 202, description = "Build created (accepted)", body = BuildRecord),
         (status = 200, description = "Idempotent replay: the build created earlier with this key", body = BuildRecord),
         (status = 400, description = "`malformed_json` or `invalid_request`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`unknown_queue`", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_reused`: the key was used for a different request", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody)
     )
@@ -46,9 +48,9 @@ pub(crate) fn parse_id(raw: &str) -> Result<BuildId, ApiError> {
 pub(crate) async fn create_build(
     State(ctx): State<Ctx>,
     Path(queue): Path<String>,
-    ApiJson(body): ApiJson<CreateBuildRequest>,
+    ApiJson(body): ApiJson<CreateBuild>,
 ) -> Result<(StatusCode, Json<Build>), ApiError> {
-    let (build, created) = service::create_build(&ctx.state, &queue, body.into()).await?;
+    let (build, created) = service::create_build(&ctx.state, &queue, body).await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {

@@ -1,52 +1,17 @@
 //! Request types and OpenAPI schemas.
 //!
-//! [`CreateBuildRequest`] is the real request body. The other types mirror
+//! The request body is the service's own [`CreateBuild`]. The types here mirror
 //! what the handlers serialize (the store's `Build` and `Event`, the core's
 //! `LogLine`) for the OpenAPI document only; a test checks that their
 //! property names match the JSON the server actually sends.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::service::CreateBuild;
-
-/// Body of `POST /v1/queues/{queue}/builds`. Unknown fields are refused.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({
-    "base": ["https://forge.example/acme/app/pull/41"],
-    "head": ["https://forge.example/acme/app/pull/42"],
-    "metadata": {"ticket": "T-1"},
-    "idempotency_key": "mq-7f3a"
-}))]
-pub struct CreateBuildRequest {
-    /// Change URIs assumed good (the dependency prefix), in order.
-    #[serde(default)]
-    pub base: Vec<String>,
-    /// Change URIs under test, in order; at least one.
-    pub head: Vec<String>,
-    /// Caller metadata, echoed back on the record and events.
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-    /// Same key on the same queue returns the existing build (200) instead
-    /// of creating another. 1–256 printable characters.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-}
-
-impl From<CreateBuildRequest> for CreateBuild {
-    fn from(r: CreateBuildRequest) -> Self {
-        CreateBuild {
-            base: r.base,
-            head: r.head,
-            metadata: r.metadata,
-            idempotency_key: r.idempotency_key,
-        }
-    }
-}
 
 /// A build's status. `succeeded`, `failed` and `cancelled` are terminal;
 /// `unknown` is not.
@@ -184,7 +149,7 @@ pub struct HealthBody {
         super::ops::openapi,
     ),
     components(schemas(
-        CreateBuildRequest,
+        CreateBuild,
         BuildRecord,
         BuildStatus,
         BuildList,

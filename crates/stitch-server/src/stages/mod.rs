@@ -7,7 +7,7 @@ mod trigger;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stitch_core::{BuildHandle, BuildId, RunnerRef};
+use stitch_core::{BuildHandle, BuildId, BuildStatus, RunnerRef};
 use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
 use tokio::task::JoinHandle;
@@ -18,7 +18,7 @@ pub use trigger::TriggerStage;
 
 use crate::consumer::{run_stage, RetryBudget, Stage, StageError};
 use crate::service::BuildMessage;
-use crate::state::AppState;
+use crate::state::{AppState, QueueRuntime};
 
 /// Starts both stages; they stop (finishing in-flight work) on `shutdown`.
 pub fn start(state: &AppState, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {
@@ -105,6 +105,54 @@ fn handle_of(build: &Build) -> Result<BuildHandle, StageError> {
     Ok(handle)
 }
 
+/// The build a message is about, or `None` when it is already terminal
+/// (nothing left to do). A message about a build that does not exist is
+/// permanent.
+async fn live_build(state: &AppState, delivery: &Delivery) -> Result<Option<Build>, StageError> {
+    let msg = parse(delivery)?;
+    let build = match state.store().get_build(&msg.build_id).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => {
+            return Err(StageError::permanent(format!(
+                "build {} does not exist",
+                msg.build_id
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok((!build.status.is_terminal()).then_some(build))
+}
+
+/// The configured queue a build runs on.
+fn runtime_of<'a>(state: &'a AppState, build: &Build) -> Result<&'a QueueRuntime, StageError> {
+    state.build_queue(&build.queue).ok_or_else(|| {
+        StageError::permanent(format!("queue {:?} is no longer configured", build.queue))
+    })
+}
+
+/// Records a status change with its event and wakes the event streams. A
+/// build that became terminal meanwhile (a deadline, a cancel) is left as it is.
+async fn record_status(
+    state: &AppState,
+    id: &BuildId,
+    status: BuildStatus,
+    runner_metadata: &stitch_store::Metadata,
+    reason: Option<&str>,
+) -> Result<(), StageError> {
+    match state
+        .store()
+        .record_status(id, None, status, runner_metadata, reason)
+        .await
+    {
+        Ok(Some(_)) => {
+            state.events_committed();
+            Ok(())
+        }
+        Ok(None) | Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Fails a build that a stage gave up on (fail closed: never "accepted
 /// forever"). Terminal builds are left as they are.
 async fn fail_build(state: &AppState, id: &BuildId, reason: &str) -> Result<(), StageError> {
@@ -118,23 +166,5 @@ async fn fail_build(state: &AppState, id: &BuildId, reason: &str) -> Result<(), 
     }
     let mut meta = stitch_store::Metadata::new();
     meta.insert("error".into(), reason.to_string());
-    match state
-        .store()
-        .record_status(
-            id,
-            None,
-            stitch_core::BuildStatus::Failed,
-            &meta,
-            Some(reason),
-        )
-        .await
-    {
-        Ok(Some(ev)) => {
-            state.events_committed(ev.seq);
-            Ok(())
-        }
-        Ok(None) => Ok(()),
-        Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    record_status(state, id, BuildStatus::Failed, &meta, Some(reason)).await
 }

@@ -11,7 +11,9 @@ use stitch_core::{BuildStatus, RunnerError, StatusReport};
 use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
 
-use super::{budget_for, fail_build, handle_of, parse, subscription};
+use super::{
+    budget_for, fail_build, handle_of, live_build, parse, record_status, runtime_of, subscription,
+};
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
 use crate::state::{poll_delay, topics, AppState, QueueRuntime};
 
@@ -35,27 +37,24 @@ impl SignalStage {
         report: &StatusReport,
         reason: Option<&str>,
     ) -> Result<(), StageError> {
-        match self
-            .state
-            .store()
-            .record_status(
-                &build.id,
-                None,
-                report.status,
-                report.metadata.as_map(),
-                reason,
-            )
-            .await
-        {
-            Ok(Some(ev)) => {
-                self.state.events_committed(ev.seq);
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            // Someone else made it terminal first (a deadline, a cancel): fine.
-            Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+        // Most polls change nothing: skip the write transaction then.
+        let unchanged = report.status == build.status
+            && reason.is_none()
+            && report
+                .metadata
+                .iter()
+                .all(|(k, v)| build.runner_metadata.get(k) == Some(v));
+        if unchanged {
+            return Ok(());
         }
+        record_status(
+            &self.state,
+            &build.id,
+            report.status,
+            report.metadata.as_map(),
+            reason,
+        )
+        .await
     }
 
     /// Cancels at the provider (best effort) and fails the build with `reason`.
@@ -116,23 +115,10 @@ impl Stage for SignalStage {
     }
 
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
-        let msg = parse(delivery)?;
-        let build = match self.state.store().get_build(&msg.build_id).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => {
-                return Err(StageError::permanent(format!(
-                    "build {} does not exist",
-                    msg.build_id
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if build.status.is_terminal() {
+        let Some(build) = live_build(&self.state, delivery).await? else {
             return Ok(StageOutcome::Done);
-        }
-        let runtime = self.state.build_queue(&build.queue).ok_or_else(|| {
-            StageError::permanent(format!("queue {:?} is no longer configured", build.queue))
-        })?;
+        };
+        let runtime = runtime_of(&self.state, &build)?;
         if let Some(reason) = deadline_reason(runtime, &build) {
             return self.expire(runtime, &build, reason).await;
         }

@@ -6,9 +6,9 @@ use stitch_core::{BuildMetadata, BuildStatus, ChangeSet, TriggerRequest};
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{now_millis, Delivery, SubscriptionConfig};
 
-use super::{budget_for, fail_build, parse, subscription};
+use super::{budget_for, fail_build, live_build, parse, record_status, runtime_of, subscription};
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
-use crate::service::signal_message;
+use crate::service::build_message;
 use crate::state::{topics, AppState};
 
 /// Consumer of `trigger`.
@@ -42,41 +42,24 @@ impl Stage for TriggerStage {
     }
 
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
-        let msg = parse(delivery)?;
-        let store = self.state.store();
-        let build = match store.get_build(&msg.build_id).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => {
-                return Err(StageError::permanent(format!(
-                    "build {} does not exist",
-                    msg.build_id
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if build.status.is_terminal() {
+        let Some(build) = live_build(&self.state, delivery).await? else {
             return Ok(StageOutcome::Done);
-        }
+        };
         if build.cancel_requested && build.runner_ref.is_none() {
             // The provider never saw it: nothing to cancel there.
             let reason = "cancelled before the build was triggered";
-            if let Some(ev) = store
-                .record_status(
-                    &build.id,
-                    None,
-                    BuildStatus::Cancelled,
-                    &Default::default(),
-                    Some(reason),
-                )
-                .await?
-            {
-                self.state.events_committed(ev.seq);
-            }
+            record_status(
+                &self.state,
+                &build.id,
+                BuildStatus::Cancelled,
+                &Default::default(),
+                Some(reason),
+            )
+            .await?;
             return Ok(StageOutcome::Done);
         }
-        let runtime = self.state.build_queue(&build.queue).ok_or_else(|| {
-            StageError::permanent(format!("queue {:?} is no longer configured", build.queue))
-        })?;
+        let runtime = runtime_of(&self.state, &build)?;
+        let store = self.state.store();
         let runner_ref = match &build.runner_ref {
             // Triggered before a crash; only the hand-off may be missing.
             Some(raw) => raw.clone(),
@@ -97,7 +80,7 @@ impl Stage for TriggerStage {
         // Record the ref and start the poll loop in one transaction.
         let msgs = self.state.queue().publisher().prepare(
             topics::SIGNAL,
-            vec![signal_message(&build.id, &build.queue)],
+            vec![build_message(&build.id, &build.queue, topics::SIGNAL)],
             None,
         )?;
         let mut tx = store.begin().await?;
