@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
 use crate::message::{Failure, Message, Millis};
-use crate::window::{plan_window, RowState, WindowLimits, WindowRow};
+use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, WindowRow};
 
 const SCAN_LIMIT_EXTRA: usize = 16;
 
@@ -400,13 +400,7 @@ impl Driver for MemoryDriver {
                 part.cursor,
                 &rows,
                 truncated,
-                WindowLimits {
-                    now,
-                    batch_size: req.batch_size,
-                    max_deliver: req.max_messages - result.messages.len(),
-                    visibility_ms: req.visibility_ms,
-                    max_attempts: req.max_attempts,
-                },
+                WindowLimits::for_claim(req, result.messages.len()),
             );
             for (seq, attempts) in &plan.exhausted {
                 inner.dead_letter(
@@ -414,9 +408,7 @@ impl Driver for MemoryDriver {
                     &req.group,
                     *seq,
                     *attempts,
-                    Failure::new(format!(
-                        "redelivered {attempts} times without an outcome (consumer crashed or visibility timeout expired)"
-                    )),
+                    exhausted_failure(*attempts),
                     now,
                 );
                 if let Some(s) = inner.state.get_mut(&(req.group.clone(), *seq)) {

@@ -26,7 +26,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
 use crate::message::{Failure, Message, Millis};
-use crate::window::{plan_window, RowState, WindowLimits, WindowRow};
+use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, WindowRow};
 
 /// Rows read past a window, to skip finished rows the cursor has not passed yet.
 const SCAN_LIMIT_EXTRA: i64 = 16;
@@ -526,18 +526,10 @@ fn claim_sync(c: &rusqlite::Connection, req: &ClaimRequest) -> MqResult<ClaimRes
             cursor,
             &window,
             truncated,
-            WindowLimits {
-                now,
-                batch_size: req.batch_size,
-                max_deliver: req.max_messages - result.messages.len(),
-                visibility_ms: req.visibility_ms,
-                max_attempts: req.max_attempts,
-            },
+            WindowLimits::for_claim(req, result.messages.len()),
         );
         for (seq, attempts) in &plan.exhausted {
-            let failure = Failure::new(format!(
-                "redelivered {attempts} times without an outcome (consumer crashed or visibility timeout expired)"
-            ));
+            let failure = exhausted_failure(*attempts);
             insert_dead_letter(c, &req.topic, &req.group, *seq, *attempts, &failure, now)?;
             c.prepare_cached("UPDATE mq_state SET done = 1 WHERE grp = ?1 AND seq = ?2")?
                 .execute(params![req.group, seq])?;

@@ -32,6 +32,27 @@ pub(crate) struct WindowLimits {
     pub max_attempts: u32,
 }
 
+impl WindowLimits {
+    /// The limits of one partition inside `req`, after `delivered` messages
+    /// of the same claim.
+    pub(crate) fn for_claim(req: &crate::driver::ClaimRequest, delivered: usize) -> Self {
+        Self {
+            now: req.now,
+            batch_size: req.batch_size,
+            max_deliver: req.max_messages.saturating_sub(delivered),
+            visibility_ms: req.visibility_ms,
+            max_attempts: req.max_attempts,
+        }
+    }
+}
+
+/// The failure recorded for a message whose redeliveries ran out.
+pub(crate) fn exhausted_failure(attempts: u32) -> crate::message::Failure {
+    crate::message::Failure::new(format!(
+        "redelivered {attempts} times without an outcome (consumer crashed or visibility timeout expired)"
+    ))
+}
+
 /// What to do with a partition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct WindowPlan {
