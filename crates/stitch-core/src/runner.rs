@@ -27,6 +27,12 @@ pub struct TriggerRequest {
     /// Caller metadata, stamped on the provider's build where possible.
     #[serde(default)]
     pub metadata: BuildMetadata,
+    /// Environment the CI job needs to call back into stitch
+    /// (`STITCH_JOB_TOKEN`, `STITCH_SERVER`). Runners add it to the job's
+    /// environment; it is a credential, so they never stamp it as metadata
+    /// or log it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub job_env: BTreeMap<String, String>,
 }
 
 impl TriggerRequest {
@@ -37,6 +43,7 @@ impl TriggerRequest {
             queue: queue.into(),
             changes,
             metadata: BuildMetadata::new(),
+            job_env: BTreeMap::new(),
         }
     }
 
@@ -44,6 +51,13 @@ impl TriggerRequest {
     #[must_use]
     pub fn with_metadata(mut self, metadata: BuildMetadata) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Builder: set the environment the job uses to call back into stitch.
+    #[must_use]
+    pub fn with_job_env(mut self, job_env: BTreeMap<String, String>) -> Self {
+        self.job_env = job_env;
         self
     }
 
