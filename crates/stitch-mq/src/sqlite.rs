@@ -63,6 +63,9 @@ fn tune(opts: SqliteConnectOptions) -> SqliteConnectOptions {
 pub async fn open_pool(path: &Path) -> MqResult<SqlitePool> {
     Ok(SqlitePoolOptions::new()
         .max_connections(4)
+        // A ping on every acquire is a round trip to the connection's
+        // worker thread and proves nothing for a local file.
+        .test_before_acquire(false)
         .connect_with(connect_options(path))
         .await?)
 }
@@ -212,6 +215,18 @@ impl SqliteDriver {
         now: Millis,
     ) -> MqResult<PublishReport> {
         on_handle(conn, |c| publish_sync(c, topic, msgs, now)).await
+    }
+
+    /// [`Self::publish_in_tx`] for a caller that already runs its
+    /// transaction on the raw SQLite connection (the store's write
+    /// transactions): synchronous, no hand-off to sqlx's worker thread.
+    pub fn publish_on_handle(
+        conn: &rusqlite::Connection,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> MqResult<PublishReport> {
+        publish_sync(conn, topic, msgs, now)
     }
 }
 

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stitch_core::{BuildId, BuildMetadata, ChangeSet, ValidationError};
-use stitch_mq::sqlite::SqliteDriver;
-use stitch_mq::{now_millis, Message, MqError};
+use stitch_mq::{Message, MqError};
 use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreError};
 
 use crate::state::{topics, AppState};
@@ -129,28 +128,24 @@ pub async fn create_build(
         vec![build_message(&id, queue, topics::TRIGGER)],
         None,
     )?;
-    let mut tx = state.store().begin().await?;
-    let outcome = tx
-        .create_build(NewBuild {
-            id: id.clone(),
-            queue: queue.to_string(),
-            runner: runtime.runner_name.to_string(),
-            base: req.base,
-            head: req.head,
-            metadata: req.metadata,
-            idempotency_key: req.idempotency_key,
-        })
+    let outcome = state
+        .admission()
+        .create(
+            NewBuild {
+                id: id.clone(),
+                queue: queue.to_string(),
+                runner: runtime.runner_name.to_string(),
+                base: req.base,
+                head: req.head,
+                metadata: req.metadata,
+                idempotency_key: req.idempotency_key,
+            },
+            msgs,
+        )
         .await?;
     match outcome {
-        CreateOutcome::Created(build) => {
-            SqliteDriver::publish_in_tx(tx.conn(), topics::TRIGGER, &msgs, now_millis()).await?;
-            tx.commit().await?;
-            state.queue().publisher().notify_published(topics::TRIGGER);
-            state.events_committed();
-            Ok((build, true))
-        }
+        CreateOutcome::Created(build) => Ok((build, true)),
         CreateOutcome::Existing(build) => {
-            tx.rollback().await?;
             // A replay must be the same request; the same key for different
             // changes is a caller bug that would otherwise hide a build.
             if build.base != base || build.head != head || build.caller_metadata != metadata {

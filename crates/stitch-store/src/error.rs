@@ -47,6 +47,15 @@ pub enum StoreError {
     /// The database driver failed; see [`StoreError::is_retryable`].
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+
+    /// A SQLite statement run on the connection's raw handle failed (ADR 0002);
+    /// see [`StoreError::is_retryable`].
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+
+    /// A bug inside the store, not caused by the input or the database.
+    #[error("internal store error: {0}")]
+    Internal(String),
 }
 
 /// The kinds of [`StoreError::Conflict`].
@@ -82,6 +91,15 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Database(e) => is_retryable_sqlx(e),
+            StoreError::Sqlite(e) => e.sqlite_error_code().is_some_and(|code| {
+                use rusqlite::ErrorCode;
+                matches!(
+                    code,
+                    ErrorCode::DatabaseBusy
+                        | ErrorCode::DatabaseLocked
+                        | ErrorCode::SystemIoFailure
+                )
+            }),
             StoreError::Conflict(Conflict::VersionMismatch { .. }) => true,
             StoreError::Migrate(
                 sqlx::migrate::MigrateError::Execute(e)
@@ -89,6 +107,20 @@ impl StoreError {
             ) => is_retryable_sqlx(e),
             _ => false,
         }
+    }
+
+    /// Whether the operation was refused for its input or the state it met
+    /// (not found, conflict, terminal, invalid input), having written nothing;
+    /// the surrounding transaction stays usable. Database and internal errors
+    /// are not refusals.
+    pub fn is_request_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NotFound(_)
+                | StoreError::Conflict(_)
+                | StoreError::InvalidTransition { .. }
+                | StoreError::InvalidInput(_)
+        )
     }
 
     /// Whether this is [`StoreError::NotFound`].
@@ -146,5 +178,9 @@ mod tests {
         assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_retryable());
         assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_retryable());
         assert!(!StoreError::NotFound(BuildId::new()).is_retryable());
+        let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(5), None);
+        assert!(StoreError::Sqlite(busy).is_retryable());
+        let unique = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(2067), None);
+        assert!(!StoreError::Sqlite(unique).is_retryable());
     }
 }

@@ -6,12 +6,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rusqlite::OptionalExtension;
 use serde::de::DeserializeOwned;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Sqlite;
 use stitch_core::{BuildId, BuildStatus};
 
 use crate::error::{Result, StoreError};
@@ -58,14 +60,169 @@ pub(crate) async fn migrate(pool: &SqlitePool) -> Result<()> {
     Ok(())
 }
 
-/// [`Ops`] on one SQLite connection (pooled, or inside a transaction).
+/// Runs `f` on the raw handle of `conn`, synchronously, in one hand-off
+/// (ADR 0002): sqlx's worker thread would otherwise be crossed once per
+/// statement, and those hand-offs cost more than SQLite itself.
+pub(crate) async fn on_handle<T>(
+    conn: &mut SqliteConnection,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T>,
+) -> Result<T> {
+    let mut locked = conn.lock_handle().await?;
+    let raw = locked.as_raw_handle();
+    // SAFETY: `locked` keeps sqlx's worker away from this connection until it
+    // is dropped (after `f` returns), and a connection made with `from_handle`
+    // never closes the handle it borrows. Both crates link the same
+    // libsqlite3-sys, so the handle type is the same.
+    let borrowed = unsafe { rusqlite::Connection::from_handle(raw.as_ptr()) }?;
+    let out = f(&borrowed);
+    drop(borrowed);
+    drop(locked);
+    out
+}
+
+/// A write transaction run on a pooled connection's raw handle: `BEGIN
+/// IMMEDIATE`, every statement and `COMMIT` execute synchronously on the
+/// calling thread, so a whole transaction costs one hand-off to sqlx's worker
+/// (to borrow the handle) instead of one per statement plus two. That matters
+/// because the transaction runs under the process's single writer lock: every
+/// hand-off inside it is time no other writer can use.
+///
+/// `BEGIN IMMEDIATE` can only wait (up to the busy timeout) on another
+/// process's writer; writers inside this process queue on the writer lock
+/// before they get here.
+pub(crate) struct SqliteWriteTx {
+    // Declared before `conn`: dropped first, since it borrows conn's handle.
+    raw: rusqlite::Connection,
+    conn: PoolConnection<Sqlite>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for SqliteWriteTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteWriteTx")
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteWriteTx {
+    pub(crate) async fn begin(pool: &SqlitePool) -> Result<Self> {
+        let mut conn = pool.acquire().await?;
+        let raw = {
+            let mut locked = conn.lock_handle().await?;
+            let handle = locked.as_raw_handle();
+            // SAFETY: the pooled connection is owned by this transaction and
+            // no command is sent to its sqlx worker while `raw` is in use
+            // (`conn()` needs `&mut self`, which excludes every other method
+            // here), so the handle is used by one thread at a time. sqlx's
+            // worker does not touch the handle between commands. `raw` is
+            // dropped before `conn` (field order) and a connection made with
+            // `from_handle` never closes the handle it borrows.
+            unsafe { rusqlite::Connection::from_handle(handle.as_ptr()) }?
+        };
+        raw.execute_batch(BEGIN_WRITE)?;
+        Ok(Self {
+            raw,
+            conn,
+            finished: false,
+        })
+    }
+
+    /// The raw connection, for statements that run synchronously.
+    pub(crate) fn handle(&self) -> &rusqlite::Connection {
+        &self.raw
+    }
+
+    /// The sqlx connection, for another crate's async statements in this
+    /// transaction.
+    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+
+    pub(crate) fn commit(mut self) -> Result<()> {
+        self.finished = true;
+        if let Err(e) = self.raw.execute_batch("COMMIT") {
+            self.abandon();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn rollback(mut self) -> Result<()> {
+        self.finished = true;
+        let rolled_back = self.raw.execute_batch("ROLLBACK");
+        if rolled_back.is_err() {
+            self.abandon();
+        }
+        Ok(rolled_back?)
+    }
+
+    /// Makes sure the connection does not go back to the pool inside a
+    /// transaction: roll back, and if that does not end it, close it.
+    fn abandon(&mut self) {
+        if !self.raw.is_autocommit() {
+            let _ = self.raw.execute_batch("ROLLBACK");
+        }
+        if !self.raw.is_autocommit() {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl Drop for SqliteWriteTx {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.abandon();
+        }
+    }
+}
+
+/// Drives a store operation over [`SqliteOps`] to completion in one poll.
+/// `SqliteOps` never awaits (its statements run synchronously on the raw
+/// handle), so the rules in `logic` — async to serve PostgreSQL/MySQL too —
+/// finish at once here; a pending poll would be a bug in this module.
+pub(crate) fn complete<T>(op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use futures::FutureExt;
+    op.now_or_never().unwrap_or_else(|| {
+        Err(StoreError::Internal(
+            "a SQLite store operation tried to wait".into(),
+        ))
+    })
+}
+
+/// [`Ops`] on one SQLite connection's raw handle (pooled, or inside a
+/// transaction). Every method completes without awaiting.
 pub(crate) struct SqliteOps<'c> {
-    conn: &'c mut SqliteConnection,
+    conn: &'c rusqlite::Connection,
 }
 
 impl<'c> SqliteOps<'c> {
-    pub(crate) fn new(conn: &'c mut SqliteConnection) -> Self {
+    pub(crate) fn new(conn: &'c rusqlite::Connection) -> Self {
         Self { conn }
+    }
+
+    fn builds(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Build>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(build_from_row(row)?);
+        }
+        Ok(out)
+    }
+
+    fn one_build(&self, sql: &str, params: impl rusqlite::Params) -> Result<Option<Build>> {
+        Ok(self.builds(sql, params)?.into_iter().next())
+    }
+
+    fn events(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Event>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(event_from_row(row)?);
+        }
+        Ok(out)
     }
 }
 
@@ -82,137 +239,130 @@ impl Ops for SqliteOps<'_> {
     }
 
     async fn load_build(&mut self, id: &BuildId) -> Result<Option<Build>> {
-        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id.as_str())
-            .fetch_optional(&mut *self.conn)
-            .await?;
-        row.as_ref().map(build_from_row).transpose()
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?1");
+        self.one_build(&sql, [id.as_str()])
     }
 
     async fn find_by_idempotency_key(&mut self, queue: &str, key: &str) -> Result<Option<Build>> {
         let sql =
-            format!("SELECT {BUILD_COLUMNS} FROM builds WHERE queue = ? AND idempotency_key = ?");
-        let row = sqlx::query(&sql)
-            .bind(queue)
-            .bind(key)
-            .fetch_optional(&mut *self.conn)
-            .await?;
-        row.as_ref().map(build_from_row).transpose()
+            format!("SELECT {BUILD_COLUMNS} FROM builds WHERE queue = ?1 AND idempotency_key = ?2");
+        self.one_build(&sql, [queue, key])
     }
 
     async fn insert_build(&mut self, b: &Build) -> Result<bool> {
         let sql = format!(
             "INSERT INTO builds ({BUILD_COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19) \
              ON CONFLICT DO NOTHING"
         );
-        let done = sqlx::query(&sql)
-            .bind(b.id.as_str())
-            .bind(&b.queue)
-            .bind(b.status.as_str())
-            .bind(to_json(&b.base)?)
-            .bind(to_json(&b.head)?)
-            .bind(to_json(&b.caller_metadata)?)
-            .bind(to_json(&b.runner_metadata)?)
-            .bind(&b.runner)
-            .bind(b.runner_ref.as_ref().map(to_json).transpose()?)
-            .bind(b.idempotency_key.as_deref())
-            .bind(b.cancel_requested)
-            .bind(b.cancel_requested_at.map(millis))
-            .bind(b.job_token_hash.as_deref())
-            .bind(b.failure_reason.as_deref())
-            .bind(millis(b.created_at))
-            .bind(millis(b.updated_at))
-            .bind(b.started_at.map(millis))
-            .bind(b.finished_at.map(millis))
-            .bind(b.version)
-            .execute(&mut *self.conn)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let changed = stmt.execute(rusqlite::params![
+            b.id.as_str(),
+            &b.queue,
+            b.status.as_str(),
+            to_json(&b.base)?,
+            to_json(&b.head)?,
+            to_json(&b.caller_metadata)?,
+            to_json(&b.runner_metadata)?,
+            &b.runner,
+            b.runner_ref.as_ref().map(to_json).transpose()?,
+            b.idempotency_key.as_deref(),
+            b.cancel_requested,
+            b.cancel_requested_at.map(millis),
+            b.job_token_hash.as_deref(),
+            b.failure_reason.as_deref(),
+            millis(b.created_at),
+            millis(b.updated_at),
+            b.started_at.map(millis),
+            b.finished_at.map(millis),
+            b.version,
+        ])?;
+        Ok(changed == 1)
     }
 
     async fn update_build(&mut self, b: &Build, expected_version: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE builds SET status = ?, runner_metadata = ?, runner_ref = ?, \
-             cancel_requested = ?, cancel_requested_at = ?, job_token_hash = ?, \
-             failure_reason = ?, updated_at = ?, started_at = ?, finished_at = ?, version = ? \
-             WHERE id = ? AND version = ?",
-        )
-        .bind(b.status.as_str())
-        .bind(to_json(&b.runner_metadata)?)
-        .bind(b.runner_ref.as_ref().map(to_json).transpose()?)
-        .bind(b.cancel_requested)
-        .bind(b.cancel_requested_at.map(millis))
-        .bind(b.job_token_hash.as_deref())
-        .bind(b.failure_reason.as_deref())
-        .bind(millis(b.updated_at))
-        .bind(b.started_at.map(millis))
-        .bind(b.finished_at.map(millis))
-        .bind(b.version)
-        .bind(b.id.as_str())
-        .bind(expected_version)
-        .execute(&mut *self.conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE builds SET status = ?1, runner_metadata = ?2, runner_ref = ?3, \
+             cancel_requested = ?4, cancel_requested_at = ?5, job_token_hash = ?6, \
+             failure_reason = ?7, updated_at = ?8, started_at = ?9, finished_at = ?10, \
+             version = ?11 WHERE id = ?12 AND version = ?13",
+        )?;
+        let changed = stmt.execute(rusqlite::params![
+            b.status.as_str(),
+            to_json(&b.runner_metadata)?,
+            b.runner_ref.as_ref().map(to_json).transpose()?,
+            b.cancel_requested,
+            b.cancel_requested_at.map(millis),
+            b.job_token_hash.as_deref(),
+            b.failure_reason.as_deref(),
+            millis(b.updated_at),
+            b.started_at.map(millis),
+            b.finished_at.map(millis),
+            b.version,
+            b.id.as_str(),
+            expected_version,
+        ])?;
+        Ok(changed == 1)
     }
 
     async fn next_event_seq(&mut self) -> Result<u64> {
         // Counter row, not AUTOINCREMENT: rolled back with the transaction,
         // so committed seqs have no gaps.
-        let seq: i64 = sqlx::query_scalar(
+        let mut stmt = self.conn.prepare_cached(
             "UPDATE event_seq SET next = next + 1 WHERE id = 1 RETURNING next - 1",
-        )
-        .fetch_one(&mut *self.conn)
-        .await?;
+        )?;
+        let seq: i64 = stmt.query_row([], |row| row.get(0))?;
         to_u64(seq, "event_seq.next")
     }
 
     async fn insert_event(&mut self, e: &Event) -> Result<()> {
-        sqlx::query(
+        let mut stmt = self.conn.prepare_cached(
             "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(to_i64(e.seq, "event seq")?)
-        .bind(e.build_id.as_str())
-        .bind(&e.queue)
-        .bind(e.kind.as_str())
-        .bind(e.status.as_str())
-        .bind(to_json(&e.metadata)?)
-        .bind(millis(e.at))
-        .execute(&mut *self.conn)
-        .await?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        stmt.execute(rusqlite::params![
+            to_i64(e.seq, "event seq")?,
+            e.build_id.as_str(),
+            &e.queue,
+            e.kind.as_str(),
+            e.status.as_str(),
+            to_json(&e.metadata)?,
+            millis(e.at),
+        ])?;
         Ok(())
     }
 
     async fn reserve_log_lines(&mut self, id: &BuildId, count: u64) -> Result<Option<u64>> {
-        let last: Option<i64> = sqlx::query_scalar(
-            "UPDATE builds SET log_line_count = log_line_count + ? WHERE id = ? \
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE builds SET log_line_count = log_line_count + ?1 WHERE id = ?2 \
              RETURNING log_line_count",
-        )
-        .bind(to_i64(count, "log line count")?)
-        .bind(id.as_str())
-        .fetch_optional(&mut *self.conn)
-        .await?;
+        )?;
+        let last: Option<i64> = stmt
+            .query_row(
+                rusqlite::params![to_i64(count, "log line count")?, id.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
         last.map(|n| to_u64(n, "builds.log_line_count")).transpose()
     }
 
     async fn insert_log_line(&mut self, id: &BuildId, line_no: u64, json: &str) -> Result<()> {
-        sqlx::query("INSERT INTO log_lines (build_id, line_no, line) VALUES (?, ?, ?)")
-            .bind(id.as_str())
-            .bind(to_i64(line_no, "log line number")?)
-            .bind(json)
-            .execute(&mut *self.conn)
-            .await?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO log_lines (build_id, line_no, line) VALUES (?1, ?2, ?3)",
+        )?;
+        stmt.execute(rusqlite::params![
+            id.as_str(),
+            to_i64(line_no, "log line number")?,
+            json
+        ])?;
         Ok(())
     }
 
     async fn log_line_count(&mut self, id: &BuildId) -> Result<Option<u64>> {
-        let count: Option<i64> =
-            sqlx::query_scalar("SELECT log_line_count FROM builds WHERE id = ?")
-                .bind(id.as_str())
-                .fetch_optional(&mut *self.conn)
-                .await?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT log_line_count FROM builds WHERE id = ?1")?;
+        let count: Option<i64> = stmt.query_row([id.as_str()], |row| row.get(0)).optional()?;
         count
             .map(|n| to_u64(n, "builds.log_line_count"))
             .transpose()
@@ -224,62 +374,57 @@ impl Ops for SqliteOps<'_> {
         before: Option<&BuildId>,
         limit: u32,
     ) -> Result<Vec<Build>> {
-        let mut qb: QueryBuilder<'_, Sqlite> =
-            QueryBuilder::new(format!("SELECT {BUILD_COLUMNS} FROM builds WHERE 1 = 1"));
-        if let Some(queue) = &filter.queue {
-            qb.push(" AND queue = ").push_bind(queue.clone());
-        }
-        if let Some(status) = filter.status {
-            qb.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(before) = before {
-            qb.push(" AND id < ").push_bind(before.as_str().to_owned());
-        }
-        qb.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit));
-        let rows = qb.build().fetch_all(&mut *self.conn).await?;
-        rows.iter().map(build_from_row).collect()
+        // NULL parameters switch their filter off, so one cached statement
+        // serves every combination.
+        let sql = format!(
+            "SELECT {BUILD_COLUMNS} FROM builds \
+             WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
+        );
+        self.builds(
+            &sql,
+            rusqlite::params![
+                filter.queue.as_deref(),
+                filter.status.map(|s| s.as_str()),
+                before.map(|b| b.as_str()),
+                i64::from(limit),
+            ],
+        )
     }
 
     async fn builds_not_terminal(&mut self) -> Result<Vec<Build>> {
-        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
-            "SELECT {BUILD_COLUMNS} FROM builds WHERE status IN ("
-        ));
-        let mut open = qb.separated(", ");
-        for status in BuildStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
-            open.push_bind(status.as_str());
-        }
-        qb.push(") ORDER BY id");
-        let rows = qb.build().fetch_all(&mut *self.conn).await?;
-        rows.iter().map(build_from_row).collect()
+        let open: Vec<String> = BuildStatus::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        let sql = format!(
+            "SELECT {BUILD_COLUMNS} FROM builds WHERE status IN ({}) ORDER BY id",
+            open.join(", ")
+        );
+        self.builds(&sql, [])
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?");
-        let rows = sqlx::query(&sql)
-            // Beyond i64::MAX nothing can follow.
-            .bind(i64::try_from(after).unwrap_or(i64::MAX))
-            .bind(i64::from(limit))
-            .fetch_all(&mut *self.conn)
-            .await?;
-        rows.iter().map(event_from_row).collect()
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+        // Beyond i64::MAX nothing can follow.
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.events(&sql, rusqlite::params![after, i64::from(limit)])
     }
 
     async fn events_for_build(&mut self, id: &BuildId) -> Result<Vec<Event>> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE build_id = ? ORDER BY seq");
-        let rows = sqlx::query(&sql)
-            .bind(id.as_str())
-            .fetch_all(&mut *self.conn)
-            .await?;
-        rows.iter().map(event_from_row).collect()
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE build_id = ?1 ORDER BY seq");
+        self.events(&sql, [id.as_str()])
     }
 
     async fn latest_seq(&mut self) -> Result<u64> {
         // Every allocated seq below `next` is committed (allocation and insert
         // share a transaction), so this equals MAX(seq) without scanning.
-        let next: i64 = sqlx::query_scalar("SELECT next FROM event_seq WHERE id = 1")
-            .fetch_one(&mut *self.conn)
-            .await?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT next FROM event_seq WHERE id = 1")?;
+        let next: i64 = stmt.query_row([], |row| row.get(0))?;
         to_u64(next - 1, "event_seq.next")
     }
 
@@ -289,82 +434,79 @@ impl Ops for SqliteOps<'_> {
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredLogLine>> {
-        let rows = sqlx::query(
-            "SELECT line_no, line FROM log_lines WHERE build_id = ? AND line_no > ? \
-             ORDER BY line_no LIMIT ?",
-        )
-        .bind(id.as_str())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.conn)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(StoredLogLine {
-                    line_no: to_u64(row.try_get("line_no")?, "log_lines.line_no")?,
-                    json: row.try_get("line")?,
-                })
-            })
-            .collect()
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT line_no, line FROM log_lines WHERE build_id = ?1 AND line_no > ?2 \
+             ORDER BY line_no LIMIT ?3",
+        )?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(rusqlite::params![id.as_str(), after, i64::from(limit)])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(StoredLogLine {
+                line_no: to_u64(row.get("line_no")?, "log_lines.line_no")?,
+                json: row.get("line")?,
+            });
+        }
+        Ok(out)
     }
 }
 
-fn build_from_row(row: &SqliteRow) -> Result<Build> {
-    let raw_id: String = row.try_get("id")?;
+fn build_from_row(row: &rusqlite::Row<'_>) -> Result<Build> {
+    let raw_id: String = row.get("id")?;
     let id: BuildId = raw_id
         .parse()
         .map_err(|e| StoreError::corrupt("build id", e))?;
     let what = |column: &str| format!("build {id} {column}");
-    let status: String = row.try_get("status")?;
-    let runner_ref: Option<String> = row.try_get("runner_ref")?;
+    let status: String = row.get("status")?;
+    let runner_ref: Option<String> = row.get("runner_ref")?;
     Ok(Build {
         status: status
             .parse()
             .map_err(|e| StoreError::corrupt(what("status"), e))?,
-        base: from_json(row.try_get("base")?, || what("base"))?,
-        head: from_json(row.try_get("head")?, || what("head"))?,
-        caller_metadata: from_json(row.try_get("caller_metadata")?, || what("caller_metadata"))?,
-        runner_metadata: from_json(row.try_get("runner_metadata")?, || what("runner_metadata"))?,
+        base: from_json(row.get("base")?, || what("base"))?,
+        head: from_json(row.get("head")?, || what("head"))?,
+        caller_metadata: from_json(row.get("caller_metadata")?, || what("caller_metadata"))?,
+        runner_metadata: from_json(row.get("runner_metadata")?, || what("runner_metadata"))?,
         runner_ref: runner_ref
             .map(|text| from_json(text, || what("runner_ref")))
             .transpose()?,
-        queue: row.try_get("queue")?,
-        runner: row.try_get("runner")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        cancel_requested: row.try_get("cancel_requested")?,
-        cancel_requested_at: opt_time(row.try_get("cancel_requested_at")?, || {
+        queue: row.get("queue")?,
+        runner: row.get("runner")?,
+        idempotency_key: row.get("idempotency_key")?,
+        cancel_requested: row.get("cancel_requested")?,
+        cancel_requested_at: opt_time(row.get("cancel_requested_at")?, || {
             what("cancel_requested_at")
         })?,
-        job_token_hash: row.try_get("job_token_hash")?,
-        failure_reason: row.try_get("failure_reason")?,
-        created_at: time(row.try_get("created_at")?, || what("created_at"))?,
-        updated_at: time(row.try_get("updated_at")?, || what("updated_at"))?,
-        started_at: opt_time(row.try_get("started_at")?, || what("started_at"))?,
-        finished_at: opt_time(row.try_get("finished_at")?, || what("finished_at"))?,
-        version: row.try_get("version")?,
+        job_token_hash: row.get("job_token_hash")?,
+        failure_reason: row.get("failure_reason")?,
+        created_at: time(row.get("created_at")?, || what("created_at"))?,
+        updated_at: time(row.get("updated_at")?, || what("updated_at"))?,
+        started_at: opt_time(row.get("started_at")?, || what("started_at"))?,
+        finished_at: opt_time(row.get("finished_at")?, || what("finished_at"))?,
+        version: row.get("version")?,
         id,
     })
 }
 
-fn event_from_row(row: &SqliteRow) -> Result<Event> {
-    let seq = to_u64(row.try_get("seq")?, "events.seq")?;
+fn event_from_row(row: &rusqlite::Row<'_>) -> Result<Event> {
+    let seq = to_u64(row.get("seq")?, "events.seq")?;
     let what = |column: &str| format!("event {seq} {column}");
-    let build_id: String = row.try_get("build_id")?;
-    let kind: String = row.try_get("kind")?;
-    let status: String = row.try_get("status")?;
+    let build_id: String = row.get("build_id")?;
+    let kind: String = row.get("kind")?;
+    let status: String = row.get("status")?;
     Ok(Event {
         build_id: build_id
             .parse()
             .map_err(|e| StoreError::corrupt(what("build_id"), e))?,
-        queue: row.try_get("queue")?,
+        queue: row.get("queue")?,
         kind: kind
             .parse::<EventKind>()
             .map_err(|e| StoreError::corrupt(what("kind"), e))?,
         status: status
             .parse()
             .map_err(|e| StoreError::corrupt(what("status"), e))?,
-        metadata: from_json(row.try_get("metadata")?, || what("metadata"))?,
-        at: time(row.try_get("at")?, || what("at"))?,
+        metadata: from_json(row.get("metadata")?, || what("metadata"))?,
+        at: time(row.get("at")?, || what("at"))?,
         seq,
     })
 }

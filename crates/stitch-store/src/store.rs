@@ -6,7 +6,6 @@ use std::path::Path;
 
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
-use sqlx::Sqlite;
 use stitch_core::{BuildId, BuildStatus};
 
 use crate::error::{Result, StoreError};
@@ -34,14 +33,40 @@ enum Backend {
     Sqlite(SqlitePool),
 }
 
+/// Runs `$body` with `$ops` bound to the backend's [`Ops`] on `$conn`.
+/// On SQLite the whole body runs synchronously on the raw handle, in one
+/// hand-off to the connection (ADR 0002).
+macro_rules! on_conn {
+    ($conn:expr, |$ops:ident| $body:expr) => {
+        sqlite::on_handle($conn, |raw| {
+            #[allow(unused_mut)]
+            let mut $ops = SqliteOps::new(raw);
+            sqlite::complete(async { $body })
+        })
+        .await
+    };
+}
+
 /// Runs `$body` with `$ops` bound to the backend's [`Ops`] on a pooled connection.
 macro_rules! with_read_ops {
     ($store:expr, |$ops:ident| $body:expr) => {
         match &$store.backend {
             Backend::Sqlite(pool) => {
                 let mut conn = pool.acquire().await?;
-                let mut $ops = SqliteOps::new(&mut conn);
-                $body
+                on_conn!(&mut conn, |$ops| $body)
+            }
+        }
+    };
+}
+
+/// Runs `$body` with `$ops` bound to the transaction's [`Ops`].
+macro_rules! with_tx_ops {
+    ($tx:expr, |$ops:ident| $body:expr) => {
+        match &mut $tx.inner {
+            TxInner::Sqlite(tx) => {
+                #[allow(unused_mut)]
+                let mut $ops = SqliteOps::new(tx.handle());
+                sqlite::complete(async { $body })
             }
         }
     };
@@ -107,7 +132,7 @@ impl Store {
             None => None,
         };
         let inner = match &self.backend {
-            Backend::Sqlite(pool) => TxInner::Sqlite(pool.begin_with(sqlite::BEGIN_WRITE).await?),
+            Backend::Sqlite(pool) => TxInner::Sqlite(sqlite::SqliteWriteTx::begin(pool).await?),
         };
         Ok(StoreTx {
             inner,
@@ -147,8 +172,8 @@ impl Store {
         // One extra row tells whether another page exists without a COUNT.
         let mut builds = with_read_ops!(self, |ops| {
             ops.list_builds(filter, cursor.map(|c| &c.0), limit + 1)
-                .await?
-        });
+                .await
+        })?;
         let more = builds.len() > limit as usize;
         builds.truncate(limit as usize);
         let next = match builds.last() {
@@ -283,38 +308,39 @@ pub struct StoreTx<'s> {
 
 #[derive(Debug)]
 enum TxInner {
-    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Sqlite(sqlite::SqliteWriteTx),
 }
 
 impl StoreTx<'_> {
-    fn ops(&mut self) -> SqliteOps<'_> {
-        match &mut self.inner {
-            TxInner::Sqlite(tx) => SqliteOps::new(tx),
-        }
-    }
-
     /// The transaction's connection, for statements of other crates that must
     /// commit or roll back together with the store's writes.
     pub fn conn(&mut self) -> &mut SqliteConnection {
         match &mut self.inner {
-            TxInner::Sqlite(tx) => tx,
+            TxInner::Sqlite(tx) => tx.conn(),
+        }
+    }
+
+    /// The transaction's raw SQLite connection, for another crate's
+    /// statements that run synchronously in this transaction (the message
+    /// queue's `publish_on_handle`): no hand-off to sqlx's worker thread.
+    pub fn sqlite_handle(&self) -> &rusqlite::Connection {
+        match &self.inner {
+            TxInner::Sqlite(tx) => tx.handle(),
         }
     }
 
     /// Commits every write made through this transaction.
     pub async fn commit(self) -> Result<()> {
         match self.inner {
-            TxInner::Sqlite(tx) => tx.commit().await?,
+            TxInner::Sqlite(tx) => tx.commit(),
         }
-        Ok(())
     }
 
     /// Rolls back every write made through this transaction.
     pub async fn rollback(self) -> Result<()> {
         match self.inner {
-            TxInner::Sqlite(tx) => tx.rollback().await?,
+            TxInner::Sqlite(tx) => tx.rollback(),
         }
-        Ok(())
     }
 
     /// Creates a build in status `accepted` and appends its first `status`
@@ -324,12 +350,35 @@ impl StoreTx<'_> {
     /// different request is [`crate::Conflict::DuplicateId`]; an empty queue,
     /// runner or key is [`StoreError::InvalidInput`].
     pub async fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        logic::create_build(&mut self.ops(), new).await
+        with_tx_ops!(self, |ops| logic::create_build(&mut ops, new).await)
+    }
+
+    /// Creates several builds in this transaction, in order (group commit:
+    /// one transaction for many concurrent create requests). Each request gets
+    /// its own answer as [`StoreTx::create_build`] would give it; a request
+    /// refused for its input writes nothing and does not affect the others.
+    /// An error that leaves the transaction unusable (a database error) is
+    /// returned for the whole call: roll back, then retry the requests one
+    /// at a time if their individual answers matter.
+    pub async fn create_builds(
+        &mut self,
+        news: Vec<NewBuild>,
+    ) -> Result<Vec<Result<CreateOutcome>>> {
+        with_tx_ops!(self, |ops| {
+            let mut out = Vec::with_capacity(news.len());
+            for new in news {
+                match logic::create_build(&mut ops, new).await {
+                    Err(e) if !e.is_request_refusal() => return Err(e),
+                    answer => out.push(answer),
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Loads a build inside this transaction (sees its uncommitted writes).
     pub async fn get_build(&mut self, id: &BuildId) -> Result<Build> {
-        logic::get_build(&mut self.ops(), id).await
+        with_tx_ops!(self, |ops| logic::get_build(&mut ops, id).await)
     }
 
     /// Records a status report: merges `runner_metadata_patch` into the runner
@@ -351,15 +400,15 @@ impl StoreTx<'_> {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        logic::record_status(
-            &mut self.ops(),
+        with_tx_ops!(self, |ops| logic::record_status(
+            &mut ops,
             id,
             expected_from,
             new_status,
             runner_metadata_patch,
             reason,
         )
-        .await
+        .await)
     }
 
     /// Records the provider's identity of the build (also on terminal builds:
@@ -369,19 +418,21 @@ impl StoreTx<'_> {
         id: &BuildId,
         runner_ref: &serde_json::Value,
     ) -> Result<Build> {
-        logic::set_runner_ref(&mut self.ops(), id, runner_ref).await
+        with_tx_ops!(self, |ops| logic::set_runner_ref(&mut ops, id, runner_ref)
+            .await)
     }
 
     /// Sets or clears the hash of the build-scoped job token.
     pub async fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        logic::set_job_token_hash(&mut self.ops(), id, hash).await
+        with_tx_ops!(self, |ops| logic::set_job_token_hash(&mut ops, id, hash)
+            .await)
     }
 
     /// Records that cancellation was requested. Idempotent:
     /// `newly_requested` is false when it already was, or when the build is
     /// terminal (nothing left to cancel; nothing is written then).
     pub async fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
-        logic::request_cancel(&mut self.ops(), id).await
+        with_tx_ops!(self, |ops| logic::request_cancel(&mut ops, id).await)
     }
 
     /// Records a promised failure: merges `metadata` (e.g.
@@ -393,14 +444,15 @@ impl StoreTx<'_> {
         id: &BuildId,
         metadata: &Metadata,
     ) -> Result<Option<Event>> {
-        logic::record_failing(&mut self.ops(), id, metadata).await
+        with_tx_ops!(self, |ops| logic::record_failing(&mut ops, id, metadata)
+            .await)
     }
 
     /// Appends an event snapshotting the build's current status and metadata
     /// without changing the build (the status-changing methods append their
     /// own events; this is for callers that need to re-announce a state).
     pub async fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        logic::append_event(&mut self.ops(), id, kind).await
+        with_tx_ops!(self, |ops| logic::append_event(&mut ops, id, kind).await)
     }
 
     /// Appends log lines, each serialized to JSON, numbering them after the
@@ -417,7 +469,8 @@ impl StoreTx<'_> {
     }
 
     async fn append_json_log_lines(&mut self, id: &BuildId, lines: &[String]) -> Result<u64> {
-        logic::append_log_lines(&mut self.ops(), id, lines).await
+        with_tx_ops!(self, |ops| logic::append_log_lines(&mut ops, id, lines)
+            .await)
     }
 }
 

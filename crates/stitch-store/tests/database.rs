@@ -451,3 +451,101 @@ async fn corrupt_rows_surface_as_corrupt_not_panics() {
     let err = db.store.get_build(&id).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
+
+/// A write transaction dropped without commit — also when the future that
+/// held it is cancelled — rolls back, and the pool's connections come back
+/// usable (not stuck inside a transaction, not holding the write lock).
+#[tokio::test]
+async fn dropped_and_cancelled_transactions_roll_back_and_free_the_writer() {
+    let db = open().await;
+    let dropped = new_build("app");
+    {
+        let mut tx = db.store.begin().await.unwrap();
+        tx.create_build(dropped.clone()).await.unwrap();
+    }
+    assert!(db
+        .store
+        .get_build(&dropped.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    // A task holding an open transaction is aborted at an await point.
+    let cancelled = new_build("app");
+    let (held, hold) = tokio::sync::oneshot::channel::<()>();
+    let store = db.store.clone();
+    let new = cancelled.clone();
+    let task = tokio::spawn(async move {
+        let mut tx = store.begin().await.unwrap();
+        tx.create_build(new).await.unwrap();
+        let _ = held.send(());
+        std::future::pending::<()>().await;
+        drop(tx);
+    });
+    hold.await.unwrap();
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert!(db
+        .store
+        .get_build(&cancelled.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    // Every pooled connection can write again: more writers than the pool has
+    // connections, each committing.
+    let writers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = db.store.clone();
+            tokio::spawn(async move { store.create_build(new_build("app")).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let (page, _) = db
+        .store
+        .list_builds(&stitch_store::BuildFilter::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 16);
+}
+
+/// Several builds created in one transaction each get their own answer: a
+/// replayed idempotency key (even one first used earlier in the same batch)
+/// resolves to the existing build, a refused request writes nothing, and the
+/// rest commit together with gapless event seqs.
+#[tokio::test]
+async fn create_builds_answers_each_request_in_one_transaction() {
+    let db = open().await;
+    let first = common::keyed("app", "k-1");
+    let mut replay = common::keyed("app", "k-1");
+    replay.id = stitch_core::BuildId::new();
+    let mut empty_queue = new_build("app");
+    empty_queue.queue = String::new();
+    let plain = new_build("app");
+
+    let mut tx = db.store.begin().await.unwrap();
+    let answers = tx
+        .create_builds(vec![first.clone(), replay, empty_queue, plain.clone()])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(answers.len(), 4);
+    assert!(matches!(&answers[0], Ok(stitch_store::CreateOutcome::Created(b)) if b.id == first.id));
+    assert!(
+        matches!(&answers[1], Ok(stitch_store::CreateOutcome::Existing(b)) if b.id == first.id)
+    );
+    assert!(matches!(&answers[2], Err(StoreError::InvalidInput(_))));
+    assert!(matches!(&answers[3], Ok(stitch_store::CreateOutcome::Created(b)) if b.id == plain.id));
+    let seqs: Vec<u64> = db
+        .store
+        .events_after(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+}

@@ -85,7 +85,7 @@ impl Stage for TriggerStage {
         )?;
         let mut tx = store.begin().await?;
         tx.set_runner_ref(&build.id, &runner_ref).await?;
-        SqliteDriver::publish_in_tx(tx.conn(), topics::SIGNAL, &msgs, now_millis()).await?;
+        SqliteDriver::publish_on_handle(tx.sqlite_handle(), topics::SIGNAL, &msgs, now_millis())?;
         tx.commit().await?;
         self.state
             .queue()
