@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stitch_core::{BuildId, BuildMetadata, ChangeSet, ValidationError};
-use stitch_mq::{Message, MqError};
+use stitch_mq::sqlite::SqliteDriver;
+use stitch_mq::{now_millis, Message, MqError};
 use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreError};
 
 use crate::state::{topics, AppState};
@@ -128,23 +129,38 @@ pub async fn create_build(
         vec![build_message(&id, queue, topics::TRIGGER)],
         None,
     )?;
+    let new = NewBuild {
+        id: id.clone(),
+        queue: queue.to_string(),
+        runner: runtime.runner_name.to_string(),
+        base: req.base,
+        head: req.head,
+        metadata: req.metadata,
+        idempotency_key: req.idempotency_key,
+    };
+    // Group-committed with other writes (creates arriving together share a
+    // transaction); the trigger message is published only with a new build.
     let outcome = state
-        .admission()
-        .create(
-            NewBuild {
-                id: id.clone(),
-                queue: queue.to_string(),
-                runner: runtime.runner_name.to_string(),
-                base: req.base,
-                head: req.head,
-                metadata: req.metadata,
-                idempotency_key: req.idempotency_key,
-            },
-            msgs,
-        )
+        .store()
+        .write(move |w| -> Result<CreateOutcome, ServiceError> {
+            let outcome = w.create_build(new)?;
+            if matches!(outcome, CreateOutcome::Created(_)) {
+                SqliteDriver::publish_on_handle(
+                    w.sqlite_handle(),
+                    topics::TRIGGER,
+                    &msgs,
+                    now_millis(),
+                )?;
+            }
+            Ok(outcome)
+        })
         .await?;
     match outcome {
-        CreateOutcome::Created(build) => Ok((build, true)),
+        CreateOutcome::Created(build) => {
+            state.queue().publisher().notify_published(topics::TRIGGER);
+            state.events_committed();
+            Ok((build, true))
+        }
         CreateOutcome::Existing(build) => {
             // A replay must be the same request; the same key for different
             // changes is a caller bug that would otherwise hide a build.

@@ -13,7 +13,6 @@ use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunne
 use stitch_store::Store;
 use tokio::sync::watch;
 
-use crate::admission::BuildAdmission;
 use crate::config::{Config, QueueConfig, RunnerName};
 
 /// Message-queue topics the stages consume.
@@ -47,8 +46,7 @@ struct Inner {
     store: Store,
     queue: Queue,
     queues: BTreeMap<String, QueueRuntime>,
-    events: Arc<watch::Sender<u64>>,
-    admission: BuildAdmission,
+    events: watch::Sender<u64>,
 }
 
 /// Why the service could not start.
@@ -113,17 +111,7 @@ impl AppState {
             let runtime = build_runtime(&config, name, qc)?;
             queues.insert(name.clone(), runtime);
         }
-        let events = Arc::new(watch::channel(0u64).0);
-        let admission = {
-            let (queue, events) = (queue.clone(), events.clone());
-            BuildAdmission::start(
-                store.clone(),
-                Box::new(move || {
-                    queue.publisher().notify_published(topics::TRIGGER);
-                    events.send_modify(|generation| *generation = generation.wrapping_add(1));
-                }),
-            )
-        };
+        let (events, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -131,7 +119,6 @@ impl AppState {
                 queue,
                 queues,
                 events,
-                admission,
             }),
         })
     }
@@ -139,11 +126,6 @@ impl AppState {
     /// The configuration the service runs with.
     pub fn config(&self) -> &Config {
         &self.inner.config
-    }
-
-    /// The group committer of create requests.
-    pub(crate) fn admission(&self) -> &BuildAdmission {
-        &self.inner.admission
     }
 
     /// The build store.

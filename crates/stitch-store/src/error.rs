@@ -53,6 +53,16 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
 
+    /// The shared transaction a group-committed write ran in did not commit,
+    /// so neither did the write.
+    #[error("the shared write transaction failed: {message}")]
+    GroupCommit {
+        /// The transaction's error.
+        message: String,
+        /// Whether that error was transient.
+        retryable: bool,
+    },
+
     /// A bug inside the store, not caused by the input or the database.
     #[error("internal store error: {0}")]
     Internal(String),
@@ -101,6 +111,7 @@ impl StoreError {
                 )
             }),
             StoreError::Conflict(Conflict::VersionMismatch { .. }) => true,
+            StoreError::GroupCommit { retryable, .. } => *retryable,
             StoreError::Migrate(
                 sqlx::migrate::MigrateError::Execute(e)
                 | sqlx::migrate::MigrateError::ExecuteMigration(e, _),

@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod group_commit;
 mod logic;
 pub mod model;
 mod ops;
@@ -31,4 +32,4 @@ pub use model::{
     Build, BuildFilter, BuildRecord, CancelOutcome, CreateOutcome, Cursor, Event, EventKind,
     InvalidCursor, Metadata, NewBuild, StoredLogLine, ERROR_KEY, URL_KEY,
 };
-pub use store::{Store, StoreTx};
+pub use store::{Store, StoreTx, StoreWrite};

@@ -201,6 +201,10 @@ impl<'c> SqliteOps<'c> {
         Self { conn }
     }
 
+    pub(crate) fn conn(&self) -> &'c rusqlite::Connection {
+        self.conn
+    }
+
     fn builds(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Build>> {
         let mut stmt = self.conn.prepare_cached(sql)?;
         let mut rows = stmt.query(params)?;

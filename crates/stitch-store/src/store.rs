@@ -9,6 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use stitch_core::{BuildId, BuildStatus};
 
 use crate::error::{Result, StoreError};
+use crate::group_commit::GroupCommitter;
 use crate::logic;
 use crate::model::{
     Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, EventKind, Metadata, NewBuild,
@@ -24,6 +25,9 @@ pub struct Store {
     /// Shared with the message queue on the same database: one writer at a
     /// time inside the process instead of SQLite busy-handler sleeps.
     writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// Started on the first group-committed write, so it sees the writer
+    /// lock set by [`Store::with_writer_lock`].
+    committer: std::sync::Arc<std::sync::OnceLock<GroupCommitter>>,
 }
 
 /// The database behind a [`Store`]. PostgreSQL and MySQL become variants here;
@@ -72,16 +76,6 @@ macro_rules! with_tx_ops {
     };
 }
 
-/// Runs `$op` in a fresh write transaction and commits it.
-macro_rules! in_tx {
-    ($store:expr, |$tx:ident| $op:expr) => {{
-        let mut $tx = $store.begin().await?;
-        let out = $op.await?;
-        $tx.commit().await?;
-        Ok(out)
-    }};
-}
-
 impl Store {
     /// Opens (creating if missing) the SQLite database file at `path` with WAL,
     /// `synchronous = NORMAL`, foreign keys on and a 10 s busy timeout, and
@@ -99,6 +93,7 @@ impl Store {
         Ok(Store {
             backend: Backend::Sqlite(pool),
             writer: None,
+            committer: Default::default(),
         })
     }
 
@@ -146,14 +141,39 @@ impl Store {
     /// so the two never wait on each other inside SQLite.
     pub fn with_writer_lock(mut self, lock: std::sync::Arc<tokio::sync::Mutex<()>>) -> Self {
         self.writer = Some(lock);
+        self.committer = Default::default();
         self
+    }
+
+    /// Runs `write` in a write transaction shared with other callers' writes
+    /// (group commit) and returns its result once that transaction has
+    /// committed. `write` runs in its own savepoint: if it returns an error,
+    /// its changes are rolled back and the error is returned to this caller
+    /// only. If the shared transaction fails to commit, every caller in it
+    /// gets [`StoreError::GroupCommit`] and nothing of theirs is written.
+    ///
+    /// `write` runs synchronously on the committer task and must be short:
+    /// the statements of one build change, not a scan. A write that was
+    /// submitted still commits if the caller stops waiting for it.
+    pub async fn write<F, T, E>(&self, write: F) -> std::result::Result<T, E>
+    where
+        F: FnOnce(&mut StoreWrite<'_>) -> std::result::Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let committer = match &self.backend {
+            Backend::Sqlite(pool) => self
+                .committer
+                .get_or_init(|| GroupCommitter::start(pool.clone(), self.writer.clone())),
+        };
+        committer.submit(write).await
     }
 
     /// Creates a build (status `accepted`, plus its first event), or returns
     /// the build that already holds `(queue, idempotency_key)`.
     /// See [`StoreTx::create_build`].
     pub async fn create_build(&self, new: NewBuild) -> Result<CreateOutcome> {
-        in_tx!(self, |tx| tx.create_build(new))
+        self.write(move |w| w.create_build(new)).await
     }
 
     /// Loads a build; [`StoreError::NotFound`] when there is none.
@@ -192,13 +212,12 @@ impl Store {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        in_tx!(self, |tx| tx.record_status(
-            id,
-            expected_from,
-            new_status,
-            runner_metadata_patch,
-            reason
-        ))
+        let (id, patch) = (id.clone(), runner_metadata_patch.clone());
+        let reason = reason.map(str::to_owned);
+        self.write(move |w| {
+            w.record_status(&id, expected_from, new_status, &patch, reason.as_deref())
+        })
+        .await
     }
 
     /// Records the provider's identity of a build. See [`StoreTx::set_runner_ref`].
@@ -207,22 +226,28 @@ impl Store {
         id: &BuildId,
         runner_ref: &serde_json::Value,
     ) -> Result<Build> {
-        in_tx!(self, |tx| tx.set_runner_ref(id, runner_ref))
+        let (id, runner_ref) = (id.clone(), runner_ref.clone());
+        self.write(move |w| w.set_runner_ref(&id, &runner_ref))
+            .await
     }
 
     /// Records the hash of a build's job token. See [`StoreTx::set_job_token_hash`].
     pub async fn set_job_token_hash(&self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        in_tx!(self, |tx| tx.set_job_token_hash(id, hash))
+        let (id, hash) = (id.clone(), hash.map(str::to_owned));
+        self.write(move |w| w.set_job_token_hash(&id, hash.as_deref()))
+            .await
     }
 
     /// Records a cancel request. See [`StoreTx::request_cancel`].
     pub async fn request_cancel(&self, id: &BuildId) -> Result<CancelOutcome> {
-        in_tx!(self, |tx| tx.request_cancel(id))
+        let id = id.clone();
+        self.write(move |w| w.request_cancel(&id)).await
     }
 
     /// Records a promised failure. See [`StoreTx::record_failing`].
     pub async fn record_failing(&self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
-        in_tx!(self, |tx| tx.record_failing(id, metadata))
+        let (id, metadata) = (id.clone(), metadata.clone());
+        self.write(move |w| w.record_failing(&id, &metadata)).await
     }
 
     /// Every build that is not terminal, oldest first: what a restarting
@@ -258,10 +283,9 @@ impl Store {
     /// the last line stored. See [`StoreTx::append_log_lines`].
     pub async fn append_log_lines<T: Serialize>(&self, id: &BuildId, lines: &[T]) -> Result<u64> {
         let lines = serialize_lines(lines)?;
-        let mut tx = self.begin().await?;
-        let last = tx.append_json_log_lines(id, &lines).await?;
-        tx.commit().await?;
-        Ok(last)
+        let id = id.clone();
+        self.write(move |w| w.append_json_log_lines(&id, &lines))
+            .await
     }
 
     /// Up to `limit` log lines numbered above `after_line`, in order;
@@ -482,4 +506,98 @@ fn serialize_lines<T: Serialize>(lines: &[T]) -> Result<Vec<String>> {
                 .map_err(|e| StoreError::InvalidInput(format!("log line is not serializable: {e}")))
         })
         .collect()
+}
+
+/// The store's writes inside a group-committed transaction
+/// ([`Store::write`]); the same operations as [`StoreTx`], synchronous.
+pub struct StoreWrite<'c> {
+    ops: SqliteOps<'c>,
+}
+
+impl std::fmt::Debug for StoreWrite<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreWrite").finish_non_exhaustive()
+    }
+}
+
+impl<'c> StoreWrite<'c> {
+    pub(crate) fn new(conn: &'c rusqlite::Connection) -> Self {
+        Self {
+            ops: SqliteOps::new(conn),
+        }
+    }
+
+    /// The raw SQLite connection of the shared transaction, for another
+    /// crate's statements (the message queue's `publish_on_handle`).
+    pub fn sqlite_handle(&self) -> &'c rusqlite::Connection {
+        self.ops.conn()
+    }
+
+    /// See [`StoreTx::create_build`].
+    pub fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
+        sqlite::complete(logic::create_build(&mut self.ops, new))
+    }
+
+    /// See [`StoreTx::get_build`].
+    pub fn get_build(&mut self, id: &BuildId) -> Result<Build> {
+        sqlite::complete(logic::get_build(&mut self.ops, id))
+    }
+
+    /// See [`StoreTx::record_status`].
+    pub fn record_status(
+        &mut self,
+        id: &BuildId,
+        expected_from: Option<BuildStatus>,
+        new_status: BuildStatus,
+        runner_metadata_patch: &Metadata,
+        reason: Option<&str>,
+    ) -> Result<Option<Event>> {
+        sqlite::complete(logic::record_status(
+            &mut self.ops,
+            id,
+            expected_from,
+            new_status,
+            runner_metadata_patch,
+            reason,
+        ))
+    }
+
+    /// See [`StoreTx::set_runner_ref`].
+    pub fn set_runner_ref(
+        &mut self,
+        id: &BuildId,
+        runner_ref: &serde_json::Value,
+    ) -> Result<Build> {
+        sqlite::complete(logic::set_runner_ref(&mut self.ops, id, runner_ref))
+    }
+
+    /// See [`StoreTx::set_job_token_hash`].
+    pub fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
+        sqlite::complete(logic::set_job_token_hash(&mut self.ops, id, hash))
+    }
+
+    /// See [`StoreTx::request_cancel`].
+    pub fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
+        sqlite::complete(logic::request_cancel(&mut self.ops, id))
+    }
+
+    /// See [`StoreTx::record_failing`].
+    pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
+        sqlite::complete(logic::record_failing(&mut self.ops, id, metadata))
+    }
+
+    /// See [`StoreTx::append_event`].
+    pub fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
+        sqlite::complete(logic::append_event(&mut self.ops, id, kind))
+    }
+
+    /// See [`StoreTx::append_log_lines`].
+    pub fn append_log_lines<T: Serialize>(&mut self, id: &BuildId, lines: &[T]) -> Result<u64> {
+        let lines = serialize_lines(lines)?;
+        self.append_json_log_lines(id, &lines)
+    }
+
+    fn append_json_log_lines(&mut self, id: &BuildId, lines: &[String]) -> Result<u64> {
+        sqlite::complete(logic::append_log_lines(&mut self.ops, id, lines))
+    }
 }

@@ -83,10 +83,19 @@ impl Stage for TriggerStage {
             vec![build_message(&build.id, &build.queue, topics::SIGNAL)],
             None,
         )?;
-        let mut tx = store.begin().await?;
-        tx.set_runner_ref(&build.id, &runner_ref).await?;
-        SqliteDriver::publish_on_handle(tx.sqlite_handle(), topics::SIGNAL, &msgs, now_millis())?;
-        tx.commit().await?;
+        let id = build.id.clone();
+        store
+            .write(move |w| -> Result<(), StageError> {
+                w.set_runner_ref(&id, &runner_ref)?;
+                SqliteDriver::publish_on_handle(
+                    w.sqlite_handle(),
+                    topics::SIGNAL,
+                    &msgs,
+                    now_millis(),
+                )?;
+                Ok(())
+            })
+            .await?;
         self.state
             .queue()
             .publisher()
