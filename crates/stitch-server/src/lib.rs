@@ -4,6 +4,7 @@
 pub mod app;
 pub mod config;
 pub mod consumer;
+pub mod event_feed;
 pub mod http;
 pub mod service;
 pub mod stages;

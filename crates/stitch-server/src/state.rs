@@ -14,6 +14,7 @@ use stitch_store::Store;
 use tokio::sync::watch;
 
 use crate::config::{Config, QueueConfig, RunnerName};
+use crate::event_feed::{EventFeed, FeedEvent};
 
 /// Message-queue topics the stages consume.
 pub mod topics {
@@ -47,6 +48,7 @@ struct Inner {
     queue: Queue,
     queues: BTreeMap<String, QueueRuntime>,
     events: watch::Sender<u64>,
+    feed: EventFeed,
 }
 
 /// Why the service could not start.
@@ -111,7 +113,8 @@ impl AppState {
             let runtime = build_runtime(&config, name, qc)?;
             queues.insert(name.clone(), runtime);
         }
-        let (events, _) = watch::channel(0);
+        let (events, commits) = watch::channel(0);
+        let feed = EventFeed::start(store.clone(), commits);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -119,6 +122,7 @@ impl AppState {
                 queue,
                 queues,
                 events,
+                feed,
             }),
         })
     }
@@ -152,6 +156,15 @@ impl AppState {
     /// and then read the durable log from their own position.
     pub fn event_seq(&self) -> watch::Receiver<u64> {
         self.inner.events.subscribe()
+    }
+
+    /// Every event with `seq > after`, forever, in order (see
+    /// [`crate::event_feed`]).
+    pub fn event_stream(
+        &self,
+        after: u64,
+    ) -> futures::stream::BoxStream<'static, Result<Arc<FeedEvent>, stitch_store::StoreError>> {
+        self.inner.feed.stream(self.inner.store.clone(), after)
     }
 
     /// Wakes the event streams: events were committed.

@@ -63,17 +63,14 @@ pub(crate) async fn events(
     }
     let shutdown = shutdown.map(|Extension(s)| s.0).unwrap_or_default();
     let keepalive = ctx.options.keepalive;
-    let tail = streams::event_tail(ctx.state.clone(), after, ctx.options.recheck);
+    let tail = ctx.state.event_stream(after);
 
     if streams::wants_websocket(&headers) {
         let ws = ws.map_err(|r| ApiError::invalid(r.body_text()))?;
         let guard = ctx.metrics.stream("events", "websocket");
         let frames = tail
             .map(|r| match r {
-                Ok(e) => match serde_json::to_string(&e) {
-                    Ok(json) => WsItem::Text(json),
-                    Err(err) => WsItem::Fail(format!("cannot encode event: {err}")),
-                },
+                Ok(e) => WsItem::Text(e.json.clone()),
                 Err(err) => {
                     tracing::error!(error = %err, "event stream: reading the event log failed");
                     WsItem::Fail("reading the event log failed; reconnect with ?after=".into())
@@ -103,14 +100,11 @@ pub(crate) async fn events(
             std::future::ready(r.is_ok())
         })
         .filter_map(|r| {
-            std::future::ready(r.ok().and_then(|e| {
-                let json = serde_json::to_string(&e).ok()?;
-                Some(
-                    SseEvent::default()
-                        .id(e.seq.to_string())
-                        .event("build")
-                        .data(json),
-                )
+            std::future::ready(r.ok().map(|e| {
+                SseEvent::default()
+                    .id(e.event.seq.to_string())
+                    .event("build")
+                    .data(&e.json)
             }))
         });
     Ok(streams::sse_response(frames, keepalive, shutdown, guard).into_response())

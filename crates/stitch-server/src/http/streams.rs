@@ -1,7 +1,6 @@
 //! Transport plumbing shared by the event and log streams: choosing SSE or
-//! WebSocket, keepalives, shutdown, and the durable event-log tail.
+//! WebSocket, keepalives and shutdown.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -10,16 +9,11 @@ use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{BoxStream, Stream, StreamExt};
-use stitch_store::{Event, StoreError};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::metrics::StreamGuard;
-use crate::state::AppState;
 
-/// Events read from the store per query.
-pub(crate) const EVENT_BATCH: u32 = 500;
 /// Longest wait for a client to take one WebSocket frame before the
 /// connection is given up as dead.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -173,80 +167,4 @@ fn truncate_reason(mut s: String) -> String {
         s.push_str("...");
     }
     s
-}
-
-/// The event log from `after` on, forever: reads batches from the store;
-/// when caught up, waits for the committed-seq notifier (or `recheck`, for
-/// writers in other processes). Each reader keeps its own position in the
-/// durable log, so a slow reader lags but never loses an event. Ends after
-/// reporting a store error.
-pub(crate) fn event_tail(
-    state: AppState,
-    after: u64,
-    recheck: Duration,
-) -> BoxStream<'static, Result<Event, StoreError>> {
-    let tail = Tail {
-        seq_rx: state.event_seq(),
-        state,
-        after,
-        recheck,
-        ready: VecDeque::new(),
-        failed: false,
-    };
-    futures::stream::unfold(tail, Tail::next).boxed()
-}
-
-struct Tail {
-    state: AppState,
-    seq_rx: watch::Receiver<u64>,
-    after: u64,
-    recheck: Duration,
-    ready: VecDeque<Event>,
-    failed: bool,
-}
-
-impl Tail {
-    async fn next(mut self) -> Option<(Result<Event, StoreError>, Self)> {
-        loop {
-            if let Some(e) = self.ready.pop_front() {
-                self.after = e.seq;
-                return Some((Ok(e), self));
-            }
-            if self.failed {
-                return None;
-            }
-            // Mark the current notification seen before reading, so a
-            // commit after the read wakes the wait below.
-            let _ = self.seq_rx.borrow_and_update();
-            match self
-                .state
-                .store()
-                .events_after(self.after, EVENT_BATCH)
-                .await
-            {
-                Err(e) => {
-                    self.failed = true;
-                    return Some((Err(e), self));
-                }
-                Ok(batch) if !batch.is_empty() => {
-                    // Defensive: never go backwards or repeat.
-                    let after = self.after;
-                    self.ready
-                        .extend(batch.into_iter().filter(|e| e.seq > after));
-                }
-                Ok(_) => {
-                    let recheck = self.recheck;
-                    tokio::select! {
-                        r = self.seq_rx.changed() => {
-                            if r.is_err() {
-                                // Notifier gone: fall back to polling.
-                                tokio::time::sleep(recheck).await;
-                            }
-                        }
-                        _ = tokio::time::sleep(recheck) => {}
-                    }
-                }
-            }
-        }
-    }
 }
