@@ -115,6 +115,9 @@ fn print_build(b: &BuildRecord, json: bool) {
     if let Some(err) = b.metadata.get("error") {
         println!("  error: {err}");
     }
+    if b.cancel_requested && !b.status.is_terminal() {
+        println!("  cancel requested; waiting for the provider to confirm");
+    }
     println!("  created {}", b.created_at.to_rfc3339());
 }
 

@@ -512,6 +512,52 @@ async fn restart_reports_a_killed_build_as_lost() {
     );
 }
 
+/// stitch died after recording that it was starting the command but before
+/// recording its process: the command may have run, so a restart fails the
+/// build as lost and never starts it again (at most once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_never_reruns_a_build_caught_while_starting() {
+    let env = Env::new();
+    let command = r#"case "$STITCH_HEAD" in *long*) exec sleep 1000 ;; *) echo ran >> "$STITCH_BUILD_ID.ran" ;; esac"#;
+    let long = request("h/long");
+    let caught = request("h/caught");
+    {
+        let runner = env.runner(command); // concurrency 1: `caught` waits
+        let handle = trigger(&runner, &long).await;
+        wait_for(&runner, &handle, |s| s == BuildStatus::Running).await;
+        trigger(&runner, &caught).await;
+    }
+    // Recreate the moment between "starting" and "running" on disk.
+    let state_path = env
+        .state_dir()
+        .join(caught.build_id.as_str())
+        .join(STATE_FILE);
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["status"], "accepted");
+    state["started_at"] = serde_json::json!("2026-01-01T00:00:00Z");
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let runner = env.runner(command);
+    let report = wait_terminal(&runner, &caught.handle()).await;
+    assert_eq!(report.status, BuildStatus::Failed);
+    let error = report.metadata.get("error").unwrap();
+    assert!(
+        error.contains("stitch stopped while starting the command"),
+        "{error}"
+    );
+    // Neither the restart nor a re-trigger started it.
+    runner.trigger(&caught).await.unwrap();
+    assert_eq!(
+        runner.status(&caught.handle()).await.unwrap().status,
+        BuildStatus::Failed
+    );
+    assert!(!env
+        .scratch()
+        .join(format!("{}.ran", caught.build_id))
+        .exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_kills_orphans_and_starts_waiting_builds() {
     let env = Env::new();

@@ -112,6 +112,10 @@ async fn cancel_records_intent_and_leaves_terminal_builds_alone() {
     assert_eq!(resp.status(), 202);
     let rec: Value = resp.json().await.unwrap();
     assert_eq!(rec["id"], id.as_str());
+    // The record shows the pending cancel until the provider confirms it.
+    if rec["status"] != "cancelled" {
+        assert_eq!(rec["cancel_requested"], true, "{rec}");
+    }
     let stored = s
         .state
         .store()

@@ -38,8 +38,8 @@ pub struct NewBuild {
 /// A stored build.
 ///
 /// `Serialize` produces the API record shape (DESIGN §6):
-/// `{id, queue, status, base, head, metadata, runner_ref, created_at, updated_at, finished_at, url}`.
-/// The internal fields (version, token hash, cancel flag, …) are not part of it.
+/// `{id, queue, status, base, head, metadata, runner_ref, created_at, updated_at, finished_at, url,
+/// cancel_requested}`. The internal fields (version, token hash, cancel flag, …) are not part of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Build {
     /// The build's id.
@@ -114,6 +114,7 @@ impl Build {
             updated_at: self.updated_at,
             finished_at: self.finished_at,
             url: self.url().map(str::to_owned),
+            cancel_requested: self.cancel_requested,
         }
     }
 }
@@ -150,6 +151,10 @@ pub struct BuildRecord {
     pub finished_at: Option<DateTime<Utc>>,
     /// The provider's web URL, if known.
     pub url: Option<String>,
+    /// Whether cancellation was requested (the build may still be running
+    /// until the provider confirms it).
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 /// What [`crate::Store::create_build`] did.

@@ -38,6 +38,7 @@ async fn create_then_get_returns_the_record_shape() {
         "updated_at",
         "finished_at",
         "url",
+        "cancel_requested",
     ]
     .into_iter()
     .map(String::from)

@@ -209,7 +209,7 @@ impl Shared {
 
     fn start(self: &Arc<Self>, reg: &mut Registry, id: BuildId) {
         let mut state = match self.dir.read(&id) {
-            Ok(Some(s)) if s.status == BuildStatus::Accepted => s,
+            Ok(Some(s)) if s.status == BuildStatus::Accepted && s.started_at.is_none() => s,
             Ok(_) => return, // cancelled while waiting
             Err(e) => {
                 tracing::error!(build_id = %id, error = %e, "cannot start local build");
@@ -232,6 +232,19 @@ impl Shared {
                 now,
             ),
         );
+        // Recorded before the spawn: if stitch dies between the spawn and the
+        // `running` record below, a restart finds `started_at` without a pid
+        // and fails the build as lost instead of running the command twice.
+        state.started_at = Some(now);
+        if let Err(e) = self.dir.write(&state) {
+            state.started_at = None;
+            self.fail_unstarted(
+                &mut writer,
+                &mut state,
+                format!("could not record the build's state: {e}"),
+            );
+            return;
+        }
         let child = match process::spawn(&self.config, &state) {
             Ok(child) => child,
             Err(e) => {
@@ -331,7 +344,9 @@ impl Shared {
     /// left behind by an earlier runner on the same directory. Waiting
     /// builds are queued (or cancelled); running ones are lost.
     fn reconcile(&self, reg: &mut Registry, mut state: BuildState, cancel: bool) -> BuildState {
-        if state.status == BuildStatus::Accepted {
+        // Accepted with `started_at` set: the spawn may have happened before
+        // stitch stopped, so the build is treated as lost, never re-run.
+        if state.status == BuildStatus::Accepted && state.started_at.is_none() {
             if cancel {
                 state.cancel_requested_at = Some(Utc::now());
                 state.finish(BuildStatus::Cancelled, None);
@@ -347,6 +362,11 @@ impl Shared {
     /// A build recorded as running whose process nobody watches any more.
     fn mark_lost(&self, mut state: BuildState, cancel: bool) -> BuildState {
         let mut reason = PROCESS_LOST.to_string();
+        if state.pid.is_none() {
+            reason.push_str(
+                " (stitch stopped while starting the command; it is not started again in case it ran)",
+            );
+        }
         if let (Some(pid), Some(pgid)) = (state.pid, state.pgid) {
             // Reused means the pid is someone else's now and our group is
             // long gone; anything else may still have members to stop.

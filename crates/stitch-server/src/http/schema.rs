@@ -51,6 +51,9 @@ pub struct BuildRecord {
     /// The provider's web URL, once known.
     #[schema(required = true)]
     pub url: Option<String>,
+    /// Whether cancellation was requested; the status stays non-terminal
+    /// until the provider confirms it.
+    pub cancel_requested: bool,
 }
 
 /// A page of `GET /v1/builds`.
