@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{BoxStream, Stream, StreamExt};
+use futures::{FutureExt, SinkExt};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
@@ -17,6 +18,8 @@ use super::metrics::StreamGuard;
 /// Longest wait for a client to take one WebSocket frame before the
 /// connection is given up as dead.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most frames written under one flush.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -120,8 +123,29 @@ pub(crate) async fn pump_websocket(
             }
             item = frames.next() => match item {
                 Some(WsItem::Text(t)) => {
-                    if !send(&mut socket, Message::Text(t.into())).await {
+                    // Frames that are already waiting go out with this one
+                    // under a single flush: one write for a burst, not one each.
+                    let mut batch = vec![Message::Text(t.into())];
+                    let mut ended = None;
+                    while batch.len() < MAX_FRAMES_PER_FLUSH {
+                        match frames.next().now_or_never() {
+                            Some(Some(WsItem::Text(t))) => batch.push(Message::Text(t.into())),
+                            Some(Some(WsItem::Fail(reason))) => {
+                                ended = Some((close_code::ERROR, reason));
+                                break;
+                            }
+                            Some(None) => {
+                                ended = Some((end.0, end.1.to_string()));
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if !send_all(&mut socket, batch).await {
                         break None;
+                    }
+                    if let Some(close) = ended {
+                        break Some(close);
                     }
                 }
                 Some(WsItem::Fail(reason)) => break Some((close_code::ERROR, reason)),
@@ -147,6 +171,18 @@ pub(crate) async fn pump_websocket(
             .await;
         }
     }
+}
+
+/// Queues every frame and flushes once; false when the client is gone or
+/// did not take them within [`SEND_TIMEOUT`].
+async fn send_all(socket: &mut WebSocket, frames: Vec<Message>) -> bool {
+    let write = async {
+        for frame in frames {
+            socket.feed(frame).await?;
+        }
+        socket.flush().await
+    };
+    matches!(tokio::time::timeout(SEND_TIMEOUT, write).await, Ok(Ok(())))
 }
 
 async fn send(socket: &mut WebSocket, msg: Message) -> bool {
