@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod consumer;
 pub mod http;
+pub mod job_token;
 pub mod service;
 pub mod stages;
 pub mod state;

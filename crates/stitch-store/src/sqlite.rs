@@ -283,6 +283,24 @@ impl Ops for SqliteOps<'_> {
         to_u64(next - 1, "event_seq.next")
     }
 
+    async fn ensure_secret(&mut self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO server_secrets (name, secret, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .bind(millis(Utc::now()))
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT secret FROM server_secrets WHERE name = ?")
+                .bind(name)
+                .fetch_one(&mut *self.conn)
+                .await?,
+        )
+    }
+
     async fn log_lines(
         &mut self,
         id: &BuildId,
