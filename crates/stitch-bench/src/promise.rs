@@ -98,6 +98,7 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
         args.calls, args.upstream_delay
     );
     let meter = sys::Meter::start();
+    let children_before = sys::children_cpu_time();
     let out = tokio::process::Command::new(exe)
         .arg("promise-failure-load")
         .arg("--socket")
@@ -110,6 +111,7 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
         .output()
         .await?;
     let (wall, cores) = meter.stop();
+    let load_cpu = (sys::children_cpu_time() - children_before).as_secs_f64();
     anyhow::ensure!(out.status.success(), "load child failed: {}", out.status);
     let report: LoadReport = serde_json::from_slice(&out.stdout).context("load report")?;
     api.shutdown().await;
@@ -122,8 +124,17 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
         Ok(h)
     };
     let ms = |us: u64| us as f64 / 1000.0;
-    let all: Vec<u64> = report.declared.iter().chain(&report.debounced).copied().collect();
-    let (d, b, a) = (hist(&report.declared)?, hist(&report.debounced)?, hist(&all)?);
+    let all: Vec<u64> = report
+        .declared
+        .iter()
+        .chain(&report.debounced)
+        .copied()
+        .collect();
+    let (d, b, a) = (
+        hist(&report.declared)?,
+        hist(&report.debounced)?,
+        hist(&all)?,
+    );
     println!(
         "  declarations reaching the server: {}",
         upstream_calls.load(Ordering::SeqCst)
@@ -158,12 +169,14 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
         ms(a.value_at_quantile(0.99))
     );
     println!(
-        "  burst wall {:.1} ms (connect phase {:.1} ms); job API process CPU {:.2} cores over {:.2} s, peak RSS {:.1} MiB",
+        "  burst wall {:.1} ms (connect phase {:.1} ms); job API process CPU {:.2} cores over {:.2} s ({:.0} µs per call), peak RSS {:.1} MiB; load generator CPU {:.2} s",
         report.burst_wall_ms,
         report.connect_wall_ms,
         cores,
         wall,
-        sys::peak_rss_mib()
+        cores * wall * 1e6 / args.calls.max(1) as f64,
+        sys::peak_rss_mib(),
+        load_cpu
     );
     Ok(())
 }
@@ -244,7 +257,10 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
                             stitch_job::Outcome::Debounced => report.debounced.push(us),
                         }
                     }
-                    Err(e) => report.errors.push(format!("answer: {e}: {}", text.lines().next().unwrap_or_default())),
+                    Err(e) => report.errors.push(format!(
+                        "answer: {e}: {}",
+                        text.lines().next().unwrap_or_default()
+                    )),
                 }
             }
             Ok(Err(e)) => report.errors.push(format!("request: {e}")),
