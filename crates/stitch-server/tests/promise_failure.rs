@@ -183,8 +183,10 @@ async fn the_endpoint_answers_every_case_and_bad_input_changes_nothing() {
     let h = harness(false).await;
     let a = h.create("hold").await;
     let b = h.create("hold").await;
-    h.triggered(&a).await;
-    h.triggered(&b).await;
+    // Running and polled: no status event can land during the checks below.
+    for id in [&a, &b] {
+        h.until(id, |b| b.status == BuildStatus::Running).await;
+    }
     let (ta, tb) = (h.token(&a), h.token(&b));
     let seq_before = h.state.store().latest_seq().await.unwrap();
     let record_before = h.state.store().get_build(&a).await.unwrap().runner_metadata;
