@@ -7,6 +7,7 @@
 
 mod counting;
 mod mq;
+mod promise;
 mod serve;
 mod sys;
 
@@ -33,6 +34,15 @@ enum Command {
     /// (CPU, RSS, polls/s, terminal-to-event latency), and 1,000 WebSocket
     /// event subscribers (delivery latency).
     Serve(serve::ServeArgs),
+    /// 10,000 concurrent `promise-failure` calls through one job API over
+    /// its real Unix socket against a real upstream HTTP server: how many
+    /// declarations reach the server (must be 1), latency p50/p99 of the
+    /// declaring and the debounced callers, CPU and peak RSS of the job API
+    /// process. The callers run in a child process (file descriptors).
+    PromiseFailure(promise::PromiseArgs),
+    /// The load-generating child of `promise-failure` (internal).
+    #[command(hide = true)]
+    PromiseFailureLoad(promise::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +53,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Mq(args) => rt.block_on(mq::run(args)),
         Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::PromiseFailure(args) => rt.block_on(promise::run(args)),
+        Command::PromiseFailureLoad(args) => rt.block_on(promise::load(args)),
     }
 }

@@ -11,18 +11,24 @@ use stitch_store::BuildRecord;
 
 use crate::client::{Client, ClientError, LogEvent};
 use crate::{
-    BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, MqCommand, ServerArgs,
+    BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, JobCommand, MqCommand,
+    ServerArgs,
 };
 
-const OK: u8 = 0;
-const BUILD_FAILED: u8 = 1;
-const USAGE: u8 = 2;
-const UNAVAILABLE: u8 = 3;
+pub(crate) const OK: u8 = 0;
+pub(crate) const BUILD_FAILED: u8 = 1;
+pub(crate) const USAGE: u8 = 2;
+pub(crate) const UNAVAILABLE: u8 = 3;
 
 pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Build(cmd) => build(cmd).await,
+        Command::Job(JobCommand::Exec { command }) => crate::job::exec(command).await,
+        Command::Job(JobCommand::PromiseFailure {
+            exit_status,
+            reason,
+        }) => crate::job::promise_failure(exit_status, reason).await,
         Command::Mq(MqCommand::Dlq(cmd)) => dlq(cmd).await,
         Command::Config(ConfigCommand::Check { config }) => config_check(&config),
     }
@@ -117,6 +123,9 @@ fn print_build(b: &BuildRecord, json: bool) {
     }
     if b.cancel_requested && !b.status.is_terminal() {
         println!("  cancel requested; waiting for the provider to confirm");
+    }
+    if let Some(promised) = promised_failure(b) {
+        println!("  {promised}");
     }
     println!("  created {}", b.created_at.to_rfc3339());
 }
@@ -239,6 +248,20 @@ async fn build(cmd: BuildCommand) -> u8 {
     }
 }
 
+/// "promised failure: exit status N (reason) at T", when the job promised one.
+fn promised_failure(b: &BuildRecord) -> Option<String> {
+    use stitch_core::metadata::keys;
+    let status = b.metadata.get(keys::PROMISED_EXIT_STATUS)?;
+    let mut text = format!("promised failure: exit status {status}");
+    if let Some(reason) = b.metadata.get(keys::PROMISED_EXIT_STATUS_REASON) {
+        text.push_str(&format!(" ({reason})"));
+    }
+    if let Some(at) = b.metadata.get(keys::PROMISED_EXIT_STATUS_AT) {
+        text.push_str(&format!(" at {at}"));
+    }
+    Some(text)
+}
+
 /// Prints one log line: steps as headers, output indented.
 fn print_log_line(l: &stitch_core::LogLine, json: bool, tty: bool) {
     if json {
@@ -304,6 +327,7 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
     let tty = std::io::stderr().is_terminal() && !json;
     let started = Instant::now();
     let mut last: Option<BuildStatus> = None;
+    let mut promise_shown = false;
     let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let mut tick = 0usize;
     loop {
@@ -316,7 +340,8 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
                 return fail(e);
             }
         };
-        if last != Some(b.status) {
+        let changed = last != Some(b.status);
+        if changed {
             if json {
                 print_build(&b, true);
             } else if tty {
@@ -326,6 +351,22 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
                 println!("{} {}", b.id, b.status);
             }
             last = Some(b.status);
+        }
+        if !promise_shown {
+            if let Some(promised) = promised_failure(&b) {
+                promise_shown = true;
+                if json {
+                    // Unless the status line above just printed this record.
+                    if !changed {
+                        print_build(&b, true);
+                    }
+                } else {
+                    if tty {
+                        eprint!("\r\x1b[2K");
+                    }
+                    println!("{} failing: {promised}", b.id);
+                }
+            }
         }
         if b.status.is_terminal() {
             if !json {

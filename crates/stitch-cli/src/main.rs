@@ -5,6 +5,7 @@
 
 mod client;
 mod commands;
+mod job;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ enum Command {
     /// Trigger, inspect, watch and cancel builds on a running server.
     #[command(subcommand)]
     Build(BuildCommand),
+    /// Commands a CI job runs inside a stitch build: the job API and early failure.
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Inspect the internal message queue (dead letters) of a stitch database.
     #[command(subcommand)]
     Mq(MqCommand),
@@ -152,6 +156,56 @@ impl BuildCommand {
             | BuildCommand::Watch { server, .. } => server,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Run a command with a job API beside it.
+    ///
+    /// Serves the job API on a Unix socket in a new private directory
+    /// (mode 0700, socket 0600) and runs CMD with STITCH_JOB_API_SOCKET and
+    /// STITCH_JOB_API_TOKEN set, so `stitch job promise-failure` calls inside
+    /// it are debounced: one declaration per exit status reaches the stitch
+    /// server however many tests fail. SIGTERM and SIGINT are forwarded to
+    /// CMD; stitch exits with CMD's exit code (128+N when a signal N killed it).
+    /// Declarations use STITCH_SERVER, STITCH_BUILD_ID and STITCH_JOB_TOKEN.
+    /// Builds on the `local` runner already run under a job API.
+    #[command(after_help = "Example:\n  stitch job exec -- cargo test --workspace")]
+    Exec {
+        /// The command and its arguments (after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Promise that this build will fail with a given exit status.
+    ///
+    /// Call it as soon as the job knows it will fail (say, on the first
+    /// failing test) so the build shows as failing at once, and is failed
+    /// and cancelled at once on a queue with `fail_fast = true`. Calling it
+    /// again, even thousands of times, is cheap: through the job API each
+    /// exit status is declared once. Without a reachable job API it
+    /// declares directly to STITCH_SERVER with STITCH_JOB_TOKEN (safe: the
+    /// same status again is a no-op).
+    ///
+    /// Exit codes: 0 the promise is recorded (now or earlier); 1 the server
+    /// refused it (a different exit status was already promised, or the
+    /// build is no longer running); 2 invalid input or not inside a stitch
+    /// job; 3 the server could not be reached.
+    #[command(
+        after_help = "Example (in a test runner's failure hook):\n  stitch job promise-failure --exit-status 1 --reason \"test_login failed\" || true"
+    )]
+    PromiseFailure {
+        /// The exit status the job will finish with (an integer > 0).
+        #[arg(long, allow_negative_numbers = true, value_name = "N")]
+        exit_status: i64,
+        /// Why, for humans (shown on the build; the first reason per status wins).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -20,6 +20,10 @@ pub mod keys {
     pub const SIGNAL: &str = "signal";
     /// The exit status a running job promised to fail with (early failure).
     pub const PROMISED_EXIT_STATUS: &str = "promised_exit_status";
+    /// When the failure was promised (RFC 3339).
+    pub const PROMISED_EXIT_STATUS_AT: &str = "promised_exit_status_at";
+    /// Why the failure was promised, when the job said.
+    pub const PROMISED_EXIT_STATUS_REASON: &str = "promised_exit_status_reason";
 }
 
 /// Free-form `string → string` metadata, ordered by key so serialized output

@@ -115,6 +115,17 @@ fn crash_child_entry() {
     });
 }
 
+/// Kills the child if the test fails before it does, so no orphan keeps
+/// running (and holding the test runner's output open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `begin` lines as (id, partition, attempt) and `done` lines as (id, action).
 type Log = (Vec<(String, String, u32)>, Vec<(String, String)>);
 
@@ -124,8 +135,12 @@ fn parse_log(text: &str) -> Log {
     for line in text.lines() {
         let parts: Vec<&str> = line.split(' ').collect();
         match parts.as_slice() {
+            // A line still being written (read mid-append) or torn by the
+            // kill can end early, even inside the number.
             ["begin", id, p, attempt] => {
-                begins.push((id.to_string(), p.to_string(), attempt.parse().unwrap()))
+                if let Ok(attempt) = attempt.parse() {
+                    begins.push((id.to_string(), p.to_string(), attempt));
+                }
             }
             ["done", id, act] => dones.push((id.to_string(), act.to_string())),
             _ => {} // a line torn by the kill
@@ -146,18 +161,21 @@ async fn sigkill_mid_work_loses_nothing() {
     q.publisher().publish_batch(TOPIC, msgs).await.unwrap();
 
     let exe = std::env::current_exe().unwrap();
-    let mut child = std::process::Command::new(exe)
-        .args([
-            "crash_child_entry",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("STITCH_MQ_CRASH_DB", &db)
-        .env("STITCH_MQ_CRASH_LOG", &child_log)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(exe)
+            .args([
+                "crash_child_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("STITCH_MQ_CRASH_DB", &db)
+            .env("STITCH_MQ_CRASH_LOG", &child_log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Kill it once it is well into the work, mid-batch.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -166,11 +184,11 @@ async fn sigkill_mid_work_loses_nothing() {
             break;
         }
         assert!(Instant::now() < deadline, "child made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "child exited early");
+        assert!(child.0.try_wait().unwrap().is_none(), "child exited early");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
     let (child_begins, child_dones) = parse_log(&std::fs::read_to_string(&child_log).unwrap());
 
     // A fresh consumer on the same file finishes the work.

@@ -710,3 +710,56 @@ fn bad_config_is_refused_before_touching_the_disk() {
     ));
     assert!(!env.state_dir().exists());
 }
+
+#[tokio::test]
+async fn job_env_and_a_private_job_api_reach_the_command() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let out = env.scratch().join("job.txt");
+    let command = format!(
+        "printf '%s|%s|%s\\n' \"$STITCH_JOB_TOKEN\" \"$STITCH_SERVER\" \"$STITCH_BUILD_ID\" > {out}.tmp; \
+         test -S \"$STITCH_JOB_API_SOCKET\" && echo socket >> {out}.tmp; \
+         test -n \"$STITCH_JOB_API_TOKEN\" && echo token >> {out}.tmp; \
+         echo \"$STITCH_JOB_API_SOCKET\" >> {out}.tmp; mv {out}.tmp {out}",
+        out = out.display()
+    );
+    let runner = env.runner(&command);
+    let req = request("c/1");
+    let job_env = [
+        ("STITCH_JOB_TOKEN", "stj_secret".to_string()),
+        ("STITCH_SERVER", "http://127.0.0.1:1".to_string()),
+        ("STITCH_BUILD_ID", req.build_id.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let req = req.with_job_env(job_env);
+    let handle = trigger(&runner, &req).await;
+    let text = wait_file(&out).await;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("stj_secret|http://127.0.0.1:1|{}", req.build_id)
+    );
+    assert_eq!(&lines[1..3], ["socket", "token"], "{text}");
+    let report = wait_terminal(&runner, &handle).await;
+    assert_eq!(report.status, BuildStatus::Succeeded);
+    // The token is not echoed as metadata, the state file is private, and
+    // the job API went away with the command.
+    assert!(!report
+        .metadata
+        .iter()
+        .any(|(_, v)| v.contains("stj_secret")));
+    let state = env.state_dir().join(req.build_id.as_str()).join(STATE_FILE);
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let socket = PathBuf::from(lines[3]);
+    let deadline = Instant::now() + DEADLINE;
+    while socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "job API socket outlived the build"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -35,6 +35,7 @@ pub async fn run(
     let state = AppState::open(config.clone()).await?;
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    state.set_bound_addr(addr);
     print_banner(&state, addr, !tokens.is_empty());
 
     let stop = CancellationToken::new();

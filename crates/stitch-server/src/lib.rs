@@ -6,6 +6,7 @@ pub mod config;
 pub mod consumer;
 pub mod event_feed;
 pub mod http;
+pub mod job_token;
 pub mod service;
 pub mod stages;
 pub mod state;

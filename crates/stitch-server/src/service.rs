@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use stitch_core::{BuildId, BuildMetadata, ChangeSet, ValidationError};
+use stitch_core::metadata::keys;
+use stitch_core::{BuildId, BuildMetadata, BuildStatus, ChangeSet, ValidationError};
+use stitch_job::PromiseFailure;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{now_millis, Message, MqError};
 use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreError};
@@ -60,6 +62,18 @@ pub enum ServiceError {
         "idempotency key {key:?} was already used for build {existing} with a different request"
     )]
     IdempotencyConflict { key: String, existing: BuildId },
+    /// The job token is not this build's.
+    #[error("the job token does not belong to build {0}")]
+    WrongJobToken(BuildId),
+    /// A different exit status was promised first.
+    #[error("exit status {promised} was already promised for build {id}; a build promises one exit status")]
+    PromisedDifferently { id: BuildId, promised: String },
+    /// The build is terminal: there is nothing left to promise about.
+    #[error("build {id} is no longer running (it is {status})")]
+    NotRunning { id: BuildId, status: BuildStatus },
+    /// The build was not handed to its runner yet, so no job runs for it.
+    #[error("build {0} has not started yet")]
+    NotStarted(BuildId),
     #[error("store: {0}")]
     Store(StoreError),
     #[error("queue: {0}")]
@@ -84,6 +98,10 @@ impl ServiceError {
             ServiceError::Invalid(_) | ServiceError::BadRequest(_) => "invalid_request",
             ServiceError::NotFound(_) => "build_not_found",
             ServiceError::IdempotencyConflict { .. } => "idempotency_key_reused",
+            ServiceError::WrongJobToken(_) => "forbidden",
+            ServiceError::PromisedDifferently { .. } => "different_exit_status_promised",
+            ServiceError::NotRunning { .. } => "build_not_running",
+            ServiceError::NotStarted(_) => "build_not_started",
             ServiceError::Store(_) | ServiceError::Queue(_) => "internal",
         }
     }
@@ -204,4 +222,101 @@ pub async fn cancel_build(state: &AppState, id: &BuildId) -> Result<Build, Servi
         .wake(topics::SIGNAL, id.as_str())
         .await?;
     Ok(outcome.build)
+}
+
+/// What [`promise_failure`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromiseRecorded {
+    /// The promise was recorded now (a `failing` event was appended).
+    Declared,
+    /// The same exit status was already promised: nothing changed.
+    AlreadyPromised,
+}
+
+/// Records that the job running build `id` will fail with
+/// `promise.exit_status`, authenticated by the build's job token.
+///
+/// In one transaction: the record gets `promised_exit_status`,
+/// `promised_exit_status_at` and (if given) `promised_exit_status_reason`
+/// plus a `failing` event; on a `fail_fast` queue the build is also marked
+/// `failed` ("promised exit status N") with cancel requested, and its
+/// signal partition is woken so the signal stage cancels the provider's
+/// build. The same status again changes nothing; a different one is
+/// [`ServiceError::PromisedDifferently`]; a terminal or not yet triggered
+/// build is [`ServiceError::NotRunning`] / [`ServiceError::NotStarted`].
+pub async fn promise_failure(
+    state: &AppState,
+    id: &BuildId,
+    job_token: &str,
+    promise: &PromiseFailure,
+) -> Result<PromiseRecorded, ServiceError> {
+    let wanted = promise.exit_status.to_string();
+    let mut tx = state.store().begin().await?;
+    // BEGIN IMMEDIATE: the build cannot change between these checks and the writes.
+    let build = tx.get_build(id).await?;
+    if !state
+        .job_tokens()
+        .verify(id, job_token, build.job_token_hash.as_deref())
+    {
+        return Err(ServiceError::WrongJobToken(id.clone()));
+    }
+    match build.runner_metadata.get(keys::PROMISED_EXIT_STATUS) {
+        Some(promised) if *promised == wanted => return Ok(PromiseRecorded::AlreadyPromised),
+        Some(promised) => {
+            return Err(ServiceError::PromisedDifferently {
+                id: id.clone(),
+                promised: promised.clone(),
+            })
+        }
+        None => {}
+    }
+    if build.status.is_terminal() {
+        return Err(ServiceError::NotRunning {
+            id: id.clone(),
+            status: build.status,
+        });
+    }
+    if build.job_token_hash.is_none() {
+        return Err(ServiceError::NotStarted(id.clone()));
+    }
+    let fail_fast = state
+        .build_queue(&build.queue)
+        .is_some_and(|q| q.config.fail_fast);
+    let mut meta = stitch_store::Metadata::new();
+    meta.insert(keys::PROMISED_EXIT_STATUS.into(), wanted.clone());
+    meta.insert(
+        keys::PROMISED_EXIT_STATUS_AT.into(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    );
+    if let Some(reason) = &promise.reason {
+        meta.insert(keys::PROMISED_EXIT_STATUS_REASON.into(), reason.clone());
+    }
+    if fail_fast {
+        // Before the status write: cancel cannot be requested on a terminal build.
+        tx.request_cancel(id).await?;
+    }
+    tx.record_failing(id, &meta).await?;
+    if fail_fast {
+        let reason = format!("promised exit status {wanted}");
+        tx.record_status(
+            id,
+            None,
+            BuildStatus::Failed,
+            &Default::default(),
+            Some(&reason),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    state.events_committed();
+    if fail_fast {
+        // The signal stage sees the failed build with cancel requested and
+        // cancels the provider's build (the local runner kills the process).
+        state
+            .queue()
+            .admin()
+            .wake(topics::SIGNAL, id.as_str())
+            .await?;
+    }
+    Ok(PromiseRecorded::Declared)
 }

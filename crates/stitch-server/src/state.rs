@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, QueueConfig, RunnerName};
 use crate::event_feed::{EventFeed, FeedEvent};
+use crate::job_token::{self, JobTokens};
 
 /// Message-queue topics the stages consume.
 pub mod topics {
@@ -49,6 +50,10 @@ struct Inner {
     queues: BTreeMap<String, QueueRuntime>,
     events: watch::Sender<u64>,
     feed: EventFeed,
+    job_tokens: JobTokens,
+    /// The address the API actually listens on, once bound (`listen` may
+    /// name port 0); the fallback for `STITCH_SERVER` without `public_url`.
+    bound: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Why the service could not start.
@@ -108,6 +113,9 @@ impl AppState {
             .await?
             .with_writer_lock(driver.writer_lock());
         let queue = Queue::new(Arc::new(driver), MqQueueConfig::default());
+        let key = store
+            .ensure_secret(job_token::SECRET_NAME, &JobTokens::random_key())
+            .await?;
         let mut queues = BTreeMap::new();
         for (name, qc) in &config.queues {
             let runtime = build_runtime(&config, name, qc)?;
@@ -123,6 +131,8 @@ impl AppState {
                 queues,
                 events,
                 feed,
+                job_tokens: JobTokens::new(&key),
+                bound: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -150,6 +160,38 @@ impl AppState {
     /// Every configured build queue.
     pub fn build_queues(&self) -> impl Iterator<Item = &QueueRuntime> {
         self.inner.queues.values()
+    }
+
+    /// Derives and checks build-scoped job tokens.
+    pub fn job_tokens(&self) -> &JobTokens {
+        &self.inner.job_tokens
+    }
+
+    /// Records the address the HTTP API was bound to (the first call wins).
+    pub fn set_bound_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.inner.bound.set(addr);
+    }
+
+    /// How CI jobs reach this server (`STITCH_SERVER`): `api.public_url`,
+    /// else the bound (or configured) listen address, with an unspecified
+    /// IP (`0.0.0.0`, `::`) replaced by loopback.
+    pub fn job_server_url(&self) -> String {
+        if let Some(url) = &self.inner.config.api.public_url {
+            return url.trim_end_matches('/').to_string();
+        }
+        let mut addr = self
+            .inner
+            .bound
+            .get()
+            .copied()
+            .unwrap_or(self.inner.config.listen);
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{addr}")
     }
 
     /// Changes whenever events were committed: event streams wait on it

@@ -69,6 +69,10 @@ pub(crate) trait Ops {
     /// The highest committed seq, 0 when the log is empty.
     async fn latest_seq(&mut self) -> Result<u64>;
 
+    /// Stores `candidate` as secret `name` unless one is stored already,
+    /// and returns the stored secret (the first ever stored wins).
+    async fn ensure_secret(&mut self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+
     /// Up to `limit` log lines with `line_no > after`, in order.
     async fn log_lines(
         &mut self,

@@ -432,6 +432,19 @@ impl Ops for SqliteOps<'_> {
         to_u64(next - 1, "event_seq.next")
     }
 
+    async fn ensure_secret(&mut self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO server_secrets (name, secret, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO NOTHING",
+            )?
+            .execute(rusqlite::params![name, candidate, millis(Utc::now())])?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT secret FROM server_secrets WHERE name = ?1")?;
+        Ok(stmt.query_row([name], |row| row.get(0))?)
+    }
+
     async fn log_lines(
         &mut self,
         id: &BuildId,

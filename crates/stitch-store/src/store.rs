@@ -250,6 +250,21 @@ impl Store {
         self.write(move |w| w.record_failing(&id, &metadata)).await
     }
 
+    /// The server secret `name`: `candidate` is stored when there is none
+    /// yet, and whatever is stored is returned, so every process on the
+    /// database (and every restart) uses the first secret ever stored.
+    /// An empty candidate is [`StoreError::InvalidInput`].
+    pub async fn ensure_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        if candidate.is_empty() || name.is_empty() {
+            return Err(StoreError::InvalidInput(
+                "a server secret needs a name and at least one byte".into(),
+            ));
+        }
+        let (name, candidate) = (name.to_owned(), candidate.to_vec());
+        self.write(move |w| sqlite::complete(w.ops.ensure_secret(&name, &candidate)))
+            .await
+    }
+
     /// Every build that is not terminal, oldest first: what a restarting
     /// server must make sure is being watched.
     pub async fn builds_not_terminal(&self) -> Result<Vec<Build>> {

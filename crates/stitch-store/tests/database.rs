@@ -40,7 +40,7 @@ async fn opening_twice_keeps_data_and_tolerates_foreign_migrations() {
             .fetch_all(again.pool())
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 2001, 2002, 2003]);
+    assert_eq!(versions, vec![1001, 2001, 2002, 2003, 2004]);
     // Migrating an already migrated pool is a no-op.
     let shared = Store::from_pool(again.pool().clone()).await.unwrap();
     assert_eq!(shared.latest_seq().await.unwrap(), 1);
@@ -548,4 +548,33 @@ async fn create_builds_answers_each_request_in_one_transaction() {
         .map(|e| e.seq)
         .collect();
     assert_eq!(seqs, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn the_first_secret_stored_wins_and_survives_a_reopen() {
+    let db = common::open().await;
+    let first = db
+        .store
+        .ensure_secret("job_token_key", b"first")
+        .await
+        .unwrap();
+    assert_eq!(first, b"first");
+    let again = db
+        .store
+        .ensure_secret("job_token_key", b"second")
+        .await
+        .unwrap();
+    assert_eq!(again, b"first", "an existing secret is never replaced");
+    let other = db.store.ensure_secret("other", b"x").await.unwrap();
+    assert_eq!(other, b"x");
+    assert!(db.store.ensure_secret("job_token_key", b"").await.is_err());
+    db.store.close().await;
+    let reopened = stitch_store::Store::open(&db.path).await.unwrap();
+    assert_eq!(
+        reopened
+            .ensure_secret("job_token_key", b"third")
+            .await
+            .unwrap(),
+        b"first"
+    );
 }

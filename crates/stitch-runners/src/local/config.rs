@@ -6,12 +6,15 @@ use std::time::Duration;
 
 /// Environment variables the local runner sets for every build; the
 /// configuration may not set them itself.
-pub const RESERVED_ENV: [&str; 5] = [
+pub const RESERVED_ENV: [&str; 8] = [
     "STITCH_BUILD_ID",
     "STITCH_QUEUE",
     "STITCH_BASE",
     "STITCH_HEAD",
     "STITCH_METADATA",
+    "STITCH_JOB_TOKEN",
+    "STITCH_JOB_API_SOCKET",
+    "STITCH_JOB_API_TOKEN",
 ];
 
 /// How one queue's builds run on this machine.

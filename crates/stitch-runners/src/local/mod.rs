@@ -9,6 +9,11 @@
 //!   control `end`.
 //! - Exit 0 → `succeeded`; other exit codes → `failed` with `exit_status`;
 //!   death by signal → `failed` with `signal`.
+//! - When the trigger carries `job_env` (`STITCH_JOB_TOKEN`, `STITCH_SERVER`,
+//!   `STITCH_BUILD_ID`), it is added to the command's environment and the
+//!   runner hosts a job API for the build in-process (a Unix socket, see
+//!   `stitch_job`), setting `STITCH_JOB_API_SOCKET`/`STITCH_JOB_API_TOKEN`,
+//!   so `stitch job promise-failure` is debounced per exit status.
 //! - Cancel sends SIGTERM to the process group, then SIGKILL after
 //!   `cancel_grace`; the build ends `cancelled`.
 //! - At most `concurrency` builds run; the rest stay `accepted` and start
@@ -40,6 +45,7 @@ use stitch_core::{
     async_trait, BuildHandle, BuildId, BuildRunner, BuildStatus, LogLine, LogStream, RunnerError,
     RunnerRef, StatusReport, StepKind, TriggerRequest,
 };
+use stitch_job::{JobApi, PromiseFailureCoordinator, ServerClient, ServerClientError};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -180,6 +186,28 @@ impl LocalRunner {
     }
 }
 
+/// The build's job API, hosted in this process for as long as its command
+/// runs, when the trigger gave the build a way to call back into stitch
+/// (`STITCH_SERVER`, `STITCH_BUILD_ID`, `STITCH_JOB_TOKEN`). Without it the
+/// command still runs; `stitch job promise-failure` then declares directly.
+fn start_job_api(state: &BuildState) -> Option<JobApi> {
+    let declarer = match ServerClient::from_lookup(|name| state.job_env.get(name).cloned()) {
+        Ok(d) => d,
+        Err(ServerClientError::MissingEnv(_)) => return None,
+        Err(e) => {
+            tracing::warn!(build_id = %state.build_id, error = %e, "no job API for this build");
+            return None;
+        }
+    };
+    match JobApi::start(PromiseFailureCoordinator::new(Arc::new(declarer))) {
+        Ok(api) => Some(api),
+        Err(e) => {
+            tracing::warn!(build_id = %state.build_id, error = %e, "cannot start the job API; the build runs without it");
+            None
+        }
+    }
+}
+
 fn runner_ref(id: &BuildId) -> RunnerRef {
     RunnerRef::new(id.as_str())
 }
@@ -245,7 +273,9 @@ impl Shared {
             );
             return;
         }
-        let child = match process::spawn(&self.config, &state) {
+        let job_api = start_job_api(&state);
+        let job_api_env = job_api.as_ref().map(|api| api.env()).unwrap_or_default();
+        let child = match process::spawn(&self.config, &state, &job_api_env) {
             Ok(child) => child,
             Err(e) => {
                 let reason = format!(
@@ -297,6 +327,7 @@ impl Shared {
             pid,
             cancel_rx,
             writer,
+            job_api,
         ));
     }
 

@@ -16,13 +16,21 @@ use super::state::BuildState;
 
 /// Start `sh -c <command>` for a build: in `workdir`, in a new process
 /// group (so cancel can signal the whole tree), with the build described
-/// in `STITCH_*` variables on top of the configured `env`.
-pub(crate) fn spawn(config: &LocalConfig, state: &BuildState) -> std::io::Result<Child> {
+/// in `STITCH_*` variables on top of the configured `env`, plus the job's
+/// call-back environment (`job_env` from the trigger, and `job_api`: the
+/// socket and token of the build's job API).
+pub(crate) fn spawn(
+    config: &LocalConfig,
+    state: &BuildState,
+    job_api: &[(&'static str, String)],
+) -> std::io::Result<Child> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(&config.command)
         .current_dir(&config.workdir)
         .envs(&config.env)
+        .envs(&state.job_env)
+        .envs(job_api.iter().map(|(k, v)| (*k, v.as_str())))
         .env("STITCH_BUILD_ID", state.build_id.as_str())
         .env("STITCH_QUEUE", &state.queue)
         .env("STITCH_BASE", json(&state.base))

@@ -2,8 +2,10 @@
 //! (written atomically: temp file, fsync, rename) and `log.jsonl` beside it.
 //! Everything a restarted runner needs is here; memory is only a cache.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -51,6 +53,11 @@ pub(crate) struct BuildState {
     pub signal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the job needs to call back into stitch (`STITCH_JOB_TOKEN`, …):
+    /// kept so a build started after a restart gets it too. A credential,
+    /// which is why state files are mode 0600.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub job_env: BTreeMap<String, String>,
 }
 
 impl BuildState {
@@ -73,6 +80,7 @@ impl BuildState {
             exit_status: None,
             signal: None,
             error: None,
+            job_env: req.job_env.clone(),
         }
     }
 
@@ -146,7 +154,12 @@ impl StateDir {
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let json = serde_json::to_vec_pretty(state).map_err(|e| internal("encoding", &path, e))?;
         let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&json)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;

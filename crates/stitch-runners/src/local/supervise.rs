@@ -69,6 +69,8 @@ pub(crate) async fn supervise(
     pgid: i32,
     mut cancel_rx: watch::Receiver<bool>,
     mut writer: Option<LogWriter>,
+    // Serves the command for as long as this task runs; dropped with it.
+    _job_api: Option<stitch_job::JobApi>,
 ) {
     let shutdown = shared.shutdown.clone();
     let (tx, mut rx) = mpsc::channel::<OutputLine>(1024);

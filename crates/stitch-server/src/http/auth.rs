@@ -59,19 +59,38 @@ fn unauthorized(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
 }
 
+/// Routes authenticated by a build's job token instead of the API tokens
+/// (their handlers check it): `/v1/builds/{id}/promise-failure`.
+fn job_token_route(path: &str) -> bool {
+    path.strip_prefix("/v1/builds/")
+        .and_then(|rest| rest.strip_suffix("/promise-failure"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// The bearer token of a request, or why there is none.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Result<&str, &'static str> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or("missing Authorization: Bearer <token> header")?;
+    let presented = value
+        .to_str()
+        .map_err(|_| "the Authorization header is not valid text")?;
+    match presented.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => Ok(presented[7..].trim()),
+        _ => Err("the Authorization header must use the Bearer scheme"),
+    }
+}
+
 /// Middleware: refuses requests without a valid bearer token when tokens
 /// are configured.
 pub(crate) async fn require(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    if auth.tokens.is_empty() || PUBLIC_PATHS.contains(&req.uri().path()) {
+    let path = req.uri().path();
+    if auth.tokens.is_empty() || PUBLIC_PATHS.contains(&path) || job_token_route(path) {
         return next.run(req).await;
     }
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return unauthorized("missing Authorization: Bearer <token> header");
-    };
-    let presented = value.as_bytes();
-    let token = match presented.get(..7) {
-        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => presented[7..].trim_ascii(),
-        _ => return unauthorized("the Authorization header must use the Bearer scheme"),
+    let token = match bearer(req.headers()) {
+        Ok(t) => t.as_bytes(),
+        Err(message) => return unauthorized(message),
     };
     if !auth.accepts(token) {
         return unauthorized("invalid bearer token");

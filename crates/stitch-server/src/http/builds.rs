@@ -186,3 +186,59 @@ pub(crate) async fn cancel_build(
     let build = service::cancel_build(&ctx.state, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(build)))
 }
+
+/// The body of `POST /v1/builds/{id}/promise-failure`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"exit_status": 1, "reason": "test_login failed"}))]
+pub struct PromiseFailureBody {
+    /// The exit status the job will finish with: an integer from 1 to 2147483647.
+    pub exit_status: i64,
+    /// Why, for humans (at most 4096 bytes).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Promise that the build's job will fail.
+///
+/// Called by the CI job (through `stitch job promise-failure`), authenticated
+/// by the build's job token (`STITCH_JOB_TOKEN`) only — API tokens are not
+/// accepted here. Records `promised_exit_status`, `promised_exit_status_at`
+/// and `promised_exit_status_reason` in the build's metadata and appends a
+/// `failing` event; on a `fail_fast` queue the build is failed at once and
+/// its CI build cancelled. The same status again is a no-op (204).
+#[utoipa::path(
+    post,
+    path = "/v1/builds/{id}/promise-failure",
+    tag = "builds",
+    security(("job_token" = [])),
+    params(("id" = String, Path, description = "Build id (`b_…`)")),
+    request_body = PromiseFailureBody,
+    responses(
+        (status = 204, description = "Promise recorded (or the same exit status was already promised)"),
+        (status = 400, description = "`malformed_json` or `invalid_request` (exit_status not an integer from 1 to 2147483647, reason too long, unknown field)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no job token", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token is not this build's job token", body = ErrorBody),
+        (status = 404, description = "`build_not_found`", body = ErrorBody),
+        (status = 409, description = "`different_exit_status_promised`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 422, description = "`build_not_running` (terminal) or `build_not_started` (not triggered yet)", body = ErrorBody)
+    )
+)]
+pub(crate) async fn promise_failure(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<PromiseFailureBody>,
+) -> Result<StatusCode, ApiError> {
+    let token = super::auth::bearer(&headers)
+        .map_err(|message| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message))?;
+    let promise = stitch_job::PromiseFailure::new(body.exit_status, body.reason)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let id = parse_id(&id)?;
+    let recorded = service::promise_failure(&ctx.state, &id, token, &promise).await?;
+    if recorded == service::PromiseRecorded::Declared {
+        tracing::info!(build = %id, exit_status = promise.exit_status, "promised failure recorded");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

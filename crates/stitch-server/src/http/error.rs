@@ -141,6 +141,15 @@ impl From<ServiceError> for ApiError {
             ServiceError::IdempotencyConflict { .. } => {
                 Self::new(StatusCode::CONFLICT, e.code(), e.to_string())
             }
+            ServiceError::WrongJobToken(_) => {
+                Self::new(StatusCode::FORBIDDEN, e.code(), e.to_string())
+            }
+            ServiceError::PromisedDifferently { .. } => {
+                Self::new(StatusCode::CONFLICT, e.code(), e.to_string())
+            }
+            ServiceError::NotRunning { .. } | ServiceError::NotStarted(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string())
+            }
             ServiceError::Store(se) if se.is_retryable() => Self::unavailable(&e),
             ServiceError::Store(_) | ServiceError::Queue(_) => Self::internal(&e),
         }

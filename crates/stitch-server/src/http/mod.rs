@@ -104,6 +104,10 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         .route("/v1/builds", get(builds::list_builds))
         .route("/v1/builds/{id}", get(builds::get_build))
         .route("/v1/builds/{id}/cancel", post(builds::cancel_build))
+        .route(
+            "/v1/builds/{id}/promise-failure",
+            post(builds::promise_failure),
+        )
         .route("/v1/builds/{id}/logs", get(logs::build_logs))
         .route("/v1/events", get(events::events))
         .route("/healthz", get(ops::healthz))

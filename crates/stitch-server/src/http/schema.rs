@@ -144,6 +144,7 @@ pub struct HealthBody {
         super::builds::list_builds,
         super::builds::get_build,
         super::builds::cancel_build,
+        super::builds::promise_failure,
         super::logs::build_logs,
         super::events::events,
         super::ops::healthz,
@@ -153,6 +154,7 @@ pub struct HealthBody {
     ),
     components(schemas(
         CreateBuild,
+        super::builds::PromiseFailureBody,
         BuildRecord,
         BuildStatus,
         BuildList,
@@ -180,6 +182,15 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "job_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The build's job token (STITCH_JOB_TOKEN)"))
+                    .build(),
+            ),
         );
     }
 }

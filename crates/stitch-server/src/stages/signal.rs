@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use stitch_core::metadata::keys;
 use stitch_core::{BuildStatus, RunnerError, StatusReport};
 use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
@@ -57,6 +58,26 @@ impl SignalStage {
         .await
     }
 
+    /// A build that became terminal while its provider build may still run
+    /// (failed at once by a promised failure on a `fail_fast` queue, which
+    /// requests cancel): issue the cancel to the runner. An error is
+    /// retried under the queue's budget; a provider build that is already
+    /// terminal makes `cancel` a no-op.
+    async fn cancel_after_terminal(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
+        let msg = parse(delivery)?;
+        let build = match self.state.store().get_build(&msg.build_id).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(StageOutcome::Done),
+            Err(e) => return Err(e.into()),
+        };
+        if !build.cancel_requested || build.runner_ref.is_none() {
+            return Ok(StageOutcome::Done);
+        }
+        let runtime = runtime_of(&self.state, &build)?;
+        runtime.runner.cancel(&handle_of(&build)?).await?;
+        Ok(StageOutcome::Done)
+    }
+
     /// Cancels at the provider (best effort) and fails the build with `reason`.
     async fn expire(
         &self,
@@ -71,6 +92,17 @@ impl SignalStage {
         fail_build(&self.state, &build.id, &reason).await?;
         Ok(StageOutcome::Done)
     }
+}
+
+/// The promised exit status of a build whose job now reports success.
+fn broken_promise<'b>(build: &'b Build, report: &StatusReport) -> Option<&'b str> {
+    if report.status != BuildStatus::Succeeded {
+        return None;
+    }
+    build
+        .runner_metadata
+        .get(keys::PROMISED_EXIT_STATUS)
+        .map(String::as_str)
 }
 
 fn deadline_reason(runtime: &QueueRuntime, build: &Build) -> Option<String> {
@@ -116,7 +148,7 @@ impl Stage for SignalStage {
 
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
         let Some(build) = live_build(&self.state, delivery).await? else {
-            return Ok(StageOutcome::Done);
+            return self.cancel_after_terminal(delivery).await;
         };
         let runtime = runtime_of(&self.state, &build)?;
         if let Some(reason) = deadline_reason(runtime, &build) {
@@ -139,9 +171,17 @@ impl Stage for SignalStage {
                 tracing::warn!(build = %build.id, error = %e, "cancel failed; the next poll retries");
             }
         }
-        let reason = (build.cancel_requested && report.status == BuildStatus::Cancelled)
-            .then_some("cancel requested");
-        self.record(&build, &report, reason).await?;
+        let mut report = report;
+        let mut reason = (build.cancel_requested && report.status == BuildStatus::Cancelled)
+            .then(|| "cancel requested".to_string());
+        if let Some(promised) = broken_promise(&build, &report) {
+            // A promised failure is binding: success after it is a failure.
+            report.status = BuildStatus::Failed;
+            reason = Some(format!(
+                "the job promised exit status {promised} but finished successfully"
+            ));
+        }
+        self.record(&build, &report, reason.as_deref()).await?;
         if report.status.is_terminal() {
             return Ok(StageOutcome::Done);
         }

@@ -1,6 +1,8 @@
 //! The trigger stage: one message per build; creates the provider's build
 //! and hands the build to the signal stage.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use stitch_core::{BuildMetadata, BuildStatus, ChangeSet, TriggerRequest};
 use stitch_mq::sqlite::SqliteDriver;
@@ -8,8 +10,10 @@ use stitch_mq::{now_millis, Delivery, SubscriptionConfig};
 
 use super::{budget_for, fail_build, live_build, parse, record_status, runtime_of, subscription};
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
+use crate::job_token::JobTokens;
 use crate::service::build_message;
 use crate::state::{topics, AppState};
+use stitch_job::env as job_env;
 
 /// Consumer of `trigger`.
 pub struct TriggerStage {
@@ -64,6 +68,18 @@ impl Stage for TriggerStage {
             // Triggered before a crash; only the hand-off may be missing.
             Some(raw) => raw.clone(),
             None => {
+                // The job token is derived from the build id, so a redelivery
+                // hands the runner the token its build may already hold. Its
+                // hash is recorded first: the job may call back at once.
+                let token = self.state.job_tokens().token_for(&build.id);
+                store
+                    .set_job_token_hash(&build.id, Some(&JobTokens::hash(&token)))
+                    .await?;
+                let job_env = BTreeMap::from([
+                    (job_env::JOB_TOKEN.to_string(), token),
+                    (job_env::SERVER.to_string(), self.state.job_server_url()),
+                    (job_env::BUILD_ID.to_string(), build.id.to_string()),
+                ]);
                 // A redelivery calls trigger again: the runner contract makes a
                 // trigger for a build id it already created return that build.
                 let req = TriggerRequest::new(
@@ -71,7 +87,8 @@ impl Stage for TriggerStage {
                     build.queue.clone(),
                     ChangeSet::new(build.base.clone(), build.head.clone()),
                 )
-                .with_metadata(BuildMetadata::from(build.caller_metadata.clone()));
+                .with_metadata(BuildMetadata::from(build.caller_metadata.clone()))
+                .with_job_env(job_env);
                 let r = runtime.runner.trigger(&req).await?;
                 serde_json::to_value(&r)
                     .map_err(|e| StageError::permanent(format!("runner ref: {e}")))?

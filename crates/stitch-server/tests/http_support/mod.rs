@@ -91,6 +91,7 @@ impl Server {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        state.set_bound_addr(addr);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(http::serve(listener, router, async move {
             let _ = rx.await;
