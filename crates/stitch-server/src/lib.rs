@@ -8,3 +8,4 @@ pub mod http;
 pub mod service;
 pub mod stages;
 pub mod state;
+pub mod webhooks;
