@@ -36,8 +36,16 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
+/// A budget far above what the tests send, unless a test sets its own.
+const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
+
 /// `extra` is appended to the `[queues.ci.buildkite]` table.
 fn config_text(data: &Path, fake: &FakeBuildkite, extra: &str, poll: &str) -> String {
+    let budget = if extra.contains("rate_limit") {
+        ""
+    } else {
+        NO_BUDGET
+    };
     format!(
         r#"data_dir = "{data}"
 [queues.ci]
@@ -51,6 +59,7 @@ token_env = "BK_TOKEN"
 api_url = "{api}"
 request_timeout = "1s"
 log_poll = "100ms"
+{budget}
 {extra}
 "#,
         data = data.display(),
@@ -430,6 +439,11 @@ async fn cancel_running_and_finished_builds_and_stream_logs() {
 async fn forged_stale_and_tampered_webhooks_are_rejected() {
     let fake = fake(None).await;
     let s = serve(&fake, SIGNED_WEBHOOK, "100ms").await;
+    fake.set_webhook(Some(WebhookTarget {
+        url: format!("{}/webhooks/buildkite", s.base),
+        auth: WebhookAuth::Signature(SECRET.into()),
+        job_events: false,
+    }));
     let http = reqwest::Client::new();
     let id = create(&http, &s, "https://git.example/c/1?stitch-bk=hang").await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -437,6 +451,8 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
         assert!(Instant::now() < deadline, "never running");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // From here on only the test's own requests reach the receiver.
+    fake.set_webhook(None);
     // Poll cadence is now the 60 s safety net: nothing polls unless woken.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let polls_before = fake.stats().requests["get_build"];

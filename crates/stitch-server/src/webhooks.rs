@@ -159,6 +159,14 @@ impl WakeHints {
         set.insert(id.clone());
     }
 
+    /// Whether `id` has a hint no poll has taken yet.
+    pub fn is_pending(&self, id: &BuildId) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
     /// Takes `id`'s hint: whether it was woken since the last take.
     pub fn take(&self, id: &BuildId) -> bool {
         self.pending

@@ -431,12 +431,14 @@ async fn tick(shared: Arc<Shared>) {
     }
 }
 
-/// Posts queued transitions to the webhook target, one at a time.
+/// Posts queued transitions to the webhook target, up to 16 at once (as a
+/// real provider delivers them: concurrently, in no guaranteed order).
 async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Transition>) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
     while let Some(t) = rx.recv().await {
         let Some(target) = shared.lock().webhook.clone() else {
             continue;
@@ -444,45 +446,56 @@ async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Tran
         if t.job.is_some() && !target.job_events {
             continue;
         }
-        let mut body = json!({
-            "event": t.event,
-            "build": t.build,
-            "pipeline": {"slug": t.build["pipeline"]["slug"], "name": t.build["pipeline"]["name"]},
-            "sender": {"id": "c9f8372d-c0cd-43dc-9269-bcbb7f308e3f", "name": "Buildkite"},
-        });
-        if let Some(job) = t.job {
-            body["job"] = job;
-        }
-        let bytes = body.to_string();
-        let req = http
-            .post(&target.url)
-            .header("content-type", "application/json")
-            .header("x-buildkite-event", &t.event);
-        let req = match &target.auth {
-            WebhookAuth::Token(token) => req.header("x-buildkite-token", token),
-            WebhookAuth::Signature(secret) => {
-                let now = chrono::Utc::now().timestamp();
-                req.header(
-                    "x-buildkite-signature",
-                    format!(
-                        "timestamp={now},signature={}",
-                        sign(secret.as_bytes(), now, bytes.as_bytes())
-                    ),
-                )
-            }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
-        let sent_at = SystemTime::now();
-        let answer = req.body(bytes).send().await;
-        let mut inner = shared.lock();
-        inner.stats.webhooks_sent += 1;
-        if let Some(id) = &t.stitch_build_id {
-            inner
-                .webhook_times
-                .insert((id.clone(), t.event.clone()), sent_at);
+        let (shared, http) = (shared.clone(), http.clone());
+        tokio::spawn(async move {
+            deliver(&shared, &http, &target, t).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn deliver(shared: &Shared, http: &reqwest::Client, target: &WebhookTarget, t: Transition) {
+    let mut body = json!({
+        "event": t.event,
+        "build": t.build,
+        "pipeline": {"slug": t.build["pipeline"]["slug"], "name": t.build["pipeline"]["name"]},
+        "sender": {"id": "c9f8372d-c0cd-43dc-9269-bcbb7f308e3f", "name": "Buildkite"},
+    });
+    if let Some(job) = t.job {
+        body["job"] = job;
+    }
+    let bytes = body.to_string();
+    let req = http
+        .post(&target.url)
+        .header("content-type", "application/json")
+        .header("x-buildkite-event", &t.event);
+    let req = match &target.auth {
+        WebhookAuth::Token(token) => req.header("x-buildkite-token", token),
+        WebhookAuth::Signature(secret) => {
+            let now = chrono::Utc::now().timestamp();
+            req.header(
+                "x-buildkite-signature",
+                format!(
+                    "timestamp={now},signature={}",
+                    sign(secret.as_bytes(), now, bytes.as_bytes())
+                ),
+            )
         }
-        if !answer.map(|r| r.status().is_success()).unwrap_or(false) {
-            inner.stats.webhooks_refused += 1;
-        }
+    };
+    let sent_at = SystemTime::now();
+    let answer = req.body(bytes).send().await;
+    let mut inner = shared.lock();
+    inner.stats.webhooks_sent += 1;
+    if let Some(id) = &t.stitch_build_id {
+        inner
+            .webhook_times
+            .insert((id.clone(), t.event.clone()), sent_at);
+    }
+    if !answer.map(|r| r.status().is_success()).unwrap_or(false) {
+        inner.stats.webhooks_refused += 1;
     }
 }
 

@@ -27,6 +27,9 @@ use crate::state::topics;
 /// lists and are a few KiB.
 pub const MAX_BODY: usize = 256 * 1024;
 
+/// Delays of the follow-up wakes after a wake that found nothing postponed.
+const RETRY_WAKE_MS: [u64; 5] = [20, 100, 300, 1000, 3000];
+
 /// What the receiver did.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct WebhookOutcome {
@@ -140,12 +143,36 @@ pub(crate) async fn buildkite(
         return Ok(ignored());
     }
     state.wake_hints().mark(&id);
-    state
+    let woken = state
         .queue()
         .admin()
         .wake(topics::SIGNAL, id.as_str())
         .await
         .map_err(ApiError::unavailable)?;
+    if woken == 0 {
+        // The build's poll is running (or about to hold): its end checks the
+        // hint, but a hold committed just after that check would sleep the
+        // whole safety-net delay. Wake again shortly, until a poll took the hint.
+        let (state, id) = (state.clone(), id.clone());
+        tokio::spawn(async move {
+            for ms in RETRY_WAKE_MS {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                if !state.wake_hints().is_pending(&id) {
+                    return;
+                }
+                match state
+                    .queue()
+                    .admin()
+                    .wake(topics::SIGNAL, id.as_str())
+                    .await
+                {
+                    Ok(n) if n > 0 => return,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(build = %id, error = %e, "webhook wake failed"),
+                }
+            }
+        });
+    }
     Ok(Json(WebhookOutcome {
         outcome: "woken".into(),
         build_id: Some(id.to_string()),
