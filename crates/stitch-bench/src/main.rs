@@ -5,6 +5,7 @@
 //! in-process `stitch serve` over real HTTP (see `docs/benchmarks.md` for
 //! recorded figures).
 
+mod buildkite;
 mod counting;
 mod mq;
 mod serve;
@@ -33,6 +34,9 @@ enum Command {
     /// (CPU, RSS, polls/s, terminal-to-event latency), and 1,000 WebSocket
     /// event subscribers (delivery latency).
     Serve(serve::ServeArgs),
+    /// `stitch serve` driving builds on the fake Buildkite: API calls per
+    /// build with webhooks vs polling only, webhook-to-event latency.
+    Buildkite(buildkite::BuildkiteArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +47,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Mq(args) => rt.block_on(mq::run(args)),
         Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::Buildkite(args) => rt.block_on(buildkite::run(args)),
     }
 }

@@ -227,6 +227,9 @@ async fn fake(rate_limit: Option<(u32, Duration)>) -> FakeBuildkite {
     .unwrap()
 }
 
+/// Extra request headers of a webhook case.
+type Headers = Vec<(&'static str, String)>;
+
 const SIGNED_WEBHOOK: &str = r#"
 [queues.ci.buildkite.webhook]
 mode = "signature"
@@ -461,7 +464,7 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
             .to_string();
     let url = format!("{}/webhooks/buildkite", s.base);
     let now = chrono::Utc::now().timestamp();
-    let post = |headers: Vec<(&'static str, String)>, body: String| {
+    let post = |headers: Headers, body: String| {
         let mut r = http
             .post(&url)
             .header("content-type", "application/json")
@@ -477,7 +480,7 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
             sign(secret.as_bytes(), ts, b.as_bytes())
         )
     };
-    let cases: Vec<(&str, Vec<(&'static str, String)>, String)> = vec![
+    let cases: Vec<(&str, Headers, String)> = vec![
         ("no credentials", vec![], body.clone()),
         (
             "a token where signatures are configured",

@@ -524,7 +524,9 @@ enum After {
     Fault(Fault),
 }
 
-/// Auth, rate limit and faults, in Buildkite's order. `Err` is the answer.
+/// Auth, rate limit and faults, in Buildkite's order. `Err` is the answer
+/// (a response, large but built once per refused request).
+#[allow(clippy::result_large_err)]
 fn gate(
     shared: &Shared,
     headers: &HeaderMap,

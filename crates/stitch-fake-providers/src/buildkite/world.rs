@@ -126,7 +126,7 @@ impl FakeBuild {
                 for j in &mut self.jobs {
                     if !matches!(j.state, "passed" | "failed" | "canceled") {
                         let was_running = j.state == "running";
-                        j.state = if was_running { "canceled" } else { "canceled" };
+                        j.state = "canceled";
                         if was_running {
                             j.log.push_str(&log_line(
                                 wall,

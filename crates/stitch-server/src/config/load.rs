@@ -930,7 +930,7 @@ fn validate_buildkite(
     if !(bk.api_url.starts_with("http://") || bk.api_url.starts_with("https://")) {
         problems.report(key(&["api_url"]), "must be an http:// or https:// URL");
     }
-    if !env(&bk.token_env).is_some_and(|v| !v.trim().is_empty()) {
+    if env(&bk.token_env).is_none_or(|v| v.trim().is_empty()) {
         problems.report(
             key(&["token_env"]),
             format!(
@@ -960,7 +960,7 @@ fn validate_buildkite(
         }
     }
     if let Some(w) = &bk.webhook {
-        if !env(&w.secret_env).is_some_and(|v| !v.trim().is_empty()) {
+        if env(&w.secret_env).is_none_or(|v| v.trim().is_empty()) {
             problems.report(
                 key(&["webhook", "secret_env"]),
                 format!(
