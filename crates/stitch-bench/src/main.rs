@@ -5,6 +5,7 @@
 //! in-process `stitch serve` over real HTTP (see `docs/benchmarks.md` for
 //! recorded figures).
 
+mod buildkite;
 mod counting;
 mod mq;
 mod promise;
@@ -43,6 +44,9 @@ enum Command {
     /// The load-generating child of `promise-failure` (internal).
     #[command(hide = true)]
     PromiseFailureLoad(promise::LoadArgs),
+    /// `stitch serve` driving builds on the fake Buildkite: API calls per
+    /// build with webhooks vs polling only, webhook-to-event latency.
+    Buildkite(buildkite::BuildkiteArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,5 +59,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => rt.block_on(serve::run(args)),
         Command::PromiseFailure(args) => rt.block_on(promise::run(args)),
         Command::PromiseFailureLoad(args) => rt.block_on(promise::load(args)),
+        Command::Buildkite(args) => rt.block_on(buildkite::run(args)),
     }
 }

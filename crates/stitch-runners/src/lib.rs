@@ -4,18 +4,23 @@
 //! - [`fake`]: a simulated CI with realistic timing and logs, outcome chosen
 //!   by markers in change URIs (the zero-config default).
 //! - [`local`]: runs a shell command per build as a real child process.
+//! - [`buildkite`]: builds on Buildkite pipelines (REST API v2).
 //!
+//! [`http_retry`] is the retry policy the vendor HTTP clients are given.
 //! [`conformance`] is the suite every runner passes; [`RunnerKind`] names
 //! the runners a configuration may choose.
 
+pub mod buildkite;
 pub mod conformance;
 pub mod fake;
+pub mod http_retry;
 pub mod local;
 pub mod noop;
 
 use std::fmt;
 use std::str::FromStr;
 
+pub use buildkite::{BuildkiteConfig, BuildkiteRunner};
 pub use fake::{FakeConfig, FakeConfigError, FakeRunner};
 pub use local::{LocalConfig, LocalConfigError, LocalRunner};
 pub use noop::NoopRunner;
@@ -29,11 +34,18 @@ pub enum RunnerKind {
     Fake,
     /// [`LocalRunner`].
     Local,
+    /// [`BuildkiteRunner`].
+    Buildkite,
 }
 
 impl RunnerKind {
     /// Every runner kind, in the order help texts list them.
-    pub const ALL: [RunnerKind; 3] = [RunnerKind::Noop, RunnerKind::Fake, RunnerKind::Local];
+    pub const ALL: [RunnerKind; 4] = [
+        RunnerKind::Noop,
+        RunnerKind::Fake,
+        RunnerKind::Local,
+        RunnerKind::Buildkite,
+    ];
 
     /// The configuration name (`runner = "…"`).
     pub fn as_str(self) -> &'static str {
@@ -41,6 +53,7 @@ impl RunnerKind {
             RunnerKind::Noop => "noop",
             RunnerKind::Fake => "fake",
             RunnerKind::Local => "local",
+            RunnerKind::Buildkite => "buildkite",
         }
     }
 }
@@ -102,7 +115,7 @@ mod tests {
         assert_eq!(err.name, "jenkins");
         assert_eq!(
             err.to_string(),
-            r#"unknown runner "jenkins"; valid runners are: noop, fake, local"#
+            r#"unknown runner "jenkins"; valid runners are: noop, fake, local, buildkite"#
         );
         assert!(parse_runner_name("Fake").is_err());
         assert!(parse_runner_name("").is_err());

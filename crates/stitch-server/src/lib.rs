@@ -10,3 +10,4 @@ pub mod job_token;
 pub mod service;
 pub mod stages;
 pub mod state;
+pub mod webhooks;

@@ -9,13 +9,18 @@ use std::time::Duration;
 use stitch_core::BuildRunner;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{Queue, QueueConfig as MqQueueConfig};
+use stitch_runners::buildkite::{
+    BuildkiteConfig, BuildkiteRunner, Client, RateLimit, RequestBudget,
+};
+use stitch_runners::http_retry::RetryPolicy;
 use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
 use stitch_store::Store;
 use tokio::sync::watch;
 
-use crate::config::{Config, QueueConfig, RunnerName};
+use crate::config::{BuildkiteSection, Config, QueueConfig, RunnerName};
 use crate::event_feed::{EventFeed, FeedEvent};
 use crate::job_token::{self, JobTokens};
+use crate::webhooks::{BuildkiteWebhooks, WakeHints};
 
 /// Message-queue topics the stages consume.
 pub mod topics {
@@ -54,6 +59,8 @@ struct Inner {
     /// The address the API actually listens on, once bound (`listen` may
     /// name port 0); the fallback for `STITCH_SERVER` without `public_url`.
     bound: std::sync::OnceLock<std::net::SocketAddr>,
+    buildkite_webhooks: BuildkiteWebhooks,
+    wake_hints: WakeHints,
 }
 
 /// Why the service could not start.
@@ -117,10 +124,12 @@ impl AppState {
             .ensure_secret(job_token::SECRET_NAME, &JobTokens::random_key())
             .await?;
         let mut queues = BTreeMap::new();
+        let budgets = buildkite_budgets(&config);
         for (name, qc) in &config.queues {
-            let runtime = build_runtime(&config, name, qc)?;
+            let runtime = build_runtime(&config, name, qc, &budgets)?;
             queues.insert(name.clone(), runtime);
         }
+        let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let (events, commits) = watch::channel(0);
         let feed = EventFeed::start(store.clone(), commits);
         Ok(Self {
@@ -133,6 +142,8 @@ impl AppState {
                 feed,
                 job_tokens: JobTokens::new(&key),
                 bound: std::sync::OnceLock::new(),
+                buildkite_webhooks,
+                wake_hints: WakeHints::default(),
             }),
         })
     }
@@ -209,6 +220,16 @@ impl AppState {
         self.inner.feed.stream(self.inner.store.clone(), after)
     }
 
+    /// The configured Buildkite webhook secrets.
+    pub fn buildkite_webhooks(&self) -> &BuildkiteWebhooks {
+        &self.inner.buildkite_webhooks
+    }
+
+    /// Builds woken by a webhook (see [`WakeHints`]).
+    pub fn wake_hints(&self) -> &WakeHints {
+        &self.inner.wake_hints
+    }
+
     /// Wakes the event streams: events were committed.
     pub fn events_committed(&self) {
         self.inner
@@ -217,10 +238,86 @@ impl AppState {
     }
 }
 
+/// Organizations are keyed by API root and slug.
+type OrgKey = (String, String);
+
+/// One request budget per Buildkite organization, shared by all its
+/// queues; the smallest configured limit wins.
+fn buildkite_budgets(config: &Config) -> BTreeMap<OrgKey, Arc<RequestBudget>> {
+    let mut limits: BTreeMap<OrgKey, RateLimit> = BTreeMap::new();
+    for q in config.queues.values() {
+        let Some(bk) = q
+            .buildkite
+            .as_ref()
+            .filter(|_| q.runner == RunnerName::Buildkite)
+        else {
+            continue;
+        };
+        let limit = RateLimit {
+            requests: bk.rate_limit.requests,
+            window: bk.rate_limit.window,
+        };
+        let key = (bk.api_url.trim_end_matches('/').to_string(), bk.org.clone());
+        limits
+            .entry(key)
+            .and_modify(|l| {
+                let per_sec = |x: &RateLimit| f64::from(x.requests) / x.window.as_secs_f64();
+                if per_sec(&limit) < per_sec(l) {
+                    *l = limit;
+                }
+            })
+            .or_insert(limit);
+    }
+    limits
+        .into_iter()
+        .map(|(k, l)| (k, Arc::new(RequestBudget::new(l))))
+        .collect()
+}
+
+fn buildkite_runner(
+    bk: &BuildkiteSection,
+    budgets: &BTreeMap<OrgKey, Arc<RequestBudget>>,
+) -> Result<BuildkiteRunner, String> {
+    let token = std::env::var(&bk.token_env)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "environment variable {} (buildkite.token_env) is unset or empty",
+                bk.token_env
+            )
+        })?;
+    let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| format!("{} holds characters a header cannot carry", bk.token_env))?;
+    auth.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .user_agent(concat!("stitch/", env!("CARGO_PKG_VERSION")))
+        .timeout(bk.request_timeout)
+        .connect_timeout(bk.request_timeout.min(std::time::Duration::from_secs(10)))
+        .build()
+        .map_err(|e| format!("building the HTTP client: {e}"))?;
+    let api_url = bk.api_url.trim_end_matches('/').to_string();
+    let budget = budgets
+        .get(&(api_url.clone(), bk.org.clone()))
+        .cloned()
+        .unwrap_or_else(|| Arc::new(RequestBudget::new(RateLimit::default())));
+    let client =
+        Client::new(http, api_url, budget, RetryPolicy::default()).map_err(|e| e.to_string())?;
+    let mut config = BuildkiteConfig::new(bk.org.clone(), bk.pipeline.clone(), bk.branch.clone());
+    config.commit = bk.commit.clone();
+    config.allow_ref_override = bk.allow_ref_override;
+    config.log_poll = bk.log_poll;
+    Ok(BuildkiteRunner::new(client, config))
+}
+
 fn build_runtime(
     config: &Config,
     name: &str,
     qc: &QueueConfig,
+    budgets: &BTreeMap<OrgKey, Arc<RequestBudget>>,
 ) -> Result<QueueRuntime, StartError> {
     let err = |message: String| StartError::Runner {
         queue: name.to_string(),
@@ -249,6 +346,12 @@ fn build_runtime(
             lc.concurrency = qc.concurrency.unwrap_or(1).max(1) as usize;
             Arc::new(LocalRunner::new(lc).map_err(|e| err(e.to_string()))?)
         }
+        RunnerName::Buildkite => {
+            let bk = qc.buildkite.as_ref().ok_or_else(|| {
+                err("runner \"buildkite\" needs a [queues.NAME.buildkite] table".into())
+            })?;
+            Arc::new(buildkite_runner(bk, budgets).map_err(err)?)
+        }
     };
     Ok(QueueRuntime {
         name: name.to_string(),
@@ -258,8 +361,14 @@ fn build_runtime(
     })
 }
 
-/// Poll delay for a status (unknown polls like accepted).
+/// Poll delay for a status (unknown polls like accepted). With Buildkite
+/// webhooks configured, polling is only the safety net (`webhook.poll`).
 pub fn poll_delay(config: &QueueConfig, status: stitch_core::BuildStatus) -> Duration {
+    if let Some(w) = config.buildkite.as_ref().and_then(|b| b.webhook.as_ref()) {
+        if config.runner == RunnerName::Buildkite {
+            return w.poll;
+        }
+    }
     match status {
         stitch_core::BuildStatus::Running => config.poll.running,
         _ => config.poll.accepted,

@@ -216,6 +216,7 @@ runner = "noop"
                     .collect(),
             }),
             fake: None,
+            buildkite: None,
         },
     );
     queues.insert(
@@ -966,4 +967,114 @@ fn api_tokens_resolves_variable_names() {
 
     let s = setup(None, &[("A_TOKEN", "from-options")]);
     assert_eq!(s.opts.env_var("A_TOKEN").as_deref(), Some("from-options"));
+}
+
+const BUILDKITE: &str = r#"
+[queues.app]
+runner = "buildkite"
+[queues.app.buildkite]
+org = "acme"
+pipeline = "app-ci"
+token_env = "BK_TOKEN"
+"#;
+
+#[test]
+fn buildkite_section_defaults() {
+    let c = ok(BUILDKITE, &[("BK_TOKEN", "t")]);
+    let bk = c.queues["app"].buildkite.clone().unwrap();
+    assert_eq!(bk.branch, "main");
+    assert_eq!(bk.commit, "HEAD");
+    assert!(!bk.allow_ref_override);
+    assert_eq!(bk.api_url, "https://api.buildkite.com");
+    assert_eq!(bk.rate_limit.requests, 200);
+    assert_eq!(bk.rate_limit.window, Duration::from_secs(60));
+    assert!(bk.webhook.is_none());
+    let with_hook =
+        format!("{BUILDKITE}[queues.app.buildkite.webhook]\nsecret_env = \"BK_HOOK\"\n");
+    let c = ok(&with_hook, &[("BK_TOKEN", "t"), ("BK_HOOK", "s")]);
+    let w = c.queues["app"].buildkite.clone().unwrap().webhook.unwrap();
+    assert_eq!(w.mode, stitch_server::config::WebhookModeName::Signature);
+    assert_eq!(w.max_age, Duration::from_secs(300));
+    assert_eq!(w.poll, Duration::from_secs(60));
+    assert_eq!(
+        stitch_server::state::poll_delay(&c.queues["app"], stitch_core::BuildStatus::Running),
+        Duration::from_secs(60),
+        "webhooks make polling the slow safety net"
+    );
+}
+
+#[test]
+fn buildkite_problems_name_their_keys() {
+    let p = problems(BUILDKITE, &[]);
+    assert_only_problem(
+        &p,
+        "queues.app.buildkite.token_env",
+        "\"BK_TOKEN\" is unset or empty",
+    );
+
+    let p = problems("[queues.app]\nrunner = \"buildkite\"\n", &[]);
+    assert_only_problem(
+        &p,
+        "queues.app.buildkite",
+        "needs a [queues.NAME.buildkite] table",
+    );
+
+    let p = problems(
+        "[queues.app]\nrunner = \"buildkite\"\n[queues.app.buildkite]\norg = \"acme\"\n",
+        &[],
+    );
+    assert_problem(&p, "queues.app.buildkite.pipeline", "missing");
+
+    let bad = r#"
+[queues.app]
+runner = "buildkite"
+[queues.app.buildkite]
+org = "acme corp"
+pipeline = ""
+token_env = "BK_TOKEN"
+api_url = "ftp://x"
+rate_limit = { requests = 1, window = "1m" }
+request_timeout = "0s"
+[queues.app.buildkite.webhook]
+mode = "hmac"
+secret_env = "BK_HOOK"
+"#;
+    let p = problems(bad, &[("BK_TOKEN", "t")]);
+    assert_problem(
+        &p,
+        "queues.app.buildkite.webhook.mode",
+        "unknown value \"hmac\"",
+    );
+    let fixed = bad.replace("mode = \"hmac\"\n", "max_age = \"0s\"\n");
+    let p = problems(&fixed, &[("BK_TOKEN", "t")]);
+    assert_problem(&p, "queues.app.buildkite.org", "not a Buildkite slug");
+    assert_problem(&p, "queues.app.buildkite.pipeline", "not a Buildkite slug");
+    assert_problem(&p, "queues.app.buildkite.api_url", "http://");
+    assert_problem(&p, "queues.app.buildkite.rate_limit.requests", "at least 2");
+    assert_problem(
+        &p,
+        "queues.app.buildkite.request_timeout",
+        "greater than zero",
+    );
+    assert_problem(
+        &p,
+        "queues.app.buildkite.webhook.secret_env",
+        "\"BK_HOOK\" is unset",
+    );
+    assert_problem(
+        &p,
+        "queues.app.buildkite.webhook.max_age",
+        "greater than zero",
+    );
+
+    let wrong_runner = format!(
+        "{}\n",
+        BUILDKITE.replace("runner = \"buildkite\"", "runner = \"fake\"")
+    );
+    let p = problems(&wrong_runner, &[("BK_TOKEN", "t")]);
+    assert_only_problem(
+        &p,
+        "queues.app.buildkite",
+        "only read by runner = \"buildkite\"",
+    );
 }

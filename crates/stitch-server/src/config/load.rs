@@ -476,6 +476,13 @@ fn is_string_key(segments: &[String]) -> bool {
             | ["queues", _, "runner"]
             | ["queues", _, "local", "command" | "workdir"]
             | ["queues", _, "local", "env", _]
+            | [
+                "queues",
+                _,
+                "buildkite",
+                "org" | "pipeline" | "branch" | "commit" | "token_env" | "api_url"
+            ]
+            | ["queues", _, "buildkite", "webhook", "mode" | "secret_env"]
     ) || is_duration_key(segments)
 }
 
@@ -489,6 +496,9 @@ fn is_duration_key(segments: &[String]) -> bool {
             | ["queues", _, "retry", "initial" | "max"]
             | ["queues", _, "local", "cancel_grace"]
             | ["queues", _, "fake", "accept_delay" | "run_duration"]
+            | ["queues", _, "buildkite", "request_timeout" | "log_poll"]
+            | ["queues", _, "buildkite", "rate_limit", "window"]
+            | ["queues", _, "buildkite", "webhook", "max_age" | "poll"]
     )
 }
 
@@ -616,6 +626,8 @@ fn describe(kind: &Kind, target: &[Seg]) -> (Vec<Seg>, String) {
             let key = with(target, &[field.as_ref()]);
             let message = if strings.len() == 3 && strings[0] == "queues" && strings[2] == "local" {
                 "missing; runner \"local\" needs a command".to_string()
+            } else if strings.len() == 3 && strings[0] == "queues" && strings[2] == "buildkite" {
+                format!("missing; runner \"buildkite\" needs {field}")
             } else {
                 "missing".to_string()
             };
@@ -700,6 +712,7 @@ fn runner_str(runner: RunnerName) -> &'static str {
         RunnerName::Noop => "noop",
         RunnerName::Fake => "fake",
         RunnerName::Local => "local",
+        RunnerName::Buildkite => "buildkite",
     }
 }
 
@@ -818,6 +831,25 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
         if let (Some(fake), RunnerName::Fake) = (&q.fake, q.runner) {
             validate_fake(&base, fake, problems);
         }
+        match (&q.buildkite, q.runner) {
+            (None, RunnerName::Buildkite) if runner_known => problems.report(
+                with(&base, &["buildkite"]),
+                "missing; runner \"buildkite\" needs a [queues.NAME.buildkite] table with org and pipeline",
+            ),
+            (Some(bk), RunnerName::Buildkite) => validate_buildkite(&base, bk, problems, env),
+            (Some(_), runner) if runner_known => {
+                let table = with(&base, &["buildkite"]);
+                problems.report(
+                    table.clone(),
+                    format!(
+                        "table [{}] is only read by runner = \"buildkite\" (this queue has runner = \"{}\")",
+                        KeyPath(&table),
+                        runner_str(runner)
+                    ),
+                );
+            }
+            _ => {}
+        }
 
         if q.concurrency == Some(0) {
             problems.report(with(&base, &["concurrency"]), "must be at least 1");
@@ -860,6 +892,87 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
                     format_duration(retry.max)
                 ),
             );
+        }
+    }
+}
+
+/// `[queues.NAME.buildkite]`: slugs, URL, budget, and that the named
+/// environment variables hold secrets.
+fn validate_buildkite(
+    base: &[Seg],
+    bk: &super::BuildkiteSection,
+    problems: &mut Problems,
+    env: &dyn Fn(&str) -> Option<String>,
+) {
+    let key = |more: &[&str]| {
+        let mut k = with(base, &["buildkite"]);
+        k.extend(more.iter().map(|m| Seg::Key((*m).to_string())));
+        k
+    };
+    let slug_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    };
+    for (field, value) in [("org", &bk.org), ("pipeline", &bk.pipeline)] {
+        if !slug_ok(value) {
+            problems.report(
+                key(&[field]),
+                format!("{value:?} is not a Buildkite slug (letters, digits, '-', '_', '.')"),
+            );
+        }
+    }
+    for (field, value) in [("branch", &bk.branch), ("commit", &bk.commit)] {
+        if value.trim().is_empty() {
+            problems.report(key(&[field]), "must not be empty");
+        }
+    }
+    if !(bk.api_url.starts_with("http://") || bk.api_url.starts_with("https://")) {
+        problems.report(key(&["api_url"]), "must be an http:// or https:// URL");
+    }
+    if env(&bk.token_env).is_none_or(|v| v.trim().is_empty()) {
+        problems.report(
+            key(&["token_env"]),
+            format!(
+                "environment variable {:?} is unset or empty; it must hold a Buildkite API token",
+                bk.token_env
+            ),
+        );
+    }
+    let limit = stitch_runners::buildkite::RateLimit {
+        requests: bk.rate_limit.requests,
+        window: bk.rate_limit.window,
+    };
+    if let Some(problem) = limit.problem() {
+        let field = if bk.rate_limit.requests < 2 {
+            "requests"
+        } else {
+            "window"
+        };
+        problems.report(key(&["rate_limit", field]), problem);
+    }
+    for (field, value) in [
+        ("request_timeout", bk.request_timeout),
+        ("log_poll", bk.log_poll),
+    ] {
+        if value.is_zero() {
+            problems.report(key(&[field]), "must be greater than zero");
+        }
+    }
+    if let Some(w) = &bk.webhook {
+        if env(&w.secret_env).is_none_or(|v| v.trim().is_empty()) {
+            problems.report(
+                key(&["webhook", "secret_env"]),
+                format!(
+                    "environment variable {:?} is unset or empty; it must hold the webhook token",
+                    w.secret_env
+                ),
+            );
+        }
+        for (field, value) in [("max_age", w.max_age), ("poll", w.poll)] {
+            if value.is_zero() {
+                problems.report(key(&["webhook", field]), "must be greater than zero");
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Bearer-token authentication. With tokens configured, every route except
-//! `/healthz` and `/readyz` needs `Authorization: Bearer <token>`; tokens
-//! are compared in constant time.
+//! `/healthz`, `/readyz` and the webhook receivers (which verify the
+//! provider's own credentials) needs `Authorization: Bearer <token>`;
+//! tokens are compared in constant time.
 
 use std::sync::Arc;
 
@@ -11,8 +12,9 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 
-/// Paths that answer without a token (liveness and readiness probes).
-const PUBLIC_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+/// Paths that answer without a token: liveness and readiness probes, and
+/// webhook receivers (authenticated by the provider's token or signature).
+const PUBLIC_PATHS: [&str; 3] = ["/healthz", "/readyz", "/webhooks/buildkite"];
 
 /// The accepted tokens; empty means authentication is off.
 #[derive(Clone)]

@@ -24,6 +24,7 @@ mod metrics;
 mod ops;
 pub mod schema;
 mod streams;
+mod webhooks;
 
 use std::future::Future;
 use std::io;
@@ -114,6 +115,10 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .route(
+            "/webhooks/buildkite",
+            post(webhooks::buildkite).layer(DefaultBodyLimit::max(webhooks::MAX_BODY)),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -151,6 +151,7 @@ pub struct HealthBody {
         super::ops::readyz,
         super::ops::metrics,
         super::ops::openapi,
+        super::webhooks::buildkite,
     ),
     components(schemas(
         CreateBuild,
@@ -162,6 +163,7 @@ pub struct HealthBody {
         EventKind,
         LogLine,
         ErrorBody,
+        super::webhooks::WebhookOutcome,
         ErrorDetail,
         HealthBody
     )),
@@ -169,7 +171,8 @@ pub struct HealthBody {
     tags(
         (name = "builds", description = "Create, read, list and cancel builds"),
         (name = "streams", description = "Event and log streams (SSE or WebSocket)"),
-        (name = "operations", description = "Health, readiness, metrics, this document")
+        (name = "operations", description = "Health, readiness, metrics, this document"),
+        (name = "webhooks", description = "Provider webhooks that wake a build's poll loop")
     )
 )]
 pub struct ApiDoc;

@@ -150,6 +150,8 @@ impl Stage for SignalStage {
         let Some(build) = live_build(&self.state, delivery).await? else {
             return self.cancel_after_terminal(delivery).await;
         };
+        // This poll covers every webhook that arrived before it started.
+        self.state.wake_hints().take(&build.id);
         let runtime = runtime_of(&self.state, &build)?;
         if let Some(reason) = deadline_reason(runtime, &build) {
             return self.expire(runtime, &build, reason).await;
@@ -185,7 +187,11 @@ impl Stage for SignalStage {
         if report.status.is_terminal() {
             return Ok(StageOutcome::Done);
         }
-        let delay = if cancelling {
+        let delay = if self.state.wake_hints().take(&build.id) {
+            // A webhook arrived during this poll: its wake found no
+            // postponed message, so poll again now.
+            Duration::ZERO
+        } else if cancelling {
             CANCEL_CONFIRM_POLL
         } else {
             poll_delay(&runtime.config, report.status)

@@ -1,0 +1,640 @@
+//! `stitch serve` (the real binary) driving builds on the stateful fake
+//! Buildkite over loopback HTTP: webhooks and polling, lost create answers,
+//! SIGKILL and restart, a 429 storm, cancel, logs, and forged webhooks.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stitch_fake_providers::buildkite::{
+    sign, Endpoint, FakeBuildkite, FakeOptions, Fault, Timing, WebhookAuth, WebhookTarget,
+};
+
+const TOKEN: &str = "bk-test-token";
+const SECRET: &str = "whsec-0123456789abcdef";
+
+struct Serve {
+    child: Child,
+    base: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// A budget far above what the tests send, unless a test sets its own.
+const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
+
+/// `extra` is appended to the `[queues.ci.buildkite]` table.
+fn config_text(data: &Path, fake: &FakeBuildkite, extra: &str, poll: &str) -> String {
+    let budget = if extra.contains("rate_limit") {
+        ""
+    } else {
+        NO_BUDGET
+    };
+    format!(
+        r#"data_dir = "{data}"
+[queues.ci]
+runner = "buildkite"
+poll = {{ accepted = "{poll}", running = "{poll}" }}
+retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
+[queues.ci.buildkite]
+org = "acme"
+pipeline = "app"
+token_env = "BK_TOKEN"
+api_url = "{api}"
+request_timeout = "1s"
+log_poll = "100ms"
+{budget}
+{extra}
+"#,
+        data = data.display(),
+        api = fake.url(),
+    )
+}
+
+fn spawn(config: &Path, port: u16, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("STITCH_LOG", "warn")
+        .env("BK_TOKEN", TOKEN)
+        .env("BK_WEBHOOK_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+async fn serve(fake: &FakeBuildkite, extra: &str, poll: &str) -> Serve {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stitch.toml");
+    std::fs::write(
+        &config,
+        config_text(&dir.path().join("data"), fake, extra, poll),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = spawn(&config, port, &dir.path().join("serve-1.log"));
+    let s = Serve {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        port,
+        dir,
+        config,
+    };
+    wait_healthy(&s).await;
+    s
+}
+
+async fn wait_healthy(s: &Serve) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{}/healthz", s.base)).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not come up: {}", server_log(s));
+}
+
+fn server_log(s: &Serve) -> String {
+    let mut out = String::new();
+    for n in 1..=2 {
+        let text = std::fs::read_to_string(s.dir.path().join(format!("serve-{n}.log")))
+            .unwrap_or_default();
+        let tail: String = text
+            .chars()
+            .rev()
+            .take(3000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect();
+        out.push_str(&tail);
+    }
+    out
+}
+
+async fn create(http: &reqwest::Client, s: &Serve, head: &str) -> String {
+    let r = http
+        .post(format!("{}/v1/queues/ci/builds", s.base))
+        .json(&serde_json::json!({"head": [head]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        202,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn get(http: &reqwest::Client, s: &Serve, id: &str) -> serde_json::Value {
+    http.get(format!("{}/v1/builds/{id}", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until every build is terminal; returns `status` per build.
+async fn wait_all_terminal(
+    http: &reqwest::Client,
+    s: &Serve,
+    ids: &[String],
+    within: Duration,
+) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut done = BTreeMap::new();
+        let mut stuck = None;
+        for id in ids {
+            let v = get(http, s, id).await;
+            let status = v["status"].as_str().unwrap_or_default().to_string();
+            if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+                done.insert(id.clone(), status);
+            } else if stuck.is_none() {
+                stuck = Some(v);
+            }
+        }
+        if done.len() == ids.len() {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}/{} terminal; first stuck: {stuck:#?}\n{}",
+            done.len(),
+            ids.len(),
+            server_log(s)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn heads(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let marker = if i % 10 == 3 { "?stitch-bk=fail" } else { "" };
+            format!("https://git.example/c/{i}{marker}")
+        })
+        .collect()
+}
+
+fn expected(head: &str) -> &'static str {
+    if head.contains("stitch-bk=fail") {
+        "failed"
+    } else {
+        "succeeded"
+    }
+}
+
+async fn fake(rate_limit: Option<(u32, Duration)>) -> FakeBuildkite {
+    FakeBuildkite::start(FakeOptions {
+        token: TOKEN.into(),
+        timing: Timing {
+            schedule: Duration::from_millis(100),
+            run: Duration::from_millis(400),
+            ..Timing::default()
+        },
+        rate_limit,
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Extra request headers of a webhook case.
+type Headers = Vec<(&'static str, String)>;
+
+const SIGNED_WEBHOOK: &str = r#"
+[queues.ci.buildkite.webhook]
+mode = "signature"
+secret_env = "BK_WEBHOOK_SECRET"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_drive_200_builds_to_terminal() {
+    let fake = fake(None).await;
+    // The safety-net poll (60 s default) is far beyond the test: only
+    // webhooks can finish these builds in time.
+    let s = serve(&fake, SIGNED_WEBHOOK, "5s").await;
+    fake.set_webhook(Some(WebhookTarget {
+        url: format!("{}/webhooks/buildkite", s.base),
+        auth: WebhookAuth::Signature(SECRET.into()),
+        job_events: true,
+    }));
+    let http = reqwest::Client::new();
+    let hs = heads(200);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(create(&http, &s, h).await);
+    }
+    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(50)).await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.builds_for(id), 1);
+    }
+    let stats = fake.stats();
+    assert!(
+        stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
+        "{stats:?}"
+    );
+    // Polls were few: far less than one per 200 ms of each build's life.
+    assert!(stats.requests["get_build"] < 200 * 8, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_alone_finishes_200_builds_and_lost_creates_make_one_build_each() {
+    let fake = fake(None).await;
+    let s = serve(&fake, "", "150ms").await;
+    // A fifth of creates lose their answer after Buildkite made the build.
+    fake.inject_rate(Endpoint::Create, Fault::Reset, 0.1);
+    fake.inject_rate(
+        Endpoint::Create,
+        Fault::Timeout(Duration::from_secs(2)),
+        0.05,
+    );
+    fake.inject_rate(Endpoint::Create, Fault::LostAfterWork(502), 0.05);
+    fake.inject_rate(Endpoint::GetBuild, Fault::Status(503), 0.05);
+    let http = reqwest::Client::new();
+    let hs = heads(200);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(create(&http, &s, h).await);
+    }
+    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(
+            fake.builds_for(id),
+            1,
+            "duplicate Buildkite builds for {id}"
+        );
+    }
+    assert_eq!(fake.stats().builds_created, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_finish_every_build_without_duplicates() {
+    let fake = fake(None).await;
+    let mut s = serve(&fake, "", "150ms").await;
+    // Creates are slow to answer, so the kill lands amid unanswered creates.
+    fake.inject_rate(
+        Endpoint::Create,
+        Fault::Timeout(Duration::from_millis(300)),
+        0.3,
+    );
+    let http = reqwest::Client::new();
+    let hs = heads(200);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(create(&http, &s, h).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fake.stats().builds_created < 60 {
+        assert!(Instant::now() < deadline, "builds did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    let before = fake.stats().builds_created;
+    assert!(before < 200, "the kill came too late to test anything");
+    s.child = spawn(&s.config, s.port, &s.dir.path().join("serve-2.log"));
+    wait_healthy(&s).await;
+    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(
+            fake.builds_for(id),
+            1,
+            "duplicate Buildkite builds for {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_fails_no_build_and_the_budget_holds() {
+    let fake = fake(Some((30, Duration::from_secs(1)))).await;
+    let s = serve(
+        &fake,
+        "rate_limit = { requests = 30, window = \"1s\" }",
+        "200ms",
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let hs = heads(40);
+    let mut ids = Vec::new();
+    for (i, h) in hs.iter().enumerate() {
+        ids.push(create(&http, &s, h).await);
+        if i == 10 {
+            fake.rate_limit_storm(Duration::from_secs(3));
+        }
+    }
+    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.builds_for(id), 1);
+    }
+    let stats = fake.stats();
+    assert!(
+        stats.rate_limited > 0,
+        "the storm did not happen: {stats:?}"
+    );
+    let peak = fake.max_requests_in("acme", Duration::from_secs(1));
+    assert!(
+        peak <= 30,
+        "{peak} requests within one second; the budget is 30"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_running_and_finished_builds_and_stream_logs() {
+    let fake = fake(None).await;
+    let s = serve(&fake, "", "100ms").await;
+    let http = reqwest::Client::new();
+    let long = create(&http, &s, "https://git.example/c/long?stitch-bk=hang").await;
+    let short = create(&http, &s, "https://git.example/c/short").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&http, &s, &long).await["status"] != "running" {
+        assert!(Instant::now() < deadline, "never running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_all_terminal(
+        &http,
+        &s,
+        std::slice::from_ref(&short),
+        Duration::from_secs(30),
+    )
+    .await;
+    for id in [&long, &short] {
+        let r = http
+            .post(format!("{}/v1/builds/{id}/cancel", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let done = wait_all_terminal(
+        &http,
+        &s,
+        &[long.clone(), short.clone()],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done[&long], "cancelled");
+    assert_eq!(
+        done[&short], "succeeded",
+        "cancelling a finished build changes nothing"
+    );
+    let bk = fake.build_json(&long).unwrap();
+    assert_eq!(bk["state"], "canceled");
+    let v = get(&http, &s, &short).await;
+    assert_eq!(v["metadata"]["buildkite_state"], "passed");
+    assert!(v["metadata"]["url"]
+        .as_str()
+        .unwrap()
+        .contains("/acme/app/builds/"));
+
+    // The finished build's log over SSE: two steps, Buildkite's lines.
+    let text = http
+        .get(format!("{}/v1/builds/{short}/logs", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text.matches(r#""step_status":"start""#).count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
+    assert!(text.contains("$ make test"), "{text}");
+    assert!(!text.contains("_bk;t="), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stale_and_tampered_webhooks_are_rejected() {
+    let fake = fake(None).await;
+    let s = serve(&fake, SIGNED_WEBHOOK, "100ms").await;
+    fake.set_webhook(Some(WebhookTarget {
+        url: format!("{}/webhooks/buildkite", s.base),
+        auth: WebhookAuth::Signature(SECRET.into()),
+        job_events: false,
+    }));
+    let http = reqwest::Client::new();
+    let id = create(&http, &s, "https://git.example/c/1?stitch-bk=hang").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&http, &s, &id).await["status"] != "running" {
+        assert!(Instant::now() < deadline, "never running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // From here on only the test's own requests reach the receiver.
+    fake.set_webhook(None);
+    // Poll cadence is now the 60 s safety net: nothing polls unless woken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let polls_before = fake.stats().requests["get_build"];
+    let body =
+        serde_json::json!({"event": "build.finished", "build": fake.build_json(&id).unwrap()})
+            .to_string();
+    let url = format!("{}/webhooks/buildkite", s.base);
+    let now = chrono::Utc::now().timestamp();
+    let post = |headers: Headers, body: String| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-buildkite-event", "build.finished");
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.body(body).send()
+    };
+    let sig = |secret: &str, ts: i64, b: &str| {
+        format!(
+            "timestamp={ts},signature={}",
+            sign(secret.as_bytes(), ts, b.as_bytes())
+        )
+    };
+    let cases: Vec<(&str, Headers, String)> = vec![
+        ("no credentials", vec![], body.clone()),
+        (
+            "a token where signatures are configured",
+            vec![("x-buildkite-token", SECRET.to_string())],
+            body.clone(),
+        ),
+        (
+            "forged with another secret",
+            vec![("x-buildkite-signature", sig("not-the-secret", now, &body))],
+            body.clone(),
+        ),
+        (
+            "stale",
+            vec![("x-buildkite-signature", sig(SECRET, now - 400, &body))],
+            body.clone(),
+        ),
+        (
+            "from the future",
+            vec![("x-buildkite-signature", sig(SECRET, now + 400, &body))],
+            body.clone(),
+        ),
+        (
+            "tampered body",
+            vec![("x-buildkite-signature", sig(SECRET, now, &body))],
+            body.replace("canceled", "passed")
+                .replace("running", "passed"),
+        ),
+        (
+            "garbage header",
+            vec![("x-buildkite-signature", "signature=zz".to_string())],
+            body.clone(),
+        ),
+    ];
+    for (what, headers, b) in cases {
+        let r = post(headers, b).await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{what}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_webhook", "{what}");
+    }
+    let huge = "x".repeat(300 * 1024);
+    let r = post(
+        vec![("x-buildkite-signature", sig(SECRET, now, &huge))],
+        huge,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let r = post(
+        vec![("x-buildkite-signature", sig(SECRET, now, "{not json"))],
+        "{not json".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // None of that reached the poll loop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fake.stats().requests["get_build"],
+        polls_before,
+        "a rejected webhook caused a poll"
+    );
+    assert_eq!(get(&http, &s, &id).await["status"], "running");
+
+    // Verified but not for stitch: ping, unknown events, foreign builds.
+    let ping = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-runners/tests/data/buildkite/webhook_ping_signed.json"
+    ))
+    .unwrap();
+    let foreign = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-fake-providers/tests/data/buildkite/webhook_build_scheduled.json"
+    ))
+    .unwrap();
+    let unknown = r#"{"event":"agent.connected","agent":{}}"#.to_string();
+    for b in [ping, foreign, unknown] {
+        let r = post(vec![("x-buildkite-signature", sig(SECRET, now, &b))], b)
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["outcome"], "ignored");
+    }
+    // A genuine one wakes the build: cancel it at the fake, then tell stitch.
+    let cancel_url = format!(
+        "{}/v2/organizations/acme/pipelines/app/builds/1/cancel",
+        fake.url()
+    );
+    let r = http
+        .put(cancel_url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body =
+        serde_json::json!({"event": "build.finished", "build": fake.build_json(&id).unwrap()})
+            .to_string();
+    let r = post(
+        vec![(
+            "x-buildkite-signature",
+            sig(SECRET, chrono::Utc::now().timestamp(), &body),
+        )],
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["outcome"], "woken");
+    let done = wait_all_terminal(
+        &http,
+        &s,
+        std::slice::from_ref(&id),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(done[&id], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_webhooks_wake_builds() {
+    let fake = fake(None).await;
+    let extra =
+        "[queues.ci.buildkite.webhook]\nmode = \"token\"\nsecret_env = \"BK_WEBHOOK_SECRET\"\n";
+    let s = serve(&fake, extra, "100ms").await;
+    fake.set_webhook(Some(WebhookTarget {
+        url: format!("{}/webhooks/buildkite", s.base),
+        auth: WebhookAuth::Token(SECRET.into()),
+        job_events: false,
+    }));
+    let http = reqwest::Client::new();
+    let hs = heads(20);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(create(&http, &s, h).await);
+    }
+    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(30)).await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h));
+    }
+    let stats = fake.stats();
+    assert!(
+        stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
+        "{stats:?}"
+    );
+    // A wrong token is refused.
+    let r = http
+        .post(format!("{}/webhooks/buildkite", s.base))
+        .header("x-buildkite-token", "guess")
+        .body(r#"{"event":"ping"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}

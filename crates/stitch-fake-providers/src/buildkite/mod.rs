@@ -1,0 +1,928 @@
+//! A stateful fake of Buildkite's REST API v2 and webhooks.
+//!
+//! Served by [`FakeBuildkite::start`] on `127.0.0.1:0`. It holds
+//! organizations and pipelines, creates builds with per-pipeline numbers
+//! and UUIDs, and moves them along a plan with time ([`Timing`]): scheduled
+//! → running (job `build`, then job `test`, logs with `_bk;t=` markers) →
+//! passed. A `stitch-bk=<plan>` marker in the build's `STITCH_HEAD` env
+//! picks another plan: `fail` (a promised failure turns it `failing`, then
+//! `failed`), `hang` (runs until cancelled), `unknown` (stays `waiting`),
+//! `block` (passes with `blocked: true`).
+//!
+//! Like Buildkite it checks the bearer token, filters lists by
+//! `meta_data[…]`, `branch`, `state[]` and `created_from`, paginates with a
+//! `Link` header, sends `RateLimit-*` headers and 429s past the per-org
+//! limit, refuses to cancel finished builds with 422, and sends `build.*`
+//! and `job.*` webhooks signed with either scheme. Faults are injected per
+//! endpoint ([`Fault`]), and every request is counted ([`FakeStats`]).
+
+mod world;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use world::{is_terminal, CreateBody, Transition, World};
+pub use world::{Plan, MARKER};
+
+/// How fast fake builds progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Time from create to running.
+    pub schedule: Duration,
+    /// Time from running to finished (two jobs, half each).
+    pub run: Duration,
+    /// Time from a cancel request to `canceled` (`canceling` meanwhile).
+    pub cancel: Duration,
+    /// How often the fake advances builds.
+    pub tick: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            schedule: Duration::from_millis(100),
+            run: Duration::from_millis(400),
+            cancel: Duration::from_millis(50),
+            tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// The API surface a fault applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Create,
+    GetBuild,
+    ListBuilds,
+    Cancel,
+    JobLog,
+    /// Any of the above.
+    Any,
+}
+
+/// What goes wrong with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer this status (with an HTML proxy page) without doing the work.
+    Status(u16),
+    /// Do the work, then answer only after this delay (the client times out
+    /// first: "accepted but the response was lost").
+    Timeout(Duration),
+    /// Do the work, then drop the connection in the middle of the answer.
+    Reset,
+    /// Do the work, then answer this status (a proxy that lost the answer).
+    LostAfterWork(u16),
+}
+
+/// How webhooks prove their origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WebhookAuth {
+    /// `X-Buildkite-Token: <token>`.
+    Token(String),
+    /// `X-Buildkite-Signature: timestamp=…,signature=…` keyed with the secret.
+    Signature(String),
+}
+
+/// Where and how the fake sends webhooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookTarget {
+    /// The receiver URL.
+    pub url: String,
+    /// The scheme and secret.
+    pub auth: WebhookAuth,
+    /// Send `job.*` events too (Buildkite lets each webhook choose).
+    pub job_events: bool,
+}
+
+/// Counters the tests and the benchmark read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeStats {
+    /// Requests by endpoint name (`create`, `get_build`, `list_builds`,
+    /// `cancel`, `job_log`), 429s and faults included.
+    pub requests: BTreeMap<&'static str, u64>,
+    /// Requests answered 429.
+    pub rate_limited: u64,
+    /// Requests refused for a bad token.
+    pub unauthorized: u64,
+    /// Builds created.
+    pub builds_created: u64,
+    /// Webhooks delivered (any answer) and refused by the receiver (non-2xx).
+    pub webhooks_sent: u64,
+    pub webhooks_refused: u64,
+}
+
+impl FakeStats {
+    /// Every API request.
+    pub fn total_requests(&self) -> u64 {
+        self.requests.values().sum()
+    }
+}
+
+struct FaultRule {
+    endpoint: Endpoint,
+    fault: Fault,
+    remaining: Option<u32>,
+    probability: f64,
+}
+
+struct RateWindow {
+    started: Instant,
+    count: u32,
+}
+
+struct Inner {
+    world: World,
+    faults: Vec<FaultRule>,
+    stats: FakeStats,
+    windows: HashMap<String, RateWindow>,
+    /// Every API request's arrival time, per organization.
+    arrivals: HashMap<String, Vec<Instant>>,
+    storm_until: Option<Instant>,
+    scopes: Vec<String>,
+    webhook: Option<WebhookTarget>,
+    /// When the last webhook for (stitch build id, event) was sent.
+    webhook_times: HashMap<(String, String), SystemTime>,
+}
+
+struct Shared {
+    base: String,
+    token: String,
+    timing: Timing,
+    rate_limit: Option<(u32, Duration)>,
+    inner: Mutex<Inner>,
+    webhooks: mpsc::UnboundedSender<Transition>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Options of [`FakeBuildkite::start`].
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    /// The API token requests must carry (`Authorization: Bearer …`).
+    pub token: String,
+    /// `(org, pipeline)` pairs that exist.
+    pub pipelines: Vec<(String, String)>,
+    pub timing: Timing,
+    /// Per-organization limit: requests per window (Buildkite: 200 per
+    /// minute). `None`: unlimited.
+    pub rate_limit: Option<(u32, Duration)>,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self {
+            token: "bk-test-token".into(),
+            pipelines: vec![("acme".into(), "app".into())],
+            timing: Timing::default(),
+            rate_limit: None,
+        }
+    }
+}
+
+/// The running fake. Stops when dropped.
+pub struct FakeBuildkite {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for FakeBuildkite {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl FakeBuildkite {
+    /// Starts the fake on `127.0.0.1:0`.
+    pub async fn start(options: FakeOptions) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut world = World::default();
+        for (org, p) in &options.pipelines {
+            world
+                .pipelines
+                .insert((org.clone(), p.clone()), Default::default());
+        }
+        let shared = Arc::new(Shared {
+            base: format!("http://{addr}"),
+            token: options.token,
+            timing: options.timing,
+            rate_limit: options.rate_limit,
+            inner: Mutex::new(Inner {
+                world,
+                faults: Vec::new(),
+                stats: FakeStats::default(),
+                windows: HashMap::new(),
+                arrivals: HashMap::new(),
+                storm_until: None,
+                scopes: ["read_builds", "write_builds", "read_build_logs"]
+                    .map(String::from)
+                    .to_vec(),
+                webhook: None,
+                webhook_times: HashMap::new(),
+            }),
+            webhooks: tx,
+        });
+        let builds = "/v2/organizations/{org}/pipelines/{pipeline}/builds";
+        let app = Router::new()
+            .route(builds, get(list_builds).post(create_build))
+            .route(&format!("{builds}/{{number}}"), get(get_build))
+            .route(&format!("{builds}/{{number}}/cancel"), put(cancel_build))
+            .route(
+                &format!("{builds}/{{number}}/jobs/{{job}}/{{file}}"),
+                get(job_log),
+            )
+            .with_state(shared.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let ticker = tokio::spawn(tick(shared.clone()));
+        let sender = tokio::spawn(send_webhooks(shared.clone(), rx));
+        Ok(Self {
+            addr,
+            shared,
+            tasks: vec![server, ticker, sender],
+        })
+    }
+
+    /// The API root to configure as `api_url` (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        self.shared.base.clone()
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The accepted API token.
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// Fails the next `times` requests to `endpoint` with `fault`.
+    pub fn inject(&self, endpoint: Endpoint, fault: Fault, times: u32) {
+        self.shared.lock().faults.push(FaultRule {
+            endpoint,
+            fault,
+            remaining: Some(times),
+            probability: 1.0,
+        });
+    }
+
+    /// Fails each request to `endpoint` with `fault` with `probability`,
+    /// until [`clear_faults`](Self::clear_faults).
+    pub fn inject_rate(&self, endpoint: Endpoint, fault: Fault, probability: f64) {
+        self.shared.lock().faults.push(FaultRule {
+            endpoint,
+            fault,
+            remaining: None,
+            probability,
+        });
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
+    }
+
+    /// Answers every request with 429 for `length`, each carrying the
+    /// seconds left until the storm ends as `RateLimit-Reset`.
+    pub fn rate_limit_storm(&self, length: Duration) {
+        self.shared.lock().storm_until = Some(Instant::now() + length);
+    }
+
+    /// The token's scopes (default: read_builds, write_builds, read_build_logs).
+    pub fn set_scopes(&self, scopes: &[&str]) {
+        self.shared.lock().scopes = scopes.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Sends webhooks to `target` from now on (`None`: stop).
+    pub fn set_webhook(&self, target: Option<WebhookTarget>) {
+        self.shared.lock().webhook = target;
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> FakeStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// The most requests `org` sent within any span of `window`.
+    pub fn max_requests_in(&self, org: &str, window: Duration) -> usize {
+        let inner = self.shared.lock();
+        let Some(times) = inner.arrivals.get(org) else {
+            return 0;
+        };
+        let mut best = 0;
+        let mut start = 0;
+        for (end, t) in times.iter().enumerate() {
+            while *t >= times[start] + window {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best
+    }
+
+    /// How many builds carry `meta_data["stitch:build_id"] = id`.
+    pub fn builds_for(&self, stitch_build_id: &str) -> usize {
+        self.shared
+            .lock()
+            .world
+            .all_builds()
+            .filter(|b| {
+                b.meta_data.get("stitch:build_id").map(String::as_str) == Some(stitch_build_id)
+            })
+            .count()
+    }
+
+    /// `(stitch build id, state)` of every build that carries one.
+    pub fn stitch_builds(&self) -> Vec<(String, String)> {
+        self.shared
+            .lock()
+            .world
+            .all_builds()
+            .filter_map(|b| Some((b.meta_data.get("stitch:build_id")?.clone(), b.state.clone())))
+            .collect()
+    }
+
+    /// The REST JSON of the build stamped with `stitch_build_id`.
+    pub fn build_json(&self, stitch_build_id: &str) -> Option<Value> {
+        let inner = self.shared.lock();
+        let b = inner.world.all_builds().find(|b| {
+            b.meta_data.get("stitch:build_id").map(String::as_str) == Some(stitch_build_id)
+        })?;
+        Some(b.json(&self.shared.base, true))
+    }
+
+    /// When the last `event` webhook for `stitch_build_id` was sent.
+    pub fn webhook_sent_at(&self, stitch_build_id: &str, event: &str) -> Option<SystemTime> {
+        self.shared
+            .lock()
+            .webhook_times
+            .get(&(stitch_build_id.to_string(), event.to_string()))
+            .copied()
+    }
+
+    /// Creates a build directly (as someone else would, in the UI): not
+    /// stitch's unless `meta_data` says so. Returns its number.
+    pub fn create_foreign_build(
+        &self,
+        org: &str,
+        pipeline: &str,
+        meta_data: BTreeMap<String, String>,
+    ) -> Option<u64> {
+        let body = CreateBody {
+            commit: "HEAD".into(),
+            branch: "main".into(),
+            message: "a build stitch did not make".into(),
+            env: BTreeMap::new(),
+            meta_data,
+        };
+        let mut inner = self.shared.lock();
+        let b = inner
+            .world
+            .new_build(org, pipeline, &body, Instant::now())?;
+        Some(b.number)
+    }
+}
+
+/// Advances every build on each tick and queues the webhooks.
+async fn tick(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(shared.timing.tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = Instant::now();
+        let transitions: Vec<Transition> = {
+            let mut inner = shared.lock();
+            let mut out = Vec::new();
+            for p in inner.world.pipelines.values_mut() {
+                for b in p.builds.iter_mut().filter(|b| !is_terminal(&b.state)) {
+                    out.extend(b.advance(now, &shared.timing, &shared.base));
+                }
+            }
+            out
+        };
+        for t in transitions {
+            let _ = shared.webhooks.send(t);
+        }
+    }
+}
+
+/// Posts queued transitions to the webhook target, up to 16 at once (as a
+/// real provider delivers them: concurrently, in no guaranteed order).
+async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Transition>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
+    while let Some(t) = rx.recv().await {
+        let Some(target) = shared.lock().webhook.clone() else {
+            continue;
+        };
+        if t.job.is_some() && !target.job_events {
+            continue;
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (shared, http) = (shared.clone(), http.clone());
+        tokio::spawn(async move {
+            deliver(&shared, &http, &target, t).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn deliver(shared: &Shared, http: &reqwest::Client, target: &WebhookTarget, t: Transition) {
+    let mut body = json!({
+        "event": t.event,
+        "build": t.build,
+        "pipeline": {"slug": t.build["pipeline"]["slug"], "name": t.build["pipeline"]["name"]},
+        "sender": {"id": "c9f8372d-c0cd-43dc-9269-bcbb7f308e3f", "name": "Buildkite"},
+    });
+    if let Some(job) = t.job {
+        body["job"] = job;
+    }
+    let bytes = body.to_string();
+    let req = http
+        .post(&target.url)
+        .header("content-type", "application/json")
+        .header("x-buildkite-event", &t.event);
+    let req = match &target.auth {
+        WebhookAuth::Token(token) => req.header("x-buildkite-token", token),
+        WebhookAuth::Signature(secret) => {
+            let now = chrono::Utc::now().timestamp();
+            req.header(
+                "x-buildkite-signature",
+                format!(
+                    "timestamp={now},signature={}",
+                    sign(secret.as_bytes(), now, bytes.as_bytes())
+                ),
+            )
+        }
+    };
+    let sent_at = SystemTime::now();
+    let answer = req.body(bytes).send().await;
+    let mut inner = shared.lock();
+    inner.stats.webhooks_sent += 1;
+    if let Some(id) = &t.stitch_build_id {
+        inner
+            .webhook_times
+            .insert((id.clone(), t.event.clone()), sent_at);
+    }
+    if !answer.map(|r| r.status().is_success()).unwrap_or(false) {
+        inner.stats.webhooks_refused += 1;
+    }
+}
+
+/// HMAC-SHA256 over `"<timestamp>.<body>"`, hex: Buildkite's webhook signature.
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return String::new();
+    };
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn message(status: StatusCode, text: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"message": text}).to_string(),
+    )
+        .into_response()
+}
+
+/// What happens to a request after the gate.
+enum After {
+    Normal,
+    Fault(Fault),
+}
+
+/// Auth, rate limit and faults, in Buildkite's order. `Err` is the answer
+/// (a response, large but built once per refused request).
+#[allow(clippy::result_large_err)]
+fn gate(
+    shared: &Shared,
+    headers: &HeaderMap,
+    org: &str,
+    endpoint: Endpoint,
+    name: &'static str,
+) -> Result<(After, HeaderMap), Response> {
+    let mut inner = shared.lock();
+    *inner.stats.requests.entry(name).or_default() += 1;
+    let now = Instant::now();
+    inner.arrivals.entry(org.to_string()).or_default().push(now);
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(shared.token.as_str()) {
+        inner.stats.unauthorized += 1;
+        return Err(message(StatusCode::UNAUTHORIZED, "Authentication required. Please supply a valid API Access Token: https://buildkite.com/docs/apis/rest-api#authentication"));
+    }
+    let mut rl = HeaderMap::new();
+    let storm = inner.storm_until.filter(|u| *u > now);
+    let limited = if let Some(until) = storm {
+        Some((until - now, 0u32))
+    } else if let Some((limit, window)) = shared.rate_limit {
+        let w = inner.windows.entry(org.to_string()).or_insert(RateWindow {
+            started: now,
+            count: 0,
+        });
+        if now >= w.started + window {
+            w.started = now;
+            w.count = 0;
+        }
+        w.count += 1;
+        let reset = (w.started + window).saturating_duration_since(now);
+        let remaining = limit.saturating_sub(w.count);
+        rl.insert("ratelimit-limit", HeaderValue::from(limit));
+        rl.insert("ratelimit-remaining", HeaderValue::from(remaining));
+        rl.insert(
+            "ratelimit-reset",
+            HeaderValue::from(reset.as_secs_f64().ceil() as u64),
+        );
+        (w.count > limit).then_some((reset, limit))
+    } else {
+        None
+    };
+    rl.insert("ratelimit-scope", HeaderValue::from_static("rest"));
+    if let Some((reset, limit)) = limited {
+        inner.stats.rate_limited += 1;
+        let secs = reset.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({
+                "message": format!("You have exceeded your API rate limit. Please wait {secs} seconds before making more requests."),
+                "scope": "rest", "limit": limit, "current": limit + 1, "reset": secs
+            })
+            .to_string(),
+        )
+            .into_response();
+        resp.headers_mut().extend(rl);
+        resp.headers_mut()
+            .insert("ratelimit-reset", HeaderValue::from(secs));
+        resp.headers_mut().insert(
+            "ratelimit-warning",
+            HeaderValue::from_static("You have exceeded your API rate limit"),
+        );
+        return Err(resp);
+    }
+    let mut fault = None;
+    for rule in inner.faults.iter_mut() {
+        let matches = rule.endpoint == endpoint || rule.endpoint == Endpoint::Any;
+        if !matches || rule.remaining == Some(0) {
+            continue;
+        }
+        if rule.probability < 1.0 && rand::random::<f64>() >= rule.probability {
+            continue;
+        }
+        if let Some(n) = &mut rule.remaining {
+            *n -= 1;
+        }
+        fault = Some(rule.fault);
+        break;
+    }
+    inner.faults.retain(|r| r.remaining != Some(0));
+    match fault {
+        Some(Fault::Status(code)) => Err(proxy_page(code)),
+        Some(f) => Ok((After::Fault(f), rl)),
+        None => Ok((After::Normal, rl)),
+    }
+}
+
+fn proxy_page(code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html")],
+        format!("<html><body><h1>{code}</h1>upstream trouble</body></html>"),
+    )
+        .into_response()
+}
+
+/// Applies a post-work fault to a finished answer.
+async fn finish(after: After, rl: HeaderMap, mut resp: Response) -> Response {
+    resp.headers_mut().extend(rl);
+    match after {
+        After::Normal => resp,
+        After::Fault(Fault::Timeout(d)) => {
+            tokio::time::sleep(d).await;
+            resp
+        }
+        After::Fault(Fault::LostAfterWork(code)) => proxy_page(code),
+        After::Fault(Fault::Reset) => {
+            // Headers go out, then the body fails: hyper drops the connection.
+            let (parts, _) = resp.into_parts();
+            let broken = futures::stream::iter(vec![
+                Ok(bytes::Bytes::from_static(b"{\"id\":")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fake reset",
+                )),
+            ]);
+            let mut resp = Response::from_parts(parts, Body::from_stream(broken));
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+            resp
+        }
+        After::Fault(Fault::Status(code)) => proxy_page(code),
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found() -> Response {
+    message(StatusCode::NOT_FOUND, "Not Found")
+}
+
+async fn create_build(
+    State(s): State<Arc<Shared>>,
+    Path((org, pipeline)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let (after, rl) = match gate(&s, req.headers(), &org, Endpoint::Create, "create") {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
+        return message(StatusCode::BAD_REQUEST, "Problems parsing JSON");
+    };
+    let Ok(body) = serde_json::from_slice::<CreateBody>(&bytes) else {
+        return message(StatusCode::BAD_REQUEST, "Problems parsing JSON");
+    };
+    let missing: Vec<Value> = [("commit", &body.commit), ("branch", &body.branch)]
+        .iter()
+        .filter(|(_, v)| v.is_empty())
+        .map(|(f, _)| json!({"field": f, "code": "missing"}))
+        .collect();
+    if !missing.is_empty() {
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"message": "Validation Failed", "errors": missing}),
+        );
+    }
+    let created = {
+        let mut inner = s.lock();
+        let built = inner
+            .world
+            .new_build(&org, &pipeline, &body, Instant::now())
+            .map(|b| b.json(&s.base, true));
+        if built.is_some() {
+            inner.stats.builds_created += 1;
+        }
+        built
+    };
+    let Some(json) = created else {
+        return not_found();
+    };
+    finish(after, rl, json_response(StatusCode::CREATED, &json)).await
+}
+
+async fn get_build(
+    State(s): State<Arc<Shared>>,
+    Path((org, pipeline, number)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (after, rl) = match gate(&s, &headers, &org, Endpoint::GetBuild, "get_build") {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let found = number.parse().ok().and_then(|n| {
+        s.lock()
+            .world
+            .build_mut(&org, &pipeline, n)
+            .map(|b| b.json(&s.base, true))
+    });
+    match found {
+        Some(json) => finish(after, rl, json_response(StatusCode::OK, &json)).await,
+        None => not_found(),
+    }
+}
+
+async fn list_builds(
+    State(s): State<Arc<Shared>>,
+    Path((org, pipeline)): Path<(String, String)>,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let (after, rl) = match gate(&s, &headers, &org, Endpoint::ListBuilds, "list_builds") {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let mut meta = Vec::new();
+    let (mut branch, mut states, mut created_from) = (None, Vec::new(), None);
+    let (mut page, mut per_page, mut exclude_jobs) = (1usize, 30usize, false);
+    for (k, v) in &query {
+        if let Some(key) = k
+            .strip_prefix("meta_data[")
+            .and_then(|r| r.strip_suffix(']'))
+        {
+            meta.push((key.to_string(), v.clone()));
+        }
+        match k.as_str() {
+            "branch" => branch = Some(v.clone()),
+            "state" | "state[]" => states.push(v.clone()),
+            "created_from" => match chrono::DateTime::parse_from_rfc3339(v) {
+                Ok(t) => created_from = Some(t.with_timezone(&chrono::Utc)),
+                Err(_) => {
+                    return message(
+                        StatusCode::BAD_REQUEST,
+                        "created_from must be an ISO 8601 timestamp",
+                    )
+                }
+            },
+            "page" => page = v.parse().unwrap_or(1).max(1),
+            "per_page" => per_page = v.parse().unwrap_or(30).clamp(1, 100),
+            "exclude_jobs" => exclude_jobs = v == "true",
+            _ => {}
+        }
+    }
+    let (items, more) = {
+        let inner = s.lock();
+        let Some(p) = inner.world.pipelines.get(&(org.clone(), pipeline.clone())) else {
+            return not_found();
+        };
+        let matching: Vec<_> = p
+            .builds
+            .iter()
+            .rev()
+            .filter(|b| meta.iter().all(|(k, v)| b.meta_data.get(k) == Some(v)))
+            .filter(|b| branch.as_ref().is_none_or(|br| &b.branch == br))
+            .filter(|b| {
+                states.is_empty()
+                    || states
+                        .iter()
+                        .any(|st| *st == b.state || (st == "finished" && is_terminal(&b.state)))
+            })
+            .filter(|b| created_from.is_none_or(|from| b.created_at >= from))
+            .collect();
+        let start = (page - 1) * per_page;
+        let items: Vec<Value> = matching
+            .iter()
+            .skip(start)
+            .take(per_page)
+            .map(|b| b.json(&s.base, !exclude_jobs))
+            .collect();
+        (items, matching.len() > start + per_page)
+    };
+    let mut resp = json_response(StatusCode::OK, &Value::Array(items));
+    if more {
+        let mut next: Vec<(String, String)> =
+            query.into_iter().filter(|(k, _)| k != "page").collect();
+        next.push(("page".into(), (page + 1).to_string()));
+        let qs: Vec<String> = next
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect();
+        let link = format!(
+            "<{}/v2/organizations/{org}/pipelines/{pipeline}/builds?{}>; rel=\"next\"",
+            s.base,
+            qs.join("&")
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
+    finish(after, rl, resp).await
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+async fn cancel_build(
+    State(s): State<Arc<Shared>>,
+    Path((org, pipeline, number)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (after, rl) = match gate(&s, &headers, &org, Endpoint::Cancel, "cancel") {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let answer = {
+        let mut inner = s.lock();
+        let Some(b) = number
+            .parse()
+            .ok()
+            .and_then(|n| inner.world.build_mut(&org, &pipeline, n))
+        else {
+            return not_found();
+        };
+        if is_terminal(&b.state) {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Build can't be canceled because it's already finished.",
+            );
+        }
+        if !matches!(
+            b.state.as_str(),
+            "scheduled" | "running" | "failing" | "canceling"
+        ) {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("Build can't be canceled because it's {}.", b.state),
+            );
+        }
+        if b.cancel_at.is_none() {
+            b.cancel_at = Some(Instant::now());
+            b.state = "canceling".into();
+        }
+        b.json(&s.base, true)
+    };
+    finish(after, rl, json_response(StatusCode::OK, &answer)).await
+}
+
+async fn job_log(
+    State(s): State<Arc<Shared>>,
+    Path((org, pipeline, number, job, file)): Path<(String, String, String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (after, rl) = match gate(&s, &headers, &org, Endpoint::JobLog, "job_log") {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    if file != "log" && file != "log.txt" {
+        return not_found();
+    }
+    let (log, url) = {
+        let mut inner = s.lock();
+        if !inner.scopes.iter().any(|sc| sc == "read_build_logs") {
+            return message(
+                StatusCode::FORBIDDEN,
+                "Your access token is missing the read_build_logs scope",
+            );
+        }
+        let Some(b) = number
+            .parse()
+            .ok()
+            .and_then(|n| inner.world.build_mut(&org, &pipeline, n))
+        else {
+            return not_found();
+        };
+        let Some(j) = b.jobs.iter().find(|j| j.id == job) else {
+            return message(StatusCode::NOT_FOUND, "No job found");
+        };
+        (
+            j.log.clone(),
+            format!(
+                "{}/v2/organizations/{org}/pipelines/{pipeline}/builds/{number}/jobs/{job}/log",
+                s.base
+            ),
+        )
+    };
+    let raw = file == "log.txt"
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/plain"));
+    let resp = if raw {
+        (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], log).into_response()
+    } else {
+        json_response(
+            StatusCode::OK,
+            &json!({"url": url, "content": log, "size": log.len(), "header_times": []}),
+        )
+    };
+    finish(after, rl, resp).await
+}

@@ -1,0 +1,10 @@
+//! Stateful fakes of the CI providers stitch drives, served over real HTTP
+//! on `127.0.0.1:0`, for tests and benchmarks. Each models the provider's
+//! behaviour (state progression, filtering, pagination, rate limits,
+//! webhooks) closely enough that stitch's real clients cannot tell, and
+//! injects the faults real providers have (5xx bursts, timeouts,
+//! connection resets, answers lost after the work was done).
+//!
+//! - [`buildkite`]: the Buildkite REST API v2 and its webhooks.
+
+pub mod buildkite;

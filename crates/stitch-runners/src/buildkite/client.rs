@@ -1,0 +1,613 @@
+//! `buildkite::Client`: the Buildkite REST v2 calls stitch makes, over an
+//! injected `reqwest::Client` (the wiring sets the `Authorization` header,
+//! timeouts and anything else transport-level), an injected base URL and
+//! [`RetryPolicy`], and the organization's shared [`RequestBudget`].
+//!
+//! Retries (`research/buildkite.md`, "Implications"): safe calls (GET,
+//! cancel) are repeated on 5xx, transport failures and 429; **create is
+//! repeated only on 429** (refused before processing) and on connection
+//! failures (never sent). Any other create failure is returned with
+//! [`BuildkiteError::outcome_unknown`] set, for the runner to look the
+//! build up by its stamped meta-data before creating again. Every 429 —
+//! any call — pauses the whole organization's budget until the provider's
+//! `RateLimit-Reset` (the larger of the organization and user resets).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use reqwest::header::{HeaderMap, ACCEPT, LINK};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use stitch_core::RunnerError;
+
+use super::budget::RequestBudget;
+use super::model::{next_link, Build, CreateBuild, ErrorBody, FieldError};
+use crate::http_retry::RetryPolicy;
+
+/// The most pages a list follows (100 builds each).
+const MAX_PAGES: usize = 10;
+
+/// An organization and pipeline slug pair.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Pipeline {
+    /// Organization slug.
+    pub org: String,
+    /// Pipeline slug.
+    pub slug: String,
+}
+
+/// Filters of `GET …/pipelines/{p}/builds`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildQuery {
+    /// `meta_data[key]=value` filters.
+    pub meta_data: Vec<(String, String)>,
+    /// `branch=`.
+    pub branch: Option<String>,
+    /// `created_from=` (ISO 8601): narrows the scan, as Buildkite asks.
+    pub created_from: Option<DateTime<Utc>>,
+    /// `state[]=` values.
+    pub states: Vec<String>,
+    /// `exclude_jobs=true` (cheaper when only the state is needed).
+    pub exclude_jobs: bool,
+}
+
+/// What a Buildkite call failed with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildkiteError {
+    /// Buildkite answered with an error status.
+    #[error("Buildkite answered HTTP {status}: {message}{}", render_field_errors(.errors))]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The body's `message` (or a summary of a body that had none).
+        message: String,
+        /// The body's `errors[]` (validation failures).
+        errors: Vec<FieldError>,
+        /// Seconds until the rate-limit window resets, when Buildkite said.
+        rate_limit_reset: Option<Duration>,
+    },
+    /// No answer: connect failure, timeout, reset.
+    #[error("request to Buildkite failed: {message}")]
+    Transport {
+        /// What happened.
+        message: String,
+        /// False only when the connection was never made (nothing was sent).
+        maybe_processed: bool,
+    },
+    /// A success status with a body that is not the expected JSON (a proxy
+    /// page, a truncated answer).
+    #[error("Buildkite answered HTTP {status} with an unreadable body: {message}")]
+    Decode {
+        /// HTTP status.
+        status: u16,
+        /// The decode error.
+        message: String,
+    },
+    /// A URL could not be built (bad base URL, a pagination link to another host).
+    #[error("invalid Buildkite URL: {0}")]
+    Url(String),
+}
+
+fn render_field_errors(errors: &[FieldError]) -> String {
+    if errors.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        format!(" ({})", list.join("; "))
+    }
+}
+
+impl BuildkiteError {
+    /// The HTTP status, for answers that had one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// For a create: the build may or may not exist now (timeout or reset
+    /// after sending, a 5xx, an unreadable success). Look it up before
+    /// creating again.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Transport {
+                maybe_processed, ..
+            } => *maybe_processed,
+            Self::Api { status, .. } => *status >= 500,
+            Self::Decode { .. } => true,
+            Self::Url(_) => false,
+        }
+    }
+
+    /// The 422 Buildkite gives when cancelling a build that already ended.
+    pub fn is_already_finished(&self) -> bool {
+        matches!(self, Self::Api { status: 422, message, .. }
+            if message.to_ascii_lowercase().contains("already finished"))
+    }
+
+    /// Whether Buildkite said the thing does not exist (404).
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+}
+
+impl From<BuildkiteError> for RunnerError {
+    fn from(e: BuildkiteError) -> Self {
+        let text = e.to_string();
+        match e {
+            BuildkiteError::Api { status: 404, .. } => RunnerError::NotFound(text),
+            BuildkiteError::Api {
+                status,
+                rate_limit_reset,
+                ..
+            } => RunnerError::Http {
+                status,
+                message: text,
+                retry_after: if status == 429 {
+                    rate_limit_reset
+                } else {
+                    None
+                },
+            },
+            // Undecodable success bodies are usually proxies in trouble: retry.
+            BuildkiteError::Transport { .. } | BuildkiteError::Decode { .. } => {
+                RunnerError::Transport(text)
+            }
+            BuildkiteError::Url(_) => RunnerError::InvalidRequest(text),
+        }
+    }
+}
+
+/// Whether a call may be repeated after an unknown outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Safety {
+    /// Repeating it changes nothing (GET, cancel).
+    Safe,
+    /// Repeating it may create a second build.
+    Create,
+}
+
+/// The Buildkite REST client. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    budget: Arc<RequestBudget>,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("buildkite::Client")
+            .field("base", &self.base)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client over `http`, which must already carry the
+    /// `Authorization: Bearer …` header; `base` is the API root
+    /// (`https://api.buildkite.com`); `budget` is shared by every client of
+    /// the same organization.
+    pub fn new(
+        http: reqwest::Client,
+        base: impl Into<String>,
+        budget: Arc<RequestBudget>,
+        retry: RetryPolicy,
+    ) -> Result<Self, BuildkiteError> {
+        let base = base.into().trim_end_matches('/').to_string();
+        let parsed = Url::parse(&base).map_err(|e| BuildkiteError::Url(format!("{base}: {e}")))?;
+        if parsed.cannot_be_a_base() || !matches!(parsed.scheme(), "http" | "https") {
+            return Err(BuildkiteError::Url(format!(
+                "{base}: must be an http:// or https:// URL"
+            )));
+        }
+        Ok(Self {
+            http,
+            base,
+            budget,
+            retry,
+        })
+    }
+
+    /// The organization budget this client draws from.
+    pub fn budget(&self) -> &Arc<RequestBudget> {
+        &self.budget
+    }
+
+    fn url(&self, segments: &[&str]) -> Result<Url, BuildkiteError> {
+        let mut url = Url::parse(&self.base)
+            .map_err(|e| BuildkiteError::Url(format!("{}: {e}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|_| BuildkiteError::Url(self.base.clone()))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    fn builds_url(&self, p: &Pipeline, rest: &[&str]) -> Result<Url, BuildkiteError> {
+        let mut segments = vec![
+            "v2",
+            "organizations",
+            &p.org,
+            "pipelines",
+            &p.slug,
+            "builds",
+        ];
+        segments.extend_from_slice(rest);
+        self.url(&segments)
+    }
+
+    /// `POST …/builds`. Never repeated after an unknown outcome (see the
+    /// module docs): check [`BuildkiteError::outcome_unknown`].
+    pub async fn create_build(
+        &self,
+        p: &Pipeline,
+        body: &CreateBuild,
+    ) -> Result<Build, BuildkiteError> {
+        let url = self.builds_url(p, &[])?;
+        let resp = self
+            .send(Safety::Create, || {
+                self.http.request(Method::POST, url.clone()).json(body)
+            })
+            .await?;
+        decode(resp).await
+    }
+
+    /// `GET …/builds/{number}` (with jobs and `job_state_counts`).
+    pub async fn get_build(&self, p: &Pipeline, number: u64) -> Result<Build, BuildkiteError> {
+        let url = self.builds_url(p, &[&number.to_string()])?;
+        let resp = self
+            .send(Safety::Safe, || self.http.request(Method::GET, url.clone()))
+            .await?;
+        decode(resp).await
+    }
+
+    /// `GET …/pipelines/{p}/builds` with filters, following `Link: rel="next"`
+    /// (at most 10 pages of 100). Newest first, as Buildkite lists them.
+    pub async fn list_builds(
+        &self,
+        p: &Pipeline,
+        query: &BuildQuery,
+    ) -> Result<Vec<Build>, BuildkiteError> {
+        let mut url = self.builds_url(p, &[])?;
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in &query.meta_data {
+                q.append_pair(&format!("meta_data[{k}]"), v);
+            }
+            if let Some(branch) = &query.branch {
+                q.append_pair("branch", branch);
+            }
+            if let Some(from) = query.created_from {
+                q.append_pair(
+                    "created_from",
+                    &from.to_rfc3339_opts(SecondsFormat::Secs, true),
+                );
+            }
+            for s in &query.states {
+                q.append_pair("state[]", s);
+            }
+            if query.exclude_jobs {
+                q.append_pair("exclude_jobs", "true");
+            }
+            q.append_pair("per_page", "100");
+        }
+        let mut builds = Vec::new();
+        let mut next = Some(url);
+        for _ in 0..MAX_PAGES {
+            let Some(page) = next.take() else { break };
+            let resp = self
+                .send(Safety::Safe, || {
+                    self.http.request(Method::GET, page.clone())
+                })
+                .await?;
+            next = match resp.headers().get(LINK).and_then(|v| v.to_str().ok()) {
+                Some(link) => next_link(link).map(|u| self.same_origin(&u)).transpose()?,
+                None => None,
+            };
+            let mut chunk: Vec<Build> = decode(resp).await?;
+            builds.append(&mut chunk);
+        }
+        Ok(builds)
+    }
+
+    /// A pagination link, refused unless it points at this client's API
+    /// (the auth header must not travel to another host).
+    fn same_origin(&self, link: &str) -> Result<Url, BuildkiteError> {
+        let url = Url::parse(link).map_err(|e| BuildkiteError::Url(format!("{link}: {e}")))?;
+        let base = Url::parse(&self.base).map_err(|e| BuildkiteError::Url(e.to_string()))?;
+        if url.origin() != base.origin() {
+            return Err(BuildkiteError::Url(format!(
+                "pagination link {link} leaves {}",
+                self.base
+            )));
+        }
+        Ok(url)
+    }
+
+    /// `PUT …/builds/{number}/cancel`. A 422 "already finished" comes back
+    /// as an error for which [`BuildkiteError::is_already_finished`] holds.
+    pub async fn cancel_build(&self, p: &Pipeline, number: u64) -> Result<Build, BuildkiteError> {
+        let url = self.builds_url(p, &[&number.to_string(), "cancel"])?;
+        let resp = self
+            .send(Safety::Safe, || self.http.request(Method::PUT, url.clone()))
+            .await?;
+        decode(resp).await
+    }
+
+    /// The jobs of a build (read from the build's JSON).
+    pub async fn list_jobs(
+        &self,
+        p: &Pipeline,
+        number: u64,
+    ) -> Result<Vec<super::model::Job>, BuildkiteError> {
+        Ok(self.get_build(p, number).await?.jobs)
+    }
+
+    /// `GET …/builds/{number}/jobs/{job}/log` as raw text (`Accept: text/plain`).
+    pub async fn job_log(
+        &self,
+        p: &Pipeline,
+        number: u64,
+        job_id: &str,
+    ) -> Result<String, BuildkiteError> {
+        let url = self.builds_url(p, &[&number.to_string(), "jobs", job_id, "log"])?;
+        let resp = self
+            .send(Safety::Safe, || {
+                self.http
+                    .request(Method::GET, url.clone())
+                    .header(ACCEPT, "text/plain")
+            })
+            .await?;
+        let status = resp.status().as_u16();
+        resp.text().await.map_err(|e| BuildkiteError::Decode {
+            status,
+            message: e.to_string(),
+        })
+    }
+
+    /// Sends with the budget, the retry policy and the 429 handling.
+    async fn send(
+        &self,
+        safety: Safety,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, BuildkiteError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            self.budget.acquire().await;
+            let resp = match request().send().await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let maybe_processed = !e.is_connect();
+                    let err = BuildkiteError::Transport {
+                        message: transport_message(&e),
+                        maybe_processed,
+                    };
+                    let repeatable = safety == Safety::Safe || !maybe_processed;
+                    if repeatable && self.retry.may_retry(attempt) {
+                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            };
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            let reset = rate_limit_reset(resp.headers());
+            let body = resp.text().await.unwrap_or_default();
+            let err = api_error(status, &body, reset);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                // Refused before processing: safe for every call, create included.
+                let reset = reset.unwrap_or_else(|| self.retry.backoff(attempt));
+                if let Some(wait) = self.retry.rate_limit_wait(reset) {
+                    self.budget.pause_for(wait);
+                    if self.retry.may_retry(attempt) {
+                        continue;
+                    }
+                }
+                return Err(err);
+            }
+            if status.is_server_error() && safety == Safety::Safe && self.retry.may_retry(attempt) {
+                tokio::time::sleep(self.retry.backoff(attempt)).await;
+                continue;
+            }
+            return Err(err);
+        }
+    }
+}
+
+fn transport_message(e: &reqwest::Error) -> String {
+    // The source chain says what actually happened (reset, refused, timeout).
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    if e.is_timeout() && !message.contains("timed out") {
+        message.push_str(" (timed out)");
+    }
+    message
+}
+
+/// Seconds until the rate-limit window resets: the larger of the
+/// organization (`RateLimit-Reset`) and user (`RateLimit-User-Reset`) resets.
+fn rate_limit_reset(headers: &HeaderMap) -> Option<Duration> {
+    ["ratelimit-reset", "ratelimit-user-reset"]
+        .iter()
+        .filter_map(|name| {
+            headers
+                .get(*name)?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .map(Duration::from_secs)
+}
+
+fn api_error(status: StatusCode, body: &str, reset: Option<Duration>) -> BuildkiteError {
+    let parsed: Option<ErrorBody> = serde_json::from_str(body).ok();
+    let (message, errors) = match parsed {
+        Some(b) if !b.message.is_empty() => (b.message, b.errors),
+        Some(b) => (status_summary(status, body), b.errors),
+        None => (status_summary(status, body), Vec::new()),
+    };
+    BuildkiteError::Api {
+        status: status.as_u16(),
+        message,
+        errors,
+        rate_limit_reset: reset,
+    }
+}
+
+fn status_summary(status: StatusCode, body: &str) -> String {
+    let snippet: String = body.trim().chars().take(200).collect();
+    let reason = status.canonical_reason().unwrap_or("error");
+    if snippet.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{reason}: {snippet}")
+    }
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, BuildkiteError> {
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.map_err(|e| BuildkiteError::Decode {
+        status,
+        message: transport_message(&e),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| BuildkiteError::Decode {
+        status,
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_into_runner_errors() {
+        let api = |status, reset| BuildkiteError::Api {
+            status,
+            message: "m".into(),
+            errors: vec![],
+            rate_limit_reset: reset,
+        };
+        let r: RunnerError = api(429, Some(Duration::from_secs(7))).into();
+        assert!(r.is_retryable());
+        assert_eq!(r.retry_after(), Some(Duration::from_secs(7)));
+        let r: RunnerError = api(404, None).into();
+        assert!(r.is_not_found());
+        for s in [500, 502, 503] {
+            assert!(RunnerError::from(api(s, None)).is_retryable());
+        }
+        for s in [400, 401, 403, 422] {
+            assert!(!RunnerError::from(api(s, None)).is_retryable(), "{s}");
+        }
+        let t: RunnerError = BuildkiteError::Transport {
+            message: "reset".into(),
+            maybe_processed: true,
+        }
+        .into();
+        assert!(t.is_retryable());
+        assert!(!RunnerError::from(BuildkiteError::Url("x".into())).is_retryable());
+    }
+
+    #[test]
+    fn unknown_outcomes_of_a_create() {
+        let t = |maybe_processed| BuildkiteError::Transport {
+            message: "x".into(),
+            maybe_processed,
+        };
+        assert!(t(true).outcome_unknown());
+        assert!(!t(false).outcome_unknown());
+        let api = |status| BuildkiteError::Api {
+            status,
+            message: "m".into(),
+            errors: vec![],
+            rate_limit_reset: None,
+        };
+        assert!(api(502).outcome_unknown());
+        assert!(!api(422).outcome_unknown());
+        assert!(!api(429).outcome_unknown());
+        assert!(BuildkiteError::Decode {
+            status: 201,
+            message: "eof".into()
+        }
+        .outcome_unknown());
+    }
+
+    #[test]
+    fn error_bodies_are_read() {
+        let e = api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            r#"{"message":"Validation Failed","errors":[{"field":"commit","code":"missing"}]}"#,
+            None,
+        );
+        assert_eq!(
+            e.to_string(),
+            "Buildkite answered HTTP 422: Validation Failed (commit missing)"
+        );
+        let e = api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            r#"{"message":"Build can't be canceled because it's already finished."}"#,
+            None,
+        );
+        assert!(e.is_already_finished());
+        let e = api_error(StatusCode::BAD_GATEWAY, "<html>bad gateway</html>", None);
+        assert_eq!(
+            e.to_string(),
+            "Buildkite answered HTTP 502: Bad Gateway: <html>bad gateway</html>"
+        );
+    }
+
+    #[test]
+    fn the_larger_reset_wins() {
+        let mut h = HeaderMap::new();
+        assert_eq!(rate_limit_reset(&h), None);
+        h.insert("RateLimit-Reset", "12".parse().unwrap());
+        h.insert("RateLimit-User-Reset", "40".parse().unwrap());
+        assert_eq!(rate_limit_reset(&h), Some(Duration::from_secs(40)));
+        h.insert("RateLimit-User-Reset", "junk".parse().unwrap());
+        assert_eq!(rate_limit_reset(&h), Some(Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn base_urls_are_checked() {
+        let budget = Arc::new(RequestBudget::new(Default::default()));
+        let http = reqwest::Client::new();
+        assert!(Client::new(http.clone(), "ftp://x", budget.clone(), RetryPolicy::none()).is_err());
+        assert!(Client::new(
+            http.clone(),
+            "not a url",
+            budget.clone(),
+            RetryPolicy::none()
+        )
+        .is_err());
+        let c = Client::new(http, "http://127.0.0.1:1/api/", budget, RetryPolicy::none()).unwrap();
+        let p = Pipeline {
+            org: "acme".into(),
+            slug: "app ci".into(),
+        };
+        assert_eq!(
+            c.builds_url(&p, &["7", "cancel"]).unwrap().as_str(),
+            "http://127.0.0.1:1/api/v2/organizations/acme/pipelines/app%20ci/builds/7/cancel"
+        );
+        assert!(c
+            .same_origin("http://evil.example/v2/builds?page=2")
+            .is_err());
+        assert!(c.same_origin("http://127.0.0.1:1/api/v2/x?page=2").is_ok());
+    }
+}

@@ -1,0 +1,186 @@
+//! Buildkite job logs as stitch `LogLine`s: each command job is a step
+//! (control start with its name and command, data lines, control end), and
+//! the agent's `ESC _bk;t=<unix millis> BEL` timestamp markers become each
+//! line's `time` (lines without one inherit the previous line's time).
+
+use chrono::{DateTime, Utc};
+use stitch_core::{LogLine, OutputStream, StepKind};
+
+use super::model::Job;
+
+/// The marker the agent writes before a timestamp; an `ESC` usually
+/// precedes it and a `BEL` ends the timestamp.
+const MARKER: &str = "_bk;t=";
+
+/// One parsed line of a raw job log: its time and its text without markers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimedLine {
+    /// From the line's first `_bk;t=` marker, else the previous line's time.
+    pub time: DateTime<Utc>,
+    /// The line without timestamp markers or the trailing `\r`.
+    pub text: String,
+}
+
+/// Splits a raw log into lines and reads their timestamps. A last line
+/// without a trailing newline is included only when `complete` (the job
+/// finished): otherwise it may still grow.
+pub fn parse_log(raw: &str, start: DateTime<Utc>, complete: bool) -> Vec<TimedLine> {
+    let mut lines = Vec::new();
+    let mut time = start;
+    let mut pieces: Vec<&str> = raw.split('\n').collect();
+    // `split` leaves one piece after the last '\n': empty, or a partial line.
+    if let Some(last) = pieces.pop() {
+        if complete && !last.is_empty() {
+            pieces.push(last);
+        }
+    }
+    for piece in pieces {
+        let (text, stamp) = strip_markers(piece.trim_end_matches('\r'));
+        if let Some(t) = stamp {
+            time = t;
+        }
+        lines.push(TimedLine { time, text });
+    }
+    lines
+}
+
+/// The text without markers, and the first marker's time.
+fn strip_markers(line: &str) -> (String, Option<DateTime<Utc>>) {
+    let mut out = String::with_capacity(line.len());
+    let mut first = None;
+    let mut rest = line;
+    while let Some(at) = rest.find(MARKER) {
+        let mut before = &rest[..at];
+        // The escape that opens the APC sequence belongs to the marker.
+        if let Some(stripped) = before.strip_suffix('\u{1b}') {
+            before = stripped;
+        }
+        out.push_str(before);
+        let after = &rest[at + MARKER.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let stamp = after[..digits]
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_millis);
+        if first.is_none() {
+            first = stamp;
+        }
+        let mut tail = &after[digits..];
+        if let Some(t) = tail.strip_prefix('\u{7}') {
+            tail = t;
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    (out, first)
+}
+
+/// Parses a Buildkite timestamp: ISO 8601 (`2026-01-02T03:04:05.123Z`) or
+/// the older webhook form `2018-03-25 03:58:14 UTC`.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S UTC")
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+/// Following one job's log: which lines were already sent.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct JobCursor {
+    pub(crate) started: bool,
+    pub(crate) ended: bool,
+    pub(crate) lines_sent: usize,
+}
+
+/// The control line opening `job`'s step.
+pub(crate) fn step_start(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogLine {
+    let time = job
+        .started_at
+        .as_deref()
+        .and_then(parse_time)
+        .unwrap_or(fallback);
+    LogLine::step_start(
+        step_id,
+        job.display_name(),
+        StepKind::User,
+        job.command.clone(),
+        time,
+    )
+}
+
+/// The control line closing `job`'s step.
+pub(crate) fn step_end(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogLine {
+    let time = job
+        .finished_at
+        .as_deref()
+        .and_then(parse_time)
+        .unwrap_or(fallback);
+    LogLine::step_end(step_id, job.display_name(), StepKind::User, time)
+}
+
+/// Data lines of `job`'s step. Buildkite merges stdout and stderr into one
+/// log, so every line is tagged `stdout`.
+pub(crate) fn data_lines(step_id: i64, lines: &[TimedLine]) -> Vec<LogLine> {
+    lines
+        .iter()
+        .map(|l| LogLine::data(step_id, OutputStream::Stdout, l.text.clone(), l.time))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn markers_become_times_and_vanish_from_the_text() {
+        let raw = "\u{1b}_bk;t=1767225600123\u{7}~~~ Running commands\r\n\
+                   plain line\n\
+                   \u{1b}_bk;t=1767225601000\u{7}$ make test\n";
+        let lines = parse_log(raw, t0(), false);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].text, "~~~ Running commands");
+        assert_eq!(lines[0].time.timestamp_millis(), 1_767_225_600_123);
+        assert_eq!(lines[1].text, "plain line");
+        assert_eq!(lines[1].time, lines[0].time, "inherits the previous time");
+        assert_eq!(lines[2].text, "$ make test");
+        assert_eq!(lines[2].time.timestamp_millis(), 1_767_225_601_000);
+    }
+
+    #[test]
+    fn partial_last_lines_wait_for_completion() {
+        let raw = "one\ntw";
+        assert_eq!(parse_log(raw, t0(), false).len(), 1);
+        let done = parse_log(raw, t0(), true);
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[1].text, "tw");
+        assert_eq!(done[1].time, t0());
+        assert!(parse_log("", t0(), true).is_empty());
+    }
+
+    #[test]
+    fn bare_and_repeated_markers() {
+        let (text, t) = strip_markers("_bk;t=1000x _bk;t=2000\u{7}y");
+        assert_eq!(text, "x y");
+        assert_eq!(t.unwrap().timestamp_millis(), 1000);
+        let (text, t) = strip_markers("_bk;t=notanumber");
+        assert_eq!(text, "notanumber");
+        assert!(t.is_none());
+        let (text, _) = strip_markers("\u{1b}[31mred\u{1b}[0m");
+        assert_eq!(text, "\u{1b}[31mred\u{1b}[0m", "other escapes are kept");
+    }
+
+    #[test]
+    fn both_timestamp_forms_parse() {
+        let a = parse_time("2018-03-25T03:58:14.123Z").unwrap();
+        let b = parse_time("2018-03-25 03:58:14 UTC").unwrap();
+        assert_eq!(a.timestamp(), b.timestamp());
+        assert!(parse_time("yesterday").is_none());
+    }
+}

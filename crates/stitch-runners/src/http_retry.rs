@@ -1,0 +1,136 @@
+//! The retry policy vendor HTTP clients (`buildkite::Client`, later the
+//! GitHub client) are given by their wiring: how many attempts a *safe*
+//! call gets, the backoff between them, and the longest wait a provider's
+//! rate-limit reset may impose before the client gives the error back to
+//! its caller (whose own, slower retry schedule takes over).
+//!
+//! Which calls are safe to repeat is the client's knowledge, not the
+//! policy's: the policy only answers "may I try again, and after how long".
+//! Hand-written rather than a crate because it is a value type of four
+//! numbers and one formula; see `docs/adr/0005-buildkite-client-budget-and-retries.md`.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Attempts and backoff for repeatable HTTP calls.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in total (the first one included); at least 1.
+    pub max_attempts: u32,
+    /// Delay after the first failed attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of any backoff.
+    pub max_backoff: Duration,
+    /// Longest rate-limit wait (`RateLimit-Reset`) honoured inside one
+    /// call; a longer reset is returned to the caller as the error's
+    /// `retry_after` instead of blocking the call.
+    pub max_rate_limit_wait: Duration,
+    /// Fraction of each delay added at random (0.0 – 1.0), so many callers
+    /// woken by the same reset do not return at the same instant.
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    /// Four attempts, 250 ms doubling to at most 5 s, rate-limit waits up
+    /// to 2 minutes (the longest Buildkite window), 20 % jitter.
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(5),
+            max_rate_limit_wait: Duration::from_secs(120),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that never retries (one attempt, no waiting).
+    pub fn none() -> Self {
+        Self {
+            max_attempts: 1,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+            max_rate_limit_wait: Duration::ZERO,
+            jitter: 0.0,
+        }
+    }
+
+    /// Whether another attempt may follow attempt number `attempt` (1-based).
+    pub fn may_retry(&self, attempt: u32) -> bool {
+        attempt < self.max_attempts.max(1)
+    }
+
+    /// The delay after attempt `attempt` (1-based) failed: exponential
+    /// (×2), capped at `max_backoff`, plus jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(32);
+        let base = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(self.max_backoff);
+        self.with_jitter(base)
+    }
+
+    /// The wait before retrying after a rate-limit answer that asked for
+    /// `reset` (plus jitter), or `None` when that is longer than
+    /// `max_rate_limit_wait` and the caller should get the error instead.
+    pub fn rate_limit_wait(&self, reset: Duration) -> Option<Duration> {
+        (reset <= self.max_rate_limit_wait).then(|| self.with_jitter(reset))
+    }
+
+    /// `d` plus up to `jitter · d` (at least 0–50 ms, so a zero reset
+    /// still spreads callers out a little).
+    pub fn with_jitter(&self, d: Duration) -> Duration {
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        if jitter == 0.0 {
+            return d;
+        }
+        let spread = d.mul_f64(jitter).max(Duration::from_millis(50));
+        d + spread.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(p.backoff(1), Duration::from_millis(250));
+        assert_eq!(p.backoff(2), Duration::from_millis(500));
+        assert_eq!(p.backoff(3), Duration::from_secs(1));
+        assert_eq!(p.backoff(10), Duration::from_secs(5));
+        assert_eq!(p.backoff(u32::MAX), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn jitter_only_adds_within_its_fraction() {
+        let p = RetryPolicy::default();
+        for _ in 0..100 {
+            let d = p.backoff(3);
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_millis(1200),
+                "{d:?}"
+            );
+        }
+        let zero = p.with_jitter(Duration::ZERO);
+        assert!(zero <= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn attempts_and_rate_limit_waits_are_bounded() {
+        let p = RetryPolicy::default();
+        assert!(p.may_retry(1) && p.may_retry(3));
+        assert!(!p.may_retry(4));
+        assert!(!RetryPolicy::none().may_retry(1));
+        assert!(p.rate_limit_wait(Duration::from_secs(121)).is_none());
+        let w = p.rate_limit_wait(Duration::from_secs(2)).unwrap();
+        assert!(w >= Duration::from_secs(2) && w <= Duration::from_millis(2400));
+    }
+}
