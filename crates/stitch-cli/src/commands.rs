@@ -47,7 +47,9 @@ async fn serve(args: crate::ServeArgs) -> u8 {
         }
     };
     init_tracing();
-    match stitch_server::app::run(config, stitch_server::app::shutdown_signal()).await {
+    let addons = stitch_spindle::addon(&config).into_iter().collect();
+    match stitch_server::app::run_with(config, stitch_server::app::shutdown_signal(), addons).await
+    {
         Ok(()) => OK,
         Err(e) => {
             eprintln!("stitch serve: {e:#}");

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -34,13 +35,17 @@ type Frames = BoxStream<'static, Result<String, String>>;
 pub(crate) async fn logs(
     State(spindle): State<Spindle>,
     Path((knot, rkey, workflow)): Path<(String, String, String)>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // Resolved first: an unknown tuple is a 404 whatever the request.
     let frames = match resolve(&spindle, &knot, &rkey, &workflow).await {
         Ok(f) => f,
         Err(r) => return r,
     };
-    ws.on_upgrade(move |socket| pump(spindle, socket, frames))
+    match ws {
+        Ok(ws) => ws.on_upgrade(move |socket| pump(spindle, socket, frames)),
+        Err(rejection) => rejection.into_response(),
+    }
 }
 
 fn plain(status: StatusCode, message: impl Into<String>) -> Response {
