@@ -626,6 +626,7 @@ impl Harness {
         EventsClient {
             socket,
             frames: Vec::new(),
+            texts: Vec::new(),
         }
     }
 
@@ -681,6 +682,8 @@ pub struct EventsClient {
     >,
     /// Every text frame received, parsed.
     pub frames: Vec<Value>,
+    /// The same frames as received, byte for byte.
+    pub texts: Vec<String>,
 }
 
 impl EventsClient {
@@ -697,6 +700,7 @@ impl EventsClient {
                     let v: Value =
                         serde_json::from_str(t.as_str()).expect("every /events text frame is JSON");
                     self.frames.push(v);
+                    self.texts.push(t.to_string());
                 }
                 Some(Ok(_)) => {}
                 other => panic!("/events ended while waiting for {what}: {other:?}"),
