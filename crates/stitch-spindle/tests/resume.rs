@@ -33,8 +33,9 @@ async fn knot_and_jetstream_reconnects_lose_and_duplicate_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(h.spindle.db.cursor(&name).await.unwrap(), Some(a));
-    h.knot.kick();
+    h.knot.go_down().await;
     let b = h.push_trigger("3lzresumeb222", &knot, OWNER, "myrepo", &[("ci.yml", CI)]);
+    h.knot.come_up();
     h.knot_connections(2).await;
     assert_eq!(
         h.knot.connections()[1],

@@ -61,6 +61,10 @@ struct LogInner {
     /// Cursor query of every connection, in order (`None`: no cursor).
     connections: Vec<Option<i64>>,
     kick: Option<watch::Sender<u64>>,
+    /// Connections being served now.
+    active: usize,
+    /// Refusing connections (the service is down).
+    down: bool,
 }
 
 impl Log {
@@ -96,6 +100,7 @@ impl Log {
         let (backlog, mut live, mut kick) = {
             let g = &mut *self.inner.lock().unwrap();
             g.connections.push(cursor);
+            g.active += 1;
             let pass = |c: i64| match cursor {
                 None => missing_means_all,
                 Some(from) => {
@@ -116,6 +121,19 @@ impl Log {
             let kick = g.kick.as_ref().unwrap().subscribe();
             (backlog, live, kick)
         };
+        self.clone()
+            .pump(&mut socket, backlog, &mut live, &mut kick)
+            .await;
+        self.inner.lock().unwrap().active -= 1;
+    }
+
+    async fn pump(
+        self,
+        socket: &mut WebSocket,
+        backlog: Vec<String>,
+        live: &mut broadcast::Receiver<(i64, String)>,
+        kick: &mut watch::Receiver<u64>,
+    ) {
         for text in backlog {
             if socket.send(Message::Text(text.into())).await.is_err() {
                 return;
@@ -123,6 +141,7 @@ impl Log {
         }
         loop {
             tokio::select! {
+                biased;
                 _ = kick.changed() => {
                     let _ = socket.send(Message::Close(None)).await;
                     return;
@@ -150,6 +169,26 @@ impl Log {
     fn kick(&self) {
         let g = self.inner.lock().unwrap();
         g.kick.as_ref().unwrap().send_modify(|n| *n += 1);
+    }
+
+    fn is_down(&self) -> bool {
+        self.inner.lock().unwrap().down
+    }
+
+    /// Refuses new connections and closes the open ones; returns once none
+    /// is served any more.
+    async fn go_down(&self) {
+        self.inner.lock().unwrap().down = true;
+        self.kick();
+        let log = self.clone();
+        eventually("open connections to close", || {
+            log.inner.lock().unwrap().active == 0
+        })
+        .await;
+    }
+
+    fn come_up(&self) {
+        self.inner.lock().unwrap().down = false;
     }
 }
 
@@ -312,6 +351,15 @@ impl FakeKnot {
     pub fn kick(&self) {
         self.log.kick()
     }
+
+    /// Closes every stream and refuses new ones until [`FakeKnot::come_up`].
+    pub async fn go_down(&self) {
+        self.log.go_down().await
+    }
+
+    pub fn come_up(&self) {
+        self.log.come_up()
+    }
 }
 
 async fn knot_events(
@@ -319,6 +367,9 @@ async fn knot_events(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if log.is_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
     let cursor = q.get("cursor").and_then(|v| v.parse().ok());
     ws.on_upgrade(move |s| log.serve(s, cursor, false, false))
 }
