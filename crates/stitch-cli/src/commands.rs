@@ -80,6 +80,12 @@ fn config_check(args: &ConfigArgs) -> u8 {
                 c.queues.len(),
                 c.queues.keys().cloned().collect::<Vec<_>>().join(", ")
             );
+            if let Some(s) = &c.spindle {
+                println!(
+                    "tangled spindle: {} (owner {}, default queue {})",
+                    s.hostname, s.owner, s.default_queue
+                );
+            }
             OK
         }
         Err(e) => {
