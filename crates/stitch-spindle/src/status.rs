@@ -111,3 +111,79 @@ pub fn status_change(event: &Event) -> Option<StatusChange> {
 fn is_deadline(reason: &str) -> bool {
     reason.ends_with("(accepted_timeout)") || reason.ends_with("(max_duration)")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stitch_core::BuildId;
+
+    fn event(kind: EventKind, status: BuildStatus, extra: &[(&str, &str)]) -> Event {
+        let mut metadata: stitch_store::Metadata = [
+            (meta::KNOT, "knot.example.com"),
+            (meta::PIPELINE_RKEY, "3lzpipeline22"),
+            (meta::WORKFLOW, "ci.yml"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        metadata.retain(|_, v| !v.is_empty());
+        Event {
+            seq: 7,
+            build_id: BuildId::new(),
+            queue: "default".into(),
+            kind,
+            status,
+            metadata,
+            at: chrono::Utc::now(),
+        }
+    }
+
+    fn state_of(e: &Event) -> Option<(PipelineState, Option<String>, Option<i64>)> {
+        status_change(e).map(|c| (c.state, c.error, c.exit_code))
+    }
+
+    #[test]
+    fn build_statuses_map_to_tangled_states() {
+        use PipelineState::*;
+        let s = |st| state_of(&event(EventKind::Status, st, &[]));
+        assert_eq!(s(BuildStatus::Accepted), Some((Pending, None, None)));
+        assert_eq!(s(BuildStatus::Running), Some((Running, None, None)));
+        assert_eq!(s(BuildStatus::Succeeded), Some((Success, None, None)));
+        assert_eq!(s(BuildStatus::Unknown), None);
+        assert_eq!(
+            s(BuildStatus::Cancelled),
+            Some((Cancelled, Some(CANCELLED_ERROR.into()), Some(-1)))
+        );
+        assert_eq!(
+            s(BuildStatus::Failed),
+            Some((Failed, Some("workflow failed".into()), Some(1)))
+        );
+        let failed = event(
+            EventKind::Status,
+            BuildStatus::Failed,
+            &[("error", "exit status 3"), ("exit_status", "3")],
+        );
+        assert_eq!(
+            state_of(&failed),
+            Some((Failed, Some("exit status 3".into()), Some(3)))
+        );
+        let deadline = event(
+            EventKind::Status,
+            BuildStatus::Failed,
+            &[("error", "not finished after 1s (max_duration)")],
+        );
+        assert_eq!(state_of(&deadline), Some((Timeout, None, None)));
+    }
+
+    #[test]
+    fn other_events_and_other_builds_are_skipped() {
+        assert_eq!(
+            state_of(&event(EventKind::Failing, BuildStatus::Running, &[])),
+            None
+        );
+        let mut foreign = event(EventKind::Status, BuildStatus::Running, &[]);
+        foreign.metadata.remove(meta::WORKFLOW);
+        assert_eq!(state_of(&foreign), None);
+    }
+}

@@ -106,6 +106,16 @@ async fn cancel_needs_a_valid_token_of_the_repo_owner() {
             "{bad}: {text}"
         );
     }
+    let huge = h
+        .client
+        .post(h.url(CANCEL))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 100 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 413, "oversized bodies are refused");
     let (code, text) = cancel(
         &h,
         Some(&token),

@@ -331,3 +331,103 @@ async fn logs_of_unknown_workflows_are_404_before_upgrade() {
         .unwrap();
     assert_eq!(owner, json!({"owner": OWNER}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_logs_follow_a_running_workflow_pings_flow_and_deadlines_are_timeouts() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let h = Harness::start_pinging(std::time::Duration::from_millis(100)).await;
+    h.knot_connections(1).await;
+    let knot = h.knot.host();
+    let rkey = "3lzlivelogs22";
+    h.push_trigger(
+        rkey,
+        &knot,
+        OWNER,
+        "myrepo",
+        &[
+            ("ci.yml", CI),
+            ("stuck.yml", "engine: nixery\nstitch: {queue: deadline}\n"),
+        ],
+    );
+    let mut events = h.events(None).await;
+    events
+        .until("ci running", |f| reached(f, rkey, "ci.yml", "running"))
+        .await;
+    // Opened while running: lines arrive as written, then close 1000 at the end.
+    let (frames, code) = h.read_logs(&knot, rkey, "ci.yml").await;
+    assert_eq!(code, Some(1000));
+    assert!(!frames.is_empty());
+    events
+        .until("ci success", |f| reached(f, rkey, "ci.yml", "success"))
+        .await;
+    // A queue deadline (max_duration) is a Tangled timeout, without error.
+    events
+        .until("stuck timeout", |f| {
+            reached(f, rkey, "stuck.yml", "timeout")
+        })
+        .await;
+    assert_eq!(
+        statuses(&events.frames, rkey, "stuck.yml"),
+        ["pending", "running", "timeout"]
+    );
+    let timeout = events
+        .frames
+        .iter()
+        .find(|f| f["event"]["status"] == "timeout")
+        .unwrap();
+    assert!(timeout["event"].get("error").is_none() && timeout["event"].get("exitCode").is_none());
+    events.close().await;
+
+    // An idle /events stream is pinged (a binary/ping frame, never a non-JSON text).
+    let last = h
+        .spindle
+        .db
+        .events_after(0, 1000)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .created;
+    let (mut socket, _) = tokio_tungstenite::connect_async(h.ws(&format!("/events?cursor={last}")))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(WAIT, socket.next())
+        .await
+        .expect("a frame in time");
+    assert!(matches!(first, Some(Ok(Message::Ping(_)))), "{first:?}");
+    // A live log of a running workflow is pinged too.
+    let rkey2 = "3lzlivelogs33";
+    h.push_trigger(
+        rkey2,
+        &knot,
+        OWNER,
+        "myrepo",
+        &[("slow.yml", "engine: nixery\nstitch: {queue: slow}\n")],
+    );
+    let mut events = h.events(Some(last)).await;
+    events
+        .until("slow running", |f| reached(f, rkey2, "slow.yml", "running"))
+        .await;
+    let (mut logs, _) =
+        tokio_tungstenite::connect_async(h.ws(&format!("/logs/{knot}/{rkey2}/slow.yml")))
+            .await
+            .unwrap();
+    let mut pinged = false;
+    for _ in 0..200 {
+        match tokio::time::timeout(WAIT, logs.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Ping(_))) => {
+                pinged = true;
+                break;
+            }
+            Some(Ok(Message::Text(_))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pinged);
+    events.close().await;
+}

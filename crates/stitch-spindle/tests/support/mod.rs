@@ -550,7 +550,10 @@ fn queues() -> BTreeMap<String, QueueConfig> {
     slow.poll.running = Duration::from_millis(50);
     q.insert("default".to_string(), default);
     q.insert("fast".to_string(), fast);
+    let mut deadline = slow.clone();
+    deadline.max_duration = Some(Duration::from_millis(300));
     q.insert("slow".to_string(), slow);
+    q.insert("deadline".to_string(), deadline);
     q
 }
 
@@ -558,6 +561,11 @@ impl Harness {
     /// Fakes, plus a server whose owner's repo `myrepo` on the fake knot
     /// names this spindle (already on Jetstream before the spindle starts).
     pub async fn start() -> Harness {
+        Self::start_pinging(Duration::from_secs(30)).await
+    }
+
+    /// [`Harness::start`] with WebSocket pings every `ping`.
+    pub async fn start_pinging(ping: Duration) -> Harness {
         let jetstream = FakeJetstream::start().await;
         let knot = FakeKnot::start().await;
         let plc = FakePlc::start().await;
@@ -569,14 +577,25 @@ impl Harness {
             Some(json!({"$type": "sh.tangled.repo", "name": "myrepo", "knot": knot.host(), "spindle": HOSTNAME, "createdAt": "2026-01-02T03:04:05Z"})),
         );
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_on(jetstream, knot, plc, dir).await
+        Self::start_with(jetstream, knot, plc, dir, ping).await
     }
 
+    /// A server on an existing database and fakes (a restart).
     pub async fn start_on(
         jetstream: FakeJetstream,
         knot: FakeKnot,
         plc: FakePlc,
         dir: tempfile::TempDir,
+    ) -> Harness {
+        Self::start_with(jetstream, knot, plc, dir, Duration::from_secs(30)).await
+    }
+
+    async fn start_with(
+        jetstream: FakeJetstream,
+        knot: FakeKnot,
+        plc: FakePlc,
+        dir: tempfile::TempDir,
+        ping: Duration,
     ) -> Harness {
         let config = Config {
             data_dir: dir.path().join("data"),
@@ -593,7 +612,7 @@ impl Harness {
             jetstream_url: jetstream.url(),
             plc_url: plc.url(),
             dev: true,
-            ping_interval: Duration::from_secs(30),
+            ping_interval: ping,
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(200),
             jetstream_rewind: Duration::from_secs(5),
