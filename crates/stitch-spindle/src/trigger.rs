@@ -260,3 +260,79 @@ fn truncate(v: &str) -> String {
     }
     v[..end].to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{PullRequestData, TriggerRepo};
+
+    fn run() -> Run {
+        Run {
+            knot: "knot.example.com".into(),
+            rkey: "3lzpipeline22".into(),
+            workflow: "ci.yml".into(),
+            repo_did: "did:plc:owner".into(),
+            repo_name: "myrepo".into(),
+            build_id: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn pull_requests_and_manual_runs_become_requests() {
+        let pr = TriggerMetadata {
+            kind: "pull_request".into(),
+            pull_request: Some(PullRequestData {
+                source_branch: "feat".into(),
+                target_branch: "main".into(),
+                source_sha: "c".repeat(40),
+                action: "opened".into(),
+            }),
+            ..TriggerMetadata::default()
+        };
+        let req = build_request(&run(), &pr);
+        assert_eq!(
+            req.head,
+            [format!(
+                "https://knot.example.com/did:plc:owner/myrepo/commit/{}",
+                "c".repeat(40)
+            )]
+        );
+        assert_eq!(req.metadata[meta::BRANCH], "feat");
+        assert_eq!(req.metadata[meta::TARGET_BRANCH], "main");
+        assert_eq!(req.metadata[meta::PR_ACTION], "opened");
+        assert_eq!(req.metadata[meta::ACTOR], "did:plc:owner");
+        assert!(
+            stitch_core::ChangeSet::new(req.base.clone(), req.head.clone())
+                .validate()
+                .is_ok()
+        );
+        assert!(stitch_core::BuildMetadata::from(req.metadata.clone())
+            .validate()
+            .is_ok());
+
+        let manual = TriggerMetadata {
+            kind: "manual".into(),
+            repo: Some(TriggerRepo {
+                default_branch: "trunk".into(),
+                ..TriggerRepo::default()
+            }),
+            ..TriggerMetadata::default()
+        };
+        let req = build_request(&run(), &manual);
+        assert_eq!(
+            req.head,
+            ["https://knot.example.com/did:plc:owner/myrepo/tree/trunk"]
+        );
+        assert!(!req.metadata.contains_key(meta::COMMIT));
+    }
+
+    #[test]
+    fn idempotency_keys_are_per_tuple_and_valid() {
+        let a = idempotency_key("k", "r", "w");
+        assert_eq!(a, idempotency_key("k", "r", "w"));
+        assert_ne!(a, idempotency_key("k", "rw", ""));
+        assert_ne!(a, idempotency_key("k", "r", "w2"));
+        assert_eq!(a.len(), "spindle:".len() + 64);
+    }
+}

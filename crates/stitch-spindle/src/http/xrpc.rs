@@ -113,12 +113,17 @@ pub(crate) async fn cancel_pipeline(
         }
     };
     // The repo named must be the run's, and the caller its owner.
-    let repo_name = spindle
-        .db
-        .repo_name(&repo_did, &repo_rkey)
-        .await
-        .ok()
-        .flatten();
+    let repo_name = match spindle.db.repo_name(&repo_did, &repo_rkey).await {
+        Ok(name) => name,
+        Err(e) => {
+            tracing::error!(error = %e, "spindle cancel: repo lookup failed");
+            return xrpc_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "lookup failed",
+            );
+        }
+    };
     if repo_did != run.repo_did || repo_name.as_deref().is_some_and(|n| n != run.repo_name) {
         return bad(
             "InvalidRequest",
