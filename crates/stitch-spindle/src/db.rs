@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{params, OptionalExtension};
 use sqlx::sqlite::SqlitePool;
 use sqlx::Row;
@@ -83,6 +83,8 @@ pub struct StatusChange {
     pub error: Option<String>,
     /// Exit code (failed, cancelled).
     pub exit_code: Option<i64>,
+    /// When the transition happened (the record's `createdAt`).
+    pub at: DateTime<Utc>,
 }
 
 /// Handle to the spindle's tables. Cheap to clone.
@@ -414,6 +416,7 @@ impl SpindleDb {
                     state: PipelineState::Failed,
                     error: Some(error),
                     exit_code: Some(-1),
+                    at: Utc::now(),
                 };
                 append_status(conn, &change)?;
                 Ok(true)
@@ -539,7 +542,7 @@ fn append_status(conn: &rusqlite::Connection, change: &StatusChange) -> Result<(
         pipeline: pipeline_uri(&change.knot, &change.rkey),
         workflow: change.workflow.clone(),
         status: change.state,
-        created_at: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+        created_at: change.at.to_rfc3339_opts(SecondsFormat::Secs, true),
         error: change.error.clone(),
         exit_code: change.exit_code,
     };

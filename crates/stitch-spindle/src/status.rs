@@ -103,6 +103,7 @@ pub fn status_change(event: &Event) -> Option<StatusChange> {
         state,
         error,
         exit_code,
+        at: event.at,
     })
 }
 
