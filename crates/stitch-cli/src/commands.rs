@@ -53,7 +53,9 @@ async fn serve(args: crate::ServeArgs) -> u8 {
         }
     };
     init_tracing();
-    match stitch_server::app::run(config, stitch_server::app::shutdown_signal()).await {
+    let addons = stitch_spindle::addon(&config).into_iter().collect();
+    match stitch_server::app::run_with(config, stitch_server::app::shutdown_signal(), addons).await
+    {
         Ok(()) => OK,
         Err(e) => {
             eprintln!("stitch serve: {e:#}");
@@ -84,6 +86,12 @@ fn config_check(args: &ConfigArgs) -> u8 {
                 c.queues.len(),
                 c.queues.keys().cloned().collect::<Vec<_>>().join(", ")
             );
+            if let Some(s) = &c.spindle {
+                println!(
+                    "tangled spindle: {} (owner {}, default queue {})",
+                    s.hostname, s.owner, s.default_queue
+                );
+            }
             OK
         }
         Err(e) => {

@@ -197,3 +197,36 @@ fn config_check_reports_problems_with_their_keys() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[test]
+fn config_check_validates_the_spindle_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[spindle]\nhostname = \"spindle.example.com\"\nowner = \"did:plc:abc123\"\ndefault_queue = \"nope\"\n",
+    )
+    .unwrap();
+    let o = stitch(
+        &["config", "check", "--config", bad.to_str().unwrap()],
+        "http://127.0.0.1:1",
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("spindle.default_queue"), "{}", text(&o));
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[spindle]\nhostname = \"spindle.example.com\"\nowner = \"did:plc:abc123\"\ndefault_queue = \"default\"\n",
+    )
+    .unwrap();
+    let o = stitch(
+        &["config", "check", "--config", good.to_str().unwrap()],
+        "http://127.0.0.1:1",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("tangled spindle: spindle.example.com"),
+        "{}",
+        text(&o)
+    );
+}

@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
@@ -21,7 +23,26 @@ pub enum ServeError {
     Start(#[from] StartError),
     #[error("listening on the configured address: {0}")]
     Io(#[from] std::io::Error),
+    /// An add-on (e.g. the Tangled spindle) could not start.
+    #[error("{0}")]
+    Addon(String),
 }
+
+/// A feature served beside the API on the same listener (the Tangled
+/// spindle): routes merged into the API router (they carry their own
+/// authentication) and background tasks.
+pub struct Addon {
+    /// Routes to merge; must not overlap the API's.
+    pub router: axum::Router,
+    /// Background tasks, awaited after the server stopped.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts an [`Addon`] on the opened state. The token is cancelled when
+/// shutdown begins, so long-lived streams and clients end before the drain.
+pub type AddonStart = Box<
+    dyn FnOnce(AppState, CancellationToken) -> BoxFuture<'static, Result<Addon, String>> + Send,
+>;
 
 /// Runs the service until `shutdown` resolves: stop accepting requests,
 /// let in-flight stage work finish (buffered deliveries are handed back),
@@ -29,6 +50,16 @@ pub enum ServeError {
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    run_with(config, shutdown, Vec::new()).await
+}
+
+/// [`run`], with add-ons started on the state and served on the same
+/// listener.
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    addons: Vec<AddonStart>,
 ) -> Result<(), ServeError> {
     let tokens = config::api_tokens(&config, |k| std::env::var(k).ok());
     http::check_bind(config.listen, !tokens.is_empty()).map_err(ServeError::Refused)?;
@@ -39,19 +70,31 @@ pub async fn run(
     print_banner(&state, addr, !tokens.is_empty());
 
     let stop = CancellationToken::new();
+    let addon_stop = CancellationToken::new();
+    let mut router = http::router(state.clone(), tokens);
+    let mut addon_tasks = Vec::new();
+    for start in addons {
+        let addon = start(state.clone(), addon_stop.clone())
+            .await
+            .map_err(ServeError::Addon)?;
+        router = router.merge(addon.router);
+        addon_tasks.extend(addon.tasks);
+    }
     let stage_tasks = stages::start(&state, stop.clone());
-    let router = http::router(state.clone(), tokens);
     let http_stop = stop.clone();
+    let addons_stop = addon_stop.clone();
     let signal = async move {
         tokio::select! {
             _ = shutdown => {}
             _ = http_stop.cancelled() => {}
         }
+        addons_stop.cancel();
         tracing::info!("shutting down: no new requests; finishing in-flight work");
     };
     let served = http::serve(listener, router, signal).await;
+    addon_stop.cancel();
     stop.cancel();
-    for t in stage_tasks {
+    for t in stage_tasks.into_iter().chain(addon_tasks) {
         let _ = t.await;
     }
     served?;

@@ -238,6 +238,7 @@ runner = "noop"
             max_body_bytes: 65536,
         },
         queues,
+        spindle: None,
     };
     assert_eq!(config, expected);
 }
@@ -1077,4 +1078,68 @@ secret_env = "BK_HOOK"
         "queues.app.buildkite",
         "only read by runner = \"buildkite\"",
     );
+}
+
+// ---------------------------------------------------------------------------
+// [spindle]
+
+const SPINDLE: &str = r#"
+[spindle]
+hostname = "spindle.example.com"
+owner = "did:plc:abc123"
+default_queue = "default"
+"#;
+
+#[test]
+fn spindle_section_parses_with_defaults() {
+    let config = ok(SPINDLE, &[]);
+    let s = config.spindle.expect("spindle section");
+    assert_eq!(s.hostname, "spindle.example.com");
+    assert_eq!(s.owner, "did:plc:abc123");
+    assert_eq!(s.default_queue, "default");
+    assert_eq!(
+        s.jetstream_url,
+        "wss://jetstream1.us-west.bsky.network/subscribe"
+    );
+    assert_eq!(s.plc_url, "https://plc.directory");
+    assert!(!s.dev);
+    assert!(ok("", &[]).spindle.is_none());
+}
+
+#[test]
+fn spindle_env_overrides_are_verbatim_strings() {
+    let config = ok(
+        SPINDLE,
+        &[
+            ("STITCH_SPINDLE__HOSTNAME", "ci.example.org"),
+            ("STITCH_SPINDLE__DEV", "true"),
+        ],
+    );
+    let s = config.spindle.unwrap();
+    assert_eq!(s.hostname, "ci.example.org");
+    assert!(s.dev);
+}
+
+#[test]
+fn spindle_problems_name_their_keys() {
+    let p = problems(
+        r#"
+[spindle]
+hostname = "https://spindle.example.com/"
+owner = "alice"
+default_queue = "nope"
+jetstream_url = "https://jetstream.example.com"
+plc_url = "plc.directory"
+colour = "blue"
+"#,
+        &[],
+    );
+    assert_problem(&p, "spindle.hostname", "bare hostname");
+    assert_problem(&p, "spindle.owner", "DID");
+    assert_problem(&p, "spindle.default_queue", "not a configured queue");
+    assert_problem(&p, "spindle.jetstream_url", "ws://");
+    assert_problem(&p, "spindle.plc_url", "http://");
+    assert_problem(&p, "spindle.colour", "");
+    let p = problems("[spindle]\nhostname = \"x.test\"\n", &[]);
+    assert_problem(&p, "spindle.owner", "");
 }

@@ -51,7 +51,7 @@ pub const ENV_SEPARATOR: &str = "__";
 
 /// The top-level keys of [`Config`]. Only `STITCH_*` variables whose first
 /// path segment is one of these are read as configuration.
-pub const TOP_LEVEL_KEYS: &[&str] = &["listen", "data_dir", "storage", "api", "queues"];
+pub const TOP_LEVEL_KEYS: &[&str] = &["listen", "data_dir", "storage", "api", "queues", "spindle"];
 
 /// Where configuration comes from.
 #[derive(Clone, Debug, Default)]
@@ -483,6 +483,10 @@ fn is_string_key(segments: &[String]) -> bool {
                 "org" | "pipeline" | "branch" | "commit" | "token_env" | "api_url"
             ]
             | ["queues", _, "buildkite", "webhook", "mode" | "secret_env"]
+            | [
+                "spindle",
+                "hostname" | "owner" | "default_queue" | "jetstream_url" | "plc_url"
+            ]
     ) || is_duration_key(segments)
 }
 
@@ -893,6 +897,55 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
                 ),
             );
         }
+    }
+
+    if let Some(spindle) = &config.spindle {
+        validate_spindle(config, spindle, problems);
+    }
+}
+
+/// `[spindle]`: the values the Tangled appview and the network will hold
+/// the spindle to.
+fn validate_spindle(config: &Config, spindle: &super::SpindleConfig, problems: &mut Problems) {
+    let host = spindle.hostname.trim();
+    if host.is_empty() {
+        problems.report(path(&["spindle", "hostname"]), "must not be empty");
+    } else if host.contains("://") || host.contains('/') || host.contains(char::is_whitespace) {
+        problems.report(
+            path(&["spindle", "hostname"]),
+            "must be a bare hostname (e.g. spindle.example.com), without scheme or path",
+        );
+    }
+    if !spindle.owner.starts_with("did:") || spindle.owner.len() < 8 {
+        problems.report(
+            path(&["spindle", "owner"]),
+            "must be the operator's DID, e.g. did:plc:abc123",
+        );
+    }
+    if !config.queues.contains_key(&spindle.default_queue)
+        && !problems.is_broken(&path(&["queues"]))
+    {
+        problems.report(
+            path(&["spindle", "default_queue"]),
+            format!(
+                "{:?} is not a configured queue (known: {})",
+                spindle.default_queue,
+                config.queues.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    if !(spindle.jetstream_url.starts_with("ws://") || spindle.jetstream_url.starts_with("wss://"))
+    {
+        problems.report(
+            path(&["spindle", "jetstream_url"]),
+            "must be a ws:// or wss:// URL",
+        );
+    }
+    if !(spindle.plc_url.starts_with("http://") || spindle.plc_url.starts_with("https://")) {
+        problems.report(
+            path(&["spindle", "plc_url"]),
+            "must be an http:// or https:// URL",
+        );
     }
 }
 

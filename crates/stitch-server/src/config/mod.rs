@@ -25,6 +25,9 @@ pub struct Config {
     pub api: ApiConfig,
     /// Build queues by name.
     pub queues: BTreeMap<String, QueueConfig>,
+    /// `[spindle]`: serve as a Tangled spindle (see `docs/spindle.md`).
+    /// Absent: no spindle.
+    pub spindle: Option<SpindleConfig>,
 }
 
 impl Default for Config {
@@ -37,6 +40,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             api: ApiConfig::default(),
             queues,
+            spindle: None,
         }
     }
 }
@@ -334,4 +338,37 @@ fn five_minutes() -> Duration {
 
 fn one_minute() -> Duration {
     Duration::from_secs(60)
+}
+
+/// `[spindle]`: stitch as a Tangled spindle, run by the `stitch-spindle`
+/// crate on the API's listener.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpindleConfig {
+    /// The spindle's hostname as registered on Tangled (no scheme); repos
+    /// name it in their `spindle` field, and service-auth tokens must be
+    /// addressed to `did:web:<hostname>`.
+    pub hostname: String,
+    /// The operator's DID, served by `sh.tangled.owner`.
+    pub owner: String,
+    /// The queue of workflows without a `stitch: {queue: NAME}` block.
+    pub default_queue: String,
+    /// Jetstream subscription endpoint.
+    #[serde(default = "default_jetstream_url")]
+    pub jetstream_url: String,
+    /// PLC directory that resolves `did:plc` identities.
+    #[serde(default = "default_plc_url")]
+    pub plc_url: String,
+    /// Dial knots with `ws://` and resolve `did:web` with `http://` (local
+    /// development only).
+    #[serde(default)]
+    pub dev: bool,
+}
+
+fn default_jetstream_url() -> String {
+    "wss://jetstream1.us-west.bsky.network/subscribe".to_string()
+}
+
+fn default_plc_url() -> String {
+    "https://plc.directory".to_string()
 }

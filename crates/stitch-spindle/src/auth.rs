@@ -1,0 +1,117 @@
+//! atproto service-auth: a compact JWT signed (ES256K or ES256) by the
+//! caller's DID key, addressed to this spindle (`aud` = `did:web:<host>`)
+//! for one method (`lxm`), and not expired (`exp`).
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::did::{DidError, DidKey, DidResolver};
+
+/// Why a service-auth token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("service auth required: send Authorization: Bearer <jwt>")]
+    Missing,
+    /// Not a well-formed JWT with a supported algorithm.
+    #[error("malformed service-auth token: {0}")]
+    Malformed(String),
+    /// `aud` is not this spindle.
+    #[error("token audience {0:?} is not this spindle")]
+    Audience(String),
+    /// `lxm` is not the method called.
+    #[error("token is for method {0:?}, not this one")]
+    Method(String),
+    /// `exp` is in the past.
+    #[error("token expired")]
+    Expired,
+    /// The issuer's keys could not be resolved.
+    #[error("{0}")]
+    Resolve(#[from] DidError),
+    /// No key of the issuer verifies the signature.
+    #[error("token signature does not verify against the issuer's key")]
+    Signature,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    iss: String,
+    aud: String,
+    exp: i64,
+    #[serde(default)]
+    lxm: Option<String>,
+}
+
+/// Verifies `token` for a call of `method` on `audience` at unix time
+/// `now`; returns the caller's DID.
+pub async fn verify_service_auth(
+    resolver: &DidResolver,
+    token: &str,
+    audience: &str,
+    method: &str,
+    now: i64,
+) -> Result<String, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
+    };
+    let decode = |part: &str, what: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|e| AuthError::Malformed(format!("{what} is not base64url: {e}")))
+    };
+    let header: Header = serde_json::from_slice(&decode(h, "header")?)
+        .map_err(|e| AuthError::Malformed(format!("header: {e}")))?;
+    let claims: Claims = serde_json::from_slice(&decode(p, "payload")?)
+        .map_err(|e| AuthError::Malformed(format!("payload: {e}")))?;
+    let signature = decode(s, "signature")?;
+    if header.alg != "ES256K" && header.alg != "ES256" {
+        return Err(AuthError::Malformed(format!(
+            "unsupported alg {:?}",
+            header.alg
+        )));
+    }
+    if claims.aud != audience {
+        return Err(AuthError::Audience(claims.aud));
+    }
+    match claims.lxm.as_deref() {
+        Some(lxm) if lxm == method => {}
+        other => return Err(AuthError::Method(other.unwrap_or_default().to_string())),
+    }
+    if claims.exp <= now {
+        return Err(AuthError::Expired);
+    }
+    // `iss` may name a service of the DID (`did:plc:x#atproto_labeler`).
+    let did = claims.iss.split('#').next().unwrap_or_default().to_string();
+    let keys = resolver.keys(&did).await?;
+    let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
+    if keys
+        .iter()
+        .any(|k| verifies(k, &header.alg, signed, &signature))
+    {
+        Ok(did)
+    } else {
+        Err(AuthError::Signature)
+    }
+}
+
+fn verifies(key: &DidKey, alg: &str, signed: &[u8], signature: &[u8]) -> bool {
+    use k256::ecdsa::signature::Verifier;
+    match (key, alg) {
+        (DidKey::K256(k), "ES256K") => k256::ecdsa::Signature::from_slice(signature)
+            .is_ok_and(|sig| k.verify(signed, &sig).is_ok()),
+        (DidKey::P256(k), "ES256") => p256::ecdsa::Signature::from_slice(signature)
+            .is_ok_and(|sig| k.verify(signed, &sig).is_ok()),
+        _ => false,
+    }
+}
