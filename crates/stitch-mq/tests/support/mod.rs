@@ -134,13 +134,18 @@ impl PgDatabase {
         format!("{}_{}", self.prefix, suffix(name))
     }
 
-    /// The application name the drivers of `name` connect with.
-    pub fn application_name(&self, name: &str) -> String {
-        self.schema(name)
+    /// The application name the drivers of `name` connect with as `client`.
+    pub fn application_name(&self, name: &str, client: &str) -> String {
+        format!("{}/{client}", self.schema(name))
     }
 
     /// Connection options on the schema of `name` (created if missing).
     pub async fn options(&self, name: &str) -> PgConnectOptions {
+        self.options_as(name, "main").await
+    }
+
+    /// [`Self::options`] for one of several clients (processes) of a schema.
+    pub async fn options_as(&self, name: &str, client: &str) -> PgConnectOptions {
         let schema = self.schema(name);
         let base = PgConnectOptions::from_str(&self.url).expect("postgres url");
         let mut admin = base.connect().await.expect("connect to postgres");
@@ -156,15 +161,21 @@ impl PgDatabase {
             }
         }
         base.options([("search_path", schema.as_str())])
-            .application_name(&self.application_name(name))
+            .application_name(&self.application_name(name, client))
     }
 
     /// A driver on the schema of `name` (the same stored state each time).
     pub async fn driver(&self, name: &str) -> PostgresDriver {
+        self.driver_as(name, "main").await
+    }
+
+    /// A driver on the schema of `name` for `client`: its own pool and
+    /// listener, as another process would have.
+    pub async fn driver_as(&self, name: &str, client: &str) -> PostgresDriver {
         let pool = PgPoolOptions::new()
             .max_connections(6)
             .acquire_timeout(Duration::from_secs(20))
-            .connect_with(self.options(name).await)
+            .connect_with(self.options_as(name, client).await)
             .await
             .expect("postgres pool");
         PostgresDriver::from_pool(pool)
@@ -172,9 +183,9 @@ impl PgDatabase {
             .expect("postgres driver")
     }
 
-    /// Terminates every server connection of the drivers of `name` (the
-    /// listener's included); returns how many were terminated.
-    pub async fn terminate_connections(&self, name: &str) -> i64 {
+    /// Terminates every server connection of `client`'s drivers on `name`
+    /// (the listener's included); returns how many were terminated.
+    pub async fn terminate_connections(&self, name: &str, client: &str) -> i64 {
         let mut admin = PgConnectOptions::from_str(&self.url)
             .expect("postgres url")
             .connect()
@@ -184,7 +195,7 @@ impl PgDatabase {
             "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE application_name = $1 AND pid <> pg_backend_pid()) t",
         )
-        .bind(self.application_name(name))
+        .bind(self.application_name(name, client))
         .fetch_one(&mut admin)
         .await
         .expect("terminate backends");
@@ -211,7 +222,7 @@ impl Drop for PgDatabase {
             // running) would hold locks: end them first.
             for s in schemas {
                 let _ = sqlx::query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1 || '/%'",
                 )
                 .bind(&s)
                 .execute(&mut conn)
