@@ -35,7 +35,7 @@ fn unavailable<T>(what: &str, why: String) -> Option<T> {
     if required() {
         panic!("STITCH_REQUIRE_DATABASES is set but {what} is unavailable: {why}");
     }
-    eprintln!("skipping: {what} is unavailable ({why}); set {what} URL to run this test");
+    eprintln!("skipping: {what} is unavailable ({why}); set {what} to run this test");
     None
 }
 
