@@ -1,5 +1,5 @@
-//! A driver wrapper that counts transactions and rows, so the plain-SQLite
-//! baseline can replay the same writes in the same transaction sizes.
+//! A driver wrapper that counts transactions and rows, so the plain-database
+//! baselines can replay the same writes in the same transaction sizes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,6 +38,9 @@ pub struct CountingDriver<D> {
 impl<D: Driver> Driver for CountingDriver<D> {
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.inner.wakeups()
     }
     async fn publish(
         &self,

@@ -1,7 +1,7 @@
 //! stitch benchmark programs. Each prints figures; none asserts timings.
 //!
 //! `cargo run --release -p stitch-bench -- mq` measures the message queue on
-//! SQLite; `cargo run --release -p stitch-bench -- serve` measures a whole
+//! SQLite, PostgreSQL and MySQL/MariaDB; `cargo run --release -p stitch-bench -- serve` measures a whole
 //! in-process `stitch serve` over real HTTP (see `docs/benchmarks.md` for
 //! recorded figures).
 
@@ -26,9 +26,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The durable message queue on SQLite: publish throughput, end-to-end
+    /// The durable message queue on SQLite, PostgreSQL and MySQL/MariaDB
+    /// (server URLs from --postgres-url / --mysql-url or the
+    /// STITCH_TEST_*_URL variables): publish throughput, end-to-end
     /// throughput by partition count, publish-to-delivery and wake latency,
-    /// a plain-SQLite baseline with the same row writes, CPU and peak RSS.
+    /// a plain-database baseline with the same row writes per backend, CPU
+    /// and peak RSS.
     Mq(mq::MqArgs),
     /// A whole in-process `stitch serve` over loopback HTTP: build-create
     /// throughput (noop runner), 10,000 in-flight builds on the fake runner

@@ -1,14 +1,18 @@
-//! `stitch-bench mq`: the message queue on SQLite.
+//! `stitch-bench mq`: the message queue on SQLite, PostgreSQL and
+//! MySQL/MariaDB in one run, each beside a plain-database baseline that does
+//! the same row writes in the same transaction sizes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
+use sqlx::{ConnectOptions, Connection, Executor};
 use stitch_mq::sqlite::{open_pool, SqliteDriver};
-use stitch_mq::{Message, Queue, QueueConfig, SubscriptionConfig};
+use stitch_mq::{AnyDriver, Message, Queue, QueueConfig, SubscriptionConfig};
 use tokio::sync::Mutex;
 
 use crate::counting::{CountingDriver, Counts};
@@ -37,6 +41,119 @@ pub struct MqArgs {
     /// e2e-10000, baseline (needs e2e-100), latency, wake.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Backends to measure, in this order (comma-separated): sqlite,
+    /// postgres, mysql. A server backend without a URL is reported as skipped.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+    backends: Vec<String>,
+    /// PostgreSQL to measure on (a fresh schema per section, dropped after).
+    #[arg(long, env = "STITCH_TEST_POSTGRES_URL")]
+    postgres_url: Option<String>,
+    /// MySQL / MariaDB to measure on (a fresh database per section, dropped after).
+    #[arg(long, env = "STITCH_TEST_MYSQL_URL")]
+    mysql_url: Option<String>,
+}
+
+/// Where one backend's sections store their data.
+enum Store {
+    Sqlite(PathBuf),
+    Postgres(String),
+    MySql(String),
+}
+
+impl Store {
+    fn label(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "SQLite",
+            Store::Postgres(_) => "PostgreSQL",
+            Store::MySql(_) => "MariaDB/MySQL",
+        }
+    }
+
+    /// A unique schema / database name for section `name` of this run.
+    fn scratch(name: &str) -> String {
+        let clean: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        format!("bench_{}_{}", std::process::id(), clean)
+    }
+
+    /// A driver on a fresh schema (PostgreSQL) or database (MySQL) for `name`.
+    async fn driver(&self, name: &str) -> anyhow::Result<AnyDriver> {
+        Ok(match self {
+            Store::Sqlite(dir) => {
+                AnyDriver::Sqlite(SqliteDriver::open(&dir.join(format!("{name}.db"))).await?)
+            }
+            Store::Postgres(url) => {
+                let schema = Self::scratch(name);
+                let base = sqlx::postgres::PgConnectOptions::from_str(url)?;
+                let mut admin = base.connect().await?;
+                admin
+                    .execute(
+                        format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")
+                            .as_str(),
+                    )
+                    .await?;
+                admin.close().await?;
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(10)
+                    .connect_with(
+                        base.options([("search_path", schema.as_str())])
+                            .application_name("stitch-bench"),
+                    )
+                    .await?;
+                AnyDriver::Postgres(stitch_mq::postgres::PostgresDriver::from_pool(pool).await?)
+            }
+            Store::MySql(url) => {
+                let db = Self::scratch(name);
+                let base = sqlx::mysql::MySqlConnectOptions::from_str(url)?;
+                let mut admin = base.connect().await?;
+                admin
+                    .execute(format!("DROP DATABASE IF EXISTS {db}").as_str())
+                    .await?;
+                admin
+                    .execute(format!("CREATE DATABASE {db}").as_str())
+                    .await?;
+                admin.close().await?;
+                let pool = stitch_mq::mysql::pool_options()
+                    .connect_with(base.database(&db))
+                    .await?;
+                AnyDriver::MySql(stitch_mq::mysql::MySqlDriver::from_pool(pool).await?)
+            }
+        })
+    }
+
+    /// Drops the schemas / databases this run made.
+    async fn cleanup(&self, names: &[String]) -> anyhow::Result<()> {
+        match self {
+            Store::Sqlite(_) => {}
+            Store::Postgres(url) => {
+                let mut admin = sqlx::postgres::PgConnectOptions::from_str(url)?
+                    .connect()
+                    .await?;
+                for n in names {
+                    let s = Self::scratch(n);
+                    admin
+                        .execute(format!("DROP SCHEMA IF EXISTS {s} CASCADE").as_str())
+                        .await?;
+                }
+                admin.close().await?;
+            }
+            Store::MySql(url) => {
+                let mut admin = sqlx::mysql::MySqlConnectOptions::from_str(url)?
+                    .connect()
+                    .await?;
+                for n in names {
+                    let d = Self::scratch(n);
+                    admin
+                        .execute(format!("DROP DATABASE IF EXISTS {d}").as_str())
+                        .await?;
+                }
+                admin.close().await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl MqArgs {
@@ -45,8 +162,13 @@ impl MqArgs {
     }
 }
 
-async fn open(dir: &Path, name: &str) -> anyhow::Result<(Queue, Arc<Counts>)> {
-    let driver = SqliteDriver::open(&dir.join(format!("{name}.db"))).await?;
+async fn open(
+    store: &Store,
+    name: &str,
+    used: &mut Vec<String>,
+) -> anyhow::Result<(Queue, Arc<Counts>)> {
+    used.push(name.to_string());
+    let driver = store.driver(name).await?;
     let counts = Arc::new(Counts::default());
     let q = Queue::new(
         Arc::new(CountingDriver {
@@ -98,7 +220,8 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut rows = Vec::new();
     println!(
-        "stitch-bench mq: SQLite backend, {} cores, messages={}, latency runs {} s at {}/s",
+        "stitch-bench mq: backends {}, {} cores, messages={}, latency runs {} s at {}/s",
+        args.backends.join(","),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -106,10 +229,64 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
         args.seconds,
         args.rate
     );
+    for backend in &args.backends {
+        let store = match backend.as_str() {
+            "sqlite" => Store::Sqlite(dir.clone()),
+            "postgres" => match &args.postgres_url {
+                Some(url) => Store::Postgres(url.clone()),
+                None => {
+                    row(
+                        &mut rows,
+                        "PostgreSQL",
+                        "skipped: no --postgres-url / STITCH_TEST_POSTGRES_URL",
+                    );
+                    continue;
+                }
+            },
+            "mysql" => match &args.mysql_url {
+                Some(url) => Store::MySql(url.clone()),
+                None => {
+                    row(
+                        &mut rows,
+                        "MariaDB/MySQL",
+                        "skipped: no --mysql-url / STITCH_TEST_MYSQL_URL",
+                    );
+                    continue;
+                }
+            },
+            other => anyhow::bail!("unknown backend {other:?}: use sqlite, postgres or mysql"),
+        };
+        println!("\n== {}", store.label());
+        let mut used = Vec::new();
+        let outcome = run_backend(&args, &store, &dir, &mut rows, &mut used).await;
+        if let Err(e) = store.cleanup(&used).await {
+            println!("    cleanup of {} failed: {e}", store.label());
+        }
+        outcome?;
+    }
+    row(
+        &mut rows,
+        "peak RSS (MiB)",
+        format!("{:.1}", peak_rss_mib()),
+    );
+    println!("\n| measure | value |\n|---|---|");
+    for r in rows {
+        println!("| {} | {} |", r.name, r.value);
+    }
+    Ok(())
+}
 
+async fn run_backend(
+    args: &MqArgs,
+    store: &Store,
+    dir: &Path,
+    rows: &mut Vec<Row>,
+    used: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let label = store.label();
     // 1. Publish throughput.
     if args.wants("publish") {
-        let (q, _) = open(&dir, "publish-single").await?;
+        let (q, _) = open(store, "publish-single", used).await?;
         let n_single = (args.messages / 10).max(1000);
         let m = Meter::start();
         for i in 0..n_single {
@@ -122,12 +299,12 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
         }
         let (wall, cpu) = m.stop();
         row(
-            &mut rows,
-            "publish, one message per call (msg/s)",
+            rows,
+            format!("{label}: publish, one message per call (msg/s)"),
             format!("{:.0}  (cpu {cpu:.2} cores)", n_single as f64 / wall),
         );
 
-        let (q, _) = open(&dir, "publish-batch").await?;
+        let (q, _) = open(store, "publish-batch", used).await?;
         let m = Meter::start();
         for b in 0..args.messages / 100 {
             let batch = (0..100)
@@ -140,8 +317,8 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
         }
         let (wall, cpu) = m.stop();
         row(
-            &mut rows,
-            "publish, batches of 100 (msg/s)",
+            rows,
+            format!("{label}: publish, batches of 100 (msg/s)"),
             format!("{:.0}  (cpu {cpu:.2} cores)", args.messages as f64 / wall),
         );
     }
@@ -154,11 +331,11 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
         if !wanted {
             continue;
         }
-        let (q, counts) = open(&dir, &format!("e2e-{partitions}")).await?;
+        let (q, counts) = open(store, &format!("e2e-{partitions}"), used).await?;
         let (rate, cpu) = end_to_end(&q, args.messages, partitions).await?;
         row(
-            &mut rows,
-            format!("end-to-end publish->deliver->ack, {partitions} partitions (msg/s)"),
+            rows,
+            format!("{label}: end-to-end publish->deliver->ack, {partitions} partitions (msg/s)"),
             format!(
                 "{rate:.0}  (cpu {cpu:.2} cores; {:.1} msgs/claim tx, {:.1} outcomes/apply tx)",
                 counts.get(&counts.claimed) as f64 / counts.get(&counts.claim_txs).max(1) as f64,
@@ -180,39 +357,85 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
         }
     }
 
-    // 3. Plain SQLite doing the same row writes in the same transaction sizes.
+    // 3. The plain database doing the same row writes in the same transaction sizes.
     if let Some((rate, counts)) = e2e_100.filter(|_| args.wants("baseline")) {
-        let base = baseline(&dir, &counts).await?;
-        row(
-            &mut rows,
-            "plain SQLite via sqlx, one statement per row write (msg/s)",
-            format!("{base:.0}"),
-        );
-        let raw = baseline_raw(&dir, &counts)?;
-        row(
-            &mut rows,
-            "plain SQLite via rusqlite, prepared, one thread (msg/s)",
-            format!("{raw:.0}"),
-        );
-        row(
-            &mut rows,
-            "queue end-to-end / plain sqlx (100 partitions)",
-            format!("{:.2}", rate / base),
-        );
-        row(
-            &mut rows,
-            "queue end-to-end / plain rusqlite (100 partitions)",
-            format!("{:.2}", rate / raw),
-        );
+        match store {
+            Store::Sqlite(_) => {
+                let base = baseline(dir, &counts).await?;
+                row(
+                    rows,
+                    "SQLite: plain sqlx, one statement per row write (msg/s)",
+                    format!("{base:.0}"),
+                );
+                let raw = baseline_raw(dir, &counts)?;
+                row(
+                    rows,
+                    "SQLite: plain rusqlite, prepared, one thread (msg/s)",
+                    format!("{raw:.0}"),
+                );
+                row(
+                    rows,
+                    "SQLite: queue end-to-end / plain sqlx (100 partitions)",
+                    format!("{:.2}", rate / base),
+                );
+                row(
+                    rows,
+                    "SQLite: queue end-to-end / plain rusqlite (100 partitions)",
+                    format!("{:.2}", rate / raw),
+                );
+            }
+            Store::Postgres(url) => {
+                used.push("baseline".into());
+                let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
+                let schema = Store::scratch("baseline");
+                let (per_row, batched) = baseline_postgres(opts, &schema, &counts).await?;
+                row(
+                    rows,
+                    "PostgreSQL: plain sqlx, one statement per row write (msg/s)",
+                    format!("{per_row:.0}"),
+                );
+                row(
+                    rows,
+                    "PostgreSQL: plain sqlx, one unnest statement per write kind and tx (msg/s)",
+                    format!("{batched:.0}"),
+                );
+                row(
+                    rows,
+                    "PostgreSQL: queue end-to-end / plain per-row (100 partitions)",
+                    format!("{:.2}", rate / per_row),
+                );
+                row(
+                    rows,
+                    "PostgreSQL: queue end-to-end / plain batched (100 partitions)",
+                    format!("{:.2}", rate / batched),
+                );
+            }
+            Store::MySql(url) => {
+                used.push("baseline".into());
+                let opts = sqlx::mysql::MySqlConnectOptions::from_str(url)?;
+                let db = Store::scratch("baseline");
+                let per_row = baseline_mysql(opts, &db, &counts).await?;
+                row(
+                    rows,
+                    "MariaDB/MySQL: plain sqlx, one statement per row write (msg/s)",
+                    format!("{per_row:.0}"),
+                );
+                row(
+                    rows,
+                    "MariaDB/MySQL: queue end-to-end / plain per-row (100 partitions)",
+                    format!("{:.2}", rate / per_row),
+                );
+            }
+        }
     }
 
     // 4. Publish-to-delivery latency at a steady offered load.
     if args.wants("latency") {
-        let (q, _) = open(&dir, "latency").await?;
+        let (q, _) = open(store, "latency", used).await?;
         let (h, achieved) = publish_latency(&q, args.rate, args.seconds).await?;
         row(
-            &mut rows,
-            format!("publish-to-delivery latency at {achieved:.0} msg/s (ms)"),
+            rows,
+            format!("{label}: publish-to-delivery latency at {achieved:.0} msg/s (ms)"),
             format!(
                 "p50 {:.2}  p99 {:.2}  max {:.2}",
                 pct(&h, 0.5),
@@ -223,11 +446,11 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
     }
     // 5. Wake-to-redelivery latency.
     if args.wants("wake") {
-        let (q, _) = open(&dir, "wake").await?;
+        let (q, _) = open(store, "wake", used).await?;
         let (h, achieved) = wake_latency(&q, args.rate, args.seconds).await?;
         row(
-            &mut rows,
-            format!("wake-to-redelivery latency at {achieved:.0} wakes/s (ms)"),
+            rows,
+            format!("{label}: wake-to-redelivery latency at {achieved:.0} wakes/s (ms)"),
             format!(
                 "p50 {:.2}  p99 {:.2}  max {:.2}",
                 pct(&h, 0.5),
@@ -235,15 +458,6 @@ pub async fn run(args: MqArgs) -> anyhow::Result<()> {
                 h.max() as f64 / 1000.0
             ),
         );
-    }
-    row(
-        &mut rows,
-        "peak RSS (MiB)",
-        format!("{:.1}", peak_rss_mib()),
-    );
-    println!("\n| measure | value |\n|---|---|");
-    for r in rows {
-        println!("| {} | {} |", r.name, r.value);
     }
     Ok(())
 }
@@ -355,6 +569,172 @@ async fn baseline(dir: &Path, counts: &Counts) -> anyhow::Result<f64> {
         tx.commit().await?;
     }
     let (wall, _) = m.stop();
+    Ok(total as f64 / wall)
+}
+
+/// Transaction sizes the queue used in the measured run:
+/// (messages, per publish tx, per claim tx, per apply tx).
+fn tx_sizes(counts: &Counts) -> (usize, usize, usize, usize) {
+    let total = counts.get(&counts.published) as usize;
+    (
+        total,
+        (total / counts.get(&counts.publish_txs).max(1) as usize).max(1),
+        (total / counts.get(&counts.claim_txs).max(1) as usize).max(1),
+        (total / counts.get(&counts.apply_txs).max(1) as usize).max(1),
+    )
+}
+
+/// The three row writes per message of [`baseline`] on PostgreSQL, in the
+/// queue's transaction sizes: once one statement per row, once one `unnest`
+/// statement per write kind and transaction (as the queue's driver writes).
+async fn baseline_postgres(
+    opts: sqlx::postgres::PgConnectOptions,
+    schema: &str,
+    counts: &Counts,
+) -> anyhow::Result<(f64, f64)> {
+    let mut c = opts.connect().await?;
+    c.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}").as_str())
+        .await?;
+    let (total, publish_tx, claim_tx, apply_tx) = tx_sizes(counts);
+    let payload = vec![0u8; 64];
+    let ids: Vec<i64> = (1..=total as i64).collect();
+    let mut rates = Vec::new();
+    for batched in [false, true] {
+        c.execute(
+            "DROP TABLE IF EXISTS msgs, state; \
+             CREATE TABLE msgs (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, topic TEXT, k TEXT, mid TEXT, payload BYTEA, at BIGINT); \
+             CREATE UNIQUE INDEX msgs_key ON msgs (topic, k, mid); \
+             CREATE TABLE state (id BIGINT PRIMARY KEY, attempt INT, until BIGINT, done BOOLEAN)",
+        )
+        .await?;
+        let m = Meter::start();
+        for chunk in ids.chunks(publish_tx) {
+            let mut tx = c.begin().await?;
+            if batched {
+                let keys: Vec<String> = chunk.iter().map(|i| format!("p{}", i % 100)).collect();
+                let mids: Vec<String> = chunk.iter().map(|i| format!("m{i}")).collect();
+                let payloads: Vec<&[u8]> = chunk.iter().map(|_| payload.as_slice()).collect();
+                sqlx::query("INSERT INTO msgs (topic, k, mid, payload, at) SELECT $1, u.k, u.m, u.p, u.a FROM unnest($2::text[], $3::text[], $4::bytea[], $5::int8[]) AS u(k, m, p, a)")
+                    .bind(TOPIC).bind(&keys).bind(&mids).bind(&payloads).bind(chunk)
+                    .execute(&mut *tx).await?;
+            } else {
+                for i in chunk {
+                    sqlx::query(
+                        "INSERT INTO msgs (topic, k, mid, payload, at) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(TOPIC)
+                    .bind(format!("p{}", i % 100))
+                    .bind(format!("m{i}"))
+                    .bind(&payload)
+                    .bind(*i)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        for chunk in ids.chunks(claim_tx) {
+            let mut tx = c.begin().await?;
+            if batched {
+                sqlx::query("INSERT INTO state (id, attempt, until, done) SELECT u, 1, u, FALSE FROM unnest($1::int8[]) AS u")
+                    .bind(chunk).execute(&mut *tx).await?;
+            } else {
+                for i in chunk {
+                    sqlx::query(
+                        "INSERT INTO state (id, attempt, until, done) VALUES ($1, 1, $1, FALSE)",
+                    )
+                    .bind(*i)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        for chunk in ids.chunks(apply_tx) {
+            let mut tx = c.begin().await?;
+            if batched {
+                sqlx::query("UPDATE state SET done = TRUE WHERE id = ANY($1)")
+                    .bind(chunk)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                for i in chunk {
+                    sqlx::query("UPDATE state SET done = TRUE WHERE id = $1")
+                        .bind(*i)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        let (wall, _) = m.stop();
+        rates.push(total as f64 / wall);
+    }
+    c.close().await?;
+    Ok((rates[0], rates[1]))
+}
+
+/// The three row writes per message of [`baseline`] on MySQL / MariaDB, one
+/// statement per row, in the queue's transaction sizes.
+async fn baseline_mysql(
+    opts: sqlx::mysql::MySqlConnectOptions,
+    db: &str,
+    counts: &Counts,
+) -> anyhow::Result<f64> {
+    let mut admin = opts.connect().await?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {db}").as_str())
+        .await?;
+    admin
+        .execute(format!("CREATE DATABASE {db}").as_str())
+        .await?;
+    admin.close().await?;
+    let mut c = opts.database(db).connect().await?;
+    c.execute("CREATE TABLE msgs (id BIGINT AUTO_INCREMENT PRIMARY KEY, topic VARBINARY(200), k VARBINARY(255), mid VARBINARY(255), payload LONGBLOB, at BIGINT, UNIQUE KEY msgs_key (topic, k, mid)) ENGINE = InnoDB")
+        .await?;
+    c.execute("CREATE TABLE state (id BIGINT PRIMARY KEY, attempt INT, until BIGINT, done TINYINT) ENGINE = InnoDB")
+        .await?;
+    let (total, publish_tx, claim_tx, apply_tx) = tx_sizes(counts);
+    let payload = vec![0u8; 64];
+    let ids: Vec<i64> = (1..=total as i64).collect();
+    let m = Meter::start();
+    for chunk in ids.chunks(publish_tx) {
+        let mut tx = c.begin().await?;
+        for i in chunk {
+            sqlx::query("INSERT INTO msgs (topic, k, mid, payload, at) VALUES (?, ?, ?, ?, ?)")
+                .bind(TOPIC)
+                .bind(format!("p{}", i % 100))
+                .bind(format!("m{i}"))
+                .bind(&payload)
+                .bind(*i)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+    }
+    for chunk in ids.chunks(claim_tx) {
+        let mut tx = c.begin().await?;
+        for i in chunk {
+            sqlx::query("INSERT INTO state (id, attempt, until, done) VALUES (?, 1, ?, 0)")
+                .bind(*i)
+                .bind(*i)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+    }
+    for chunk in ids.chunks(apply_tx) {
+        let mut tx = c.begin().await?;
+        for i in chunk {
+            sqlx::query("UPDATE state SET done = 1 WHERE id = ?")
+                .bind(*i)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+    }
+    let (wall, _) = m.stop();
+    c.close().await?;
     Ok(total as f64 / wall)
 }
 

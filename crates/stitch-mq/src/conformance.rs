@@ -986,9 +986,19 @@ pub async fn bad_input_is_rejected(b: &dyn Backend) {
 /// Expands to one `#[tokio::test]` per conformance check for a backend.
 /// `$backend` is an expression giving something that implements [`Backend`].
 #[macro_export]
+///
+/// `optional FUTURE` takes a future giving `Option<backend>` instead, for
+/// backends on a server that may be absent: `None` skips the test (the
+/// future prints why, or panics where the server is required).
 macro_rules! conformance_tests {
+    (optional $backend:expr) => {
+        $crate::conformance_tests!(@names @optional $backend);
+    };
     ($backend:expr) => {
-        $crate::conformance_tests!(@each $backend;
+        $crate::conformance_tests!(@names @each $backend);
+    };
+    (@names @$arm:ident $backend:expr) => {
+        $crate::conformance_tests!(@$arm $backend;
             publish_round_trip, late_subscriber_gets_history, publish_batch_keeps_order,
             publish_after_delays_delivery, publish_after_close_fails, idempotent_publish,
             dedup_horizon_is_bounded_by_retention, ordering_within_partition,
@@ -1009,6 +1019,17 @@ macro_rules! conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let backend = $backend;
+                $crate::conformance::$name(&backend).await;
+            }
+        )*
+    };
+    (@optional $backend:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(backend) = $backend.await else {
+                    return;
+                };
                 $crate::conformance::$name(&backend).await;
             }
         )*

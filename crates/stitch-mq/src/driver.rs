@@ -13,6 +13,7 @@
 //! - `dead_letters`, `groups`, `subscribers` (heartbeats).
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
 use crate::error::MqResult;
 use crate::message::{Failure, Message, Millis};
@@ -173,11 +174,22 @@ pub struct GcReport {
     pub subscribers: u64,
 }
 
+/// Sent on [`Driver::wakeups`] when every topic may have new work (the
+/// channel was down and notifications were missed).
+pub const WAKE_ALL: &str = "*";
+
 /// Durable storage for the queue. Every method is one atomic unit.
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {
     /// Backend name (`memory`, `sqlite`, …).
     fn name(&self) -> &'static str;
+
+    /// Topics with new work committed by other processes (PostgreSQL's
+    /// LISTEN/NOTIFY), or [`WAKE_ALL`]. `None` for backends without such a
+    /// channel: the claim loop's polling covers other processes there.
+    fn wakeups(&self) -> Option<broadcast::Receiver<String>> {
+        None
+    }
 
     /// Stores messages; ids already stored for (topic, partition) are skipped.
     async fn publish(

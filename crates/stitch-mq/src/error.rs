@@ -54,34 +54,150 @@ pub enum MqError {
     Migration(#[from] sqlx::migrate::MigrateError),
 }
 
+/// Why a storage call failed, as far as retrying it is concerned. Every
+/// class but [`StorageFailure::Other`] is transient: the same call can succeed
+/// once the connection is back, the lock is free or the failover is over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageFailure {
+    /// The connection broke or the server shut it down (I/O error, server
+    /// restart, `pg_terminate_backend`, `KILL CONNECTION`).
+    ConnectionLost,
+    /// The database chose this transaction as a deadlock victim.
+    Deadlock,
+    /// A lock or statement wait ran out (`lock_timeout`,
+    /// `innodb_lock_wait_timeout`, `statement_timeout`).
+    LockTimeout,
+    /// A serializable transaction conflicted with another one.
+    SerializationFailure,
+    /// The server accepts reads only: a replica promoted or demoted during a
+    /// failover, or a server in read-only mode.
+    ReadOnly,
+    /// The database is busy: SQLite's BUSY/LOCKED, a pool with no free
+    /// connection, or a server at its connection limit.
+    Busy,
+    /// Anything else (constraint violations, syntax, corruption): final.
+    Other,
+}
+
 impl MqError {
-    /// Whether retrying the same call later can succeed (lock contention, I/O,
-    /// lost connections). Validation errors and stale deliveries are final.
-    pub fn is_retryable(&self) -> bool {
+    /// The storage failure class of this error, if it came from storage.
+    pub fn storage_failure(&self) -> Option<StorageFailure> {
         match self {
-            MqError::Storage(e) => match e {
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                sqlx::Error::Database(db) => {
-                    // SQLite BUSY (5) / LOCKED (6) and their extended codes.
-                    let code = db.code().unwrap_or_default();
-                    let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
-                    primary == 5 || primary == 6
+            MqError::Storage(e) => Some(classify_sqlx(e)),
+            MqError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => Some(match e.code {
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked => {
+                    StorageFailure::Busy
                 }
-                _ => false,
-            },
-            MqError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseBusy
-                    | rusqlite::ErrorCode::DatabaseLocked
-                    | rusqlite::ErrorCode::SystemIoFailure
-            ),
-            _ => false,
+                rusqlite::ErrorCode::SystemIoFailure => StorageFailure::ConnectionLost,
+                _ => StorageFailure::Other,
+            }),
+            MqError::Sqlite(_) => Some(StorageFailure::Other),
+            _ => None,
         }
+    }
+
+    /// Whether retrying the same call later can succeed (lock contention, I/O,
+    /// lost connections, deadlocks, failover). Validation errors and stale
+    /// deliveries are final.
+    pub fn is_retryable(&self) -> bool {
+        self.storage_failure()
+            .is_some_and(|f| f != StorageFailure::Other)
+    }
+}
+
+/// Classifies a `sqlx` error from any of the three SQL backends.
+pub fn classify_sqlx(e: &sqlx::Error) -> StorageFailure {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+            StorageFailure::ConnectionLost
+        }
+        sqlx::Error::PoolTimedOut => StorageFailure::Busy,
+        sqlx::Error::Database(db) => {
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                classify_postgres(pg.code())
+            } else if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                classify_mysql(my.number())
+            } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLite BUSY (5) / LOCKED (6) and their extended codes.
+                let code = db.code().unwrap_or_default();
+                let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
+                if primary == 5 || primary == 6 {
+                    StorageFailure::Busy
+                } else {
+                    StorageFailure::Other
+                }
+            } else {
+                StorageFailure::Other
+            }
+        }
+        _ => StorageFailure::Other,
+    }
+}
+
+/// PostgreSQL SQLSTATE → class.
+fn classify_postgres(sqlstate: &str) -> StorageFailure {
+    match sqlstate {
+        // connection_exception class; admin_shutdown, crash_shutdown,
+        // cannot_connect_now (a restarting or recovering server).
+        s if s.starts_with("08") => StorageFailure::ConnectionLost,
+        "57P01" | "57P02" | "57P03" => StorageFailure::ConnectionLost,
+        "40P01" => StorageFailure::Deadlock,
+        "40001" => StorageFailure::SerializationFailure,
+        // lock_not_available (lock_timeout, NOWAIT), query_canceled (statement_timeout).
+        "55P03" | "57014" => StorageFailure::LockTimeout,
+        // read_only_sql_transaction: a hot standby, e.g. the old primary after a failover.
+        "25006" => StorageFailure::ReadOnly,
+        // too_many_connections
+        "53300" => StorageFailure::Busy,
+        _ => StorageFailure::Other,
+    }
+}
+
+/// MySQL / MariaDB error number → class.
+fn classify_mysql(number: u16) -> StorageFailure {
+    match number {
+        1213 => StorageFailure::Deadlock,
+        // ER_LOCK_WAIT_TIMEOUT, ER_LOCK_NOWAIT
+        1205 | 3572 => StorageFailure::LockTimeout,
+        // ER_OPTION_PREVENTS_STATEMENT (--read-only), ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION,
+        // ER_READ_ONLY_MODE
+        1290 | 1792 | 1836 => StorageFailure::ReadOnly,
+        // ER_SERVER_SHUTDOWN, ER_CONNECTION_KILLED (MariaDB), CR_SERVER_GONE_ERROR,
+        // CR_SERVER_LOST, ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8)
+        1053 | 1927 | 2006 | 2013 | 4031 => StorageFailure::ConnectionLost,
+        // ER_CON_COUNT_ERROR, ER_TOO_MANY_USER_CONNECTIONS
+        1040 | 1203 => StorageFailure::Busy,
+        _ => StorageFailure::Other,
     }
 }
 
 /// Result alias for the queue.
 pub type MqResult<T> = Result<T, MqError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_codes() {
+        assert_eq!(classify_postgres("40P01"), StorageFailure::Deadlock);
+        assert_eq!(
+            classify_postgres("40001"),
+            StorageFailure::SerializationFailure
+        );
+        assert_eq!(classify_postgres("55P03"), StorageFailure::LockTimeout);
+        assert_eq!(classify_postgres("25006"), StorageFailure::ReadOnly);
+        assert_eq!(classify_postgres("57P01"), StorageFailure::ConnectionLost);
+        assert_eq!(classify_postgres("08006"), StorageFailure::ConnectionLost);
+        assert_eq!(classify_postgres("23505"), StorageFailure::Other);
+    }
+
+    #[test]
+    fn mysql_numbers() {
+        assert_eq!(classify_mysql(1213), StorageFailure::Deadlock);
+        assert_eq!(classify_mysql(1205), StorageFailure::LockTimeout);
+        assert_eq!(classify_mysql(1792), StorageFailure::ReadOnly);
+        assert_eq!(classify_mysql(1927), StorageFailure::ConnectionLost);
+        assert_eq!(classify_mysql(1062), StorageFailure::Other);
+    }
+}

@@ -11,18 +11,23 @@
 //! backend, and [`conformance`] holds the suite every backend must pass.
 //! See `docs/architecture.md` for tables, states and guarantees.
 
+mod codec;
 pub mod config;
 pub mod conformance;
 pub mod driver;
 pub mod error;
 pub mod memory;
 pub mod message;
+pub mod mysql;
+pub mod open;
+pub mod postgres;
 mod queue;
 pub mod sqlite;
 mod window;
 
 pub use config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 pub use driver::{DeadLetter, Driver, GcReport, NewMessage, PublishReport, TopicStats};
-pub use error::{MqError, MqResult};
+pub use error::{MqError, MqResult, StorageFailure};
 pub use message::{now_millis, Failure, Message, Millis};
+pub use open::{open, AnyDriver, BackendKind};
 pub use queue::{Admin, Delivery, NackOutcome, Publisher, Queue, Subscriber, Subscription};

@@ -48,6 +48,13 @@ impl Shared {
         }
     }
 
+    fn notify_all(&self) {
+        let topics: Vec<String> = self.wakers.lock().keys().cloned().collect();
+        for t in topics {
+            self.notify_topic(&t);
+        }
+    }
+
     fn ensure_open(&self) -> MqResult<()> {
         if self.closed.load(Ordering::Acquire) {
             Err(MqError::Closed)
@@ -85,6 +92,9 @@ impl Queue {
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(outcome_writer(shared.driver.clone(), rx));
+        if let Some(wakeups) = shared.driver.wakeups() {
+            tokio::spawn(forward_wakeups(Arc::downgrade(&shared), wakeups));
+        }
         if let Some(every) = shared.config.gc_interval {
             tokio::spawn(gc_loop(
                 Arc::downgrade(&shared),
@@ -681,6 +691,24 @@ async fn run_gc(shared: &Shared) -> MqResult<GcReport> {
     let retention = shared.config.dedup_retention.as_millis() as Millis;
     // Heartbeats of subscribers gone for ten minutes are only clutter.
     shared.driver.gc(now_millis(), retention, 600_000).await
+}
+
+/// Wakes this process's subscriptions for work other processes committed.
+/// Ends when the driver's channel closes or the queue is gone.
+async fn forward_wakeups(shared: Weak<Shared>, mut rx: tokio::sync::broadcast::Receiver<String>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let next = rx.recv().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match next {
+            Ok(topic) if topic == WAKE_ALL => shared.notify_all(),
+            Ok(topic) => shared.notify_topic(&topic),
+            Err(RecvError::Lagged(_)) => shared.notify_all(),
+            Err(RecvError::Closed) => return,
+        }
+    }
 }
 
 async fn gc_loop(shared: Weak<Shared>, every: Duration, stop: CancellationToken) {

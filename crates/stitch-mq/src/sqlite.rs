@@ -23,6 +23,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::codec::{decode_detail, decode_meta, encode_meta};
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
 use crate::message::{Failure, Message, Millis};
@@ -254,28 +255,6 @@ async fn checkpointer(pool: SqlitePool, stop: CancellationToken) {
             tracing::debug!(error = %e, "background WAL checkpoint failed; the next one retries");
         }
     }
-}
-
-fn encode_meta(meta: &BTreeMap<String, String>) -> Option<String> {
-    if meta.is_empty() {
-        None
-    } else {
-        serde_json::to_string(meta).ok()
-    }
-}
-
-fn decode_meta(raw: Option<String>) -> MqResult<BTreeMap<String, String>> {
-    match raw {
-        None => Ok(BTreeMap::new()),
-        Some(s) => {
-            serde_json::from_str(&s).map_err(|e| MqError::Corrupt(format!("message metadata: {e}")))
-        }
-    }
-}
-
-fn decode_detail(raw: Option<String>) -> serde_json::Value {
-    raw.and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null)
 }
 
 fn publish_sync(

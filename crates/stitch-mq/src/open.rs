@@ -1,0 +1,263 @@
+//! One entry point from a storage URL to a driver: `sqlite://PATH`,
+//! `postgres://…` (or `postgresql://…`) and `mysql://…` (MySQL or MariaDB).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::driver::*;
+use crate::error::{MqError, MqResult};
+use crate::message::Millis;
+use crate::mysql::MySqlDriver;
+use crate::postgres::PostgresDriver;
+use crate::sqlite::SqliteDriver;
+
+/// The storage engine a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// An embedded SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+    /// A MySQL or MariaDB server.
+    MySql,
+}
+
+impl BackendKind {
+    /// The engine of `url` from its scheme.
+    pub fn of_url(url: &str) -> MqResult<Self> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            "mysql" | "mariadb" => Ok(Self::MySql),
+            _ => Err(MqError::InvalidConfig(format!(
+                "unsupported storage URL {:?}: use sqlite://PATH, postgres://… or mysql://…",
+                redact(url)
+            ))),
+        }
+    }
+}
+
+/// The URL without a password, for error messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if !host.contains('@') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                url.to_string()
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A driver for any of the SQL backends. The variants give access to each
+/// backend's own extras (pools, `publish_in_tx`).
+#[derive(Clone)]
+pub enum AnyDriver {
+    /// SQLite.
+    Sqlite(SqliteDriver),
+    /// PostgreSQL.
+    Postgres(PostgresDriver),
+    /// MySQL / MariaDB.
+    MySql(MySqlDriver),
+}
+
+/// Opens the driver `url` names and applies its migrations.
+///
+/// `sqlite://PATH` (or `sqlite:PATH`) is a file path (created if missing);
+/// the server URLs are passed to `sqlx` as they are.
+pub async fn open(url: &str) -> MqResult<AnyDriver> {
+    match BackendKind::of_url(url)? {
+        BackendKind::Sqlite => {
+            let path = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .unwrap_or_default();
+            if path.is_empty() {
+                return Err(MqError::InvalidConfig(
+                    "sqlite URL without a path: use sqlite://PATH".into(),
+                ));
+            }
+            Ok(AnyDriver::Sqlite(
+                SqliteDriver::open(Path::new(path)).await?,
+            ))
+        }
+        BackendKind::Postgres => Ok(AnyDriver::Postgres(PostgresDriver::open(url).await?)),
+        BackendKind::MySql => {
+            let url = match url.strip_prefix("mariadb:") {
+                Some(rest) => format!("mysql:{rest}"),
+                None => url.to_string(),
+            };
+            Ok(AnyDriver::MySql(MySqlDriver::open(&url).await?))
+        }
+    }
+}
+
+impl AnyDriver {
+    /// Which engine this is.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            AnyDriver::Sqlite(_) => BackendKind::Sqlite,
+            AnyDriver::Postgres(_) => BackendKind::Postgres,
+            AnyDriver::MySql(_) => BackendKind::MySql,
+        }
+    }
+
+    fn inner(&self) -> &dyn Driver {
+        match self {
+            AnyDriver::Sqlite(d) => d,
+            AnyDriver::Postgres(d) => d,
+            AnyDriver::MySql(d) => d,
+        }
+    }
+
+    /// As a shared driver for `Queue::new`.
+    pub fn into_shared(self) -> Arc<dyn Driver> {
+        match self {
+            AnyDriver::Sqlite(d) => Arc::new(d),
+            AnyDriver::Postgres(d) => Arc::new(d),
+            AnyDriver::MySql(d) => Arc::new(d),
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for AnyDriver {
+    fn name(&self) -> &'static str {
+        self.inner().name()
+    }
+
+    fn wakeups(&self) -> Option<broadcast::Receiver<String>> {
+        self.inner().wakeups()
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> MqResult<PublishReport> {
+        self.inner().publish(topic, msgs, now).await
+    }
+
+    async fn register_group(&self, topic: &str, group: &str, now: Millis) -> MqResult<()> {
+        self.inner().register_group(topic, group, now).await
+    }
+
+    async fn lease_tick(&self, tick: &LeaseTick) -> MqResult<LeaseReport> {
+        self.inner().lease_tick(tick).await
+    }
+
+    async fn deregister(&self, topic: &str, group: &str, subscriber: &str) -> MqResult<()> {
+        self.inner().deregister(topic, group, subscriber).await
+    }
+
+    async fn recover(
+        &self,
+        topic: &str,
+        group: &str,
+        subscriber: &str,
+        now: Millis,
+    ) -> MqResult<u64> {
+        self.inner().recover(topic, group, subscriber, now).await
+    }
+
+    async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult> {
+        self.inner().claim(req).await
+    }
+
+    async fn apply(&self, outcomes: &[Outcome], now: Millis) -> MqResult<Vec<MqResult<()>>> {
+        self.inner().apply(outcomes, now).await
+    }
+
+    async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64> {
+        self.inner().wake(topic, partition_key, now).await
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> MqResult<Vec<DeadLetter>> {
+        self.inner().dead_letters(topic, after_id, limit).await
+    }
+
+    async fn replay_dead_letter(&self, topic: &str, dlq_id: i64, now: Millis) -> MqResult<()> {
+        self.inner().replay_dead_letter(topic, dlq_id, now).await
+    }
+
+    async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {
+        self.inner().gc(now, retention_ms, stale_ms).await
+    }
+
+    async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats> {
+        self.inner().stats(topic, group).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_select_backends() {
+        assert_eq!(
+            BackendKind::of_url("sqlite:///tmp/x.db").unwrap(),
+            BackendKind::Sqlite
+        );
+        assert_eq!(
+            BackendKind::of_url("postgres://u@h/db").unwrap(),
+            BackendKind::Postgres
+        );
+        assert_eq!(
+            BackendKind::of_url("postgresql://u@h/db").unwrap(),
+            BackendKind::Postgres
+        );
+        assert_eq!(
+            BackendKind::of_url("mysql://root@h/db").unwrap(),
+            BackendKind::MySql
+        );
+        assert_eq!(
+            BackendKind::of_url("mariadb://root@h/db").unwrap(),
+            BackendKind::MySql
+        );
+    }
+
+    #[test]
+    fn unknown_scheme_is_refused_without_the_password() {
+        let err = BackendKind::of_url("redis://user:secret@host/0").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, MqError::InvalidConfig(_)));
+        assert!(text.contains("redis://user:***@host/0"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(BackendKind::of_url("no-scheme").is_err());
+    }
+
+    #[tokio::test]
+    async fn sqlite_url_without_path_is_refused() {
+        assert!(matches!(
+            open("sqlite://").await,
+            Err(MqError::InvalidConfig(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn sqlite_url_opens_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let driver = open(&url).await.unwrap();
+        assert_eq!(driver.kind(), BackendKind::Sqlite);
+        assert_eq!(driver.name(), "sqlite");
+        assert!(dir.path().join("q.db").exists());
+    }
+}
