@@ -12,6 +12,7 @@ use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{now_millis, Message, MqError};
 use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreError};
 
+use crate::job_token::JobTokens;
 use crate::state::{topics, AppState};
 
 /// A request to create a build: the body of `POST /v1/queues/{queue}/builds`.
@@ -156,13 +157,19 @@ pub async fn create_build(
         metadata: req.metadata,
         idempotency_key: req.idempotency_key,
     };
+    let token_hash = JobTokens::hash(&state.job_tokens().token_for(&id));
     // Group-committed with other writes (creates arriving together share a
     // transaction); the trigger message is published only with a new build.
     let outcome = state
         .store()
         .write(move |w| -> Result<CreateOutcome, ServiceError> {
-            let outcome = w.create_build(new)?;
-            if matches!(outcome, CreateOutcome::Created(_)) {
+            let mut outcome = w.create_build(new)?;
+            if let CreateOutcome::Created(build) = &outcome {
+                // The job token is a function of the build id, so its hash
+                // can be recorded now, in this transaction, rather than with
+                // a write of its own when the build is triggered.
+                let build = w.set_job_token_hash(&build.id, Some(&token_hash))?;
+                outcome = CreateOutcome::Created(build);
                 SqliteDriver::publish_on_handle(
                     w.sqlite_handle(),
                     topics::TRIGGER,

@@ -72,9 +72,11 @@ impl Stage for TriggerStage {
                 // hands the runner the token its build may already hold. Its
                 // hash is recorded first: the job may call back at once.
                 let token = self.state.job_tokens().token_for(&build.id);
-                store
-                    .set_job_token_hash(&build.id, Some(&JobTokens::hash(&token)))
-                    .await?;
+                let hash = JobTokens::hash(&token);
+                // Recorded at create; builds made before that need it now.
+                if build.job_token_hash.as_deref() != Some(hash.as_str()) {
+                    store.set_job_token_hash(&build.id, Some(&hash)).await?;
+                }
                 let job_env = BTreeMap::from([
                     (job_env::JOB_TOKEN.to_string(), token),
                     (job_env::SERVER.to_string(), self.state.job_server_url()),
