@@ -180,10 +180,34 @@ impl SqliteDriver {
     {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut tx = this.begin_write().await?;
-            let out = on_handle(tx.conn(), f).await?;
-            tx.commit().await?;
-            Ok(out)
+            let _guard = this.writer.clone().lock_owned().await;
+            let mut conn = this.pool.acquire().await?;
+            // BEGIN, the statements and COMMIT all run on the raw handle: one
+            // hand-off to sqlx's worker for the whole transaction, which runs
+            // under the writer lock (every hand-off inside it is time no other
+            // writer can use). In-process writers queue on the lock above, so
+            // BEGIN IMMEDIATE only ever waits on another process's writer.
+            on_handle(&mut conn, |c| {
+                c.execute_batch("BEGIN IMMEDIATE")?;
+                // A panic in `f` must not send the connection back to the
+                // pool inside an open write transaction: roll back first.
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c)));
+                let out = match out {
+                    Ok(out) => out.and_then(|out| {
+                        c.execute_batch("COMMIT")?;
+                        Ok(out)
+                    }),
+                    Err(panic) => {
+                        let _ = c.execute_batch("ROLLBACK");
+                        std::panic::resume_unwind(panic);
+                    }
+                };
+                if !c.is_autocommit() {
+                    let _ = c.execute_batch("ROLLBACK");
+                }
+                out
+            })
+            .await
         })
         .await
         .map_err(|e| MqError::Internal(format!("queue write task failed: {e}")))?
@@ -927,5 +951,68 @@ impl Driver for SqliteDriver {
             )?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_tables(c: &rusqlite::Connection, name: &str) -> MqResult<i64> {
+        Ok(c.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = ?1",
+            [name],
+            |row| row.get(0),
+        )?)
+    }
+
+    /// A write that fails or panics is rolled back, and no pooled connection
+    /// is left inside a transaction: more writes than the pool has
+    /// connections all begin and commit afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_and_panicking_writes_roll_back_and_free_their_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let driver = SqliteDriver::open(&dir.path().join("q.db")).await.unwrap();
+
+        let failed = driver
+            .write(|c| -> MqResult<()> {
+                c.execute_batch("CREATE TABLE failed_write (x INTEGER)")?;
+                Err(MqError::Internal("refused on purpose".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+
+        let panicked = driver
+            .write(|c| -> MqResult<()> {
+                c.execute_batch("CREATE TABLE panicked_write (x INTEGER)")
+                    .map_err(|e| MqError::Internal(e.to_string()))?;
+                panic!("a bug inside a queue write");
+            })
+            .await;
+        assert!(
+            matches!(panicked, Err(MqError::Internal(_))),
+            "{panicked:?}"
+        );
+
+        for i in 0..8 {
+            driver
+                .write(move |c| -> MqResult<()> {
+                    c.execute_batch(&format!("CREATE TABLE ok_{i} (x INTEGER)"))?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        let (failed, panicked, ok) = driver
+            .read(|c| {
+                Ok((
+                    count_tables(c, "failed_write")?,
+                    count_tables(c, "panicked_write")?,
+                    count_tables(c, "ok_7")?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!((failed, panicked, ok), (0, 0, 1));
     }
 }
