@@ -63,19 +63,6 @@ macro_rules! with_read_ops {
     };
 }
 
-/// Runs `$body` with `$ops` bound to the transaction's [`Ops`].
-macro_rules! with_tx_ops {
-    ($tx:expr, |$ops:ident| $body:expr) => {
-        match &mut $tx.inner {
-            TxInner::Sqlite(tx) => {
-                #[allow(unused_mut)]
-                let mut $ops = SqliteOps::new(tx.handle());
-                sqlite::complete(async { $body })
-            }
-        }
-    };
-}
-
 impl Store {
     /// Opens (creating if missing) the SQLite database file at `path` with WAL,
     /// `synchronous = NORMAL`, foreign keys on and a 10 s busy timeout, and
@@ -389,7 +376,7 @@ impl StoreTx<'_> {
     /// different request is [`crate::Conflict::DuplicateId`]; an empty queue,
     /// runner or key is [`StoreError::InvalidInput`].
     pub async fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        with_tx_ops!(self, |ops| logic::create_build(&mut ops, new).await)
+        self.write_ops().create_build(new)
     }
 
     /// Creates several builds in this transaction, in order (group commit:
@@ -403,21 +390,20 @@ impl StoreTx<'_> {
         &mut self,
         news: Vec<NewBuild>,
     ) -> Result<Vec<Result<CreateOutcome>>> {
-        with_tx_ops!(self, |ops| {
-            let mut out = Vec::with_capacity(news.len());
-            for new in news {
-                match logic::create_build(&mut ops, new).await {
-                    Err(e) if !e.is_request_refusal() => return Err(e),
-                    answer => out.push(answer),
-                }
+        let mut w = self.write_ops();
+        let mut out = Vec::with_capacity(news.len());
+        for new in news {
+            match w.create_build(new) {
+                Err(e) if !e.is_request_refusal() => return Err(e),
+                answer => out.push(answer),
             }
-            Ok(out)
-        })
+        }
+        Ok(out)
     }
 
     /// Loads a build inside this transaction (sees its uncommitted writes).
     pub async fn get_build(&mut self, id: &BuildId) -> Result<Build> {
-        with_tx_ops!(self, |ops| logic::get_build(&mut ops, id).await)
+        self.write_ops().get_build(id)
     }
 
     /// Records a status report: merges `runner_metadata_patch` into the runner
@@ -439,15 +425,8 @@ impl StoreTx<'_> {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        with_tx_ops!(self, |ops| logic::record_status(
-            &mut ops,
-            id,
-            expected_from,
-            new_status,
-            runner_metadata_patch,
-            reason,
-        )
-        .await)
+        self.write_ops()
+            .record_status(id, expected_from, new_status, runner_metadata_patch, reason)
     }
 
     /// Records the provider's identity of the build (also on terminal builds:
@@ -457,21 +436,19 @@ impl StoreTx<'_> {
         id: &BuildId,
         runner_ref: &serde_json::Value,
     ) -> Result<Build> {
-        with_tx_ops!(self, |ops| logic::set_runner_ref(&mut ops, id, runner_ref)
-            .await)
+        self.write_ops().set_runner_ref(id, runner_ref)
     }
 
     /// Sets or clears the hash of the build-scoped job token.
     pub async fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        with_tx_ops!(self, |ops| logic::set_job_token_hash(&mut ops, id, hash)
-            .await)
+        self.write_ops().set_job_token_hash(id, hash)
     }
 
     /// Records that cancellation was requested. Idempotent:
     /// `newly_requested` is false when it already was, or when the build is
     /// terminal (nothing left to cancel; nothing is written then).
     pub async fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
-        with_tx_ops!(self, |ops| logic::request_cancel(&mut ops, id).await)
+        self.write_ops().request_cancel(id)
     }
 
     /// Records a promised failure: merges `metadata` (e.g.
@@ -483,15 +460,14 @@ impl StoreTx<'_> {
         id: &BuildId,
         metadata: &Metadata,
     ) -> Result<Option<Event>> {
-        with_tx_ops!(self, |ops| logic::record_failing(&mut ops, id, metadata)
-            .await)
+        self.write_ops().record_failing(id, metadata)
     }
 
     /// Appends an event snapshotting the build's current status and metadata
     /// without changing the build (the status-changing methods append their
     /// own events; this is for callers that need to re-announce a state).
     pub async fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        with_tx_ops!(self, |ops| logic::append_event(&mut ops, id, kind).await)
+        self.write_ops().append_event(id, kind)
     }
 
     /// Appends log lines, each serialized to JSON, numbering them after the
@@ -503,13 +479,15 @@ impl StoreTx<'_> {
         id: &BuildId,
         lines: &[T],
     ) -> Result<u64> {
-        let lines = serialize_lines(lines)?;
-        self.append_json_log_lines(id, &lines).await
+        self.write_ops().append_log_lines(id, lines)
     }
 
-    async fn append_json_log_lines(&mut self, id: &BuildId, lines: &[String]) -> Result<u64> {
-        with_tx_ops!(self, |ops| logic::append_log_lines(&mut ops, id, lines)
-            .await)
+    /// The store's operations on this transaction's connection; they are
+    /// synchronous on SQLite, so the async methods above only forward.
+    fn write_ops(&self) -> StoreWrite<'_> {
+        match &self.inner {
+            TxInner::Sqlite(tx) => StoreWrite::new(tx.handle()),
+        }
     }
 }
 

@@ -186,10 +186,7 @@ async fn send_all(socket: &mut WebSocket, frames: Vec<Message>) -> bool {
 }
 
 async fn send(socket: &mut WebSocket, msg: Message) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
-        Ok(Ok(()))
-    )
+    send_all(socket, vec![msg]).await
 }
 
 /// Close reasons are limited to 123 bytes.
