@@ -109,6 +109,13 @@ fn handle_of(build: &Build) -> Result<BuildHandle, StageError> {
 /// (nothing left to do). A message about a build that does not exist is
 /// permanent.
 async fn live_build(state: &AppState, delivery: &Delivery) -> Result<Option<Build>, StageError> {
+    let build = load_build(state, delivery).await?;
+    Ok((!build.status.is_terminal()).then_some(build))
+}
+
+/// The build a delivery is about, terminal or not; a permanent error when it
+/// does not exist.
+async fn load_build(state: &AppState, delivery: &Delivery) -> Result<Build, StageError> {
     let msg = parse(delivery)?;
     let build = match state.store().get_build(&msg.build_id).await {
         Ok(b) => b,
@@ -120,7 +127,7 @@ async fn live_build(state: &AppState, delivery: &Delivery) -> Result<Option<Buil
         }
         Err(e) => return Err(e.into()),
     };
-    Ok((!build.status.is_terminal()).then_some(build))
+    Ok(build)
 }
 
 /// The configured queue a build runs on.

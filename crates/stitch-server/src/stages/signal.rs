@@ -13,7 +13,7 @@ use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
 
 use super::{
-    budget_for, fail_build, handle_of, live_build, parse, record_status, runtime_of, subscription,
+    budget_for, fail_build, handle_of, load_build, parse, record_status, runtime_of, subscription,
 };
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
 use crate::state::{poll_delay, topics, AppState, QueueRuntime};
@@ -63,18 +63,12 @@ impl SignalStage {
     /// requests cancel): issue the cancel to the runner. An error is
     /// retried under the queue's budget; a provider build that is already
     /// terminal makes `cancel` a no-op.
-    async fn cancel_after_terminal(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
-        let msg = parse(delivery)?;
-        let build = match self.state.store().get_build(&msg.build_id).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Ok(StageOutcome::Done),
-            Err(e) => return Err(e.into()),
-        };
+    async fn cancel_after_terminal(&self, build: &Build) -> Result<StageOutcome, StageError> {
         if !build.cancel_requested || build.runner_ref.is_none() {
             return Ok(StageOutcome::Done);
         }
-        let runtime = runtime_of(&self.state, &build)?;
-        runtime.runner.cancel(&handle_of(&build)?).await?;
+        let runtime = runtime_of(&self.state, build)?;
+        runtime.runner.cancel(&handle_of(build)?).await?;
         Ok(StageOutcome::Done)
     }
 
@@ -147,9 +141,10 @@ impl Stage for SignalStage {
     }
 
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
-        let Some(build) = live_build(&self.state, delivery).await? else {
-            return self.cancel_after_terminal(delivery).await;
-        };
+        let build = load_build(&self.state, delivery).await?;
+        if build.status.is_terminal() {
+            return self.cancel_after_terminal(&build).await;
+        }
         // This poll covers every webhook that arrived before it started.
         self.state.wake_hints().take(&build.id);
         let runtime = runtime_of(&self.state, &build)?;
