@@ -36,6 +36,13 @@ pub struct PromiseArgs {
     /// How long the upstream takes to answer the declaration.
     #[arg(long, default_value = "5ms", value_parser = humantime_duration)]
     upstream_delay: Duration,
+    /// Serve the socket with a minimal responder instead of the job API:
+    /// it reads each request and writes a fixed `debounced` answer, with no
+    /// HTTP library, routing, authentication or coordinator. Its latency is
+    /// the floor this machine, its kernel and the load generator impose on
+    /// any server answering the same burst.
+    #[arg(long)]
+    floor: bool,
 }
 
 /// Options of the load child.
@@ -86,25 +93,53 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let upstream = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    // The stand-in for `stitch serve` gets a thread of its own: the real
+    // server is another process, not a task queued behind the burst.
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    std_listener.set_nonblocking(true)?;
+    let upstream = format!("http://{}", std_listener.local_addr()?);
+    let upstream_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("bench-upstream".into())
+        .spawn(move || {
+            upstream_rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(listener) => {
+                        let _ = axum::serve(listener, app).await;
+                    }
+                    Err(e) => eprintln!("upstream listener: {e}"),
+                }
+            })
+        })?;
 
     let declarer = ServerClient::new(&upstream, "b_01bench0000000000000000000", "stj_bench")?;
-    let api = JobApi::start(PromiseFailureCoordinator::new(Arc::new(declarer)))?;
+    let target = if args.floor {
+        Target::Floor(FloorServer::start()?)
+    } else {
+        Target::JobApi(JobApi::start(PromiseFailureCoordinator::new(Arc::new(
+            declarer,
+        )))?)
+    };
     let exe = std::env::current_exe()?;
     println!(
-        "promise-failure: {} concurrent calls through one job API (Unix socket), upstream answers 204 after {:?}",
-        args.calls, args.upstream_delay
+        "promise-failure: {} concurrent calls through {} (Unix socket), upstream answers 204 after {:?}",
+        args.calls,
+        match target {
+            Target::Floor(_) => "the minimal responder (--floor)",
+            Target::JobApi(_) => "one job API",
+        },
+        args.upstream_delay
     );
     let meter = sys::Meter::start();
     let children_before = sys::children_cpu_time();
     let out = tokio::process::Command::new(exe)
         .arg("promise-failure-load")
         .arg("--socket")
-        .arg(api.socket())
+        .arg(target.socket())
         .arg("--token")
-        .arg(api.token())
+        .arg(target.token())
         .arg("--calls")
         .arg(args.calls.to_string())
         .stderr(std::process::Stdio::inherit())
@@ -114,7 +149,9 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
     let load_cpu = (sys::children_cpu_time() - children_before).as_secs_f64();
     anyhow::ensure!(out.status.success(), "load child failed: {}", out.status);
     let report: LoadReport = serde_json::from_slice(&out.stdout).context("load report")?;
-    api.shutdown().await;
+    if let Target::JobApi(api) = target {
+        api.shutdown().await;
+    }
 
     let hist = |v: &[u64]| -> anyhow::Result<Histogram<u64>> {
         let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
@@ -179,6 +216,86 @@ pub async fn run(args: PromiseArgs) -> anyhow::Result<()> {
         load_cpu
     );
     Ok(())
+}
+
+/// What the load child talks to.
+enum Target {
+    JobApi(JobApi),
+    Floor(FloorServer),
+}
+
+impl Target {
+    fn socket(&self) -> &std::path::Path {
+        match self {
+            Target::JobApi(api) => api.socket(),
+            Target::Floor(f) => &f.socket,
+        }
+    }
+
+    fn token(&self) -> &str {
+        match self {
+            Target::JobApi(api) => api.token(),
+            Target::Floor(_) => "floor",
+        }
+    }
+}
+
+/// The `--floor` responder: per connection, read until the end of the
+/// request body, write one fixed answer, close. Nothing a real server
+/// could skip is skipped except HTTP parsing and the work behind it.
+struct FloorServer {
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FloorServer {
+    fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("stitch-floor-").tempdir()?;
+        let socket = dir.path().join("floor.sock");
+        let listener = tokio::net::UnixListener::bind(&socket)?;
+        let body = r#"{"outcome":"debounced","accepted":true,"upstream_status":204}"#;
+        let answer: Arc<[u8]> = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+        .into();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = Arc::clone(&answer);
+                tokio::spawn(async move {
+                    let mut buf = Vec::with_capacity(1024);
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        if request_complete(&buf) {
+                            break;
+                        }
+                    }
+                    let _ = stream.write_all(&answer).await;
+                });
+            }
+        });
+        Ok(Self { socket, _dir: dir })
+    }
+}
+
+/// Whether `buf` holds a whole request: headers and `content-length` bytes.
+fn request_complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    buf.len() >= end + 4 + length
 }
 
 /// The child: connect every caller, then fire every request at once.

@@ -86,8 +86,8 @@ impl PromiseFailureCoordinator {
 
     /// Declares `promise` once per exit status and tells this caller how it
     /// went: `declared` when this call led the declaration, `debounced`
-    /// when it shared an earlier or concurrent one. Must run inside a Tokio
-    /// runtime (the declaration is a spawned task).
+    /// when it shared an earlier or concurrent one. The declaration is a
+    /// task on a runtime thread of its own (see `declarer_runtime`).
     pub async fn declare(self: &Arc<Self>, promise: PromiseFailure) -> PromiseFailureResult {
         let status = promise.exit_status;
         let (mut rx, outcome) = {
@@ -114,7 +114,7 @@ impl PromiseFailureCoordinator {
     fn spawn_declaration(self: &Arc<Self>, slot: Slot, promise: PromiseFailure) {
         let this = Arc::clone(self);
         let inject_panic = self.panic_next.swap(false, Ordering::SeqCst);
-        tokio::spawn(async move {
+        let declaration = async move {
             let declarer = Arc::clone(&this.declarer);
             let run = async {
                 let declaration = declarer.declare(&promise).await;
@@ -150,8 +150,42 @@ impl PromiseFailureCoordinator {
                 }
             }
             slot.send_replace(Some(declaration));
-        });
+        };
+        match declarer_runtime() {
+            Some(runtime) => drop(runtime.spawn(declaration)),
+            None => drop(tokio::spawn(declaration)),
+        }
     }
+}
+
+/// The runtime declarations run on: one thread of its own per process.
+///
+/// The callers a declaration absorbs arrive as a burst of connections on
+/// the job API's runtime; on that runtime the declaration's own request
+/// would queue behind them, and every debounced caller waits for it. On its
+/// own thread it completes in one upstream round trip, and callers arriving
+/// after that are answered from the cache. `None` when the thread cannot be
+/// started: declarations then run on the caller's runtime.
+fn declarer_runtime() -> Option<&'static tokio::runtime::Handle> {
+    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Handle>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| tracing::warn!(error = %e, "no declarer runtime"))
+                .ok()?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name("stitch-job-declarer".into())
+                // Runs for the life of the process, serving every job API.
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .map_err(|e| tracing::warn!(error = %e, "no declarer thread"))
+                .ok()?;
+            Some(handle)
+        })
+        .as_ref()
 }
 
 fn abandoned() -> Declaration {

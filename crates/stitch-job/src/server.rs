@@ -11,22 +11,24 @@
 //!   refused the promise; 400 for an invalid body or exit status. Job API
 //!   errors answer `{"error":"..."}`.
 
+use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::coordinator::PromiseFailureCoordinator;
 use crate::env;
@@ -97,16 +99,7 @@ impl JobApi {
             token: Arc::from(token.as_bytes()),
         };
         let stop = CancellationToken::new();
-        let app = router(state);
-        let stopped = stop.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stopped.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "job API stopped with an error");
-            }
-        });
+        let task = tokio::spawn(serve(listener, state, stop.clone()));
         Ok(Self {
             socket,
             token,
@@ -153,26 +146,107 @@ impl Drop for JobApi {
     }
 }
 
-fn router(state: ApiState) -> Router {
-    Router::new()
-        .route(PROMISE_FAILURE_PATH, post(promise_failure))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such job API route") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
-        .with_state(state)
+/// How long a connection may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections until `stop`, then lets in-flight requests finish.
+///
+/// hyper's HTTP/1 connection is used directly rather than through a
+/// router: a test suite failing everywhere opens one connection per
+/// failing test, all at once, and per-connection cost is what decides how
+/// fast the last caller is answered (docs/benchmarks.md, promise-failure).
+async fn serve(listener: UnixListener, state: ApiState, stop: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or memory: the listener is fine,
+                    // connections will be accepted again once some close.
+                    tracing::warn!(error = %e, "job API cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let served = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "job API connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
-/// The job API's error shape: `{"error":"..."}`.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+/// One request: token first (so nothing about the API is visible without
+/// it), then route, method, body size, body.
+async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(message) = authorize(state, req.headers()) {
+        return error(StatusCode::UNAUTHORIZED, message);
+    }
+    if req.uri().path() != PROMISE_FAILURE_PATH {
+        return error(StatusCode::NOT_FOUND, "no such job API route");
+    }
+    if req.method() != Method::POST {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "promise-failure accepts POST only",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
+    };
+    let promise = match PromiseFailure::from_json(&body) {
+        Ok(p) => p,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let result = state.coordinator.declare(promise).await;
+    json(StatusCode::OK, &result)
 }
 
-async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+/// `Err` carries the 401 message.
+fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), &'static str> {
+    let presented = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes())
         .and_then(|v| {
@@ -181,27 +255,26 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
                 .map(|_| v[7..].trim_ascii())
         });
     match presented {
-        None => error(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer <STITCH_JOB_API_TOKEN> header",
-        ),
-        Some(t) if bool::from(t.ct_eq(&state.token)) => next.run(req).await,
-        Some(_) => error(StatusCode::UNAUTHORIZED, "invalid job API token"),
+        None => Err("missing Authorization: Bearer <STITCH_JOB_API_TOKEN> header"),
+        Some(t) if bool::from(t.ct_eq(&state.token)) => Ok(()),
+        Some(_) => Err("invalid job API token"),
     }
 }
 
-async fn promise_failure(
-    State(state): State<ApiState>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
-    };
-    let promise = match PromiseFailure::from_json(&body) {
-        Ok(p) => p,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let result = state.coordinator.declare(promise).await;
-    (StatusCode::OK, Json(result)).into_response()
+/// The job API's error shape: `{"error":"..."}`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    // Serializing these plain structs cannot fail; an empty object is a
+    // safe answer should it ever.
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }

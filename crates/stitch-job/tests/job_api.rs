@@ -328,6 +328,14 @@ async fn the_socket_is_private_and_needs_the_token() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+    let wrong_method = raw
+        .get(url)
+        .bearer_auth(h.api.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
     assert_eq!(h.model.calls.load(Ordering::SeqCst), 0);
     let ok = raw
         .post(url)
