@@ -112,7 +112,7 @@ pub async fn open_storage(config: &Config) -> Result<(Store, AnyDriver), StartEr
     let driver = queue_driver(&pool).await?;
     let store = Store::from_pool(pool).await?;
     // On SQLite the store and the queue take turns on one in-process writer
-    // lock; the servers serialize store writers on a row instead (ADR 0008).
+    // lock; the servers serialize store writers on a row instead (ADR 0009).
     let store = match &driver {
         AnyDriver::Sqlite(d) => store.with_writer_lock(d.writer_lock()),
         _ => store,

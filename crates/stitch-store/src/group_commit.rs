@@ -12,7 +12,7 @@
 //! awaiting (ADR 0006). On PostgreSQL/MySQL it is an OS thread with its own
 //! current-thread runtime and its own connection: `StoreWrite` drives each
 //! async operation there with `block_on`, which is never nested because jobs
-//! run on that thread outside any runtime (ADR 0008).
+//! run on that thread outside any runtime (ADR 0009).
 
 use std::sync::Arc;
 

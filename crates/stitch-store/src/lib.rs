@@ -19,7 +19,7 @@
 //! over the `Ops` trait; `rows` the row decoding every backend shares;
 //! `sqlite`, `postgres` and `mysql` each backend's settings, migrations and
 //! SQL; `group_commit` the committer; `pool` URLs and migrations. See
-//! `docs/architecture-store.md` and ADR 0008.
+//! `docs/architecture.md` ("stitch-store") and ADR 0009.
 
 #![warn(missing_docs)]
 

@@ -5,7 +5,7 @@
 //! the group committer's own connection sets it itself), so every statement
 //! reads the latest commits and InnoDB takes no gap locks for our reads.
 //! Every store write transaction locks the `event_seq` row first
-//! ([`lock_writers`]), as on PostgreSQL (ADR 0008).
+//! ([`lock_writers`]), as on PostgreSQL (ADR 0009).
 
 use chrono::Utc;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlRow};

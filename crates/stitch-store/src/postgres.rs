@@ -3,7 +3,7 @@
 //!
 //! Several stitch processes may write one database. Every store write
 //! transaction locks the one-row `event_seq` table first ([`lock_writers`])
-//! and holds it until commit; ADR 0008 explains why that one lock gives
+//! and holds it until commit; ADR 0009 explains why that one lock gives
 //! gapless, in-order event seqs and deadlock-free store writers.
 
 use std::time::Duration;

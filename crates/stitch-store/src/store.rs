@@ -515,8 +515,8 @@ impl StoreTx<'_> {
     pub fn connection(&mut self) -> TxConnection<'_> {
         match &mut self.inner {
             TxInner::Sqlite(tx) => TxConnection::Sqlite(tx.conn()),
-            TxInner::Postgres { tx, .. } => TxConnection::Postgres(&mut **tx),
-            TxInner::MySql(tx) => TxConnection::MySql(&mut **tx),
+            TxInner::Postgres { tx, .. } => TxConnection::Postgres(tx),
+            TxInner::MySql(tx) => TxConnection::MySql(tx),
         }
     }
 
@@ -800,7 +800,7 @@ impl<'c> StoreWrite<'c> {
                 SqliteDriver::publish_on_handle(ops.conn(), topic, msgs, now)?
             }
             WriteInner::Postgres { ops, rt, channel } => rt.block_on(
-                PostgresDriver::publish_in_tx(ops.conn(), *channel, topic, msgs, now),
+                PostgresDriver::publish_in_tx(ops.conn(), channel, topic, msgs, now),
             )?,
             WriteInner::MySql { ops, rt } => {
                 rt.block_on(MySqlDriver::publish_in_tx(ops.conn(), topic, msgs, now))?

@@ -1,7 +1,7 @@
 //! Several store handles on one database — each with its own pool and
 //! group committer, as separate `stitch serve` processes would have —
 //! writing at once. Run against SQLite, PostgreSQL and MySQL/MariaDB; on the
-//! servers this is the case the `event_seq` lock exists for (ADR 0008).
+//! servers this is the case the `event_seq` lock exists for (ADR 0009).
 
 mod common;
 

@@ -40,7 +40,7 @@ CREATE TABLE builds (
 -- transaction locks it first (SELECT … FOR UPDATE) and holds it until commit,
 -- so seqs are allocated and committed in order and gapless, and store writers
 -- in every process lock in one order. See
--- docs/adr/0008-store-on-postgres-and-mysql.md.
+-- docs/adr/0009-store-on-postgres-and-mysql.md.
 CREATE TABLE event_seq (
     id       INTEGER NOT NULL PRIMARY KEY,
     next_seq BIGINT  NOT NULL,

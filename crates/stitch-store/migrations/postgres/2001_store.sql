@@ -45,7 +45,7 @@ CREATE INDEX builds_status_id ON builds (status, id);
 --   * a rolled-back transaction rolls its numbers back: no gaps;
 --   * store writers in every process take their locks in one order (this
 --     row first), so they cannot deadlock each other.
--- See docs/adr/0008-store-on-postgres-and-mysql.md.
+-- See docs/adr/0009-store-on-postgres-and-mysql.md.
 CREATE TABLE event_seq (
     id       INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
     next_seq BIGINT  NOT NULL
