@@ -85,7 +85,10 @@ where
         let Some(write) = self.write.take() else {
             return false;
         };
-        let result = write(w);
+        // A panicking job must not take the committer (and every later
+        // write) down with it: it fails alone, and its savepoint rolls back.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(w)))
+            .unwrap_or_else(|_| Err(StoreError::Internal("a write job panicked".into()).into()));
         let ok = result.is_ok();
         self.result = Some(result);
         ok

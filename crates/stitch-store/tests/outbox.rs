@@ -178,7 +178,33 @@ async fn the_sqlite_handle_is_refused_on_other_backends(db: TestDb) {
     }
 }
 
+/// A write job that panics fails alone; the committer keeps serving.
+async fn a_panicking_write_fails_alone(db: TestDb) {
+    let new = common::new_build("ci");
+    let id = new.id.clone();
+    let panicked = db
+        .store
+        .write(move |w| -> Result<(), StoreError> {
+            w.create_build(new)?;
+            panic!("a bug in a write job");
+        })
+        .await;
+    assert!(
+        matches!(panicked, Err(StoreError::Internal(_))),
+        "{panicked:?}"
+    );
+    assert!(db.store.get_build(&id).await.unwrap_err().is_not_found());
+    let next = db
+        .store
+        .create_build(common::new_build("ci"))
+        .await
+        .unwrap();
+    assert!(next.is_created());
+    assert_eq!(db.store.latest_seq().await.unwrap(), 1);
+}
+
 store_suite!(
+    a_panicking_write_fails_alone,
     build_and_message_commit_together,
     rollback_publishes_nothing_and_stores_nothing,
     group_committed_writes_publish_in_their_savepoint,

@@ -133,6 +133,15 @@ impl TestDb {
         }
     }
 
+    /// PostgreSQL only: terminates every server connection of this test's
+    /// main store (its pool's and its committer's); how many were ended.
+    pub async fn terminate_connections(&self) -> i64 {
+        match &self.place {
+            Place::Postgres(db) => db.terminate_connections(NAME, "main").await,
+            _ => panic!("terminate_connections is PostgreSQL-only"),
+        }
+    }
+
     /// Closes this test's store pool (the database stays).
     pub async fn close(&self) {
         self.store.close().await;
