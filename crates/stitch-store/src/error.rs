@@ -65,9 +65,9 @@ pub enum StoreError {
         retryable: bool,
     },
 
-    /// A message-queue statement run in a store transaction (the outbox
-    /// publish) failed; see [`StoreError::is_retryable`].
-    #[error("publishing in the store transaction: {0}")]
+    /// A message-queue operation on the store's database failed (an outbox
+    /// publish in a store transaction); see [`StoreError::is_retryable`].
+    #[error("queue: {0}")]
     Queue(#[from] stitch_mq::MqError),
 
     /// The storage URL is malformed or names an unsupported database.

@@ -50,7 +50,13 @@ impl StorePool {
         Ok(match kind {
             BackendKind::Sqlite => {
                 let path = sqlite_path(url)?;
-                StorePool::Sqlite(stitch_mq::sqlite::open_pool(path).await?)
+                let pool = stitch_mq::sqlite::open_pool(path)
+                    .await
+                    .map_err(|e| match e {
+                        stitch_mq::MqError::Storage(e) => StoreError::Database(e),
+                        other => other.into(),
+                    })?;
+                StorePool::Sqlite(pool)
             }
             BackendKind::Postgres => {
                 StorePool::Postgres(postgres::open_pool(url).await.map_err(invalid)?)
