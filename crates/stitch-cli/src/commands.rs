@@ -31,6 +31,45 @@ pub async fn run(cli: Cli) -> u8 {
         }) => crate::job::promise_failure(exit_status, reason).await,
         Command::Mq(MqCommand::Dlq(cmd)) => dlq(cmd).await,
         Command::Config(ConfigCommand::Check { config }) => config_check(&config),
+        Command::Migrate(args) => migrate(&args.config).await,
+    }
+}
+
+/// `stitch migrate`: brings the configured database's schemas up to date,
+/// so a deployment can migrate once before starting several servers.
+async fn migrate(args: &ConfigArgs) -> u8 {
+    let config = match config::load(&load_options(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stitch: {}", config::render_problems(&e));
+            return USAGE;
+        }
+    };
+    if config.storage.url.is_none() {
+        // The default SQLite file lives in the data directory.
+        if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+            eprintln!(
+                "stitch migrate: cannot create data directory {}: {e}",
+                config.data_dir.display()
+            );
+            return UNAVAILABLE;
+        }
+    }
+    let url = stitch_mq::open::redact(&stitch_server::state::storage_url(&config));
+    match stitch_server::state::migrate_storage(&config).await {
+        Ok(kind) => {
+            println!("migrated {url} ({kind:?}): queue and store schemas are up to date");
+            OK
+        }
+        Err(e) => {
+            eprintln!("stitch migrate: {url}: {e}");
+            match e {
+                stitch_server::state::StartError::Store(stitch_store::StoreError::InvalidUrl(
+                    _,
+                )) => USAGE,
+                _ => UNAVAILABLE,
+            }
+        }
     }
 }
 

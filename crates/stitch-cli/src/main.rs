@@ -37,6 +37,15 @@ enum Command {
     /// Check a configuration file and print every problem with its key.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Apply the queue's and the store's migrations to the configured
+    /// database (`storage.url`: SQLite, PostgreSQL or MySQL/MariaDB) and exit.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 /// Where the configuration comes from.

@@ -84,14 +84,7 @@ impl MqError {
     pub fn storage_failure(&self) -> Option<StorageFailure> {
         match self {
             MqError::Storage(e) => Some(classify_sqlx(e)),
-            MqError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => Some(match e.code {
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked => {
-                    StorageFailure::Busy
-                }
-                rusqlite::ErrorCode::SystemIoFailure => StorageFailure::ConnectionLost,
-                _ => StorageFailure::Other,
-            }),
-            MqError::Sqlite(_) => Some(StorageFailure::Other),
+            MqError::Sqlite(e) => Some(classify_rusqlite(e)),
             _ => None,
         }
     }
@@ -118,18 +111,32 @@ pub fn classify_sqlx(e: &sqlx::Error) -> StorageFailure {
             } else if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
                 classify_mysql(my.number())
             } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                // SQLite BUSY (5) / LOCKED (6) and their extended codes.
+                // SQLite BUSY (5) / LOCKED (6) / IOERR (10) and their
+                // extended codes (the primary code is the low byte).
                 let code = db.code().unwrap_or_default();
-                let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
-                if primary == 5 || primary == 6 {
-                    StorageFailure::Busy
-                } else {
-                    StorageFailure::Other
+                match code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1) {
+                    5 | 6 => StorageFailure::Busy,
+                    10 => StorageFailure::ConnectionLost,
+                    _ => StorageFailure::Other,
                 }
             } else {
                 StorageFailure::Other
             }
         }
+        _ => StorageFailure::Other,
+    }
+}
+
+/// Classifies an error of a statement run on a raw SQLite handle.
+pub fn classify_rusqlite(e: &rusqlite::Error) -> StorageFailure {
+    match e {
+        rusqlite::Error::SqliteFailure(e, _) => match e.code {
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked => {
+                StorageFailure::Busy
+            }
+            rusqlite::ErrorCode::SystemIoFailure => StorageFailure::ConnectionLost,
+            _ => StorageFailure::Other,
+        },
         _ => StorageFailure::Other,
     }
 }

@@ -69,6 +69,14 @@ pub fn connect_options(url: &str) -> MqResult<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url)?.application_name("stitch"))
 }
 
+/// The `NOTIFY` channel of the queue in `schema`. Channels are global to the
+/// database, so they are qualified by schema: queues in different schemas
+/// (tests, several installations) do not wake each other. A transaction that
+/// publishes with [`PostgresDriver::publish_in_tx`] names this channel.
+pub fn channel_for_schema(schema: &str) -> String {
+    format!("stitch_mq.{schema}")
+}
+
 /// The PostgreSQL driver. Cheap to clone.
 #[derive(Clone)]
 pub struct PostgresDriver {
@@ -95,12 +103,10 @@ impl PostgresDriver {
     /// migrations and starts listening for other processes' publishes.
     pub async fn from_pool(pool: PgPool) -> MqResult<Self> {
         migrate(&pool).await?;
-        // Channels are global to the database; qualify by schema so queues in
-        // different schemas (tests, several installations) do not wake each other.
         let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
             .fetch_one(&pool)
             .await?;
-        let channel: Arc<str> = format!("stitch_mq.{schema}").into();
+        let channel: Arc<str> = channel_for_schema(&schema).into();
         let (wakeups, _) = broadcast::channel(1024);
         let stop = CancellationToken::new();
         tokio::spawn(listen(

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 use stitch_core::metadata::keys;
 use stitch_core::{BuildId, BuildMetadata, BuildStatus, ChangeSet, ValidationError};
 use stitch_job::PromiseFailure;
-use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{now_millis, Message, MqError};
 use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreError};
 
@@ -170,12 +169,7 @@ pub async fn create_build(
                 // a write of its own when the build is triggered.
                 let build = w.set_job_token_hash(&build.id, Some(&token_hash))?;
                 outcome = CreateOutcome::Created(build);
-                SqliteDriver::publish_on_handle(
-                    w.sqlite_handle(),
-                    topics::TRIGGER,
-                    &msgs,
-                    now_millis(),
-                )?;
+                w.publish(topics::TRIGGER, &msgs, now_millis())?;
             }
             Ok(outcome)
         })

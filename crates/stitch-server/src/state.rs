@@ -2,19 +2,20 @@
 //! each build queue, and the notifier that wakes event streams.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use stitch_core::BuildRunner;
+use stitch_mq::mysql::MySqlDriver;
+use stitch_mq::postgres::PostgresDriver;
 use stitch_mq::sqlite::SqliteDriver;
-use stitch_mq::{Queue, QueueConfig as MqQueueConfig};
+use stitch_mq::{AnyDriver, BackendKind, Queue, QueueConfig as MqQueueConfig};
 use stitch_runners::buildkite::{
     BuildkiteConfig, BuildkiteRunner, Client, RateLimit, RequestBudget,
 };
 use stitch_runners::http_retry::RetryPolicy;
 use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
-use stitch_store::Store;
+use stitch_store::{Store, StorePool};
 use tokio::sync::watch;
 
 use crate::config::{BuildkiteSection, Config, QueueConfig, RunnerName};
@@ -71,8 +72,6 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
-    #[error("storage url {0:?} is not supported (use sqlite://PATH)")]
-    StorageUrl(String),
     #[error("opening the database: {0}")]
     Store(#[from] stitch_store::StoreError),
     #[error("opening the message queue: {0}")]
@@ -81,24 +80,67 @@ pub enum StartError {
     Runner { queue: String, message: String },
 }
 
-/// The SQLite file a configuration points at.
-pub fn database_path(config: &Config) -> Result<std::path::PathBuf, StartError> {
+/// The storage URL a configuration names: `storage.url`, or the SQLite
+/// file `stitch.db` in the data directory.
+pub fn storage_url(config: &Config) -> String {
     match &config.storage.url {
-        None => Ok(config.data_dir.join("stitch.db")),
-        Some(url) => match url.strip_prefix("sqlite://") {
-            Some(p) if !p.is_empty() => Ok(Path::new(p).to_path_buf()),
-            _ => Err(StartError::StorageUrl(url.clone())),
-        },
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", config.data_dir.join("stitch.db").display()),
     }
+}
+
+/// Connects to the configured database (without migrating it).
+async fn connect_storage(config: &Config) -> Result<StorePool, StartError> {
+    Ok(StorePool::connect(&storage_url(config)).await?)
+}
+
+/// The message queue's driver for a pool's backend, on that same pool (so
+/// store writes and queue publishes share transactions); applies the
+/// queue's migrations.
+async fn queue_driver(pool: &StorePool) -> Result<AnyDriver, StartError> {
+    Ok(match pool {
+        StorePool::Sqlite(p) => AnyDriver::Sqlite(SqliteDriver::from_pool(p.clone()).await?),
+        StorePool::Postgres(p) => AnyDriver::Postgres(PostgresDriver::from_pool(p.clone()).await?),
+        StorePool::MySql(p) => AnyDriver::MySql(MySqlDriver::from_pool(p.clone()).await?),
+    })
+}
+
+/// Opens the store and the queue of a configuration's database, on one
+/// pool, with both sets of migrations applied.
+pub async fn open_storage(config: &Config) -> Result<(Store, AnyDriver), StartError> {
+    let pool = connect_storage(config).await?;
+    let driver = queue_driver(&pool).await?;
+    let store = Store::from_pool(pool).await?;
+    // On SQLite the store and the queue take turns on one in-process writer
+    // lock; the servers serialize store writers on a row instead (ADR 0009).
+    let store = match &driver {
+        AnyDriver::Sqlite(d) => store.with_writer_lock(d.writer_lock()),
+        _ => store,
+    };
+    Ok((store, driver))
+}
+
+/// Applies the queue's and the store's migrations to the configured
+/// database and nothing else (`stitch migrate`); returns its engine.
+pub async fn migrate_storage(config: &Config) -> Result<BackendKind, StartError> {
+    let pool = connect_storage(config).await?;
+    match &pool {
+        StorePool::Sqlite(p) => stitch_mq::sqlite::migrate(p).await?,
+        StorePool::Postgres(p) => stitch_mq::postgres::migrate(p).await?,
+        StorePool::MySql(p) => stitch_mq::mysql::migrate(p).await?,
+    }
+    stitch_store::migrate(&pool).await?;
+    let kind = pool.kind();
+    pool.close().await;
+    Ok(kind)
 }
 
 /// Opens only the message queue of a configuration's database (for the
 /// `stitch mq` commands, beside a running server).
 pub async fn open_queue(config: &Config) -> Result<Queue, StartError> {
-    let pool = stitch_mq::sqlite::open_pool(&database_path(config)?).await?;
-    let driver = SqliteDriver::from_pool(pool).await?;
+    let driver = queue_driver(&connect_storage(config).await?).await?;
     Ok(Queue::new(
-        Arc::new(driver),
+        driver.into_shared(),
         MqQueueConfig {
             gc_interval: None,
             ..MqQueueConfig::default()
@@ -113,13 +155,8 @@ impl AppState {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let db_path = database_path(&config)?;
-        let pool = stitch_mq::sqlite::open_pool(&db_path).await?;
-        let driver = SqliteDriver::from_pool(pool.clone()).await?;
-        let store = Store::from_pool(pool)
-            .await?
-            .with_writer_lock(driver.writer_lock());
-        let queue = Queue::new(Arc::new(driver), MqQueueConfig::default());
+        let (store, driver) = open_storage(&config).await?;
+        let queue = Queue::new(driver.into_shared(), MqQueueConfig::default());
         let key = store
             .ensure_secret(job_token::SECRET_NAME, &JobTokens::random_key())
             .await?;

@@ -617,7 +617,7 @@ fn several_problems_are_reported_at_once() {
 listen = "0.0.0.0:7700"
 colour = "blue"
 [storage]
-url = "postgres://stitch:hunter2@db/stitch"
+url = "redis://stitch:hunter2@db/0"
 [api]
 max_body_bytes = 0
 [queues.ci]
@@ -632,7 +632,7 @@ runner = "local"
     );
     assert_problem(&p, "colour", "unknown key");
     assert_problem(&p, "listen", "not a loopback address");
-    assert_problem(&p, "storage.url", "PostgreSQL and MySQL");
+    assert_problem(&p, "storage.url", "unsupported storage url");
     assert_problem(&p, "api.max_body_bytes", "at least 1");
     assert_problem(&p, "queues.ci.concurrency", "at least 1");
     assert_problem(&p, "queues.ci.accepted_timeout", "invalid duration");
@@ -864,31 +864,36 @@ fn tokens_env_naming_unset_or_empty_variables() {
 }
 
 #[test]
-fn storage_url_must_be_sqlite() {
+fn storage_url_names_sqlite_postgres_or_mysql() {
     for (url, fragment) in [
         (
-            "postgres://stitch:hunter2@db/stitch",
-            "PostgreSQL and MySQL storage is not supported yet",
+            "redis://stitch:hunter2@db/0",
+            "unsupported storage url; use sqlite://PATH, postgres://… or mysql://…",
         ),
-        ("postgresql://db/stitch", "arrives later"),
-        ("mysql://root:hunter2@db/stitch", "PostgreSQL and MySQL"),
-        (
-            "/var/lib/stitch.db",
-            "unsupported storage url; use sqlite://PATH",
-        ),
+        ("/var/lib/stitch.db", "unsupported storage url"),
         ("sqlite://", "needs a path"),
+        ("postgres://", "needs a host and database"),
+        ("mysql://", "needs a host and database"),
     ] {
         let p = problems(&format!("[storage]\nurl = {url:?}\n"), &[]);
         assert_only_problem(&p, "storage.url", fragment);
         assert!(!p[0].1.contains("hunter2"), "password echoed: {p:#?}");
     }
-    assert_eq!(
-        ok("[storage]\nurl = \"sqlite://x/stitch.db\"\n", &[])
-            .storage
-            .url
-            .as_deref(),
-        Some("sqlite://x/stitch.db")
-    );
+    for url in [
+        "sqlite://x/stitch.db",
+        "postgres://stitch:hunter2@db/stitch",
+        "postgresql://db/stitch?options=-csearch_path%3Dci",
+        "mysql://root:hunter2@db/stitch",
+        "mariadb://root@db/stitch",
+    ] {
+        assert_eq!(
+            ok(&format!("[storage]\nurl = {url:?}\n"), &[])
+                .storage
+                .url
+                .as_deref(),
+            Some(url)
+        );
+    }
 }
 
 #[test]

@@ -97,8 +97,13 @@ pub struct SpindleDb {
 
 impl SpindleDb {
     /// Migrates and opens the spindle's tables in the store's database.
+    /// The spindle runs on SQLite only:
+    /// [`SpindleError::UnsupportedStorage`] on a PostgreSQL or MySQL store.
     pub async fn open(store: Store) -> Result<Self, SpindleError> {
-        let pool = store.pool().clone();
+        let pool = match store.sqlite_pool() {
+            Ok(pool) => pool.clone(),
+            Err(_) => return Err(SpindleError::UnsupportedStorage(store.backend())),
+        };
         migrate(&pool).await?;
         let (appended, _) = watch::channel(0);
         Ok(Self {
@@ -127,7 +132,7 @@ impl SpindleDb {
         let name = name.to_string();
         self.store
             .write(move |w| -> Result<(), SpindleError> {
-                upsert_cursor(w.sqlite_handle(), &name, value)?;
+                upsert_cursor(w.sqlite_handle()?, &name, value)?;
                 Ok(())
             })
             .await
@@ -149,7 +154,7 @@ impl SpindleDb {
         );
         self.store
             .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle().execute(
+                w.sqlite_handle()?.execute(
                     "INSERT INTO spindle_repos (did, rkey, name, knot) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (did, rkey) DO UPDATE SET name = excluded.name, knot = excluded.knot",
                     params![did, rkey, name, knot],
@@ -174,7 +179,7 @@ impl SpindleDb {
         let (did, rkey, subject) = (did.to_owned(), rkey.to_owned(), subject.to_owned());
         self.store
             .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle().execute(
+                w.sqlite_handle()?.execute(
                     "INSERT INTO spindle_members (did, rkey, subject) VALUES (?1, ?2, ?3)
                      ON CONFLICT (did, rkey) DO UPDATE SET subject = excluded.subject",
                     params![did, rkey, subject],
@@ -205,7 +210,7 @@ impl SpindleDb {
         );
         self.store
             .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle().execute(
+                w.sqlite_handle()?.execute(
                     "INSERT INTO spindle_collaborators (did, rkey, subject, repo) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (did, rkey) DO UPDATE SET subject = excluded.subject, repo = excluded.repo",
                     params![did, rkey, subject, repo],
@@ -229,7 +234,7 @@ impl SpindleDb {
         let (did, rkey) = (did.to_owned(), rkey.to_owned());
         self.store
             .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle().execute(
+                w.sqlite_handle()?.execute(
                     &format!("DELETE FROM {table} WHERE did = ?1 AND rkey = ?2"),
                     params![did, rkey],
                 )?;
@@ -339,7 +344,7 @@ impl SpindleDb {
         let queue = queue.to_string();
         self.store
             .write(move |w| -> Result<bool, SpindleError> {
-                let conn = w.sqlite_handle();
+                let conn = w.sqlite_handle()?;
                 let inserted = conn.execute(
                     "INSERT OR IGNORE INTO spindle_runs
                        (knot, rkey, workflow, repo_did, repo_name, queue, created_at)
@@ -376,7 +381,7 @@ impl SpindleDb {
         let build = build.to_string();
         self.store
             .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle().execute(
+                w.sqlite_handle()?.execute(
                     "UPDATE spindle_runs SET build_id = ?4 WHERE knot = ?1 AND rkey = ?2 AND workflow = ?3",
                     params![run.knot, run.rkey, run.workflow, build],
                 )?;
@@ -394,7 +399,7 @@ impl SpindleDb {
         let appended = self
             .store
             .write(move |w| -> Result<bool, SpindleError> {
-                let conn = w.sqlite_handle();
+                let conn = w.sqlite_handle()?;
                 conn.execute(
                     "INSERT OR IGNORE INTO spindle_runs
                        (knot, rkey, workflow, repo_did, repo_name, created_at)
@@ -440,7 +445,7 @@ impl SpindleDb {
         let appended = self
             .store
             .write(move |w| -> Result<bool, SpindleError> {
-                let conn = w.sqlite_handle();
+                let conn = w.sqlite_handle()?;
                 let last: Option<Option<String>> = conn
                     .query_row(
                         "SELECT last_status FROM spindle_runs WHERE knot = ?1 AND rkey = ?2 AND workflow = ?3",

@@ -1,6 +1,8 @@
 //! Typed store errors: callers branch on the variant (404 / 409 / 422 / retry).
 
 use stitch_core::{BuildId, BuildStatus};
+use stitch_mq::error::{classify_rusqlite, classify_sqlx};
+use stitch_mq::{BackendKind, StorageFailure};
 
 /// Result alias for store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -63,6 +65,27 @@ pub enum StoreError {
         retryable: bool,
     },
 
+    /// A message-queue operation on the store's database failed (an outbox
+    /// publish in a store transaction); see [`StoreError::is_retryable`].
+    #[error("queue: {0}")]
+    Queue(#[from] stitch_mq::MqError),
+
+    /// The storage URL is malformed or names an unsupported database.
+    #[error("invalid storage URL: {0}")]
+    InvalidUrl(String),
+
+    /// The operation exists only on another database backend (the raw
+    /// SQLite handle asked of a PostgreSQL store, say).
+    #[error("{operation} needs a {needed:?} store, but this store is on {actual:?}")]
+    WrongBackend {
+        /// What was asked for.
+        operation: &'static str,
+        /// The backend it needs.
+        needed: BackendKind,
+        /// The store's backend.
+        actual: BackendKind,
+    },
+
     /// A bug inside the store, not caused by the input or the database.
     #[error("internal store error: {0}")]
     Internal(String),
@@ -95,28 +118,35 @@ pub enum Conflict {
 }
 
 impl StoreError {
-    /// Whether running the same operation again may succeed: the database was
-    /// busy/locked, an I/O or pool error occurred, or a concurrent writer won an
-    /// optimistic-concurrency race. Everything else is permanent for that input.
-    pub fn is_retryable(&self) -> bool {
+    /// The storage failure class of a database error — the same
+    /// classification the message queue uses (`stitch_mq::StorageFailure`):
+    /// connection lost, deadlock, lock wait timeout, serialization failure,
+    /// read-only server (failover) and busy are transient. `None` for errors
+    /// that did not come from the database.
+    pub fn storage_failure(&self) -> Option<StorageFailure> {
         match self {
-            StoreError::Database(e) => is_retryable_sqlx(e),
-            StoreError::Sqlite(e) => e.sqlite_error_code().is_some_and(|code| {
-                use rusqlite::ErrorCode;
-                matches!(
-                    code,
-                    ErrorCode::DatabaseBusy
-                        | ErrorCode::DatabaseLocked
-                        | ErrorCode::SystemIoFailure
-                )
-            }),
-            StoreError::Conflict(Conflict::VersionMismatch { .. }) => true,
-            StoreError::GroupCommit { retryable, .. } => *retryable,
+            StoreError::Database(e) => Some(classify_sqlx(e)),
+            StoreError::Sqlite(e) => Some(classify_rusqlite(e)),
             StoreError::Migrate(
                 sqlx::migrate::MigrateError::Execute(e)
                 | sqlx::migrate::MigrateError::ExecuteMigration(e, _),
-            ) => is_retryable_sqlx(e),
-            _ => false,
+            ) => Some(classify_sqlx(e)),
+            StoreError::Queue(e) => e.storage_failure(),
+            _ => None,
+        }
+    }
+
+    /// Whether running the same operation again may succeed: a transient
+    /// database failure (see [`StoreError::storage_failure`]), a shared
+    /// transaction that failed for one, or a concurrent writer that won an
+    /// optimistic-concurrency race. Everything else is permanent for that input.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Conflict(Conflict::VersionMismatch { .. }) => true,
+            StoreError::GroupCommit { retryable, .. } => *retryable,
+            _ => self
+                .storage_failure()
+                .is_some_and(|f| f != StorageFailure::Other),
         }
     }
 
@@ -147,51 +177,34 @@ impl StoreError {
     }
 }
 
-/// Classifies a driver error as transient.
-fn is_retryable_sqlx(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_retryable_code(&code)),
-        _ => false,
-    }
-}
-
-/// SQLite reports its (extended) result code as a decimal string; PostgreSQL
-/// and MySQL report a SQLSTATE.
-fn is_retryable_code(code: &str) -> bool {
-    const SQLITE_BUSY: i32 = 5;
-    const SQLITE_LOCKED: i32 = 6;
-    const SQLITE_IOERR: i32 = 10;
-    // SQLSTATE serialization_failure, deadlock_detected, lock_not_available
-    // (checked first: "40001" would also parse as a number).
-    if matches!(code, "40001" | "40P01" | "55P03") {
-        return true;
-    }
-    // Extended codes carry the primary code in the low byte
-    // (SQLITE_BUSY_SNAPSHOT = 517, SQLITE_LOCKED_SHAREDCACHE = 262, …).
-    code.parse::<i32>()
-        .is_ok_and(|n| matches!(n & 0xff, SQLITE_BUSY | SQLITE_LOCKED | SQLITE_IOERR))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sqlite_and_sqlstate_codes_classify() {
-        assert!(is_retryable_code("5"));
-        assert!(is_retryable_code("517"));
-        assert!(is_retryable_code("262"));
-        assert!(is_retryable_code("10"));
-        assert!(is_retryable_code("40001"));
-        assert!(!is_retryable_code("2067")); // SQLITE_CONSTRAINT_UNIQUE
-        assert!(!is_retryable_code("23505"));
+    fn database_failures_classify_like_the_queue() {
         assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(
+            StoreError::Database(sqlx::Error::Io(std::io::ErrorKind::BrokenPipe.into()))
+                .is_retryable()
+        );
         assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_retryable());
         assert!(!StoreError::NotFound(BuildId::new()).is_retryable());
         let busy = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(5), None);
-        assert!(StoreError::Sqlite(busy).is_retryable());
+        assert_eq!(
+            StoreError::Sqlite(busy).storage_failure(),
+            Some(StorageFailure::Busy)
+        );
+        let io = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(10), None);
+        assert!(StoreError::Sqlite(io).is_retryable());
         let unique = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(2067), None);
         assert!(!StoreError::Sqlite(unique).is_retryable());
+        let wrong = StoreError::WrongBackend {
+            operation: "the raw SQLite handle",
+            needed: BackendKind::Sqlite,
+            actual: BackendKind::Postgres,
+        };
+        assert!(!wrong.is_retryable());
+        assert!(wrong.to_string().contains("Postgres"), "{wrong}");
     }
 }

@@ -1,21 +1,32 @@
-//! Group commit of SQLite writes: write jobs from concurrent callers run one
+//! Group commit of store writes: write jobs from concurrent callers run one
 //! after another inside one shared transaction, each in its own savepoint,
 //! and all of them are answered after that transaction commits.
 //!
-//! SQLite has one writer at a time. Giving every status change its own
-//! transaction makes each pay for the writer lock, `BEGIN`, statement
-//! preparation and a WAL commit; sharing them pays those once per batch, and
-//! statements prepared by one job are reused by the next. A job's failure
-//! rolls back its savepoint only, so it is reported to its caller alone.
+//! Every transaction pays for the writer lock (SQLite's write lock, or the
+//! `event_seq` row on PostgreSQL/MySQL), `BEGIN` and a commit; sharing them
+//! pays those once per batch. A job's failure rolls back its savepoint only,
+//! so it is reported to its caller alone.
+//!
+//! Jobs are synchronous closures over [`StoreWrite`]. On SQLite the
+//! committer is a task and the statements run on the raw handle without
+//! awaiting (ADR 0006). On PostgreSQL/MySQL it is an OS thread with its own
+//! current-thread runtime and its own connection: `StoreWrite` drives each
+//! async operation there with `block_on`, which is never nested because jobs
+//! run on that thread outside any runtime (ADR 0009).
 
 use std::sync::Arc;
 
-use sqlx::sqlite::SqlitePool;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Executor};
+use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, StoreError};
 use crate::sqlite::SqliteWriteTx;
 use crate::store::StoreWrite;
+use crate::{mysql, postgres};
+use sqlx::sqlite::SqlitePool;
 
 /// Most jobs in one transaction: enough to absorb a burst, few enough that
 /// one transaction holds the writer for milliseconds, not seconds.
@@ -74,7 +85,10 @@ where
         let Some(write) = self.write.take() else {
             return false;
         };
-        let result = write(w);
+        // A panicking job must not take the committer (and every later
+        // write) down with it: it fails alone, and its savepoint rolls back.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(w)))
+            .unwrap_or_else(|_| Err(StoreError::Internal("a write job panicked".into()).into()));
         let ok = result.is_ok();
         self.result = Some(result);
         ok
@@ -98,12 +112,29 @@ pub(crate) struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    /// Starts the committer on the current tokio runtime. `writer` is the
-    /// in-process writer lock shared with the message queue, if any.
-    pub(crate) fn start(pool: SqlitePool, writer: Option<Arc<tokio::sync::Mutex<()>>>) -> Self {
+    /// Starts a SQLite committer on the current tokio runtime. `writer` is
+    /// the in-process writer lock shared with the message queue, if any.
+    pub(crate) fn start_sqlite(
+        pool: SqlitePool,
+        writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    ) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         tokio::spawn(run(rx, pool, writer));
         Self { jobs }
+    }
+
+    /// Starts a PostgreSQL/MySQL committer on its own thread, with its own
+    /// runtime and connection to `server`. The thread ends when the last
+    /// handle drops.
+    pub(crate) fn start_server(server: ServerTarget) -> Result<Self> {
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        std::thread::Builder::new()
+            .name("stitch-store-committer".into())
+            .spawn(move || run_server(rx, server))
+            .map_err(|e| {
+                StoreError::Internal(format!("cannot start the store's write committer: {e}"))
+            })?;
+        Ok(Self { jobs })
     }
 
     /// Runs `write` in the next shared transaction and returns its result
@@ -161,7 +192,7 @@ async fn commit_batch(
 
 fn run_jobs(tx: &SqliteWriteTx, batch: &mut [Box<dyn Job>]) -> Result<()> {
     let conn = tx.handle();
-    let mut w = StoreWrite::new(conn);
+    let mut w = StoreWrite::sqlite(conn);
     for job in batch.iter_mut() {
         conn.execute_batch("SAVEPOINT job")?;
         if job.run(&mut w) {
@@ -171,6 +202,140 @@ fn run_jobs(tx: &SqliteWriteTx, batch: &mut [Box<dyn Job>]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a PostgreSQL/MySQL committer connects to.
+#[derive(Debug, Clone)]
+pub(crate) enum ServerTarget {
+    /// PostgreSQL, with the queue's `NOTIFY` channel for outbox publishes.
+    Postgres {
+        options: PgConnectOptions,
+        channel: Arc<str>,
+    },
+    /// MySQL / MariaDB.
+    MySql { options: MySqlConnectOptions },
+}
+
+/// The committer's own connection (PostgreSQL's with its `NOTIFY` channel).
+enum ServerConn {
+    Postgres(PgConnection, Arc<str>),
+    MySql(MySqlConnection),
+}
+
+impl ServerTarget {
+    async fn connect(&self) -> Result<ServerConn> {
+        Ok(match self {
+            ServerTarget::Postgres { options, channel } => {
+                ServerConn::Postgres(options.connect().await?, channel.clone())
+            }
+            ServerTarget::MySql { options } => {
+                let mut conn = options.connect().await?;
+                conn.execute(mysql::READ_COMMITTED).await?;
+                ServerConn::MySql(conn)
+            }
+        })
+    }
+}
+
+impl ServerConn {
+    async fn execute(&mut self, sql: &str) -> Result<()> {
+        match self {
+            ServerConn::Postgres(c, _) => c.execute(sql).await.map(drop)?,
+            ServerConn::MySql(c) => c.execute(sql).await.map(drop)?,
+        }
+        Ok(())
+    }
+
+    async fn begin(&mut self) -> Result<()> {
+        match self {
+            ServerConn::Postgres(c, _) => postgres::begin(c).await,
+            ServerConn::MySql(c) => mysql::begin(c).await,
+        }
+    }
+
+    fn store_write<'c>(&'c mut self, rt: &'c Runtime) -> StoreWrite<'c> {
+        match self {
+            ServerConn::Postgres(c, channel) => StoreWrite::postgres(c, rt, channel),
+            ServerConn::MySql(c) => StoreWrite::mysql(c, rt),
+        }
+    }
+}
+
+/// The PostgreSQL/MySQL committer thread: takes whatever jobs are waiting
+/// (up to [`MAX_BATCH`]), runs them in one transaction and answers them.
+fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let failure = BatchFailure {
+                message: format!("cannot start the store committer's runtime: {e}"),
+                retryable: false,
+            };
+            while let Some(job) = rx.blocking_recv() {
+                job.finish(Some(&failure));
+            }
+            return;
+        }
+    };
+    let mut conn: Option<ServerConn> = None;
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    while let Some(job) = rx.blocking_recv() {
+        batch.push(job);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let failure = commit_server_batch(&rt, &server, &mut conn, &mut batch).err();
+        metrics_batch(batch.len());
+        for job in batch.drain(..) {
+            job.finish(failure.as_ref());
+        }
+    }
+}
+
+/// Runs `batch` in one transaction on the committer's connection, making
+/// one first if needed. A connection whose transaction cannot be ended is
+/// dropped, and the next batch connects afresh (a lost connection heals).
+fn commit_server_batch(
+    rt: &Runtime,
+    server: &ServerTarget,
+    conn: &mut Option<ServerConn>,
+    batch: &mut [Box<dyn Job>],
+) -> std::result::Result<(), BatchFailure> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(
+            rt.block_on(server.connect())
+                .map_err(|e| BatchFailure::from_error(&e))?,
+        ),
+    };
+    let result = run_server_jobs(rt, c, batch);
+    if result.is_err() && rt.block_on(c.execute("ROLLBACK")).is_err() {
+        *conn = None;
+    }
+    result.map_err(|e| BatchFailure::from_error(&e))
+}
+
+fn run_server_jobs(rt: &Runtime, conn: &mut ServerConn, batch: &mut [Box<dyn Job>]) -> Result<()> {
+    rt.block_on(conn.begin())?;
+    for job in batch.iter_mut() {
+        rt.block_on(conn.execute("SAVEPOINT job"))?;
+        let ok = job.run(&mut conn.store_write(rt));
+        if ok {
+            rt.block_on(conn.execute("RELEASE SAVEPOINT job"))?;
+        } else {
+            rt.block_on(async {
+                conn.execute("ROLLBACK TO SAVEPOINT job").await?;
+                conn.execute("RELEASE SAVEPOINT job").await
+            })?;
+        }
+    }
+    rt.block_on(conn.execute("COMMIT"))
 }
 
 fn metrics_batch(size: usize) {

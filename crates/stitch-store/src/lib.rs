@@ -1,11 +1,13 @@
 //! stitch's build store: build records, idempotency keys, the event log and
-//! log lines, on SQLite today and designed for PostgreSQL/MySQL later.
+//! log lines, on SQLite, PostgreSQL or MySQL/MariaDB.
 //!
-//! * [`Store`] is the handle (a connection pool). Reads run on the pool;
-//!   each convenience write runs in its own transaction.
+//! * [`Store`] is the handle (a connection pool), opened from a storage URL
+//!   ([`Store::open_url`]) or a [`StorePool`] shared with the message queue.
+//!   Reads run on the pool; convenience writes are group-committed.
 //! * [`Store::begin`] returns a [`StoreTx`]: every write is available on it,
-//!   and [`StoreTx::conn`] lets the message queue publish in the same
-//!   transaction (transactional outbox, DESIGN §2).
+//!   and [`StoreTx::publish`] publishes queue messages in the same
+//!   transaction (transactional outbox, DESIGN §2); [`Store::write`] gives
+//!   synchronous jobs a [`StoreWrite`] with the same powers.
 //! * Each status change appends an [`Event`] in the same transaction, with a
 //!   gapless database-wide `seq`.
 //!
@@ -14,8 +16,10 @@
 //! queue's 1001+, and each migrator ignores the other's.
 //!
 //! Layout: [`model`] value types; `logic` the rules, once for every backend,
-//! over the `Ops` trait; `sqlite` the SQLite connection settings,
-//! migrations and SQL. See `docs/architecture-store.md`.
+//! over the `Ops` trait; `rows` the row decoding every backend shares;
+//! `sqlite`, `postgres` and `mysql` each backend's settings, migrations and
+//! SQL; `group_commit` the committer; `pool` URLs and migrations. See
+//! `docs/architecture.md` ("stitch-store") and ADR 0009.
 
 #![warn(missing_docs)]
 
@@ -23,7 +27,11 @@ mod error;
 mod group_commit;
 mod logic;
 pub mod model;
+mod mysql;
 mod ops;
+mod pool;
+mod postgres;
+mod rows;
 mod sqlite;
 mod store;
 
@@ -32,4 +40,6 @@ pub use model::{
     Build, BuildFilter, BuildRecord, CancelOutcome, CreateOutcome, Cursor, Event, EventKind,
     InvalidCursor, Metadata, NewBuild, StoredLogLine, ERROR_KEY, URL_KEY,
 };
-pub use store::{Store, StoreTx, StoreWrite};
+pub use pool::{migrate, StorePool};
+pub use stitch_mq::{BackendKind, StorageFailure};
+pub use store::{Store, StoreTx, StoreWrite, TxConnection};

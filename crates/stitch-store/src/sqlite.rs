@@ -5,20 +5,23 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use rusqlite::OptionalExtension;
-use serde::de::DeserializeOwned;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 use sqlx::Sqlite;
-use stitch_core::{BuildId, BuildStatus};
+use stitch_core::BuildId;
 
 use crate::error::{Result, StoreError};
-use crate::model::{Build, BuildFilter, Event, EventKind, StoredLogLine};
+use crate::model::{Build, BuildFilter, Event, StoredLogLine};
 use crate::ops::Ops;
+use crate::rows::{
+    after_i64, build_from_row, event_from_row, millis, open_statuses_sql, to_i64, to_json, to_u64,
+    BUILD_COLUMNS, EVENT_COLUMNS,
+};
 
 /// How long a writer waits for SQLite's write lock before `SQLITE_BUSY`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -230,12 +233,6 @@ impl<'c> SqliteOps<'c> {
     }
 }
 
-const BUILD_COLUMNS: &str = "id, queue, status, base, head, caller_metadata, runner_metadata, \
-     runner, runner_ref, idempotency_key, cancel_requested, cancel_requested_at, job_token_hash, \
-     failure_reason, created_at, updated_at, started_at, finished_at, version";
-
-const EVENT_COLUMNS: &str = "seq, build_id, queue, kind, status, metadata, at";
-
 impl Ops for SqliteOps<'_> {
     async fn load_build_for_update(&mut self, id: &BuildId) -> Result<Option<Build>> {
         // The transaction began IMMEDIATE: it already holds the database write lock.
@@ -397,14 +394,9 @@ impl Ops for SqliteOps<'_> {
     }
 
     async fn builds_not_terminal(&mut self) -> Result<Vec<Build>> {
-        let open: Vec<String> = BuildStatus::ALL
-            .into_iter()
-            .filter(|s| !s.is_terminal())
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect();
         let sql = format!(
             "SELECT {BUILD_COLUMNS} FROM builds WHERE status IN ({}) ORDER BY id",
-            open.join(", ")
+            open_statuses_sql()
         );
         self.builds(&sql, [])
     }
@@ -412,9 +404,7 @@ impl Ops for SqliteOps<'_> {
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {
         let sql =
             format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2");
-        // Beyond i64::MAX nothing can follow.
-        let after = i64::try_from(after).unwrap_or(i64::MAX);
-        self.events(&sql, rusqlite::params![after, i64::from(limit)])
+        self.events(&sql, rusqlite::params![after_i64(after), i64::from(limit)])
     }
 
     async fn events_for_build(&mut self, id: &BuildId) -> Result<Vec<Event>> {
@@ -455,8 +445,11 @@ impl Ops for SqliteOps<'_> {
             "SELECT line_no, line FROM log_lines WHERE build_id = ?1 AND line_no > ?2 \
              ORDER BY line_no LIMIT ?3",
         )?;
-        let after = i64::try_from(after).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(rusqlite::params![id.as_str(), after, i64::from(limit)])?;
+        let mut rows = stmt.query(rusqlite::params![
+            id.as_str(),
+            after_i64(after),
+            i64::from(limit)
+        ])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             out.push(StoredLogLine {
@@ -466,95 +459,4 @@ impl Ops for SqliteOps<'_> {
         }
         Ok(out)
     }
-}
-
-fn build_from_row(row: &rusqlite::Row<'_>) -> Result<Build> {
-    let raw_id: String = row.get("id")?;
-    let id: BuildId = raw_id
-        .parse()
-        .map_err(|e| StoreError::corrupt("build id", e))?;
-    let what = |column: &str| format!("build {id} {column}");
-    let status: String = row.get("status")?;
-    let runner_ref: Option<String> = row.get("runner_ref")?;
-    Ok(Build {
-        status: status
-            .parse()
-            .map_err(|e| StoreError::corrupt(what("status"), e))?,
-        base: from_json(row.get("base")?, || what("base"))?,
-        head: from_json(row.get("head")?, || what("head"))?,
-        caller_metadata: from_json(row.get("caller_metadata")?, || what("caller_metadata"))?,
-        runner_metadata: from_json(row.get("runner_metadata")?, || what("runner_metadata"))?,
-        runner_ref: runner_ref
-            .map(|text| from_json(text, || what("runner_ref")))
-            .transpose()?,
-        queue: row.get("queue")?,
-        runner: row.get("runner")?,
-        idempotency_key: row.get("idempotency_key")?,
-        cancel_requested: row.get("cancel_requested")?,
-        cancel_requested_at: opt_time(row.get("cancel_requested_at")?, || {
-            what("cancel_requested_at")
-        })?,
-        job_token_hash: row.get("job_token_hash")?,
-        failure_reason: row.get("failure_reason")?,
-        created_at: time(row.get("created_at")?, || what("created_at"))?,
-        updated_at: time(row.get("updated_at")?, || what("updated_at"))?,
-        started_at: opt_time(row.get("started_at")?, || what("started_at"))?,
-        finished_at: opt_time(row.get("finished_at")?, || what("finished_at"))?,
-        version: row.get("version")?,
-        id,
-    })
-}
-
-fn event_from_row(row: &rusqlite::Row<'_>) -> Result<Event> {
-    let seq = to_u64(row.get("seq")?, "events.seq")?;
-    let what = |column: &str| format!("event {seq} {column}");
-    let build_id: String = row.get("build_id")?;
-    let kind: String = row.get("kind")?;
-    let status: String = row.get("status")?;
-    Ok(Event {
-        build_id: build_id
-            .parse()
-            .map_err(|e| StoreError::corrupt(what("build_id"), e))?,
-        queue: row.get("queue")?,
-        kind: kind
-            .parse::<EventKind>()
-            .map_err(|e| StoreError::corrupt(what("kind"), e))?,
-        status: status
-            .parse()
-            .map_err(|e| StoreError::corrupt(what("status"), e))?,
-        metadata: from_json(row.get("metadata")?, || what("metadata"))?,
-        at: time(row.get("at")?, || what("at"))?,
-        seq,
-    })
-}
-
-fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
-    // Only our own plain types (string lists, string maps, JSON values) reach
-    // here, and those always serialize; the error path is for completeness.
-    serde_json::to_string(value).map_err(|e| StoreError::InvalidInput(e.to_string()))
-}
-
-fn from_json<T: DeserializeOwned>(text: String, what: impl FnOnce() -> String) -> Result<T> {
-    serde_json::from_str(&text).map_err(|e| StoreError::corrupt(what(), e))
-}
-
-fn millis(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn time(ms: i64, what: impl FnOnce() -> String) -> Result<DateTime<Utc>> {
-    DateTime::from_timestamp_millis(ms)
-        .ok_or_else(|| StoreError::corrupt(what(), format!("{ms} ms is out of range")))
-}
-
-fn opt_time(ms: Option<i64>, what: impl FnOnce() -> String) -> Result<Option<DateTime<Utc>>> {
-    ms.map(|ms| time(ms, what)).transpose()
-}
-
-fn to_u64(n: i64, what: &str) -> Result<u64> {
-    u64::try_from(n).map_err(|_| StoreError::corrupt(what, format!("negative value {n}")))
-}
-
-fn to_i64(n: u64, what: &str) -> Result<i64> {
-    i64::try_from(n).map_err(|_| StoreError::InvalidInput(format!("{what} {n} is too large")))
 }

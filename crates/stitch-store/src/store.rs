@@ -1,64 +1,125 @@
-//! The public handles: [`Store`] (pool + convenience methods) and
-//! [`StoreTx`] (one write transaction shared with other crates' statements).
+//! The public handles: [`Store`] (pool + convenience methods), [`StoreTx`]
+//! (one async write transaction shared with other crates' statements) and
+//! [`StoreWrite`] (the synchronous writes of a group-committed job).
 
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
+use sqlx::mysql::MySqlConnection;
+use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use stitch_core::{BuildId, BuildStatus};
+use stitch_mq::mysql::MySqlDriver;
+use stitch_mq::postgres::PostgresDriver;
+use stitch_mq::sqlite::SqliteDriver;
+use stitch_mq::{BackendKind, Millis, NewMessage, PublishReport};
+use tokio::runtime::Runtime;
 
 use crate::error::{Result, StoreError};
-use crate::group_commit::GroupCommitter;
+use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
 use crate::model::{
     Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, EventKind, Metadata, NewBuild,
     StoredLogLine,
 };
+use crate::mysql::{self, MySqlOps};
 use crate::ops::Ops;
+use crate::pool::{self, StorePool};
+use crate::postgres::{self, PgOps};
 use crate::sqlite::{self, SqliteOps};
 
 /// Handle to the build store. Cheap to clone (it is a connection pool).
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: Backend,
-    /// Shared with the message queue on the same database: one writer at a
-    /// time inside the process instead of SQLite busy-handler sleeps.
-    writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// Shared with the message queue on the same SQLite database: one writer
+    /// at a time inside the process instead of SQLite busy-handler sleeps.
+    /// (PostgreSQL/MySQL writers serialize on the `event_seq` row instead.)
+    writer: Option<Arc<tokio::sync::Mutex<()>>>,
     /// Started on the first group-committed write, so it sees the writer
     /// lock set by [`Store::with_writer_lock`].
-    committer: std::sync::Arc<std::sync::OnceLock<GroupCommitter>>,
+    committer: Arc<tokio::sync::OnceCell<GroupCommitter>>,
 }
 
-/// The database behind a [`Store`]. PostgreSQL and MySQL become variants here;
-/// callers of [`Store`] do not change.
+/// The database behind a [`Store`].
 #[derive(Debug, Clone)]
 enum Backend {
     Sqlite(SqlitePool),
+    Postgres {
+        pool: sqlx::PgPool,
+        /// The queue's `NOTIFY` channel in this schema, for outbox publishes.
+        channel: Arc<str>,
+    },
+    MySql(sqlx::MySqlPool),
 }
 
-/// Runs `$body` with `$ops` bound to the backend's [`Ops`] on `$conn`.
-/// On SQLite the whole body runs synchronously on the raw handle, in one
-/// hand-off to the connection (ADR 0002).
-macro_rules! on_conn {
-    ($conn:expr, |$ops:ident| $body:expr) => {
-        sqlite::on_handle($conn, |raw| {
-            #[allow(unused_mut)]
-            let mut $ops = SqliteOps::new(raw);
-            sqlite::complete(async { $body })
-        })
-        .await
-    };
-}
-
-/// Runs `$body` with `$ops` bound to the backend's [`Ops`] on a pooled connection.
+/// Runs `$body` with `$ops` bound to `&mut` the backend's [`Ops`] on a
+/// pooled connection. On SQLite the whole body runs synchronously on the raw
+/// handle, in one hand-off to the connection (ADR 0002).
 macro_rules! with_read_ops {
     ($store:expr, |$ops:ident| $body:expr) => {
         match &$store.backend {
             Backend::Sqlite(pool) => {
                 let mut conn = pool.acquire().await?;
-                on_conn!(&mut conn, |$ops| $body)
+                sqlite::on_handle(&mut conn, |raw| {
+                    let mut owned = SqliteOps::new(raw);
+                    let $ops = &mut owned;
+                    sqlite::complete(async move { $body })
+                })
+                .await
             }
+            Backend::Postgres { pool, .. } => {
+                let mut conn = pool.acquire().await?;
+                let mut owned = PgOps::new(&mut conn);
+                let $ops = &mut owned;
+                async move { $body }.await
+            }
+            Backend::MySql(pool) => {
+                let mut conn = pool.acquire().await?;
+                let mut owned = MySqlOps::new(&mut conn);
+                let $ops = &mut owned;
+                async move { $body }.await
+            }
+        }
+    };
+}
+
+/// Runs `$body` with `$ops` bound to `&mut` the [`Ops`] of a [`StoreTx`]'s
+/// transaction: synchronously on SQLite's raw handle, awaited elsewhere.
+macro_rules! on_tx {
+    ($tx:expr, |$ops:ident| $body:expr) => {
+        match &mut $tx.inner {
+            TxInner::Sqlite(tx) => {
+                let mut owned = SqliteOps::new(tx.handle());
+                let $ops = &mut owned;
+                sqlite::complete(async move { $body })
+            }
+            TxInner::Postgres { tx, .. } => {
+                let mut owned = PgOps::new(&mut **tx);
+                let $ops = &mut owned;
+                async move { $body }.await
+            }
+            TxInner::MySql(tx) => {
+                let mut owned = MySqlOps::new(&mut **tx);
+                let $ops = &mut owned;
+                async move { $body }.await
+            }
+        }
+    };
+}
+
+/// Runs `$body` with `$ops` bound to `&mut` the [`Ops`] of a [`StoreWrite`],
+/// to completion on the calling thread: SQLite's never waits; PostgreSQL's
+/// and MySQL's are driven by the committer thread's own runtime (this runs
+/// on that thread, outside any runtime, so `block_on` is never nested).
+macro_rules! on_write {
+    ($w:expr, |$ops:ident| $body:expr) => {
+        match &mut $w.inner {
+            WriteInner::Sqlite($ops) => sqlite::complete(async move { $body }),
+            WriteInner::Postgres { ops: $ops, rt, .. } => rt.block_on(async move { $body }),
+            WriteInner::MySql { ops: $ops, rt } => rt.block_on(async move { $body }),
         }
     };
 }
@@ -72,13 +133,31 @@ impl Store {
         Store::from_pool(pool).await
     }
 
+    /// Connects to the database `url` names (`sqlite://PATH`,
+    /// `postgres://…`, `mysql://…`; see [`StorePool::connect`]) and applies
+    /// the store's migrations.
+    pub async fn open_url(url: &str) -> Result<Store> {
+        Store::from_pool(StorePool::connect(url).await?).await
+    }
+
     /// Uses an existing pool (the one the message queue also uses) and applies
-    /// the store's migrations to it. The pool should have been built from
-    /// [`Store::sqlite_connect_options`] so the pragmas match.
-    pub async fn from_pool(pool: SqlitePool) -> Result<Store> {
-        sqlite::migrate(&pool).await?;
+    /// the store's migrations to it. A SQLite pool should have been built
+    /// from [`Store::sqlite_connect_options`] (or the queue's settings) so the
+    /// pragmas match; a MySQL pool from `stitch_mq::mysql::pool_options`
+    /// (READ COMMITTED).
+    pub async fn from_pool(pool: impl Into<StorePool>) -> Result<Store> {
+        let pool = pool.into();
+        pool::migrate(&pool).await?;
+        let backend = match pool {
+            StorePool::Sqlite(pool) => Backend::Sqlite(pool),
+            StorePool::Postgres(pool) => Backend::Postgres {
+                channel: postgres::notify_channel(&pool).await?.into(),
+                pool,
+            },
+            StorePool::MySql(pool) => Backend::MySql(pool),
+        };
         Ok(Store {
-            backend: Backend::Sqlite(pool),
+            backend,
             writer: None,
             committer: Default::default(),
         })
@@ -90,23 +169,43 @@ impl Store {
         sqlite::connect_options(path)
     }
 
-    /// The underlying pool, to share with the message queue.
-    pub fn pool(&self) -> &SqlitePool {
+    /// Which database engine the store is on.
+    pub fn backend(&self) -> BackendKind {
         match &self.backend {
-            Backend::Sqlite(pool) => pool,
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+            Backend::Postgres { .. } => BackendKind::Postgres,
+            Backend::MySql(_) => BackendKind::MySql,
+        }
+    }
+
+    /// The underlying pool, to share with the message queue.
+    pub fn pool(&self) -> StorePool {
+        match &self.backend {
+            Backend::Sqlite(pool) => StorePool::Sqlite(pool.clone()),
+            Backend::Postgres { pool, .. } => StorePool::Postgres(pool.clone()),
+            Backend::MySql(pool) => StorePool::MySql(pool.clone()),
+        }
+    }
+
+    /// The SQLite pool, for components that only run on SQLite;
+    /// [`StoreError::WrongBackend`] on another backend.
+    pub fn sqlite_pool(&self) -> Result<&SqlitePool> {
+        match &self.backend {
+            Backend::Sqlite(pool) => Ok(pool),
+            _ => Err(wrong_backend("the SQLite pool", self.backend())),
         }
     }
 
     /// Closes the pool, waiting for checked-out connections to come back.
     pub async fn close(&self) {
-        match &self.backend {
-            Backend::Sqlite(pool) => pool.close().await,
-        }
+        self.pool().close().await
     }
 
-    /// Starts a write transaction. It takes the database write lock at once
-    /// (`BEGIN IMMEDIATE`), waiting up to the busy timeout for other writers,
-    /// so it never fails later on a lock upgrade. Dropping it uncommitted
+    /// Starts a write transaction. It takes the store's write lock at once —
+    /// SQLite's database write lock (`BEGIN IMMEDIATE`), or on
+    /// PostgreSQL/MySQL the `event_seq` row every store writer locks first —
+    /// waiting for other writers, so it never fails later on a lock upgrade
+    /// or a deadlock with another store writer. Dropping it uncommitted
     /// rolls back.
     pub async fn begin(&self) -> Result<StoreTx<'_>> {
         let guard = match &self.writer {
@@ -115,6 +214,19 @@ impl Store {
         };
         let inner = match &self.backend {
             Backend::Sqlite(pool) => TxInner::Sqlite(sqlite::SqliteWriteTx::begin(pool).await?),
+            Backend::Postgres { pool, channel } => {
+                let mut tx = pool.begin().await?;
+                postgres::lock_writers(&mut tx).await?;
+                TxInner::Postgres {
+                    tx,
+                    channel: channel.clone(),
+                }
+            }
+            Backend::MySql(pool) => {
+                let mut tx = pool.begin().await?;
+                mysql::lock_writers(&mut tx).await?;
+                TxInner::MySql(tx)
+            }
         };
         Ok(StoreTx {
             inner,
@@ -124,9 +236,10 @@ impl Store {
     }
 
     /// Makes write transactions take `lock` first. Give it the message
-    /// queue's writer lock when both share a database (`SqliteDriver::writer_lock`),
-    /// so the two never wait on each other inside SQLite.
-    pub fn with_writer_lock(mut self, lock: std::sync::Arc<tokio::sync::Mutex<()>>) -> Self {
+    /// queue's writer lock when both share a SQLite database
+    /// (`SqliteDriver::writer_lock`), so the two never wait on each other
+    /// inside SQLite.
+    pub fn with_writer_lock(mut self, lock: Arc<tokio::sync::Mutex<()>>) -> Self {
         self.writer = Some(lock);
         self.committer = Default::default();
         self
@@ -139,20 +252,38 @@ impl Store {
     /// only. If the shared transaction fails to commit, every caller in it
     /// gets [`StoreError::GroupCommit`] and nothing of theirs is written.
     ///
-    /// `write` runs synchronously on the committer task and must be short:
-    /// the statements of one build change, not a scan. A write that was
-    /// submitted still commits if the caller stops waiting for it.
+    /// `write` runs synchronously on the committer (a task on SQLite, a
+    /// thread of its own with its own connection on PostgreSQL/MySQL) and
+    /// must be short: the statements of one build change, not a scan. It
+    /// must not block on anything but the [`StoreWrite`] it is given. A
+    /// write that was submitted still commits if the caller stops waiting.
     pub async fn write<F, T, E>(&self, write: F) -> std::result::Result<T, E>
     where
         F: FnOnce(&mut StoreWrite<'_>) -> std::result::Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let committer = match &self.backend {
-            Backend::Sqlite(pool) => self
-                .committer
-                .get_or_init(|| GroupCommitter::start(pool.clone(), self.writer.clone())),
-        };
+        let committer = self
+            .committer
+            .get_or_try_init(|| async {
+                match &self.backend {
+                    Backend::Sqlite(pool) => Ok(GroupCommitter::start_sqlite(
+                        pool.clone(),
+                        self.writer.clone(),
+                    )),
+                    Backend::Postgres { pool, channel } => {
+                        GroupCommitter::start_server(ServerTarget::Postgres {
+                            options: postgres::committer_options(pool),
+                            channel: channel.clone(),
+                        })
+                    }
+                    Backend::MySql(pool) => GroupCommitter::start_server(ServerTarget::MySql {
+                        options: mysql::committer_options(pool),
+                    }),
+                }
+            })
+            .await
+            .map_err(E::from)?;
         committer.submit(write).await
     }
 
@@ -165,7 +296,7 @@ impl Store {
 
     /// Loads a build; [`StoreError::NotFound`] when there is none.
     pub async fn get_build(&self, id: &BuildId) -> Result<Build> {
-        with_read_ops!(self, |ops| logic::get_build(&mut ops, id).await)
+        with_read_ops!(self, |ops| logic::get_build(ops, id).await)
     }
 
     /// One page of builds, newest first, and the cursor of the next page
@@ -189,7 +320,6 @@ impl Store {
         };
         Ok((builds, next))
     }
-
     /// Records a status report. See [`StoreTx::record_status`].
     pub async fn record_status(
         &self,
@@ -248,7 +378,7 @@ impl Store {
             ));
         }
         let (name, candidate) = (name.to_owned(), candidate.to_vec());
-        self.write(move |w| sqlite::complete(w.ops.ensure_secret(&name, &candidate)))
+        self.write(move |w| w.ensure_secret(&name, &candidate))
             .await
     }
 
@@ -259,8 +389,10 @@ impl Store {
     }
 
     /// Up to `limit` events with `seq > after`, in seq order. Because seqs are
-    /// allocated under the write lock and committed in order, a reader that
-    /// resumes from the last seq it saw never skips an event.
+    /// allocated under the store's write lock (SQLite's write lock, the
+    /// `event_seq` row elsewhere) and committed in order, a reader that
+    /// resumes from the last seq it saw never skips an event — also when
+    /// several processes write one PostgreSQL/MySQL database.
     pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>> {
         with_read_ops!(self, |ops| ops.events_after(after, limit).await)
     }
@@ -318,12 +450,11 @@ impl Store {
 
 /// One write transaction on the store's database.
 ///
-/// Every store write is available here, and [`StoreTx::conn`] exposes the
-/// connection so another crate (the message queue) can run its own statements
-/// in the same transaction: "record the change + publish the message" commits
-/// or rolls back as one. Dropping the transaction without
-/// [`StoreTx::commit`] rolls it back.
-#[derive(Debug)]
+/// Every store write is available here, and the transaction's connection is
+/// open to other crates' statements ([`StoreTx::connection`],
+/// [`StoreTx::publish`] for the message queue), so "record the change +
+/// publish the message" commits or rolls back as one. Dropping the
+/// transaction without [`StoreTx::commit`] rolls it back.
 pub struct StoreTx<'s> {
     // Dropped before the writer guard below: the transaction ends first.
     inner: TxInner,
@@ -332,33 +463,108 @@ pub struct StoreTx<'s> {
     _store: PhantomData<&'s Store>,
 }
 
-#[derive(Debug)]
 enum TxInner {
     Sqlite(sqlite::SqliteWriteTx),
+    Postgres {
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        channel: Arc<str>,
+    },
+    MySql(sqlx::Transaction<'static, sqlx::MySql>),
+}
+
+impl std::fmt::Debug for StoreTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTx")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connection of a [`StoreTx`], for another crate's statements that must
+/// commit or roll back with the store's writes.
+#[derive(Debug)]
+pub enum TxConnection<'t> {
+    /// SQLite (sqlx's connection; statements are sent to its worker thread).
+    Sqlite(&'t mut SqliteConnection),
+    /// PostgreSQL.
+    Postgres(&'t mut PgConnection),
+    /// MySQL / MariaDB.
+    MySql(&'t mut MySqlConnection),
+}
+
+fn wrong_backend(operation: &'static str, actual: BackendKind) -> StoreError {
+    StoreError::WrongBackend {
+        operation,
+        needed: BackendKind::Sqlite,
+        actual,
+    }
 }
 
 impl StoreTx<'_> {
+    /// Which database engine the transaction runs on.
+    pub fn backend(&self) -> BackendKind {
+        match &self.inner {
+            TxInner::Sqlite(_) => BackendKind::Sqlite,
+            TxInner::Postgres { .. } => BackendKind::Postgres,
+            TxInner::MySql(_) => BackendKind::MySql,
+        }
+    }
+
     /// The transaction's connection, for statements of other crates that must
     /// commit or roll back together with the store's writes.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
+    pub fn connection(&mut self) -> TxConnection<'_> {
         match &mut self.inner {
-            TxInner::Sqlite(tx) => tx.conn(),
+            TxInner::Sqlite(tx) => TxConnection::Sqlite(tx.conn()),
+            TxInner::Postgres { tx, .. } => TxConnection::Postgres(tx),
+            TxInner::MySql(tx) => TxConnection::MySql(tx),
+        }
+    }
+
+    /// The transaction's sqlx SQLite connection;
+    /// [`StoreError::WrongBackend`] on another backend.
+    pub fn sqlite_conn(&mut self) -> Result<&mut SqliteConnection> {
+        let backend = self.backend();
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => Ok(tx.conn()),
+            _ => Err(wrong_backend("the SQLite connection", backend)),
         }
     }
 
     /// The transaction's raw SQLite connection, for another crate's
-    /// statements that run synchronously in this transaction (the message
-    /// queue's `publish_on_handle`): no hand-off to sqlx's worker thread.
-    pub fn sqlite_handle(&self) -> &rusqlite::Connection {
+    /// statements that run synchronously in this transaction: no hand-off to
+    /// sqlx's worker thread. [`StoreError::WrongBackend`] on another backend.
+    pub fn sqlite_handle(&self) -> Result<&rusqlite::Connection> {
         match &self.inner {
-            TxInner::Sqlite(tx) => tx.handle(),
+            TxInner::Sqlite(tx) => Ok(tx.handle()),
+            _ => Err(wrong_backend("the raw SQLite handle", self.backend())),
         }
+    }
+
+    /// Publishes queue messages in this transaction (transactional outbox):
+    /// they become visible when it commits and vanish if it rolls back. Call
+    /// the queue's `Publisher::notify_published` after the commit; validate
+    /// the messages with `Publisher::prepare` first.
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> Result<PublishReport> {
+        Ok(match &mut self.inner {
+            TxInner::Sqlite(tx) => SqliteDriver::publish_on_handle(tx.handle(), topic, msgs, now)?,
+            TxInner::Postgres { tx, channel } => {
+                PostgresDriver::publish_in_tx(tx, channel, topic, msgs, now).await?
+            }
+            TxInner::MySql(tx) => MySqlDriver::publish_in_tx(tx, topic, msgs, now).await?,
+        })
     }
 
     /// Commits every write made through this transaction.
     pub async fn commit(self) -> Result<()> {
         match self.inner {
             TxInner::Sqlite(tx) => tx.commit(),
+            TxInner::Postgres { tx, .. } => Ok(tx.commit().await?),
+            TxInner::MySql(tx) => Ok(tx.commit().await?),
         }
     }
 
@@ -366,6 +572,8 @@ impl StoreTx<'_> {
     pub async fn rollback(self) -> Result<()> {
         match self.inner {
             TxInner::Sqlite(tx) => tx.rollback(),
+            TxInner::Postgres { tx, .. } => Ok(tx.rollback().await?),
+            TxInner::MySql(tx) => Ok(tx.rollback().await?),
         }
     }
 
@@ -376,7 +584,7 @@ impl StoreTx<'_> {
     /// different request is [`crate::Conflict::DuplicateId`]; an empty queue,
     /// runner or key is [`StoreError::InvalidInput`].
     pub async fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        self.write_ops().create_build(new)
+        on_tx!(self, |ops| logic::create_build(ops, new).await)
     }
 
     /// Creates several builds in this transaction, in order (group commit:
@@ -390,20 +598,21 @@ impl StoreTx<'_> {
         &mut self,
         news: Vec<NewBuild>,
     ) -> Result<Vec<Result<CreateOutcome>>> {
-        let mut w = self.write_ops();
-        let mut out = Vec::with_capacity(news.len());
-        for new in news {
-            match w.create_build(new) {
-                Err(e) if !e.is_request_refusal() => return Err(e),
-                answer => out.push(answer),
+        on_tx!(self, |ops| {
+            let mut out = Vec::with_capacity(news.len());
+            for new in news {
+                match logic::create_build(&mut *ops, new).await {
+                    Err(e) if !e.is_request_refusal() => return Err(e),
+                    answer => out.push(answer),
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Loads a build inside this transaction (sees its uncommitted writes).
     pub async fn get_build(&mut self, id: &BuildId) -> Result<Build> {
-        self.write_ops().get_build(id)
+        on_tx!(self, |ops| logic::get_build(ops, id).await)
     }
 
     /// Records a status report: merges `runner_metadata_patch` into the runner
@@ -425,8 +634,17 @@ impl StoreTx<'_> {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        self.write_ops()
-            .record_status(id, expected_from, new_status, runner_metadata_patch, reason)
+        on_tx!(self, |ops| {
+            logic::record_status(
+                ops,
+                id,
+                expected_from,
+                new_status,
+                runner_metadata_patch,
+                reason,
+            )
+            .await
+        })
     }
 
     /// Records the provider's identity of the build (also on terminal builds:
@@ -436,19 +654,19 @@ impl StoreTx<'_> {
         id: &BuildId,
         runner_ref: &serde_json::Value,
     ) -> Result<Build> {
-        self.write_ops().set_runner_ref(id, runner_ref)
+        on_tx!(self, |ops| logic::set_runner_ref(ops, id, runner_ref).await)
     }
 
     /// Sets or clears the hash of the build-scoped job token.
     pub async fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        self.write_ops().set_job_token_hash(id, hash)
+        on_tx!(self, |ops| logic::set_job_token_hash(ops, id, hash).await)
     }
 
     /// Records that cancellation was requested. Idempotent:
     /// `newly_requested` is false when it already was, or when the build is
     /// terminal (nothing left to cancel; nothing is written then).
     pub async fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
-        self.write_ops().request_cancel(id)
+        on_tx!(self, |ops| logic::request_cancel(ops, id).await)
     }
 
     /// Records a promised failure: merges `metadata` (e.g.
@@ -460,14 +678,14 @@ impl StoreTx<'_> {
         id: &BuildId,
         metadata: &Metadata,
     ) -> Result<Option<Event>> {
-        self.write_ops().record_failing(id, metadata)
+        on_tx!(self, |ops| logic::record_failing(ops, id, metadata).await)
     }
 
     /// Appends an event snapshotting the build's current status and metadata
     /// without changing the build (the status-changing methods append their
     /// own events; this is for callers that need to re-announce a state).
     pub async fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        self.write_ops().append_event(id, kind)
+        on_tx!(self, |ops| logic::append_event(ops, id, kind).await)
     }
 
     /// Appends log lines, each serialized to JSON, numbering them after the
@@ -479,15 +697,8 @@ impl StoreTx<'_> {
         id: &BuildId,
         lines: &[T],
     ) -> Result<u64> {
-        self.write_ops().append_log_lines(id, lines)
-    }
-
-    /// The store's operations on this transaction's connection; they are
-    /// synchronous on SQLite, so the async methods above only forward.
-    fn write_ops(&self) -> StoreWrite<'_> {
-        match &self.inner {
-            TxInner::Sqlite(tx) => StoreWrite::new(tx.handle()),
-        }
+        let lines = serialize_lines(lines)?;
+        on_tx!(self, |ops| logic::append_log_lines(ops, id, &lines).await)
     }
 }
 
@@ -504,36 +715,107 @@ fn serialize_lines<T: Serialize>(lines: &[T]) -> Result<Vec<String>> {
 /// The store's writes inside a group-committed transaction
 /// ([`Store::write`]); the same operations as [`StoreTx`], synchronous.
 pub struct StoreWrite<'c> {
-    ops: SqliteOps<'c>,
+    inner: WriteInner<'c>,
+}
+
+enum WriteInner<'c> {
+    Sqlite(SqliteOps<'c>),
+    Postgres {
+        ops: PgOps<'c>,
+        rt: &'c Runtime,
+        channel: &'c str,
+    },
+    MySql {
+        ops: MySqlOps<'c>,
+        rt: &'c Runtime,
+    },
 }
 
 impl std::fmt::Debug for StoreWrite<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreWrite").finish_non_exhaustive()
+        f.debug_struct("StoreWrite")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
     }
 }
 
 impl<'c> StoreWrite<'c> {
-    pub(crate) fn new(conn: &'c rusqlite::Connection) -> Self {
+    pub(crate) fn sqlite(conn: &'c rusqlite::Connection) -> Self {
         Self {
-            ops: SqliteOps::new(conn),
+            inner: WriteInner::Sqlite(SqliteOps::new(conn)),
+        }
+    }
+
+    pub(crate) fn postgres(conn: &'c mut PgConnection, rt: &'c Runtime, channel: &'c str) -> Self {
+        Self {
+            inner: WriteInner::Postgres {
+                ops: PgOps::new(conn),
+                rt,
+                channel,
+            },
+        }
+    }
+
+    pub(crate) fn mysql(conn: &'c mut MySqlConnection, rt: &'c Runtime) -> Self {
+        Self {
+            inner: WriteInner::MySql {
+                ops: MySqlOps::new(conn),
+                rt,
+            },
+        }
+    }
+
+    /// Which database engine the shared transaction runs on.
+    pub fn backend(&self) -> BackendKind {
+        match &self.inner {
+            WriteInner::Sqlite(_) => BackendKind::Sqlite,
+            WriteInner::Postgres { .. } => BackendKind::Postgres,
+            WriteInner::MySql { .. } => BackendKind::MySql,
         }
     }
 
     /// The raw SQLite connection of the shared transaction, for another
-    /// crate's statements (the message queue's `publish_on_handle`).
-    pub fn sqlite_handle(&self) -> &'c rusqlite::Connection {
-        self.ops.conn()
+    /// crate's synchronous statements; [`StoreError::WrongBackend`] on
+    /// PostgreSQL/MySQL (use [`StoreWrite::publish`] for queue messages).
+    pub fn sqlite_handle(&self) -> Result<&'c rusqlite::Connection> {
+        match &self.inner {
+            WriteInner::Sqlite(ops) => Ok(ops.conn()),
+            _ => Err(wrong_backend("the raw SQLite handle", self.backend())),
+        }
+    }
+
+    /// Publishes queue messages in the shared transaction (transactional
+    /// outbox) on any backend: visible when it commits, gone if this write's
+    /// savepoint or the transaction rolls back. Call the queue's
+    /// `Publisher::notify_published` once [`Store::write`] returned; validate
+    /// the messages with `Publisher::prepare` first.
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> Result<PublishReport> {
+        Ok(match &mut self.inner {
+            WriteInner::Sqlite(ops) => {
+                SqliteDriver::publish_on_handle(ops.conn(), topic, msgs, now)?
+            }
+            WriteInner::Postgres { ops, rt, channel } => rt.block_on(
+                PostgresDriver::publish_in_tx(ops.conn(), channel, topic, msgs, now),
+            )?,
+            WriteInner::MySql { ops, rt } => {
+                rt.block_on(MySqlDriver::publish_in_tx(ops.conn(), topic, msgs, now))?
+            }
+        })
     }
 
     /// See [`StoreTx::create_build`].
     pub fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        sqlite::complete(logic::create_build(&mut self.ops, new))
+        on_write!(self, |ops| logic::create_build(ops, new).await)
     }
 
     /// See [`StoreTx::get_build`].
     pub fn get_build(&mut self, id: &BuildId) -> Result<Build> {
-        sqlite::complete(logic::get_build(&mut self.ops, id))
+        on_write!(self, |ops| logic::get_build(ops, id).await)
     }
 
     /// See [`StoreTx::record_status`].
@@ -545,14 +827,17 @@ impl<'c> StoreWrite<'c> {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        sqlite::complete(logic::record_status(
-            &mut self.ops,
-            id,
-            expected_from,
-            new_status,
-            runner_metadata_patch,
-            reason,
-        ))
+        on_write!(self, |ops| {
+            logic::record_status(
+                ops,
+                id,
+                expected_from,
+                new_status,
+                runner_metadata_patch,
+                reason,
+            )
+            .await
+        })
     }
 
     /// See [`StoreTx::set_runner_ref`].
@@ -561,27 +846,27 @@ impl<'c> StoreWrite<'c> {
         id: &BuildId,
         runner_ref: &serde_json::Value,
     ) -> Result<Build> {
-        sqlite::complete(logic::set_runner_ref(&mut self.ops, id, runner_ref))
+        on_write!(self, |ops| logic::set_runner_ref(ops, id, runner_ref).await)
     }
 
     /// See [`StoreTx::set_job_token_hash`].
     pub fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        sqlite::complete(logic::set_job_token_hash(&mut self.ops, id, hash))
+        on_write!(self, |ops| logic::set_job_token_hash(ops, id, hash).await)
     }
 
     /// See [`StoreTx::request_cancel`].
     pub fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
-        sqlite::complete(logic::request_cancel(&mut self.ops, id))
+        on_write!(self, |ops| logic::request_cancel(ops, id).await)
     }
 
     /// See [`StoreTx::record_failing`].
     pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
-        sqlite::complete(logic::record_failing(&mut self.ops, id, metadata))
+        on_write!(self, |ops| logic::record_failing(ops, id, metadata).await)
     }
 
     /// See [`StoreTx::append_event`].
     pub fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        sqlite::complete(logic::append_event(&mut self.ops, id, kind))
+        on_write!(self, |ops| logic::append_event(ops, id, kind).await)
     }
 
     /// See [`StoreTx::append_log_lines`].
@@ -591,6 +876,10 @@ impl<'c> StoreWrite<'c> {
     }
 
     fn append_json_log_lines(&mut self, id: &BuildId, lines: &[String]) -> Result<u64> {
-        sqlite::complete(logic::append_log_lines(&mut self.ops, id, lines))
+        on_write!(self, |ops| logic::append_log_lines(ops, id, lines).await)
+    }
+
+    fn ensure_secret(&mut self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        on_write!(self, |ops| ops.ensure_secret(name, candidate).await)
     }
 }

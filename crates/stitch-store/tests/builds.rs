@@ -1,17 +1,16 @@
-//! Build records: creation, idempotency, status rules, cancel, refs, listing.
+//! Build records: creation, idempotency, status rules, cancel, refs, listing
+//! — one suite, run against SQLite, PostgreSQL and MySQL/MariaDB.
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use common::{keyed, meta, new_build, open};
+use common::{keyed, meta, new_build, TestDb};
 use serde_json::json;
 use stitch_core::{BuildId, BuildStatus};
 use stitch_store::{BuildFilter, Conflict, CreateOutcome, Cursor, EventKind, Metadata, StoreError};
 
-#[tokio::test]
-async fn create_then_get_returns_the_record_shape() {
-    let db = open().await;
+async fn create_then_get_returns_the_record_shape(db: TestDb) {
     let new = new_build("app");
     let created = db.store.create_build(new.clone()).await.unwrap();
     assert!(created.is_created());
@@ -60,9 +59,7 @@ async fn create_then_get_returns_the_record_shape() {
     assert_eq!(back, read.record());
 }
 
-#[tokio::test]
-async fn create_appends_an_accepted_event() {
-    let db = open().await;
+async fn create_appends_an_accepted_event(db: TestDb) {
     let build = db
         .store
         .create_build(new_build("app"))
@@ -79,9 +76,7 @@ async fn create_appends_an_accepted_event() {
     assert_eq!(db.store.latest_seq().await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn idempotency_key_returns_the_existing_build_per_queue() {
-    let db = open().await;
+async fn idempotency_key_returns_the_existing_build_per_queue(db: TestDb) {
     let first = db.store.create_build(keyed("app", "k1")).await.unwrap();
     assert!(first.is_created());
 
@@ -118,9 +113,7 @@ async fn idempotency_key_returns_the_existing_build_per_queue() {
     assert_eq!(db.store.latest_seq().await.unwrap(), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_creates_with_one_key_make_one_build() {
-    let db = open().await;
+async fn concurrent_creates_with_one_key_make_one_build(db: TestDb) {
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let store = db.store.clone();
@@ -145,9 +138,7 @@ async fn concurrent_creates_with_one_key_make_one_build() {
     assert_eq!(all.len(), 1);
 }
 
-#[tokio::test]
-async fn reusing_an_id_is_a_replay_or_a_conflict() {
-    let db = open().await;
+async fn reusing_an_id_is_a_replay_or_a_conflict(db: TestDb) {
     let new = new_build("app");
     db.store.create_build(new.clone()).await.unwrap();
     // The same request again (a retried insert) returns the build.
@@ -160,9 +151,7 @@ async fn reusing_an_id_is_a_replay_or_a_conflict() {
     assert!(matches!(err, StoreError::Conflict(Conflict::DuplicateId(ref id)) if *id == new.id));
 }
 
-#[tokio::test]
-async fn bad_input_is_rejected() {
-    let db = open().await;
+async fn bad_input_is_rejected(db: TestDb) {
     for bad in [
         new_build(""),
         keyed("app", ""),
@@ -177,9 +166,7 @@ async fn bad_input_is_rejected() {
     assert_eq!(db.store.latest_seq().await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn unknown_ids_are_not_found() {
-    let db = open().await;
+async fn unknown_ids_are_not_found(db: TestDb) {
     let id = BuildId::new();
     let none = Metadata::new();
     let s = &db.store;
@@ -222,9 +209,7 @@ async fn unknown_ids_are_not_found() {
         .is_not_found());
 }
 
-#[tokio::test]
-async fn status_changes_set_times_and_append_one_event_each() {
-    let db = open().await;
+async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {
     let build = db
         .store
         .create_build(new_build("app"))
@@ -317,9 +302,7 @@ async fn status_changes_set_times_and_append_one_event_each() {
     assert_eq!(db.store.latest_seq().await.unwrap(), 4);
 }
 
-#[tokio::test]
-async fn terminal_status_is_write_once() {
-    let db = open().await;
+async fn terminal_status_is_write_once(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -402,9 +385,7 @@ async fn terminal_status_is_write_once() {
     assert_eq!(db.store.events_for_build(&id).await.unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn explicit_error_metadata_wins_over_the_reason() {
-    let db = open().await;
+async fn explicit_error_metadata_wins_over_the_reason(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -427,9 +408,7 @@ async fn explicit_error_metadata_wins_over_the_reason() {
     assert_eq!(b.failure_reason.as_deref(), Some("build failed"));
 }
 
-#[tokio::test]
-async fn expected_from_is_a_compare_and_set() {
-    let db = open().await;
+async fn expected_from_is_a_compare_and_set(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -463,9 +442,7 @@ async fn expected_from_is_a_compare_and_set() {
     assert_eq!(db.store.latest_seq().await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn unknown_is_not_terminal() {
-    let db = open().await;
+async fn unknown_is_not_terminal(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -486,9 +463,7 @@ async fn unknown_is_not_terminal() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn cancel_request_is_idempotent() {
-    let db = open().await;
+async fn cancel_request_is_idempotent(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -523,9 +498,7 @@ async fn cancel_request_is_idempotent() {
     assert!(!late.build.cancel_requested);
 }
 
-#[tokio::test]
-async fn runner_ref_and_job_token_hash_are_stored() {
-    let db = open().await;
+async fn runner_ref_and_job_token_hash_are_stored(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -555,9 +528,7 @@ async fn runner_ref_and_job_token_hash_are_stored() {
     assert_eq!(db.store.latest_seq().await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn promised_failure_appends_one_failing_event() {
-    let db = open().await;
+async fn promised_failure_appends_one_failing_event(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -597,9 +568,7 @@ async fn promised_failure_appends_one_failing_event() {
     assert_eq!(back, event);
 }
 
-#[tokio::test]
-async fn builds_not_terminal_lists_open_builds_oldest_first() {
-    let db = open().await;
+async fn builds_not_terminal_lists_open_builds_oldest_first(db: TestDb) {
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(
@@ -637,9 +606,7 @@ async fn builds_not_terminal_lists_open_builds_oldest_first() {
     assert_eq!(open_ids, expected);
 }
 
-#[tokio::test]
-async fn list_pages_newest_first_with_a_cursor() {
-    let db = open().await;
+async fn list_pages_newest_first_with_a_cursor(db: TestDb) {
     let mut ids = Vec::new();
     for i in 0..25 {
         let queue = if i % 2 == 0 { "app" } else { "docs" };
@@ -717,3 +684,23 @@ async fn list_pages_newest_first_with_a_cursor() {
     let (page, next) = db.store.list_builds(&nothing, None).await.unwrap();
     assert!(page.is_empty() && next.is_none());
 }
+
+store_suite!(
+    create_then_get_returns_the_record_shape,
+    create_appends_an_accepted_event,
+    idempotency_key_returns_the_existing_build_per_queue,
+    concurrent_creates_with_one_key_make_one_build,
+    reusing_an_id_is_a_replay_or_a_conflict,
+    bad_input_is_rejected,
+    unknown_ids_are_not_found,
+    status_changes_set_times_and_append_one_event_each,
+    terminal_status_is_write_once,
+    explicit_error_metadata_wins_over_the_reason,
+    expected_from_is_a_compare_and_set,
+    unknown_is_not_terminal,
+    cancel_request_is_idempotent,
+    runner_ref_and_job_token_hash_are_stored,
+    promised_failure_appends_one_failing_event,
+    builds_not_terminal_lists_open_builds_oldest_first,
+    list_pages_newest_first_with_a_cursor,
+);

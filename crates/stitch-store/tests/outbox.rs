@@ -6,48 +6,54 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::TestDb;
 use stitch_core::BuildId;
+use stitch_mq::mysql::MySqlDriver;
+use stitch_mq::postgres::PostgresDriver;
 use stitch_mq::sqlite::SqliteDriver;
-use stitch_mq::{now_millis, Message, Queue, QueueConfig, Subscription, SubscriptionConfig};
-use stitch_store::{StoreError, StoreTx};
+use stitch_mq::{
+    now_millis, Driver, Message, NewMessage, Queue, QueueConfig, Subscription, SubscriptionConfig,
+};
+use stitch_store::{StoreError, StorePool, StoreTx};
 
 const TOPIC: &str = "trigger";
 
-async fn queue_on(db: &common::TestDb) -> (Queue, SqliteDriver) {
-    let driver = SqliteDriver::from_pool(db.store.pool().clone())
-        .await
-        .unwrap();
-    let queue = Queue::new(
-        Arc::new(driver.clone()),
+/// The queue's driver for the store's backend, on the store's own pool.
+async fn queue_on(db: &TestDb) -> Queue {
+    let driver: Arc<dyn Driver> = match db.store.pool() {
+        StorePool::Sqlite(p) => Arc::new(SqliteDriver::from_pool(p).await.unwrap()),
+        StorePool::Postgres(p) => Arc::new(PostgresDriver::from_pool(p).await.unwrap()),
+        StorePool::MySql(p) => Arc::new(MySqlDriver::from_pool(p).await.unwrap()),
+    };
+    Queue::new(
+        driver,
         QueueConfig {
             gc_interval: None,
             ..QueueConfig::default()
         },
-    );
-    (queue, driver)
+    )
 }
 
-/// Opens a transaction holding a new build and its trigger message, not yet
-/// committed; returns it with the build id.
-async fn build_with_message<'s>(
-    db: &'s common::TestDb,
-    queue: &Queue,
-) -> (StoreTx<'s>, BuildId, usize) {
-    let new = common::new_build("ci");
-    let id = new.id.clone();
-    let mut tx = db.store.begin().await.unwrap();
-    tx.create_build(new).await.unwrap();
-    let msgs = queue
+fn message_for(queue: &Queue, id: &BuildId) -> Vec<NewMessage> {
+    queue
         .publisher()
         .prepare(
             TOPIC,
             vec![Message::new(id.to_string(), id.to_string(), b"{}".to_vec())],
             None,
         )
-        .unwrap();
-    let report = SqliteDriver::publish_in_tx(tx.conn(), TOPIC, &msgs, now_millis())
-        .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Opens a transaction holding a new build and its trigger message, not yet
+/// committed; returns it with the build id.
+async fn build_with_message<'s>(db: &'s TestDb, queue: &Queue) -> (StoreTx<'s>, BuildId, usize) {
+    let new = common::new_build("ci");
+    let id = new.id.clone();
+    let mut tx = db.store.begin().await.unwrap();
+    tx.create_build(new).await.unwrap();
+    let msgs = message_for(queue, &id);
+    let report = tx.publish(TOPIC, &msgs, now_millis()).await.unwrap();
     (tx, id, report.stored)
 }
 
@@ -59,10 +65,8 @@ async fn subscribe(queue: &Queue) -> Subscription {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn build_and_message_commit_together() {
-    let db = common::open().await;
-    let (queue, _driver) = queue_on(&db).await;
+async fn build_and_message_commit_together(db: TestDb) {
+    let queue = queue_on(&db).await;
     let mut sub = subscribe(&queue).await;
     let (tx, id, stored) = build_with_message(&db, &queue).await;
     assert_eq!(stored, 1);
@@ -78,10 +82,8 @@ async fn build_and_message_commit_together() {
     d.ack().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollback_publishes_nothing_and_stores_nothing() {
-    let db = common::open().await;
-    let (queue, _driver) = queue_on(&db).await;
+async fn rollback_publishes_nothing_and_stores_nothing(db: TestDb) {
+    let queue = queue_on(&db).await;
     let mut sub = subscribe(&queue).await;
     let (tx, id, _) = build_with_message(&db, &queue).await;
     tx.rollback().await.unwrap();
@@ -100,3 +102,111 @@ async fn rollback_publishes_nothing_and_stores_nothing() {
         "a rolled-back message was delivered"
     );
 }
+
+/// The group-committed path: a job publishes in the shared transaction; a
+/// job that fails after publishing takes its message back with its
+/// savepoint, while its neighbour in the same batch commits.
+async fn group_committed_writes_publish_in_their_savepoint(db: TestDb) {
+    let queue = queue_on(&db).await;
+    let mut sub = subscribe(&queue).await;
+    let kept = common::new_build("ci");
+    let dropped = common::new_build("ci");
+    let (kept_id, dropped_id) = (kept.id.clone(), dropped.id.clone());
+    let (kept_msgs, dropped_msgs) = (
+        message_for(&queue, &kept_id),
+        message_for(&queue, &dropped_id),
+    );
+
+    let failing = db.store.write(move |w| -> Result<(), StoreError> {
+        w.create_build(dropped)?;
+        w.publish(TOPIC, &dropped_msgs, now_millis())?;
+        Err(StoreError::InvalidInput("changed my mind".into()))
+    });
+    let succeeding = db.store.write(move |w| -> Result<usize, StoreError> {
+        w.create_build(kept)?;
+        Ok(w.publish(TOPIC, &kept_msgs, now_millis())?.stored)
+    });
+    let (failed, stored) = tokio::join!(failing, succeeding);
+    assert!(matches!(failed, Err(StoreError::InvalidInput(_))));
+    assert_eq!(stored.unwrap(), 1);
+    queue.publisher().notify_published(TOPIC);
+
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.id(), kept_id.to_string());
+    d.ack().await.unwrap();
+    assert!(db
+        .store
+        .get_build(&dropped_id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    let stats = queue.admin().stats(TOPIC, "trigger-stage").await.unwrap();
+    assert_eq!(stats.stored, 1, "the failed job's message was rolled back");
+}
+
+/// The raw SQLite handle is a SQLite-only door: elsewhere it is a typed
+/// refusal, not a panic.
+async fn the_sqlite_handle_is_refused_on_other_backends(db: TestDb) {
+    let kind = db.kind();
+    let handle_ok = db
+        .store
+        .write(|w| -> Result<bool, StoreError> { Ok(w.sqlite_handle().is_ok()) })
+        .await
+        .unwrap();
+    let mut tx = db.store.begin().await.unwrap();
+    let tx_handle = tx.sqlite_handle().map(|_| ());
+    let tx_conn = tx.sqlite_conn().map(|_| ());
+    tx.rollback().await.unwrap();
+    let pool = db.store.sqlite_pool().map(|_| ());
+    if kind == stitch_store::BackendKind::Sqlite {
+        assert!(handle_ok && tx_handle.is_ok() && tx_conn.is_ok() && pool.is_ok());
+    } else {
+        assert!(!handle_ok);
+        for err in [
+            tx_handle.unwrap_err(),
+            tx_conn.unwrap_err(),
+            pool.unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, StoreError::WrongBackend { actual, .. } if actual == kind),
+                "{err:?}"
+            );
+        }
+    }
+}
+
+/// A write job that panics fails alone; the committer keeps serving.
+async fn a_panicking_write_fails_alone(db: TestDb) {
+    let new = common::new_build("ci");
+    let id = new.id.clone();
+    let panicked = db
+        .store
+        .write(move |w| -> Result<(), StoreError> {
+            w.create_build(new)?;
+            panic!("a bug in a write job");
+        })
+        .await;
+    assert!(
+        matches!(panicked, Err(StoreError::Internal(_))),
+        "{panicked:?}"
+    );
+    assert!(db.store.get_build(&id).await.unwrap_err().is_not_found());
+    let next = db
+        .store
+        .create_build(common::new_build("ci"))
+        .await
+        .unwrap();
+    assert!(next.is_created());
+    assert_eq!(db.store.latest_seq().await.unwrap(), 1);
+}
+
+store_suite!(
+    a_panicking_write_fails_alone,
+    build_and_message_commit_together,
+    rollback_publishes_nothing_and_stores_nothing,
+    group_committed_writes_publish_in_their_savepoint,
+    the_sqlite_handle_is_refused_on_other_backends,
+);

@@ -732,14 +732,25 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
         match scheme.as_deref() {
             Some("sqlite") => {
                 if url["sqlite://".len()..].is_empty() {
-                    problems.report(key, "sqlite:// needs a path, e.g. sqlite://stitch-data/stitch.db");
+                    problems.report(
+                        key,
+                        "sqlite:// needs a path, e.g. sqlite://stitch-data/stitch.db",
+                    );
                 }
             }
-            Some("postgres" | "postgresql" | "mysql" | "mariadb") => problems.report(
+            Some("postgres" | "postgresql" | "mysql" | "mariadb") => {
+                let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+                if rest.is_empty() {
+                    problems.report(
+                        key,
+                        "a database server URL needs a host and database, e.g. postgres://stitch@db/stitch",
+                    );
+                }
+            }
+            _ => problems.report(
                 key,
-                "PostgreSQL and MySQL storage is not supported yet (it arrives later); use sqlite://PATH",
+                "unsupported storage url; use sqlite://PATH, postgres://… or mysql://…",
             ),
-            _ => problems.report(key, "unsupported storage url; use sqlite://PATH"),
         }
     }
 

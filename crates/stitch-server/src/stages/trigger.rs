@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use stitch_core::{BuildMetadata, BuildStatus, ChangeSet, TriggerRequest};
-use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{now_millis, Delivery, SubscriptionConfig};
 
 use super::{budget_for, fail_build, live_build, parse, record_status, runtime_of, subscription};
@@ -106,12 +105,7 @@ impl Stage for TriggerStage {
         store
             .write(move |w| -> Result<(), StageError> {
                 w.set_runner_ref(&id, &runner_ref)?;
-                SqliteDriver::publish_on_handle(
-                    w.sqlite_handle(),
-                    topics::SIGNAL,
-                    &msgs,
-                    now_millis(),
-                )?;
+                w.publish(topics::SIGNAL, &msgs, now_millis())?;
                 Ok(())
             })
             .await?;

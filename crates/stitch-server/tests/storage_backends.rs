@@ -1,0 +1,252 @@
+//! The service end to end on each database `storage.url` can name: a real
+//! server on loopback with its stages running, builds created over HTTP on
+//! the `fake` and `local` runners, followed until they are terminal — on
+//! SQLite, PostgreSQL (`STITCH_TEST_POSTGRES_URL`, a schema of its own) and
+//! MariaDB/MySQL (`STITCH_TEST_MYSQL_URL`, a database of its own). Unset,
+//! the server tests skip, unless `STITCH_REQUIRE_DATABASES=1`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use stitch_core::BuildStatus;
+use stitch_server::config::{
+    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName,
+};
+use stitch_server::http::{self, HttpOptions};
+use stitch_server::stages;
+use stitch_server::state::AppState;
+use stitch_store::{BackendKind, EventKind};
+use tokio_util::sync::CancellationToken;
+
+// The queue's per-test schema/database helpers (skip or fail when a server
+// is missing), shared rather than copied.
+#[path = "../../stitch-mq/tests/support/mod.rs"]
+mod support;
+
+fn fast(runner: RunnerName) -> QueueConfig {
+    QueueConfig {
+        runner,
+        poll: PollConfig {
+            accepted: Duration::from_millis(100),
+            running: Duration::from_millis(100),
+        },
+        retry: RetryConfig {
+            max_attempts: 3,
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+        },
+        fake: Some(FakeSection {
+            accept_delay: Duration::from_millis(100),
+            run_duration: Duration::from_millis(300),
+            slow_factor: 2,
+        }),
+        ..QueueConfig::default()
+    }
+}
+
+fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
+    let mut queues = BTreeMap::new();
+    queues.insert("default".to_string(), fast(RunnerName::Fake));
+    queues.insert(
+        "ci".to_string(),
+        QueueConfig {
+            local: Some(LocalSection {
+                command: "echo \"building $STITCH_BUILD_ID\"; case \"$STITCH_HEAD\" in *fail*) exit 3;; esac"
+                    .to_string(),
+                workdir: ".".into(),
+                cancel_grace: Duration::from_millis(500),
+                env: BTreeMap::new(),
+            }),
+            fake: None,
+            concurrency: Some(4),
+            ..fast(RunnerName::Local)
+        },
+    );
+    let mut config = Config {
+        data_dir,
+        queues,
+        ..Config::default()
+    };
+    config.storage.url = storage_url;
+    config
+}
+
+/// A running service: HTTP on loopback plus both stages.
+struct Service {
+    base: String,
+    state: AppState,
+    client: reqwest::Client,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(storage_url: Option<String>) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let state = AppState::open(config(dir.path().join("data"), storage_url))
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        stages::start(&state, stop.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        state.set_bound_addr(addr);
+        let router = http::router_with(state.clone(), Vec::new(), HttpOptions::default());
+        let shutdown = stop.clone();
+        tokio::spawn(http::serve(listener, router, async move {
+            shutdown.cancelled().await
+        }));
+        Service {
+            base: format!("http://{addr}"),
+            state,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            stop,
+            _dir: dir,
+        }
+    }
+
+    async fn create(&self, queue: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}/v1/queues/{queue}/builds", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    async fn get(&self, id: &str) -> Value {
+        let resp = self
+            .client
+            .get(format!("{}/v1/builds/{id}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// Polls the build over HTTP until it is terminal.
+    async fn wait_terminal(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut changes = self.state.event_seq();
+        loop {
+            let b = self.get(id).await;
+            let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
+            if status.is_terminal() {
+                return b;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} still {status}"
+            );
+            // Woken by the next committed event (or re-checked after 200 ms).
+            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.state.store().close().await;
+    }
+}
+
+/// Builds on the fake and the local runner reach their outcomes through the
+/// API, an idempotent replay answers 200 with the same build, and the event
+/// log is gapless with every build's history in order.
+async fn builds_reach_their_outcome_through_the_api(service: Service, expected: BackendKind) {
+    assert_eq!(service.state.store().backend(), expected);
+    let mut want = Vec::new();
+    for (queue, head, status) in [
+        ("default", "https://forge/c/1", "succeeded"),
+        ("default", "https://forge/c/2?stitch-fake=fail", "failed"),
+        ("ci", "c/ok", "succeeded"),
+        ("ci", "c/fail", "failed"),
+    ] {
+        let (code, body) = service.create(queue, json!({"head": [head]})).await;
+        assert_eq!(code, 202, "{body}");
+        want.push((body["id"].as_str().unwrap().to_string(), status));
+    }
+    let keyed = json!({"head": ["https://forge/c/3"], "idempotency_key": "k-1"});
+    let (code, first) = service.create("default", keyed.clone()).await;
+    assert_eq!(code, 202, "{first}");
+    let (code, replay) = service.create("default", keyed).await;
+    assert_eq!(code, 200, "{replay}");
+    assert_eq!(replay["id"], first["id"]);
+    want.push((first["id"].as_str().unwrap().to_string(), "succeeded"));
+
+    for (id, status) in &want {
+        let b = service.wait_terminal(id).await;
+        assert_eq!(b["status"], *status, "{b}");
+    }
+    let local_fail = service.get(&want[3].0).await;
+    assert_eq!(local_fail["metadata"]["exit_status"], "3", "{local_fail}");
+
+    let store = service.state.store();
+    let all = store.events_after(0, 10_000).await.unwrap();
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "the event log has a gap");
+    }
+    for (id, _) in &want {
+        let statuses: Vec<BuildStatus> = store
+            .events_for_build(&id.parse().unwrap())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == EventKind::Status)
+            .map(|e| e.status)
+            .collect();
+        assert_eq!(statuses.first(), Some(&BuildStatus::Accepted));
+        assert!(statuses.last().is_some_and(|s| s.is_terminal()));
+    }
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_builds_reach_their_outcome_through_the_api() {
+    let service = Service::start(None).await;
+    builds_reach_their_outcome_through_the_api(service, BackendKind::Sqlite).await;
+}
+
+/// `STITCH_TEST_POSTGRES_URL` with the search path set to `schema`.
+fn postgres_url(schema: &str) -> String {
+    let base = std::env::var("STITCH_TEST_POSTGRES_URL").unwrap();
+    let mut url = reqwest::Url::parse(&base).unwrap();
+    url.query_pairs_mut()
+        .append_pair("options", &format!("-csearch_path={schema}"));
+    url.to_string()
+}
+
+/// `STITCH_TEST_MYSQL_URL` naming `database`.
+fn mysql_url(database: &str) -> String {
+    let base = std::env::var("STITCH_TEST_MYSQL_URL").unwrap();
+    let mut url = reqwest::Url::parse(&base).unwrap();
+    url.set_path(&format!("/{database}"));
+    url.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_builds_reach_their_outcome_through_the_api() {
+    let Some(db) = support::PgDatabase::connect().await else {
+        return;
+    };
+    db.options("server").await;
+    let service = Service::start(Some(postgres_url(&db.schema("server")))).await;
+    builds_reach_their_outcome_through_the_api(service, BackendKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_builds_reach_their_outcome_through_the_api() {
+    let Some(db) = support::MySqlDatabase::connect().await else {
+        return;
+    };
+    db.options("server").await;
+    let service = Service::start(Some(mysql_url(&db.database("server")))).await;
+    builds_reach_their_outcome_through_the_api(service, BackendKind::MySql).await;
+}
