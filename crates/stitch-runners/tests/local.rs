@@ -632,17 +632,6 @@ async fn logs_follow_a_running_build_until_it_ends() {
 }
 
 #[tokio::test]
-async fn one_runner_per_state_dir() {
-    let env = Env::new();
-    let _first = env.runner("true");
-    match LocalRunner::new(env.config("true")) {
-        Err(LocalConfigError::StateDirInUse { path }) => assert_eq!(path, env.state_dir()),
-        Err(e) => panic!("unexpected error {e}"),
-        Ok(_) => panic!("second runner on the same state dir"),
-    }
-}
-
-#[tokio::test]
 async fn unknown_builds_are_not_found() {
     let env = Env::new();
     let runner = env.runner("true");
