@@ -484,7 +484,11 @@ impl Shared {
 
     /// The build's state as this runner reports it, taking charge of the
     /// build first when nobody else is in charge of it.
-    fn observe(self: &Arc<Self>, reg: &mut Registry, id: &BuildId) -> Result<Option<BuildState>, RunnerError> {
+    fn observe(
+        self: &Arc<Self>,
+        reg: &mut Registry,
+        id: &BuildId,
+    ) -> Result<Option<BuildState>, RunnerError> {
         let Some(state) = self.dir.read(id)? else {
             return Ok(None);
         };
@@ -493,9 +497,7 @@ impl Shared {
         }
         // A waiting build with a live owner is in good hands, unless a
         // cancel waits to be applied.
-        if state.is_waiting()
-            && self.owner_alive(&state)
-            && self.dir.cancel_requested(id).is_none()
+        if state.is_waiting() && self.owner_alive(&state) && self.dir.cancel_requested(id).is_none()
         {
             return Ok(Some(state));
         }

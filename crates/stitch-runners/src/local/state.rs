@@ -182,10 +182,7 @@ impl StateDir {
         let dir = self.build_dir(&state.build_id);
         fs::create_dir_all(&dir).map_err(|e| internal("creating build directory", &dir, e))?;
         let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!(
-            "{STATE_FILE}.{:016x}.new",
-            rand::random::<u64>()
-        ));
+        let tmp = dir.join(format!("{STATE_FILE}.{:016x}.new", rand::random::<u64>()));
         let json = serde_json::to_vec_pretty(state).map_err(|e| internal("encoding", &path, e))?;
         let write = || -> io::Result<bool> {
             let mut f = OpenOptions::new()
