@@ -324,8 +324,9 @@ impl Shared {
                 };
             }
             Err(e) => {
-                tracing::error!(build_id = %id, error = %e, "cannot start local build");
-                return Start::Done;
+                // Likely transient (out of file descriptors): keep its turn.
+                tracing::warn!(build_id = %id, error = %e, "cannot lock local build to start it; retrying");
+                return Start::Busy;
             }
         };
         let mut state = match self.dir.read(&id) {

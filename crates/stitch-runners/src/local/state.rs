@@ -399,6 +399,39 @@ mod tests {
     }
 
     #[test]
+    fn create_is_exclusive_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let first = state();
+        assert!(sd.create(&first).unwrap());
+        let mut second = first.clone();
+        second.owner = Some("2-00".into());
+        assert!(!sd.create(&second).unwrap());
+        assert_eq!(sd.read(&first.build_id).unwrap(), Some(first.clone()));
+        let names: Vec<_> = fs::read_dir(dir.path().join(first.build_id.as_str()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+    }
+
+    #[test]
+    fn cancel_marker_keeps_the_first_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let s = state();
+        sd.create(&s).unwrap();
+        assert_eq!(sd.cancel_requested(&s.build_id), None);
+        sd.request_cancel(&s.build_id).unwrap();
+        let first = sd.cancel_requested(&s.build_id).unwrap();
+        sd.request_cancel(&s.build_id).unwrap();
+        assert_eq!(sd.cancel_requested(&s.build_id), Some(first));
+        // A marker torn by a crash still asks for the cancel.
+        fs::write(dir.path().join(s.build_id.as_str()).join(CANCEL_FILE), b"").unwrap();
+        assert!(sd.cancel_requested(&s.build_id).is_some());
+    }
+
+    #[test]
     fn corrupt_state_is_an_internal_error() {
         let dir = tempfile::tempdir().unwrap();
         let sd = StateDir::new(dir.path().to_path_buf());
