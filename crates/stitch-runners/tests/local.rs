@@ -494,7 +494,7 @@ async fn restart_reports_a_killed_build_as_lost() {
     assert_eq!(report.status, BuildStatus::Failed);
     let error = report.metadata.get("error").unwrap();
     assert!(
-        error.starts_with("process lost: stitch restarted while the build was running"),
+        error.starts_with("process lost: the stitch process running the build stopped"),
         "{error}"
     );
     // The log is closed with the reason, and the stream ends.

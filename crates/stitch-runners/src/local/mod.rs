@@ -81,9 +81,11 @@ use process::{signal_group, Leader, Outcome};
 use state::{BuildState, LogWriter, StateDir};
 use supervise::{log, note, STEP_ID, STEP_NAME};
 
-/// The reason recorded for builds whose process a restart lost.
+/// The reason recorded for builds whose process was lost: the stitch
+/// process running them stopped (restart, crash, kill), so nobody watched
+/// the command to its end.
 pub const PROCESS_LOST: &str =
-    "process lost: stitch restarted while the build was running, so its exit status was never recorded";
+    "process lost: the stitch process running the build stopped (restarted, crashed or was killed), so its exit status was never recorded";
 
 /// How long a waiting build whose lock was busy for a moment (another
 /// runner looking at it) waits before this runner tries to start it again.
@@ -485,11 +487,7 @@ impl Shared {
 
     /// The build's state as this runner reports it, taking charge of the
     /// build first when nobody else is in charge of it.
-    fn observe(
-        self: &Arc<Self>,
-        reg: &mut Registry,
-        id: &BuildId,
-    ) -> Result<Option<BuildState>, RunnerError> {
+    fn observe(&self, reg: &mut Registry, id: &BuildId) -> Result<Option<BuildState>, RunnerError> {
         let Some(state) = self.dir.read(id)? else {
             return Ok(None);
         };
