@@ -14,10 +14,10 @@
 //!   runner hosts a job API for the build in-process (a Unix socket, see
 //!   `stitch_job`), setting `STITCH_JOB_API_SOCKET`/`STITCH_JOB_API_TOKEN`,
 //!   so `stitch job promise-failure` is debounced per exit status.
-//! - Cancel sends SIGTERM to the process group, then SIGKILL after
-//!   `cancel_grace`; the build ends `cancelled`.
-//! - At most `concurrency` builds run; the rest stay `accepted` and start
-//!   first come, first served as slots free.
+//! - Cancel: the build's supervisor sends SIGTERM to the process group,
+//!   then SIGKILL after `cancel_grace`; the build ends `cancelled`.
+//! - At most `concurrency` builds run per runner; the rest stay `accepted`
+//!   and start first come, first served as its slots free.
 //! - State lives in `<state_dir>/<build_id>/state.json` (atomic writes)
 //!   and `log.jsonl`, so any runner on the directory can answer for any
 //!   build. Dropping a runner does not kill running builds — like a crash.
