@@ -62,7 +62,7 @@ fn local() -> Subject {
     let root = Arc::new(tempfile::tempdir().unwrap());
     Subject::new(
         move || {
-            // A fresh state directory per runner: one runner per directory.
+            // A fresh state directory per runner, so checks start from nothing.
             let state_dir = root.path().join(BuildId::new().as_str());
             let config = LocalConfig {
                 concurrency: 4,

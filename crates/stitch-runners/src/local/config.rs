@@ -31,7 +31,9 @@ pub struct LocalConfig {
     /// Default 10 s.
     pub cancel_grace: Duration,
     /// Where per-build state and logs are kept (`<state_dir>/<build_id>/`).
-    /// One runner per directory: give each queue its own.
+    /// Runners of one queue in several processes on this machine may share
+    /// it (they split the builds, see the module docs); give each queue its
+    /// own.
     pub state_dir: PathBuf,
     /// Extra environment for the command, on top of stitch's own environment.
     pub env: BTreeMap<String, String>,
@@ -115,15 +117,6 @@ pub enum LocalConfigError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
-    },
-    /// Another local runner (in this or another process) uses the directory.
-    #[error(
-        "local.state_dir {path} is in use by another local runner; \
-         give each queue its own state_dir and run one stitch per directory"
-    )]
-    StateDirInUse {
-        /// The directory.
-        path: PathBuf,
     },
 }
 

@@ -1,6 +1,8 @@
 //! The on-disk record of local builds: `<state_dir>/<build_id>/state.json`
-//! (written atomically: temp file, fsync, rename) and `log.jsonl` beside it.
-//! Everything a restarted runner needs is here; memory is only a cache.
+//! (created exclusively, then rewritten atomically: temp file, fsync,
+//! rename), `log.jsonl` beside it, and the `cancel` marker any runner may
+//! drop to ask the build's supervisor to cancel it. Everything another
+//! runner (or a restarted one) needs is here; memory is only a cache.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -13,10 +15,15 @@ use serde::{Deserialize, Serialize};
 use stitch_core::metadata::keys;
 use stitch_core::{BuildId, BuildMetadata, BuildStatus, LogLine, RunnerError, StatusReport};
 
+use super::ownership::{self, BuildLock};
+
 /// Name of the state file inside a build's directory.
 pub const STATE_FILE: &str = "state.json";
 /// Name of the log file inside a build's directory.
 pub const LOG_FILE: &str = "log.jsonl";
+/// Name of the cancel-request marker inside a build's directory: its
+/// presence asks whoever is in charge of the build to cancel it.
+pub const CANCEL_FILE: &str = "cancel";
 /// Format version written to every state file.
 const STATE_VERSION: u32 = 1;
 
@@ -58,10 +65,19 @@ pub(crate) struct BuildState {
     /// which is why state files are mode 0600.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub job_env: BTreeMap<String, String>,
+    /// The runner that will start the build while it waits (see
+    /// `ownership`). Unset in states written before runners could share a
+    /// directory: such a waiting build belongs to whoever adopts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl BuildState {
-    pub(crate) fn accepted(req: &stitch_core::TriggerRequest, now: DateTime<Utc>) -> Self {
+    pub(crate) fn accepted(
+        req: &stitch_core::TriggerRequest,
+        now: DateTime<Utc>,
+        owner: &str,
+    ) -> Self {
         Self {
             version: STATE_VERSION,
             build_id: req.build_id.clone(),
@@ -81,7 +97,15 @@ impl BuildState {
             signal: None,
             error: None,
             job_env: req.job_env.clone(),
+            owner: Some(owner.to_string()),
         }
+    }
+
+    /// Still waiting for a slot: nobody has begun to start its command.
+    /// (`started_at` is recorded before the spawn, so a build caught while
+    /// starting is not waiting any more.)
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.status == BuildStatus::Accepted && self.started_at.is_none()
     }
 
     /// Move to a terminal status.
@@ -140,13 +164,96 @@ impl StateDir {
         self.build_dir(id).join(LOG_FILE)
     }
 
+    fn cancel_path(&self, id: &BuildId) -> PathBuf {
+        self.build_dir(id).join(CANCEL_FILE)
+    }
+
+    /// Take the build's lock if it is free (see `ownership`).
+    pub(crate) fn try_lock(&self, id: &BuildId) -> Result<Option<BuildLock>, RunnerError> {
+        let dir = self.build_dir(id);
+        ownership::try_lock_build(&dir).map_err(|e| internal("locking build", &dir, e))
+    }
+
+    /// Record a new build unless one with its id exists: the state is
+    /// written whole to a temp file of this writer's own and hard-linked
+    /// into place, which fails when `state.json` exists. `false` when the
+    /// build was already there (created by this or another runner).
+    pub(crate) fn create(&self, state: &BuildState) -> Result<bool, RunnerError> {
+        let dir = self.build_dir(&state.build_id);
+        fs::create_dir_all(&dir).map_err(|e| internal("creating build directory", &dir, e))?;
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.{:016x}.new", rand::random::<u64>()));
+        let json = serde_json::to_vec_pretty(state).map_err(|e| internal("encoding", &path, e))?;
+        let write = || -> io::Result<bool> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            let created = match fs::hard_link(&tmp, &path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            fs::remove_file(&tmp)?;
+            File::open(&dir)?.sync_all()?;
+            Ok(created)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            internal("creating", &path, e)
+        })
+    }
+
+    /// Ask for the build to be cancelled: create its marker (once; later
+    /// requests keep the first time). Whoever is in charge of the build
+    /// acts on it.
+    pub(crate) fn request_cancel(&self, id: &BuildId) -> Result<(), RunnerError> {
+        let path = self.cancel_path(id);
+        let create = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(Utc::now().to_rfc3339().as_bytes())?;
+            f.sync_all()
+        };
+        match create() {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(internal("requesting cancel with", &path, e)),
+        }
+    }
+
+    /// When a cancel was requested through the marker, if it was. A marker
+    /// whose time cannot be read (a crash while creating it) still counts.
+    pub(crate) fn cancel_requested(&self, id: &BuildId) -> Option<DateTime<Utc>> {
+        let path = self.cancel_path(id);
+        match fs::read_to_string(&path) {
+            Ok(text) => Some(
+                DateTime::parse_from_rfc3339(text.trim())
+                    .map(|t| t.with_timezone(&Utc))
+                    .unwrap_or_else(|_| Utc::now()),
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read cancel marker; treating it as set");
+                Some(Utc::now())
+            }
+        }
+    }
+
     /// The build's state, or `None` when this directory never saw it.
     pub(crate) fn read(&self, id: &BuildId) -> Result<Option<BuildState>, RunnerError> {
         read_state(&self.state_path(id))
     }
 
     /// Write the state atomically: readers see the old or the new file,
-    /// never a torn one, even if stitch dies mid-write.
+    /// never a torn one, even if stitch dies mid-write. Callers hold the
+    /// build's lock, which is also what makes the one temp name safe.
     pub(crate) fn write(&self, state: &BuildState) -> Result<(), RunnerError> {
         let dir = self.build_dir(&state.build_id);
         fs::create_dir_all(&dir).map_err(|e| internal("creating build directory", &dir, e))?;
@@ -266,7 +373,7 @@ mod tests {
     fn state() -> BuildState {
         let req = TriggerRequest::new(BuildId::new(), "ci", ChangeSet::head_only(["h"]))
             .with_metadata(BuildMetadata::new().with("ticket", "T-1"));
-        BuildState::accepted(&req, Utc::now())
+        BuildState::accepted(&req, Utc::now(), "1-00")
     }
 
     #[test]
@@ -289,6 +396,39 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
         fs::create_dir(dir.path().join("not-a-build")).unwrap();
         assert_eq!(sd.list().unwrap(), vec![s]);
+    }
+
+    #[test]
+    fn create_is_exclusive_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let first = state();
+        assert!(sd.create(&first).unwrap());
+        let mut second = first.clone();
+        second.owner = Some("2-00".into());
+        assert!(!sd.create(&second).unwrap());
+        assert_eq!(sd.read(&first.build_id).unwrap(), Some(first.clone()));
+        let names: Vec<_> = fs::read_dir(dir.path().join(first.build_id.as_str()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+    }
+
+    #[test]
+    fn cancel_marker_keeps_the_first_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().to_path_buf());
+        let s = state();
+        sd.create(&s).unwrap();
+        assert_eq!(sd.cancel_requested(&s.build_id), None);
+        sd.request_cancel(&s.build_id).unwrap();
+        let first = sd.cancel_requested(&s.build_id).unwrap();
+        sd.request_cancel(&s.build_id).unwrap();
+        assert_eq!(sd.cancel_requested(&s.build_id), Some(first));
+        // A marker torn by a crash still asks for the cancel.
+        fs::write(dir.path().join(s.build_id.as_str()).join(CANCEL_FILE), b"").unwrap();
+        assert!(sd.cancel_requested(&s.build_id).is_some());
     }
 
     #[test]

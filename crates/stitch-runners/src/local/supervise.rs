@@ -1,6 +1,7 @@
 //! The task that owns one running build: it copies the command's output
-//! into the log, escalates a cancel from SIGTERM to SIGKILL after the grace
-//! period, and records how the command ended.
+//! into the log, carries out a cancel (asked in this runner, or by any
+//! runner through the build's `cancel` marker) with SIGTERM and, after the
+//! grace period, SIGKILL, and records how the command ended.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,9 @@ const MAX_LINE_BYTES: usize = 64 * 1024;
 /// How long to keep reading output after the command exited and its group
 /// was killed (a process that left the group may still hold the pipes).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a supervisor looks for a cancel marker dropped by another
+/// runner (a cancel asked through its own runner arrives at once).
+pub const CANCEL_POLL: Duration = Duration::from_millis(100);
 
 /// Output lines waiting for the log writer.
 type OutputLine = (OutputStream, String, chrono::DateTime<Utc>);
@@ -96,17 +100,28 @@ pub(crate) async fn supervise(
     let mut exit = None;
     let mut output_open = true;
     let mut cancel_seen = false;
+    let mut watch_open = true;
+    let mut marker_seen = false;
+    let mut marker_poll = tokio::time::interval(CANCEL_POLL);
+    marker_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut kill_at: Option<Instant> = None;
     let mut drain_until: Option<Instant> = None;
     let mut cancelled_before_exit = false;
 
     while exit.is_none() || output_open {
-        if !cancel_seen && *cancel_rx.borrow_and_update() {
+        let asked = marker_seen || (watch_open && *cancel_rx.borrow_and_update());
+        if !cancel_seen && asked {
             cancel_seen = true;
-            note_cancel(&mut writer, exit.is_none().then_some(grace));
             if exit.is_none() {
+                // The supervisor is the one that signals the group: it
+                // knows the process is still its child, so the group id
+                // cannot have been reused.
+                if let Err(e) = signal_group(pgid, Signal::SIGTERM) {
+                    tracing::warn!(build_id = %id, error = %e, "cannot send SIGTERM to process group {pgid}");
+                }
                 kill_at = Some(Instant::now() + grace);
             }
+            note_cancel(&mut writer, exit.is_none().then_some(grace));
         }
         tokio::select! {
             biased;
@@ -116,18 +131,23 @@ pub(crate) async fn supervise(
                 None => output_open = false,
             },
             status = child.wait(), if exit.is_none() => {
-                cancelled_before_exit = cancel_seen || *cancel_rx.borrow();
+                cancelled_before_exit = cancel_seen
+                    || *cancel_rx.borrow()
+                    || shared.dir.cancel_requested(&id).is_some();
                 exit = Some(status);
                 // Whatever the command left behind in its group would hold
-                // the output open and outlive the build.
+                // the output open and outlive the build. Still unreaped
+                // members keep the group id from being reused.
                 let _ = signal_group(pgid, Signal::SIGKILL);
-                shared.lock().forget_pgid(&id);
                 drain_until = Some(Instant::now() + DRAIN_TIMEOUT);
             },
-            changed = cancel_rx.changed(), if !cancel_seen => {
+            changed = cancel_rx.changed(), if !cancel_seen && watch_open => {
                 if changed.is_err() {
-                    cancel_seen = true; // sender gone: no cancel can come any more
+                    watch_open = false; // sender gone: only the marker remains
                 }
+            },
+            _ = marker_poll.tick(), if !cancel_seen && exit.is_none() => {
+                marker_seen = shared.dir.cancel_requested(&id).is_some();
             },
             () = sleep_until_opt(kill_at), if exit.is_none() => {
                 kill_at = None;
@@ -153,15 +173,16 @@ pub(crate) async fn supervise(
     shared.finish_running(&id, outcome);
 }
 
-/// Log that a cancel arrived (`cancel` already sent SIGTERM); `grace` is
-/// set while the command is still running and SIGKILL may follow.
+/// Log that a cancel arrived: `grace` is set when the command was still
+/// running (it was sent SIGTERM, and SIGKILL may follow).
 fn note_cancel(writer: &mut Option<LogWriter>, grace: Option<Duration>) {
     let text = match grace {
         Some(grace) => format!(
             "cancel requested: sent SIGTERM to the process group; SIGKILL follows in {} if it is still running",
             humanize(grace)
         ),
-        None => "cancel requested: sent SIGTERM to the process group".to_string(),
+        None => "cancel requested as the command ended; the build is recorded cancelled"
+            .to_string(),
     };
     note(writer, &text);
 }
