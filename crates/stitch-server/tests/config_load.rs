@@ -217,6 +217,7 @@ runner = "noop"
             }),
             fake: None,
             buildkite: None,
+            github: None,
         },
     );
     queues.insert(
@@ -238,6 +239,7 @@ runner = "noop"
             max_body_bytes: 65536,
         },
         queues,
+        webhooks: Default::default(),
         spindle: None,
     };
     assert_eq!(config, expected);
