@@ -362,6 +362,12 @@ impl FakeGithub {
         self.shared.lock().secondary_left = times;
     }
 
+    /// Revokes every installation token minted so far (GitHub answers 401
+    /// to them from now on).
+    pub fn revoke_installation_tokens(&self) {
+        self.shared.lock().installation_tokens.clear();
+    }
+
     /// Sends webhooks to `target` from now on (`None`: stop).
     pub fn set_webhook(&self, target: Option<WebhookTarget>) {
         self.shared.lock().webhook = target;
