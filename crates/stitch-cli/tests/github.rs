@@ -104,13 +104,18 @@ async fn webhooks_drive_100_builds_to_terminal() {
     let http = reqwest::Client::new();
     let hs = heads(100);
     let ids = create_all(&s, &http, &hs).await;
-    let done = s.wait_all_terminal(&http, &ids, Duration::from_secs(50)).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(50))
+        .await;
     for (id, h) in ids.iter().zip(&hs) {
         assert_eq!(done[id], expected(h), "{id} {h}");
         assert_eq!(fake.runs_for(id), 1);
     }
     let stats = fake.stats();
-    assert!(stats.webhooks_sent > 0 && stats.webhooks_refused == 0, "{stats:?}");
+    assert!(
+        stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
+        "{stats:?}"
+    );
     // Polls were few: a handful per build, not one per 200 ms of its life.
     assert!(get_runs(&fake) < 100 * 8, "{stats:?}");
     let v = s.get(&http, &ids[0]).await;
@@ -134,7 +139,9 @@ async fn polling_alone_finishes_100_builds_and_lost_dispatches_make_one_run_each
     let http = reqwest::Client::new();
     let hs = heads(100);
     let ids = create_all(&s, &http, &hs).await;
-    let done = s.wait_all_terminal(&http, &ids, Duration::from_secs(90)).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
     for (id, h) in ids.iter().zip(&hs) {
         assert_eq!(done[id], expected(h), "{id} {h}");
         assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
@@ -158,7 +165,9 @@ async fn an_older_server_without_run_details_is_correlated_by_run_name() {
     let http = reqwest::Client::new();
     let hs = heads(20);
     let ids = create_all(&s, &http, &hs).await;
-    let done = s.wait_all_terminal(&http, &ids, Duration::from_secs(60)).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+        .await;
     for (id, h) in ids.iter().zip(&hs) {
         assert_eq!(done[id], expected(h), "{id} {h}");
         assert_eq!(fake.runs_for(id), 1);
@@ -190,7 +199,9 @@ async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
     let before = fake.stats().runs_created;
     assert!(before < 100, "the kill came too late to test anything");
     s.restart().await;
-    let done = s.wait_all_terminal(&http, &ids, Duration::from_secs(90)).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
     for (id, h) in ids.iter().zip(&hs) {
         assert_eq!(done[id], expected(h), "{id} {h}");
         assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
@@ -218,15 +229,25 @@ async fn cancel_running_and_completed_builds_and_stream_logs() {
         assert!(r.status().is_success(), "{}", r.status());
     }
     let done = s
-        .wait_all_terminal(&http, &[long.clone(), short.clone()], Duration::from_secs(30))
+        .wait_all_terminal(
+            &http,
+            &[long.clone(), short.clone()],
+            Duration::from_secs(30),
+        )
         .await;
     assert_eq!(done[&long], "cancelled");
-    assert_eq!(done[&short], "succeeded", "cancelling a completed build changes nothing");
+    assert_eq!(
+        done[&short], "succeeded",
+        "cancelling a completed build changes nothing"
+    );
     let run = fake.run_json(&long).unwrap();
     assert_eq!(run["conclusion"], "cancelled");
     let v = s.get(&http, &short).await;
     assert_eq!(v["metadata"]["github_status"], "completed");
-    assert!(v["metadata"]["url"].as_str().unwrap().contains("/acme/app/actions/runs/"));
+    assert!(v["metadata"]["url"]
+        .as_str()
+        .unwrap()
+        .contains("/acme/app/actions/runs/"));
 
     // The finished build's log over SSE: two jobs as steps, GitHub's lines
     // without their time stamps.
@@ -238,7 +259,11 @@ async fn cancel_running_and_completed_builds_and_stream_logs() {
         .text()
         .await
         .unwrap();
-    assert_eq!(text.matches(r#""step_status":"start""#).count(), 2, "{text}");
+    assert_eq!(
+        text.matches(r#""step_status":"start""#).count(),
+        2,
+        "{text}"
+    );
     assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
     assert!(text.contains("##[group]Run make test"), "{text}");
     assert!(!text.contains("\u{feff}"), "{text}");
@@ -248,7 +273,10 @@ async fn cancel_running_and_completed_builds_and_stream_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
-    let key_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../stitch-fake-providers/tests/data/github");
+    let key_dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-fake-providers/tests/data/github"
+    );
     let fake = fake(FakeOptions {
         app: Some(FakeApp {
             app_id: "424242".into(),
@@ -268,16 +296,23 @@ async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
     );
     let s = Serve::start(&config(&fake, "200ms", Some(&auth), "", ""), &ENV).await;
     let http = reqwest::Client::new();
-    let hs: Vec<String> = (0..10).map(|i| format!("https://git.example/c/{i}")).collect();
+    let hs: Vec<String> = (0..10)
+        .map(|i| format!("https://git.example/c/{i}"))
+        .collect();
     let mut ids = Vec::new();
     for h in &hs {
         ids.push(s.create(&http, "ci", h).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let done = s.wait_all_terminal(&http, &ids, Duration::from_secs(60)).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+        .await;
     assert!(done.values().all(|st| st == "succeeded"), "{done:?}");
     let stats = fake.stats();
-    assert!(stats.tokens_minted >= 2, "tokens were not refreshed: {stats:?}");
+    assert!(
+        stats.tokens_minted >= 2,
+        "tokens were not refreshed: {stats:?}"
+    );
     assert_eq!(stats.unauthorized, 0, "a token expired in use: {stats:?}");
 }
 
@@ -323,28 +358,54 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     let genuine = |b: &str| Some(sign(SECRET.as_bytes(), b.as_bytes()));
     let cases: Vec<(&str, Option<String>, String)> = vec![
         ("no signature", None, body.clone()),
-        ("forged with another secret", Some(sign(b"not-the-secret", body.as_bytes())), body.clone()),
-        ("tampered body", genuine(&body), body.replace("in_progress", "completed")),
-        ("legacy sha1 header form", Some("sha1=0123456789abcdef0123456789abcdef01234567".into()), body.clone()),
+        (
+            "forged with another secret",
+            Some(sign(b"not-the-secret", body.as_bytes())),
+            body.clone(),
+        ),
+        (
+            "tampered body",
+            genuine(&body),
+            body.replace("in_progress", "completed"),
+        ),
+        (
+            "legacy sha1 header form",
+            Some("sha1=0123456789abcdef0123456789abcdef01234567".into()),
+            body.clone(),
+        ),
         ("garbage", Some("sha256=zz".into()), body.clone()),
     ];
     for (n, (what, sig, b)) in cases.into_iter().enumerate() {
-        let r = post("workflow_run", format!("forged-{n}"), sig, b).await.unwrap();
+        let r = post("workflow_run", format!("forged-{n}"), sig, b)
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 401, "{what}");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["error"]["code"], "invalid_webhook", "{what}");
     }
-    let r = post("workflow_run", "bad-json".into(), genuine("{not json"), "{not json".into())
-        .await
-        .unwrap();
+    let r = post(
+        "workflow_run",
+        "bad-json".into(),
+        genuine("{not json"),
+        "{not json".into(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     // None of that reached the poll loop.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(get_runs(&fake), polls_before, "a rejected webhook caused a poll");
+    assert_eq!(
+        get_runs(&fake),
+        polls_before,
+        "a rejected webhook caused a poll"
+    );
     assert_eq!(s.get(&http, &id).await["status"], "running");
 
     // Verified but not for stitch: ping, other events, a foreign run.
-    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../stitch-fake-providers/tests/data/github");
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-fake-providers/tests/data/github"
+    );
     let ping = std::fs::read_to_string(format!("{data}/webhook_ping.json")).unwrap();
     let foreign =
         std::fs::read_to_string(format!("{data}/webhook_workflow_run_completed.json")).unwrap();
@@ -353,7 +414,9 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
         ("workflow_run", foreign),
         ("push", r#"{"ref":"refs/heads/main"}"#.to_string()),
     ] {
-        let r = post(event, format!("other-{event}"), genuine(&b), b).await.unwrap();
+        let r = post(event, format!("other-{event}"), genuine(&b), b)
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 200, "{event}");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["outcome"], "ignored", "{event}");
@@ -362,7 +425,10 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     // stitch with a job event (no title: matched by the recorded run id).
     let run_id = run["id"].as_u64().unwrap();
     let r = http
-        .post(format!("{}/repos/acme/app/actions/runs/{run_id}/cancel", fake.url()))
+        .post(format!(
+            "{}/repos/acme/app/actions/runs/{run_id}/cancel",
+            fake.url()
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -375,9 +441,14 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
         "repository": {"full_name": "acme/app"},
     })
     .to_string();
-    let r = post("workflow_job", "genuine-1".into(), genuine(&job), job.clone())
-        .await
-        .unwrap();
+    let r = post(
+        "workflow_job",
+        "genuine-1".into(),
+        genuine(&job),
+        job.clone(),
+    )
+    .await
+    .unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["outcome"], "woken", "{v}");
     assert_eq!(v["build_id"], id.as_str());

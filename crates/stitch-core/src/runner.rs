@@ -300,7 +300,10 @@ mod tests {
         let first = req.clone().with_first_attempt(true);
         let json = serde_json::to_string(&first).unwrap();
         assert!(json.ends_with(r#","first_attempt":true}"#), "{json}");
-        assert_eq!(serde_json::from_str::<TriggerRequest>(&json).unwrap(), first);
+        assert_eq!(
+            serde_json::from_str::<TriggerRequest>(&json).unwrap(),
+            first
+        );
     }
 
     #[test]

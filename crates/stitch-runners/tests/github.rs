@@ -18,8 +18,7 @@ use stitch_runners::github::{
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
 
-const KEY: &[u8] =
-    include_bytes!("../../stitch-fake-providers/tests/data/github/test_app_key.pem");
+const KEY: &[u8] = include_bytes!("../../stitch-fake-providers/tests/data/github/test_app_key.pem");
 const PUBLIC: &[u8] =
     include_bytes!("../../stitch-fake-providers/tests/data/github/test_app_key.pub.pem");
 
@@ -141,7 +140,9 @@ async fn dispatch_carries_the_inputs_and_returns_the_run_id() {
     assert_eq!(inputs["stitch_head"], r#"["https://git.example/c/1"]"#);
     assert_eq!(inputs["stitch_base"], r#"["https://git.example/base/1"]"#);
     assert_eq!(inputs["stitch_metadata"], r#"{"ticket":"T-1"}"#);
-    assert!(!inputs.values().any(|v| v.contains("tok\"")) && !inputs.contains_key("STITCH_JOB_TOKEN"));
+    assert!(
+        !inputs.values().any(|v| v.contains("tok\"")) && !inputs.contains_key("STITCH_JOB_TOKEN")
+    );
     // The id came from the dispatch answer: no lookup on a first attempt.
     assert_eq!(requests(&fake, "list_runs"), 0);
     let h = req.handle().with_ref(rref);
@@ -151,14 +152,21 @@ async fn dispatch_carries_the_inputs_and_returns_the_run_id() {
     assert_eq!(m.get("github_status"), Some("completed"));
     assert_eq!(m.get("github_conclusion"), Some("success"));
     assert_eq!(m.get("github_run_attempt"), Some("1"));
-    assert_eq!(m.get("github_run_id"), Some(h.runner_ref.as_ref().unwrap().id.as_str()));
+    assert_eq!(
+        m.get("github_run_id"),
+        Some(h.runner_ref.as_ref().unwrap().id.as_str())
+    );
     assert!(m.get("url").unwrap().contains("/acme/app/actions/runs/"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_2026_gets_run_details_without_the_flag() {
     let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
-    let c = client_with(&fake, "2026-03-10", Credentials::token(fake.token()).unwrap());
+    let c = client_with(
+        &fake,
+        "2026-03-10",
+        Credentials::token(fake.token()).unwrap(),
+    );
     let r = GithubRunner::new(c, config());
     let req = request("https://git.example/c/1");
     let rref = r.trigger(&req).await.unwrap();
@@ -213,7 +221,10 @@ async fn lost_dispatch_answers_make_exactly_one_run() {
             .await
             .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
         assert_eq!(fake.runs_for(req.build_id.as_str()), 1, "{fault:?}");
-        assert_eq!(got.id, fake.run_json(req.build_id.as_str()).unwrap()["id"].to_string());
+        assert_eq!(
+            got.id,
+            fake.run_json(req.build_id.as_str()).unwrap()["id"].to_string()
+        );
     }
     // A 5xx before any work: the lookup finds nothing, the dispatch is repeated.
     fake.inject(Endpoint::Dispatch, Fault::Status(503), 1);
@@ -244,7 +255,9 @@ async fn a_redelivered_trigger_finds_the_run_instead_of_dispatching() {
     assert_eq!(done.status, BuildStatus::Cancelled);
     assert_eq!(done.metadata.get("github_conclusion"), Some("cancelled"));
     // Cancelling the completed run: GitHub's 409 is a no-op.
-    let direct = client(&fake).cancel_run(&repo(), again.id.parse().unwrap()).await;
+    let direct = client(&fake)
+        .cancel_run(&repo(), again.id.parse().unwrap())
+        .await;
     assert!(direct.unwrap_err().is_conflict());
     runner(&fake).cancel(&h.with_ref(again)).await.unwrap();
 }
@@ -313,15 +326,26 @@ async fn rate_limits_are_waited_out_or_handed_back_with_the_wait() {
 async fn inputs_beyond_githubs_limits_are_clear_errors_and_dispatch_nothing() {
     let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
     let mut c = config();
-    c.inputs = (0..21).map(|i| (format!("extra_{i}"), "x".to_string())).collect();
+    c.inputs = (0..21)
+        .map(|i| (format!("extra_{i}"), "x".to_string()))
+        .collect();
     let r = GithubRunner::new(client(&fake), c);
-    let err = r.trigger(&request("https://git.example/c/1")).await.unwrap_err();
-    assert!(matches!(&err, RunnerError::InvalidRequest(m) if m.contains("at most 25")), "{err}");
+    let err = r
+        .trigger(&request("https://git.example/c/1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RunnerError::InvalidRequest(m) if m.contains("at most 25")),
+        "{err}"
+    );
     // An input the workflow does not declare: GitHub's 422, permanent.
     let mut c = config();
     c.inputs = BTreeMap::from([("undeclared".to_string(), "x".to_string())]);
     let r = GithubRunner::new(client(&fake), c);
-    let err = r.trigger(&request("https://git.example/c/1")).await.unwrap_err();
+    let err = r
+        .trigger(&request("https://git.example/c/1"))
+        .await
+        .unwrap_err();
     assert!(!err.is_retryable(), "{err}");
     assert!(err.to_string().contains("Unexpected inputs"), "{err}");
     assert_eq!(fake.stats().runs_created, 0);
@@ -353,13 +377,21 @@ async fn logs_stream_each_finished_job_without_stamps_or_credentials_at_storage(
         .count();
     assert_eq!(ends, 2);
     let data: Vec<_> = lines.iter().filter(|l| l.kind == LogKind::Data).collect();
-    assert!(data.iter().any(|l| l.content == "##[group]Run make test"), "{data:?}");
+    assert!(
+        data.iter().any(|l| l.content == "##[group]Run make test"),
+        "{data:?}"
+    );
     assert!(data.iter().any(|l| l.content.contains("exit code 2")));
-    assert!(data.iter().all(|l| !l.content.starts_with("20") && !l.content.contains('\u{feff}')));
+    assert!(data
+        .iter()
+        .all(|l| !l.content.starts_with("20") && !l.content.contains('\u{feff}')));
     assert!(data.iter().all(|l| l.step_id == 1 || l.step_id == 2));
     let stats = fake.stats();
     assert_eq!(stats.log_downloads, 2);
-    assert_eq!(stats.storage_auth_leaks, 0, "credentials followed the redirect");
+    assert_eq!(
+        stats.storage_auth_leaks, 0,
+        "credentials followed the redirect"
+    );
     assert_eq!(wait_terminal(&r, &h).await.status, BuildStatus::Failed);
 }
 
@@ -376,9 +408,7 @@ fn app_fake_options(lifetime: Duration) -> FakeOptions {
 }
 
 fn app_credentials(fake: &FakeGithub, app_id: &str, key: &[u8]) -> (Credentials, Arc<AppTokens>) {
-    let app = Arc::new(
-        AppTokens::new(http(), &fake.url(), "2022-11-28", app_id, 77, key).unwrap(),
-    );
+    let app = Arc::new(AppTokens::new(http(), &fake.url(), "2022-11-28", app_id, 77, key).unwrap());
     (Credentials::App(app.clone()), app)
 }
 

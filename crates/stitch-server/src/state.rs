@@ -366,17 +366,27 @@ fn github_runner(
 ) -> Result<GithubRunner, String> {
     let http = http_client(gh.request_timeout, Default::default())?;
     let api_url = gh.api_url.trim_end_matches('/').to_string();
-    let credentials = match (&gh.token_env, &gh.app_id, &gh.private_key_file, gh.installation_id) {
+    let credentials = match (
+        &gh.token_env,
+        &gh.app_id,
+        &gh.private_key_file,
+        gh.installation_id,
+    ) {
         (Some(env), None, None, None) => {
             let token = std::env::var(env)
                 .ok()
                 .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| format!("environment variable {env} (github.token_env) is unset or empty"))?;
+                .ok_or_else(|| {
+                    format!("environment variable {env} (github.token_env) is unset or empty")
+                })?;
             Credentials::token(&token).map_err(|e| format!("{env}: {e}"))?
         }
         (None, Some(app_id), Some(key_file), Some(installation)) => {
             let pem = std::fs::read(key_file).map_err(|e| {
-                format!("reading github.private_key_file {}: {e}", key_file.display())
+                format!(
+                    "reading github.private_key_file {}: {e}",
+                    key_file.display()
+                )
             })?;
             let app = AppTokens::new(
                 http.clone(),
@@ -389,12 +399,10 @@ fn github_runner(
             .map_err(|e| e.to_string())?;
             Credentials::App(Arc::new(app))
         }
-        _ => {
-            return Err(
-                "set either github.token_env or github.app_id, private_key_file and installation_id"
-                    .into(),
-            )
-        }
+        _ => return Err(
+            "set either github.token_env or github.app_id, private_key_file and installation_id"
+                .into(),
+        ),
     };
     let budget = budgets
         .get(&github_scope(gh))

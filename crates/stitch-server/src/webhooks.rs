@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use stitch_core::{BuildId, RunnerRef};
-use stitch_runners::github::webhook::{self as github_webhook, WebhookError as GithubWebhookError};
 use stitch_runners::buildkite::webhook::{
     verify_signature, verify_token, WebhookError, WebhookMode, SIGNATURE_HEADER, TOKEN_HEADER,
 };
+use stitch_runners::github::webhook::{self as github_webhook, WebhookError as GithubWebhookError};
 
 use crate::config::{Config, RunnerName, WebhookModeName};
 

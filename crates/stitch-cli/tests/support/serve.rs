@@ -152,7 +152,11 @@ impl Serve {
             if v["status"] == status {
                 return;
             }
-            assert!(Instant::now() < deadline, "never {status}: {v:#?}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "never {status}: {v:#?}\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

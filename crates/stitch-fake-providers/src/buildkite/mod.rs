@@ -34,8 +34,8 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::faults::{proxy_page, spoil, FaultRules};
 pub use crate::faults::Fault;
+use crate::faults::{proxy_page, spoil, FaultRules};
 use world::{is_terminal, CreateBody, Transition, World};
 pub use world::{Plan, MARKER};
 
@@ -269,7 +269,10 @@ impl FakeBuildkite {
     /// Fails each request to `endpoint` with `fault` with `probability`,
     /// until [`clear_faults`](Self::clear_faults).
     pub fn inject_rate(&self, endpoint: Endpoint, fault: Fault, probability: f64) {
-        self.shared.lock().faults.inject_rate(endpoint, fault, probability);
+        self.shared
+            .lock()
+            .faults
+            .inject_rate(endpoint, fault, probability);
     }
 
     /// Removes every injected fault.

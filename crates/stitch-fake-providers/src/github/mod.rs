@@ -41,10 +41,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::faults::{proxy_page, spoil, FaultRules};
 pub use crate::faults::Fault;
-use world::{Transition, World};
+use crate::faults::{proxy_page, spoil, FaultRules};
 pub use world::{render_run_name, Plan, MARKER};
+use world::{Transition, World};
 
 /// The run-name of the fake's workflow unless told otherwise: the one line
 /// stitch's docs ask workflows to carry.
@@ -300,15 +300,15 @@ impl FakeGithub {
                 &format!("{repo}/workflows/{{workflow}}/dispatches"),
                 post(dispatch),
             )
-            .route(&format!("{repo}/workflows/{{workflow}}/runs"), get(list_runs))
+            .route(
+                &format!("{repo}/workflows/{{workflow}}/runs"),
+                get(list_runs),
+            )
             .route(&format!("{repo}/runs/{{id}}"), get(get_run))
             .route(&format!("{repo}/runs/{{id}}/cancel"), post(cancel_run))
             .route(&format!("{repo}/runs/{{id}}/jobs"), get(list_jobs))
             .route(&format!("{repo}/jobs/{{id}}/logs"), get(job_log))
-            .route(
-                "/app/installations/{id}/access_tokens",
-                post(mint_token),
-            )
+            .route("/app/installations/{id}/access_tokens", post(mint_token))
             .with_state(shared.clone());
         let storage_app = Router::new()
             .route("/logs/{token}", get(storage_log))
@@ -586,7 +586,10 @@ fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<Pass
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("token ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("token "))
+        })
         .unwrap_or_default()
         .to_string();
     let now = Instant::now();
@@ -632,7 +635,10 @@ fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<Pass
         }
         let used = w.used;
         rl.insert("x-ratelimit-limit", HeaderValue::from(limit));
-        rl.insert("x-ratelimit-remaining", HeaderValue::from(limit.saturating_sub(used)));
+        rl.insert(
+            "x-ratelimit-remaining",
+            HeaderValue::from(limit.saturating_sub(used)),
+        );
         rl.insert("x-ratelimit-used", HeaderValue::from(used));
         rl.insert("x-ratelimit-reset", HeaderValue::from(reset));
         rl.insert("x-ratelimit-resource", HeaderValue::from_static("core"));
@@ -677,7 +683,10 @@ async fn finish(pass: Pass, mut resp: Response) -> Response {
 /// (refunded: 304s cost no quota), else the body with its ETag.
 async fn conditional(shared: &Shared, headers: &HeaderMap, pass: Pass, body: Value) -> Response {
     let text = body.to_string();
-    let etag = format!("W/\"{}\"", &hex::encode(Sha256::digest(text.as_bytes()))[..32]);
+    let etag = format!(
+        "W/\"{}\"",
+        &hex::encode(Sha256::digest(text.as_bytes()))[..32]
+    );
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -709,10 +718,7 @@ async fn conditional(shared: &Shared, headers: &HeaderMap, pass: Pass, body: Val
 }
 
 fn repo_known(s: &Shared, owner: &str, repo: &str) -> bool {
-    s.options
-        .repos
-        .iter()
-        .any(|(o, r)| o == owner && r == repo)
+    s.options.repos.iter().any(|(o, r)| o == owner && r == repo)
 }
 
 fn workflow_known(s: &Shared, workflow: &str) -> bool {
@@ -1059,9 +1065,10 @@ async fn job_log(
             return not_found();
         };
         let token = uuid_like();
-        inner
-            .log_links
-            .insert(token.clone(), (log, Instant::now() + Duration::from_secs(60)));
+        inner.log_links.insert(
+            token.clone(),
+            (log, Instant::now() + Duration::from_secs(60)),
+        );
         format!("{}/logs/{token}", inner.storage_base)
     };
     let mut resp = StatusCode::FOUND.into_response();
@@ -1088,7 +1095,11 @@ async fn storage_log(
             .into_response();
     }
     let Some((log, expires)) = inner.log_links.get(&token).cloned() else {
-        return (StatusCode::NOT_FOUND, "<Error><Code>BlobNotFound</Code></Error>").into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            "<Error><Code>BlobNotFound</Code></Error>",
+        )
+            .into_response();
     };
     if Instant::now() > expires {
         return (StatusCode::FORBIDDEN, "<Error><Code>AuthenticationFailed</Code><Message>Signed expiry time has passed</Message></Error>").into_response();
@@ -1123,7 +1134,10 @@ async fn mint_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(&app.public_key_pem) else {
-        return message(StatusCode::INTERNAL_SERVER_ERROR, "fake: bad App public key");
+        return message(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fake: bad App public key",
+        );
     };
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_required_spec_claims(&["exp", "iat", "iss"]);

@@ -156,7 +156,8 @@ impl FakeRun {
                         continue;
                     }
                     if job.status == "in_progress" {
-                        job.log.push_str(&log_line(wall, "##[error]The operation was canceled."));
+                        job.log
+                            .push_str(&log_line(wall, "##[error]The operation was canceled."));
                     }
                     job.status = "completed";
                     job.conclusion = Some("cancelled");
@@ -210,7 +211,13 @@ impl FakeRun {
         out
     }
 
-    fn finish(&mut self, conclusion: &'static str, wall: DateTime<Utc>, base: &str, out: &mut Vec<Transition>) {
+    fn finish(
+        &mut self,
+        conclusion: &'static str,
+        wall: DateTime<Utc>,
+        base: &str,
+        out: &mut Vec<Transition>,
+    ) {
         self.status = "completed";
         self.conclusion = Some(conclusion);
         self.updated_at = wall;
@@ -236,16 +243,26 @@ impl FakeRun {
             let job = &mut self.jobs[i];
             match failure {
                 Some(c) => {
-                    job.log.push_str(&log_line(wall, "test result: FAILED. 41 passed; 1 failed"));
-                    job.log.push_str(&log_line(wall, "##[error]Process completed with exit code 2."));
-                    job.conclusion = Some(if c == "failure" { "failure" } else { "cancelled" });
+                    job.log
+                        .push_str(&log_line(wall, "test result: FAILED. 41 passed; 1 failed"));
+                    job.log.push_str(&log_line(
+                        wall,
+                        "##[error]Process completed with exit code 2.",
+                    ));
+                    job.conclusion = Some(if c == "failure" {
+                        "failure"
+                    } else {
+                        "cancelled"
+                    });
                 }
                 None => {
-                    job.log.push_str(&log_line(wall, &format!("{} finished", job.name)));
+                    job.log
+                        .push_str(&log_line(wall, &format!("{} finished", job.name)));
                     job.conclusion = Some("success");
                 }
             }
-            job.log.push_str(&log_line(wall, "Cleaning up orphan processes"));
+            job.log
+                .push_str(&log_line(wall, "Cleaning up orphan processes"));
             job.status = "completed";
             job.completed_at = Some(wall);
             self.updated_at = wall;
@@ -271,11 +288,17 @@ impl FakeRun {
     }
 
     fn api_url(&self, base: &str) -> String {
-        format!("{base}/repos/{}/{}/actions/runs/{}", self.owner, self.repo, self.id)
+        format!(
+            "{base}/repos/{}/{}/actions/runs/{}",
+            self.owner, self.repo, self.id
+        )
     }
 
     pub fn html_url(&self) -> String {
-        format!("https://github.example/{}/{}/actions/runs/{}", self.owner, self.repo, self.id)
+        format!(
+            "https://github.example/{}/{}/actions/runs/{}",
+            self.owner, self.repo, self.id
+        )
     }
 
     fn repository(&self) -> Value {
@@ -283,7 +306,10 @@ impl FakeRun {
         repo["name"] = json!(self.repo);
         repo["full_name"] = json!(format!("{}/{}", self.owner, self.repo));
         repo["owner"]["login"] = json!(self.owner);
-        repo["html_url"] = json!(format!("https://github.example/{}/{}", self.owner, self.repo));
+        repo["html_url"] = json!(format!(
+            "https://github.example/{}/{}",
+            self.owner, self.repo
+        ));
         repo
     }
 
@@ -336,7 +362,10 @@ impl FakeRun {
         v["workflow_name"] = json!(self.workflow.trim_end_matches(".yml"));
         v["head_branch"] = json!(self.branch);
         v["run_url"] = json!(self.api_url(base));
-        v["url"] = json!(format!("{base}/repos/{}/{}/actions/jobs/{}", self.owner, self.repo, j.id));
+        v["url"] = json!(format!(
+            "{base}/repos/{}/{}/actions/jobs/{}",
+            self.owner, self.repo, j.id
+        ));
         v["html_url"] = json!(format!("{}/job/{}", self.html_url(), j.id));
         v["status"] = json!(j.status);
         v["conclusion"] = json!(j.conclusion);
@@ -512,7 +541,10 @@ mod tests {
     fn run_names_render_inputs() {
         let inputs = BTreeMap::from([("stitch_build_id".to_string(), "b_1".to_string())]);
         assert_eq!(
-            render_run_name("stitch ${{ inputs.stitch_build_id }} (${{inputs.none}})", &inputs),
+            render_run_name(
+                "stitch ${{ inputs.stitch_build_id }} (${{inputs.none}})",
+                &inputs
+            ),
             "stitch b_1 ()"
         );
         assert_eq!(render_run_name("plain", &inputs), "plain");

@@ -54,8 +54,10 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// A fixed bearer token. Fails on characters a header cannot carry.
     pub fn token(token: &str) -> Result<Self, GithubError> {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| GithubError::Auth("the token holds characters a header cannot carry".into()))?;
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+                GithubError::Auth("the token holds characters a header cannot carry".into())
+            })?;
         value.set_sensitive(true);
         Ok(Credentials::Token(value))
     }
@@ -116,8 +118,9 @@ impl AppTokens {
         installation_id: u64,
         private_key_pem: &[u8],
     ) -> Result<Self, GithubError> {
-        let key = EncodingKey::from_rsa_pem(private_key_pem)
-            .map_err(|e| GithubError::Auth(format!("the App private key is not an RSA PEM key: {e}")))?;
+        let key = EncodingKey::from_rsa_pem(private_key_pem).map_err(|e| {
+            GithubError::Auth(format!("the App private key is not an RSA PEM key: {e}"))
+        })?;
         let (_, base) = crate::http_util::parse_api_root(api_root).map_err(GithubError::Url)?;
         let id = installation_id.to_string();
         let mint_url = join_segments(&base, &["app", "installations", &id, "access_tokens"])
@@ -224,8 +227,10 @@ impl AppTokens {
             .with_timezone(&Utc);
         let life = (expires_at - Utc::now()).to_std().unwrap_or_default();
         let margin = (life / 4).min(MAX_REFRESH_MARGIN);
-        let mut header = HeaderValue::from_str(&format!("Bearer {}", token.token))
-            .map_err(|_| GithubError::Auth("the installation token is not a header value".into()))?;
+        let mut header =
+            HeaderValue::from_str(&format!("Bearer {}", token.token)).map_err(|_| {
+                GithubError::Auth("the installation token is not a header value".into())
+            })?;
         header.set_sensitive(true);
         self.minted.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(installation = self.installation_id, expires_at = %expires_at, "minted a GitHub App installation token");

@@ -289,7 +289,9 @@ impl Client {
         body: &DispatchBody,
     ) -> Result<Option<DispatchResponse>, GithubError> {
         let url = self.repo_url(repo, &["workflows", workflow, "dispatches"])?;
-        let answer = self.send(Method::POST, &url, Some(body), Safety::Dispatch).await?;
+        let answer = self
+            .send(Method::POST, &url, Some(body), Safety::Dispatch)
+            .await?;
         if answer.status == StatusCode::NO_CONTENT || answer.body.is_empty() {
             return Ok(None);
         }
@@ -299,7 +301,9 @@ impl Client {
     /// `GET …/actions/runs/{id}` (conditional).
     pub async fn get_run(&self, repo: &Repo, run_id: u64) -> Result<Run, GithubError> {
         let url = self.repo_url(repo, &["runs", &run_id.to_string()])?;
-        let answer = self.send::<()>(Method::GET, &url, None, Safety::Safe).await?;
+        let answer = self
+            .send::<()>(Method::GET, &url, None, Safety::Safe)
+            .await?;
         decode(&answer)
     }
 
@@ -336,7 +340,9 @@ impl Client {
         let mut next = Some(url);
         for _ in 0..MAX_PAGES {
             let Some(page) = next.take() else { break };
-            let answer = self.send::<()>(Method::GET, &page, None, Safety::Safe).await?;
+            let answer = self
+                .send::<()>(Method::GET, &page, None, Safety::Safe)
+                .await?;
             next = match answer.headers.get(LINK).and_then(|v| v.to_str().ok()) {
                 Some(link) => next_link(link).map(|u| self.same_origin(&u)).transpose()?,
                 None => None,
@@ -378,7 +384,9 @@ impl Client {
         let mut next = Some(url);
         for _ in 0..MAX_PAGES {
             let Some(page) = next.take() else { break };
-            let answer = self.send::<()>(Method::GET, &page, None, Safety::Safe).await?;
+            let answer = self
+                .send::<()>(Method::GET, &page, None, Safety::Safe)
+                .await?;
             next = match answer.headers.get(LINK).and_then(|v| v.to_str().ok()) {
                 Some(link) => next_link(link).map(|u| self.same_origin(&u)).transpose()?,
                 None => None,
@@ -393,7 +401,9 @@ impl Client {
     /// followed (credentials are not sent there) and the plain text read.
     pub async fn job_log(&self, repo: &Repo, job_id: u64) -> Result<String, GithubError> {
         let url = self.repo_url(repo, &["jobs", &job_id.to_string(), "logs"])?;
-        let answer = self.send::<()>(Method::GET, &url, None, Safety::Safe).await?;
+        let answer = self
+            .send::<()>(Method::GET, &url, None, Safety::Safe)
+            .await?;
         Ok(String::from_utf8_lossy(&answer.body).into_owned())
     }
 
@@ -568,7 +578,9 @@ pub(crate) fn api_error(status: StatusCode, headers: &HeaderMap, body: &str) -> 
     let spent = header_u64(headers, "x-ratelimit-remaining") == Some(0);
     let rate_limited = match status.as_u16() {
         429 => true,
-        403 => retry_after.is_some() || spent || message.to_ascii_lowercase().contains("rate limit"),
+        403 => {
+            retry_after.is_some() || spent || message.to_ascii_lowercase().contains("rate limit")
+        }
         _ => false,
     };
     let retry_after = retry_after.or_else(|| {
@@ -612,7 +624,13 @@ mod tests {
             &HeaderMap::new(),
             r#"{"message":"Resource not accessible by integration"}"#,
         );
-        assert!(matches!(forbidden, GithubError::Api { rate_limited: false, .. }));
+        assert!(matches!(
+            forbidden,
+            GithubError::Api {
+                rate_limited: false,
+                ..
+            }
+        ));
         assert!(!RunnerError::from(forbidden).is_retryable());
 
         let secondary = api_error(

@@ -59,7 +59,9 @@ fn split_stamp(line: &str) -> Option<(DateTime<Utc>, &str)> {
     if b.len() < 20 || b[4] != b'-' || b[10] != b'T' || !stamp.ends_with('Z') {
         return None;
     }
-    let t = DateTime::parse_from_rfc3339(stamp).ok()?.with_timezone(&Utc);
+    let t = DateTime::parse_from_rfc3339(stamp)
+        .ok()?
+        .with_timezone(&Utc);
     Some((t, text))
 }
 

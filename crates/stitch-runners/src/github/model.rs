@@ -248,7 +248,11 @@ mod tests {
             (Some("in_progress"), Some("failure"), Running),
         ];
         for (status, conclusion, want) in table {
-            assert_eq!(map_status(*status, *conclusion), *want, "{status:?} {conclusion:?}");
+            assert_eq!(
+                map_status(*status, *conclusion),
+                *want,
+                "{status:?} {conclusion:?}"
+            );
         }
     }
 
@@ -266,7 +270,8 @@ mod tests {
 
     #[test]
     fn captured_run_json_reads() {
-        let raw = include_str!("../../../stitch-fake-providers/tests/data/github/run_completed.json");
+        let raw =
+            include_str!("../../../stitch-fake-providers/tests/data/github/run_completed.json");
         let run: Run = serde_json::from_str(raw).unwrap();
         assert_eq!(run.status(), BuildStatus::Succeeded);
         assert!(run.display_title.is_some());

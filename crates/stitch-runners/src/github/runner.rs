@@ -31,8 +31,8 @@ use chrono::Utc;
 use futures::StreamExt;
 use stitch_core::metadata::keys;
 use stitch_core::{
-    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, LogLine, LogStream,
-    RunnerError, RunnerRef, StatusReport, TriggerRequest,
+    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, LogLine, LogStream, RunnerError,
+    RunnerRef, StatusReport, TriggerRequest,
 };
 
 use super::client::{Client, GithubError, Repo, RunQuery, API_VERSION_2022};
@@ -346,11 +346,8 @@ impl GithubRunner {
                 .await
             {
                 Ok(Some(details)) if details.workflow_run_id > 0 => {
-                    let r = self.runner_ref(
-                        id,
-                        details.workflow_run_id,
-                        details.html_url.as_deref(),
-                    );
+                    let r =
+                        self.runner_ref(id, details.workflow_run_id, details.html_url.as_deref());
                     self.remember(id, &r);
                     return Ok(r);
                 }
@@ -657,24 +654,30 @@ mod tests {
         assert!(!inputs.values().any(|v| v.contains("secret")));
 
         config.max_inputs = 6;
-        config
-            .inputs
-            .insert("another".to_string(), "x".to_string());
+        config.inputs.insert("another".to_string(), "x".to_string());
         let err = runner(config.clone(), API_VERSION_2022)
             .inputs(&req)
             .unwrap_err();
-        assert!(matches!(&err, RunnerError::InvalidRequest(m) if m.contains("at most 6")), "{err}");
+        assert!(
+            matches!(&err, RunnerError::InvalidRequest(m) if m.contains("at most 6")),
+            "{err}"
+        );
 
         config.max_inputs = 25;
         config.inputs = BTreeMap::from([("big".to_string(), "x".repeat(MAX_INPUT_CHARS))]);
         let err = runner(config, API_VERSION_2022).inputs(&req).unwrap_err();
-        assert!(matches!(&err, RunnerError::InvalidRequest(m) if m.contains("65535")), "{err}");
+        assert!(
+            matches!(&err, RunnerError::InvalidRequest(m) if m.contains("65535")),
+            "{err}"
+        );
     }
 
     #[test]
     fn run_details_are_asked_for_only_where_the_version_has_the_flag() {
         let c = GithubConfig::new("acme", "app", "stitch.yml", "main");
-        assert!(runner(c.clone(), "2022-11-28").run_details.load(Ordering::Relaxed));
+        assert!(runner(c.clone(), "2022-11-28")
+            .run_details
+            .load(Ordering::Relaxed));
         assert!(!runner(c, "2026-03-10").run_details.load(Ordering::Relaxed));
     }
 
@@ -687,7 +690,10 @@ mod tests {
         let r = status_report(&run);
         assert_eq!(r.status, stitch_core::BuildStatus::Succeeded);
         let m = &r.metadata;
-        assert_eq!(m.get("url"), Some("https://github.com/acme/app/actions/runs/9138410223"));
+        assert_eq!(
+            m.get("url"),
+            Some("https://github.com/acme/app/actions/runs/9138410223")
+        );
         assert_eq!(m.get(meta::RUN_ID), Some("9138410223"));
         assert_eq!(m.get(meta::RUN_ATTEMPT), Some("1"));
         assert_eq!(m.get(meta::STATUS), Some("completed"));

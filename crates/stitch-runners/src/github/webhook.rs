@@ -129,8 +129,7 @@ mod tests {
     /// github/docs `validating-webhook-deliveries.md`: GitHub's own example.
     const SECRET: &str = "It's a Secret to Everybody";
     const PAYLOAD: &str = "Hello, World!";
-    const HEADER: &str =
-        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+    const HEADER: &str = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
 
     #[test]
     fn githubs_documented_vector_verifies() {
@@ -184,8 +183,12 @@ mod tests {
         assert_eq!(hint.repository.as_deref(), Some("acme/app"));
         assert_eq!(hint.action.as_deref(), Some("completed"));
         let job = br#"{"action":"completed","workflow_job":{"id":5,"run_id":77},"repository":{"full_name":"acme/app"}}"#;
-        assert_eq!(run_hint("workflow_job", job).unwrap().unwrap().run_id, Some(77));
-        let ping = include_bytes!("../../../stitch-fake-providers/tests/data/github/webhook_ping.json");
+        assert_eq!(
+            run_hint("workflow_job", job).unwrap().unwrap().run_id,
+            Some(77)
+        );
+        let ping =
+            include_bytes!("../../../stitch-fake-providers/tests/data/github/webhook_ping.json");
         assert_eq!(run_hint("ping", ping).unwrap(), None);
         assert!(run_hint("workflow_run", b"{not json").is_err());
     }

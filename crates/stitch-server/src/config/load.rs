@@ -959,7 +959,10 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
             );
         }
         if w.poll.is_zero() {
-            problems.report(path(&["webhooks", "github", "poll"]), "must be greater than zero");
+            problems.report(
+                path(&["webhooks", "github", "poll"]),
+                "must be greater than zero",
+            );
         }
     }
 
@@ -1051,7 +1054,9 @@ fn validate_github(
         if env(name).is_none_or(|v| v.trim().is_empty()) {
             problems.report(
                 key(&["token_env"]),
-                format!("environment variable {name:?} is unset or empty; it must hold a GitHub token"),
+                format!(
+                    "environment variable {name:?} is unset or empty; it must hold a GitHub token"
+                ),
             );
         }
     }
@@ -1082,8 +1087,7 @@ fn validate_github(
     } else {
         let reserved = stitch_runners::github::RESERVED_INPUTS;
         let total = reserved.len()
-            + gh
-                .inputs
+            + gh.inputs
                 .keys()
                 .filter(|k| !reserved.contains(&k.as_str()))
                 .count();
