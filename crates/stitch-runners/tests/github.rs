@@ -371,6 +371,18 @@ async fn logs_stream_each_finished_job_without_stamps_or_credentials_at_storage(
         .map(|l| l.content.as_str())
         .collect();
     assert_eq!(starts, ["build", "test"]);
+    let test_start = lines
+        .iter()
+        .find(|l| l.step_status == Some(StepStatus::Start) && l.content == "test")
+        .unwrap();
+    // The job's steps, from the jobs list, name what the step ran.
+    assert!(
+        test_start
+            .step_command
+            .as_deref()
+            .is_some_and(|c| c.contains("Run make test")),
+        "{test_start:?}"
+    );
     let ends = lines
         .iter()
         .filter(|l| l.step_status == Some(StepStatus::End))

@@ -103,15 +103,14 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn template(raw: &'static str) -> &'static Value {
+fn run_template() -> &'static Value {
     static RUN: OnceLock<Value> = OnceLock::new();
+    RUN.get_or_init(|| serde_json::from_str(RUN_TEMPLATE).unwrap_or(Value::Null))
+}
+
+fn jobs_template() -> &'static Value {
     static JOBS: OnceLock<Value> = OnceLock::new();
-    let cell = if std::ptr::eq(raw, RUN_TEMPLATE) {
-        &RUN
-    } else {
-        &JOBS
-    };
-    cell.get_or_init(|| serde_json::from_str(raw).unwrap_or(Value::Null))
+    JOBS.get_or_init(|| serde_json::from_str(JOBS_TEMPLATE).unwrap_or(Value::Null))
 }
 
 /// The template log's lines without their time stamps.
@@ -302,7 +301,7 @@ impl FakeRun {
     }
 
     fn repository(&self) -> Value {
-        let mut repo = template(RUN_TEMPLATE)["repository"].clone();
+        let mut repo = run_template()["repository"].clone();
         repo["name"] = json!(self.repo);
         repo["full_name"] = json!(format!("{}/{}", self.owner, self.repo));
         repo["owner"]["login"] = json!(self.owner);
@@ -315,7 +314,7 @@ impl FakeRun {
 
     /// The REST JSON of the run (also the webhook's `workflow_run`).
     pub fn json(&self, base: &str) -> Value {
-        let mut v = template(RUN_TEMPLATE).clone();
+        let mut v = run_template().clone();
         let url = self.api_url(base);
         v["id"] = json!(self.id);
         v["name"] = json!(self.workflow.trim_end_matches(".yml"));
@@ -354,7 +353,7 @@ impl FakeRun {
     /// The REST JSON of job `i` (also the webhook's `workflow_job`).
     pub fn job_json(&self, i: usize, base: &str) -> Value {
         let j = &self.jobs[i];
-        let jobs = &template(JOBS_TEMPLATE)["jobs"];
+        let jobs = &jobs_template()["jobs"];
         let mut v = jobs[i.min(1)].clone();
         v["id"] = json!(j.id);
         v["run_id"] = json!(self.id);
@@ -553,8 +552,8 @@ mod tests {
 
     #[test]
     fn templates_parse_and_logs_are_stamped() {
-        assert!(template(RUN_TEMPLATE)["id"].is_u64());
-        assert_eq!(template(JOBS_TEMPLATE)["jobs"].as_array().unwrap().len(), 2);
+        assert!(run_template()["id"].is_u64());
+        assert_eq!(jobs_template()["jobs"].as_array().unwrap().len(), 2);
         assert!(log_template()[0].starts_with("Current runner version"));
         let line = log_line(Utc::now(), "x");
         let (stamp, text) = line.split_once(' ').unwrap();
