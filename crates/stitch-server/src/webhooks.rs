@@ -320,3 +320,85 @@ pub fn build_ids_in_title(title: &str) -> Vec<BuildId> {
         .filter_map(|w| w.parse().ok())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GithubSection, GithubWebhookSection, QueueConfig, RateLimitSection};
+
+    fn github_queue(owner: &str, repo: &str) -> QueueConfig {
+        QueueConfig {
+            runner: RunnerName::Github,
+            github: Some(GithubSection {
+                owner: owner.into(),
+                repo: repo.into(),
+                workflow: "stitch.yml".into(),
+                git_ref: "main".into(),
+                token_env: Some("T".into()),
+                app_id: None,
+                private_key_file: None,
+                installation_id: None,
+                api_url: "https://api.github.com".into(),
+                api_version: "2022-11-28".into(),
+                inputs: Default::default(),
+                max_inputs: 25,
+                rate_limit: RateLimitSection::default(),
+                request_timeout: Duration::from_secs(30),
+                log_poll: Duration::from_secs(5),
+                lookup_settle: Duration::from_secs(10),
+            }),
+            ..QueueConfig::default()
+        }
+    }
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.queues.insert("gh".into(), github_queue("Acme", "App"));
+        c.queues.insert("other".into(), QueueConfig::default());
+        c.webhooks.github = Some(GithubWebhookSection {
+            secret_env: "HOOK".into(),
+            poll: Duration::from_secs(60),
+        });
+        c
+    }
+
+    #[test]
+    fn titles_yield_the_build_ids_they_name() {
+        let id = BuildId::new();
+        assert_eq!(
+            build_ids_in_title(&format!("stitch {id}")),
+            vec![id.clone()]
+        );
+        assert_eq!(build_ids_in_title(&format!("ci ({id}): main")), vec![id]);
+        assert!(build_ids_in_title("stitch b_notanid").is_empty());
+        assert!(build_ids_in_title("Nightly docs build").is_empty());
+    }
+
+    #[test]
+    fn the_secret_speaks_for_github_queues_of_their_repository() {
+        assert!(GithubWebhooks::from_config(&config(), |_| None).is_none());
+        let hooks = GithubWebhooks::from_config(&config(), |_| Some("s".into())).unwrap();
+        assert!(hooks.speaks_for("gh", Some("acme/app")));
+        assert!(hooks.speaks_for("gh", Some("ACME/App")));
+        assert!(hooks.speaks_for("gh", None));
+        assert!(!hooks.speaks_for("gh", Some("acme/other")));
+        assert!(!hooks.speaks_for("other", Some("acme/app")));
+        let mut no_hook = config();
+        no_hook.webhooks.github = None;
+        assert!(GithubWebhooks::from_config(&no_hook, |_| Some("s".into())).is_none());
+    }
+
+    #[test]
+    fn deliveries_are_remembered_within_a_window() {
+        let hooks = GithubWebhooks::from_config(&config(), |_| Some("s".into())).unwrap();
+        assert!(!hooks.seen("d-1"));
+        hooks.handled("d-1");
+        hooks.handled("d-1");
+        assert!(hooks.seen("d-1"));
+        for i in 0..RecentDeliveries::LIMIT {
+            hooks.handled(&format!("x-{i}"));
+        }
+        assert!(!hooks.seen("d-1"), "the oldest delivery left the window");
+        assert!(hooks.seen(&format!("x-{}", RecentDeliveries::LIMIT - 1)));
+    }
+}
