@@ -12,10 +12,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use hdrhistogram::Histogram;
-use stitch_core::{BuildId, BuildStatus};
 use stitch_fake_providers::buildkite::{
     FakeBuildkite, FakeOptions, Timing, WebhookAuth, WebhookTarget,
 };
@@ -23,10 +21,8 @@ use stitch_server::config::{
     BuildkiteSection, Config, PollConfig, QueueConfig, RateLimitSection, RunnerName,
     WebhookModeName, WebhookSection,
 };
-use stitch_server::service::{create_build, CreateBuild};
-use stitch_server::state::AppState;
-use stitch_server::{http, stages};
-use tokio_util::sync::CancellationToken;
+
+use crate::provider::{create_and_wait, print_calls, print_latency, terminal_times, Server};
 
 const TOKEN_ENV: &str = "STITCH_BENCH_BK_TOKEN";
 const SECRET_ENV: &str = "STITCH_BENCH_BK_WEBHOOK_SECRET";
@@ -118,91 +114,23 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
         queues: BTreeMap::from([("ci".to_string(), queue)]),
         ..Config::default()
     };
-    let state = AppState::open(config).await?;
-    let stop = CancellationToken::new();
-    let stage_tasks = stages::start(&state, stop.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(http::serve(
-        listener,
-        http::router(state.clone(), Vec::new()),
-        stop.clone().cancelled_owned(),
-    ));
+    let server = Server::start(config).await?;
+    let state = &server.state;
     if webhooks {
         fake.set_webhook(Some(WebhookTarget {
-            url: format!("http://{addr}/webhooks/buildkite"),
+            url: format!("http://{}/webhooks/buildkite", server.addr),
             auth: WebhookAuth::Signature(SECRET.into()),
             job_events: args.job_events,
         }));
     }
-
-    let started = Instant::now();
-    let mut ids: Vec<BuildId> = Vec::with_capacity(args.builds);
-    for i in 0..args.builds {
-        let req = CreateBuild {
-            head: vec![format!("https://git.example/c/{i}")],
-            ..CreateBuild::default()
-        };
-        let (build, _) = create_build(&state, "ci", req).await?;
-        ids.push(build.id);
-    }
-    let created = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut pending = ids.clone();
-    while !pending.is_empty() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{} builds not terminal after 600 s",
-            pending.len()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let mut still = Vec::new();
-        for id in pending {
-            if !state.store().get_build(&id).await?.status.is_terminal() {
-                still.push(id);
-            }
-        }
-        pending = still;
-    }
-    let wall = started.elapsed();
+    let run = create_and_wait(state, args.builds).await?;
     let stats = fake.stats();
-    let failed = {
-        let mut n = 0;
-        for id in &ids {
-            if state.store().get_build(id).await?.status != BuildStatus::Succeeded {
-                n += 1;
-            }
-        }
-        n
-    };
-
     let mode = if webhooks { "webhooks" } else { "polling only" };
-    let per = |n: u64| n as f64 / args.builds as f64;
-    println!("\n== {mode}");
-    let label = "builds (not succeeded)";
-    println!("{label:<52} {} ({failed})", args.builds);
-    println!(
-        "{:<52} {:.1} s (creates {:.1} s)",
-        "wall time to all terminal",
-        wall.as_secs_f64(),
-        created.as_secs_f64()
-    );
-    println!(
-        "{:<52} {:.2}",
-        "Buildkite API calls per build",
-        per(stats.total_requests())
-    );
-    for (endpoint, n) in &stats.requests {
-        println!("{:<52} {:.2}", format!("  {endpoint} per build"), per(*n));
-    }
-    let events = state.store().events_after(0, u32::MAX).await?;
-    let mut terminal_at = BTreeMap::new();
-    for e in events.iter().filter(|e| e.status.is_terminal()) {
-        terminal_at.entry(e.build_id.to_string()).or_insert(e.at);
-    }
+    print_calls(mode, "Buildkite", &run, &stats.requests);
+    let terminal_at = terminal_times(state).await?;
     // Finish at Buildkite → terminal event in stitch, for both modes.
-    let mut finish = Histogram::<u64>::new(3)?;
-    for id in &ids {
+    let mut finish = Vec::new();
+    for id in &run.ids {
         let finished = fake
             .build_json(id.as_str())
             .and_then(|b| b["finished_at"].as_str().map(str::to_string))
@@ -211,24 +139,18 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
             let micros = (*at - f.with_timezone(&chrono::Utc))
                 .num_microseconds()
                 .unwrap_or(0);
-            finish.record(micros.max(1) as u64)?;
+            finish.push(micros.max(1) as u64);
         }
     }
-    println!(
-        "{:<52} p50 {:.1}  p99 {:.1}  max {:.1}",
-        "build finished → terminal event, ms",
-        finish.value_at_quantile(0.5) as f64 / 1000.0,
-        finish.value_at_quantile(0.99) as f64 / 1000.0,
-        finish.max() as f64 / 1000.0,
-    );
+    print_latency("build finished → terminal event, ms", &finish)?;
     if webhooks {
         println!(
             "{:<52} {:.2}",
             "webhooks received per build",
-            per(stats.webhooks_sent)
+            stats.webhooks_sent as f64 / args.builds.max(1) as f64
         );
-        let mut h = Histogram::<u64>::new(3)?;
-        for id in &ids {
+        let mut lat = Vec::new();
+        for id in &run.ids {
             let (Some(sent), Some(at)) = (
                 fake.webhook_sent_at(id.as_str(), "build.finished"),
                 terminal_at.get(id.as_str()),
@@ -236,22 +158,10 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
                 continue;
             };
             let at = SystemTime::from(*at);
-            let micros = at.duration_since(sent).unwrap_or_default().as_micros() as u64;
-            h.record(micros.max(1))?;
+            lat.push(at.duration_since(sent).unwrap_or_default().as_micros() as u64);
         }
-        println!(
-            "{:<52} p50 {:.1}  p99 {:.1}  max {:.1}  (n={})",
-            "webhook-to-event latency, ms",
-            h.value_at_quantile(0.5) as f64 / 1000.0,
-            h.value_at_quantile(0.99) as f64 / 1000.0,
-            h.max() as f64 / 1000.0,
-            h.len()
-        );
+        print_latency("webhook-to-event latency, ms", &lat)?;
     }
-    stop.cancel();
-    for t in stage_tasks {
-        let _ = t.await;
-    }
-    let _ = server.await;
+    server.stop().await;
     Ok(())
 }

@@ -7,8 +7,10 @@
 
 mod buildkite;
 mod counting;
+mod github;
 mod mq;
 mod promise;
+mod provider;
 mod serve;
 mod sys;
 
@@ -50,6 +52,10 @@ enum Command {
     /// `stitch serve` driving builds on the fake Buildkite: API calls per
     /// build with webhooks vs polling only, webhook-to-event latency.
     Buildkite(buildkite::BuildkiteArgs),
+    /// `stitch serve` driving builds as runs on the fake GitHub: API calls
+    /// per build with webhooks vs polling only (304s counted apart),
+    /// webhook-to-event latency.
+    Github(github::GithubArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,5 +69,6 @@ fn main() -> anyhow::Result<()> {
         Command::PromiseFailure(args) => rt.block_on(promise::run(args)),
         Command::PromiseFailureLoad(args) => rt.block_on(promise::load(args)),
         Command::Buildkite(args) => rt.block_on(buildkite::run(args)),
+        Command::Github(args) => rt.block_on(github::run(args)),
     }
 }

@@ -2,52 +2,31 @@
 //! Buildkite over loopback HTTP: webhooks and polling, lost create answers,
 //! SIGKILL and restart, a 429 storm, cancel, logs, and forged webhooks.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use stitch_fake_providers::buildkite::{
     sign, Endpoint, FakeBuildkite, FakeOptions, Fault, Timing, WebhookAuth, WebhookTarget,
 };
+use support::serve::Serve;
 
 const TOKEN: &str = "bk-test-token";
 const SECRET: &str = "whsec-0123456789abcdef";
-
-struct Serve {
-    child: Child,
-    base: String,
-    port: u16,
-    dir: tempfile::TempDir,
-    config: std::path::PathBuf,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 /// A budget far above what the tests send, unless a test sets its own.
 const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
 
 /// `extra` is appended to the `[queues.ci.buildkite]` table.
-fn config_text(data: &Path, fake: &FakeBuildkite, extra: &str, poll: &str) -> String {
+fn config_text(fake: &FakeBuildkite, extra: &str, poll: &str) -> String {
     let budget = if extra.contains("rate_limit") {
         ""
     } else {
         NO_BUDGET
     };
     format!(
-        r#"data_dir = "{data}"
+        r#"data_dir = "{{data}}"
 [queues.ci]
 runner = "buildkite"
 poll = {{ accepted = "{poll}", running = "{poll}" }}
@@ -62,137 +41,31 @@ log_poll = "100ms"
 {budget}
 {extra}
 "#,
-        data = data.display(),
         api = fake.url(),
     )
 }
 
-fn spawn(config: &Path, port: u16, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("STITCH_LOG", "warn")
-        .env("BK_TOKEN", TOKEN)
-        .env("BK_WEBHOOK_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
+const ENV: [(&str, &str); 2] = [("BK_TOKEN", TOKEN), ("BK_WEBHOOK_SECRET", SECRET)];
 
 async fn serve(fake: &FakeBuildkite, extra: &str, poll: &str) -> Serve {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("stitch.toml");
-    std::fs::write(
-        &config,
-        config_text(&dir.path().join("data"), fake, extra, poll),
-    )
-    .unwrap();
-    let port = free_port();
-    let child = spawn(&config, port, &dir.path().join("serve-1.log"));
-    let s = Serve {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        port,
-        dir,
-        config,
-    };
-    wait_healthy(&s).await;
-    s
-}
-
-async fn wait_healthy(s: &Serve) {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(r) = http.get(format!("{}/healthz", s.base)).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server did not come up: {}", server_log(s));
-}
-
-fn server_log(s: &Serve) -> String {
-    let mut out = String::new();
-    for n in 1..=2 {
-        let text = std::fs::read_to_string(s.dir.path().join(format!("serve-{n}.log")))
-            .unwrap_or_default();
-        let tail: String = text
-            .chars()
-            .rev()
-            .take(3000)
-            .collect::<String>()
-            .chars()
-            .rev()
-            .collect();
-        out.push_str(&tail);
-    }
-    out
+    Serve::start(&config_text(fake, extra, poll), &ENV).await
 }
 
 async fn create(http: &reqwest::Client, s: &Serve, head: &str) -> String {
-    let r = http
-        .post(format!("{}/v1/queues/ci/builds", s.base))
-        .json(&serde_json::json!({"head": [head]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        202,
-        "{}",
-        r.text().await.unwrap_or_default()
-    );
-    let v: serde_json::Value = r.json().await.unwrap();
-    v["id"].as_str().unwrap().to_string()
+    s.create(http, "ci", head).await
 }
 
 async fn get(http: &reqwest::Client, s: &Serve, id: &str) -> serde_json::Value {
-    http.get(format!("{}/v1/builds/{id}", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    s.get(http, id).await
 }
 
-/// Waits until every build is terminal; returns `status` per build.
 async fn wait_all_terminal(
     http: &reqwest::Client,
     s: &Serve,
     ids: &[String],
     within: Duration,
 ) -> BTreeMap<String, String> {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut done = BTreeMap::new();
-        let mut stuck = None;
-        for id in ids {
-            let v = get(http, s, id).await;
-            let status = v["status"].as_str().unwrap_or_default().to_string();
-            if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
-                done.insert(id.clone(), status);
-            } else if stuck.is_none() {
-                stuck = Some(v);
-            }
-        }
-        if done.len() == ids.len() {
-            return done;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}/{} terminal; first stuck: {stuck:#?}\n{}",
-            done.len(),
-            ids.len(),
-            server_log(s)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_all_terminal(http, ids, within).await
 }
 
 fn heads(n: usize) -> Vec<String> {
@@ -319,12 +192,10 @@ async fn sigkill_and_restart_finish_every_build_without_duplicates() {
         assert!(Instant::now() < deadline, "builds did not start");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    s.child.kill().unwrap(); // SIGKILL
-    s.child.wait().unwrap();
+    s.kill(); // SIGKILL
     let before = fake.stats().builds_created;
     assert!(before < 200, "the kill came too late to test anything");
-    s.child = spawn(&s.config, s.port, &s.dir.path().join("serve-2.log"));
-    wait_healthy(&s).await;
+    s.restart().await;
     let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
     for (id, h) in ids.iter().zip(&hs) {
         assert_eq!(done[id], expected(h), "{id} {h}");

@@ -33,6 +33,14 @@ pub struct TriggerRequest {
     /// or log it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub job_env: BTreeMap<String, String>,
+    /// `true` only when the caller knows no earlier trigger of this build
+    /// id was attempted anywhere (the first delivery of its trigger
+    /// message). A runner whose look-up of an existing build is costly
+    /// (GitHub lists runs and matches titles) may then skip the look-up
+    /// before creating; `false`, the default, always allows a duplicate
+    /// check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub first_attempt: bool,
 }
 
 impl TriggerRequest {
@@ -44,6 +52,7 @@ impl TriggerRequest {
             changes,
             metadata: BuildMetadata::new(),
             job_env: BTreeMap::new(),
+            first_attempt: false,
         }
     }
 
@@ -58,6 +67,14 @@ impl TriggerRequest {
     #[must_use]
     pub fn with_job_env(mut self, job_env: BTreeMap<String, String>) -> Self {
         self.job_env = job_env;
+        self
+    }
+
+    /// Builder: mark this as the first trigger attempt of the build id
+    /// (see [`TriggerRequest::first_attempt`]).
+    #[must_use]
+    pub fn with_first_attempt(mut self, first_attempt: bool) -> Self {
+        self.first_attempt = first_attempt;
         self
     }
 
@@ -280,6 +297,13 @@ mod tests {
             r#"{"build_id":"b_01j0000000000000000000000a","queue":"ci","base":["b1"],"head":["h1"],"metadata":{"ticket":"T-1"}}"#
         );
         assert_eq!(serde_json::from_str::<TriggerRequest>(&json).unwrap(), req);
+        let first = req.clone().with_first_attempt(true);
+        let json = serde_json::to_string(&first).unwrap();
+        assert!(json.ends_with(r#","first_attempt":true}"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<TriggerRequest>(&json).unwrap(),
+            first
+        );
     }
 
     #[test]

@@ -6,5 +6,11 @@
 //! connection resets, answers lost after the work was done).
 //!
 //! - [`buildkite`]: the Buildkite REST API v2 and its webhooks.
+//! - [`github`]: the GitHub Actions REST API, App installation tokens and
+//!   `workflow_run` / `workflow_job` webhooks.
+//!
+//! [`faults`] is the fault injection both share.
 
 pub mod buildkite;
+pub mod faults;
+pub mod github;

@@ -5,23 +5,32 @@
 //!   by markers in change URIs (the zero-config default).
 //! - [`local`]: runs a shell command per build as a real child process.
 //! - [`buildkite`]: builds on Buildkite pipelines (REST API v2).
+//! - [`github`]: builds as GitHub Actions workflow runs (REST API).
 //!
-//! [`http_retry`] is the retry policy the vendor HTTP clients are given.
+//! What the vendor HTTP clients share: [`http_retry`] (the retry policy
+//! they are given), [`http_budget`] (the request budget of one rate-limit
+//! scope), [`http_util`] (errors, pagination, URLs) and [`signature`]
+//! (webhook HMACs).
 //! [`conformance`] is the suite every runner passes; [`RunnerKind`] names
 //! the runners a configuration may choose.
 
 pub mod buildkite;
 pub mod conformance;
 pub mod fake;
+pub mod github;
+pub mod http_budget;
 pub mod http_retry;
+pub mod http_util;
 pub mod local;
 pub mod noop;
+pub mod signature;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use buildkite::{BuildkiteConfig, BuildkiteRunner};
 pub use fake::{FakeConfig, FakeConfigError, FakeRunner};
+pub use github::{GithubConfig, GithubRunner};
 pub use local::{LocalConfig, LocalConfigError, LocalRunner};
 pub use noop::NoopRunner;
 
@@ -36,15 +45,18 @@ pub enum RunnerKind {
     Local,
     /// [`BuildkiteRunner`].
     Buildkite,
+    /// [`GithubRunner`].
+    Github,
 }
 
 impl RunnerKind {
     /// Every runner kind, in the order help texts list them.
-    pub const ALL: [RunnerKind; 4] = [
+    pub const ALL: [RunnerKind; 5] = [
         RunnerKind::Noop,
         RunnerKind::Fake,
         RunnerKind::Local,
         RunnerKind::Buildkite,
+        RunnerKind::Github,
     ];
 
     /// The configuration name (`runner = "…"`).
@@ -54,6 +66,7 @@ impl RunnerKind {
             RunnerKind::Fake => "fake",
             RunnerKind::Local => "local",
             RunnerKind::Buildkite => "buildkite",
+            RunnerKind::Github => "github",
         }
     }
 }
@@ -115,7 +128,7 @@ mod tests {
         assert_eq!(err.name, "jenkins");
         assert_eq!(
             err.to_string(),
-            r#"unknown runner "jenkins"; valid runners are: noop, fake, local, buildkite"#
+            r#"unknown runner "jenkins"; valid runners are: noop, fake, local, buildkite, github"#
         );
         assert!(parse_runner_name("Fake").is_err());
         assert!(parse_runner_name("").is_err());

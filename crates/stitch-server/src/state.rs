@@ -10,18 +10,18 @@ use stitch_mq::mysql::MySqlDriver;
 use stitch_mq::postgres::PostgresDriver;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{AnyDriver, BackendKind, Queue, QueueConfig as MqQueueConfig};
-use stitch_runners::buildkite::{
-    BuildkiteConfig, BuildkiteRunner, Client, RateLimit, RequestBudget,
-};
+use stitch_runners::buildkite::{BuildkiteConfig, BuildkiteRunner, Client};
+use stitch_runners::github::{self, AppTokens, Credentials, GithubConfig, GithubRunner};
+use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
 use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
 use stitch_store::{Store, StorePool};
 use tokio::sync::watch;
 
-use crate::config::{BuildkiteSection, Config, QueueConfig, RunnerName};
+use crate::config::{BuildkiteSection, Config, GithubSection, QueueConfig, RunnerName};
 use crate::event_feed::{EventFeed, FeedEvent};
 use crate::job_token::{self, JobTokens};
-use crate::webhooks::{BuildkiteWebhooks, WakeHints};
+use crate::webhooks::{BuildkiteWebhooks, GithubWebhooks, WakeHints};
 
 /// Message-queue topics the stages consume.
 pub mod topics {
@@ -41,6 +41,18 @@ pub struct QueueRuntime {
     pub runner: Arc<dyn BuildRunner>,
     /// The queue's settings (poll cadence, deadlines, retry budget).
     pub config: QueueConfig,
+    /// The safety-net poll cadence while a provider's webhooks push
+    /// changes (`[webhooks.github] poll` for `github` queues).
+    pub webhook_poll: Option<Duration>,
+}
+
+impl QueueRuntime {
+    /// Poll delay for a build in `status`: the webhook safety net when
+    /// webhooks push this queue's changes, else [`poll_delay`].
+    pub fn poll_delay(&self, status: stitch_core::BuildStatus) -> Duration {
+        self.webhook_poll
+            .unwrap_or_else(|| poll_delay(&self.config, status))
+    }
 }
 
 /// Shared state of the service. Cheap to clone.
@@ -61,6 +73,7 @@ struct Inner {
     /// name port 0); the fallback for `STITCH_SERVER` without `public_url`.
     bound: std::sync::OnceLock<std::net::SocketAddr>,
     buildkite_webhooks: BuildkiteWebhooks,
+    github_webhooks: Option<GithubWebhooks>,
     wake_hints: WakeHints,
 }
 
@@ -161,12 +174,16 @@ impl AppState {
             .ensure_secret(job_token::SECRET_NAME, &JobTokens::random_key())
             .await?;
         let mut queues = BTreeMap::new();
-        let budgets = buildkite_budgets(&config);
+        let budgets = Budgets {
+            buildkite: buildkite_budgets(&config),
+            github: github_budgets(&config),
+        };
         for (name, qc) in &config.queues {
             let runtime = build_runtime(&config, name, qc, &budgets)?;
             queues.insert(name.clone(), runtime);
         }
         let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());
+        let github_webhooks = GithubWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let (events, commits) = watch::channel(0);
         let feed = EventFeed::start(store.clone(), commits);
         Ok(Self {
@@ -180,6 +197,7 @@ impl AppState {
                 job_tokens: JobTokens::new(&key),
                 bound: std::sync::OnceLock::new(),
                 buildkite_webhooks,
+                github_webhooks,
                 wake_hints: WakeHints::default(),
             }),
         })
@@ -262,6 +280,11 @@ impl AppState {
         &self.inner.buildkite_webhooks
     }
 
+    /// The GitHub webhook, when `[webhooks.github]` is configured.
+    pub fn github_webhooks(&self) -> Option<&GithubWebhooks> {
+        self.inner.github_webhooks.as_ref()
+    }
+
     /// Builds woken by a webhook (see [`WakeHints`]).
     pub fn wake_hints(&self) -> &WakeHints {
         &self.inner.wake_hints
@@ -311,6 +334,139 @@ fn buildkite_budgets(config: &Config) -> BTreeMap<OrgKey, Arc<RequestBudget>> {
         .collect()
 }
 
+/// The request budgets of the vendor clients, by rate-limit scope.
+struct Budgets {
+    buildkite: BTreeMap<OrgKey, Arc<RequestBudget>>,
+    github: BTreeMap<GithubScope, Arc<RequestBudget>>,
+}
+
+/// A GitHub rate-limit scope: API root and the credentials (token variable
+/// or App installation) whose hourly quota the requests spend.
+type GithubScope = (String, String);
+
+fn github_scope(gh: &GithubSection) -> GithubScope {
+    let who = match (&gh.token_env, gh.installation_id) {
+        (Some(env), _) => format!("token:{env}"),
+        (None, Some(id)) => format!("installation:{id}"),
+        (None, None) => String::new(),
+    };
+    (gh.api_url.trim_end_matches('/').to_string(), who)
+}
+
+/// One request budget per GitHub token or App installation, shared by all
+/// its queues; the smallest configured limit wins.
+fn github_budgets(config: &Config) -> BTreeMap<GithubScope, Arc<RequestBudget>> {
+    let mut limits: BTreeMap<GithubScope, RateLimit> = BTreeMap::new();
+    for q in config.queues.values() {
+        let Some(gh) = q.github.as_ref().filter(|_| q.runner == RunnerName::Github) else {
+            continue;
+        };
+        let limit = RateLimit {
+            requests: gh.rate_limit.requests,
+            window: gh.rate_limit.window,
+        };
+        limits
+            .entry(github_scope(gh))
+            .and_modify(|l| {
+                let per_sec = |x: &RateLimit| f64::from(x.requests) / x.window.as_secs_f64();
+                if per_sec(&limit) < per_sec(l) {
+                    *l = limit;
+                }
+            })
+            .or_insert(limit);
+    }
+    limits
+        .into_iter()
+        .map(|(k, l)| (k, Arc::new(RequestBudget::new(l))))
+        .collect()
+}
+
+/// The HTTP client of a vendor API: user agent and timeouts; credentials
+/// are added by the vendor client (GitHub) or as a default header
+/// (Buildkite).
+fn http_client(
+    timeout: Duration,
+    headers: reqwest::header::HeaderMap,
+) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .user_agent(concat!("stitch/", env!("CARGO_PKG_VERSION")))
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| format!("building the HTTP client: {e}"))
+}
+
+fn github_runner(
+    gh: &GithubSection,
+    budgets: &BTreeMap<GithubScope, Arc<RequestBudget>>,
+) -> Result<GithubRunner, String> {
+    let http = http_client(gh.request_timeout, Default::default())?;
+    let api_url = gh.api_url.trim_end_matches('/').to_string();
+    let credentials = match (
+        &gh.token_env,
+        &gh.app_id,
+        &gh.private_key_file,
+        gh.installation_id,
+    ) {
+        (Some(env), None, None, None) => {
+            let token = std::env::var(env)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| {
+                    format!("environment variable {env} (github.token_env) is unset or empty")
+                })?;
+            Credentials::token(&token).map_err(|e| format!("{env}: {e}"))?
+        }
+        (None, Some(app_id), Some(key_file), Some(installation)) => {
+            let pem = std::fs::read(key_file).map_err(|e| {
+                format!(
+                    "reading github.private_key_file {}: {e}",
+                    key_file.display()
+                )
+            })?;
+            let app = AppTokens::new(
+                http.clone(),
+                &api_url,
+                gh.api_version.clone(),
+                app_id.clone(),
+                installation,
+                &pem,
+            )
+            .map_err(|e| e.to_string())?;
+            Credentials::App(Arc::new(app))
+        }
+        _ => return Err(
+            "set either github.token_env or github.app_id, private_key_file and installation_id"
+                .into(),
+        ),
+    };
+    let budget = budgets
+        .get(&github_scope(gh))
+        .cloned()
+        .unwrap_or_else(|| Arc::new(RequestBudget::new(RateLimit::default())));
+    let client = github::Client::new(
+        http,
+        &api_url,
+        gh.api_version.clone(),
+        credentials,
+        budget,
+        RetryPolicy::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut config = GithubConfig::new(
+        gh.owner.clone(),
+        gh.repo.clone(),
+        gh.workflow.clone(),
+        gh.git_ref.clone(),
+    );
+    config.inputs = gh.inputs.clone();
+    config.max_inputs = gh.max_inputs;
+    config.log_poll = gh.log_poll;
+    config.lookup_settle = gh.lookup_settle;
+    Ok(GithubRunner::new(client, config))
+}
+
 fn buildkite_runner(
     bk: &BuildkiteSection,
     budgets: &BTreeMap<OrgKey, Arc<RequestBudget>>,
@@ -329,13 +485,7 @@ fn buildkite_runner(
         .map_err(|_| format!("{} holds characters a header cannot carry", bk.token_env))?;
     auth.set_sensitive(true);
     let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
-    let http = reqwest::Client::builder()
-        .default_headers(headers)
-        .user_agent(concat!("stitch/", env!("CARGO_PKG_VERSION")))
-        .timeout(bk.request_timeout)
-        .connect_timeout(bk.request_timeout.min(std::time::Duration::from_secs(10)))
-        .build()
-        .map_err(|e| format!("building the HTTP client: {e}"))?;
+    let http = http_client(bk.request_timeout, headers)?;
     let api_url = bk.api_url.trim_end_matches('/').to_string();
     let budget = budgets
         .get(&(api_url.clone(), bk.org.clone()))
@@ -354,7 +504,7 @@ fn build_runtime(
     config: &Config,
     name: &str,
     qc: &QueueConfig,
-    budgets: &BTreeMap<OrgKey, Arc<RequestBudget>>,
+    budgets: &Budgets,
 ) -> Result<QueueRuntime, StartError> {
     let err = |message: String| StartError::Runner {
         queue: name.to_string(),
@@ -387,14 +537,25 @@ fn build_runtime(
             let bk = qc.buildkite.as_ref().ok_or_else(|| {
                 err("runner \"buildkite\" needs a [queues.NAME.buildkite] table".into())
             })?;
-            Arc::new(buildkite_runner(bk, budgets).map_err(err)?)
+            Arc::new(buildkite_runner(bk, &budgets.buildkite).map_err(err)?)
         }
+        RunnerName::Github => {
+            let gh = qc.github.as_ref().ok_or_else(|| {
+                err("runner \"github\" needs a [queues.NAME.github] table".into())
+            })?;
+            Arc::new(github_runner(gh, &budgets.github).map_err(err)?)
+        }
+    };
+    let webhook_poll = match (qc.runner, &config.webhooks.github) {
+        (RunnerName::Github, Some(w)) => Some(w.poll),
+        _ => None,
     };
     Ok(QueueRuntime {
         name: name.to_string(),
         runner_name: RunnerKind::from(qc.runner).as_str(),
         runner,
         config: qc.clone(),
+        webhook_poll,
     })
 }
 

@@ -217,6 +217,7 @@ runner = "noop"
             }),
             fake: None,
             buildkite: None,
+            github: None,
         },
     );
     queues.insert(
@@ -238,6 +239,7 @@ runner = "noop"
             max_body_bytes: 65536,
         },
         queues,
+        webhooks: Default::default(),
         spindle: None,
     };
     assert_eq!(config, expected);
@@ -484,7 +486,8 @@ fn invalid_toml_reports_the_position() {
 fn unknown_keys_in_the_file_are_errors_naming_the_key_path() {
     let p = problems(
         r#"
-webhooks = { buildkite = { mode = "token" } }
+webhooks = { gitlab = { mode = "token" } }
+spindel = true
 [storage]
 path = "x.db"
 [queues.ci]
@@ -499,8 +502,13 @@ comand = "make"
     );
     assert_problem(
         &p,
-        "webhooks",
-        "unknown key; expected one of: listen, data_dir, storage, api, queues",
+        "spindel",
+        "unknown key; expected one of: listen, data_dir, storage, api, queues, webhooks",
+    );
+    assert_problem(
+        &p,
+        "webhooks.gitlab",
+        "unknown key; expected one of: github",
     );
     assert_problem(&p, "storage.path", "unknown key");
     assert_problem(
@@ -510,7 +518,7 @@ comand = "make"
     );
     assert_problem(&p, "queues.ci.poll.runing", "unknown key");
     assert_problem(&p, "queues.ci.local.comand", "unknown key");
-    assert_eq!(p.len(), 5, "{p:#?}");
+    assert_eq!(p.len(), 6, "{p:#?}");
 }
 
 #[test]
@@ -1147,4 +1155,138 @@ colour = "blue"
     assert_problem(&p, "spindle.colour", "");
     let p = problems("[spindle]\nhostname = \"x.test\"\n", &[]);
     assert_problem(&p, "spindle.owner", "");
+}
+
+// ---------------------------------------------------------------------------
+// GitHub Actions
+
+const GITHUB: &str = r#"
+[queues.gh]
+runner = "github"
+[queues.gh.github]
+owner = "acme"
+repo = "app"
+workflow = "stitch.yml"
+token_env = "GH_TOKEN"
+"#;
+
+#[test]
+fn github_section_defaults_and_webhook_poll() {
+    let c = ok(GITHUB, &[("GH_TOKEN", "t")]);
+    let gh = c.queues["gh"].github.clone().unwrap();
+    assert_eq!(gh.git_ref, "main");
+    assert_eq!(gh.api_url, "https://api.github.com");
+    assert_eq!(gh.api_version, "2022-11-28");
+    assert_eq!(gh.max_inputs, 25);
+    assert_eq!(gh.rate_limit.requests, 5000);
+    assert_eq!(gh.rate_limit.window, Duration::from_secs(3600));
+    assert!(c.webhooks.github.is_none());
+    let with_hook = format!(
+        "{GITHUB}ref = \"release\"\ninputs = {{ environment = \"staging\" }}\n\
+         [webhooks.github]\nsecret_env = \"GH_HOOK\"\npoll = \"2m\"\n"
+    );
+    let c = ok(&with_hook, &[("GH_TOKEN", "t"), ("GH_HOOK", "s")]);
+    let gh = c.queues["gh"].github.clone().unwrap();
+    assert_eq!(gh.git_ref, "release");
+    assert_eq!(gh.inputs["environment"], "staging");
+    let w = c.webhooks.github.unwrap();
+    assert_eq!(w.secret_env, "GH_HOOK");
+    assert_eq!(w.poll, Duration::from_secs(120));
+    // Environment overrides reach the new keys as strings.
+    let c = ok(
+        GITHUB,
+        &[
+            ("GH_TOKEN", "t"),
+            ("STITCH_QUEUES__GH__GITHUB__REF", "v1.2"),
+            ("STITCH_QUEUES__GH__GITHUB__INPUTS__LEVEL", "3"),
+        ],
+    );
+    let gh = c.queues["gh"].github.clone().unwrap();
+    assert_eq!(gh.git_ref, "v1.2");
+    assert_eq!(gh.inputs["level"], "3");
+}
+
+#[test]
+fn github_problems_name_their_keys() {
+    let p = problems(GITHUB, &[]);
+    assert_only_problem(
+        &p,
+        "queues.gh.github.token_env",
+        "\"GH_TOKEN\" is unset or empty",
+    );
+
+    let p = problems("[queues.gh]\nrunner = \"github\"\n", &[]);
+    assert_only_problem(&p, "queues.gh.github", "needs a [queues.NAME.github] table");
+
+    let p = problems(
+        "[queues.gh]\nrunner = \"github\"\n[queues.gh.github]\nowner = \"acme\"\nrepo = \"app\"\n",
+        &[],
+    );
+    assert_problem(
+        &p,
+        "queues.gh.github.workflow",
+        "missing; runner \"github\" needs workflow",
+    );
+
+    let both = format!("{GITHUB}app_id = \"1\"\n");
+    let p = problems(&both, &[("GH_TOKEN", "t")]);
+    assert_only_problem(&p, "queues.gh.github.token_env", "not both");
+
+    let partial_app = GITHUB.replace(
+        "token_env = \"GH_TOKEN\"",
+        "app_id = \"1\"\ninstallation_id = 7",
+    );
+    let p = problems(&partial_app, &[]);
+    assert_only_problem(
+        &p,
+        "queues.gh.github.private_key_file",
+        "a GitHub App needs",
+    );
+
+    let none = GITHUB.replace("token_env = \"GH_TOKEN\"\n", "");
+    let p = problems(&none, &[]);
+    assert_only_problem(
+        &p,
+        "queues.gh.github.token_env",
+        "missing; set token_env, or app_id",
+    );
+
+    let bad = format!(
+        "{}\n",
+        GITHUB
+            .replace(
+                "workflow = \"stitch.yml\"",
+                "workflow = \".github/workflows/stitch.yml\"\n\
+             api_url = \"ftp://x\"\napi_version = \"latest\"\nmax_inputs = 6\n\
+             inputs = { a = \"1\", b = \"2\" }\nrequest_timeout = \"0s\"\n\
+             app_id = \"1\"\nprivate_key_file = \"/nonexistent/key.pem\"\ninstallation_id = 7"
+            )
+            .replace("owner = \"acme\"", "owner = \"acme corp\"")
+            .replace("token_env = \"GH_TOKEN\"\n", "")
+    );
+    let p = problems(
+        &format!("{bad}[webhooks.github]\nsecret_env = \"GH_HOOK\"\n"),
+        &[],
+    );
+    assert_problem(&p, "queues.gh.github.owner", "not a GitHub name");
+    assert_problem(&p, "queues.gh.github.workflow", "file name");
+    assert_problem(&p, "queues.gh.github.api_url", "http://");
+    assert_problem(
+        &p,
+        "queues.gh.github.api_version",
+        "not a GitHub API version",
+    );
+    assert_problem(&p, "queues.gh.github.inputs", "exceed GitHub's limit of 6");
+    assert_problem(&p, "queues.gh.github.request_timeout", "greater than zero");
+    assert_problem(
+        &p,
+        "queues.gh.github.private_key_file",
+        "cannot read /nonexistent/key.pem",
+    );
+    assert_problem(&p, "webhooks.github.secret_env", "\"GH_HOOK\" is unset");
+    assert_eq!(p.len(), 8, "{p:#?}");
+
+    let wrong_runner = GITHUB.replace("runner = \"github\"", "runner = \"fake\"");
+    let p = problems(&wrong_runner, &[("GH_TOKEN", "t")]);
+    assert_only_problem(&p, "queues.gh.github", "only read by runner = \"github\"");
 }

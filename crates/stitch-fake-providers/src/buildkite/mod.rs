@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +34,8 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub use crate::faults::Fault;
+use crate::faults::{proxy_page, spoil, FaultRules};
 use world::{is_terminal, CreateBody, Transition, World};
 pub use world::{Plan, MARKER};
 
@@ -72,20 +73,6 @@ pub enum Endpoint {
     JobLog,
     /// Any of the above.
     Any,
-}
-
-/// What goes wrong with a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// Answer this status (with an HTML proxy page) without doing the work.
-    Status(u16),
-    /// Do the work, then answer only after this delay (the client times out
-    /// first: "accepted but the response was lost").
-    Timeout(Duration),
-    /// Do the work, then drop the connection in the middle of the answer.
-    Reset,
-    /// Do the work, then answer this status (a proxy that lost the answer).
-    LostAfterWork(u16),
 }
 
 /// How webhooks prove their origin.
@@ -132,13 +119,6 @@ impl FakeStats {
     }
 }
 
-struct FaultRule {
-    endpoint: Endpoint,
-    fault: Fault,
-    remaining: Option<u32>,
-    probability: f64,
-}
-
 struct RateWindow {
     started: Instant,
     count: u32,
@@ -146,7 +126,7 @@ struct RateWindow {
 
 struct Inner {
     world: World,
-    faults: Vec<FaultRule>,
+    faults: FaultRules<Endpoint>,
     stats: FakeStats,
     windows: HashMap<String, RateWindow>,
     /// Every API request's arrival time, per organization.
@@ -231,7 +211,7 @@ impl FakeBuildkite {
             rate_limit: options.rate_limit,
             inner: Mutex::new(Inner {
                 world,
-                faults: Vec::new(),
+                faults: FaultRules::default(),
                 stats: FakeStats::default(),
                 windows: HashMap::new(),
                 arrivals: HashMap::new(),
@@ -283,23 +263,16 @@ impl FakeBuildkite {
 
     /// Fails the next `times` requests to `endpoint` with `fault`.
     pub fn inject(&self, endpoint: Endpoint, fault: Fault, times: u32) {
-        self.shared.lock().faults.push(FaultRule {
-            endpoint,
-            fault,
-            remaining: Some(times),
-            probability: 1.0,
-        });
+        self.shared.lock().faults.inject(endpoint, fault, times);
     }
 
     /// Fails each request to `endpoint` with `fault` with `probability`,
     /// until [`clear_faults`](Self::clear_faults).
     pub fn inject_rate(&self, endpoint: Endpoint, fault: Fault, probability: f64) {
-        self.shared.lock().faults.push(FaultRule {
-            endpoint,
-            fault,
-            remaining: None,
-            probability,
-        });
+        self.shared
+            .lock()
+            .faults
+            .inject_rate(endpoint, fault, probability);
     }
 
     /// Removes every injected fault.
@@ -595,37 +568,11 @@ fn gate(
         );
         return Err(resp);
     }
-    let mut fault = None;
-    for rule in inner.faults.iter_mut() {
-        let matches = rule.endpoint == endpoint || rule.endpoint == Endpoint::Any;
-        if !matches || rule.remaining == Some(0) {
-            continue;
-        }
-        if rule.probability < 1.0 && rand::random::<f64>() >= rule.probability {
-            continue;
-        }
-        if let Some(n) = &mut rule.remaining {
-            *n -= 1;
-        }
-        fault = Some(rule.fault);
-        break;
-    }
-    inner.faults.retain(|r| r.remaining != Some(0));
-    match fault {
+    match inner.faults.take(endpoint, Endpoint::Any) {
         Some(Fault::Status(code)) => Err(proxy_page(code)),
         Some(f) => Ok((After::Fault(f), rl)),
         None => Ok((After::Normal, rl)),
     }
-}
-
-fn proxy_page(code: u16) -> Response {
-    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/html")],
-        format!("<html><body><h1>{code}</h1>upstream trouble</body></html>"),
-    )
-        .into_response()
 }
 
 /// Applies a post-work fault to a finished answer.
@@ -633,26 +580,7 @@ async fn finish(after: After, rl: HeaderMap, mut resp: Response) -> Response {
     resp.headers_mut().extend(rl);
     match after {
         After::Normal => resp,
-        After::Fault(Fault::Timeout(d)) => {
-            tokio::time::sleep(d).await;
-            resp
-        }
-        After::Fault(Fault::LostAfterWork(code)) => proxy_page(code),
-        After::Fault(Fault::Reset) => {
-            // Headers go out, then the body fails: hyper drops the connection.
-            let (parts, _) = resp.into_parts();
-            let broken = futures::stream::iter(vec![
-                Ok(bytes::Bytes::from_static(b"{\"id\":")),
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    "fake reset",
-                )),
-            ]);
-            let mut resp = Response::from_parts(parts, Body::from_stream(broken));
-            resp.headers_mut().remove(header::CONTENT_LENGTH);
-            resp
-        }
-        After::Fault(Fault::Status(code)) => proxy_page(code),
+        After::Fault(f) => spoil(Some(f), resp).await,
     }
 }
 

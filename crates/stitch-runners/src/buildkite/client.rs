@@ -21,9 +21,10 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use stitch_core::RunnerError;
 
-use super::budget::RequestBudget;
-use super::model::{next_link, Build, CreateBuild, ErrorBody, FieldError};
+use super::model::{Build, CreateBuild, ErrorBody, FieldError};
+use crate::http_budget::RequestBudget;
 use crate::http_retry::RetryPolicy;
+use crate::http_util::{next_link, status_summary, transport_message};
 
 /// The most pages a list follows (100 builds each).
 const MAX_PAGES: usize = 10;
@@ -423,21 +424,6 @@ impl Client {
     }
 }
 
-fn transport_message(e: &reqwest::Error) -> String {
-    // The source chain says what actually happened (reset, refused, timeout).
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    if e.is_timeout() && !message.contains("timed out") {
-        message.push_str(" (timed out)");
-    }
-    message
-}
-
 /// Seconds until the rate-limit window resets: the larger of the
 /// organization (`RateLimit-Reset`) and user (`RateLimit-User-Reset`) resets.
 fn rate_limit_reset(headers: &HeaderMap) -> Option<Duration> {
@@ -468,16 +454,6 @@ fn api_error(status: StatusCode, body: &str, reset: Option<Duration>) -> Buildki
         message,
         errors,
         rate_limit_reset: reset,
-    }
-}
-
-fn status_summary(status: StatusCode, body: &str) -> String {
-    let snippet: String = body.trim().chars().take(200).collect();
-    let reason = status.canonical_reason().unwrap_or("error");
-    if snippet.is_empty() {
-        reason.to_string()
-    } else {
-        format!("{reason}: {snippet}")
     }
 }
 

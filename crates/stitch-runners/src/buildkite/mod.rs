@@ -2,21 +2,20 @@
 //!
 //! - [`Client`]: the REST calls, with an injected transport, base URL and
 //!   [`RetryPolicy`](crate::http_retry::RetryPolicy), and the
-//!   organization's shared [`RequestBudget`].
+//!   organization's shared [`RequestBudget`] (from [`crate::http_budget`]).
 //! - [`BuildkiteRunner`]: the `BuildRunner` contract on top of it.
 //! - [`model`]: the REST objects and the state mapping; [`logs`]: job logs
 //!   as `LogLine`s; [`webhook`]: verifying webhook requests.
 //!
 //! Facts about the API: `research/buildkite.md`; setup: `docs/runners/buildkite.md`.
 
-pub mod budget;
 pub mod client;
 pub mod logs;
 pub mod model;
 pub mod runner;
 pub mod webhook;
 
-pub use budget::{RateLimit, RequestBudget};
+pub use crate::http_budget::{RateLimit, RequestBudget};
 pub use client::{BuildQuery, BuildkiteError, Client, Pipeline};
 pub use model::{Build, BuildState, META_BUILD_ID, META_QUEUE};
 pub use runner::{status_report, BuildkiteConfig, BuildkiteRunner};

@@ -280,20 +280,6 @@ fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
         .collect())
 }
 
-/// The `rel="next"` URL of an RFC 8288 `Link` header, if any.
-pub fn next_link(header: &str) -> Option<String> {
-    header.split(',').find_map(|part| {
-        let mut pieces = part.split(';');
-        let target = pieces.next()?.trim();
-        let url = target.strip_prefix('<')?.strip_suffix('>')?;
-        let is_next = pieces.any(|p| {
-            let p = p.trim();
-            p.eq_ignore_ascii_case("rel=\"next\"") || p.eq_ignore_ascii_case("rel=next")
-        });
-        is_next.then(|| url.to_string())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,19 +316,6 @@ mod tests {
         let s: BuildState = serde_json::from_str("\"waiting\"").unwrap();
         assert_eq!(s, BuildState::Other("waiting".into()));
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"waiting\"");
-    }
-
-    #[test]
-    fn link_header_next() {
-        let h = r#"<https://api.buildkite.com/v2/builds?page=3>; rel="next", <https://api.buildkite.com/v2/builds?page=9>; rel="last""#;
-        assert_eq!(
-            next_link(h).as_deref(),
-            Some("https://api.buildkite.com/v2/builds?page=3")
-        );
-        let last = r#"<https://x/?page=1>; rel="first", <https://x/?page=2>; rel="prev""#;
-        assert_eq!(next_link(last), None);
-        assert_eq!(next_link(""), None);
-        assert_eq!(next_link("garbage; rel=\"next\""), None);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! - **trigger**: the build id is stamped as `meta_data["stitch:build_id"]`.
 //!   Before creating, the runner looks the id up (an in-process cache of
-//!   refs first, then the meta-data filter), so a redelivered trigger after
-//!   a crash finds the build it created. A create whose outcome is unknown
+//!   refs first, then the meta-data filter, skipped only on a request's
+//!   `first_attempt`), so a redelivered trigger after a crash finds the
+//!   build it created. A create whose outcome is unknown
 //!   (timeout, reset, 5xx) is followed by the same lookup — repeated for
 //!   `lookup_settle`, since Buildkite does not document how soon a new build
 //!   is listed — and only an empty answer creates again. Concurrent
@@ -267,8 +268,10 @@ impl BuildkiteRunner {
         if let Some(r) = self.cached(&req.build_id) {
             return Ok(r);
         }
-        if let Some(b) = self.lookup(&req.build_id).await? {
-            return Ok(self.found(&req.build_id, &b));
+        if !req.first_attempt {
+            if let Some(b) = self.lookup(&req.build_id).await? {
+                return Ok(self.found(&req.build_id, &b));
+            }
         }
         let body = self.create_body(req);
         let mut last = None;

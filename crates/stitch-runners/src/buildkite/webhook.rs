@@ -10,9 +10,9 @@
 
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use subtle::ConstantTimeEq;
+
+use crate::signature::{hmac_sha256_hex, verify_hmac_sha256};
 
 /// The token header.
 pub const TOKEN_HEADER: &str = "x-buildkite-token";
@@ -57,17 +57,7 @@ pub enum WebhookError {
 
 /// HMAC-SHA256 of `"<timestamp>.<body>"` keyed with `secret`, lower-case hex.
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    hex::encode(mac(secret, timestamp, body).finalize().into_bytes())
-}
-
-fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
-    // HMAC takes keys of any length; this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
+    hmac_sha256_hex(secret, &[timestamp.to_string().as_bytes(), b".", body])
 }
 
 /// Checks an `X-Buildkite-Token` value against `secret` in constant time.
@@ -92,9 +82,13 @@ pub fn verify_signature(
     let expected = hex::decode(signature)
         .map_err(|_| WebhookError::MalformedSignature("signature is not hex"))?;
     // Signature first: only a genuine timestamp is worth judging for age.
-    mac(secret, timestamp, body)
-        .verify_slice(&expected)
-        .map_err(|_| WebhookError::BadSignature)?;
+    if !verify_hmac_sha256(
+        secret,
+        &[timestamp.to_string().as_bytes(), b".", body],
+        &expected,
+    ) {
+        return Err(WebhookError::BadSignature);
+    }
     let age = now.abs_diff(timestamp);
     if age > max_age.as_secs() {
         return Err(WebhookError::Stale {

@@ -51,7 +51,9 @@ pub const ENV_SEPARATOR: &str = "__";
 
 /// The top-level keys of [`Config`]. Only `STITCH_*` variables whose first
 /// path segment is one of these are read as configuration.
-pub const TOP_LEVEL_KEYS: &[&str] = &["listen", "data_dir", "storage", "api", "queues", "spindle"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen", "data_dir", "storage", "api", "queues", "webhooks", "spindle",
+];
 
 /// Where configuration comes from.
 #[derive(Clone, Debug, Default)]
@@ -484,6 +486,22 @@ fn is_string_key(segments: &[String]) -> bool {
             ]
             | ["queues", _, "buildkite", "webhook", "mode" | "secret_env"]
             | [
+                "queues",
+                _,
+                "github",
+                "owner"
+                    | "repo"
+                    | "workflow"
+                    | "ref"
+                    | "token_env"
+                    | "app_id"
+                    | "private_key_file"
+                    | "api_url"
+                    | "api_version"
+            ]
+            | ["queues", _, "github", "inputs", _]
+            | ["webhooks", "github", "secret_env"]
+            | [
                 "spindle",
                 "hostname" | "owner" | "default_queue" | "jetstream_url" | "plc_url"
             ]
@@ -503,6 +521,14 @@ fn is_duration_key(segments: &[String]) -> bool {
             | ["queues", _, "buildkite", "request_timeout" | "log_poll"]
             | ["queues", _, "buildkite", "rate_limit", "window"]
             | ["queues", _, "buildkite", "webhook", "max_age" | "poll"]
+            | [
+                "queues",
+                _,
+                "github",
+                "request_timeout" | "log_poll" | "lookup_settle"
+            ]
+            | ["queues", _, "github", "rate_limit", "window"]
+            | ["webhooks", "github", "poll"]
     )
 }
 
@@ -632,6 +658,8 @@ fn describe(kind: &Kind, target: &[Seg]) -> (Vec<Seg>, String) {
                 "missing; runner \"local\" needs a command".to_string()
             } else if strings.len() == 3 && strings[0] == "queues" && strings[2] == "buildkite" {
                 format!("missing; runner \"buildkite\" needs {field}")
+            } else if strings.len() == 3 && strings[0] == "queues" && strings[2] == "github" {
+                format!("missing; runner \"github\" needs {field}")
             } else {
                 "missing".to_string()
             };
@@ -717,6 +745,7 @@ fn runner_str(runner: RunnerName) -> &'static str {
         RunnerName::Fake => "fake",
         RunnerName::Local => "local",
         RunnerName::Buildkite => "buildkite",
+        RunnerName::Github => "github",
     }
 }
 
@@ -866,6 +895,26 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
             _ => {}
         }
 
+        match (&q.github, q.runner) {
+            (None, RunnerName::Github) if runner_known => problems.report(
+                with(&base, &["github"]),
+                "missing; runner \"github\" needs a [queues.NAME.github] table with owner, repo and workflow",
+            ),
+            (Some(gh), RunnerName::Github) => validate_github(&base, gh, problems, env),
+            (Some(_), runner) if runner_known => {
+                let table = with(&base, &["github"]);
+                problems.report(
+                    table.clone(),
+                    format!(
+                        "table [{}] is only read by runner = \"github\" (this queue has runner = \"{}\")",
+                        KeyPath(&table),
+                        runner_str(runner)
+                    ),
+                );
+            }
+            _ => {}
+        }
+
         if q.concurrency == Some(0) {
             problems.report(with(&base, &["concurrency"]), "must be at least 1");
         }
@@ -910,8 +959,179 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
         }
     }
 
+    if let Some(w) = &config.webhooks.github {
+        if env(&w.secret_env).is_none_or(|v| v.trim().is_empty()) {
+            problems.report(
+                path(&["webhooks", "github", "secret_env"]),
+                format!(
+                    "environment variable {:?} is unset or empty; it must hold the GitHub webhook secret",
+                    w.secret_env
+                ),
+            );
+        }
+        if w.poll.is_zero() {
+            problems.report(
+                path(&["webhooks", "github", "poll"]),
+                "must be greater than zero",
+            );
+        }
+    }
+
     if let Some(spindle) = &config.spindle {
         validate_spindle(config, spindle, problems);
+    }
+}
+
+/// `[queues.NAME.github]`: names, URL, exactly one way to authenticate,
+/// the input limits, and that the named environment variables and key
+/// file hold something.
+fn validate_github(
+    base: &[Seg],
+    gh: &super::GithubSection,
+    problems: &mut Problems,
+    env: &dyn Fn(&str) -> Option<String>,
+) {
+    let key = |more: &[&str]| {
+        let mut k = with(base, &["github"]);
+        k.extend(more.iter().map(|m| Seg::Key((*m).to_string())));
+        k
+    };
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    };
+    for (field, value) in [("owner", &gh.owner), ("repo", &gh.repo)] {
+        if !name_ok(value) {
+            problems.report(
+                key(&[field]),
+                format!("{value:?} is not a GitHub name (letters, digits, '-', '_', '.')"),
+            );
+        }
+    }
+    if gh.workflow.trim().is_empty() || gh.workflow.contains('/') {
+        problems.report(
+            key(&["workflow"]),
+            "must be the workflow's file name (stitch.yml) or numeric id",
+        );
+    }
+    if gh.git_ref.trim().is_empty() {
+        problems.report(key(&["ref"]), "must not be empty");
+    }
+    if !(gh.api_url.starts_with("http://") || gh.api_url.starts_with("https://")) {
+        problems.report(key(&["api_url"]), "must be an http:// or https:// URL");
+    }
+    let version_ok = gh.api_version.len() == 10
+        && chrono::NaiveDate::parse_from_str(&gh.api_version, "%Y-%m-%d").is_ok();
+    if !version_ok {
+        problems.report(
+            key(&["api_version"]),
+            format!(
+                "{:?} is not a GitHub API version (a date like 2022-11-28)",
+                gh.api_version
+            ),
+        );
+    }
+    let app = [
+        gh.app_id.is_some(),
+        gh.private_key_file.is_some(),
+        gh.installation_id.is_some(),
+    ];
+    match (&gh.token_env, app) {
+        (Some(_), [false, false, false]) | (None, [true, true, true]) => {}
+        (None, [false, false, false]) => problems.report(
+            key(&["token_env"]),
+            "missing; set token_env, or app_id, private_key_file and installation_id",
+        ),
+        (Some(_), _) => problems.report(
+            key(&["token_env"]),
+            "set either token_env or the GitHub App keys (app_id, private_key_file, installation_id), not both",
+        ),
+        (None, _) => {
+            for (field, set) in ["app_id", "private_key_file", "installation_id"]
+                .iter()
+                .zip(app)
+            {
+                if !set {
+                    problems.report(
+                        key(&[field]),
+                        "missing; a GitHub App needs app_id, private_key_file and installation_id",
+                    );
+                }
+            }
+        }
+    }
+    if let Some(name) = &gh.token_env {
+        if env(name).is_none_or(|v| v.trim().is_empty()) {
+            problems.report(
+                key(&["token_env"]),
+                format!(
+                    "environment variable {name:?} is unset or empty; it must hold a GitHub token"
+                ),
+            );
+        }
+    }
+    if let Some(file) = &gh.private_key_file {
+        match std::fs::read(file) {
+            Ok(pem) if pem.starts_with(b"-----BEGIN") => {}
+            Ok(_) => problems.report(
+                key(&["private_key_file"]),
+                format!("{} is not a PEM private key", file.display()),
+            ),
+            Err(e) => problems.report(
+                key(&["private_key_file"]),
+                format!("cannot read {}: {e}", file.display()),
+            ),
+        }
+    }
+    if gh.app_id.as_deref().is_some_and(|a| a.trim().is_empty()) {
+        problems.report(key(&["app_id"]), "must not be empty");
+    }
+    if gh.max_inputs < stitch_runners::github::RESERVED_INPUTS.len() {
+        problems.report(
+            key(&["max_inputs"]),
+            format!(
+                "must be at least {} (stitch's own inputs)",
+                stitch_runners::github::RESERVED_INPUTS.len()
+            ),
+        );
+    } else {
+        let reserved = stitch_runners::github::RESERVED_INPUTS;
+        let total = reserved.len()
+            + gh.inputs
+                .keys()
+                .filter(|k| !reserved.contains(&k.as_str()))
+                .count();
+        if total > gh.max_inputs {
+            problems.report(
+                key(&["inputs"]),
+                format!(
+                    "{} extra inputs plus stitch's 5 exceed GitHub's limit of {} inputs",
+                    gh.inputs.len(),
+                    gh.max_inputs
+                ),
+            );
+        }
+    }
+    let limit = stitch_runners::http_budget::RateLimit {
+        requests: gh.rate_limit.requests,
+        window: gh.rate_limit.window,
+    };
+    if let Some(problem) = limit.problem() {
+        let field = if gh.rate_limit.requests < 2 {
+            "requests"
+        } else {
+            "window"
+        };
+        problems.report(key(&["rate_limit", field]), problem);
+    }
+    for (field, value) in [
+        ("request_timeout", gh.request_timeout),
+        ("log_poll", gh.log_poll),
+    ] {
+        if value.is_zero() {
+            problems.report(key(&[field]), "must be greater than zero");
+        }
     }
 }
 

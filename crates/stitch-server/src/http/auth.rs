@@ -14,7 +14,12 @@ use super::error::ApiError;
 
 /// Paths that answer without a token: liveness and readiness probes, and
 /// webhook receivers (authenticated by the provider's token or signature).
-const PUBLIC_PATHS: [&str; 3] = ["/healthz", "/readyz", "/webhooks/buildkite"];
+const PUBLIC_PATHS: [&str; 4] = [
+    "/healthz",
+    "/readyz",
+    "/webhooks/buildkite",
+    "/webhooks/github",
+];
 
 /// The accepted tokens; empty means authentication is off.
 #[derive(Clone)]

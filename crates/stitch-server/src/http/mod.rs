@@ -119,6 +119,10 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
             "/webhooks/buildkite",
             post(webhooks::buildkite).layer(DefaultBodyLimit::max(webhooks::MAX_BODY)),
         )
+        .route(
+            "/webhooks/github",
+            post(webhooks::github).layer(DefaultBodyLimit::max(webhooks::GITHUB_MAX_BODY)),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -152,6 +152,7 @@ pub struct HealthBody {
         super::ops::metrics,
         super::ops::openapi,
         super::webhooks::buildkite,
+        super::webhooks::github,
     ),
     components(schemas(
         CreateBuild,

@@ -1,5 +1,7 @@
-//! `POST /webhooks/buildkite`: Buildkite webhooks wake the poll loop.
+//! `POST /webhooks/buildkite` and `POST /webhooks/github`: provider
+//! webhooks wake the poll loop.
 //!
+//! **Buildkite**:
 //! The request is verified against the configured secrets first
 //! (`X-Buildkite-Token` or `X-Buildkite-Signature`, see
 //! [`crate::webhooks`]): anything unverified is 401 and changes nothing.
@@ -9,6 +11,15 @@
 //! for the truth (webhook bodies are hints). Everything else verified —
 //! `ping`, unknown events, builds that are not stitch's — is 200 and
 //! nothing else. The body is capped at [`MAX_BODY`].
+//!
+//! **GitHub** (`[webhooks.github]`): `X-Hub-Signature-256` is checked over
+//! the raw body first (401 and no effect when missing or wrong). A
+//! `workflow_run` or `workflow_job` event wakes the build whose run it is:
+//! the build named in the run's title (`run-name`), or the live build whose
+//! recorded run id it carries — on a `github` queue of the event's
+//! repository. `ping`, other events and foreign runs are 200 and nothing
+//! else; a delivery id already handled is 200 `duplicate`. The body is
+//! capped at [`GITHUB_MAX_BODY`].
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -18,14 +29,20 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use stitch_core::BuildId;
 use stitch_runners::buildkite::META_BUILD_ID;
+use stitch_runners::github::webhook as gh;
 
 use super::error::ApiError;
 use super::Ctx;
 use crate::state::topics;
+use crate::webhooks::build_ids_in_title;
 
 /// Largest accepted webhook body. Build and job payloads carry no job
 /// lists and are a few KiB.
 pub const MAX_BODY: usize = 256 * 1024;
+
+/// Largest accepted GitHub webhook body: `workflow_run` payloads carry the
+/// run, its head commit and the repository, tens of KiB.
+pub const GITHUB_MAX_BODY: usize = 1024 * 1024;
 
 /// Delays of the follow-up wakes after a wake that found nothing postponed.
 const RETRY_WAKE_MS: [u64; 5] = [20, 100, 300, 1000, 3000];
@@ -33,7 +50,8 @@ const RETRY_WAKE_MS: [u64; 5] = [20, 100, 300, 1000, 3000];
 /// What the receiver did.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct WebhookOutcome {
-    /// `woken` (a build's poll runs now) or `ignored`.
+    /// `woken` (a build's poll runs now), `ignored`, or `duplicate` (a
+    /// GitHub delivery handled before).
     pub outcome: String,
     /// The stitch build woken, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +70,49 @@ struct Payload {
 struct PayloadBuild {
     #[serde(default)]
     meta_data: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Wakes `id`'s signal partition so its next poll happens now.
+async fn wake(state: &crate::state::AppState, id: &BuildId) -> Result<(), ApiError> {
+    state.wake_hints().mark(id);
+    let woken = state
+        .queue()
+        .admin()
+        .wake(topics::SIGNAL, id.as_str())
+        .await
+        .map_err(ApiError::unavailable)?;
+    if woken == 0 {
+        // The build's poll is running (or about to hold): its end checks the
+        // hint, but a hold committed just after that check would sleep the
+        // whole safety-net delay. Wake again shortly, until a poll took the hint.
+        let (state, id) = (state.clone(), id.clone());
+        tokio::spawn(async move {
+            for ms in RETRY_WAKE_MS {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                if !state.wake_hints().is_pending(&id) {
+                    return;
+                }
+                match state
+                    .queue()
+                    .admin()
+                    .wake(topics::SIGNAL, id.as_str())
+                    .await
+                {
+                    Ok(n) if n > 0 => return,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(build = %id, error = %e, "webhook wake failed"),
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn outcome(outcome: &str, build_id: Option<&BuildId>) -> Json<WebhookOutcome> {
+    Json(WebhookOutcome {
+        outcome: outcome.into(),
+        build_id: build_id.map(ToString::to_string),
+    })
 }
 
 fn ignored() -> Json<WebhookOutcome> {
@@ -142,39 +203,125 @@ pub(crate) async fn buildkite(
     if !queues.contains(&build.queue) || build.status.is_terminal() {
         return Ok(ignored());
     }
-    state.wake_hints().mark(&id);
-    let woken = state
-        .queue()
-        .admin()
-        .wake(topics::SIGNAL, id.as_str())
-        .await
-        .map_err(ApiError::unavailable)?;
-    if woken == 0 {
-        // The build's poll is running (or about to hold): its end checks the
-        // hint, but a hold committed just after that check would sleep the
-        // whole safety-net delay. Wake again shortly, until a poll took the hint.
-        let (state, id) = (state.clone(), id.clone());
-        tokio::spawn(async move {
-            for ms in RETRY_WAKE_MS {
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                if !state.wake_hints().is_pending(&id) {
-                    return;
-                }
-                match state
-                    .queue()
-                    .admin()
-                    .wake(topics::SIGNAL, id.as_str())
-                    .await
-                {
-                    Ok(n) if n > 0 => return,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(build = %id, error = %e, "webhook wake failed"),
-                }
-            }
-        });
-    }
+    wake(state, &id).await?;
     Ok(Json(WebhookOutcome {
         outcome: "woken".into(),
         build_id: Some(id.to_string()),
     }))
+}
+
+/// Receive a GitHub webhook.
+#[utoipa::path(
+    post,
+    path = "/webhooks/github",
+    tag = "webhooks",
+    request_body(content = String, content_type = "application/json", description = "A GitHub webhook body"),
+    params(
+        ("X-GitHub-Event" = Option<String>, Header, description = "Event name (`workflow_run`, `workflow_job`, `ping`, …)"),
+        ("X-GitHub-Delivery" = Option<String>, Header, description = "Delivery id (redeliveries keep it)"),
+        ("X-Hub-Signature-256" = String, Header, description = "`sha256=` + hex HMAC-SHA256 of the body keyed with the webhook secret")
+    ),
+    responses(
+        (status = 200, description = "Verified; `woken`, `ignored` or `duplicate`", body = WebhookOutcome),
+        (status = 400, description = "`malformed_json`", body = super::schema::ErrorBody),
+        (status = 401, description = "`invalid_webhook`: missing, malformed or wrong signature", body = super::schema::ErrorBody),
+        (status = 404, description = "`webhooks_not_configured`", body = super::schema::ErrorBody),
+        (status = 413, description = "`body_too_large`", body = super::schema::ErrorBody)
+    )
+)]
+pub(crate) async fn github(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<WebhookOutcome>, ApiError> {
+    let state = &ctx.state;
+    let Some(hooks) = state.github_webhooks() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "webhooks_not_configured",
+            "[webhooks.github] is not configured",
+        ));
+    };
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("webhook bodies are limited to {GITHUB_MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::invalid(r.body_text())
+        }
+    })?;
+    hooks
+        .verify(&headers, &body)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_webhook", e.to_string()))?;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let event = header(gh::EVENT_HEADER);
+    let delivery = header(gh::DELIVERY_HEADER);
+    if !delivery.is_empty() && hooks.seen(&delivery) {
+        return Ok(outcome("duplicate", None));
+    }
+    let hint = gh::run_hint(&event, &body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("webhook body: {e}"),
+        )
+    })?;
+    let done = |o: Json<WebhookOutcome>| {
+        if !delivery.is_empty() {
+            hooks.handled(&delivery);
+        }
+        Ok(o)
+    };
+    let Some(hint) = hint else {
+        return done(ignored());
+    };
+    let repo = hint.repository.as_deref();
+    // The build the run's title names, else the build that recorded its id.
+    let mut target = None;
+    for id in hint
+        .title
+        .as_deref()
+        .map(build_ids_in_title)
+        .unwrap_or_default()
+    {
+        match state.store().get_build(&id).await {
+            Ok(b) if hooks.speaks_for(&b.queue, repo) => {
+                target = Some(b);
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(ApiError::unavailable(e)),
+        }
+    }
+    if target.is_none() {
+        if let Some(run_id) = hint.run_id {
+            let found = hooks
+                .build_for_run(state.store(), run_id)
+                .await
+                .map_err(ApiError::unavailable)?;
+            if let Some(id) = found {
+                match state.store().get_build(&id).await {
+                    Ok(b) if hooks.speaks_for(&b.queue, repo) => target = Some(b),
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(ApiError::unavailable(e)),
+                }
+            }
+        }
+    }
+    let Some(build) = target.filter(|b| !b.status.is_terminal()) else {
+        return done(ignored());
+    };
+    wake(state, &build.id).await?;
+    done(outcome("woken", Some(&build.id)))
 }

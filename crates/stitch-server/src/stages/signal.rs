@@ -16,7 +16,7 @@ use super::{
     budget_for, fail_build, handle_of, load_build, parse, record_status, runtime_of, subscription,
 };
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
-use crate::state::{poll_delay, topics, AppState, QueueRuntime};
+use crate::state::{topics, AppState, QueueRuntime};
 
 /// While a cancel is pending, poll this often to confirm it.
 const CANCEL_CONFIRM_POLL: Duration = Duration::from_millis(500);
@@ -189,7 +189,7 @@ impl Stage for SignalStage {
         } else if cancelling {
             CANCEL_CONFIRM_POLL
         } else {
-            poll_delay(&runtime.config, report.status)
+            runtime.poll_delay(report.status)
         };
         Ok(StageOutcome::Hold(delay))
     }

@@ -89,7 +89,10 @@ impl Stage for TriggerStage {
                     ChangeSet::new(build.base.clone(), build.head.clone()),
                 )
                 .with_metadata(BuildMetadata::from(build.caller_metadata.clone()))
-                .with_job_env(job_env);
+                .with_job_env(job_env)
+                // Attempt 1 of the build's only trigger message: no trigger
+                // ran before (a crash or a retry makes the next one attempt 2).
+                .with_first_attempt(delivery.attempt() == 1);
                 let r = runtime.runner.trigger(&req).await?;
                 serde_json::to_value(&r)
                     .map_err(|e| StageError::permanent(format!("runner ref: {e}")))?

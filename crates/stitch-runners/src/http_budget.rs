@@ -1,7 +1,8 @@
-//! The per-organization request budget: a token bucket every Buildkite
-//! client of one organization shares, so all queues on that organization
-//! together stay inside Buildkite's organization rate limit (default 200
-//! requests per minute), plus a shared pause after a 429.
+//! A shared request budget for vendor HTTP clients: a token bucket every
+//! client of one rate-limit scope shares (a Buildkite organization, a
+//! GitHub token or App installation), so all queues on that scope together
+//! stay inside the provider's limit, plus a shared pause after the provider
+//! said "slow down" (a 429, GitHub's 403 rate-limit answers).
 //!
 //! Bucket shape: a burst of a tenth of the limit, refilled continuously with
 //! the rest over the window. Any window of that length then sees at most
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How many requests per window an organization may send.
+/// How many requests per window one rate-limit scope may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
     /// Requests allowed in any window; at least 2.
@@ -64,8 +65,8 @@ struct Bucket {
     paused_until: Option<Instant>,
 }
 
-/// A token bucket shared (through `Arc`) by every client of one
-/// organization.
+/// A token bucket shared (through `Arc`) by every client of one rate-limit
+/// scope.
 pub struct RequestBudget {
     limit: RateLimit,
     bucket: Mutex<Bucket>,
@@ -131,7 +132,7 @@ impl RequestBudget {
         }
     }
 
-    /// After a 429: nobody on this organization sends before `wait` has
+    /// After a rate-limit answer: nobody on this scope sends before `wait` has
     /// passed (the provider's reset), and the bucket restarts empty so the
     /// requests that queued up meanwhile trickle out at the refill rate
     /// instead of bursting into the fresh window.

@@ -1,0 +1,465 @@
+//! `stitch serve` (the real binary) driving builds as runs on the stateful
+//! fake GitHub over loopback HTTP: webhooks and polling, lost dispatch
+//! answers, an older server, SIGKILL and restart, cancel, logs, GitHub App
+//! tokens, and forged webhooks.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use stitch_fake_providers::github::{
+    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, Timing, WebhookTarget,
+};
+use support::serve::Serve;
+
+const TOKEN: &str = "ghp-test-token";
+const SECRET: &str = "gh-webhook-secret-0123456789";
+const ENV: [(&str, &str); 2] = [("GH_TOKEN", TOKEN), ("GH_WEBHOOK_SECRET", SECRET)];
+
+const WEBHOOKS: &str = "[webhooks.github]\nsecret_env = \"GH_WEBHOOK_SECRET\"\n";
+
+/// `auth` replaces the token line; `extra` is appended to the
+/// `[queues.ci.github]` table, `tail` after it (top-level tables).
+fn config(fake: &FakeGithub, poll: &str, auth: Option<&str>, extra: &str, tail: &str) -> String {
+    let auth = auth.unwrap_or("token_env = \"GH_TOKEN\"");
+    format!(
+        r#"data_dir = "{{data}}"
+[queues.ci]
+runner = "github"
+poll = {{ accepted = "{poll}", running = "{poll}" }}
+retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
+[queues.ci.github]
+owner = "acme"
+repo = "app"
+workflow = "stitch.yml"
+{auth}
+api_url = "{api}"
+request_timeout = "1s"
+log_poll = "100ms"
+lookup_settle = "1s"
+rate_limit = {{ requests = 100000, window = "1s" }}
+{extra}
+{tail}
+"#,
+        api = fake.url(),
+    )
+}
+
+async fn fake(options: FakeOptions) -> FakeGithub {
+    FakeGithub::start(FakeOptions {
+        token: TOKEN.into(),
+        timing: Timing {
+            queue: Duration::from_millis(100),
+            run: Duration::from_millis(400),
+            ..options.timing
+        },
+        ..options
+    })
+    .await
+    .unwrap()
+}
+
+fn heads(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let marker = if i % 10 == 3 { "?stitch-gh=fail" } else { "" };
+            format!("https://git.example/c/{i}{marker}")
+        })
+        .collect()
+}
+
+fn expected(head: &str) -> &'static str {
+    if head.contains("stitch-gh=fail") {
+        "failed"
+    } else {
+        "succeeded"
+    }
+}
+
+async fn create_all(s: &Serve, http: &reqwest::Client, hs: &[String]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for h in hs {
+        ids.push(s.create(http, "ci", h).await);
+    }
+    ids
+}
+
+fn get_runs(fake: &FakeGithub) -> u64 {
+    fake.stats().requests.get("get_run").copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_drive_100_builds_to_terminal() {
+    let fake = fake(FakeOptions::default()).await;
+    // The safety-net poll (60 s default) is far beyond the test: only
+    // webhooks can finish these builds in time.
+    let s = Serve::start(&config(&fake, "5s", None, "", WEBHOOKS), &ENV).await;
+    fake.set_webhook(Some(WebhookTarget {
+        url: format!("{}/webhooks/github", s.base),
+        secret: SECRET.into(),
+        job_events: true,
+        // Every delivery twice, as a redelivery does: harmless.
+        duplicate: true,
+    }));
+    let http = reqwest::Client::new();
+    let hs = heads(100);
+    let ids = create_all(&s, &http, &hs).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(50))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.runs_for(id), 1);
+    }
+    let stats = fake.stats();
+    assert!(
+        stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
+        "{stats:?}"
+    );
+    // Polls were few: a handful per build, not one per 200 ms of its life.
+    assert!(get_runs(&fake) < 100 * 8, "{stats:?}");
+    let v = s.get(&http, &ids[0]).await;
+    assert_eq!(v["metadata"]["github_conclusion"], "success");
+    assert!(v["metadata"]["github_run_id"].as_str().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_alone_finishes_100_builds_and_lost_dispatches_make_one_run_each() {
+    let fake = fake(FakeOptions::default()).await;
+    let s = Serve::start(&config(&fake, "150ms", None, "", ""), &ENV).await;
+    // A fifth of dispatches lose their answer after GitHub made the run.
+    fake.inject_rate(Endpoint::Dispatch, Fault::Reset, 0.1);
+    fake.inject_rate(
+        Endpoint::Dispatch,
+        Fault::Timeout(Duration::from_secs(2)),
+        0.05,
+    );
+    fake.inject_rate(Endpoint::Dispatch, Fault::LostAfterWork(502), 0.05);
+    fake.inject_rate(Endpoint::GetRun, Fault::Status(503), 0.05);
+    let http = reqwest::Client::new();
+    let hs = heads(100);
+    let ids = create_all(&s, &http, &hs).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
+    }
+    assert_eq!(fake.stats().runs_created, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_server_without_run_details_is_correlated_by_run_name() {
+    let fake = fake(FakeOptions {
+        older_server: true,
+        max_inputs: 10,
+        timing: Timing {
+            list_lag: Duration::from_millis(300),
+            ..Timing::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let s = Serve::start(&config(&fake, "150ms", None, "max_inputs = 10", ""), &ENV).await;
+    let http = reqwest::Client::new();
+    let hs = heads(20);
+    let ids = create_all(&s, &http, &hs).await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.runs_for(id), 1);
+        let run = fake.run_json(id).unwrap();
+        let v = s.get(&http, id).await;
+        assert_eq!(v["runner_ref"]["id"], run["id"].to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
+    let fake = fake(FakeOptions::default()).await;
+    let mut s = Serve::start(&config(&fake, "150ms", None, "", ""), &ENV).await;
+    // Dispatches are slow to answer, so the kill lands amid unanswered ones.
+    fake.inject_rate(
+        Endpoint::Dispatch,
+        Fault::Timeout(Duration::from_millis(300)),
+        0.3,
+    );
+    let http = reqwest::Client::new();
+    let hs = heads(100);
+    let ids = create_all(&s, &http, &hs).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fake.stats().runs_created < 30 {
+        assert!(Instant::now() < deadline, "runs did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.kill();
+    let before = fake.stats().runs_created;
+    assert!(before < 100, "the kill came too late to test anything");
+    s.restart().await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_running_and_completed_builds_and_stream_logs() {
+    let fake = fake(FakeOptions::default()).await;
+    let s = Serve::start(&config(&fake, "100ms", None, "", ""), &ENV).await;
+    let http = reqwest::Client::new();
+    let long = s
+        .create(&http, "ci", "https://git.example/c/long?stitch-gh=hang")
+        .await;
+    let short = s.create(&http, "ci", "https://git.example/c/short").await;
+    s.wait_status(&http, &long, "running").await;
+    s.wait_all_terminal(&http, std::slice::from_ref(&short), Duration::from_secs(30))
+        .await;
+    for id in [&long, &short] {
+        let r = http
+            .post(format!("{}/v1/builds/{id}/cancel", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let done = s
+        .wait_all_terminal(
+            &http,
+            &[long.clone(), short.clone()],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done[&long], "cancelled");
+    assert_eq!(
+        done[&short], "succeeded",
+        "cancelling a completed build changes nothing"
+    );
+    let run = fake.run_json(&long).unwrap();
+    assert_eq!(run["conclusion"], "cancelled");
+    let v = s.get(&http, &short).await;
+    assert_eq!(v["metadata"]["github_status"], "completed");
+    assert!(v["metadata"]["url"]
+        .as_str()
+        .unwrap()
+        .contains("/acme/app/actions/runs/"));
+
+    // The finished build's log over SSE: two jobs as steps, GitHub's lines
+    // without their time stamps.
+    let text = http
+        .get(format!("{}/v1/builds/{short}/logs", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text.matches(r#""step_status":"start""#).count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
+    assert!(text.contains("##[group]Run make test"), "{text}");
+    assert!(!text.contains("\u{feff}"), "{text}");
+    assert!(!text.contains(r#""content":"2026-"#), "{text}");
+    assert_eq!(fake.stats().storage_auth_leaks, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
+    let key_dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-fake-providers/tests/data/github"
+    );
+    let fake = fake(FakeOptions {
+        app: Some(FakeApp {
+            app_id: "424242".into(),
+            public_key_pem: std::fs::read(format!("{key_dir}/test_app_key.pub.pem")).unwrap(),
+            installation_id: 77,
+            token_lifetime: Duration::from_secs(3),
+        }),
+        timing: Timing {
+            run: Duration::from_secs(2),
+            ..Timing::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let auth = format!(
+        "app_id = \"424242\"\nprivate_key_file = \"{key_dir}/test_app_key.pem\"\ninstallation_id = 77"
+    );
+    let s = Serve::start(&config(&fake, "200ms", Some(&auth), "", ""), &ENV).await;
+    let http = reqwest::Client::new();
+    let hs: Vec<String> = (0..10)
+        .map(|i| format!("https://git.example/c/{i}"))
+        .collect();
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(s.create(&http, "ci", h).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+        .await;
+    assert!(done.values().all(|st| st == "succeeded"), "{done:?}");
+    let stats = fake.stats();
+    assert!(
+        stats.tokens_minted >= 2,
+        "tokens were not refreshed: {stats:?}"
+    );
+    assert_eq!(stats.unauthorized, 0, "a token expired in use: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
+    let fake = fake(FakeOptions::default()).await;
+    let s = Serve::start(&config(&fake, "100ms", None, "", WEBHOOKS), &ENV).await;
+    let http = reqwest::Client::new();
+    let id = s
+        .create(&http, "ci", "https://git.example/c/1?stitch-gh=hang")
+        .await;
+    fake.set_webhook(Some(WebhookTarget {
+        url: format!("{}/webhooks/github", s.base),
+        secret: SECRET.into(),
+        job_events: false,
+        duplicate: false,
+    }));
+    s.wait_status(&http, &id, "running").await;
+    // From here on only the test's own requests reach the receiver, and
+    // the poll cadence is the 60 s safety net: nothing polls unless woken.
+    fake.set_webhook(None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let polls_before = get_runs(&fake);
+    let url = format!("{}/webhooks/github", s.base);
+    let run = fake.run_json(&id).unwrap();
+    let body = serde_json::json!({
+        "action": "completed",
+        "workflow_run": run,
+        "repository": run["repository"],
+    })
+    .to_string();
+    let post = |event: &'static str, delivery: String, signature: Option<String>, body: String| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", delivery);
+        if let Some(sig) = signature {
+            r = r.header("x-hub-signature-256", sig);
+        }
+        r.body(body).send()
+    };
+    let genuine = |b: &str| Some(sign(SECRET.as_bytes(), b.as_bytes()));
+    let cases: Vec<(&str, Option<String>, String)> = vec![
+        ("no signature", None, body.clone()),
+        (
+            "forged with another secret",
+            Some(sign(b"not-the-secret", body.as_bytes())),
+            body.clone(),
+        ),
+        (
+            "tampered body",
+            genuine(&body),
+            body.replace("in_progress", "completed"),
+        ),
+        (
+            "legacy sha1 header form",
+            Some("sha1=0123456789abcdef0123456789abcdef01234567".into()),
+            body.clone(),
+        ),
+        ("garbage", Some("sha256=zz".into()), body.clone()),
+    ];
+    for (n, (what, sig, b)) in cases.into_iter().enumerate() {
+        let r = post("workflow_run", format!("forged-{n}"), sig, b)
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{what}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_webhook", "{what}");
+    }
+    let r = post(
+        "workflow_run",
+        "bad-json".into(),
+        genuine("{not json"),
+        "{not json".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // None of that reached the poll loop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get_runs(&fake),
+        polls_before,
+        "a rejected webhook caused a poll"
+    );
+    assert_eq!(s.get(&http, &id).await["status"], "running");
+
+    // Verified but not for stitch: ping, other events, a foreign run.
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-fake-providers/tests/data/github"
+    );
+    let ping = std::fs::read_to_string(format!("{data}/webhook_ping.json")).unwrap();
+    let foreign =
+        std::fs::read_to_string(format!("{data}/webhook_workflow_run_completed.json")).unwrap();
+    for (event, b) in [
+        ("ping", ping),
+        ("workflow_run", foreign),
+        ("push", r#"{"ref":"refs/heads/main"}"#.to_string()),
+    ] {
+        let r = post(event, format!("other-{event}"), genuine(&b), b)
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{event}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["outcome"], "ignored", "{event}");
+    }
+    // A genuine one wakes the build: cancel the run at the fake, then tell
+    // stitch with a job event (no title: matched by the recorded run id).
+    let run_id = run["id"].as_u64().unwrap();
+    let r = http
+        .post(format!(
+            "{}/repos/acme/app/actions/runs/{run_id}/cancel",
+            fake.url()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let job = serde_json::json!({
+        "action": "completed",
+        "workflow_job": {"id": run_id + 1, "run_id": run_id, "status": "completed", "conclusion": "cancelled"},
+        "repository": {"full_name": "acme/app"},
+    })
+    .to_string();
+    let r = post(
+        "workflow_job",
+        "genuine-1".into(),
+        genuine(&job),
+        job.clone(),
+    )
+    .await
+    .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["outcome"], "woken", "{v}");
+    assert_eq!(v["build_id"], id.as_str());
+    // The same delivery again: harmless.
+    let r = post("workflow_job", "genuine-1".into(), genuine(&job), job)
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["outcome"], "duplicate");
+    let done = s
+        .wait_all_terminal(&http, std::slice::from_ref(&id), Duration::from_secs(10))
+        .await;
+    assert_eq!(done[&id], "cancelled");
+}

@@ -1,0 +1,197 @@
+//! A real `stitch serve` child process for end-to-end tests against the
+//! fake providers: start it from a config text, restart it (after a
+//! SIGKILL), and drive builds through its HTTP API.
+
+#![allow(dead_code)] // each test file uses its own part of the helpers
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `stitch serve` with its data directory and config file.
+pub struct Serve {
+    pub child: Child,
+    pub base: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+    starts: usize,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+fn spawn(config: &Path, port: u16, log: &Path, env: &[(String, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stitch"));
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("STITCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+impl Serve {
+    /// Starts `stitch serve` with `config` (`{data}` is replaced by the
+    /// data directory) and `env`, and waits until it is healthy.
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stitch.toml");
+        let data = dir.path().join("data");
+        std::fs::write(&path, config.replace("{data}", &data.display().to_string())).unwrap();
+        let port = free_port();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn(&path, port, &dir.path().join("serve-1.log"), &env);
+        let s = Serve {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            config: path,
+            env,
+            starts: 1,
+        };
+        s.wait_healthy().await;
+        s
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts it again on the same port, config and data.
+    pub async fn restart(&mut self) {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("serve-{}.log", self.starts));
+        self.child = spawn(&self.config, self.port, &log, &self.env);
+        self.wait_healthy().await;
+    }
+
+    pub async fn wait_healthy(&self) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = http.get(format!("{}/healthz", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server did not come up: {}", self.log());
+    }
+
+    /// The tails of the server's logs.
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("serve-{n}.log")))
+                .unwrap_or_default();
+            let tail: Vec<char> = text.chars().rev().take(3000).collect();
+            out.extend(tail.into_iter().rev());
+        }
+        out
+    }
+
+    /// Creates a build on `queue`; returns its id.
+    pub async fn create(&self, http: &reqwest::Client, queue: &str, head: &str) -> String {
+        let r = http
+            .post(format!("{}/v1/queues/{queue}/builds", self.base))
+            .json(&serde_json::json!({"head": [head]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            202,
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// `GET /v1/builds/{id}`.
+    pub async fn get(&self, http: &reqwest::Client, id: &str) -> serde_json::Value {
+        http.get(format!("{}/v1/builds/{id}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `id` has `status`.
+    pub async fn wait_status(&self, http: &reqwest::Client, id: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.get(http, id).await;
+            if v["status"] == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never {status}: {v:#?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every build is terminal; returns `status` per build.
+    pub async fn wait_all_terminal(
+        &self,
+        http: &reqwest::Client,
+        ids: &[String],
+        within: Duration,
+    ) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut done = BTreeMap::new();
+            let mut stuck = None;
+            for id in ids {
+                let v = self.get(http, id).await;
+                let status = v["status"].as_str().unwrap_or_default().to_string();
+                if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+                    done.insert(id.clone(), status);
+                } else if stuck.is_none() {
+                    stuck = Some(v);
+                }
+            }
+            if done.len() == ids.len() {
+                return done;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}/{} terminal; first stuck: {stuck:#?}\n{}",
+                done.len(),
+                ids.len(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

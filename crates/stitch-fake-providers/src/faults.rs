@@ -1,0 +1,125 @@
+//! Fault injection the fakes share: what goes wrong with a request
+//! ([`Fault`]), the per-endpoint rules that pick one, and how a fault
+//! spoils an answer after the work was done.
+
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// What goes wrong with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer this status (with an HTML proxy page) without doing the work.
+    Status(u16),
+    /// Do the work, then answer only after this delay (the client times out
+    /// first: "accepted but the response was lost").
+    Timeout(std::time::Duration),
+    /// Do the work, then drop the connection in the middle of the answer.
+    Reset,
+    /// Do the work, then answer this status (a proxy that lost the answer).
+    LostAfterWork(u16),
+}
+
+struct Rule<E> {
+    endpoint: E,
+    fault: Fault,
+    remaining: Option<u32>,
+    probability: f64,
+}
+
+/// The injected faults of one fake, by endpoint kind `E`.
+pub(crate) struct FaultRules<E> {
+    rules: Vec<Rule<E>>,
+}
+
+impl<E> Default for FaultRules<E> {
+    fn default() -> Self {
+        Self { rules: Vec::new() }
+    }
+}
+
+impl<E: Copy + PartialEq> FaultRules<E> {
+    /// Fails the next `times` requests to `endpoint`.
+    pub(crate) fn inject(&mut self, endpoint: E, fault: Fault, times: u32) {
+        self.rules.push(Rule {
+            endpoint,
+            fault,
+            remaining: Some(times),
+            probability: 1.0,
+        });
+    }
+
+    /// Fails each request to `endpoint` with `probability`, until cleared.
+    pub(crate) fn inject_rate(&mut self, endpoint: E, fault: Fault, probability: f64) {
+        self.rules.push(Rule {
+            endpoint,
+            fault,
+            remaining: None,
+            probability,
+        });
+    }
+
+    /// Removes every rule.
+    pub(crate) fn clear(&mut self) {
+        self.rules.clear();
+    }
+
+    /// The fault for a request to `endpoint` (`any` matches every endpoint),
+    /// using up one of a counted rule's occurrences.
+    pub(crate) fn take(&mut self, endpoint: E, any: E) -> Option<Fault> {
+        let mut fault = None;
+        for rule in self.rules.iter_mut() {
+            let matches = rule.endpoint == endpoint || rule.endpoint == any;
+            if !matches || rule.remaining == Some(0) {
+                continue;
+            }
+            if rule.probability < 1.0 && rand::random::<f64>() >= rule.probability {
+                continue;
+            }
+            if let Some(n) = &mut rule.remaining {
+                *n -= 1;
+            }
+            fault = Some(rule.fault);
+            break;
+        }
+        self.rules.retain(|r| r.remaining != Some(0));
+        fault
+    }
+}
+
+/// The HTML page a proxy in trouble answers with.
+pub(crate) fn proxy_page(code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html")],
+        format!("<html><body><h1>{code}</h1>upstream trouble</body></html>"),
+    )
+        .into_response()
+}
+
+/// Applies a post-work fault (`None`: none) to a finished answer.
+pub(crate) async fn spoil(fault: Option<Fault>, resp: Response) -> Response {
+    match fault {
+        None => resp,
+        Some(Fault::Timeout(d)) => {
+            tokio::time::sleep(d).await;
+            resp
+        }
+        Some(Fault::LostAfterWork(code)) | Some(Fault::Status(code)) => proxy_page(code),
+        Some(Fault::Reset) => {
+            // Headers go out, then the body fails: hyper drops the connection.
+            let (parts, _) = resp.into_parts();
+            let broken = futures::stream::iter(vec![
+                Ok(bytes::Bytes::from_static(b"{\"id\":")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fake reset",
+                )),
+            ]);
+            let mut resp = Response::from_parts(parts, Body::from_stream(broken));
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+            resp
+        }
+    }
+}

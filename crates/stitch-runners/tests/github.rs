@@ -1,0 +1,538 @@
+//! The GitHub client and runner against the stateful fake GitHub
+//! (`stitch-fake-providers`) over real HTTP on loopback.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use stitch_core::{
+    BuildHandle, BuildId, BuildRunner, BuildStatus, ChangeSet, LogKind, RunnerError, RunnerRef,
+    StepStatus, TriggerRequest,
+};
+use stitch_fake_providers::github::{Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, Timing};
+use stitch_runners::conformance::{self, Checked, Scenario, Subject};
+use stitch_runners::github::{
+    AppTokens, Client, Credentials, GithubConfig, GithubRunner, Repo, RunQuery,
+};
+use stitch_runners::http_budget::{RateLimit, RequestBudget};
+use stitch_runners::http_retry::RetryPolicy;
+
+const KEY: &[u8] = include_bytes!("../../stitch-fake-providers/tests/data/github/test_app_key.pem");
+const PUBLIC: &[u8] =
+    include_bytes!("../../stitch-fake-providers/tests/data/github/test_app_key.pub.pem");
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap()
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(100),
+        max_rate_limit_wait: Duration::from_secs(5),
+        jitter: 0.2,
+    }
+}
+
+fn unlimited() -> Arc<RequestBudget> {
+    Arc::new(RequestBudget::new(RateLimit {
+        requests: 100_000,
+        window: Duration::from_secs(1),
+    }))
+}
+
+fn client_with(fake: &FakeGithub, version: &str, credentials: Credentials) -> Client {
+    Client::new(
+        http(),
+        &fake.url(),
+        version,
+        credentials,
+        unlimited(),
+        fast_retry(),
+    )
+    .unwrap()
+}
+
+fn client(fake: &FakeGithub) -> Client {
+    client_with(
+        fake,
+        "2022-11-28",
+        Credentials::token(fake.token()).unwrap(),
+    )
+}
+
+fn config() -> GithubConfig {
+    GithubConfig {
+        log_poll: Duration::from_millis(50),
+        lookup_settle: Duration::from_millis(500),
+        ..GithubConfig::new("acme", "app", "stitch.yml", "main")
+    }
+}
+
+fn runner(fake: &FakeGithub) -> GithubRunner {
+    GithubRunner::new(client(fake), config())
+}
+
+fn request(head: &str) -> TriggerRequest {
+    TriggerRequest::new(
+        BuildId::new(),
+        "ci",
+        ChangeSet::new(vec!["https://git.example/base/1".into()], vec![head.into()]),
+    )
+    .with_first_attempt(true)
+}
+
+fn repo() -> Repo {
+    Repo {
+        owner: "acme".into(),
+        name: "app".into(),
+    }
+}
+
+async fn wait_terminal(r: &GithubRunner, h: &BuildHandle) -> stitch_core::StatusReport {
+    for _ in 0..400 {
+        let s = r.status(h).await.unwrap();
+        if s.is_terminal() {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("run did not finish");
+}
+
+fn requests(fake: &FakeGithub, endpoint: &str) -> u64 {
+    fake.stats().requests.get(endpoint).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_carries_the_inputs_and_returns_the_run_id() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let mut c = config();
+    c.inputs = BTreeMap::from([
+        ("environment".to_string(), "staging".to_string()),
+        ("stitch_queue".to_string(), "spoofed".to_string()),
+    ]);
+    let r = GithubRunner::new(client(&fake), c);
+    let req = request("https://git.example/c/1")
+        .with_metadata(stitch_core::BuildMetadata::new().with("ticket", "T-1"))
+        .with_job_env(BTreeMap::from([(
+            "STITCH_JOB_TOKEN".to_string(),
+            "tok".to_string(),
+        )]));
+    let rref = r.trigger(&req).await.unwrap();
+    let run = fake.run_json(req.build_id.as_str()).unwrap();
+    assert_eq!(rref.id, run["id"].to_string());
+    assert_eq!(rref.url.as_deref(), run["html_url"].as_str());
+    assert_eq!(
+        run["display_title"],
+        format!("stitch {}", req.build_id),
+        "the run-name carries the build id"
+    );
+    let inputs = fake.run_inputs(req.build_id.as_str()).unwrap();
+    assert_eq!(inputs["stitch_build_id"], req.build_id.as_str());
+    assert_eq!(inputs["stitch_queue"], "ci", "reserved inputs win");
+    assert_eq!(inputs["environment"], "staging");
+    assert_eq!(inputs["stitch_head"], r#"["https://git.example/c/1"]"#);
+    assert_eq!(inputs["stitch_base"], r#"["https://git.example/base/1"]"#);
+    assert_eq!(inputs["stitch_metadata"], r#"{"ticket":"T-1"}"#);
+    assert!(
+        !inputs.values().any(|v| v.contains("tok\"")) && !inputs.contains_key("STITCH_JOB_TOKEN")
+    );
+    // The id came from the dispatch answer: no lookup on a first attempt.
+    assert_eq!(requests(&fake, "list_runs"), 0);
+    let h = req.handle().with_ref(rref);
+    let report = wait_terminal(&r, &h).await;
+    assert_eq!(report.status, BuildStatus::Succeeded);
+    let m = &report.metadata;
+    assert_eq!(m.get("github_status"), Some("completed"));
+    assert_eq!(m.get("github_conclusion"), Some("success"));
+    assert_eq!(m.get("github_run_attempt"), Some("1"));
+    assert_eq!(
+        m.get("github_run_id"),
+        Some(h.runner_ref.as_ref().unwrap().id.as_str())
+    );
+    assert!(m.get("url").unwrap().contains("/acme/app/actions/runs/"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_2026_gets_run_details_without_the_flag() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let c = client_with(
+        &fake,
+        "2026-03-10",
+        Credentials::token(fake.token()).unwrap(),
+    );
+    let r = GithubRunner::new(c, config());
+    let req = request("https://git.example/c/1");
+    let rref = r.trigger(&req).await.unwrap();
+    assert_eq!(fake.runs_for(req.build_id.as_str()), 1);
+    assert_eq!(requests(&fake, "dispatch"), 1, "the flag was not sent");
+    assert_eq!(requests(&fake, "list_runs"), 0);
+    assert!(rref.id.parse::<u64>().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_server_is_dispatched_without_run_details_and_found_by_run_name() {
+    let fake = FakeGithub::start(FakeOptions {
+        older_server: true,
+        timing: Timing {
+            list_lag: Duration::from_millis(200),
+            ..Timing::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let r = runner(&fake);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let req = request(&format!("https://git.example/c/{i}"));
+        let rref = r.trigger(&req).await.unwrap();
+        let run = fake.run_json(req.build_id.as_str()).unwrap();
+        assert_eq!(rref.id, run["id"].to_string());
+        assert_eq!(fake.runs_for(req.build_id.as_str()), 1);
+        ids.push(req.handle().with_ref(rref));
+    }
+    // One refused flag, then plain dispatches: the runner remembers.
+    assert_eq!(requests(&fake, "dispatch"), 4);
+    for h in &ids {
+        assert_eq!(wait_terminal(&r, h).await.status, BuildStatus::Succeeded);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_dispatch_answers_make_exactly_one_run() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let r = runner(&fake);
+    for fault in [
+        Fault::Timeout(Duration::from_secs(2)),
+        Fault::Reset,
+        Fault::LostAfterWork(502),
+    ] {
+        fake.inject(Endpoint::Dispatch, fault, 1);
+        let req = request("https://git.example/c/1");
+        let got = r
+            .trigger(&req)
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert_eq!(fake.runs_for(req.build_id.as_str()), 1, "{fault:?}");
+        assert_eq!(
+            got.id,
+            fake.run_json(req.build_id.as_str()).unwrap()["id"].to_string()
+        );
+    }
+    // A 5xx before any work: the lookup finds nothing, the dispatch is repeated.
+    fake.inject(Endpoint::Dispatch, Fault::Status(503), 1);
+    let req = request("https://git.example/c/2");
+    r.trigger(&req).await.unwrap();
+    assert_eq!(fake.runs_for(req.build_id.as_str()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_trigger_finds_the_run_instead_of_dispatching() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let req = request("https://git.example/c/1?stitch-gh=hang");
+    let first = runner(&fake).trigger(&req).await.unwrap();
+    // A restarted process: no cache, and the trigger is a redelivery.
+    let fresh = runner(&fake);
+    let again = fresh
+        .trigger(&req.clone().with_first_attempt(false))
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(fake.runs_for(req.build_id.as_str()), 1);
+    // Without a ref, status and cancel find the run by its title too.
+    let h = req.handle();
+    let s = runner(&fake).status(&h).await.unwrap();
+    assert!(!s.is_terminal());
+    runner(&fake).cancel(&h).await.unwrap();
+    let done = wait_terminal(&fresh, &h).await;
+    assert_eq!(done.status, BuildStatus::Cancelled);
+    assert_eq!(done.metadata.get("github_conclusion"), Some("cancelled"));
+    // Cancelling the completed run: GitHub's 409 is a no-op.
+    let direct = client(&fake)
+        .cancel_run(&repo(), again.id.parse().unwrap())
+        .await;
+    assert!(direct.unwrap_err().is_conflict());
+    runner(&fake).cancel(&h.with_ref(again)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_runs_are_answered_304_and_cost_no_quota() {
+    let fake = FakeGithub::start(FakeOptions {
+        rate_limit: Some(1000),
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let r = runner(&fake);
+    let req = request("https://git.example/c/1?stitch-gh=hang");
+    let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
+    loop {
+        if r.status(&h).await.unwrap().status == BuildStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the second job start; after that nothing changes.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    r.status(&h).await.unwrap();
+    let before = fake.stats();
+    for _ in 0..5 {
+        assert_eq!(r.status(&h).await.unwrap().status, BuildStatus::Running);
+    }
+    let after = fake.stats();
+    assert_eq!(after.not_modified - before.not_modified, 5, "{after:?}");
+    r.cancel(&h).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_waited_out_or_handed_back_with_the_wait() {
+    let fake = FakeGithub::start(FakeOptions {
+        rate_limit: Some(6),
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let r = runner(&fake);
+    let req = request("https://git.example/c/1");
+    let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
+    // Secondary limits (403 + retry-after: 1) are waited out inside the call.
+    fake.secondary_limit(2);
+    r.status(&h).await.unwrap();
+    assert_eq!(fake.stats().rate_limited, 2);
+    // The primary limit (fresh clients: no ETags, every call counts):
+    // spent quota until the hour's reset is far beyond the policy's wait,
+    // so the caller gets a retryable error with the wait.
+    let mut err = None;
+    for _ in 0..10 {
+        if let Err(e) = runner(&fake).status(&h).await {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("the primary limit was never reached");
+    assert!(err.is_retryable(), "{err}");
+    let wait = err.retry_after().unwrap();
+    assert!(wait > Duration::from_secs(3000), "{wait:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_beyond_githubs_limits_are_clear_errors_and_dispatch_nothing() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let mut c = config();
+    c.inputs = (0..21)
+        .map(|i| (format!("extra_{i}"), "x".to_string()))
+        .collect();
+    let r = GithubRunner::new(client(&fake), c);
+    let err = r
+        .trigger(&request("https://git.example/c/1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RunnerError::InvalidRequest(m) if m.contains("at most 25")),
+        "{err}"
+    );
+    // An input the workflow does not declare: GitHub's 422, permanent.
+    let mut c = config();
+    c.inputs = BTreeMap::from([("undeclared".to_string(), "x".to_string())]);
+    let r = GithubRunner::new(client(&fake), c);
+    let err = r
+        .trigger(&request("https://git.example/c/1"))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("Unexpected inputs"), "{err}");
+    assert_eq!(fake.stats().runs_created, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_stream_each_finished_job_without_stamps_or_credentials_at_storage() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let r = runner(&fake);
+    let req = request("https://git.example/c/1?stitch-gh=fail");
+    let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
+    // Follow from the start: the stream ends when the run completes.
+    let lines: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(20),
+        r.logs(&h).await.unwrap().collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let lines: Vec<_> = lines.into_iter().map(Result::unwrap).collect();
+    let starts: Vec<_> = lines
+        .iter()
+        .filter(|l| l.kind == LogKind::Control && l.step_status == Some(StepStatus::Start))
+        .map(|l| l.content.as_str())
+        .collect();
+    assert_eq!(starts, ["build", "test"]);
+    let test_start = lines
+        .iter()
+        .find(|l| l.step_status == Some(StepStatus::Start) && l.content == "test")
+        .unwrap();
+    // The job's steps, from the jobs list, name what the step ran.
+    assert!(
+        test_start
+            .step_command
+            .as_deref()
+            .is_some_and(|c| c.contains("Run make test")),
+        "{test_start:?}"
+    );
+    let ends = lines
+        .iter()
+        .filter(|l| l.step_status == Some(StepStatus::End))
+        .count();
+    assert_eq!(ends, 2);
+    let data: Vec<_> = lines.iter().filter(|l| l.kind == LogKind::Data).collect();
+    assert!(
+        data.iter().any(|l| l.content == "##[group]Run make test"),
+        "{data:?}"
+    );
+    assert!(data.iter().any(|l| l.content.contains("exit code 2")));
+    assert!(data
+        .iter()
+        .all(|l| !l.content.starts_with("20") && !l.content.contains('\u{feff}')));
+    assert!(data.iter().all(|l| l.step_id == 1 || l.step_id == 2));
+    let stats = fake.stats();
+    assert_eq!(stats.log_downloads, 2);
+    assert_eq!(
+        stats.storage_auth_leaks, 0,
+        "credentials followed the redirect"
+    );
+    assert_eq!(wait_terminal(&r, &h).await.status, BuildStatus::Failed);
+}
+
+fn app_fake_options(lifetime: Duration) -> FakeOptions {
+    FakeOptions {
+        app: Some(FakeApp {
+            app_id: "424242".into(),
+            public_key_pem: PUBLIC.to_vec(),
+            installation_id: 77,
+            token_lifetime: lifetime,
+        }),
+        ..FakeOptions::default()
+    }
+}
+
+fn app_credentials(fake: &FakeGithub, app_id: &str, key: &[u8]) -> (Credentials, Arc<AppTokens>) {
+    let app = Arc::new(AppTokens::new(http(), &fake.url(), "2022-11-28", app_id, 77, key).unwrap());
+    (Credentials::App(app.clone()), app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_installation_tokens_are_minted_refreshed_and_reminted_after_a_401() {
+    let fake = FakeGithub::start(app_fake_options(Duration::from_secs(4)))
+        .await
+        .unwrap();
+    let (creds, app) = app_credentials(&fake, "424242", KEY);
+    let r = GithubRunner::new(client_with(&fake, "2022-11-28", creds), config());
+    let req = request("https://git.example/c/1?stitch-gh=hang");
+    let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
+    assert_eq!(app.minted(), 1);
+    // Calls over more than one token lifetime: refreshed before expiry,
+    // never refused.
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        r.status(&h).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(app.minted() >= 2, "minted {}", app.minted());
+    assert_eq!(fake.stats().unauthorized, 0);
+    // A token GitHub stops taking: one 401, a new token, the call succeeds.
+    let minted = app.minted();
+    fake.revoke_installation_tokens();
+    r.status(&h).await.unwrap();
+    assert_eq!(app.minted(), minted + 1);
+    assert_eq!(fake.stats().unauthorized, 1);
+    r.cancel(&h).await.unwrap();
+    // Logs travel without the installation token to storage.
+    let done = wait_terminal(&r, &h).await;
+    assert_eq!(done.status, BuildStatus::Cancelled);
+    let lines: Vec<_> = r.logs(&h).await.unwrap().collect().await;
+    assert!(lines.iter().all(Result::is_ok));
+    assert_eq!(fake.stats().storage_auth_leaks, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_app_key_or_id_is_a_permanent_error() {
+    let fake = FakeGithub::start(app_fake_options(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let (creds, _) = app_credentials(&fake, "999", KEY);
+    let c = client_with(&fake, "2022-11-28", creds);
+    let err = c
+        .list_runs(&repo(), "stitch.yml", &RunQuery::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    assert!(err.to_string().contains("installation 77"), "{err}");
+    assert!(!RunnerError::from(err).is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_follow_link_pagination() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let r = runner(&fake);
+    for i in 0..105 {
+        r.trigger(&request(&format!("https://git.example/c/{i}")))
+            .await
+            .unwrap();
+    }
+    let runs = client(&fake)
+        .list_runs(
+            &repo(),
+            "stitch.yml",
+            &RunQuery {
+                event: Some("workflow_dispatch".into()),
+                ..RunQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 105);
+    assert_eq!(requests(&fake, "list_runs"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ref_of_another_build_is_not_found() {
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let r = runner(&fake);
+    let req = request("https://git.example/c/1");
+    let real = r.trigger(&req).await.unwrap();
+    let stranger = BuildHandle::new(BuildId::new(), "ci").with_ref(real);
+    assert!(r.status(&stranger).await.unwrap_err().is_not_found());
+    let garbage = BuildHandle::new(BuildId::new(), "ci").with_ref(RunnerRef::new("not-a-number"));
+    assert!(r.status(&garbage).await.unwrap_err().is_not_found());
+}
+
+fn subject(fake: Arc<FakeGithub>) -> Subject {
+    Subject::new(
+        move || Arc::new(runner(&fake)) as Arc<dyn BuildRunner>,
+        |scenario| {
+            let marker = match scenario {
+                Scenario::Succeed => "",
+                Scenario::Fail => "?stitch-gh=fail",
+                Scenario::RunLong => "?stitch-gh=hang",
+                Scenario::UnknownState => "?stitch-gh=unknown",
+            };
+            // Conformance triggers twice per id: never a first attempt.
+            Some(request(&format!("https://git.example/c/1{marker}")).with_first_attempt(false))
+        },
+    )
+    .with_deadline(Duration::from_secs(20))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_passes_against_the_fake() {
+    let fake = Arc::new(FakeGithub::start(FakeOptions::default()).await.unwrap());
+    let results = conformance::run_all(&subject(fake)).await.unwrap();
+    assert!(
+        results.iter().all(|(_, c)| *c == Checked::Passed),
+        "{results:?}"
+    );
+}
