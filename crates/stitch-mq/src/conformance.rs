@@ -637,10 +637,18 @@ pub async fn stale_delivery_is_fenced(b: &dyn Backend) {
     let mut sub = subscribe(&q, cfg).await;
     q.publisher().publish(T, msg("m", "p")).await.unwrap();
     let first = recv(&mut sub).await;
-    let second = recv(&mut sub).await;
-    assert_eq!(second.attempt(), 2);
+    let mut latest = recv(&mut sub).await;
+    assert!(latest.attempt() >= 2);
     assert!(matches!(first.ack().await, Err(MqError::StaleDelivery(_))));
-    second.ack().await.unwrap();
+    // On a loaded machine the 200 ms can run out again before the ack:
+    // then that delivery is stale too, and the next one must be acked.
+    loop {
+        match latest.ack().await {
+            Ok(()) => break,
+            Err(MqError::StaleDelivery(_)) => latest = recv(&mut sub).await,
+            Err(e) => panic!("ack of the latest delivery: {e}"),
+        }
+    }
 }
 
 /// Two subscribers of one group split the partitions and every message is
