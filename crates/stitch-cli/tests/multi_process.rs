@@ -168,7 +168,7 @@ runner = "local"
 concurrency = 16
 poll = {{ accepted = "200ms", running = "200ms" }}
 [queues.ci.local]
-command = "echo \"$STITCH_BUILD_ID\" >> {ran}; sleep 0.02"
+command = "echo \"$STITCH_BUILD_ID\" >> {ran}; sleep 0.2"
 cancel_grace = "1s"
 "#,
         lease = LEASE.as_millis(),
@@ -214,20 +214,49 @@ fn ran(path: &Path) -> Vec<String> {
 /// Creates `count` builds, round-robin over `servers`, a few at a time.
 async fn create_builds(http: &reqwest::Client, servers: &[&Serve], count: usize) -> Vec<String> {
     let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
+    let alive = Arc::new(Mutex::new(vec![true; bases.len()]));
+    create_builds_on(http.clone(), bases, alive, count).await
+}
+
+/// Creates `count` builds, round-robin over the servers marked alive, 8 at
+/// a time. A request that fails on its way (the server was killed) is sent
+/// to the next live server with the same idempotency key, so a build whose
+/// create committed just before the kill is not created twice.
+async fn create_builds_on(
+    http: reqwest::Client,
+    bases: Vec<String>,
+    alive: Arc<Mutex<Vec<bool>>>,
+    count: usize,
+) -> Vec<String> {
+    let run = rand::random::<u32>();
     futures::stream::iter(0..count)
         .map(|i| {
-            let url = format!("{}/v1/queues/ci/builds", bases[i % bases.len()]);
             let http = http.clone();
+            let bases = bases.clone();
+            let alive = alive.clone();
             async move {
-                let r = http
-                    .post(url)
-                    .json(&serde_json::json!({"head": [format!("change/{i}")]}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status().as_u16(), 202);
-                let v: serde_json::Value = r.json().await.unwrap();
-                v["id"].as_str().unwrap().to_string()
+                let body = serde_json::json!({
+                    "head": [format!("change/{i}")],
+                    "idempotency_key": format!("{run:08x}-{i}"),
+                });
+                for attempt in 0..bases.len() * 2 {
+                    let n = (i + attempt) % bases.len();
+                    if !alive.lock()[n] {
+                        continue;
+                    }
+                    let url = format!("{}/v1/queues/ci/builds", bases[n]);
+                    let Ok(r) = http.post(url).json(&body).send().await else {
+                        continue;
+                    };
+                    assert!(
+                        matches!(r.status().as_u16(), 200 | 202),
+                        "{}",
+                        r.text().await.unwrap_or_default()
+                    );
+                    let v: serde_json::Value = r.json().await.unwrap();
+                    return v["id"].as_str().unwrap().to_string();
+                }
+                panic!("no server accepted build {i}");
             }
         })
         .buffered(8)
@@ -419,12 +448,14 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
     // A subscriber on a survivor, connected before anything happens.
     let tail = EventTail::connect(&http, &servers[1]).await;
 
-    let all: Vec<&Serve> = servers.iter().collect();
-    let ids = create_builds(&http, &all, BUILDS).await;
-    let created = started.elapsed();
+    // Builds are created on every process while they run; node-0 dies in
+    // the middle.
+    let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
+    let alive = Arc::new(Mutex::new(vec![true; processes]));
+    let creating = tokio::spawn(create_builds_on(http.clone(), bases, alive.clone(), BUILDS));
 
     // The work is split: every process holds signal partitions.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let leases = backend.leases("signal").await;
         let holders: BTreeSet<String> = leases.keys().cloned().collect();
@@ -447,10 +478,10 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
         assert!(Instant::now() < deadline, "builds did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    alive.lock()[0] = false;
     servers[0].kill();
     let killed_at = Instant::now();
     let ran_at_kill = ran(&ran_file).len();
-    assert!(ran_at_kill < BUILDS, "the kill came too late to test anything");
 
     // Once its leases ran out, the survivors hold every live lease.
     let deadline = Instant::now() + LEASE * 4;
@@ -471,6 +502,12 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
     };
     let rebalanced = killed_at.elapsed();
 
+    let ids = creating.await.unwrap();
+    let created = started.elapsed();
+    assert!(
+        ran_at_kill < ids.len() * 8 / 10,
+        "the kill came too late to test anything"
+    );
     let builds = wait_all_terminal(&http, &servers[1], &ids, Duration::from_secs(120)).await;
     let finished = killed_at.elapsed();
     let outcomes = check_outcome(&backend, &builds, &ran_file, &tail).await;
