@@ -272,3 +272,58 @@ async fn give_up(stage: &dyn Stage, d: &Delivery, reason: &str) -> Result<(), Mq
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn lost_connection() -> MqError {
+        MqError::Storage(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_is_repeated_until_the_database_is_back() {
+        let calls = AtomicU32::new(0);
+        let result = repeat_outcome(|| async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                Err(lost_connection())
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_final_error_is_not_repeated() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), MqError> = repeat_outcome(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(MqError::StaleDelivery("m1".into()))
+        })
+        .await;
+        assert!(matches!(result, Err(MqError::StaleDelivery(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_that_stays_away_is_given_up_on() {
+        let started = tokio::time::Instant::now();
+        let calls = AtomicU32::new(0);
+        let result: Result<(), MqError> = repeat_outcome(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(lost_connection())
+        })
+        .await;
+        assert!(result.unwrap_err().is_retryable());
+        assert!(started.elapsed() <= OUTCOME_RETRY_FOR);
+        assert!(calls.load(Ordering::SeqCst) > 5);
+    }
+}

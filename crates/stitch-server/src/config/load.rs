@@ -789,7 +789,10 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
         problems.report(path(&["cluster", "lease"]), "must be at least 300ms");
     }
     if cluster.delivery_timeout < Duration::from_secs(1) {
-        problems.report(path(&["cluster", "delivery_timeout"]), "must be at least 1s");
+        problems.report(
+            path(&["cluster", "delivery_timeout"]),
+            "must be at least 1s",
+        );
     }
     if cluster.poll_interval.is_zero() {
         problems.report(
