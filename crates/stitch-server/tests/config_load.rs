@@ -233,6 +233,7 @@ runner = "noop"
         storage: StorageConfig {
             url: Some("sqlite://my-data/stitch.db".into()),
         },
+        cluster: Default::default(),
         api: ApiConfig {
             tokens_env: vec!["MY_API_TOKEN".into(), "MY_OTHER_TOKEN".into()],
             public_url: Some("http://127.0.0.1:7701".into()),
