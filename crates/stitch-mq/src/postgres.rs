@@ -64,9 +64,15 @@ pub async fn migrate(pool: &PgPool) -> MqResult<()> {
 }
 
 /// Connection options from a `postgres://` URL, with stitch's application
-/// name (so operators can find the queue's connections in `pg_stat_activity`).
+/// name (so operators can find the queue's connections in `pg_stat_activity`)
+/// unless the URL names one (`?application_name=…`): an operator running
+/// several installations tells them apart by it.
 pub fn connect_options(url: &str) -> MqResult<PgConnectOptions> {
-    Ok(PgConnectOptions::from_str(url)?.application_name("stitch"))
+    let options = PgConnectOptions::from_str(url)?;
+    if options.get_application_name().is_some() {
+        return Ok(options);
+    }
+    Ok(options.application_name("stitch"))
 }
 
 /// The `NOTIFY` channel of the queue in `schema`. Channels are global to the
@@ -1239,5 +1245,21 @@ impl Driver for PostgresDriver {
             leased: leased as u64,
             dead_letters: dead as u64,
         })
+    }
+}
+
+#[cfg(test)]
+mod connect_options_tests {
+    use super::connect_options;
+
+    #[test]
+    fn the_application_name_is_stitch_unless_the_url_names_one() {
+        let plain = connect_options("postgres://u@db/stitch").unwrap();
+        assert_eq!(plain.get_application_name(), Some("stitch"));
+        let named = connect_options(
+            "postgres://u@db/stitch?application_name=stitch-eu&options=-csearch_path%3Ds",
+        )
+        .unwrap();
+        assert_eq!(named.get_application_name(), Some("stitch-eu"));
     }
 }

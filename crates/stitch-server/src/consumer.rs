@@ -179,11 +179,11 @@ pub async fn handle(stage: &dyn Stage, d: Delivery) {
     let outcome = match result {
         Ok(StageOutcome::Done) => {
             count(name, "ack");
-            d.ack().await
+            repeat_outcome(|| d.ack()).await
         }
         Ok(StageOutcome::Hold(delay)) => {
             count(name, "hold");
-            d.postpone(delay.max(Duration::from_millis(1))).await
+            repeat_outcome(|| d.postpone(delay.max(Duration::from_millis(1)))).await
         }
         Err(StageError::Retryable {
             message,
@@ -201,7 +201,9 @@ pub async fn handle(stage: &dyn Stage, d: Delivery) {
                 count(name, "retry");
                 let delay = retry_after.unwrap_or_else(|| budget.backoff(d.attempt()));
                 tracing::info!(stage = name, id = d.id(), attempt = d.attempt(), ?delay, error = %message, "retrying");
-                d.nack_after(Failure::new(message), delay).await.map(|_| ())
+                repeat_outcome(|| d.nack_after(Failure::new(message.clone()), delay))
+                    .await
+                    .map(|_| ())
             }
         }
         Err(StageError::Permanent(message)) => give_up(stage, &d, &message).await,
@@ -212,22 +214,51 @@ pub async fn handle(stage: &dyn Stage, d: Delivery) {
     }
 }
 
+/// How long an outcome is repeated while the database reports a transient
+/// failure (a dropped connection, a failover) before the delivery is left to
+/// its visibility timeout.
+const OUTCOME_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Writes an outcome, repeating it with a capped backoff while the failure
+/// is transient: a failed outcome leaves the delivery open and invisible, so
+/// giving up at once would stall the build until the delivery timeout.
+async fn repeat_outcome<T, F, Fut>(mut write: F) -> Result<T, MqError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, MqError>>,
+{
+    let deadline = tokio::time::Instant::now() + OUTCOME_RETRY_FOR;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match write().await {
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < deadline => {
+                tracing::debug!(error = %e, ?delay, "outcome not written; repeating");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn give_up(stage: &dyn Stage, d: &Delivery, reason: &str) -> Result<(), MqError> {
     match stage.give_up(d, reason).await {
         Ok(()) => {
             count(stage.name(), "dead_letter");
             tracing::warn!(stage = stage.name(), id = d.id(), reason, "dead-lettering");
-            d.reject(Failure::new(reason)).await
+            repeat_outcome(|| d.reject(Failure::new(reason))).await
         }
         Err(e) => {
             // Failing the build did not work (database down?): keep the message
             // and try again later rather than dead-letter a build nobody watches.
             count(stage.name(), "give_up_failed");
             tracing::warn!(stage = stage.name(), id = d.id(), error = %e, "could not fail the build; retrying later");
-            d.nack_after(
-                Failure::new(format!("{reason}; then: {e}")),
-                Duration::from_secs(5),
-            )
+            repeat_outcome(|| {
+                d.nack_after(
+                    Failure::new(format!("{reason}; then: {e}")),
+                    Duration::from_secs(5),
+                )
+            })
             .await
             .map(|o| {
                 if o == NackOutcome::DeadLettered {
@@ -239,5 +270,60 @@ async fn give_up(stage: &dyn Stage, d: &Delivery, reason: &str) -> Result<(), Mq
                 }
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn lost_connection() -> MqError {
+        MqError::Storage(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_is_repeated_until_the_database_is_back() {
+        let calls = AtomicU32::new(0);
+        let result = repeat_outcome(|| async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                Err(lost_connection())
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_final_error_is_not_repeated() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), MqError> = repeat_outcome(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(MqError::StaleDelivery("m1".into()))
+        })
+        .await;
+        assert!(matches!(result, Err(MqError::StaleDelivery(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_that_stays_away_is_given_up_on() {
+        let started = tokio::time::Instant::now();
+        let calls = AtomicU32::new(0);
+        let result: Result<(), MqError> = repeat_outcome(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(lost_connection())
+        })
+        .await;
+        assert!(result.unwrap_err().is_retryable());
+        assert!(started.elapsed() <= OUTCOME_RETRY_FOR);
+        assert!(calls.load(Ordering::SeqCst) > 5);
     }
 }

@@ -233,6 +233,7 @@ runner = "noop"
         storage: StorageConfig {
             url: Some("sqlite://my-data/stitch.db".into()),
         },
+        cluster: Default::default(),
         api: ApiConfig {
             tokens_env: vec!["MY_API_TOKEN".into(), "MY_OTHER_TOKEN".into()],
             public_url: Some("http://127.0.0.1:7701".into()),
@@ -503,7 +504,7 @@ comand = "make"
     assert_problem(
         &p,
         "spindel",
-        "unknown key; expected one of: listen, data_dir, storage, api, queues, webhooks",
+        "unknown key; expected one of: listen, data_dir, storage, cluster, api, queues, webhooks",
     );
     assert_problem(
         &p,
@@ -1289,4 +1290,44 @@ fn github_problems_name_their_keys() {
     let wrong_runner = GITHUB.replace("runner = \"github\"", "runner = \"fake\"");
     let p = problems(&wrong_runner, &[("GH_TOKEN", "t")]);
     assert_only_problem(&p, "queues.gh.github", "only read by runner = \"github\"");
+}
+
+// ---------------------------------------------------------------------------
+// [cluster]
+
+#[test]
+fn cluster_defaults_file_and_env() {
+    let c = ok("", &[]);
+    assert_eq!(c.cluster.lease, Duration::from_secs(30));
+    assert_eq!(c.cluster.delivery_timeout, Duration::from_secs(300));
+    assert_eq!(c.cluster.poll_interval, Duration::from_millis(500));
+    let c = ok(
+        "[cluster]\nlease = \"3s\"\ndelivery_timeout = \"15s\"\n",
+        &[("STITCH_CLUSTER__POLL_INTERVAL", "200ms")],
+    );
+    assert_eq!(c.cluster.lease, Duration::from_secs(3));
+    assert_eq!(c.cluster.delivery_timeout, Duration::from_secs(15));
+    assert_eq!(c.cluster.poll_interval, Duration::from_millis(200));
+}
+
+#[test]
+fn cluster_rejects_settings_that_cannot_work() {
+    let p = problems(
+        "[cluster]\nlease = \"100ms\"\ndelivery_timeout = \"10ms\"\npoll_interval = \"0s\"\nleases = \"1s\"\n",
+        &[],
+    );
+    assert_problem(&p, "cluster.leases", "unknown key");
+    let p = problems(
+        "[cluster]\nlease = \"100ms\"\ndelivery_timeout = \"10ms\"\npoll_interval = \"0s\"\n",
+        &[],
+    );
+    assert_problem(&p, "cluster.lease", "at least 300ms");
+    assert_problem(&p, "cluster.delivery_timeout", "at least 1s");
+    assert_problem(&p, "cluster.poll_interval", "greater than zero");
+    assert_eq!(p.len(), 3, "{p:#?}");
+    assert_problem(
+        &problems("[cluster]\nlease = \"soon\"\n", &[]),
+        "cluster.lease",
+        "durations are strings like",
+    );
 }

@@ -52,9 +52,24 @@ impl Serve {
     /// Starts `stitch serve` with `config` (`{data}` is replaced by the
     /// data directory) and `env`, and waits until it is healthy.
     pub async fn start(config: &str, env: &[(&str, &str)]) -> Serve {
+        Self::start_on(config, None, env).await
+    }
+
+    /// [`Serve::start`] with `{data}` replaced by `data` when given (several
+    /// servers sharing one data directory) instead of a directory of its own.
+    pub async fn start_on(config: &str, data: Option<&Path>, env: &[(&str, &str)]) -> Serve {
+        let s = Self::spawn_on(config, data, env);
+        s.wait_healthy().await;
+        s
+    }
+
+    /// Spawns the server without waiting for it to be healthy.
+    pub fn spawn_on(config: &str, data: Option<&Path>, env: &[(&str, &str)]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stitch.toml");
-        let data = dir.path().join("data");
+        let data = data
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("data"));
         std::fs::write(&path, config.replace("{data}", &data.display().to_string())).unwrap();
         let port = free_port();
         let env: Vec<(String, String)> = env
@@ -62,7 +77,7 @@ impl Serve {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let child = spawn(&path, port, &dir.path().join("serve-1.log"), &env);
-        let s = Serve {
+        Serve {
             child,
             base: format!("http://127.0.0.1:{port}"),
             port,
@@ -70,9 +85,7 @@ impl Serve {
             config: path,
             env,
             starts: 1,
-        };
-        s.wait_healthy().await;
-        s
+        }
     }
 
     /// SIGKILLs the server.

@@ -52,7 +52,7 @@ pub const ENV_SEPARATOR: &str = "__";
 /// The top-level keys of [`Config`]. Only `STITCH_*` variables whose first
 /// path segment is one of these are read as configuration.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "listen", "data_dir", "storage", "api", "queues", "webhooks", "spindle",
+    "listen", "data_dir", "storage", "cluster", "api", "queues", "webhooks", "spindle",
 ];
 
 /// Where configuration comes from.
@@ -529,6 +529,7 @@ fn is_duration_key(segments: &[String]) -> bool {
             ]
             | ["queues", _, "github", "rate_limit", "window"]
             | ["webhooks", "github", "poll"]
+            | ["cluster", "lease" | "delivery_timeout" | "poll_interval"]
     )
 }
 
@@ -781,6 +782,23 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
                 "unsupported storage url; use sqlite://PATH, postgres://… or mysql://…",
             ),
         }
+    }
+
+    let cluster = &config.cluster;
+    if cluster.lease < Duration::from_millis(300) {
+        problems.report(path(&["cluster", "lease"]), "must be at least 300ms");
+    }
+    if cluster.delivery_timeout < Duration::from_secs(1) {
+        problems.report(
+            path(&["cluster", "delivery_timeout"]),
+            "must be at least 1s",
+        );
+    }
+    if cluster.poll_interval.is_zero() {
+        problems.report(
+            path(&["cluster", "poll_interval"]),
+            "must be greater than zero",
+        );
     }
 
     let api = &config.api;

@@ -22,6 +22,9 @@ pub struct Config {
     /// Where the SQLite database and runner state live (`--data-dir` wins).
     pub data_dir: PathBuf,
     pub storage: StorageConfig,
+    /// `[cluster]`: how the stages of several processes on one database
+    /// share the work.
+    pub cluster: ClusterConfig,
     pub api: ApiConfig,
     /// Build queues by name.
     pub queues: BTreeMap<String, QueueConfig>,
@@ -41,6 +44,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             data_dir: PathBuf::from("./stitch-data"),
             storage: StorageConfig::default(),
+            cluster: ClusterConfig::default(),
             api: ApiConfig::default(),
             queues,
             webhooks: WebhooksConfig::default(),
@@ -55,6 +59,37 @@ impl Default for Config {
 pub struct StorageConfig {
     /// `sqlite://path` (default: `sqlite://<data_dir>/stitch.db`).
     pub url: Option<String>,
+}
+
+/// `[cluster]`: the stages' partition leases and delivery timeouts. They
+/// matter when several processes share one database: a process that dies
+/// loses its partitions to the survivors once its `lease` ran out, and the
+/// messages it was processing are delivered again after `delivery_timeout`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// A partition lease not renewed within this may be taken by another
+    /// process (renewed every third of it).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// A message handed to a stage and not finished within this is
+    /// delivered again (to any process).
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// How often a stage looks for work published by other processes when
+    /// nothing woke it (PostgreSQL pushes wake-ups; MySQL relies on this).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            delivery_timeout: Duration::from_secs(300),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
 }
 
 /// `[api]`

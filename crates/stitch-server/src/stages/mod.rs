@@ -5,7 +5,6 @@ mod signal;
 mod trigger;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use stitch_core::{BuildHandle, BuildId, BuildStatus, RunnerRef};
 use stitch_mq::{Delivery, SubscriptionConfig};
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub use signal::SignalStage;
 pub use trigger::TriggerStage;
 
+use crate::config::ClusterConfig;
 use crate::consumer::{run_stage, RetryBudget, Stage, StageError};
 use crate::service::BuildMessage;
 use crate::state::{AppState, QueueRuntime};
@@ -58,13 +58,17 @@ fn node_name() -> String {
 
 /// Subscription shared by the stages: one message of a build in flight at a
 /// time (`batch_size = 1`), and a high redelivery backstop because each stage
-/// applies its queue's own retry budget.
-fn subscription(group: &str) -> SubscriptionConfig {
+/// applies its queue's own retry budget. Leases, the delivery timeout and the
+/// cross-process poll come from `[cluster]`.
+fn subscription(cluster: &ClusterConfig, group: &str) -> SubscriptionConfig {
     let mut cfg = SubscriptionConfig::new(group);
     cfg.subscriber = format!("{group}@{}", node_name());
     cfg.batch_size = 1;
     cfg.max_in_flight = 512;
-    cfg.visibility_timeout = Duration::from_secs(300);
+    cfg.visibility_timeout = cluster.delivery_timeout;
+    cfg.lease_duration = cluster.lease;
+    cfg.lease_renewal = cluster.lease / 3;
+    cfg.poll_interval = cluster.poll_interval;
     cfg.retry.max_attempts = 1000;
     cfg
 }

@@ -133,7 +133,7 @@ impl Stage for SignalStage {
     }
 
     fn subscription(&self) -> SubscriptionConfig {
-        subscription("signal-stage")
+        subscription(&self.state.config().cluster, "signal-stage")
     }
 
     fn budget(&self, delivery: &Delivery) -> RetryBudget {

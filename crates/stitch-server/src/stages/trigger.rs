@@ -37,7 +37,7 @@ impl Stage for TriggerStage {
     }
 
     fn subscription(&self) -> SubscriptionConfig {
-        subscription("trigger-stage")
+        subscription(&self.state.config().cluster, "trigger-stage")
     }
 
     fn budget(&self, delivery: &Delivery) -> RetryBudget {
