@@ -126,8 +126,15 @@ fn tables(backend: &Backend) -> &'static [&'static str] {
 
 /// One transaction of the baseline.
 enum Write {
-    Create { id: String, queue: String },
-    Change { id: String, queue: String, status: &'static str },
+    Create {
+        id: String,
+        queue: String,
+    },
+    Change {
+        id: String,
+        queue: String,
+        status: &'static str,
+    },
 }
 
 fn epoch_millis() -> i64 {

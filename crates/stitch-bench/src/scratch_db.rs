@@ -59,7 +59,33 @@ impl Backend {
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let name = format!("stitch_bench_{}_{scenario}", std::process::id());
-        let storage_url = match self {
+        let storage_url = self.create(&name).await.with_context(|| {
+            format!(
+                "{}: creating the scratch schema / database {name}",
+                self.describe()
+            )
+        })?;
+        Ok(Scratch {
+            backend: self.clone(),
+            name,
+            data_dir,
+            storage_url,
+        })
+    }
+
+    /// The backend and its server's URL (password masked).
+    fn describe(&self) -> String {
+        match self {
+            Backend::Sqlite => "SQLite".to_string(),
+            Backend::Postgres(url) | Backend::MySql(url) => {
+                format!("{} at {}", self.label(), stitch_mq::open::redact(url))
+            }
+        }
+    }
+
+    /// Creates schema / database `name` on a server; its storage URL.
+    async fn create(&self, name: &str) -> anyhow::Result<Option<String>> {
+        Ok(match self {
             Backend::Sqlite => None,
             Backend::Postgres(url) => {
                 let mut admin = postgres_options(url)?.connect().await?;
@@ -89,12 +115,6 @@ impl Backend {
                 with_db.set_path(&format!("/{name}"));
                 Some(with_db.to_string())
             }
-        };
-        Ok(Scratch {
-            backend: self.clone(),
-            name,
-            data_dir,
-            storage_url,
         })
     }
 }
@@ -118,6 +138,11 @@ impl Scratch {
 
     /// Drops the schema / database (SQLite's files go with the temp dir).
     pub async fn drop_database(self) -> anyhow::Result<()> {
+        let what = format!("{}: dropping {}", self.backend.describe(), self.name);
+        self.drop_inner().await.context(what)
+    }
+
+    async fn drop_inner(&self) -> anyhow::Result<()> {
         match &self.backend {
             Backend::Sqlite => {}
             Backend::Postgres(url) => {

@@ -449,6 +449,13 @@ fn micros_between(later: DateTime<Utc>, earlier: DateTime<Utc>) -> u64 {
 // ---------------------------------------------------------------------------
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Before the client runtime exists: an early return must not drop it
+    // inside this async context.
+    let backends = args
+        .backends
+        .iter()
+        .map(|b| Backend::parse(b, &args.postgres_url, &args.mysql_url))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -463,11 +470,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name(CLIENT_THREADS)
         .enable_all()
         .build()?;
-    let backends = args
-        .backends
-        .iter()
-        .map(|b| Backend::parse(b, &args.postgres_url, &args.mysql_url))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     println!(
         "stitch-bench serve: {} cores, backends {}, data dirs under {}, loopback HTTP; load generator on its own 2-thread runtime",
         std::thread::available_parallelism()
@@ -499,7 +501,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 }
                 let scratch = target.backend.scratch(&dir, scenario).await?;
                 let outcome = match scenario {
-                    "create" => create_scenario(&args, &target, &scratch, &clients, &mut rows).await,
+                    "create" => {
+                        create_scenario(&args, &target, &scratch, &clients, &mut rows).await
+                    }
                     "inflight" => {
                         inflight_scenario(
                             &args,
