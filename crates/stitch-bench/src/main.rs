@@ -1,16 +1,18 @@
 //! stitch benchmark programs. Each prints figures; none asserts timings.
 //!
 //! `cargo run --release -p stitch-bench -- mq` measures the message queue on
-//! SQLite, PostgreSQL and MySQL/MariaDB; `cargo run --release -p stitch-bench -- serve` measures a whole
-//! in-process `stitch serve` over real HTTP (see `docs/benchmarks.md` for
-//! recorded figures).
+//! SQLite, PostgreSQL and MySQL/MariaDB; `cargo run --release -p stitch-bench
+//! -- serve` measures a whole in-process `stitch serve` over real HTTP on the
+//! same three backends (see `docs/benchmarks.md` for recorded figures).
 
 mod buildkite;
 mod counting;
 mod github;
 mod mq;
+mod plain_writes;
 mod promise;
 mod provider;
+mod scratch_db;
 mod serve;
 mod sys;
 
@@ -35,10 +37,12 @@ enum Command {
     /// a plain-database baseline with the same row writes per backend, CPU
     /// and peak RSS.
     Mq(mq::MqArgs),
-    /// A whole in-process `stitch serve` over loopback HTTP: build-create
-    /// throughput (noop runner), 10,000 in-flight builds on the fake runner
-    /// (CPU, RSS, polls/s, terminal-to-event latency), and 1,000 WebSocket
-    /// event subscribers (delivery latency).
+    /// A whole in-process `stitch serve` over loopback HTTP, on SQLite,
+    /// PostgreSQL and/or MariaDB (--backends): build-create throughput (noop
+    /// runner), 10,000 in-flight builds on the fake runner (CPU of stitch and
+    /// of the database server, memory, polls/s, terminal-to-event latency),
+    /// and 1,000 WebSocket event subscribers (delivery latency); plain-sqlx
+    /// baselines writing the same rows, with the ratio.
     Serve(serve::ServeArgs),
     /// 10,000 concurrent `promise-failure` calls through one job API over
     /// its real Unix socket against a real upstream HTTP server: how many

@@ -1,6 +1,7 @@
 //! `stitch-bench serve`: a whole `stitch serve` in this process (temporary
-//! SQLite data dir, stages running, real HTTP on 127.0.0.1:0), driven by
-//! HTTP and WebSocket clients over loopback.
+//! data dir, stages running, real HTTP on 127.0.0.1:0), driven by HTTP and
+//! WebSocket clients over loopback, on each of `--backends` (SQLite, and a
+//! fresh PostgreSQL schema / MariaDB database per scenario) in one run.
 //!
 //! Three scenarios (`--only create,inflight,subscribers`):
 //!
@@ -15,11 +16,15 @@
 //!
 //! The clients run on their own tokio runtime whose threads are named
 //! `bench-client`, so the server's CPU share can be told apart from the load
-//! generator's (both share the machine's cores).
+//! generator's (both share the machine's cores). A database server on this
+//! machine is measured from `/proc` by process name (`postgres`,
+//! `mariadbd`). `create` and `inflight` end with a plain-sqlx baseline
+//! writing the same build rows and events on the same backend
+//! ([`crate::plain_writes`]) and the ratio.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +45,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::sys::{cpu_time, peak_rss_mib};
+use crate::plain_writes::{self, PlainLoad};
+use crate::scratch_db::{Backend, Scratch};
+use crate::sys::{cpu_time, peak_rss_mib, NamedProcesses, ProcessesCpu};
 
 /// Name prefix of the load generator's threads (excluded from server CPU).
 const CLIENT_THREADS: &str = "bench-client";
@@ -77,6 +84,27 @@ pub struct ServeArgs {
     /// Directory for the data dirs (default: a fresh temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Backends to run every scenario on, in this order (comma-separated):
+    /// sqlite, postgres, mysql. Each scenario gets a fresh schema
+    /// (PostgreSQL) or database (MariaDB), dropped afterwards.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite")]
+    backends: Vec<String>,
+    /// PostgreSQL server for `--backends postgres` (a database the user may
+    /// create schemas in).
+    #[arg(
+        long,
+        env = "STITCH_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+    /// MySQL / MariaDB server for `--backends mysql` (the user may create
+    /// databases).
+    #[arg(
+        long,
+        env = "STITCH_BENCH_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    mysql_url: String,
 }
 
 impl ServeArgs {
@@ -85,15 +113,50 @@ impl ServeArgs {
     }
 }
 
-struct Row {
-    name: String,
-    value: String,
+/// Figures by measure and backend, printed as they come and at the end as
+/// one table with a column per backend.
+#[derive(Default)]
+struct Table {
+    backends: Vec<&'static str>,
+    measures: Vec<String>,
+    values: HashMap<(String, &'static str), String>,
 }
 
-fn row(rows: &mut Vec<Row>, name: impl Into<String>, value: impl Into<String>) {
+impl Table {
+    /// Later rows belong to `backend`.
+    fn begin(&mut self, backend: &'static str) {
+        self.backends.push(backend);
+    }
+
+    fn print(&self) {
+        println!("\n| measure | {} |", self.backends.join(" | "));
+        println!("|---|{}", "---|".repeat(self.backends.len()));
+        for m in &self.measures {
+            let cells: Vec<&str> = self
+                .backends
+                .iter()
+                .map(|b| {
+                    self.values
+                        .get(&(m.clone(), *b))
+                        .map(String::as_str)
+                        .unwrap_or("—")
+                })
+                .collect();
+            println!("| {m} | {} |", cells.join(" | "));
+        }
+    }
+}
+
+fn row(rows: &mut Table, name: impl Into<String>, value: impl Into<String>) {
     let (name, value) = (name.into(), value.into());
     println!("{name:<62} {value}");
-    rows.push(Row { name, value });
+    let Some(backend) = rows.backends.last().copied() else {
+        return;
+    };
+    if !rows.measures.contains(&name) {
+        rows.measures.push(name.clone());
+    }
+    rows.values.insert((name, backend), value);
 }
 
 /// Milliseconds at quantile `q` of a histogram of microseconds.
@@ -168,12 +231,14 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Wall time, whole-process CPU and the server's share (process minus the
-/// load generator's threads) of one measured section.
+/// Wall time, whole-process CPU, the server's share (process minus the
+/// load generator's threads) and the database server's CPU of one measured
+/// section.
 struct Meter {
     wall: Instant,
     total: Duration,
     client: Duration,
+    database: Option<(NamedProcesses, ProcessesCpu)>,
 }
 
 struct Usage {
@@ -182,14 +247,24 @@ struct Usage {
     total: f64,
     /// Cores busy on average, everything but the client threads.
     server: f64,
+    /// The database server's process name and cores busy on average.
+    database: Option<(String, f64)>,
+}
+
+impl Usage {
+    /// CPU-seconds of stitch (the server's share) plus the database server.
+    fn server_and_database_seconds(&self) -> f64 {
+        (self.server + self.database.as_ref().map_or(0.0, |d| d.1)) * self.wall
+    }
 }
 
 impl Meter {
-    fn start() -> Self {
+    fn start(database: Option<&NamedProcesses>) -> Self {
         Self {
             wall: Instant::now(),
             total: cpu_time(),
             client: threads_cpu(CLIENT_THREADS),
+            database: database.map(|d| (d.clone(), d.cpu())),
         }
     }
 
@@ -203,12 +278,40 @@ impl Meter {
             wall,
             total: total / wall,
             server: (total - client).max(0.0) / wall,
+            database: self.database.as_ref().map(|(d, before)| {
+                (
+                    d.name().to_string(),
+                    d.cpu().since(before).as_secs_f64() / wall,
+                )
+            }),
         }
     }
 }
 
 fn cpu(u: &Usage) -> String {
-    format!("server {:.2} cores (process {:.2})", u.server, u.total)
+    let database = match &u.database {
+        Some((name, cores)) => format!("; {name} {cores:.2}"),
+        None => String::new(),
+    };
+    format!(
+        "stitch {:.2} cores (process {:.2}){database}",
+        u.server, u.total
+    )
+}
+
+/// The memory of the database server's processes, or where the database is.
+fn database_memory(target: &Target) -> String {
+    match (&target.backend, &target.database) {
+        (Backend::Sqlite, _) => "in the stitch process".to_string(),
+        (_, Some(d)) => format!("{:.1}  ({}, PSS)", d.memory_mib(), d.name()),
+        (_, None) => "n/a (no server process on this machine)".to_string(),
+    }
+}
+
+/// One backend of the run and its server's processes.
+struct Target {
+    backend: Backend,
+    database: Option<NamedProcesses>,
 }
 
 // ---------------------------------------------------------------------------
@@ -224,15 +327,16 @@ struct Server {
 
 impl Server {
     async fn start(
-        data_dir: PathBuf,
+        scratch: &Scratch,
         queues: BTreeMap<String, QueueConfig>,
     ) -> anyhow::Result<Self> {
-        let config = Config {
+        let mut config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir,
+            data_dir: scratch.data_dir.clone(),
             queues,
             ..Config::default()
         };
+        config.storage.url = scratch.storage_url.clone();
         let state = AppState::open(config).await?;
         let stop = CancellationToken::new();
         let stages = stages::start(&state, stop.clone());
@@ -261,13 +365,15 @@ impl Server {
         format!("ws://{}{path}", self.addr)
     }
 
-    /// Stops HTTP and the stages (bounded: stages drain for at most 30 s).
+    /// Stops HTTP and the stages (bounded: stages drain for at most 30 s),
+    /// then closes the database pool so the scratch database can be dropped.
     async fn stop(self) {
         self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.http).await;
         for t in self.stages {
             let _ = tokio::time::timeout(Duration::from_secs(35), t).await;
         }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.state.store().close()).await;
     }
 
     /// Builds not yet terminal (stops counting at `cap` per status).
@@ -343,6 +449,13 @@ fn micros_between(later: DateTime<Utc>, earlier: DateTime<Utc>) -> u64 {
 // ---------------------------------------------------------------------------
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Before the client runtime exists: an early return must not drop it
+    // inside this async context.
+    let backends = args
+        .backends
+        .iter()
+        .map(|b| Backend::parse(b, &args.postgres_url, &args.mysql_url))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -358,32 +471,63 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     println!(
-        "stitch-bench serve: {} cores, SQLite data dir {}, loopback HTTP; load generator on its own 2-thread runtime",
+        "stitch-bench serve: {} cores, backends {}, data dirs under {}, loopback HTTP; load generator on its own 2-thread runtime",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        args.backends.join(","),
         dir.display()
     );
-    let mut rows = Vec::new();
+    let mut rows = Table::default();
     let result = async {
-        if args.wants("create") {
-            create_scenario(&args, &dir, &clients, &mut rows).await?;
-        }
-        if args.wants("inflight") {
-            inflight_scenario(&args, &dir, &clients, metrics.as_ref(), &mut rows).await?;
-        }
-        if args.wants("subscribers") {
-            subscriber_scenario(&args, &dir, &clients, &mut rows).await?;
+        for backend in backends {
+            let target = Target {
+                database: backend.server_processes(),
+                backend,
+            };
+            let label = target.backend.label();
+            rows.begin(label);
+            println!(
+                "\n== {label}{}",
+                target
+                    .database
+                    .as_ref()
+                    .map(|d| format!(" (server processes named {:?} measured)", d.name()))
+                    .unwrap_or_default()
+            );
+            for scenario in ["create", "inflight", "subscribers"] {
+                if !args.wants(scenario) {
+                    continue;
+                }
+                let scratch = target.backend.scratch(&dir, scenario).await?;
+                let outcome = match scenario {
+                    "create" => {
+                        create_scenario(&args, &target, &scratch, &clients, &mut rows).await
+                    }
+                    "inflight" => {
+                        inflight_scenario(
+                            &args,
+                            &target,
+                            &scratch,
+                            &clients,
+                            metrics.as_ref(),
+                            &mut rows,
+                        )
+                        .await
+                    }
+                    _ => subscriber_scenario(&args, &target, &scratch, &clients, &mut rows).await,
+                };
+                let dropped = scratch.drop_database().await;
+                outcome?;
+                dropped?;
+            }
         }
         anyhow::Ok(())
     }
     .await;
     clients.shutdown_background();
     result?;
-    println!("\n| measure | value |\n|---|---|");
-    for r in rows {
-        println!("| {} | {} |", r.name, r.value);
-    }
+    rows.print();
     Ok(())
 }
 
@@ -392,13 +536,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn create_scenario(
     args: &ServeArgs,
-    dir: &Path,
+    target: &Target,
+    scratch: &Scratch,
     rt: &Runtime,
-    rows: &mut Vec<Row>,
+    rows: &mut Table,
 ) -> anyhow::Result<()> {
     let mut queues = BTreeMap::new();
     queues.insert("noop".to_string(), queue(RunnerName::Noop));
-    let server = Server::start(dir.join("create"), queues).await?;
+    let server = Server::start(scratch, queues).await?;
     let url = server.url("/v1/queues/noop/builds");
     let client = http_client(args.clients)?;
     // Warm the connection pool and the database (on the client runtime, so
@@ -428,7 +573,7 @@ async fn create_scenario(
         args.clients
     );
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
-    let m = Meter::start();
+    let m = Meter::start(target.database.as_ref());
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for c in 0..args.clients {
@@ -521,10 +666,37 @@ async fn create_scenario(
     );
     row(
         rows,
-        "create: peak RSS (MiB)",
+        "create: peak RSS of stitch (MiB)",
         format!("{:.1}", peak_rss_mib()),
     );
+    row(
+        rows,
+        "create: database server memory at the end (MiB)",
+        database_memory(target),
+    );
     server.stop().await;
+
+    // The same build rows and `accepted` events through plain sqlx.
+    let plain = plain_writes::run(
+        scratch,
+        &PlainLoad {
+            builds: ok as usize,
+            changes: 0,
+            concurrency: args.clients,
+        },
+        target.database.as_ref(),
+    )
+    .await?;
+    row(
+        rows,
+        "create: plain sqlx, build row + event per tx, same count (tx/s)",
+        format!("{:.0}  ({} tasks)", plain.creates_per_s, args.clients),
+    );
+    row(
+        rows,
+        "create: stitch creates/s / plain tx/s",
+        format!("{:.2}", ok as f64 / u.wall / plain.creates_per_s.max(1e-9)),
+    );
     Ok(())
 }
 
@@ -605,10 +777,11 @@ impl Watch {
 
 async fn inflight_scenario(
     args: &ServeArgs,
-    dir: &Path,
+    target: &Target,
+    scratch: &Scratch,
     rt: &Runtime,
     metrics: Option<&PrometheusHandle>,
-    rows: &mut Vec<Row>,
+    rows: &mut Table,
 ) -> anyhow::Result<()> {
     let mut queues = BTreeMap::new();
     let mut run_of: HashMap<String, Duration> = HashMap::new();
@@ -628,7 +801,7 @@ async fn inflight_scenario(
         run_of.insert(name, Duration::from_secs(secs));
     }
     let names: Arc<Vec<String>> = Arc::new(queues.keys().cloned().collect());
-    let server = Server::start(dir.join("inflight"), queues).await?;
+    let server = Server::start(scratch, queues).await?;
     let n = args.builds;
     println!(
         "inflight: {n} builds over {} fake queues (accept {} s, run {:?} s, poll 5 s accepted / 2 s running), sampling up to {} s",
@@ -677,13 +850,13 @@ async fn inflight_scenario(
     };
 
     reset_peak_rss();
-    let m_all = Meter::start();
+    let m_all = Meter::start(target.database.as_ref());
     // Create the builds: the same keep-alive clients as `create`.
     let client = http_client(args.clients)?;
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
-    let m = Meter::start();
+    let m = Meter::start(target.database.as_ref());
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
         let (client, next, errors, first_error, names) = (
@@ -734,7 +907,7 @@ async fn inflight_scenario(
 
     // The window: sample once a second until every build's terminal event
     // was seen or --seconds passed.
-    let m = Meter::start();
+    let m = Meter::start(target.database.as_ref());
     let polls0 = signal_outcomes(metrics);
     let (mut expected_polls, mut max_rss, mut max_polls_s, mut max_cores) =
         (0.0, 0.0f64, 0.0f64, 0.0f64);
@@ -744,6 +917,9 @@ async fn inflight_scenario(
         cpu_time(),
         threads_cpu(CLIENT_THREADS),
     );
+    let database = target.database.as_ref();
+    let mut last_database = database.map(NamedProcesses::cpu);
+    let (mut max_database_cores, mut max_database_mib) = (0.0f64, 0.0f64);
     let window_end = Instant::now() + Duration::from_secs(args.seconds);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -767,10 +943,21 @@ async fn inflight_scenario(
         max_polls_s = max_polls_s.max(polls_s);
         max_cores = max_cores.max(cores);
         max_rss = max_rss.max(rss_mib());
+        let database_cores = match (database, last_database.as_mut()) {
+            (Some(d), Some(before)) => {
+                let now_cpu = d.cpu();
+                let cores = now_cpu.since(before).as_secs_f64() / dt;
+                *before = now_cpu;
+                max_database_cores = max_database_cores.max(cores);
+                max_database_mib = max_database_mib.max(d.memory_mib());
+                format!("  {} cores {cores:.2}", d.name())
+            }
+            _ => String::new(),
+        };
         let elapsed = m.wall.elapsed().as_secs();
         if elapsed % 10 == 0 {
             println!(
-                "  t={elapsed:>3}s accepted {accepted:>5} running {running:>5} terminal {terminal:>5}  polls/s {polls_s:>6.0}  server cores {cores:.2}  rss {:.0} MiB",
+                "  t={elapsed:>3}s accepted {accepted:>5} running {running:>5} terminal {terminal:>5}  polls/s {polls_s:>6.0}  stitch cores {cores:.2}{database_cores}  rss {:.0} MiB",
                 rss_mib()
             );
         }
@@ -804,8 +991,15 @@ async fn inflight_scenario(
     );
     row(
         rows,
-        format!("inflight: CPU over the {:.0} s window (cores)", u.wall),
-        format!("{}; busiest second {max_cores:.2}", cpu(&u)),
+        "inflight: CPU over the sampling window (cores)",
+        format!(
+            "{}; busiest second stitch {max_cores:.2}{}; window {:.0} s",
+            cpu(&u),
+            database
+                .map(|d| format!(", {} {max_database_cores:.2}", d.name()))
+                .unwrap_or_default(),
+            u.wall
+        ),
     );
     row(
         rows,
@@ -814,8 +1008,16 @@ async fn inflight_scenario(
     );
     row(
         rows,
-        "inflight: peak RSS (MiB)",
+        "inflight: peak RSS of stitch (MiB)",
         format!("{:.1}  (largest 1-s sample {max_rss:.1})", peak_rss_mib()),
+    );
+    row(
+        rows,
+        "inflight: database server memory, largest 1-s sample (MiB)",
+        match database {
+            Some(d) => format!("{max_database_mib:.1}  ({}, PSS)", d.name()),
+            None => database_memory(target),
+        },
     );
     row(
         rows,
@@ -863,6 +1065,51 @@ async fn inflight_scenario(
         w.delivery.as_ref().map(lat).unwrap_or_else(none),
     );
     server.stop().await;
+
+    // The same builds and status changes through plain sqlx.
+    let builds = created;
+    let plain = plain_writes::run(
+        scratch,
+        &PlainLoad {
+            builds,
+            changes: (w.events as usize).saturating_sub(builds),
+            concurrency: args.clients,
+        },
+        database,
+    )
+    .await?;
+    let plain_seconds = plain.process_cpu_s + plain.server_cpu_s.unwrap_or(0.0);
+    row(
+        rows,
+        "inflight: plain sqlx, same builds + status changes, one tx each",
+        format!(
+            "{:.0} creates/s, {:.0} changes/s; CPU {:.1} s bench process{}",
+            plain.creates_per_s,
+            plain.changes_per_s,
+            plain.process_cpu_s,
+            match (database, plain.server_cpu_s) {
+                (Some(d), Some(s)) => format!(" + {s:.1} s {}", d.name()),
+                _ => String::new(),
+            }
+        ),
+    );
+    row(
+        rows,
+        "inflight: create builds/s, stitch / plain",
+        format!(
+            "{:.2}",
+            created as f64 / created_u.wall / plain.creates_per_s.max(1e-9)
+        ),
+    );
+    row(
+        rows,
+        "inflight: CPU-seconds for the same rows, stitch+database / plain+database",
+        format!(
+            "{:.2}  ({:.1} s / {plain_seconds:.1} s)",
+            all.server_and_database_seconds() / plain_seconds.max(1e-9),
+            all.server_and_database_seconds()
+        ),
+    );
     Ok(())
 }
 
@@ -871,13 +1118,14 @@ async fn inflight_scenario(
 
 async fn subscriber_scenario(
     args: &ServeArgs,
-    dir: &Path,
+    target: &Target,
+    scratch: &Scratch,
     rt: &Runtime,
-    rows: &mut Vec<Row>,
+    rows: &mut Table,
 ) -> anyhow::Result<()> {
     let mut queues = BTreeMap::new();
     queues.insert("noop".to_string(), queue(RunnerName::Noop));
-    let server = Server::start(dir.join("subscribers"), queues).await?;
+    let server = Server::start(scratch, queues).await?;
     let start_seq = server.state.store().latest_seq().await?;
     let subs = args.subscribers;
     println!(
@@ -966,7 +1214,7 @@ async fn subscriber_scenario(
     );
 
     // Offer builds at --rate for --create-seconds.
-    let m = Meter::start();
+    let m = Meter::start(target.database.as_ref());
     let client = http_client(8)?;
     let url = server.url("/v1/queues/noop/builds");
     let total = (args.rate * args.create_seconds) as usize;
@@ -1044,11 +1292,11 @@ async fn subscriber_scenario(
     );
     row(
         rows,
+        format!("subscribers: {total} builds at {}/s", args.rate),
         format!(
-            "subscribers: {total} builds at {}/s, {expected} events each",
-            args.rate
+            "{expected} events each; {create_errors} create errors; {}",
+            cpu(&u)
         ),
-        format!("{create_errors} create errors; {}", cpu(&u)),
     );
     row(
         rows,
@@ -1065,8 +1313,13 @@ async fn subscriber_scenario(
     );
     row(
         rows,
-        "subscribers: peak RSS (MiB)",
+        "subscribers: peak RSS of stitch (MiB)",
         format!("{:.1}", peak_rss_mib()),
+    );
+    row(
+        rows,
+        "subscribers: database server memory at the end (MiB)",
+        database_memory(target),
     );
     server.stop().await;
     Ok(())

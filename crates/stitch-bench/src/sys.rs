@@ -1,5 +1,7 @@
-//! Process figures: CPU time and peak resident memory.
+//! Process figures: CPU time and memory of this process, and of other
+//! processes picked by name (a database server beside the benchmark).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// User + system CPU time of this process so far.
@@ -58,4 +60,107 @@ impl Meter {
         let cpu = (cpu_time() - self.cpu).as_secs_f64();
         (wall, if wall > 0.0 { cpu / wall } else { 0.0 })
     }
+}
+
+/// The processes on this machine whose name (`/proc/PID/comm`) is one of a
+/// few candidates, e.g. a database server's (`postgres` runs one process per
+/// connection; `mariadbd` one process). The first candidate with a running
+/// process is the one measured.
+#[derive(Clone)]
+pub struct NamedProcesses {
+    name: String,
+}
+
+/// CPU time so far of each process of a [`NamedProcesses`].
+pub struct ProcessesCpu(HashMap<u32, Duration>);
+
+impl NamedProcesses {
+    /// The first of `candidates` with at least one running process; `None`
+    /// when none runs here (a database on another machine).
+    pub fn find(candidates: &[&str]) -> Option<Self> {
+        candidates
+            .iter()
+            .find(|name| !pids_named(name).is_empty())
+            .map(|name| Self {
+                name: (*name).to_string(),
+            })
+    }
+
+    /// The process name measured.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// User + system CPU time of each matching process so far.
+    pub fn cpu(&self) -> ProcessesCpu {
+        ProcessesCpu(
+            pids_named(&self.name)
+                .into_iter()
+                .filter_map(|pid| process_cpu(pid).map(|t| (pid, t)))
+                .collect(),
+        )
+    }
+
+    /// Proportional set size of all matching processes together, MiB
+    /// (`Pss` counts memory shared between them, like PostgreSQL's shared
+    /// buffers, once); falls back to the sum of `VmRSS` where
+    /// `smaps_rollup` is not readable.
+    pub fn memory_mib(&self) -> f64 {
+        pids_named(&self.name)
+            .into_iter()
+            .map(|pid| {
+                status_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
+                    .or_else(|| status_kib(&format!("/proc/{pid}/status"), "VmRSS:"))
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+            / 1024.0
+    }
+}
+
+impl ProcessesCpu {
+    /// CPU time used since `earlier`. A process that started in between
+    /// counts from zero; one that exited in between is lost (connection
+    /// pools keep their server processes, so little is).
+    pub fn since(&self, earlier: &ProcessesCpu) -> Duration {
+        self.0
+            .iter()
+            .map(|(pid, now)| now.saturating_sub(earlier.0.get(pid).copied().unwrap_or_default()))
+            .sum()
+    }
+}
+
+fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .collect()
+}
+
+/// User + system time of process `pid` from `/proc/PID/stat`.
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name may contain spaces and parentheses: fields start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // After "(comm) ": state is field 3, utime 14, stime 15.
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(Duration::from_secs_f64(ticks / per_second))
+}
+
+/// The kB value of the line starting with `key` in a `/proc` key-value file.
+fn status_kib(path: &str, key: &str) -> Option<f64> {
+    std::fs::read_to_string(path).ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+    })
 }
