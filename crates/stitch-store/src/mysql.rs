@@ -8,7 +8,7 @@
 //! ([`lock_writers`]), as on PostgreSQL (ADR 0009).
 
 use chrono::Utc;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlRow};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
 use sqlx::{Executor, MySqlConnection};
 use stitch_core::BuildId;
 
@@ -16,8 +16,8 @@ use crate::error::Result;
 use crate::model::{Build, BuildFilter, Event, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, event_from_row, millis, open_statuses_sql, to_i64, to_json, to_u64,
-    ReadRow, BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, builds_from_rows, events_from_rows, millis, open_statuses_sql,
+    to_i64, to_json, to_u64, ReadRow, BUILD_COLUMNS, EVENT_COLUMNS,
 };
 
 /// ER_DUP_ENTRY: a unique key already holds the value.
@@ -76,14 +76,6 @@ impl<'c> MySqlOps<'c> {
     pub(crate) fn conn(&mut self) -> &mut MySqlConnection {
         self.conn
     }
-}
-
-fn builds(rows: Vec<MySqlRow>) -> Result<Vec<Build>> {
-    rows.iter().map(build_from_row).collect()
-}
-
-fn events(rows: Vec<MySqlRow>) -> Result<Vec<Event>> {
-    rows.iter().map(event_from_row).collect()
 }
 
 fn is_duplicate_key(e: &sqlx::Error) -> bool {
@@ -274,7 +266,7 @@ impl Ops for MySqlOps<'_> {
             .bind(i64::from(limit))
             .fetch_all(&mut *self.conn)
             .await?;
-        builds(rows)
+        builds_from_rows(&rows)
     }
 
     async fn builds_not_terminal(&mut self) -> Result<Vec<Build>> {
@@ -283,7 +275,7 @@ impl Ops for MySqlOps<'_> {
             open_statuses_sql()
         );
         let rows = sqlx::query(&sql).fetch_all(&mut *self.conn).await?;
-        builds(rows)
+        builds_from_rows(&rows)
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {
@@ -293,7 +285,7 @@ impl Ops for MySqlOps<'_> {
             .bind(i64::from(limit))
             .fetch_all(&mut *self.conn)
             .await?;
-        events(rows)
+        events_from_rows(&rows)
     }
 
     async fn events_for_build(&mut self, id: &BuildId) -> Result<Vec<Event>> {
@@ -302,7 +294,7 @@ impl Ops for MySqlOps<'_> {
             .bind(id.as_str())
             .fetch_all(&mut *self.conn)
             .await?;
-        events(rows)
+        events_from_rows(&rows)
     }
 
     async fn latest_seq(&mut self) -> Result<u64> {

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Executor, PgConnection};
 use stitch_core::BuildId;
 
@@ -17,8 +17,8 @@ use crate::error::Result;
 use crate::model::{Build, BuildFilter, Event, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, event_from_row, millis, open_statuses_sql, to_i64, to_json, to_u64,
-    BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, builds_from_rows, events_from_rows, millis, open_statuses_sql,
+    to_i64, to_json, to_u64, BUILD_COLUMNS, EVENT_COLUMNS,
 };
 
 /// Connections of a pool opened from a URL.
@@ -85,14 +85,6 @@ impl<'c> PgOps<'c> {
     pub(crate) fn conn(&mut self) -> &mut PgConnection {
         self.conn
     }
-}
-
-fn builds(rows: Vec<PgRow>) -> Result<Vec<Build>> {
-    rows.iter().map(build_from_row).collect()
-}
-
-fn events(rows: Vec<PgRow>) -> Result<Vec<Event>> {
-    rows.iter().map(event_from_row).collect()
 }
 
 impl Ops for PgOps<'_> {
@@ -261,7 +253,7 @@ impl Ops for PgOps<'_> {
             .bind(i64::from(limit))
             .fetch_all(&mut *self.conn)
             .await?;
-        builds(rows)
+        builds_from_rows(&rows)
     }
 
     async fn builds_not_terminal(&mut self) -> Result<Vec<Build>> {
@@ -270,7 +262,7 @@ impl Ops for PgOps<'_> {
             open_statuses_sql()
         );
         let rows = sqlx::query(&sql).fetch_all(&mut *self.conn).await?;
-        builds(rows)
+        builds_from_rows(&rows)
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {
@@ -281,7 +273,7 @@ impl Ops for PgOps<'_> {
             .bind(i64::from(limit))
             .fetch_all(&mut *self.conn)
             .await?;
-        events(rows)
+        events_from_rows(&rows)
     }
 
     async fn events_for_build(&mut self, id: &BuildId) -> Result<Vec<Event>> {
@@ -290,7 +282,7 @@ impl Ops for PgOps<'_> {
             .bind(id.as_str())
             .fetch_all(&mut *self.conn)
             .await?;
-        events(rows)
+        events_from_rows(&rows)
     }
 
     async fn latest_seq(&mut self) -> Result<u64> {

@@ -138,6 +138,16 @@ pub(crate) fn build_from_row(row: &impl ReadRow) -> Result<Build> {
 }
 
 /// An event from a row holding [`EVENT_COLUMNS`].
+/// Every row of a result as a [`Build`].
+pub(crate) fn builds_from_rows(rows: &[impl ReadRow]) -> Result<Vec<Build>> {
+    rows.iter().map(build_from_row).collect()
+}
+
+/// Every row of a result as an [`Event`].
+pub(crate) fn events_from_rows(rows: &[impl ReadRow]) -> Result<Vec<Event>> {
+    rows.iter().map(event_from_row).collect()
+}
+
 pub(crate) fn event_from_row(row: &impl ReadRow) -> Result<Event> {
     let seq = to_u64(row.int("seq")?, "events.seq")?;
     let what = |column: &str| format!("event {seq} {column}");
