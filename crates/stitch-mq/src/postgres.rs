@@ -625,15 +625,17 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         .execute(&mut *conn)
         .await?;
     }
+    // Ordered and limited so it reads the due index only up to the first
+    // row this subscriber may serve.
     result.next_due = sqlx::query_scalar(
-        "SELECT min(next_due) FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
-         AND (lease_owner = $3 OR lease_owner IS NULL OR lease_expires <= $4)",
+        "SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
+         AND (lease_owner = $3 OR lease_owner IS NULL OR lease_expires <= $4) ORDER BY next_due LIMIT 1",
     )
     .bind(&req.topic)
     .bind(&req.group)
     .bind(&req.subscriber)
     .bind(now)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
     if result.messages.is_empty() && result.dead_lettered == 0 {
         // Nothing could be done although something is due: the due
@@ -780,6 +782,22 @@ async fn apply_on(
     Ok(results)
 }
 
+/// Deletes delivery state at or below its partition's cursor.
+async fn sweep_state(pool: &PgPool, t: &LeaseTick) -> MqResult<()> {
+    // Delivery state at or below a cursor is never read again; claims leave
+    // it behind so they stay cheap, and it is swept here: one key lookup of
+    // the partition per state row (a join on `seq <= cursor` is quadratic).
+    sqlx::query(
+        "DELETE FROM mq_state s WHERE s.grp = $1 AND s.topic = $2 AND s.seq <= (SELECT p.cursor \
+         FROM mq_partitions p WHERE p.topic = s.topic AND p.grp = s.grp AND p.partition_key = s.partition_key)",
+    )
+    .bind(&t.group)
+    .bind(&t.topic)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<LeaseReport> {
     sqlx::query(
         "INSERT INTO mq_subscribers (topic, grp, subscriber, heartbeat_at) VALUES ($1, $2, $3, $4) \
@@ -810,12 +828,14 @@ async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<Lease
     .await?;
     let cap = fair_share_cap(busy as usize, &active, &t.subscriber);
     // Lease bookkeeping skips rows someone holds right now (a claim or an
-    // outcome): it never waits, and the next tick catches up.
+    // outcome): it never waits, and the next tick catches up. The rows it
+    // locked are then addressed by `ctid` (stable while we hold the lock):
+    // a join back on the key is planned as a nested loop while the table's
+    // statistics are young, which is quadratic in the partitions owned.
     sqlx::query(
-        "UPDATE mq_partitions p SET lease_owner = NULL, lease_expires = 0 FROM ( \
-           SELECT partition_key FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
-           AND next_due IS NULL FOR UPDATE SKIP LOCKED) l \
-         WHERE p.topic = $1 AND p.grp = $2 AND p.partition_key = l.partition_key",
+        "UPDATE mq_partitions SET lease_owner = NULL, lease_expires = 0 WHERE ctid = ANY(ARRAY( \
+           SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
+           AND next_due IS NULL FOR UPDATE SKIP LOCKED))",
     )
     .bind(&t.topic)
     .bind(&t.group)
@@ -823,10 +843,9 @@ async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<Lease
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "UPDATE mq_partitions p SET lease_expires = $4 FROM ( \
-           SELECT partition_key FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
-           FOR UPDATE SKIP LOCKED) l \
-         WHERE p.topic = $1 AND p.grp = $2 AND p.partition_key = l.partition_key",
+        "UPDATE mq_partitions SET lease_expires = $4 WHERE ctid = ANY(ARRAY( \
+           SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
+           FOR UPDATE SKIP LOCKED))",
     )
     .bind(&t.topic)
     .bind(&t.group)
@@ -844,10 +863,9 @@ async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<Lease
     .await?;
     if mine.len() > cap {
         sqlx::query(
-            "UPDATE mq_partitions p SET lease_owner = NULL, lease_expires = 0 FROM ( \
-               SELECT partition_key FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
-               AND partition_key = ANY($4) FOR UPDATE SKIP LOCKED) l \
-             WHERE p.topic = $1 AND p.grp = $2 AND p.partition_key = l.partition_key",
+            "UPDATE mq_partitions SET lease_owner = NULL, lease_expires = 0 WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND partition_key = ANY($4) \
+               AND lease_owner = $3 FOR UPDATE SKIP LOCKED))",
         )
         .bind(&t.topic)
         .bind(&t.group)
@@ -856,16 +874,6 @@ async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<Lease
         .execute(&mut *conn)
         .await?;
     }
-    // Delivery state at or below a cursor is never read again; claims leave
-    // it behind so they stay cheap, and it is swept here.
-    sqlx::query(
-        "DELETE FROM mq_state s USING mq_partitions p WHERE s.grp = $1 AND s.topic = $2 \
-         AND p.topic = s.topic AND p.grp = s.grp AND p.partition_key = s.partition_key AND s.seq <= p.cursor",
-    )
-    .bind(&t.group)
-    .bind(&t.topic)
-    .execute(&mut *conn)
-    .await?;
     Ok(LeaseReport {
         cap,
         owned: mine.len().min(cap),
@@ -1007,6 +1015,9 @@ impl Driver for PostgresDriver {
         let mut tx = self.begin().await?;
         let report = lease_tick_on(&mut tx, t).await?;
         tx.commit().await?;
+        // Outside the lease transaction, which holds every owned partition
+        // row: the sweep locks none of them and must not make outcomes wait.
+        sweep_state(&self.pool, t).await?;
         Ok(report)
     }
 
@@ -1204,12 +1215,11 @@ impl Driver for PostgresDriver {
         // Rows someone holds (a publish about to add a message) are left for
         // the next pass.
         report.partitions = sqlx::query(
-            "DELETE FROM mq_partitions p USING ( \
-               SELECT topic, grp, partition_key FROM mq_partitions q \
+            "DELETE FROM mq_partitions WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM mq_partitions q \
                WHERE q.next_due IS NULL AND q.lease_owner IS NULL AND NOT EXISTS \
                (SELECT 1 FROM mq_messages m WHERE m.topic = q.topic AND m.partition_key = q.partition_key) \
-               FOR UPDATE SKIP LOCKED) d \
-             WHERE p.topic = d.topic AND p.grp = d.grp AND p.partition_key = d.partition_key",
+               FOR UPDATE SKIP LOCKED))",
         )
         .execute(&mut *tx)
         .await?
