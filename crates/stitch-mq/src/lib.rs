@@ -20,6 +20,7 @@ pub mod memory;
 pub mod message;
 pub mod mysql;
 pub mod open;
+mod pg_statistics;
 pub mod postgres;
 mod queue;
 pub mod sqlite;

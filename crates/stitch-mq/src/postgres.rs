@@ -54,6 +54,44 @@ const POOL_SIZE: u32 = 10;
 /// Longest pause between attempts to re-establish the listener.
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The windows of a chunk of due partitions: ($1 group, $2 topic, $3 keys,
+/// $4 cursors, $5 rows per window).
+const WINDOWS_SQL: &str = "SELECT u.ord, w.seq, w.available_at, w.attempt, w.invisible_until, w.postponed, w.done \
+             FROM unnest($3::text[], $4::int8[]) WITH ORDINALITY AS u(k, c, ord) \
+             CROSS JOIN LATERAL (SELECT m.seq, m.available_at, s.attempt, s.invisible_until, s.postponed, s.done \
+               FROM mq_messages m LEFT JOIN LATERAL (SELECT attempt, invisible_until, postponed, done \
+                 FROM mq_state WHERE grp = $1 AND seq = m.seq LIMIT 1) s ON TRUE \
+               WHERE m.topic = $2 AND m.partition_key = u.k AND m.seq > u.c \
+               ORDER BY m.seq LIMIT $5) w \
+             ORDER BY u.ord, w.seq";
+
+/// The stored messages with these sequence numbers ($1), each one key lookup.
+const BODIES_SQL: &str =
+    "SELECT seq, msg_id, payload, metadata, published_at FROM mq_messages WHERE seq = ANY($1)";
+
+/// Deletes delivery state at or below its partition's cursor ($1 group, $2 topic).
+const SWEEP_STATE_SQL: &str = "DELETE FROM mq_state s WHERE s.grp = $1 AND s.topic = $2 AND s.seq <= (SELECT p.cursor \
+         FROM mq_partitions p WHERE p.topic = s.topic AND p.grp = s.grp AND p.partition_key = s.partition_key)";
+
+/// Releases the idle partitions a subscriber holds ($1 topic, $2 group, $3 subscriber).
+const RELEASE_IDLE_SQL: &str =
+    "UPDATE mq_partitions SET lease_owner = NULL, lease_expires = 0 WHERE ctid = ANY(ARRAY( \
+           SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
+           AND next_due IS NULL FOR UPDATE SKIP LOCKED))";
+
+/// Extends a subscriber's leases ($1 topic, $2 group, $3 subscriber, $4 until).
+const EXTEND_LEASES_SQL: &str =
+    "UPDATE mq_partitions SET lease_expires = $4 WHERE ctid = ANY(ARRAY( \
+           SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
+           FOR UPDATE SKIP LOCKED))";
+
+/// Releases every partition a subscriber holds, waiting for rows in use
+/// ($1 topic, $2 group, $3 subscriber).
+const RELEASE_ALL_SQL: &str =
+    "UPDATE mq_partitions SET lease_owner = NULL, lease_expires = 0 WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
+               ORDER BY partition_key FOR UPDATE))";
+
 /// Applies the queue's migrations (versions 1001+) in the pool's schema.
 /// Other stitch components keep their own versions in the same table.
 pub async fn migrate(pool: &PgPool) -> MqResult<()> {
@@ -89,7 +127,8 @@ pub struct PostgresDriver {
     pool: PgPool,
     channel: Arc<str>,
     wakeups: broadcast::Sender<String>,
-    /// Stops the listener when the last clone is dropped.
+    /// Stops the listener and the statistics keeper when the last clone is
+    /// dropped.
     _listener: Arc<DropGuard>,
 }
 
@@ -121,12 +160,20 @@ impl PostgresDriver {
             wakeups.clone(),
             stop.clone(),
         ));
+        tokio::spawn(crate::pg_statistics::keep_fresh(pool.clone(), stop.clone()));
         Ok(Self {
             pool,
             channel,
             wakeups,
             _listener: Arc::new(stop.drop_guard()),
         })
+    }
+
+    /// Analyzes the queue's tables whose planner statistics lag far behind
+    /// their size now, instead of at the next background check (tests and
+    /// benchmarks that fill a fresh schema use it); returns their names.
+    pub async fn refresh_statistics(&self) -> MqResult<Vec<String>> {
+        Ok(crate::pg_statistics::analyze_grown_tables(&self.pool).await?)
     }
 
     /// The pool.
@@ -467,22 +514,18 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         }
         let keys: Vec<&str> = chunk.iter().map(|(p, _)| p.0.as_str()).collect();
         let cursors: Vec<i64> = chunk.iter().map(|(p, _)| p.1).collect();
-        let rows = sqlx::query(
-            "SELECT u.ord, w.seq, w.available_at, w.attempt, w.invisible_until, w.postponed, w.done \
-             FROM unnest($3::text[], $4::int8[]) WITH ORDINALITY AS u(k, c, ord) \
-             CROSS JOIN LATERAL (SELECT m.seq, m.available_at, s.attempt, s.invisible_until, s.postponed, s.done \
-               FROM mq_messages m LEFT JOIN mq_state s ON s.grp = $1 AND s.seq = m.seq \
-               WHERE m.topic = $2 AND m.partition_key = u.k AND m.seq > u.c \
-               ORDER BY m.seq LIMIT $5) w \
-             ORDER BY u.ord, w.seq",
-        )
-        .bind(&req.group)
-        .bind(&req.topic)
-        .bind(&keys)
-        .bind(&cursors)
-        .bind(scan + 1)
-        .fetch_all(&mut *conn)
-        .await?;
+        // The state lookup is a LATERAL subquery with a LIMIT (which the
+        // planner cannot flatten into a join) so it is always one key
+        // lookup; as a join it was planned as a rescan of the group's whole
+        // state per message while the tables had no statistics yet.
+        let rows = sqlx::query(WINDOWS_SQL)
+            .bind(&req.group)
+            .bind(&req.topic)
+            .bind(&keys)
+            .bind(&cursors)
+            .bind(scan + 1)
+            .fetch_all(&mut *conn)
+            .await?;
         let mut windows: Vec<Vec<WindowRow>> = vec![Vec::new(); chunk.len()];
         for r in rows {
             let ord: i64 = r.try_get(0)?;
@@ -571,12 +614,10 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         .bind(&tokens)
         .execute(&mut *conn)
         .await?;
-        let bodies = sqlx::query(
-            "SELECT seq, msg_id, payload, metadata, published_at FROM mq_messages WHERE seq = ANY($1)",
-        )
-        .bind(&seqs)
-        .fetch_all(&mut *conn)
-        .await?;
+        let bodies = sqlx::query(BODIES_SQL)
+            .bind(&seqs)
+            .fetch_all(&mut *conn)
+            .await?;
         let mut by_seq: HashMap<i64, (String, Vec<u8>, Option<String>, Millis)> =
             HashMap::with_capacity(bodies.len());
         for r in bodies {
@@ -787,14 +828,11 @@ async fn sweep_state(pool: &PgPool, t: &LeaseTick) -> MqResult<()> {
     // Delivery state at or below a cursor is never read again; claims leave
     // it behind so they stay cheap, and it is swept here: one key lookup of
     // the partition per state row (a join on `seq <= cursor` is quadratic).
-    sqlx::query(
-        "DELETE FROM mq_state s WHERE s.grp = $1 AND s.topic = $2 AND s.seq <= (SELECT p.cursor \
-         FROM mq_partitions p WHERE p.topic = s.topic AND p.grp = s.grp AND p.partition_key = s.partition_key)",
-    )
-    .bind(&t.group)
-    .bind(&t.topic)
-    .execute(pool)
-    .await?;
+    sqlx::query(SWEEP_STATE_SQL)
+        .bind(&t.group)
+        .bind(&t.topic)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -832,27 +870,19 @@ async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<Lease
     // locked are then addressed by `ctid` (stable while we hold the lock):
     // a join back on the key is planned as a nested loop while the table's
     // statistics are young, which is quadratic in the partitions owned.
-    sqlx::query(
-        "UPDATE mq_partitions SET lease_owner = NULL, lease_expires = 0 WHERE ctid = ANY(ARRAY( \
-           SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
-           AND next_due IS NULL FOR UPDATE SKIP LOCKED))",
-    )
-    .bind(&t.topic)
-    .bind(&t.group)
-    .bind(&t.subscriber)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE mq_partitions SET lease_expires = $4 WHERE ctid = ANY(ARRAY( \
-           SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
-           FOR UPDATE SKIP LOCKED))",
-    )
-    .bind(&t.topic)
-    .bind(&t.group)
-    .bind(&t.subscriber)
-    .bind(t.now + t.lease_ms)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(RELEASE_IDLE_SQL)
+        .bind(&t.topic)
+        .bind(&t.group)
+        .bind(&t.subscriber)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(EXTEND_LEASES_SQL)
+        .bind(&t.topic)
+        .bind(&t.group)
+        .bind(&t.subscriber)
+        .bind(t.now + t.lease_ms)
+        .execute(&mut *conn)
+        .await?;
     let mine: Vec<String> = sqlx::query_scalar(
         "SELECT partition_key FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 ORDER BY partition_key",
     )
@@ -1029,17 +1059,12 @@ impl Driver for PostgresDriver {
             .bind(subscriber)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE mq_partitions p SET lease_owner = NULL, lease_expires = 0 FROM ( \
-               SELECT partition_key FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
-               ORDER BY partition_key FOR UPDATE) l \
-             WHERE p.topic = $1 AND p.grp = $2 AND p.partition_key = l.partition_key",
-        )
-        .bind(topic)
-        .bind(group)
-        .bind(subscriber)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(RELEASE_ALL_SQL)
+            .bind(topic)
+            .bind(group)
+            .bind(subscriber)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1273,3 +1298,7 @@ mod connect_options_tests {
         assert_eq!(named.get_application_name(), Some("stitch-eu"));
     }
 }
+
+#[cfg(test)]
+#[path = "postgres_plan_tests.rs"]
+mod plan_tests;
