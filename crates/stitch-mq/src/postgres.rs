@@ -121,6 +121,24 @@ pub fn channel_for_schema(schema: &str) -> String {
     format!("stitch_mq.{schema}")
 }
 
+/// What a transaction that publishes several times has done so far (see
+/// [`PostgresDriver::publish_in_session`]): the topics whose lock it holds,
+/// with their groups, and the topics to wake at its end.
+#[derive(Debug, Default)]
+pub struct PublishSession {
+    groups: HashMap<String, Vec<String>>,
+    notify: BTreeSet<String>,
+}
+
+impl PublishSession {
+    /// Forgets the topic locks: call after rolling back to a savepoint,
+    /// which releases locks taken since (the wake-ups are kept; a spare one
+    /// costs a poll).
+    pub fn forget_locks(&mut self) {
+        self.groups.clear();
+    }
+}
+
 /// The PostgreSQL driver. Cheap to clone.
 #[derive(Clone)]
 pub struct PostgresDriver {
@@ -199,6 +217,51 @@ impl PostgresDriver {
         now: Millis,
     ) -> MqResult<PublishReport> {
         publish_on(conn, channel, topic, msgs, now).await
+    }
+
+    /// Publishes inside the caller's transaction like
+    /// [`PostgresDriver::publish_in_tx`], for a transaction that publishes
+    /// many times (the store's group commit): the topic's lock and its
+    /// groups are taken once per transaction, not per publish, and the
+    /// `NOTIFY` is left to [`PostgresDriver::finish_session`].
+    pub async fn publish_in_session(
+        conn: &mut PgConnection,
+        session: &mut PublishSession,
+        topic: &str,
+        msgs: &[NewMessage],
+        now: Millis,
+    ) -> MqResult<PublishReport> {
+        if msgs.is_empty() {
+            return Ok(PublishReport::default());
+        }
+        let groups = match session.groups.get(topic) {
+            Some(groups) => groups.clone(),
+            None => {
+                let groups = lock_topic_groups(conn, topic).await?;
+                session.groups.insert(topic.to_string(), groups.clone());
+                groups
+            }
+        };
+        let report = insert_published(conn, topic, &groups, msgs, now).await?;
+        if report.stored > 0 {
+            session.notify.insert(topic.to_string());
+        }
+        Ok(report)
+    }
+
+    /// Sends the session's wake-ups; call last before `COMMIT` (they are
+    /// delivered when the transaction commits, and not at all if it rolls
+    /// back).
+    pub async fn finish_session(
+        conn: &mut PgConnection,
+        channel: &str,
+        session: &mut PublishSession,
+    ) -> MqResult<()> {
+        for topic in std::mem::take(&mut session.notify) {
+            notify(conn, channel, &topic).await?;
+        }
+        session.groups.clear();
+        Ok(())
     }
 
     async fn begin(&self) -> MqResult<Transaction<'static, Postgres>> {
@@ -338,12 +401,36 @@ async fn publish_on(
     if msgs.is_empty() {
         return Ok(PublishReport::default());
     }
+    let groups = lock_topic_groups(conn, topic).await?;
+    let report = insert_published(conn, topic, &groups, msgs, now).await?;
+    if report.stored > 0 {
+        notify(conn, channel, topic).await?;
+    }
+    Ok(report)
+}
+
+/// Takes the topic's shared lock for this transaction and reads its groups:
+/// no group can be registered until the transaction ends, so the list stays
+/// right for every publish the transaction makes.
+async fn lock_topic_groups(conn: &mut PgConnection, topic: &str) -> MqResult<Vec<String>> {
     lock_topic(conn, topic, false).await?;
-    let groups: Vec<String> =
+    Ok(
         sqlx::query_scalar("SELECT grp FROM mq_groups WHERE topic = $1 ORDER BY grp")
             .bind(topic)
             .fetch_all(&mut *conn)
-            .await?;
+            .await?,
+    )
+}
+
+/// Locks (creating if needed) every group's partition rows, then stores the
+/// messages. The topic's lock must be held (see [`lock_topic_groups`]).
+async fn insert_published(
+    conn: &mut PgConnection,
+    topic: &str,
+    groups: &[String],
+    msgs: &[NewMessage],
+    now: Millis,
+) -> MqResult<PublishReport> {
     if !groups.is_empty() {
         // Lock (creating if needed) every group's partition rows before the
         // messages take sequence numbers. Rows are locked in input order,
@@ -361,7 +448,7 @@ async fn publish_on(
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        for grp in &groups {
+        for grp in groups {
             for (p, a) in &due {
                 g.push(grp.as_str());
                 k.push(*p);
@@ -412,9 +499,6 @@ async fn publish_on(
     .execute(&mut *conn)
     .await?
     .rows_affected() as usize;
-    if stored > 0 {
-        notify(conn, channel, topic).await?;
-    }
     Ok(PublishReport {
         stored,
         duplicates: msgs.len() - stored,

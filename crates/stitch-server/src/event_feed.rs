@@ -237,6 +237,7 @@ mod tests {
                     head: vec!["h".into()],
                     metadata: Default::default(),
                     idempotency_key: None,
+                    job_token_hash: None,
                 })
                 .await
                 .unwrap();

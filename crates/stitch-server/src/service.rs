@@ -155,20 +155,18 @@ pub async fn create_build(
         head: req.head,
         metadata: req.metadata,
         idempotency_key: req.idempotency_key,
+        // The job token is a function of the build id, so its hash is
+        // stored with the insert rather than by a write of its own when the
+        // build is triggered.
+        job_token_hash: Some(JobTokens::hash(&state.job_tokens().token_for(&id))),
     };
-    let token_hash = JobTokens::hash(&state.job_tokens().token_for(&id));
     // Group-committed with other writes (creates arriving together share a
     // transaction); the trigger message is published only with a new build.
     let outcome = state
         .store()
         .write(move |w| -> Result<CreateOutcome, ServiceError> {
-            let mut outcome = w.create_build(new)?;
-            if let CreateOutcome::Created(build) = &outcome {
-                // The job token is a function of the build id, so its hash
-                // can be recorded now, in this transaction, rather than with
-                // a write of its own when the build is triggered.
-                let build = w.set_job_token_hash(&build.id, Some(&token_hash))?;
-                outcome = CreateOutcome::Created(build);
+            let outcome = w.create_build(new)?;
+            if let CreateOutcome::Created(_) = &outcome {
                 w.publish(topics::TRIGGER, &msgs, now_millis())?;
             }
             Ok(outcome)

@@ -360,6 +360,7 @@ async fn the_endpoint_answers_every_case_and_bad_input_changes_nothing() {
         head: vec!["c".into()],
         metadata: Default::default(),
         idempotency_key: None,
+        job_token_hash: None,
     };
     let never_id = never.id.clone();
     h.state.store().create_build(never).await.unwrap();

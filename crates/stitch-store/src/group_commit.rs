@@ -27,6 +27,7 @@ use crate::sqlite::SqliteWriteTx;
 use crate::store::StoreWrite;
 use crate::{mysql, postgres};
 use sqlx::sqlite::SqlitePool;
+use stitch_mq::postgres::{PostgresDriver, PublishSession};
 
 /// Most jobs in one transaction: enough to absorb a burst, few enough that
 /// one transaction holds the writer for milliseconds, not seconds.
@@ -253,11 +254,23 @@ impl ServerConn {
         }
     }
 
-    fn store_write<'c>(&'c mut self, rt: &'c Runtime) -> StoreWrite<'c> {
+    fn store_write<'c>(
+        &'c mut self,
+        rt: &'c Runtime,
+        session: &'c mut PublishSession,
+    ) -> StoreWrite<'c> {
         match self {
-            ServerConn::Postgres(c, channel) => StoreWrite::postgres(c, rt, channel),
+            ServerConn::Postgres(c, _) => StoreWrite::postgres(c, rt, session),
             ServerConn::MySql(c) => StoreWrite::mysql(c, rt),
         }
+    }
+
+    /// Sends the batch's queue wake-ups (PostgreSQL); due before `COMMIT`.
+    async fn finish_publishes(&mut self, session: &mut PublishSession) -> Result<()> {
+        if let ServerConn::Postgres(c, channel) = self {
+            PostgresDriver::finish_session(c, channel, session).await?;
+        }
+        Ok(())
     }
 }
 
@@ -323,9 +336,10 @@ fn commit_server_batch(
 
 fn run_server_jobs(rt: &Runtime, conn: &mut ServerConn, batch: &mut [Box<dyn Job>]) -> Result<()> {
     rt.block_on(conn.begin())?;
+    let mut session = PublishSession::default();
     for job in batch.iter_mut() {
         rt.block_on(conn.execute("SAVEPOINT job"))?;
-        let ok = job.run(&mut conn.store_write(rt));
+        let ok = job.run(&mut conn.store_write(rt, &mut session));
         if ok {
             rt.block_on(conn.execute("RELEASE SAVEPOINT job"))?;
         } else {
@@ -333,9 +347,14 @@ fn run_server_jobs(rt: &Runtime, conn: &mut ServerConn, batch: &mut [Box<dyn Job
                 conn.execute("ROLLBACK TO SAVEPOINT job").await?;
                 conn.execute("RELEASE SAVEPOINT job").await
             })?;
+            // The rollback released any topic lock the job took.
+            session.forget_locks();
         }
     }
-    rt.block_on(conn.execute("COMMIT"))
+    rt.block_on(async {
+        conn.finish_publishes(&mut session).await?;
+        conn.execute("COMMIT").await
+    })
 }
 
 fn metrics_batch(size: usize) {

@@ -20,10 +20,13 @@ pub(crate) async fn create_build<O: Ops>(ops: &mut O, new: NewBuild) -> Result<C
     if new.idempotency_key.as_deref() == Some("") {
         return Err(StoreError::InvalidInput("idempotency key is empty".into()));
     }
-    if let Some(existing) =
-        existing_for(ops, &new.id, &new.queue, new.idempotency_key.as_deref()).await?
-    {
-        return Ok(CreateOutcome::Existing(existing));
+    // A key already taken answers with its build; anything else (a replayed
+    // id included) is caught by the insert's unique indexes, so a fresh
+    // build costs no lookup by id.
+    if let Some(key) = new.idempotency_key.as_deref() {
+        if let Some(existing) = ops.find_by_idempotency_key(&new.queue, key).await? {
+            return Ok(CreateOutcome::Existing(existing));
+        }
     }
 
     let at = now();
@@ -40,7 +43,7 @@ pub(crate) async fn create_build<O: Ops>(ops: &mut O, new: NewBuild) -> Result<C
         idempotency_key: new.idempotency_key,
         cancel_requested: false,
         cancel_requested_at: None,
-        job_token_hash: None,
+        job_token_hash: new.job_token_hash,
         failure_reason: None,
         created_at: at,
         updated_at: at,
@@ -49,8 +52,9 @@ pub(crate) async fn create_build<O: Ops>(ops: &mut O, new: NewBuild) -> Result<C
         version: 1,
     };
     if !ops.insert_build(&build).await? {
-        // Only reachable where writers are not serialised (PostgreSQL/MySQL):
-        // a concurrent create won the unique index between our check and insert.
+        // The id is taken (a replay of this request, or a clash), or — where
+        // writers are not serialised (PostgreSQL/MySQL) — a concurrent create
+        // won the key between our check and the insert.
         let key = build.idempotency_key.as_deref();
         return match existing_for(ops, &build.id, &build.queue, key).await? {
             Some(existing) => Ok(CreateOutcome::Existing(existing)),

@@ -33,6 +33,9 @@ pub struct NewBuild {
     pub metadata: Metadata,
     /// Same key on the same queue returns the existing build instead of a new one.
     pub idempotency_key: Option<String>,
+    /// Hash of the build's job token, when the caller can mint it before the
+    /// build exists (it is then stored with the insert, not by a later write).
+    pub job_token_hash: Option<String>,
 }
 
 /// A stored build.

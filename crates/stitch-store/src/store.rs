@@ -12,7 +12,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use stitch_core::{BuildId, BuildStatus};
 use stitch_mq::mysql::MySqlDriver;
-use stitch_mq::postgres::PostgresDriver;
+use stitch_mq::postgres::{PostgresDriver, PublishSession};
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{BackendKind, Millis, NewMessage, PublishReport};
 use tokio::runtime::Runtime;
@@ -723,7 +723,9 @@ enum WriteInner<'c> {
     Postgres {
         ops: PgOps<'c>,
         rt: &'c Runtime,
-        channel: &'c str,
+        /// The batch's publishes: topic locks taken once per transaction,
+        /// wake-ups sent once before its commit.
+        session: &'c mut PublishSession,
     },
     MySql {
         ops: MySqlOps<'c>,
@@ -746,12 +748,16 @@ impl<'c> StoreWrite<'c> {
         }
     }
 
-    pub(crate) fn postgres(conn: &'c mut PgConnection, rt: &'c Runtime, channel: &'c str) -> Self {
+    pub(crate) fn postgres(
+        conn: &'c mut PgConnection,
+        rt: &'c Runtime,
+        session: &'c mut PublishSession,
+    ) -> Self {
         Self {
             inner: WriteInner::Postgres {
                 ops: PgOps::new(conn),
                 rt,
-                channel,
+                session,
             },
         }
     }
@@ -799,8 +805,8 @@ impl<'c> StoreWrite<'c> {
             WriteInner::Sqlite(ops) => {
                 SqliteDriver::publish_on_handle(ops.conn(), topic, msgs, now)?
             }
-            WriteInner::Postgres { ops, rt, channel } => rt.block_on(
-                PostgresDriver::publish_in_tx(ops.conn(), channel, topic, msgs, now),
+            WriteInner::Postgres { ops, rt, session } => rt.block_on(
+                PostgresDriver::publish_in_session(ops.conn(), session, topic, msgs, now),
             )?,
             WriteInner::MySql { ops, rt } => {
                 rt.block_on(MySqlDriver::publish_in_tx(ops.conn(), topic, msgs, now))?

@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use common::{keyed, meta, new_build, TestDb};
 use serde_json::json;
 use stitch_core::{BuildId, BuildStatus};
-use stitch_store::{BuildFilter, Conflict, CreateOutcome, Cursor, EventKind, Metadata, StoreError};
+use stitch_store::{
+    BuildFilter, Conflict, CreateOutcome, Cursor, EventKind, Metadata, NewBuild, StoreError,
+};
 
 async fn create_then_get_returns_the_record_shape(db: TestDb) {
     let new = new_build("app");
@@ -498,6 +500,29 @@ async fn cancel_request_is_idempotent(db: TestDb) {
     assert!(!late.build.cancel_requested);
 }
 
+async fn a_job_token_hash_given_at_create_is_stored_with_the_build(db: TestDb) {
+    let new = NewBuild {
+        job_token_hash: Some("sha256:minted-early".into()),
+        ..new_build("app")
+    };
+    let created = db.store.create_build(new.clone()).await.unwrap();
+    assert!(created.is_created());
+    assert_eq!(
+        created.build().job_token_hash.as_deref(),
+        Some("sha256:minted-early")
+    );
+    let read = db.store.get_build(&new.id).await.unwrap();
+    assert_eq!(read.job_token_hash.as_deref(), Some("sha256:minted-early"));
+    // Stored by the insert itself: one version, one event.
+    assert_eq!(read.version, 1);
+    assert_eq!(db.store.events_for_build(&new.id).await.unwrap().len(), 1);
+    // Never part of the API record.
+    assert!(serde_json::to_value(&read)
+        .unwrap()
+        .get("job_token_hash")
+        .is_none());
+}
+
 async fn runner_ref_and_job_token_hash_are_stored(db: TestDb) {
     let id = db
         .store
@@ -700,6 +725,7 @@ store_suite!(
     unknown_is_not_terminal,
     cancel_request_is_idempotent,
     runner_ref_and_job_token_hash_are_stored,
+    a_job_token_hash_given_at_create_is_stored_with_the_build,
     promised_failure_appends_one_failing_event,
     builds_not_terminal_lists_open_builds_oldest_first,
     list_pages_newest_first_with_a_cursor,

@@ -203,10 +203,94 @@ async fn a_panicking_write_fails_alone(db: TestDb) {
     assert_eq!(db.store.latest_seq().await.unwrap(), 1);
 }
 
+/// PostgreSQL: group-committed publishes wake another process's
+/// subscriber through `NOTIFY` (sent once per batch, before its commit),
+/// including after a job whose publish was rolled back released the topic
+/// lock the batch had taken. The other process polls (and renews leases)
+/// only once a minute, so a delivery within seconds can only come from the
+/// wake-up.
+async fn group_committed_publishes_wake_other_processes(db: TestDb) {
+    let StorePool::Postgres(pool) = db.store.pool() else {
+        return; // LISTEN/NOTIFY is PostgreSQL's; the others poll.
+    };
+    let other_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let other = Queue::new(
+        Arc::new(PostgresDriver::from_pool(other_pool).await.unwrap()),
+        QueueConfig {
+            gc_interval: None,
+            ..QueueConfig::default()
+        },
+    );
+    let mut sub = other
+        .subscriber()
+        .subscribe(
+            TOPIC,
+            SubscriptionConfig {
+                poll_interval: Duration::from_secs(60),
+                // Lease ticks also look for work: keep them out of the way.
+                lease_duration: Duration::from_secs(180),
+                lease_renewal: Duration::from_secs(60),
+                ..SubscriptionConfig::new("trigger-stage")
+            },
+        )
+        .await
+        .unwrap();
+    let queue = queue_on(&db).await;
+    // A probe published the queue's own way proves the other process's
+    // listener is up (it wakes every topic when it connects, which would
+    // hide a missing NOTIFY below).
+    queue
+        .publisher()
+        .publish(TOPIC, Message::new("probe", "probe", b"{}".to_vec()))
+        .await
+        .unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        .await
+        .expect("the probe did not arrive")
+        .unwrap();
+    assert_eq!(probe.id(), "probe");
+    probe.ack().await.unwrap();
+    let mut writes = Vec::new();
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let new = common::new_build("ci");
+        let msgs = message_for(&queue, &new.id);
+        let fail = i % 3 == 0;
+        if !fail {
+            expected.insert(new.id.to_string());
+        }
+        writes.push(db.store.write(move |w| -> Result<(), StoreError> {
+            w.create_build(new)?;
+            w.publish(TOPIC, &msgs, now_millis())?;
+            if fail {
+                return Err(StoreError::InvalidInput("changed my mind".into()));
+            }
+            Ok(())
+        }));
+    }
+    let results = futures::future::join_all(writes).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 4);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < expected.len() {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("no wake-up reached the other process")
+            .unwrap();
+        seen.insert(d.id().to_string());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(seen, expected);
+}
+
 store_suite!(
     a_panicking_write_fails_alone,
     build_and_message_commit_together,
     rollback_publishes_nothing_and_stores_nothing,
     group_committed_writes_publish_in_their_savepoint,
     the_sqlite_handle_is_refused_on_other_backends,
+    group_committed_publishes_wake_other_processes,
 );

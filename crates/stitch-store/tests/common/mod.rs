@@ -259,12 +259,14 @@ pub fn new_build(queue: &str) -> NewBuild {
         ],
         metadata: meta(&[("requested_by", "queue-bot")]),
         idempotency_key: None,
+        job_token_hash: None,
     }
 }
 
 pub fn keyed(queue: &str, key: &str) -> NewBuild {
     NewBuild {
         idempotency_key: Some(key.to_owned()),
+        job_token_hash: None,
         ..new_build(queue)
     }
 }
