@@ -171,6 +171,12 @@ async fn groups_of(conn: &mut MySqlConnection, topic: &str) -> MqResult<Vec<Stri
     rows.iter().map(|r| text(r, 0)).collect()
 }
 
+/// Most rows one multi-row INSERT of a publish writes.
+const ROWS_PER_STATEMENT: usize = 200;
+/// Payload bytes after which a publish starts its next INSERT (MariaDB's
+/// default `max_allowed_packet` is 16 MiB; a payload may be 1 MiB).
+const BYTES_PER_STATEMENT: usize = 4 * 1024 * 1024;
+
 async fn publish_on(
     conn: &mut MySqlConnection,
     topic: &str,
@@ -190,47 +196,66 @@ async fn publish_on(
                 .or_insert(m.available_at);
             *e = (*e).min(m.available_at);
         }
-        // In (group, partition) order: the global lock order.
-        for g in &groups {
-            for (p, at) in &due {
-                sqlx::query(
-                    "INSERT INTO mq_partitions (topic, grp, partition_key, `cursor`, next_due, lease_owner, lease_expires) \
-                     VALUES (?, ?, ?, 0, ?, NULL, 0) ON DUPLICATE KEY UPDATE \
-                     next_due = IF(next_due IS NULL OR next_due > VALUES(next_due), VALUES(next_due), next_due)",
-                )
-                .bind(topic)
-                .bind(g)
-                .bind(*p)
-                .bind(*at)
-                .execute(&mut *conn)
-                .await?;
-            }
+        // In (group, partition) order: the global lock order (a multi-row
+        // INSERT writes, and locks, its rows in the order of its VALUES).
+        let rows: Vec<(&str, &str, Millis)> = groups
+            .iter()
+            .flat_map(|g| due.iter().map(move |(p, at)| (g.as_str(), *p, *at)))
+            .collect();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "INSERT INTO mq_partitions (topic, grp, partition_key, `cursor`, next_due, lease_owner, lease_expires) ",
+            );
+            q.push_values(chunk, |mut b, (g, p, at)| {
+                b.push_bind(topic)
+                    .push_bind(*g)
+                    .push_bind(*p)
+                    .push("0")
+                    .push_bind(*at)
+                    .push("NULL")
+                    .push("0");
+            });
+            q.push(
+                " ON DUPLICATE KEY UPDATE \
+                 next_due = IF(next_due IS NULL OR next_due > VALUES(next_due), VALUES(next_due), next_due)",
+            );
+            q.build().execute(&mut *conn).await?;
         }
     }
     let mut report = PublishReport::default();
-    for m in msgs {
+    // Several messages per statement (rows are numbered in VALUES order),
+    // each statement well below the server's packet limit.
+    let mut rest = msgs;
+    while !rest.is_empty() {
+        let mut take = 0;
+        let mut bytes = 0;
+        while take < rest.len() && take < ROWS_PER_STATEMENT {
+            bytes += rest[take].message.payload.len();
+            take += 1;
+            if bytes >= BYTES_PER_STATEMENT {
+                break;
+            }
+        }
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
         // IGNORE only ever skips the duplicate key here: every other value
         // was validated (lengths fit the columns).
-        let n = sqlx::query(
-            "INSERT IGNORE INTO mq_messages (topic, partition_key, msg_id, payload, metadata, published_at, available_at, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(topic)
-        .bind(&m.message.partition_key)
-        .bind(&m.message.id)
-        .bind(&m.message.payload)
-        .bind(encode_meta(&m.message.metadata))
-        .bind(now)
-        .bind(m.available_at)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            report.stored += 1;
-        } else {
-            report.duplicates += 1;
-        }
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO mq_messages (topic, partition_key, msg_id, payload, metadata, published_at, available_at, created_at) ",
+        );
+        q.push_values(chunk, |mut b, m| {
+            b.push_bind(topic)
+                .push_bind(&m.message.partition_key)
+                .push_bind(&m.message.id)
+                .push_bind(&m.message.payload)
+                .push_bind(encode_meta(&m.message.metadata))
+                .push_bind(now)
+                .push_bind(m.available_at)
+                .push_bind(now);
+        });
+        let stored = q.build().execute(&mut *conn).await?.rows_affected() as usize;
+        report.stored += stored;
+        report.duplicates += chunk.len() - stored;
     }
     Ok(report)
 }
