@@ -124,4 +124,10 @@ impl<D: Driver> Driver for CountingDriver<D> {
     async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats> {
         self.inner.stats(topic, group).await
     }
+    async fn groups(&self, topic: &str) -> MqResult<Vec<String>> {
+        self.inner.groups(topic).await
+    }
+    async fn partitions(&self, query: &PartitionQuery) -> MqResult<Vec<PartitionInfo>> {
+        self.inner.partitions(query).await
+    }
 }

@@ -30,6 +30,7 @@ pub async fn run(cli: Cli) -> u8 {
             reason,
         }) => crate::job::promise_failure(exit_status, reason).await,
         Command::Mq(MqCommand::Dlq(cmd)) => dlq(cmd).await,
+        Command::Mq(MqCommand::Partitions(args)) => crate::partitions::run(args).await,
         Command::Config(ConfigCommand::Check { config }) => config_check(&config),
         Command::Migrate(args) => migrate(&args.config).await,
     }
@@ -73,7 +74,7 @@ async fn migrate(args: &ConfigArgs) -> u8 {
     }
 }
 
-fn load_options(args: &ConfigArgs) -> LoadOptions {
+pub(crate) fn load_options(args: &ConfigArgs) -> LoadOptions {
     LoadOptions {
         file: args.config.clone(),
         data_dir: args.data_dir.clone(),

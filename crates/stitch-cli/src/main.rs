@@ -6,6 +6,7 @@
 mod client;
 mod commands;
 mod job;
+mod partitions;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +32,8 @@ enum Command {
     /// Commands a CI job runs inside a stitch build: the job API and early failure.
     #[command(subcommand)]
     Job(JobCommand),
-    /// Inspect the internal message queue (dead letters) of a stitch database.
+    /// Inspect the internal message queue (dead letters, partitions and
+    /// their leases) of a stitch database.
     #[command(subcommand)]
     Mq(MqCommand),
     /// Check a configuration file and print every problem with its key.
@@ -222,6 +224,49 @@ enum MqCommand {
     /// Dead letters of a topic (`trigger` or `signal`).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// List a topic's partitions: cursor, next due time, lease owner and
+    /// expiry, in-flight deliveries (read-only).
+    ///
+    /// During a failover this shows which server holds which partitions:
+    /// leases name the subscriber (`<stage>-stage@<node>`), and an expired
+    /// lease still names the server that died holding it until a survivor
+    /// takes the partition over.
+    #[command(
+        after_help = "Examples:\n  stitch mq partitions --topic signal\n  stitch mq partitions --topic signal --owner signal-stage@node-0 --json\n  stitch mq partitions --topic trigger --due --limit 20 --after KEY"
+    )]
+    Partitions(PartitionsArgs),
+}
+
+#[derive(Args)]
+struct PartitionsArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The topic (`trigger` or `signal`).
+    #[arg(long)]
+    topic: String,
+    /// The consumer group (default: the topic's only group).
+    #[arg(long)]
+    group: Option<String>,
+    /// Only partitions whose lease names this subscriber, expired or not.
+    #[arg(long, value_name = "NAME")]
+    owner: Option<String>,
+    /// Only partitions due now (work waiting for a claim).
+    #[arg(long)]
+    due: bool,
+    /// Partitions per page.
+    #[arg(
+        long,
+        default_value_t = 100,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=stitch_mq::MAX_PARTITION_PAGE as i64)
+    )]
+    limit: u32,
+    /// Start after this partition key (the last key of the previous page).
+    #[arg(long, value_name = "KEY")]
+    after: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]

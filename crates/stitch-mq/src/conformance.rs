@@ -7,21 +7,32 @@
 //! early), never how fast.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
+use crate::driver::{
+    ClaimRequest, ClaimResult, ClaimedMessage, Driver, LeaseTick, NewMessage, Outcome, OutcomeKind,
+    PartitionInfo, PartitionQuery,
+};
 use crate::error::MqError;
-use crate::message::{Failure, Message};
-use crate::queue::{Delivery, NackOutcome, Queue, Subscription};
+use crate::message::{now_millis, Failure, Message, Millis};
+use crate::queue::{Delivery, NackOutcome, PartitionFilter, Queue, Subscription};
 
 /// A backend under test.
 #[async_trait]
 pub trait Backend: Send + Sync {
-    /// A queue on the storage named `name`: fresh the first time, the same
-    /// stored state when opened again (a restart).
-    async fn open(&self, name: &str, config: QueueConfig) -> Queue;
+    /// The driver on the storage named `name`: fresh the first time, the
+    /// same stored state when opened again (a restart). Checks that drive
+    /// time themselves (through `now` in requests) use it directly.
+    async fn driver(&self, name: &str) -> Arc<dyn Driver>;
+
+    /// A queue on the storage named `name` (see [`Backend::driver`]).
+    async fn open(&self, name: &str, config: QueueConfig) -> Queue {
+        Queue::new(self.driver(name).await, config)
+    }
 }
 
 const T: &str = "topic";
@@ -690,11 +701,12 @@ pub async fn subscribers_share_partitions(b: &dyn Backend) {
     );
 }
 
-/// A crashed subscriber's partitions and unfinished messages are taken over.
+/// A crashed subscriber's partitions and unfinished messages are taken over
+/// once its lease runs out, long before their visibility timeout.
 pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
     let q = b.open("takeover", quiet()).await;
     let mut cfg = fast_config("g");
-    cfg.visibility_timeout = Duration::from_millis(800);
+    cfg.visibility_timeout = Duration::from_secs(60);
     cfg.lease_duration = Duration::from_millis(600);
     let mut a = subscribe(&q, cfg.clone()).await;
     q.publisher()
@@ -711,7 +723,10 @@ pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
         held.push(recv(&mut a).await);
     }
     a.kill();
-    drop(held);
+    let start = Instant::now();
+    // A survivor under another name (the same name would be a restart,
+    // which `recover` handles).
+    cfg.subscriber = "survivor".into();
     let mut b2 = subscribe(&q, cfg).await;
     let mut ids = HashSet::new();
     for _ in 0..3 {
@@ -721,6 +736,15 @@ pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
         d.ack().await.unwrap();
     }
     assert_eq!(ids.len(), 3);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "takeover waited for the visibility timeout: {:?}",
+        start.elapsed()
+    );
+    // The dead subscriber's late outcomes are fenced.
+    for d in held {
+        assert!(matches!(d.ack().await, Err(MqError::StaleDelivery(_))));
+    }
 }
 
 /// A subscriber restarted under the same name gets the deliveries its dead
@@ -991,6 +1015,411 @@ pub async fn bad_input_is_rejected(b: &dyn Backend) {
     d.ack().await.unwrap();
 }
 
+/// Lease of the checks that drive time themselves; deliveries there stay
+/// invisible for a minute, so only a takeover brings them back early.
+const LEASE_MS: Millis = 1_000;
+const VISIBILITY_MS: Millis = 60_000;
+
+fn claim_at(subscriber: &str, now: Millis, lease_ms: Millis, may_acquire: usize) -> ClaimRequest {
+    ClaimRequest {
+        topic: T.into(),
+        group: "g".into(),
+        subscriber: subscriber.into(),
+        now,
+        max_messages: 100,
+        batch_size: 10,
+        visibility_ms: VISIBILITY_MS,
+        lease_ms,
+        may_acquire,
+        max_attempts: 2,
+    }
+}
+
+fn tick_at(subscriber: &str, now: Millis) -> LeaseTick {
+    LeaseTick {
+        topic: T.into(),
+        group: "g".into(),
+        subscriber: subscriber.into(),
+        now,
+        lease_ms: LEASE_MS,
+    }
+}
+
+async fn publish_at(d: &dyn Driver, id: &str, partition: &str, now: Millis, available_at: Millis) {
+    let m = NewMessage {
+        message: msg(id, partition),
+        available_at,
+    };
+    d.publish(T, &[m], now).await.expect("publish");
+}
+
+/// The one message of a claim, which must be `id`.
+fn single(res: &ClaimResult, id: &str) -> ClaimedMessage {
+    let ids: Vec<&str> = res.messages.iter().map(|m| m.message.id.as_str()).collect();
+    assert_eq!(ids, [id], "claim result {res:?}");
+    res.messages[0].clone()
+}
+
+fn outcome(m: &ClaimedMessage, kind: OutcomeKind) -> Outcome {
+    Outcome {
+        topic: T.into(),
+        group: "g".into(),
+        partition_key: m.message.partition_key.clone(),
+        message_id: m.message.id.clone(),
+        seq: m.seq,
+        token: m.token,
+        attempt: m.attempt,
+        kind,
+    }
+}
+
+async fn apply_one(d: &dyn Driver, o: Outcome, now: Millis) -> Result<(), MqError> {
+    let mut results = d.apply(&[o], now).await.expect("apply");
+    assert_eq!(results.len(), 1);
+    results.remove(0)
+}
+
+fn list_at(now: Millis) -> PartitionQuery {
+    PartitionQuery {
+        topic: T.into(),
+        group: "g".into(),
+        owner: None,
+        due_by: None,
+        after: None,
+        limit: 100,
+        now,
+    }
+}
+
+fn keys(page: &[PartitionInfo]) -> Vec<&str> {
+    page.iter().map(|p| p.partition_key.as_str()).collect()
+}
+
+/// Takeover is immediate: the claim that acquires a partition from a dead
+/// subscriber (lease expired, heartbeat stopped) delivers the deliveries it
+/// died holding at once, as the next attempt (counted once), and the dead
+/// owner's late outcomes are stale. A partition whose lease is still valid,
+/// or whose owner still heartbeats, keeps its deliveries.
+pub async fn takeover_releases_dead_owners_deliveries(b: &dyn Backend) {
+    let d = b.driver("takeover-release").await;
+    let d = d.as_ref();
+    let t0 = now_millis();
+    d.register_group(T, "g", t0).await.unwrap();
+
+    // A takes partition a and stops heartbeating after t0 (it died).
+    d.lease_tick(&tick_at("A", t0)).await.unwrap();
+    publish_at(d, "m-a", "a", t0, t0).await;
+    let a_m = single(
+        &d.claim(&claim_at("A", t0, LEASE_MS, 1)).await.unwrap(),
+        "m-a",
+    );
+    assert_eq!(a_m.attempt, 1);
+    // C holds partition c on a long lease (and never heartbeats).
+    publish_at(d, "m-c", "c", t0 + 10, t0 + 10).await;
+    let c_m = single(
+        &d.claim(&claim_at("C", t0 + 10, 60_000, 1)).await.unwrap(),
+        "m-c",
+    );
+    // D heartbeats, but its lease on d lapses at t0 + 1450 (in production: a
+    // renewal that found the row busy).
+    d.lease_tick(&tick_at("D", t0 + 600)).await.unwrap();
+    // A took partition e just before dying: that lease is valid past t0 + 1500.
+    publish_at(d, "m-e", "e", t0 + 1390, t0 + 1390).await;
+    let e_m = single(
+        &d.claim(&claim_at("A", t0 + 1390, LEASE_MS, 1))
+            .await
+            .unwrap(),
+        "m-e",
+    );
+    publish_at(d, "m-d1", "d", t0 + 1400, t0 + 1400).await;
+    let d1 = single(
+        &d.claim(&claim_at("D", t0 + 1400, 50, 1)).await.unwrap(),
+        "m-d1",
+    );
+    publish_at(d, "m-d2", "d", t0 + 1460, t0 + 1460).await;
+
+    // B at t0 + 1500: A's lease on a ran out and its heartbeat is stale. Its
+    // tick makes a due (its only pending work is A's delivery) and the claim
+    // takes a and d over.
+    let now = t0 + 1500;
+    let lease = d.lease_tick(&tick_at("B", now)).await.unwrap();
+    assert_eq!((lease.cap, lease.owned), (2, 0), "{lease:?}");
+    let res = d.claim(&claim_at("B", now, LEASE_MS, 2)).await.unwrap();
+    let got: BTreeMap<&str, u32> = res
+        .messages
+        .iter()
+        .map(|m| (m.message.id.as_str(), m.attempt))
+        .collect();
+    // m-a comes back at once as attempt 2 (not 3: with max_attempts = 2 a
+    // double count would have dead-lettered it); D's m-d1 stays D's.
+    assert_eq!(got, BTreeMap::from([("m-a", 2), ("m-d2", 1)]), "{res:?}");
+    assert_eq!((res.acquired, res.taken_over, res.dead_lettered), (2, 1, 0));
+    let b_m = res
+        .messages
+        .iter()
+        .find(|m| m.message.id == "m-a")
+        .cloned()
+        .unwrap();
+    let b_d2 = res
+        .messages
+        .iter()
+        .find(|m| m.message.id == "m-d2")
+        .cloned()
+        .unwrap();
+    assert_ne!(b_m.token, a_m.token);
+
+    // Every delivery is still in flight where it was, and a's is now B's.
+    let page = d.partitions(&list_at(now)).await.unwrap();
+    let view: Vec<(&str, Option<&str>, u64)> = page
+        .iter()
+        .map(|p| {
+            (
+                p.partition_key.as_str(),
+                p.lease_owner.as_deref(),
+                p.in_flight,
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("a", Some("B"), 1),
+            ("c", Some("C"), 1),
+            ("d", Some("B"), 2),
+            ("e", Some("A"), 1),
+        ]
+    );
+
+    // A's late outcomes are stale and leave B's delivery live.
+    assert!(matches!(
+        apply_one(d, outcome(&a_m, OutcomeKind::Ack), now + 10).await,
+        Err(MqError::StaleDelivery(_))
+    ));
+    let late_retry = OutcomeKind::Retry {
+        retry_at: now + 10,
+        failure: Failure::new("late"),
+    };
+    assert!(matches!(
+        apply_one(d, outcome(&a_m, late_retry), now + 10).await,
+        Err(MqError::StaleDelivery(_))
+    ));
+    let extend = OutcomeKind::Extend {
+        until: now + VISIBILITY_MS,
+    };
+    apply_one(d, outcome(&b_m, extend), now + 20).await.unwrap();
+    apply_one(d, outcome(&b_m, OutcomeKind::Ack), now + 20)
+        .await
+        .unwrap();
+    // The untouched deliveries kept their tokens.
+    for m in [&e_m, &c_m, &d1, &b_d2] {
+        apply_one(d, outcome(m, OutcomeKind::Ack), now + 30)
+            .await
+            .unwrap_or_else(|e| panic!("ack of {}: {e}", m.message.id));
+    }
+    let again = d
+        .claim(&claim_at("B", now + 100, LEASE_MS, 2))
+        .await
+        .unwrap();
+    assert!(again.messages.is_empty(), "{again:?}");
+    assert!(d.dead_letters(T, 0, 10).await.unwrap().is_empty());
+}
+
+/// The partition listing: key order, cursor, next due, lease owner and
+/// expiry, in-flight count; owner and due filters; pages by key.
+pub async fn partitions_list_pages_and_filters(b: &dyn Backend) {
+    let d = b.driver("partitions").await;
+    let d = d.as_ref();
+    let t0 = now_millis();
+    d.register_group(T, "g", t0).await.unwrap();
+    publish_at(d, "m1", "p1", t0, t0).await;
+    publish_at(d, "m2", "p2", t0 + 1, t0 + 1).await;
+    publish_at(d, "m2b", "p2", t0 + 1, t0 + 1).await;
+    publish_at(d, "m3", "p3", t0 + 2, t0 + 2).await;
+    publish_at(d, "m4", "p4", t0 + 3, t0 + 3).await;
+    publish_at(d, "m5", "p5", t0 + 4, t0 + 100_000).await;
+    d.register_group(T, "h", t0 + 5).await.unwrap();
+
+    // A takes p1 and p2 on long leases and finishes p1; B takes p3 on a
+    // short lease; p4 is due and unclaimed; p5 is due later.
+    let a = d.claim(&claim_at("A", t0 + 10, 60_000, 2)).await.unwrap();
+    let ids: Vec<&str> = a.messages.iter().map(|m| m.message.id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2", "m2b"]);
+    let m1 = a.messages[0].clone();
+    apply_one(d, outcome(&m1, OutcomeKind::Ack), t0 + 20)
+        .await
+        .unwrap();
+    let again = d.claim(&claim_at("A", t0 + 40, 60_000, 0)).await.unwrap();
+    assert!(again.messages.is_empty(), "{again:?}");
+    single(
+        &d.claim(&claim_at("B", t0 + 50, LEASE_MS, 1)).await.unwrap(),
+        "m3",
+    );
+
+    let now = t0 + 2000;
+    let page = d.partitions(&list_at(now)).await.unwrap();
+    let info =
+        |key: &str, cursor, next_due, owner: Option<(&str, Millis)>, in_flight| PartitionInfo {
+            partition_key: key.into(),
+            cursor,
+            next_due,
+            lease_owner: owner.map(|o| o.0.into()),
+            lease_expires: owner.map(|o| o.1),
+            in_flight,
+        };
+    assert_eq!(
+        page,
+        [
+            info("p1", m1.seq, None, Some(("A", t0 + 60_010)), 0),
+            info(
+                "p2",
+                0,
+                Some(t0 + 10 + VISIBILITY_MS),
+                Some(("A", t0 + 60_010)),
+                2
+            ),
+            info(
+                "p3",
+                0,
+                Some(t0 + 50 + VISIBILITY_MS),
+                Some(("B", t0 + 1050)),
+                1
+            ),
+            info("p4", 0, Some(t0 + 3), None, 0),
+            info("p5", 0, Some(t0 + 100_000), None, 0),
+        ]
+    );
+
+    let with = |f: &dyn Fn(&mut PartitionQuery)| {
+        let mut q = list_at(now);
+        f(&mut q);
+        q
+    };
+    let owned_by_a = d
+        .partitions(&with(&|q| q.owner = Some("A".into())))
+        .await
+        .unwrap();
+    assert_eq!(keys(&owned_by_a), ["p1", "p2"]);
+    // An expired lease still names its owner: that is who died holding it.
+    let owned_by_b = d
+        .partitions(&with(&|q| q.owner = Some("B".into())))
+        .await
+        .unwrap();
+    assert_eq!(keys(&owned_by_b), ["p3"]);
+    let nobody = d
+        .partitions(&with(&|q| q.owner = Some("nobody".into())))
+        .await
+        .unwrap();
+    assert!(nobody.is_empty());
+    let due = d
+        .partitions(&with(&|q| q.due_by = Some(now)))
+        .await
+        .unwrap();
+    assert_eq!(keys(&due), ["p4"]);
+
+    // Pages: limit, then the last key of a page as `after`.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = d
+            .partitions(&with(&|q| {
+                q.limit = 2;
+                q.after = after.clone();
+            }))
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.partition_key.clone());
+        seen.extend(page.iter().map(|p| p.partition_key.clone()));
+    }
+    assert_eq!(seen, ["p1", "p2", "p3", "p4", "p5"]);
+    let filtered_page = d
+        .partitions(&with(&|q| {
+            q.owner = Some("A".into());
+            q.after = Some("p1".into());
+        }))
+        .await
+        .unwrap();
+    assert_eq!(keys(&filtered_page), ["p2"]);
+
+    // Timed-out deliveries are no longer in flight.
+    let later = d.partitions(&list_at(t0 + 200_000)).await.unwrap();
+    assert!(later.iter().all(|p| p.in_flight == 0), "{later:?}");
+    // Groups are independent: h has every partition, nothing leased.
+    let h = d
+        .partitions(&with(&|q| q.group = "h".into()))
+        .await
+        .unwrap();
+    assert_eq!(keys(&h), ["p1", "p2", "p3", "p4", "p5"]);
+    assert!(h
+        .iter()
+        .all(|p| p.lease_owner.is_none() && p.lease_expires.is_none() && p.in_flight == 0));
+    assert_eq!(d.groups(T).await.unwrap(), ["g", "h"]);
+    assert!(d.groups("other").await.unwrap().is_empty());
+}
+
+/// `Admin::partitions` names an unknown topic or group and refuses bad
+/// input with a typed error; it shows a live subscription's lease.
+pub async fn partitions_listing_rejects_bad_input(b: &dyn Backend) {
+    let q = b.open("partitions-input", quiet()).await;
+    let admin = q.admin();
+    let all = PartitionFilter::default();
+    assert!(matches!(
+        admin.partitions(T, "g", &all).await,
+        Err(MqError::UnknownTopic(t)) if t == T
+    ));
+    // Messages alone do not make a topic known: nobody consumes it.
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    assert!(matches!(
+        admin.partitions(T, "g", &all).await,
+        Err(MqError::UnknownTopic(_))
+    ));
+    let cfg = fast_config("g");
+    let subscriber = cfg.subscriber.clone();
+    let mut sub = subscribe(&q, cfg).await;
+    let d = recv(&mut sub).await;
+    match admin.partitions(T, "other", &all).await {
+        Err(MqError::UnknownGroup { group, groups, .. }) => {
+            assert_eq!((group.as_str(), groups), ("other", vec!["g".to_string()]));
+        }
+        other => panic!("expected UnknownGroup, got {other:?}"),
+    }
+    assert!(matches!(
+        admin.partitions("Bad Topic", "g", &all).await,
+        Err(MqError::InvalidTopic(_))
+    ));
+    for limit in [0, crate::queue::MAX_PARTITION_PAGE + 1] {
+        let f = PartitionFilter {
+            limit,
+            ..PartitionFilter::default()
+        };
+        assert!(matches!(
+            admin.partitions(T, "g", &f).await,
+            Err(MqError::InvalidLimit { .. })
+        ));
+    }
+    let f = PartitionFilter {
+        owner: Some(String::new()),
+        ..PartitionFilter::default()
+    };
+    assert!(matches!(
+        admin.partitions(T, "g", &f).await,
+        Err(MqError::InvalidName { .. })
+    ));
+    assert_eq!(admin.groups(T).await.unwrap(), ["g"]);
+    let page = admin.partitions(T, "g", &all).await.unwrap();
+    assert_eq!(keys(&page), ["p"]);
+    assert_eq!(page[0].lease_owner.as_deref(), Some(subscriber.as_str()));
+    assert!(page[0].lease_expires.is_some_and(|e| e > now_millis()));
+    assert_eq!(page[0].in_flight, 1);
+    let mine = PartitionFilter {
+        owner: Some(subscriber),
+        ..PartitionFilter::default()
+    };
+    assert_eq!(keys(&admin.partitions(T, "g", &mine).await.unwrap()), ["p"]);
+    d.ack().await.unwrap();
+}
+
 /// Expands to one `#[tokio::test]` per conformance check for a backend.
 /// `$backend` is an expression giving something that implements [`Backend`].
 #[macro_export]
@@ -1016,7 +1445,8 @@ macro_rules! conformance_tests {
             wake_makes_postponed_due, visibility_timeout_redelivers, outcomes_are_one_shot,
             stale_delivery_is_fenced, subscribers_share_partitions,
             crashed_subscriber_is_taken_over, restarted_subscriber_reclaims_its_work,
-            graceful_close_releases_leases,
+            graceful_close_releases_leases, takeover_releases_dead_owners_deliveries,
+            partitions_list_pages_and_filters, partitions_listing_rejects_bad_input,
             no_message_lost_across_dead_letters, redelivery_limit_dead_letters,
             garbage_collection_and_idle_partitions, wake_ups_are_event_driven,
             bad_input_is_rejected

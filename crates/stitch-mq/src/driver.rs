@@ -11,6 +11,15 @@
 //! - `state`: per (group, message) past the cursor: attempt, invisible-until,
 //!   postponed flag, done flag, and the delivery token that fences stale outcomes.
 //! - `dead_letters`, `groups`, `subscribers` (heartbeats).
+//!
+//! Takeover: a subscriber whose lease on a partition expired *and* whose
+//! heartbeat stopped is dead. A lease tick makes its partitions due at once
+//! (their only pending work may be its in-flight deliveries, which are not
+//! due before their visibility timeout), and the claim that acquires such a
+//! partition makes the dead owner's in-flight deliveries deliverable in the
+//! same transaction, as `recover` does for a restarted subscriber: the dead
+//! delivery keeps its attempt, so the redelivery is attempt + 1, and its
+//! token changes, so the dead owner's late outcomes are stale.
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -79,6 +88,9 @@ pub struct ClaimResult {
     pub dead_lettered: usize,
     /// Partitions newly leased by this claim.
     pub acquired: usize,
+    /// In-flight deliveries of dead previous owners made deliverable by this
+    /// claim when it acquired their partitions (takeover).
+    pub taken_over: usize,
     /// Earliest `next_due` among partitions this subscriber may serve.
     pub next_due: Option<Millis>,
 }
@@ -166,6 +178,39 @@ pub struct TopicStats {
     pub dead_letters: u64,
 }
 
+/// Which partitions of a topic and group to list, one page at a time.
+#[derive(Clone, Debug)]
+pub struct PartitionQuery {
+    pub topic: String,
+    pub group: String,
+    /// Only partitions whose lease names this subscriber (expired or not).
+    pub owner: Option<String>,
+    /// Only partitions due at or before this time (`next_due <= due_by`).
+    pub due_by: Option<Millis>,
+    /// Only partition keys after this one (the last key of the previous page).
+    pub after: Option<String>,
+    /// Rows at most.
+    pub limit: usize,
+    /// Deliveries still invisible at this time count as in flight.
+    pub now: Millis,
+}
+
+/// One partition of a consumer group as stored, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionInfo {
+    pub partition_key: String,
+    /// Every message at or below this position is done for the group.
+    pub cursor: i64,
+    /// Earliest time something may be deliverable; `None` = nothing pending.
+    pub next_due: Option<Millis>,
+    /// The subscriber named on the lease (it may have expired).
+    pub lease_owner: Option<String>,
+    /// When the lease runs out; `None` when nobody holds it.
+    pub lease_expires: Option<Millis>,
+    /// Deliveries handed out, without an outcome, not yet timed out.
+    pub in_flight: u64,
+}
+
 /// What a garbage collection pass removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -205,6 +250,9 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Heartbeat, renew own leases, compute the fair-share cap and shed leases
     /// above it (the lexicographically last partitions, idle ones first).
+    /// With room below the cap, also makes partitions of dead subscribers
+    /// (lease expired, no heartbeat within `lease_ms`) that have pending work
+    /// due now, so a claim takes them over (see the module docs).
     async fn lease_tick(&self, tick: &LeaseTick) -> MqResult<LeaseReport>;
 
     /// Releases every lease and the heartbeat of a subscriber (graceful exit).
@@ -224,6 +272,9 @@ pub trait Driver: Send + Sync + 'static {
     ) -> MqResult<u64>;
 
     /// Finds due partitions and marks their deliverable messages delivered.
+    /// Acquiring a partition from a dead subscriber (another name, lease
+    /// expired, no heartbeat within `lease_ms`) first makes its in-flight
+    /// deliveries deliverable, as `recover` does (see the module docs).
     async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult>;
 
     /// Applies outcomes in one transaction; one result per outcome, in order.
@@ -252,6 +303,12 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Counts for one topic and group.
     async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats>;
+
+    /// The consumer groups registered on `topic`, sorted.
+    async fn groups(&self, topic: &str) -> MqResult<Vec<String>>;
+
+    /// A page of a group's partitions, by partition key (byte-wise).
+    async fn partitions(&self, query: &PartitionQuery) -> MqResult<Vec<PartitionInfo>>;
 }
 
 /// Fair share of `partitions` among the sorted `active` subscribers for `me`:

@@ -37,6 +37,20 @@ pub enum MqError {
     /// A dead letter id that does not exist for the topic.
     #[error("no dead letter {id} in topic {topic:?}")]
     UnknownDeadLetter { topic: String, id: i64 },
+    /// A topic no consumer group has subscribed to.
+    #[error("unknown topic {0:?}: no consumer group has subscribed to it")]
+    UnknownTopic(String),
+    /// A consumer group that is not registered on the topic.
+    #[error("topic {topic:?} has no consumer group {group:?} (its groups: {})", groups.join(", "))]
+    UnknownGroup {
+        topic: String,
+        group: String,
+        /// The groups the topic has.
+        groups: Vec<String>,
+    },
+    /// A page size outside the accepted range.
+    #[error("invalid limit {limit}: use 1 to {max}")]
+    InvalidLimit { limit: usize, max: usize },
     /// A bug or a panic inside the queue (never caused by input).
     #[error("internal queue error: {0}")]
     Internal(String),

@@ -27,8 +27,13 @@ pub mod sqlite;
 mod window;
 
 pub use config::{QueueConfig, RetryPolicy, SubscriptionConfig};
-pub use driver::{DeadLetter, Driver, GcReport, NewMessage, PublishReport, TopicStats};
+pub use driver::{
+    DeadLetter, Driver, GcReport, NewMessage, PartitionInfo, PublishReport, TopicStats,
+};
 pub use error::{MqError, MqResult, StorageFailure};
 pub use message::{now_millis, Failure, Message, Millis};
 pub use open::{open, AnyDriver, BackendKind};
-pub use queue::{Admin, Delivery, NackOutcome, Publisher, Queue, Subscriber, Subscription};
+pub use queue::{
+    Admin, Delivery, NackOutcome, PartitionFilter, Publisher, Queue, Subscriber, Subscription,
+    MAX_PARTITION_PAGE,
+};

@@ -117,6 +117,32 @@ impl Inner {
         true
     }
 
+    /// Whether `subscriber` of the partition's topic and group heartbeated
+    /// after `since`.
+    fn heartbeat_within(&self, key: &PartKey, subscriber: &str, since: Millis) -> bool {
+        self.subscribers
+            .get(&(key.0.clone(), key.1.clone(), subscriber.to_string()))
+            .is_some_and(|hb| *hb > since)
+    }
+
+    /// Makes the partition's in-flight deliveries after `cursor` deliverable
+    /// at `now` (attempt kept, as `recover` does); returns how many.
+    fn release_in_flight(&mut self, key: &PartKey, cursor: i64, now: Millis) -> usize {
+        let Some(seqs) = self.by_partition.get(&(key.0.clone(), key.2.clone())) else {
+            return 0;
+        };
+        let mut released = 0;
+        for seq in seqs.range(cursor + 1..) {
+            if let Some(s) = self.state.get_mut(&(key.1.clone(), *seq)) {
+                if s.claimed && !s.done && s.invisible_until > now {
+                    s.invisible_until = now;
+                    released += 1;
+                }
+            }
+        }
+        released
+    }
+
     fn remove_message(&mut self, seq: i64) {
         if let Some(row) = self.messages.remove(&seq) {
             self.by_key.remove(&(
@@ -268,6 +294,19 @@ impl Driver for MemoryDriver {
                 }
             }
         }
+        if mine.len() < cap {
+            // Dead owners' partitions whose only pending work may be their
+            // in-flight deliveries: due now, so a claim takes them over.
+            for (k, p) in inner.partitions.iter_mut() {
+                let dead_owner = p
+                    .lease_owner
+                    .as_ref()
+                    .is_some_and(|o| p.lease_expires <= t.now && !active.contains(o));
+                if in_scope(k) && dead_owner && p.next_due.is_some_and(|d| d > t.now) {
+                    p.next_due = Some(t.now);
+                }
+            }
+        }
         Ok(LeaseReport {
             cap,
             owned: mine.len(),
@@ -367,6 +406,12 @@ impl Driver for MemoryDriver {
                 }
                 may_acquire -= 1;
                 result.acquired += 1;
+                let dead_owner = part.lease_owner.as_deref().is_some_and(|o| {
+                    o != me && !inner.heartbeat_within(&key, o, now - req.lease_ms)
+                });
+                if dead_owner {
+                    result.taken_over += inner.release_in_flight(&key, part.cursor, now);
+                }
             }
             let scan = req.batch_size as usize + SCAN_LIMIT_EXTRA;
             let seqs: Vec<i64> = inner
@@ -679,5 +724,56 @@ impl Driver for MemoryDriver {
             }
         }
         Ok(stats)
+    }
+
+    async fn groups(&self, topic: &str) -> MqResult<Vec<String>> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .groups
+            .get(topic)
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn partitions(&self, q: &PartitionQuery) -> MqResult<Vec<PartitionInfo>> {
+        let inner = self.inner.lock();
+        let mut page = Vec::new();
+        for ((topic, group, key), p) in &inner.partitions {
+            if page.len() >= q.limit {
+                break;
+            }
+            if *topic != q.topic
+                || *group != q.group
+                || q.after.as_ref().is_some_and(|a| key <= a)
+                || q.owner
+                    .as_ref()
+                    .is_some_and(|o| p.lease_owner.as_ref() != Some(o))
+                || q.due_by.is_some_and(|by| p.next_due.is_none_or(|d| d > by))
+            {
+                continue;
+            }
+            let in_flight = inner
+                .by_partition
+                .get(&(topic.clone(), key.clone()))
+                .map_or(0, |seqs| {
+                    seqs.range(p.cursor + 1..)
+                        .filter(|seq| {
+                            inner
+                                .state
+                                .get(&(group.clone(), **seq))
+                                .is_some_and(|s| s.claimed && !s.done && s.invisible_until > q.now)
+                        })
+                        .count()
+                });
+            page.push(PartitionInfo {
+                partition_key: key.clone(),
+                cursor: p.cursor,
+                next_due: p.next_due,
+                lease_expires: p.lease_owner.as_ref().map(|_| p.lease_expires),
+                lease_owner: p.lease_owner.clone(),
+                in_flight: in_flight as u64,
+            });
+        }
+        Ok(page)
     }
 }

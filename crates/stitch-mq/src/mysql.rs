@@ -331,6 +331,9 @@ async fn claim_on(conn: &mut MySqlConnection, req: &ClaimRequest) -> MqResult<Cl
             }
             may_acquire -= 1;
             result.acquired += 1;
+            if let Some(prev) = owner.as_deref().filter(|o| *o != req.subscriber) {
+                result.taken_over += take_over(conn, req, prev, &partition, cursor).await?;
+            }
         }
         let rows = sqlx::query(
             "SELECT m.seq, m.available_at, s.attempt, s.invisible_until, s.postponed, s.done, \
@@ -465,6 +468,46 @@ async fn claim_on(conn: &mut MySqlConnection, req: &ClaimRequest) -> MqResult<Cl
         result.next_due = result.next_due.map(|d| d.max(now + LOCKED_RETRY_MS));
     }
     Ok(result)
+}
+
+/// Makes the in-flight deliveries of `partition` (locked by the claim)
+/// deliverable now if its previous owner is dead (no heartbeat within the
+/// lease); returns how many.
+async fn take_over(
+    conn: &mut MySqlConnection,
+    req: &ClaimRequest,
+    previous: &str,
+    partition: &str,
+    cursor: i64,
+) -> MqResult<usize> {
+    let alive = sqlx::query(
+        "SELECT 1 FROM mq_subscribers WHERE topic = ? AND grp = ? AND subscriber = ? AND heartbeat_at > ?",
+    )
+    .bind(&req.topic)
+    .bind(&req.group)
+    .bind(previous)
+    .bind(req.now - req.lease_ms)
+    .fetch_optional(&mut *conn)
+    .await?
+    .is_some();
+    if alive {
+        return Ok(0);
+    }
+    let released = sqlx::query(
+        "UPDATE mq_state SET invisible_until = ? WHERE grp = ? AND claimed = 1 AND done = 0 \
+         AND invisible_until > ? AND seq IN (SELECT seq FROM mq_messages \
+         WHERE topic = ? AND partition_key = ? AND seq > ?)",
+    )
+    .bind(req.now)
+    .bind(&req.group)
+    .bind(req.now)
+    .bind(&req.topic)
+    .bind(partition)
+    .bind(cursor)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(released as usize)
 }
 
 async fn apply_on(
@@ -674,6 +717,35 @@ async fn lease_tick_on(conn: &mut MySqlConnection, t: &LeaseTick) -> MqResult<Le
             &t.topic,
             &t.group,
             &shed,
+        )
+        .await?;
+    }
+    if mine.len() < cap {
+        // Dead owners' partitions whose only pending work may be their
+        // in-flight deliveries: due now, so a claim takes them over.
+        let expired = sqlx::query(
+            "SELECT partition_key, lease_owner FROM mq_partitions WHERE topic = ? AND grp = ? \
+             AND lease_owner IS NOT NULL AND lease_expires <= ? AND next_due > ? \
+             ORDER BY partition_key FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&t.topic)
+        .bind(&t.group)
+        .bind(t.now)
+        .bind(t.now)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut dead = Vec::new();
+        for r in &expired {
+            if !active.contains(&text(r, 1)?) {
+                dead.push(text(r, 0)?);
+            }
+        }
+        update_partitions(
+            conn,
+            &format!("next_due = {}", t.now),
+            &t.topic,
+            &t.group,
+            &dead,
         )
         .await?;
     }
@@ -1075,5 +1147,50 @@ impl Driver for MySqlDriver {
             leased: n(3)?,
             dead_letters: n(4)?,
         })
+    }
+
+    async fn groups(&self, topic: &str) -> MqResult<Vec<String>> {
+        let mut conn = self.pool.acquire().await?;
+        groups_of(&mut conn, topic).await
+    }
+
+    async fn partitions(&self, q: &PartitionQuery) -> MqResult<Vec<PartitionInfo>> {
+        // The in-flight count reaches each message's state by primary key.
+        let rows = sqlx::query(
+            "SELECT p.partition_key, p.`cursor`, p.next_due, p.lease_owner, p.lease_expires, \
+             (SELECT COUNT(*) FROM mq_messages m WHERE m.topic = p.topic AND m.partition_key = p.partition_key \
+               AND m.seq > p.`cursor` AND EXISTS (SELECT 1 FROM mq_state s WHERE s.grp = p.grp \
+               AND s.seq = m.seq AND s.claimed = 1 AND s.done = 0 AND s.invisible_until > ?)) \
+             FROM mq_partitions p WHERE p.topic = ? AND p.grp = ? AND p.partition_key > ? \
+             AND (? IS NULL OR p.lease_owner = ?) AND (? IS NULL OR p.next_due <= ?) \
+             ORDER BY p.partition_key LIMIT ?",
+        )
+        .bind(q.now)
+        .bind(&q.topic)
+        .bind(&q.group)
+        .bind(q.after.as_deref().unwrap_or(""))
+        .bind(q.owner.as_deref())
+        .bind(q.owner.as_deref())
+        .bind(q.due_by)
+        .bind(q.due_by)
+        .bind(q.limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let owner = opt_text(r, 3)?;
+                Ok(PartitionInfo {
+                    partition_key: text(r, 0)?,
+                    cursor: r.try_get(1)?,
+                    next_due: r.try_get(2)?,
+                    lease_expires: match owner {
+                        Some(_) => Some(r.try_get(4)?),
+                        None => None,
+                    },
+                    lease_owner: owner,
+                    in_flight: r.try_get::<i64, _>(5)?.max(0) as u64,
+                })
+            })
+            .collect()
     }
 }

@@ -596,6 +596,10 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         if chunk.is_empty() {
             break;
         }
+        // Before the windows are read, so the released deliveries go out in
+        // this claim. (A partition the delivery budget then leaves unserved
+        // keeps them deliverable for the next claimer.)
+        result.taken_over += take_over(conn, req, &chunk).await?;
         let keys: Vec<&str> = chunk.iter().map(|(p, _)| p.0.as_str()).collect();
         let cursors: Vec<i64> = chunk.iter().map(|(p, _)| p.1).collect();
         // The state lookup is a LATERAL subquery with a LIMIT (which the
@@ -768,6 +772,65 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         result.next_due = result.next_due.map(|d| d.max(now + LOCKED_RETRY_MS));
     }
     Ok(result)
+}
+
+/// Makes the in-flight deliveries of the partitions in `chunk` that this
+/// claim acquires from a dead subscriber (another name, lease expired, no
+/// heartbeat within the lease) deliverable now; returns how many. The
+/// partition rows are locked by the claim.
+async fn take_over(
+    conn: &mut PgConnection,
+    req: &ClaimRequest,
+    chunk: &[(&DuePartition, bool)],
+) -> MqResult<usize> {
+    let previous = |(p, owned): &(&DuePartition, bool)| -> Option<String> {
+        p.2.clone().filter(|o| !*owned && *o != req.subscriber)
+    };
+    let owners: BTreeSet<String> = chunk.iter().filter_map(previous).collect();
+    if owners.is_empty() {
+        return Ok(0);
+    }
+    let owners: Vec<String> = owners.into_iter().collect();
+    let alive: BTreeSet<String> = sqlx::query_scalar(
+        "SELECT subscriber::text FROM mq_subscribers WHERE topic = $1 AND grp = $2 \
+         AND subscriber = ANY($3) AND heartbeat_at > $4",
+    )
+    .bind(&req.topic)
+    .bind(&req.group)
+    .bind(&owners)
+    .bind(req.now - req.lease_ms)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    let dead: Vec<&DuePartition> = chunk
+        .iter()
+        .filter(|entry| previous(entry).is_some_and(|o| !alive.contains(&o)))
+        .map(|(p, _)| *p)
+        .collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = dead.iter().map(|p| p.0.as_str()).collect();
+    let cursors: Vec<i64> = dead.iter().map(|p| p.1).collect();
+    // The state rows are addressed by primary key: the sequence numbers
+    // come from one ordered index range per partition.
+    let released = sqlx::query(
+        "UPDATE mq_state SET invisible_until = $3 WHERE grp = $1 AND seq = ANY(ARRAY( \
+           SELECT m.seq FROM unnest($4::text[], $5::int8[]) AS u(k, c) \
+           CROSS JOIN LATERAL (SELECT seq FROM mq_messages WHERE topic = $2 AND partition_key = u.k \
+             AND seq > u.c) m)) \
+         AND claimed AND NOT done AND invisible_until > $3",
+    )
+    .bind(&req.group)
+    .bind(&req.topic)
+    .bind(req.now)
+    .bind(&keys)
+    .bind(&cursors)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(released as usize)
 }
 
 /// Stored kinds of outcome, as the apply statement's CASE arms know them.
@@ -988,6 +1051,22 @@ async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<Lease
         .execute(&mut *conn)
         .await?;
     }
+    if mine.len() < cap {
+        // Dead owners' partitions whose only pending work may be their
+        // in-flight deliveries: due now, so a claim takes them over.
+        sqlx::query(
+            "UPDATE mq_partitions SET next_due = $3 WHERE ctid = ANY(ARRAY( \
+               SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner IS NOT NULL \
+               AND lease_expires <= $3 AND next_due > $3 AND NOT (lease_owner = ANY($4)) \
+               FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(&t.topic)
+        .bind(&t.group)
+        .bind(t.now)
+        .bind(&active)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(LeaseReport {
         cap,
         owned: mine.len().min(cap),
@@ -1075,6 +1154,10 @@ type DeadLetterRow = (
     i64,
     i64,
 );
+
+/// A partition row as listed: key, cursor, next due, owner, lease expiry,
+/// in-flight deliveries.
+type PartitionRow = (String, i64, Option<i64>, Option<String>, i64, i64);
 
 #[async_trait]
 impl Driver for PostgresDriver {
@@ -1364,6 +1447,53 @@ impl Driver for PostgresDriver {
             leased: leased as u64,
             dead_letters: dead as u64,
         })
+    }
+
+    async fn groups(&self, topic: &str) -> MqResult<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT grp::text FROM mq_groups WHERE topic = $1 ORDER BY grp")
+                .bind(topic)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn partitions(&self, q: &PartitionQuery) -> MqResult<Vec<PartitionInfo>> {
+        // One primary-key range for the page; the in-flight count looks each
+        // message's state up by key (a LATERAL with LIMIT, which the planner
+        // cannot turn into a join over the group's whole state).
+        let rows: Vec<PartitionRow> = sqlx::query_as(
+            "SELECT p.partition_key::text, p.cursor, p.next_due, p.lease_owner::text, p.lease_expires, f.n \
+             FROM (SELECT partition_key, cursor, next_due, lease_owner, lease_expires FROM mq_partitions \
+               WHERE topic = $1 AND grp = $2 AND partition_key > $3 \
+               AND ($4::text IS NULL OR lease_owner = $4) AND ($5::int8 IS NULL OR next_due <= $5) \
+               ORDER BY partition_key LIMIT $6) p \
+             CROSS JOIN LATERAL (SELECT count(*) AS n FROM mq_messages m \
+               CROSS JOIN LATERAL (SELECT 1 FROM mq_state s WHERE s.grp = $2 AND s.seq = m.seq \
+                 AND s.claimed AND NOT s.done AND s.invisible_until > $7 LIMIT 1) s \
+               WHERE m.topic = $1 AND m.partition_key = p.partition_key AND m.seq > p.cursor) f \
+             ORDER BY p.partition_key",
+        )
+        .bind(&q.topic)
+        .bind(&q.group)
+        .bind(q.after.as_deref().unwrap_or(""))
+        .bind(q.owner.as_deref())
+        .bind(q.due_by)
+        .bind(q.limit.min(i64::MAX as usize) as i64)
+        .bind(q.now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, cursor, next_due, owner, expires, n)| PartitionInfo {
+                partition_key: key,
+                cursor,
+                next_due,
+                lease_expires: owner.as_ref().map(|_| expires),
+                lease_owner: owner,
+                in_flight: n.max(0) as u64,
+            })
+            .collect())
     }
 }
 

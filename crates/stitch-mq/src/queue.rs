@@ -15,12 +15,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
-use crate::message::{now_millis, validate_message, validate_topic, Failure, Message, Millis};
+use crate::message::{
+    now_millis, validate_message, validate_name, validate_topic, Failure, Message, Millis,
+};
 
 /// Outcomes written per transaction at most (group commit).
 const OUTCOME_BATCH: usize = 512;
 /// Messages one claim hands out at most.
 const CLAIM_MAX: usize = 512;
+/// Partitions one [`Admin::partitions`] page lists at most.
+pub const MAX_PARTITION_PAGE: usize = 1000;
 
 type OutcomeRequest = (Outcome, oneshot::Sender<MqResult<()>>);
 
@@ -412,6 +416,9 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
             match driver.claim(&req).await {
                 Ok(res) => {
                     lease.owned += res.acquired;
+                    if res.taken_over > 0 {
+                        tracing::info!(topic = %sub.topic, group = %c.group, subscriber = %c.subscriber, taken_over = res.taken_over, "took over the in-flight deliveries of a dead subscriber");
+                    }
                     let full = res.messages.len() >= room;
                     for m in res.messages {
                         let Ok(permit) = sub.permits.clone().try_acquire_owned() else {
@@ -684,6 +691,83 @@ impl Admin {
     pub async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats> {
         validate_topic(topic)?;
         self.shared.driver.stats(topic, group).await
+    }
+
+    /// The consumer groups subscribed to `topic`, sorted (none: nobody
+    /// consumes it).
+    pub async fn groups(&self, topic: &str) -> MqResult<Vec<String>> {
+        validate_topic(topic)?;
+        self.shared.driver.groups(topic).await
+    }
+
+    /// One page of a group's partitions by key: cursor, next due time, lease
+    /// owner and expiry, in-flight deliveries. A topic nobody subscribed to
+    /// is `UnknownTopic`, a group not on it `UnknownGroup`.
+    pub async fn partitions(
+        &self,
+        topic: &str,
+        group: &str,
+        filter: &PartitionFilter,
+    ) -> MqResult<Vec<PartitionInfo>> {
+        validate_topic(topic)?;
+        validate_name("consumer group", group)?;
+        if let Some(owner) = &filter.owner {
+            validate_name("subscriber name", owner)?;
+        }
+        if filter.limit == 0 || filter.limit > MAX_PARTITION_PAGE {
+            return Err(MqError::InvalidLimit {
+                limit: filter.limit,
+                max: MAX_PARTITION_PAGE,
+            });
+        }
+        let groups = self.shared.driver.groups(topic).await?;
+        if groups.is_empty() {
+            return Err(MqError::UnknownTopic(topic.to_string()));
+        }
+        if !groups.iter().any(|g| g == group) {
+            return Err(MqError::UnknownGroup {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                groups,
+            });
+        }
+        let now = now_millis();
+        self.shared
+            .driver
+            .partitions(&PartitionQuery {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                owner: filter.owner.clone(),
+                due_by: filter.due.then_some(now),
+                after: filter.after.clone(),
+                limit: filter.limit,
+                now,
+            })
+            .await
+    }
+}
+
+/// Which partitions [`Admin::partitions`] lists, and the page.
+#[derive(Clone, Debug)]
+pub struct PartitionFilter {
+    /// Only partitions whose lease names this subscriber (expired or not).
+    pub owner: Option<String>,
+    /// Only partitions due now.
+    pub due: bool,
+    /// Only partition keys after this one: the last key of the previous page.
+    pub after: Option<String>,
+    /// Rows at most, 1 to [`MAX_PARTITION_PAGE`].
+    pub limit: usize,
+}
+
+impl Default for PartitionFilter {
+    fn default() -> Self {
+        Self {
+            owner: None,
+            due: false,
+            after: None,
+            limit: 100,
+        }
     }
 }
 

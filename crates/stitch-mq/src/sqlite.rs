@@ -440,6 +440,17 @@ fn lease_tick_sync(c: &rusqlite::Connection, t: &LeaseTick) -> MqResult<LeaseRep
             release.execute(params![t.topic, t.group, p, t.subscriber])?;
         }
     }
+    if mine.len() < cap {
+        // Dead owners' partitions whose only pending work may be their
+        // in-flight deliveries: due now, so a claim takes them over.
+        c.prepare_cached(
+            "UPDATE mq_partitions SET next_due = ?1 WHERE topic = ?2 AND grp = ?3 \
+             AND lease_owner IS NOT NULL AND lease_expires <= ?1 AND next_due > ?1 \
+             AND lease_owner NOT IN (SELECT subscriber FROM mq_subscribers \
+             WHERE topic = ?2 AND grp = ?3 AND heartbeat_at > ?4)",
+        )?
+        .execute(params![t.now, t.topic, t.group, t.now - t.lease_ms])?;
+    }
     // Delivery state at or below a cursor is never read again; claims leave
     // it behind so they stay cheap, and it is swept here.
     c.prepare_cached(
@@ -499,6 +510,14 @@ fn claim_sync(c: &rusqlite::Connection, req: &ClaimRequest) -> MqResult<ClaimRes
         "UPDATE mq_partitions SET cursor = ?1, next_due = ?2, lease_owner = ?3, lease_expires = ?4 \
          WHERE topic = ?5 AND grp = ?6 AND partition_key = ?7",
     )?;
+    let mut alive_q = c.prepare_cached(
+        "SELECT 1 FROM mq_subscribers WHERE topic = ?1 AND grp = ?2 AND subscriber = ?3 AND heartbeat_at > ?4",
+    )?;
+    let mut release_q = c.prepare_cached(
+        "UPDATE mq_state SET invisible_until = ?1 WHERE grp = ?2 AND claimed = 1 AND done = 0 \
+         AND invisible_until > ?1 AND seq IN (SELECT seq FROM mq_messages \
+         WHERE topic = ?3 AND partition_key = ?4 AND seq > ?5)",
+    )?;
     let until = now + req.visibility_ms;
     for (partition, cursor, owner, expires) in due {
         if result.messages.len() >= req.max_messages {
@@ -511,6 +530,14 @@ fn claim_sync(c: &rusqlite::Connection, req: &ClaimRequest) -> MqResult<ClaimRes
             }
             may_acquire -= 1;
             result.acquired += 1;
+            if let Some(prev) = owner.as_deref().filter(|o| *o != req.subscriber) {
+                let alive =
+                    alive_q.exists(params![req.topic, req.group, prev, now - req.lease_ms])?;
+                if !alive {
+                    result.taken_over +=
+                        release_q.execute(params![now, req.group, req.topic, partition, cursor])?;
+                }
+            }
         }
         let mut rows: Vec<(WindowRow, StoredBody)> = window_q
             .query_map(
@@ -952,6 +979,67 @@ impl Driver for SqliteDriver {
         })
         .await
     }
+
+    async fn groups(&self, topic: &str) -> MqResult<Vec<String>> {
+        let topic = topic.to_string();
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT grp FROM mq_groups WHERE topic = ?1 ORDER BY grp")?
+                    .query_map([topic], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+            )
+        })
+        .await
+    }
+
+    async fn partitions(&self, query: &PartitionQuery) -> MqResult<Vec<PartitionInfo>> {
+        let query = query.clone();
+        self.read(move |c| partitions_sync(c, &query)).await
+    }
+}
+
+/// A partition row as listed: key, cursor, next due, owner, lease expiry.
+type PartitionRow = (String, i64, Option<Millis>, Option<String>, Millis);
+
+fn partitions_sync(c: &rusqlite::Connection, q: &PartitionQuery) -> MqResult<Vec<PartitionInfo>> {
+    let mut in_flight_q = c.prepare_cached(
+        "SELECT COUNT(*) FROM mq_messages m WHERE m.topic = ?2 AND m.partition_key = ?3 AND m.seq > ?4 \
+         AND EXISTS (SELECT 1 FROM mq_state s WHERE s.grp = ?1 AND s.seq = m.seq \
+         AND s.claimed = 1 AND s.done = 0 AND s.invisible_until > ?5)",
+    )?;
+    let rows: Vec<PartitionRow> = c
+        .prepare_cached(
+            "SELECT partition_key, cursor, next_due, lease_owner, lease_expires FROM mq_partitions \
+             WHERE topic = ?1 AND grp = ?2 AND partition_key > ?3 \
+             AND (?4 IS NULL OR lease_owner = ?4) AND (?5 IS NULL OR next_due <= ?5) \
+             ORDER BY partition_key LIMIT ?6",
+        )?
+        .query_map(
+            params![
+                q.topic,
+                q.group,
+                q.after.as_deref().unwrap_or(""),
+                q.owner,
+                q.due_by,
+                q.limit.min(i64::MAX as usize) as i64
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    rows.into_iter()
+        .map(|(key, cursor, next_due, owner, expires)| {
+            let in_flight: i64 = in_flight_q
+                .query_row(params![q.group, q.topic, key, cursor, q.now], |r| r.get(0))?;
+            Ok(PartitionInfo {
+                partition_key: key,
+                cursor,
+                next_due,
+                lease_expires: owner.as_ref().map(|_| expires),
+                lease_owner: owner,
+                in_flight: in_flight.max(0) as u64,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

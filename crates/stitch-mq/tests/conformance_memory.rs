@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use stitch_mq::conformance::Backend;
 use stitch_mq::memory::MemoryDriver;
-use stitch_mq::{Queue, QueueConfig};
+use stitch_mq::Driver;
 
 /// Storage survives "restarts" by name within one test.
 #[derive(Default)]
@@ -16,15 +16,13 @@ struct Memory {
 
 #[async_trait]
 impl Backend for Memory {
-    async fn open(&self, name: &str, config: QueueConfig) -> Queue {
-        let driver = self
-            .drivers
+    async fn driver(&self, name: &str) -> Arc<dyn Driver> {
+        self.drivers
             .lock()
             .unwrap()
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(MemoryDriver::new()))
-            .clone();
-        Queue::new(driver, config)
+            .clone()
     }
 }
 

@@ -7,15 +7,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stitch_mq::conformance::Backend;
-use stitch_mq::{Queue, QueueConfig};
+use stitch_mq::Driver;
 use support::MySqlDatabase;
 
 struct MySql(MySqlDatabase);
 
 #[async_trait]
 impl Backend for MySql {
-    async fn open(&self, name: &str, config: QueueConfig) -> Queue {
-        Queue::new(Arc::new(self.0.driver(name).await), config)
+    async fn driver(&self, name: &str) -> Arc<dyn Driver> {
+        Arc::new(self.0.driver(name).await)
     }
 }
 

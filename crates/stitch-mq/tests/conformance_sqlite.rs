@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use stitch_mq::conformance::Backend;
 use stitch_mq::sqlite::SqliteDriver;
-use stitch_mq::{Queue, QueueConfig};
+use stitch_mq::Driver;
 
 struct Sqlite {
     dir: tempfile::TempDir,
@@ -21,10 +21,9 @@ impl Sqlite {
 
 #[async_trait]
 impl Backend for Sqlite {
-    async fn open(&self, name: &str, config: QueueConfig) -> Queue {
+    async fn driver(&self, name: &str) -> Arc<dyn Driver> {
         let path = self.dir.path().join(format!("{name}.db"));
-        let driver = SqliteDriver::open(&path).await.expect("open sqlite");
-        Queue::new(Arc::new(driver), config)
+        Arc::new(SqliteDriver::open(&path).await.expect("open sqlite"))
     }
 }
 
