@@ -445,25 +445,34 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
     }
 }
 
+/// Opens the message queue of the configured database for an `mq`
+/// command; on failure prints why and returns the exit code (2 for the
+/// configuration, 3 for the database).
+pub(crate) async fn open_configured_queue(args: &ConfigArgs) -> Result<stitch_mq::Queue, u8> {
+    let config = match config::load(&load_options(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}", config::render_problems(&e));
+            return Err(USAGE);
+        }
+    };
+    stitch_server::state::open_queue(&config)
+        .await
+        .map_err(|e| {
+            eprintln!("stitch: {e}");
+            UNAVAILABLE
+        })
+}
+
 async fn dlq(cmd: DlqCommand) -> u8 {
     let (args, topic) = match &cmd {
         DlqCommand::List { config, topic, .. } | DlqCommand::Replay { config, topic, .. } => {
             (config, topic)
         }
     };
-    let config = match config::load(&load_options(args)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}", config::render_problems(&e));
-            return USAGE;
-        }
-    };
-    let queue = match stitch_server::state::open_queue(&config).await {
+    let queue = match open_configured_queue(args).await {
         Ok(q) => q,
-        Err(e) => {
-            eprintln!("stitch: {e}");
-            return UNAVAILABLE;
-        }
+        Err(code) => return code,
     };
     let admin = queue.admin();
     match cmd {

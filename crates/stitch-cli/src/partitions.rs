@@ -3,26 +3,15 @@
 //! from the configured database (like `stitch mq dlq`).
 
 use stitch_mq::{Admin, Millis, MqError, PartitionFilter, PartitionInfo};
-use stitch_server::config;
 
-use crate::commands::{load_options, OK, UNAVAILABLE, USAGE};
+use crate::commands::{open_configured_queue, OK, UNAVAILABLE, USAGE};
 use crate::PartitionsArgs;
 
 /// Runs the command; returns the exit code.
 pub async fn run(args: PartitionsArgs) -> u8 {
-    let config = match config::load(&load_options(&args.config)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}", config::render_problems(&e));
-            return USAGE;
-        }
-    };
-    let queue = match stitch_server::state::open_queue(&config).await {
+    let queue = match open_configured_queue(&args.config).await {
         Ok(q) => q,
-        Err(e) => {
-            eprintln!("stitch: {e}");
-            return UNAVAILABLE;
-        }
+        Err(code) => return code,
     };
     let admin = queue.admin();
     let group = match &args.group {
