@@ -92,6 +92,20 @@ const RELEASE_ALL_SQL: &str =
                SELECT ctid FROM mq_partitions WHERE topic = $1 AND grp = $2 AND lease_owner = $3 \
                ORDER BY partition_key FOR UPDATE))";
 
+/// Makes the unfinished deliveries of a subscriber's partitions visible now
+/// ($1 now, $2 group, $3 topic, $4 subscriber; the partitions are locked).
+/// One key lookup of the partition per state row: a filter on a list of the
+/// owned keys is a pass over the list per row.
+const RECOVER_STATE_SQL: &str = "UPDATE mq_state s SET invisible_until = $1 WHERE s.grp = $2 AND s.topic = $3 \
+     AND s.claimed AND NOT s.done AND s.invisible_until > $1 AND (SELECT p.lease_owner FROM mq_partitions p \
+     WHERE p.topic = s.topic AND p.grp = s.grp AND p.partition_key = s.partition_key) = $4";
+
+/// Makes a subscriber's partitions due now ($1 now, $2 group, $3 topic,
+/// $4 subscriber; the partitions are locked).
+const RECOVER_DUE_SQL: &str =
+    "UPDATE mq_partitions SET next_due = $1 WHERE topic = $3 AND grp = $2 \
+     AND lease_owner = $4 AND next_due IS NOT NULL AND next_due > $1";
+
 /// Applies the queue's migrations (versions 1001+) in the pool's schema.
 /// Other stitch components keep their own versions in the same table.
 pub async fn migrate(pool: &PgPool) -> MqResult<()> {
@@ -1257,27 +1271,21 @@ impl Driver for PostgresDriver {
             tx.commit().await?;
             return Ok(0);
         }
-        let released = sqlx::query(
-            "UPDATE mq_state SET invisible_until = $1 WHERE grp = $2 AND topic = $3 \
-             AND claimed AND NOT done AND invisible_until > $1 AND partition_key = ANY($4)",
-        )
-        .bind(now)
-        .bind(group)
-        .bind(topic)
-        .bind(&owned)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query(
-            "UPDATE mq_partitions SET next_due = $1 WHERE topic = $2 AND grp = $3 AND partition_key = ANY($4) \
-             AND next_due IS NOT NULL AND next_due > $1",
-        )
-        .bind(now)
-        .bind(topic)
-        .bind(group)
-        .bind(&owned)
-        .execute(&mut *tx)
-        .await?;
+        let released = sqlx::query(RECOVER_STATE_SQL)
+            .bind(now)
+            .bind(group)
+            .bind(topic)
+            .bind(subscriber)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query(RECOVER_DUE_SQL)
+            .bind(now)
+            .bind(group)
+            .bind(topic)
+            .bind(subscriber)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(released)
     }

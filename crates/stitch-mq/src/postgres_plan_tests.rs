@@ -145,6 +145,18 @@ async fn statements_over_many_partitions_stay_linear_without_statistics() {
             20.0 * n,
         ),
         ("sweep", SWEEP_STATE_SQL, "'g', 't'".to_string(), 20.0 * n),
+        (
+            "recover_state",
+            RECOVER_STATE_SQL,
+            "10, 'g', 't', 'sub'".to_string(),
+            20.0 * n,
+        ),
+        (
+            "recover_due",
+            RECOVER_DUE_SQL,
+            "1, 'g', 't', 'sub'".to_string(),
+            20.0 * n,
+        ),
         // A claim's chunk of 64 windows and their bodies: a few rows per
         // key, not a pass over the group per key.
         ("windows", WINDOWS_SQL, windows_args, 20.0 * 64.0),
