@@ -211,6 +211,29 @@ pub struct PartitionInfo {
     pub in_flight: u64,
 }
 
+impl PartitionInfo {
+    /// A listing row from the stored columns: the lease expiry is shown only
+    /// with an owner (an unowned row keeps a stale or zero value), and a
+    /// count below zero (SQL arithmetic) is none.
+    pub fn from_stored(
+        partition_key: String,
+        cursor: i64,
+        next_due: Option<Millis>,
+        lease_owner: Option<String>,
+        lease_expires: Millis,
+        in_flight: i64,
+    ) -> Self {
+        Self {
+            partition_key,
+            cursor,
+            next_due,
+            lease_expires: lease_owner.as_ref().map(|_| lease_expires),
+            lease_owner,
+            in_flight: in_flight.max(0) as u64,
+        }
+    }
+}
+
 /// What a garbage collection pass removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {

@@ -765,14 +765,14 @@ impl Driver for MemoryDriver {
                         })
                         .count()
                 });
-            page.push(PartitionInfo {
-                partition_key: key.clone(),
-                cursor: p.cursor,
-                next_due: p.next_due,
-                lease_expires: p.lease_owner.as_ref().map(|_| p.lease_expires),
-                lease_owner: p.lease_owner.clone(),
-                in_flight: in_flight as u64,
-            });
+            page.push(PartitionInfo::from_stored(
+                key.clone(),
+                p.cursor,
+                p.next_due,
+                p.lease_owner.clone(),
+                p.lease_expires,
+                in_flight as i64,
+            ));
         }
         Ok(page)
     }

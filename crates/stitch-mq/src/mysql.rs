@@ -1178,18 +1178,14 @@ impl Driver for MySqlDriver {
         .await?;
         rows.iter()
             .map(|r| {
-                let owner = opt_text(r, 3)?;
-                Ok(PartitionInfo {
-                    partition_key: text(r, 0)?,
-                    cursor: r.try_get(1)?,
-                    next_due: r.try_get(2)?,
-                    lease_expires: match owner {
-                        Some(_) => Some(r.try_get(4)?),
-                        None => None,
-                    },
-                    lease_owner: owner,
-                    in_flight: r.try_get::<i64, _>(5)?.max(0) as u64,
-                })
+                Ok(PartitionInfo::from_stored(
+                    text(r, 0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    opt_text(r, 3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                ))
             })
             .collect()
     }

@@ -405,6 +405,7 @@ async fn notify(conn: &mut PgConnection, channel: &str, topic: &str) -> MqResult
     Ok(())
 }
 
+/// A transaction's only publish: a session of one.
 async fn publish_on(
     conn: &mut PgConnection,
     channel: &str,
@@ -412,14 +413,9 @@ async fn publish_on(
     msgs: &[NewMessage],
     now: Millis,
 ) -> MqResult<PublishReport> {
-    if msgs.is_empty() {
-        return Ok(PublishReport::default());
-    }
-    let groups = lock_topic_groups(conn, topic).await?;
-    let report = insert_published(conn, topic, &groups, msgs, now).await?;
-    if report.stored > 0 {
-        notify(conn, channel, topic).await?;
-    }
+    let mut session = PublishSession::default();
+    let report = PostgresDriver::publish_in_session(conn, &mut session, topic, msgs, now).await?;
+    PostgresDriver::finish_session(conn, channel, &mut session).await?;
     Ok(report)
 }
 
@@ -1493,13 +1489,8 @@ impl Driver for PostgresDriver {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(key, cursor, next_due, owner, expires, n)| PartitionInfo {
-                partition_key: key,
-                cursor,
-                next_due,
-                lease_expires: owner.as_ref().map(|_| expires),
-                lease_owner: owner,
-                in_flight: n.max(0) as u64,
+            .map(|(key, cursor, next_due, owner, expires, n)| {
+                PartitionInfo::from_stored(key, cursor, next_due, owner, expires, n)
             })
             .collect())
     }

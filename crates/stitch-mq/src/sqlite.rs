@@ -1030,14 +1030,9 @@ fn partitions_sync(c: &rusqlite::Connection, q: &PartitionQuery) -> MqResult<Vec
         .map(|(key, cursor, next_due, owner, expires)| {
             let in_flight: i64 = in_flight_q
                 .query_row(params![q.group, q.topic, key, cursor, q.now], |r| r.get(0))?;
-            Ok(PartitionInfo {
-                partition_key: key,
-                cursor,
-                next_due,
-                lease_expires: owner.as_ref().map(|_| expires),
-                lease_owner: owner,
-                in_flight: in_flight.max(0) as u64,
-            })
+            Ok(PartitionInfo::from_stored(
+                key, cursor, next_due, owner, expires, in_flight,
+            ))
         })
         .collect()
 }
