@@ -590,6 +590,68 @@ pub async fn wake_makes_postponed_due(b: &dyn Backend) {
     d.ack().await.unwrap();
 }
 
+/// A wake that lands while the partition's message is in flight (claimed,
+/// no outcome yet) is not lost: the delivery's postpone returns the
+/// message due at once instead of after the hold. The wake comes through
+/// a second handle on the same storage (another process on the SQL
+/// servers), so nothing in-process can carry it. A new delivery clears the
+/// mark: it started after the wake.
+pub async fn wake_reaches_an_in_flight_delivery(b: &dyn Backend) {
+    let q = b.open("wake-in-flight", quiet()).await;
+    let other = b.open("wake-in-flight", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher().publish(T, msg("m", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(other.admin().wake(T, "p").await.unwrap(), 1, "marked");
+    // Marking twice counts once.
+    assert_eq!(other.admin().wake(T, "p").await.unwrap(), 0);
+    // An hour's hold: only the mark brings it back within WAIT.
+    d.postpone(Duration::from_secs(3600)).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("m", 1));
+    // This delivery began after the wake: its hold is a real hold.
+    d.postpone(Duration::from_secs(3600)).await.unwrap();
+    recv_none(&mut sub, Duration::from_millis(300)).await;
+    // ... until the next wake, which finds it postponed.
+    assert_eq!(other.admin().wake(T, "p").await.unwrap(), 1);
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("m", 1));
+    d.ack().await.unwrap();
+    other.close();
+}
+
+/// A wake makes a message delayed by `publish_after` available now.
+pub async fn wake_makes_delayed_publish_due(b: &dyn Backend) {
+    let q = b.open("wake-delayed", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    q.publisher()
+        .publish_after(T, msg("later", "p"), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    recv_none(&mut sub, Duration::from_millis(200)).await;
+    assert_eq!(q.admin().wake(T, "p").await.unwrap(), 1);
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("later", 1));
+    d.ack().await.unwrap();
+}
+
+/// A wake of a partition with nothing pending (never published, or every
+/// message done) does nothing, and leaves no mark behind: a message
+/// published after it is delivered once and its hold is a real hold.
+pub async fn wake_with_nothing_pending_does_nothing(b: &dyn Backend) {
+    let q = b.open("wake-idle", quiet()).await;
+    let mut sub = subscribe(&q, fast_config("g")).await;
+    assert_eq!(q.admin().wake(T, "p").await.unwrap(), 0);
+    q.publisher().publish(T, msg("m1", "p")).await.unwrap();
+    recv(&mut sub).await.ack().await.unwrap();
+    assert_eq!(q.admin().wake(T, "p").await.unwrap(), 0);
+    q.publisher().publish(T, msg("m2", "p")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.attempt()), ("m2", 1));
+    d.postpone(Duration::from_secs(3600)).await.unwrap();
+    recv_none(&mut sub, Duration::from_millis(300)).await;
+}
+
 /// An unfinished delivery redelivers after the visibility timeout with
 /// attempt + 1; `extend_visibility` prevents it.
 pub async fn visibility_timeout_redelivers(b: &dyn Backend) {
@@ -1442,7 +1504,9 @@ macro_rules! conformance_tests {
             partitions_are_isolated, batch_size_one_serializes, consumer_groups_are_independent,
             nack_backoff_is_persisted, nack_after_uses_callers_delay, nack_exhaustion_dead_letters, reject_dead_letters_now,
             dead_letters_list_and_replay, postpone_is_a_barrier, postpone_resets_failure_streak,
-            wake_makes_postponed_due, visibility_timeout_redelivers, outcomes_are_one_shot,
+            wake_makes_postponed_due, wake_reaches_an_in_flight_delivery,
+            wake_makes_delayed_publish_due, wake_with_nothing_pending_does_nothing,
+            visibility_timeout_redelivers, outcomes_are_one_shot,
             stale_delivery_is_fenced, subscribers_share_partitions,
             crashed_subscriber_is_taken_over, restarted_subscriber_reclaims_its_work,
             graceful_close_releases_leases, takeover_releases_dead_owners_deliveries,

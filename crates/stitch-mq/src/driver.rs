@@ -304,8 +304,12 @@ pub trait Driver: Send + Sync + 'static {
     /// A stale token yields `MqError::StaleDelivery` for that outcome only.
     async fn apply(&self, outcomes: &[Outcome], now: Millis) -> MqResult<Vec<MqResult<()>>>;
 
-    /// Makes postponed messages of a partition (every group) due now.
-    /// Returns how many were woken.
+    /// Wakes a partition (every group) so that nothing announced before the
+    /// wake waits for a hold (ADR 0012): postponed messages become due now;
+    /// in-flight deliveries (claimed, no outcome) are marked so that their
+    /// postpone makes them due now; messages delayed by `publish_after`
+    /// become available now. Nothing pending: nothing to do. Returns how
+    /// many messages it changed.
     async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64>;
 
     /// Dead letters of a topic, oldest first, after `after_id`.

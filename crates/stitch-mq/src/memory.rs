@@ -38,6 +38,8 @@ struct StateRow {
     postponed: bool,
     done: bool,
     claimed: bool,
+    /// A wake came while this delivery was in flight: its postpone ends now.
+    woken: bool,
     token: i64,
 }
 
@@ -472,6 +474,7 @@ impl Driver for MemoryDriver {
                         postponed: false,
                         done: false,
                         claimed: true,
+                        woken: false,
                         token,
                     },
                 );
@@ -529,13 +532,15 @@ impl Driver for MemoryDriver {
                 results.push(Err(MqError::StaleDelivery(o.message_id.clone())));
                 continue;
             }
+            let woken = inner.state.get(&key).is_some_and(|s| s.woken);
             let mut due = now;
             match &o.kind {
                 OutcomeKind::DeadLetter { failure } => {
                     inner.dead_letter(&o.topic, &o.group, o.seq, o.attempt, failure.clone(), now);
                 }
                 OutcomeKind::Retry { retry_at, .. } => due = *retry_at,
-                OutcomeKind::Postpone { until } => due = *until,
+                // A wake during the delivery ends the hold now (ADR 0012).
+                OutcomeKind::Postpone { until } if !woken => due = *until,
                 _ => {}
             }
             if let Some(s) = inner.state.get_mut(&key) {
@@ -548,10 +553,11 @@ impl Driver for MemoryDriver {
                         s.invisible_until = *retry_at;
                         s.postponed = false;
                     }
-                    OutcomeKind::Postpone { until } => {
-                        s.invisible_until = *until;
+                    OutcomeKind::Postpone { .. } => {
+                        s.invisible_until = due;
                         s.postponed = true;
                         s.attempt = 0;
+                        s.woken = false;
                     }
                     OutcomeKind::Extend { until } => s.invisible_until = *until,
                     OutcomeKind::Release => {
@@ -582,12 +588,27 @@ impl Driver for MemoryDriver {
             .get(&(topic.to_string(), partition_key.to_string()))
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
+        // Postponed → due now; in flight → marked, its postpone ends at
+        // once; delayed by `publish_after` → available now (ADR 0012).
         let mut woken = 0;
         for ((_, seq), s) in inner.state.iter_mut() {
-            if s.postponed && !s.done && s.invisible_until > now && seqs.binary_search(seq).is_ok()
-            {
+            if s.done || seqs.binary_search(seq).is_err() {
+                continue;
+            }
+            if s.postponed && s.invisible_until > now {
                 s.invisible_until = now;
                 woken += 1;
+            } else if s.claimed && !s.woken {
+                s.woken = true;
+                woken += 1;
+            }
+        }
+        for seq in &seqs {
+            if let Some(m) = inner.messages.get_mut(seq) {
+                if m.available_at > now {
+                    m.available_at = now;
+                    woken += 1;
+                }
             }
         }
         for (k, p) in inner.partitions.iter_mut() {

@@ -415,7 +415,8 @@ async fn claim_on(conn: &mut MySqlConnection, req: &ClaimRequest) -> MqResult<Cl
             sqlx::query(
                 "INSERT INTO mq_state (grp, seq, topic, partition_key, attempt, invisible_until, postponed, done, claimed, token) \
                  VALUES (?, ?, ?, ?, ?, ?, 0, 0, 1, ?) ON DUPLICATE KEY UPDATE attempt = VALUES(attempt), \
-                 invisible_until = VALUES(invisible_until), postponed = 0, done = 0, claimed = 1, token = VALUES(token)",
+                 invisible_until = VALUES(invisible_until), postponed = 0, done = 0, claimed = 1, token = VALUES(token), \
+                 woken = 0",
             )
             .bind(&req.group)
             .bind(seq)
@@ -525,7 +526,8 @@ async fn apply_on(
     let mut results = Vec::with_capacity(outcomes.len());
     let mut due: BTreeMap<(&str, &str, &str), Millis> = BTreeMap::new();
     for o in outcomes {
-        // Each assignment reads only its own column.
+        // Each assignment reads only its own column; a postpone reads the
+        // wake mark first (the partition row is locked, so it cannot move).
         let (sql, value, due_at): (String, Option<i64>, Option<Millis>) = match &o.kind {
             OutcomeKind::Ack | OutcomeKind::DeadLetter { .. } => (
                 format!("UPDATE mq_state SET done = 1, claimed = 0{GUARD}"),
@@ -537,11 +539,23 @@ async fn apply_on(
                 Some(*retry_at),
                 Some(*retry_at),
             ),
-            OutcomeKind::Postpone { until } => (
-                format!("UPDATE mq_state SET invisible_until = ?, postponed = 1, attempt = 0, claimed = 0{GUARD}"),
-                Some(*until),
-                Some(*until),
-            ),
+            OutcomeKind::Postpone { until } => {
+                // A wake during the delivery ends the hold now (ADR 0012).
+                let woken: Option<bool> = sqlx::query_scalar(
+                    "SELECT woken <> 0 FROM mq_state WHERE grp = ? AND seq = ? AND token = ? AND done = 0",
+                )
+                .bind(&o.group)
+                .bind(o.seq)
+                .bind(o.token)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let at = if woken == Some(true) { now } else { *until };
+                (
+                    format!("UPDATE mq_state SET invisible_until = ?, postponed = 1, attempt = 0, claimed = 0, woken = 0{GUARD}"),
+                    Some(at),
+                    Some(at),
+                )
+            }
             OutcomeKind::Extend { until } => (
                 format!("UPDATE mq_state SET invisible_until = ?{GUARD}"),
                 Some(*until),
@@ -979,6 +993,8 @@ impl Driver for MySqlDriver {
             .map(|g| (topic, g.as_str(), partition_key))
             .collect();
         lock_partitions(&mut tx, &keys).await?;
+        // Postponed → due now; in flight → marked, its postpone ends at
+        // once; delayed by `publish_after` → available now (ADR 0012).
         let mut woken = 0;
         for g in &groups {
             woken += sqlx::query(
@@ -994,7 +1010,29 @@ impl Driver for MySqlDriver {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            woken += sqlx::query(
+                "UPDATE mq_state SET woken = 1 WHERE grp = ? \
+                 AND seq IN (SELECT seq FROM mq_messages WHERE topic = ? AND partition_key = ?) \
+                 AND claimed = 1 AND done = 0 AND woken = 0",
+            )
+            .bind(g)
+            .bind(topic)
+            .bind(partition_key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         }
+        woken += sqlx::query(
+            "UPDATE mq_messages SET available_at = ? \
+             WHERE topic = ? AND partition_key = ? AND available_at > ?",
+        )
+        .bind(now)
+        .bind(topic)
+        .bind(partition_key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         sqlx::query(
             "UPDATE mq_partitions SET next_due = ? WHERE topic = ? AND partition_key = ? \
              AND next_due IS NOT NULL AND next_due > ?",

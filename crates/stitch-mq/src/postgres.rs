@@ -701,7 +701,7 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
              FROM unnest($4::int8[], $5::text[], $6::int4[], $7::int8[]) AS u(seq, k, a, t) \
              ON CONFLICT (grp, seq) DO UPDATE SET attempt = excluded.attempt, \
              invisible_until = excluded.invisible_until, postponed = FALSE, done = FALSE, claimed = TRUE, \
-             token = excluded.token",
+             token = excluded.token, woken = FALSE",
         )
         .bind(&req.group)
         .bind(&req.topic)
@@ -888,6 +888,7 @@ async fn apply_on(
     }
     let rounds = round_of.iter().copied().max().map_or(0, |m| m + 1);
     let mut applied = vec![false; outcomes.len()];
+    let mut held: Vec<Millis> = vec![0; outcomes.len()];
     for round in 0..rounds {
         let idx: Vec<usize> = (0..outcomes.len())
             .filter(|i| round_of[*i] == round)
@@ -908,28 +909,39 @@ async fn apply_on(
         }
         // Each column's new value depends only on its own old value and the
         // outcome; the guard fences stale and finished deliveries.
-        let hit: Vec<(String, i64)> = sqlx::query_as(
+        let hit: Vec<(String, i64, i64)> = sqlx::query_as(
             "UPDATE mq_state s SET \
                done = s.done OR u.kind IN (0, 1), \
                claimed = CASE WHEN u.kind = 4 THEN s.claimed ELSE FALSE END, \
-               invisible_until = CASE WHEN u.kind IN (0, 1) THEN s.invisible_until ELSE u.v END, \
+               invisible_until = CASE WHEN u.kind IN (0, 1) THEN s.invisible_until \
+                 WHEN u.kind = 3 AND s.woken THEN $6 ELSE u.v END, \
                postponed = CASE WHEN u.kind = 2 THEN FALSE WHEN u.kind = 3 THEN TRUE ELSE s.postponed END, \
-               attempt = CASE WHEN u.kind = 3 THEN 0 WHEN u.kind = 5 THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END \
+               attempt = CASE WHEN u.kind = 3 THEN 0 WHEN u.kind = 5 THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END, \
+               woken = CASE WHEN u.kind = 4 THEN s.woken ELSE FALSE END \
              FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int2[], $5::int8[]) AS u(g, seq, tok, kind, v) \
              WHERE s.grp = u.g AND s.seq = u.seq AND s.token = u.tok AND NOT s.done \
-             RETURNING s.grp::text, s.seq",
+             RETURNING s.grp::text, s.seq, s.invisible_until",
         )
         .bind(&g)
         .bind(&seq)
         .bind(&tok)
         .bind(&kind)
         .bind(&val)
+        .bind(now)
         .fetch_all(&mut *conn)
         .await?;
-        let hit: std::collections::HashSet<(String, i64)> = hit.into_iter().collect();
+        // A postpone of a delivery a wake marked is due now (ADR 0012): the
+        // returned visibility is the hold that was really stored.
+        let hit: HashMap<(String, i64), Millis> = hit
+            .into_iter()
+            .map(|(g, seq, until)| ((g, seq), until))
+            .collect();
         for i in idx {
             let o = &outcomes[i];
-            applied[i] = hit.contains(&(o.group.clone(), o.seq));
+            if let Some(until) = hit.get(&(o.group.clone(), o.seq)) {
+                applied[i] = true;
+                held[i] = *until;
+            }
         }
     }
 
@@ -937,7 +949,7 @@ async fn apply_on(
     let mut dead: BTreeMap<(&str, &str), Vec<DeadItem>> = BTreeMap::new();
     let mut due: BTreeMap<(&str, &str, &str), Millis> = BTreeMap::new();
     let mut results = Vec::with_capacity(outcomes.len());
-    for (o, ok) in outcomes.iter().zip(&applied) {
+    for ((o, ok), held) in outcomes.iter().zip(&applied).zip(&held) {
         if !ok {
             results.push(Err(MqError::StaleDelivery(o.message_id.clone())));
             continue;
@@ -947,7 +959,11 @@ async fn apply_on(
                 .or_default()
                 .push((o.seq, o.attempt, failure));
         }
-        if let Some(at) = outcome_due(&o.kind, now) {
+        let at = match o.kind {
+            OutcomeKind::Postpone { .. } => Some(*held),
+            _ => outcome_due(&o.kind, now),
+        };
+        if let Some(at) = at {
             let e = due
                 .entry((o.topic.as_str(), o.group.as_str(), o.partition_key.as_str()))
                 .or_insert(at);
@@ -1312,13 +1328,17 @@ impl Driver for PostgresDriver {
         .bind(partition_key)
         .execute(&mut *tx)
         .await?;
-        // Reached through the partition's messages so delivery state needs
-        // no index beyond its primary key.
+        // Delivery state is reached through the partition's messages so it
+        // needs no index beyond its primary key. Postponed → due now; in
+        // flight → marked, its postpone ends at once; delayed by
+        // `publish_after` → available now (ADR 0012).
         let woken = sqlx::query(
-            "UPDATE mq_state SET invisible_until = $1 \
+            "UPDATE mq_state SET \
+               invisible_until = CASE WHEN postponed AND invisible_until > $1 THEN $1 ELSE invisible_until END, \
+               woken = woken OR claimed \
              WHERE grp IN (SELECT grp FROM mq_groups WHERE topic = $2) \
              AND seq IN (SELECT seq FROM mq_messages WHERE topic = $2 AND partition_key = $3) \
-             AND postponed AND NOT done AND invisible_until > $1",
+             AND NOT done AND ((postponed AND invisible_until > $1) OR (claimed AND NOT woken))",
         )
         .bind(now)
         .bind(topic)
@@ -1326,6 +1346,17 @@ impl Driver for PostgresDriver {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        let delayed = sqlx::query(
+            "UPDATE mq_messages SET available_at = $1 \
+             WHERE topic = $2 AND partition_key = $3 AND available_at > $1",
+        )
+        .bind(now)
+        .bind(topic)
+        .bind(partition_key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let woken = woken + delayed;
         sqlx::query(
             "UPDATE mq_partitions SET next_due = $1 WHERE topic = $2 AND partition_key = $3 \
              AND next_due IS NOT NULL AND next_due > $1",

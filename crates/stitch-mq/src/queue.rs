@@ -644,7 +644,10 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Makes postponed messages of `partition_key` due now, in every group.
+    /// Wakes `partition_key` in every group: postponed or delayed messages
+    /// are due now, and an in-flight delivery's next postpone makes it due
+    /// now instead of holding it. Recorded in storage, so a wake from any
+    /// process reaches the one holding the delivery (ADR 0012).
     pub async fn wake(&self, topic: &str, partition_key: &str) -> MqResult<u64> {
         validate_topic(topic)?;
         let n = self

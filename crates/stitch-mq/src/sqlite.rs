@@ -501,10 +501,10 @@ fn claim_sync(c: &rusqlite::Connection, req: &ClaimRequest) -> MqResult<ClaimRes
          WHERE m.topic = ?2 AND m.partition_key = ?3 AND m.seq > ?4 ORDER BY m.seq LIMIT ?5",
     )?;
     let mut state_q = c.prepare_cached(
-        "INSERT INTO mq_state (grp, seq, topic, partition_key, attempt, invisible_until, postponed, done, claimed, token) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, 1, ?7) \
+        "INSERT INTO mq_state (grp, seq, topic, partition_key, attempt, invisible_until, postponed, done, claimed, token, woken) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0, 1, ?7, 0) \
          ON CONFLICT (grp, seq) DO UPDATE SET attempt = excluded.attempt, \
-         invisible_until = excluded.invisible_until, postponed = 0, done = 0, claimed = 1, token = excluded.token",
+         invisible_until = excluded.invisible_until, postponed = 0, done = 0, claimed = 1, token = excluded.token, woken = 0",
     )?;
     let mut part_q = c.prepare_cached(
         "UPDATE mq_partitions SET cursor = ?1, next_due = ?2, lease_owner = ?3, lease_expires = ?4 \
@@ -647,11 +647,28 @@ fn apply_sync(
                 Some(*retry_at),
                 Some(*retry_at),
             ),
-            OutcomeKind::Postpone { until } => (
-                format!("UPDATE mq_state SET invisible_until = ?4, postponed = 1, attempt = 0, claimed = 0{GUARD}"),
-                Some(*until),
-                Some(*until),
-            ),
+            OutcomeKind::Postpone { until } => {
+                // A wake that came while the delivery was in flight makes the
+                // hold end now (ADR 0012).
+                let held: Option<Millis> = c
+                    .prepare_cached(&format!(
+                        "UPDATE mq_state SET invisible_until = CASE WHEN woken = 1 THEN ?5 ELSE ?4 END, \
+                         postponed = 1, attempt = 0, claimed = 0, woken = 0{GUARD} RETURNING invisible_until"
+                    ))?
+                    .query_row(params![o.group, o.seq, o.token, until, now], |r| r.get(0))
+                    .optional()?;
+                match held {
+                    Some(at) => {
+                        let e = due
+                            .entry((o.topic.as_str(), o.group.as_str(), o.partition_key.as_str()))
+                            .or_insert(at);
+                        *e = (*e).min(at);
+                        results.push(Ok(()));
+                    }
+                    None => results.push(Err(MqError::StaleDelivery(o.message_id.clone()))),
+                }
+                continue;
+            }
             OutcomeKind::Extend { until } => (
                 format!("UPDATE mq_state SET invisible_until = ?4{GUARD}"),
                 Some(*until),
@@ -881,13 +898,27 @@ impl Driver for SqliteDriver {
     async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64> {
         let (topic, partition_key) = (topic.to_string(), partition_key.to_string());
         self.write(move |c| {
-            // Reached through the partition's messages so delivery state
-            // needs no index beyond its primary key.
-            let woken = c.execute(
+            // Delivery state is reached through the partition's messages so
+            // it needs no index beyond its primary key. Postponed → due now;
+            // in flight → marked, its postpone ends at once; delayed by
+            // `publish_after` → available now (ADR 0012).
+            let postponed = c.execute(
                 "UPDATE mq_state SET invisible_until = ?1 \
                  WHERE grp IN (SELECT grp FROM mq_groups WHERE topic = ?2) \
                  AND seq IN (SELECT seq FROM mq_messages WHERE topic = ?2 AND partition_key = ?3) \
                  AND postponed = 1 AND done = 0 AND invisible_until > ?1",
+                params![now, topic, partition_key],
+            )?;
+            let in_flight = c.execute(
+                "UPDATE mq_state SET woken = 1 \
+                 WHERE grp IN (SELECT grp FROM mq_groups WHERE topic = ?1) \
+                 AND seq IN (SELECT seq FROM mq_messages WHERE topic = ?1 AND partition_key = ?2) \
+                 AND claimed = 1 AND done = 0 AND woken = 0",
+                params![topic, partition_key],
+            )?;
+            let delayed = c.execute(
+                "UPDATE mq_messages SET available_at = ?1 \
+                 WHERE topic = ?2 AND partition_key = ?3 AND available_at > ?1",
                 params![now, topic, partition_key],
             )?;
             c.execute(
@@ -895,7 +926,7 @@ impl Driver for SqliteDriver {
                  AND next_due IS NOT NULL AND next_due > ?1",
                 params![now, topic, partition_key],
             )?;
-            Ok(woken as u64)
+            Ok((postponed + in_flight + delayed) as u64)
         })
         .await
     }

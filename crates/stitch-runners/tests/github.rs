@@ -441,7 +441,10 @@ async fn app_installation_tokens_are_refreshed_before_they_expire() {
     let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut polls = 0;
     while app.minted() < 2 {
-        assert!(tokio::time::Instant::now() < give_up, "no refresh after {polls} polls");
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "no refresh after {polls} polls"
+        );
         r.status(&h).await.unwrap();
         polls += 1;
         // Pacing between status calls, not a wait for an outcome: the

@@ -235,12 +235,12 @@ pub enum PromiseRecorded {
 /// Records that the job running build `id` will fail with
 /// `promise.exit_status`, authenticated by the build's job token.
 ///
-/// In one transaction: the record gets `promised_exit_status`,
+/// In one transaction the record gets `promised_exit_status`,
 /// `promised_exit_status_at` and (if given) `promised_exit_status_reason`
-/// plus a `failing` event; on a `fail_fast` queue the build is also marked
-/// `failed` ("promised exit status N") with cancel requested, and its
-/// signal partition is woken so the signal stage cancels the provider's
-/// build. The same status again changes nothing; a different one is
+/// plus a `failing` event. On a `fail_fast` queue the build's signal
+/// partition is then woken: the signal stage, the one writer of status,
+/// cancels the provider's build and fails the build ("promised exit status
+/// N") at once. The same status again changes nothing; a different one is
 /// [`ServiceError::PromisedDifferently`]; a terminal or not yet triggered
 /// build is [`ServiceError::NotRunning`] / [`ServiceError::NotStarted`].
 pub async fn promise_failure(
@@ -290,27 +290,13 @@ pub async fn promise_failure(
     if let Some(reason) = &promise.reason {
         meta.insert(keys::PROMISED_EXIT_STATUS_REASON.into(), reason.clone());
     }
-    if fail_fast {
-        // Before the status write: cancel cannot be requested on a terminal build.
-        tx.request_cancel(id).await?;
-    }
     tx.record_failing(id, &meta).await?;
-    if fail_fast {
-        let reason = format!("promised exit status {wanted}");
-        tx.record_status(
-            id,
-            None,
-            BuildStatus::Failed,
-            &Default::default(),
-            Some(&reason),
-        )
-        .await?;
-    }
     tx.commit().await?;
     state.events_committed();
     if fail_fast {
-        // The signal stage sees the failed build with cancel requested and
-        // cancels the provider's build (the local runner kills the process).
+        // The signal stage fails the build and cancels the provider's build
+        // (the local runner kills the process); a poll running right now is
+        // followed by another at once.
         state
             .queue()
             .admin()

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::config::{BuildkiteSection, Config, GithubSection, QueueConfig, RunnerName};
 use crate::event_feed::{EventFeed, FeedEvent};
 use crate::job_token::{self, JobTokens};
-use crate::webhooks::{BuildkiteWebhooks, GithubWebhooks, WakeHints};
+use crate::webhooks::{BuildkiteWebhooks, GithubWebhooks};
 
 /// Message-queue topics the stages consume.
 pub mod topics {
@@ -74,7 +74,6 @@ struct Inner {
     bound: std::sync::OnceLock<std::net::SocketAddr>,
     buildkite_webhooks: BuildkiteWebhooks,
     github_webhooks: Option<GithubWebhooks>,
-    wake_hints: WakeHints,
 }
 
 /// Why the service could not start.
@@ -198,7 +197,6 @@ impl AppState {
                 bound: std::sync::OnceLock::new(),
                 buildkite_webhooks,
                 github_webhooks,
-                wake_hints: WakeHints::default(),
             }),
         })
     }
@@ -283,11 +281,6 @@ impl AppState {
     /// The GitHub webhook, when `[webhooks.github]` is configured.
     pub fn github_webhooks(&self) -> Option<&GithubWebhooks> {
         self.inner.github_webhooks.as_ref()
-    }
-
-    /// Builds woken by a webhook (see [`WakeHints`]).
-    pub fn wake_hints(&self) -> &WakeHints {
-        &self.inner.wake_hints
     }
 
     /// Wakes the event streams: events were committed.

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use stitch_core::{BuildId, RunnerRef};
+use stitch_core::BuildId;
 use stitch_runners::buildkite::webhook::{
     verify_signature, verify_token, WebhookError, WebhookMode, SIGNATURE_HEADER, TOKEN_HEADER,
 };
@@ -138,46 +138,6 @@ impl BuildkiteWebhooks {
     }
 }
 
-/// Builds a webhook woke while their poll may have been running. The
-/// signal stage takes a build's hint when a poll starts and checks for a
-/// new one before holding: one there means a webhook came in meanwhile,
-/// and the poll repeats at once instead of waiting for the safety net.
-#[derive(Default)]
-pub struct WakeHints {
-    pending: Mutex<HashSet<BuildId>>,
-}
-
-impl WakeHints {
-    /// Most hints kept; past it the set is cleared (a hint only shortens a
-    /// wait: losing one costs one safety-net poll delay).
-    const LIMIT: usize = 100_000;
-
-    /// Records that `id` was woken.
-    pub fn mark(&self, id: &BuildId) {
-        let mut set = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if set.len() >= Self::LIMIT {
-            set.clear();
-        }
-        set.insert(id.clone());
-    }
-
-    /// Whether `id` has a hint no poll has taken yet.
-    pub fn is_pending(&self, id: &BuildId) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
-    }
-
-    /// Takes `id`'s hint: whether it was woken since the last take.
-    pub fn take(&self, id: &BuildId) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-    }
-}
-
 /// The GitHub webhook (`[webhooks.github]`): its secret, the repository of
 /// every `github` queue, which deliveries were handled, and an index from
 /// run id to build for events whose title names no build.
@@ -302,10 +262,7 @@ impl GithubWebhooks {
         index.by_run = live
             .into_iter()
             .filter(|b| self.repos.contains_key(&b.queue))
-            .filter_map(|b| {
-                let r: RunnerRef = serde_json::from_value(b.runner_ref?).ok()?;
-                Some((r.id.parse::<u64>().ok()?, b.id))
-            })
+            .filter_map(|b| Some((b.runner_ref?.id.parse::<u64>().ok()?, b.id)))
             .collect();
         index.refreshed_at = Some(tokio::time::Instant::now());
         Ok(index.by_run.get(&run_id).cloned())

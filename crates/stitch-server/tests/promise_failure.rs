@@ -69,7 +69,11 @@ async fn harness(api_tokens: bool) -> Harness {
         "echo $$ > {d}/pid-$STITCH_BUILD_ID.tmp; mv {d}/pid-$STITCH_BUILD_ID.tmp {d}/pid-$STITCH_BUILD_ID; sleep 60",
         d = dir.display()
     );
-    queues.insert("fast".to_string(), local(&fast, true));
+    // Polled once a minute: the fail-fast test finishes long before a
+    // poll would come on its own, so only the promise's wake can do it.
+    let mut fast = local(&fast, true);
+    fast.poll.running = Duration::from_secs(60);
+    queues.insert("fast".to_string(), fast);
     queues.insert("quick".to_string(), local("true", false));
     let config = Config {
         data_dir: dir.join("data"),
@@ -444,11 +448,17 @@ async fn fail_fast_fails_the_build_at_once_and_kills_its_process() {
         .promise(id.as_str(), Some(&h.token(&id)), json!({"exit_status": 3}))
         .await;
     assert_eq!(got, 204);
-    // Failed by the time the endpoint answered.
-    let b = h.state.store().get_build(&id).await.unwrap();
+    // The request recorded the promise and woke the build; the signal
+    // stage, the one writer of status, fails it and cancels at the runner.
+    // The queue is polled every 60 s (see `harness`): only the wake makes
+    // this happen within `until`'s 20 s.
+    let b = h.until(&id, |b| b.status.is_terminal()).await;
     assert_eq!(b.status, BuildStatus::Failed);
     assert_eq!(b.failure_reason.as_deref(), Some("promised exit status 3"));
-    assert!(b.cancel_requested);
+    assert!(
+        !b.cancel_requested,
+        "no cancel intent: the stage cancels itself"
+    );
     let kinds: Vec<(EventKind, BuildStatus)> = h
         .state
         .store()
@@ -458,7 +468,7 @@ async fn fail_fast_fails_the_build_at_once_and_kills_its_process() {
         .iter()
         .map(|e| (e.kind, e.status))
         .collect();
-    // One transaction: the `failing` event, then the `failed` status event.
+    // The `failing` event, then the `failed` status event.
     let n = kinds.len();
     assert_eq!(kinds[n - 2].0, EventKind::Failing);
     assert!(!kinds[n - 2].1.is_terminal());

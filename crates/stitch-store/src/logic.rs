@@ -2,7 +2,7 @@
 //! the same. Each function runs inside the caller's write transaction.
 
 use chrono::{DateTime, Utc};
-use stitch_core::{BuildId, BuildStatus};
+use stitch_core::{BuildId, BuildStatus, RunnerRef};
 
 use crate::error::{Conflict, Result, StoreError};
 use crate::model::{
@@ -213,7 +213,7 @@ pub(crate) async fn record_failing<O: Ops>(
 pub(crate) async fn set_runner_ref<O: Ops>(
     ops: &mut O,
     id: &BuildId,
-    runner_ref: &serde_json::Value,
+    runner_ref: &RunnerRef,
 ) -> Result<Build> {
     let current = get_build_for_update(ops, id).await?;
     if current.runner_ref.as_ref() == Some(runner_ref) {
@@ -223,22 +223,6 @@ pub(crate) async fn set_runner_ref<O: Ops>(
     // identity, and knowing it late still helps webhooks and operators.
     let mut next = current.clone();
     next.runner_ref = Some(runner_ref.clone());
-    next.updated_at = now();
-    write(ops, &current, &mut next).await?;
-    Ok(next)
-}
-
-pub(crate) async fn set_job_token_hash<O: Ops>(
-    ops: &mut O,
-    id: &BuildId,
-    hash: Option<&str>,
-) -> Result<Build> {
-    let current = get_build_for_update(ops, id).await?;
-    if current.job_token_hash.as_deref() == hash {
-        return Ok(current);
-    }
-    let mut next = current.clone();
-    next.job_token_hash = hash.map(str::to_owned);
     next.updated_at = now();
     write(ops, &current, &mut next).await?;
     Ok(next)

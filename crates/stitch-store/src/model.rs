@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, Serializer};
-use stitch_core::{BuildId, BuildStatus};
+use stitch_core::{BuildId, BuildStatus, RunnerRef};
 
 /// Free-form `string → string` metadata (caller keys or runner keys).
 pub type Metadata = BTreeMap<String, String>;
@@ -62,7 +62,7 @@ pub struct Build {
     /// Name of the runner kind for this build's queue.
     pub runner: String,
     /// The provider's identity of the build, opaque to the store; a cache.
-    pub runner_ref: Option<serde_json::Value>,
+    pub runner_ref: Option<RunnerRef>,
     /// The idempotency key it was created with, if any.
     pub idempotency_key: Option<String>,
     /// Whether cancellation was requested.
@@ -145,7 +145,7 @@ pub struct BuildRecord {
     /// Caller keys plus runner keys.
     pub metadata: Metadata,
     /// The provider's identity of the build, if known.
-    pub runner_ref: Option<serde_json::Value>,
+    pub runner_ref: Option<RunnerRef>,
     /// Creation time (RFC 3339).
     pub created_at: DateTime<Utc>,
     /// Last write (RFC 3339).

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
-use stitch_core::{BuildId, BuildStatus};
+use stitch_core::{BuildId, BuildStatus, RunnerRef};
 use stitch_mq::mysql::MySqlDriver;
 use stitch_mq::postgres::{PostgresDriver, PublishSession};
 use stitch_mq::sqlite::SqliteDriver;
@@ -338,20 +338,9 @@ impl Store {
     }
 
     /// Records the provider's identity of a build. See [`StoreTx::set_runner_ref`].
-    pub async fn set_runner_ref(
-        &self,
-        id: &BuildId,
-        runner_ref: &serde_json::Value,
-    ) -> Result<Build> {
+    pub async fn set_runner_ref(&self, id: &BuildId, runner_ref: &RunnerRef) -> Result<Build> {
         let (id, runner_ref) = (id.clone(), runner_ref.clone());
         self.write(move |w| w.set_runner_ref(&id, &runner_ref))
-            .await
-    }
-
-    /// Records the hash of a build's job token. See [`StoreTx::set_job_token_hash`].
-    pub async fn set_job_token_hash(&self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        let (id, hash) = (id.clone(), hash.map(str::to_owned));
-        self.write(move |w| w.set_job_token_hash(&id, hash.as_deref()))
             .await
     }
 
@@ -649,17 +638,8 @@ impl StoreTx<'_> {
 
     /// Records the provider's identity of the build (also on terminal builds:
     /// it is a cache). Setting the same value again writes nothing.
-    pub async fn set_runner_ref(
-        &mut self,
-        id: &BuildId,
-        runner_ref: &serde_json::Value,
-    ) -> Result<Build> {
+    pub async fn set_runner_ref(&mut self, id: &BuildId, runner_ref: &RunnerRef) -> Result<Build> {
         on_tx!(self, |ops| logic::set_runner_ref(ops, id, runner_ref).await)
-    }
-
-    /// Sets or clears the hash of the build-scoped job token.
-    pub async fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        on_tx!(self, |ops| logic::set_job_token_hash(ops, id, hash).await)
     }
 
     /// Records that cancellation was requested. Idempotent:
@@ -847,17 +827,8 @@ impl<'c> StoreWrite<'c> {
     }
 
     /// See [`StoreTx::set_runner_ref`].
-    pub fn set_runner_ref(
-        &mut self,
-        id: &BuildId,
-        runner_ref: &serde_json::Value,
-    ) -> Result<Build> {
+    pub fn set_runner_ref(&mut self, id: &BuildId, runner_ref: &RunnerRef) -> Result<Build> {
         on_write!(self, |ops| logic::set_runner_ref(ops, id, runner_ref).await)
-    }
-
-    /// See [`StoreTx::set_job_token_hash`].
-    pub fn set_job_token_hash(&mut self, id: &BuildId, hash: Option<&str>) -> Result<Build> {
-        on_write!(self, |ops| logic::set_job_token_hash(ops, id, hash).await)
     }
 
     /// See [`StoreTx::request_cancel`].

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use common::{keyed, meta, new_build, TestDb};
 use serde_json::json;
-use stitch_core::{BuildId, BuildStatus};
+use stitch_core::{BuildId, BuildStatus, RunnerRef};
 use stitch_store::{
     BuildFilter, Conflict, CreateOutcome, Cursor, EventKind, Metadata, NewBuild, StoreError,
 };
@@ -177,14 +177,13 @@ async fn unknown_ids_are_not_found(db: TestDb) {
         s.record_status(&id, None, BuildStatus::Running, &none, None)
             .await
             .unwrap_err(),
-        s.set_runner_ref(&id, &json!({"number": 1}))
+        s.set_runner_ref(&id, &RunnerRef::new("1"))
             .await
             .unwrap_err(),
         s.request_cancel(&id).await.unwrap_err(),
         s.record_failing(&id, &meta(&[("promised_exit_status", "1")]))
             .await
             .unwrap_err(),
-        s.set_job_token_hash(&id, Some("h")).await.unwrap_err(),
         s.events_for_build(&id).await.unwrap_err(),
         s.append_log_lines(&id, &[json!({"content": "x"})])
             .await
@@ -523,7 +522,7 @@ async fn a_job_token_hash_given_at_create_is_stored_with_the_build(db: TestDb) {
         .is_none());
 }
 
-async fn runner_ref_and_job_token_hash_are_stored(db: TestDb) {
+async fn runner_ref_is_stored_typed(db: TestDb) {
     let id = db
         .store
         .create_build(new_build("app"))
@@ -531,7 +530,9 @@ async fn runner_ref_and_job_token_hash_are_stored(db: TestDb) {
         .unwrap()
         .into_build()
         .id;
-    let r = json!({"number": 42, "uuid": "0190-abc", "web_url": "https://buildkite.com/acme/app/builds/42"});
+    let r = RunnerRef::new("42")
+        .with_url("https://buildkite.com/acme/app/builds/42")
+        .with_data("uuid", "0190-abc");
     let b = db.store.set_runner_ref(&id, &r).await.unwrap();
     assert_eq!(b.runner_ref.as_ref(), Some(&r));
     assert_eq!(b.version, 2);
@@ -539,17 +540,11 @@ async fn runner_ref_and_job_token_hash_are_stored(db: TestDb) {
     assert_eq!(db.store.set_runner_ref(&id, &r).await.unwrap().version, 2);
     let read = db.store.get_build(&id).await.unwrap();
     assert_eq!(read.runner_ref, Some(r.clone()));
-    assert_eq!(serde_json::to_value(&read).unwrap()["runner_ref"], r);
-
-    let b = db
-        .store
-        .set_job_token_hash(&id, Some("sha256:abcd"))
-        .await
-        .unwrap();
-    assert_eq!(b.job_token_hash.as_deref(), Some("sha256:abcd"));
-    let b = db.store.set_job_token_hash(&id, None).await.unwrap();
-    assert!(b.job_token_hash.is_none());
-    // Neither is a status change.
+    assert_eq!(
+        serde_json::to_value(&read).unwrap()["runner_ref"],
+        json!({"id": "42", "url": "https://buildkite.com/acme/app/builds/42", "data": {"uuid": "0190-abc"}})
+    );
+    // Not a status change.
     assert_eq!(db.store.latest_seq().await.unwrap(), 1);
 }
 
@@ -724,7 +719,7 @@ store_suite!(
     expected_from_is_a_compare_and_set,
     unknown_is_not_terminal,
     cancel_request_is_idempotent,
-    runner_ref_and_job_token_hash_are_stored,
+    runner_ref_is_stored_typed,
     a_job_token_hash_given_at_create_is_stored_with_the_build,
     promised_failure_appends_one_failing_event,
     builds_not_terminal_lists_open_builds_oldest_first,

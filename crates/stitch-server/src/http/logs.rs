@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures::stream::{BoxStream, StreamExt};
 use serde::Deserialize;
-use stitch_core::{BuildHandle, BuildId, RunnerError, RunnerRef};
+use stitch_core::{BuildHandle, BuildId, RunnerError};
 use stitch_store::Build;
 use utoipa::IntoParams;
 
@@ -159,12 +159,8 @@ pub(crate) async fn build_logs(
 /// Picks where the build's log comes from, or answers 404/502.
 async fn open_source(ctx: &Ctx, build: &Build) -> Result<LogFrames, ApiError> {
     let mut handle = BuildHandle::new(build.id.clone(), build.queue.clone());
-    if let Some(r) = build
-        .runner_ref
-        .as_ref()
-        .and_then(|v| serde_json::from_value::<RunnerRef>(v.clone()).ok())
-    {
-        handle = handle.with_ref(r);
+    if let Some(r) = &build.runner_ref {
+        handle = handle.with_ref(r.clone());
     }
     let mut why_none = String::new();
     let mut runner_failure = None;

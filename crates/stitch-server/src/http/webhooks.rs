@@ -44,9 +44,6 @@ pub const MAX_BODY: usize = 256 * 1024;
 /// run, its head commit and the repository, tens of KiB.
 pub const GITHUB_MAX_BODY: usize = 1024 * 1024;
 
-/// Delays of the follow-up wakes after a wake that found nothing postponed.
-const RETRY_WAKE_MS: [u64; 5] = [20, 100, 300, 1000, 3000];
-
 /// What the receiver did.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct WebhookOutcome {
@@ -72,39 +69,16 @@ struct PayloadBuild {
     meta_data: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Wakes `id`'s signal partition so its next poll happens now.
+/// Wakes `id`'s signal partition so its next poll happens now. The queue
+/// records the wake, so a poll that is running now (here or in another
+/// process) is followed by another at once instead of its hold (ADR 0012).
 async fn wake(state: &crate::state::AppState, id: &BuildId) -> Result<(), ApiError> {
-    state.wake_hints().mark(id);
-    let woken = state
+    state
         .queue()
         .admin()
         .wake(topics::SIGNAL, id.as_str())
         .await
         .map_err(ApiError::unavailable)?;
-    if woken == 0 {
-        // The build's poll is running (or about to hold): its end checks the
-        // hint, but a hold committed just after that check would sleep the
-        // whole safety-net delay. Wake again shortly, until a poll took the hint.
-        let (state, id) = (state.clone(), id.clone());
-        tokio::spawn(async move {
-            for ms in RETRY_WAKE_MS {
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                if !state.wake_hints().is_pending(&id) {
-                    return;
-                }
-                match state
-                    .queue()
-                    .admin()
-                    .wake(topics::SIGNAL, id.as_str())
-                    .await
-                {
-                    Ok(n) if n > 0 => return,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(build = %id, error = %e, "webhook wake failed"),
-                }
-            }
-        });
-    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@ mod trigger;
 
 use std::sync::Arc;
 
-use stitch_core::{BuildHandle, BuildId, BuildStatus, RunnerRef};
+use stitch_core::{BuildHandle, BuildId, BuildStatus};
 use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
 use tokio::task::JoinHandle;
@@ -97,14 +97,8 @@ fn budget_for(state: &AppState, delivery: &Delivery) -> RetryBudget {
 
 fn handle_of(build: &Build) -> Result<BuildHandle, StageError> {
     let mut handle = BuildHandle::new(build.id.clone(), build.queue.clone());
-    if let Some(raw) = &build.runner_ref {
-        let r: RunnerRef = serde_json::from_value(raw.clone()).map_err(|e| {
-            StageError::permanent(format!(
-                "stored runner ref of {} is unreadable: {e}",
-                build.id
-            ))
-        })?;
-        handle = handle.with_ref(r);
+    if let Some(r) = &build.runner_ref {
+        handle = handle.with_ref(r.clone());
     }
     Ok(handle)
 }

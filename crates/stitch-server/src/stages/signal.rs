@@ -13,7 +13,7 @@ use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
 
 use super::{
-    budget_for, fail_build, handle_of, load_build, parse, record_status, runtime_of, subscription,
+    budget_for, fail_build, handle_of, live_build, parse, record_status, runtime_of, subscription,
 };
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
 use crate::state::{topics, AppState, QueueRuntime};
@@ -58,17 +58,24 @@ impl SignalStage {
         .await
     }
 
-    /// A build that became terminal while its provider build may still run
-    /// (failed at once by a promised failure on a `fail_fast` queue, which
-    /// requests cancel): issue the cancel to the runner. An error is
-    /// retried under the queue's budget; a provider build that is already
-    /// terminal makes `cancel` a no-op.
-    async fn cancel_after_terminal(&self, build: &Build) -> Result<StageOutcome, StageError> {
-        if !build.cancel_requested || build.runner_ref.is_none() {
-            return Ok(StageOutcome::Done);
-        }
-        let runtime = runtime_of(&self.state, build)?;
+    /// A promised failure on a `fail_fast` queue: cancel the provider's
+    /// build, then fail the build with the promise as the reason. A failed
+    /// cancel is retried under the queue's budget (the build stays live
+    /// until it goes through); a provider build that already finished makes
+    /// `cancel` a no-op.
+    async fn fail_fast(
+        &self,
+        runtime: &QueueRuntime,
+        build: &Build,
+        promised: &str,
+    ) -> Result<StageOutcome, StageError> {
         runtime.runner.cancel(&handle_of(build)?).await?;
+        fail_build(
+            &self.state,
+            &build.id,
+            &format!("promised exit status {promised}"),
+        )
+        .await?;
         Ok(StageOutcome::Done)
     }
 
@@ -141,15 +148,17 @@ impl Stage for SignalStage {
     }
 
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
-        let build = load_build(&self.state, delivery).await?;
-        if build.status.is_terminal() {
-            return self.cancel_after_terminal(&build).await;
-        }
-        // This poll covers every webhook that arrived before it started.
-        self.state.wake_hints().take(&build.id);
+        let Some(build) = live_build(&self.state, delivery).await? else {
+            return Ok(StageOutcome::Done);
+        };
         let runtime = runtime_of(&self.state, &build)?;
         if let Some(reason) = deadline_reason(runtime, &build) {
             return self.expire(runtime, &build, reason).await;
+        }
+        if runtime.config.fail_fast {
+            if let Some(promised) = build.runner_metadata.get(keys::PROMISED_EXIT_STATUS) {
+                return self.fail_fast(runtime, &build, promised).await;
+            }
         }
         let handle = handle_of(&build)?;
         let report = match runtime.runner.status(&handle).await {
@@ -182,11 +191,9 @@ impl Stage for SignalStage {
         if report.status.is_terminal() {
             return Ok(StageOutcome::Done);
         }
-        let delay = if self.state.wake_hints().take(&build.id) {
-            // A webhook arrived during this poll: its wake found no
-            // postponed message, so poll again now.
-            Duration::ZERO
-        } else if cancelling {
+        // A wake during this poll (a webhook, a cancel) makes this hold end
+        // at once: the queue records it against the delivery (ADR 0012).
+        let delay = if cancelling {
             CANCEL_CONFIRM_POLL
         } else {
             runtime.poll_delay(report.status)

@@ -9,7 +9,6 @@ use stitch_mq::{now_millis, Delivery, SubscriptionConfig};
 
 use super::{budget_for, fail_build, live_build, parse, record_status, runtime_of, subscription};
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
-use crate::job_token::JobTokens;
 use crate::service::build_message;
 use crate::state::{topics, AppState};
 use stitch_job::env as job_env;
@@ -68,14 +67,9 @@ impl Stage for TriggerStage {
             Some(raw) => raw.clone(),
             None => {
                 // The job token is derived from the build id, so a redelivery
-                // hands the runner the token its build may already hold. Its
-                // hash is recorded first: the job may call back at once.
+                // hands the runner the token its build may already hold; its
+                // hash was stored with the build at create.
                 let token = self.state.job_tokens().token_for(&build.id);
-                let hash = JobTokens::hash(&token);
-                // Recorded at create; builds made before that need it now.
-                if build.job_token_hash.as_deref() != Some(hash.as_str()) {
-                    store.set_job_token_hash(&build.id, Some(&hash)).await?;
-                }
                 let job_env = BTreeMap::from([
                     (job_env::JOB_TOKEN.to_string(), token),
                     (job_env::SERVER.to_string(), self.state.job_server_url()),
@@ -93,9 +87,7 @@ impl Stage for TriggerStage {
                 // Attempt 1 of the build's only trigger message: no trigger
                 // ran before (a crash or a retry makes the next one attempt 2).
                 .with_first_attempt(delivery.attempt() == 1);
-                let r = runtime.runner.trigger(&req).await?;
-                serde_json::to_value(&r)
-                    .map_err(|e| StageError::permanent(format!("runner ref: {e}")))?
+                runtime.runner.trigger(&req).await?
             }
         };
         // Record the ref and start the poll loop in one transaction.

@@ -181,7 +181,7 @@ impl Server {
         let r = rt.runner.trigger(&req).await.expect("trigger");
         self.state
             .store()
-            .set_runner_ref(&id, &serde_json::to_value(&r).expect("ref json"))
+            .set_runner_ref(&id, &r)
             .await
             .expect("set ref");
         r

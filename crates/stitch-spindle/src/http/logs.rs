@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::stream::{BoxStream, StreamExt};
-use stitch_core::{BuildHandle, BuildId, LogLine, OutputStream, RunnerError, RunnerRef, StepKind};
+use stitch_core::{BuildHandle, BuildId, LogLine, OutputStream, RunnerError, StepKind};
 
 use crate::Spindle;
 
@@ -83,11 +83,7 @@ async fn resolve(
         .await
         .map_err(|e| internal(&e))?;
     let mut handle = BuildHandle::new(build.id.clone(), build.queue.clone());
-    if let Some(r) = build
-        .runner_ref
-        .as_ref()
-        .and_then(|v| serde_json::from_value::<RunnerRef>(v.clone()).ok())
-    {
+    if let Some(r) = build.runner_ref {
         handle = handle.with_ref(r);
     }
     if let Some(rt) = spindle.state.build_queue(&build.queue) {
