@@ -54,7 +54,7 @@ async fn migrate_creates_the_default_sqlite_database() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 2001, 2002, 2003, 2004]);
+    assert_eq!(versions, vec![1001, 1005, 2001, 2002, 2003, 2004]);
 }
 
 #[tokio::test]
@@ -113,7 +113,7 @@ async fn migrate_applies_both_schemas_on_mysql() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 2001]);
+    assert_eq!(versions, vec![1001, 1005, 2001]);
 }
 
 #[test]
