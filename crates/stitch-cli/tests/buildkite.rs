@@ -509,3 +509,158 @@ async fn token_webhooks_wake_builds() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
 }
+
+/// Push is never lost. The queue takes signed webhooks, so it polls once a
+/// minute (`webhook.poll`) and every status hold below is 60 s: a cancel or
+/// a webhook that arrives while a poll is in flight must end that hold at
+/// once (the queue's wake marks the in-flight delivery, ADR 0012), or the
+/// build waits out the minute and the 20 s waits here fail. Phases are
+/// pinned with the fake's pauses (a request done at the provider, its
+/// answer held), not with timing.
+mod push_never_lost {
+    use super::*;
+    use stitch_fake_providers::buildkite::Pause;
+
+    const WITHIN: Duration = Duration::from_secs(20);
+
+    async fn server(fake: &FakeBuildkite) -> Serve {
+        serve(fake, SIGNED_WEBHOOK, "60s").await
+    }
+
+    async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {
+        let r = http
+            .post(format!("{}/v1/builds/{id}/cancel", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "cancel {id}");
+    }
+
+    async fn ends_as(http: &reqwest::Client, s: &Serve, id: &str, status: &str) {
+        let done = wait_all_terminal(http, s, &[id.to_string()], WITHIN).await;
+        assert_eq!(done[id], status, "{}", s.log());
+    }
+
+    /// Creates a never-ending build whose request to `endpoint` is held.
+    async fn create_held(
+        http: &reqwest::Client,
+        s: &Serve,
+        fake: &FakeBuildkite,
+        endpoint: Endpoint,
+        head: &str,
+    ) -> (String, Pause) {
+        let pause = fake.pause_next(endpoint);
+        let id = create(http, s, head).await;
+        pause.arrived().await;
+        (id, pause)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_before_the_trigger_returns_cancels_at_once() {
+        let fake = fake(None).await;
+        let s = server(&fake).await;
+        let http = reqwest::Client::new();
+        let (id, pause) = create_held(
+            &http,
+            &s,
+            &fake,
+            Endpoint::Create,
+            "https://git.example/c/1?stitch-bk=hang",
+        )
+        .await;
+        cancel(&http, &s, &id).await;
+        pause.release();
+        ends_as(&http, &s, &id, "cancelled").await;
+        assert_eq!(fake.build_json(&id).unwrap()["state"], "canceled");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_during_a_poll_cancels_at_once() {
+        let fake = fake(None).await;
+        let s = server(&fake).await;
+        let http = reqwest::Client::new();
+        // The first poll starts right after the trigger: the cancel comes
+        // after the build was triggered and while that poll is out.
+        let (id, pause) = create_held(
+            &http,
+            &s,
+            &fake,
+            Endpoint::GetBuild,
+            "https://git.example/c/2?stitch-bk=hang",
+        )
+        .await;
+        cancel(&http, &s, &id).await;
+        pause.release();
+        ends_as(&http, &s, &id, "cancelled").await;
+        assert_eq!(fake.build_json(&id).unwrap()["state"], "canceled");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_after_a_poll_answered_cancels_at_once() {
+        let fake = fake(None).await;
+        let s = server(&fake).await;
+        let http = reqwest::Client::new();
+        let (id, pause) = create_held(
+            &http,
+            &s,
+            &fake,
+            Endpoint::GetBuild,
+            "https://git.example/c/3?stitch-bk=hang",
+        )
+        .await;
+        // The poll's answer goes out; the stage is writing or has written
+        // its 60 s hold when the cancel lands (both must work).
+        pause.release();
+        cancel(&http, &s, &id).await;
+        ends_as(&http, &s, &id, "cancelled").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_webhook_during_a_poll_takes_effect_at_once() {
+        let fake = fake(None).await;
+        let s = server(&fake).await;
+        fake.set_webhook(Some(WebhookTarget {
+            url: format!("{}/webhooks/buildkite", s.base),
+            auth: WebhookAuth::Signature(SECRET.into()),
+            job_events: false,
+        }));
+        let http = reqwest::Client::new();
+        // The first poll is held with the build still scheduled; the build
+        // passes meanwhile and its webhooks reach stitch while that poll is
+        // out. Its answer (scheduled) would hold the build for a minute.
+        let (id, pause) = create_held(
+            &http,
+            &s,
+            &fake,
+            Endpoint::GetBuild,
+            "https://git.example/c/4",
+        )
+        .await;
+        fake.webhook_delivered(&id, "build.finished").await;
+        pause.release();
+        ends_as(&http, &s, &id, "succeeded").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_webhook_before_the_trigger_returns_takes_effect_at_once() {
+        let fake = fake(None).await;
+        let s = server(&fake).await;
+        fake.set_webhook(Some(WebhookTarget {
+            url: format!("{}/webhooks/buildkite", s.base),
+            auth: WebhookAuth::Signature(SECRET.into()),
+            job_events: false,
+        }));
+        let http = reqwest::Client::new();
+        let (id, pause) = create_held(
+            &http,
+            &s,
+            &fake,
+            Endpoint::Create,
+            "https://git.example/c/5",
+        )
+        .await;
+        fake.webhook_delivered(&id, "build.finished").await;
+        pause.release();
+        ends_as(&http, &s, &id, "succeeded").await;
+    }
+}

@@ -2,9 +2,12 @@
 //! ([`Fault`]), the per-endpoint rules that pick one, and how a fault
 //! spoils an answer after the work was done.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::watch;
 
 /// What goes wrong with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,18 +30,75 @@ struct Rule<E> {
     probability: f64,
 }
 
-/// The injected faults of one fake, by endpoint kind `E`.
+/// A sync point in a fake: the next request to an endpoint does its work,
+/// then waits here before answering until the test calls
+/// [`release`](Pause::release). Tests use it to make something happen
+/// "while the request is in flight" without timing (a cancel arriving
+/// during a poll, a webhook during a trigger).
+#[derive(Clone, Debug)]
+pub struct Pause {
+    held: Arc<watch::Sender<bool>>,
+    released: Arc<watch::Sender<bool>>,
+}
+
+impl Pause {
+    fn new() -> Self {
+        Self {
+            held: Arc::new(watch::channel(false).0),
+            released: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Returns once a request is held here (its work done, its answer not
+    /// sent).
+    pub async fn arrived(&self) {
+        let mut rx = self.held.subscribe();
+        // The sender lives in `self`: the wait ends only on arrival.
+        let _ = rx.wait_for(|held| *held).await;
+    }
+
+    /// Lets the held request answer.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Called by the fake: announce the held request, wait for release.
+    pub(crate) async fn hold(&self) {
+        self.held.send_replace(true);
+        let mut rx = self.released.subscribe();
+        let _ = rx.wait_for(|released| *released).await;
+    }
+}
+
+/// The injected faults and pauses of one fake, by endpoint kind `E`.
 pub(crate) struct FaultRules<E> {
     rules: Vec<Rule<E>>,
+    pauses: Vec<(E, Pause)>,
 }
 
 impl<E> Default for FaultRules<E> {
     fn default() -> Self {
-        Self { rules: Vec::new() }
+        Self {
+            rules: Vec::new(),
+            pauses: Vec::new(),
+        }
     }
 }
 
 impl<E: Copy + PartialEq> FaultRules<E> {
+    /// Holds the next request to `endpoint` at a [`Pause`].
+    pub(crate) fn pause_next(&mut self, endpoint: E) -> Pause {
+        let pause = Pause::new();
+        self.pauses.push((endpoint, pause.clone()));
+        pause
+    }
+
+    /// The pause for a request to `endpoint`, used up by it.
+    pub(crate) fn take_pause(&mut self, endpoint: E) -> Option<Pause> {
+        let at = self.pauses.iter().position(|(e, _)| *e == endpoint)?;
+        Some(self.pauses.remove(at).1)
+    }
+
     /// Fails the next `times` requests to `endpoint`.
     pub(crate) fn inject(&mut self, endpoint: E, fault: Fault, times: u32) {
         self.rules.push(Rule {
@@ -59,9 +119,12 @@ impl<E: Copy + PartialEq> FaultRules<E> {
         });
     }
 
-    /// Removes every rule.
+    /// Removes every rule and releases every pause.
     pub(crate) fn clear(&mut self) {
         self.rules.clear();
+        for (_, p) in self.pauses.drain(..) {
+            p.release();
+        }
     }
 
     /// The fault for a request to `endpoint` (`any` matches every endpoint),

@@ -31,11 +31,11 @@ use axum::Router;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use crate::faults::Fault;
 use crate::faults::{proxy_page, spoil, FaultRules};
+pub use crate::faults::{Fault, Pause};
 use world::{is_terminal, CreateBody, Transition, World};
 pub use world::{Plan, MARKER};
 
@@ -145,6 +145,8 @@ struct Shared {
     rate_limit: Option<(u32, Duration)>,
     inner: Mutex<Inner>,
     webhooks: mpsc::UnboundedSender<Transition>,
+    /// Bumped after each webhook delivery.
+    webhooks_delivered: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -223,6 +225,7 @@ impl FakeBuildkite {
                 webhook_times: HashMap::new(),
             }),
             webhooks: tx,
+            webhooks_delivered: watch::channel(0).0,
         });
         let builds = "/v2/organizations/{org}/pipelines/{pipeline}/builds";
         let app = Router::new()
@@ -273,6 +276,28 @@ impl FakeBuildkite {
             .lock()
             .faults
             .inject_rate(endpoint, fault, probability);
+    }
+
+    /// Holds the next request to `endpoint` (after its work, before its
+    /// answer) until the returned [`Pause`] is released.
+    pub fn pause_next(&self, endpoint: Endpoint) -> Pause {
+        self.shared.lock().faults.pause_next(endpoint)
+    }
+
+    /// Returns once a webhook for `event` (`build.finished`, …) of the
+    /// build stamped with `stitch_build_id` was delivered (answered).
+    pub async fn webhook_delivered(&self, stitch_build_id: &str, event: &str) {
+        let mut rx = self.shared.webhooks_delivered.subscribe();
+        loop {
+            if self.webhook_sent_at(stitch_build_id, event).is_some() {
+                return;
+            }
+            // The sender lives in `self.shared`: `changed` fails only if
+            // the fake is gone, and then nothing will come.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Removes every injected fault.
@@ -470,6 +495,8 @@ async fn deliver(shared: &Shared, http: &reqwest::Client, target: &WebhookTarget
     if !answer.map(|r| r.status().is_success()).unwrap_or(false) {
         inner.stats.webhooks_refused += 1;
     }
+    drop(inner);
+    shared.webhooks_delivered.send_modify(|n| *n += 1);
 }
 
 /// HMAC-SHA256 over `"<timestamp>.<body>"`, hex: Buildkite's webhook signature.
@@ -495,6 +522,7 @@ fn message(status: StatusCode, text: &str) -> Response {
 enum After {
     Normal,
     Fault(Fault),
+    Paused(Pause),
 }
 
 /// Auth, rate limit and faults, in Buildkite's order. `Err` is the answer
@@ -568,6 +596,9 @@ fn gate(
         );
         return Err(resp);
     }
+    if let Some(pause) = inner.faults.take_pause(endpoint) {
+        return Ok((After::Paused(pause), rl));
+    }
     match inner.faults.take(endpoint, Endpoint::Any) {
         Some(Fault::Status(code)) => Err(proxy_page(code)),
         Some(f) => Ok((After::Fault(f), rl)),
@@ -581,6 +612,10 @@ async fn finish(after: After, rl: HeaderMap, mut resp: Response) -> Response {
     match after {
         After::Normal => resp,
         After::Fault(f) => spoil(Some(f), resp).await,
+        After::Paused(p) => {
+            p.hold().await;
+            resp
+        }
     }
 }
 
