@@ -173,11 +173,7 @@ pub async fn create_build(
         })
         .await?;
     match outcome {
-        CreateOutcome::Created(build) => {
-            state.queue().publisher().notify_published(topics::TRIGGER);
-            state.events_committed();
-            Ok((build, true))
-        }
+        CreateOutcome::Created(build) => Ok((build, true)),
         CreateOutcome::Existing(build) => {
             // A replay must be the same request; the same key for different
             // changes is a caller bug that would otherwise hide a build.
@@ -292,7 +288,6 @@ pub async fn promise_failure(
     }
     tx.record_failing(id, &meta).await?;
     tx.commit().await?;
-    state.events_committed();
     if fail_fast {
         // The signal stage fails the build and cancels the provider's build
         // (the local runner kills the process); a poll running right now is

@@ -15,7 +15,7 @@ use stitch_runners::github::{self, AppTokens, Credentials, GithubConfig, GithubR
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
 use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
-use stitch_store::{Store, StorePool};
+use stitch_store::{CommitListener, Committed, Store, StorePool};
 use tokio::sync::watch;
 
 use crate::config::{BuildkiteSection, Config, GithubSection, QueueConfig, RunnerName};
@@ -66,7 +66,7 @@ struct Inner {
     store: Store,
     queue: Queue,
     queues: BTreeMap<String, QueueRuntime>,
-    events: watch::Sender<u64>,
+    events: Arc<watch::Sender<u64>>,
     feed: EventFeed,
     job_tokens: JobTokens,
     /// The address the API actually listens on, once bound (`listen` may
@@ -169,6 +169,13 @@ impl AppState {
         })?;
         let (store, driver) = open_storage(&config).await?;
         let queue = Queue::new(driver.into_shared(), MqQueueConfig::default());
+        // The store announces its commits: published topics wake this
+        // process's subscribers, appended events the event streams.
+        let events = Arc::new(watch::channel(0).0);
+        store.announce_commits_to(Arc::new(CommitWakeups {
+            publisher: queue.publisher(),
+            events: events.clone(),
+        }));
         let key = store
             .ensure_secret(job_token::SECRET_NAME, &JobTokens::random_key())
             .await?;
@@ -183,8 +190,7 @@ impl AppState {
         }
         let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let github_webhooks = GithubWebhooks::from_config(&config, |k| std::env::var(k).ok());
-        let (events, commits) = watch::channel(0);
-        let feed = EventFeed::start(store.clone(), commits);
+        let feed = EventFeed::start(store.clone(), events.subscribe());
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -282,12 +288,24 @@ impl AppState {
     pub fn github_webhooks(&self) -> Option<&GithubWebhooks> {
         self.inner.github_webhooks.as_ref()
     }
+}
 
-    /// Wakes the event streams: events were committed.
-    pub fn events_committed(&self) {
-        self.inner
-            .events
-            .send_modify(|generation| *generation = generation.wrapping_add(1));
+/// Where the store's commit announcements go: the queue's in-process
+/// subscribers of each published topic, and the event feed.
+struct CommitWakeups {
+    publisher: stitch_mq::Publisher,
+    events: Arc<watch::Sender<u64>>,
+}
+
+impl CommitListener for CommitWakeups {
+    fn committed(&self, what: &Committed) {
+        for topic in &what.published {
+            self.publisher.notify_published(topic);
+        }
+        if what.events {
+            self.events
+                .send_modify(|generation| *generation = generation.wrapping_add(1));
+        }
     }
 }
 

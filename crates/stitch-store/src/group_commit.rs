@@ -22,6 +22,7 @@ use sqlx::{ConnectOptions, Executor};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::announce::{Announcer, Committed};
 use crate::error::{Result, StoreError};
 use crate::sqlite::SqliteWriteTx;
 use crate::store::StoreWrite;
@@ -118,20 +119,21 @@ impl GroupCommitter {
     pub(crate) fn start_sqlite(
         pool: SqlitePool,
         writer: Option<Arc<tokio::sync::Mutex<()>>>,
+        announcer: Announcer,
     ) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(rx, pool, writer));
+        tokio::spawn(run(rx, pool, writer, announcer));
         Self { jobs }
     }
 
     /// Starts a PostgreSQL/MySQL committer on its own thread, with its own
     /// runtime and connection to `server`. The thread ends when the last
     /// handle drops.
-    pub(crate) fn start_server(server: ServerTarget) -> Result<Self> {
+    pub(crate) fn start_server(server: ServerTarget, announcer: Announcer) -> Result<Self> {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("stitch-store-committer".into())
-            .spawn(move || run_server(rx, server))
+            .spawn(move || run_server(rx, server, announcer))
             .map_err(|e| {
                 StoreError::Internal(format!("cannot start the store's write committer: {e}"))
             })?;
@@ -163,6 +165,7 @@ async fn run(
     mut rx: mpsc::Receiver<Box<dyn Job>>,
     pool: SqlitePool,
     writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    announcer: Announcer,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -170,7 +173,13 @@ async fn run(
             Some(lock) => Some(lock.clone().lock_owned().await),
             None => None,
         };
-        let failure = commit_batch(&pool, &mut batch).await.err();
+        let failure = match commit_batch(&pool, &mut batch).await {
+            Ok(committed) => {
+                announcer.announce(&committed);
+                None
+            }
+            Err(failure) => Some(failure),
+        };
         drop(guard);
         metrics_batch(batch.len());
         for job in batch.drain(..) {
@@ -180,29 +189,36 @@ async fn run(
 }
 
 /// Runs every job of `batch` in one transaction and commits it.
+/// Returns what the committed jobs announce.
 async fn commit_batch(
     pool: &SqlitePool,
     batch: &mut [Box<dyn Job>],
-) -> std::result::Result<(), BatchFailure> {
+) -> std::result::Result<Committed, BatchFailure> {
     let tx = SqliteWriteTx::begin(pool)
         .await
         .map_err(|e| BatchFailure::from_error(&e))?;
-    run_jobs(&tx, batch).map_err(|e| BatchFailure::from_error(&e))?;
-    tx.commit().map_err(|e| BatchFailure::from_error(&e))
+    let committed = run_jobs(&tx, batch).map_err(|e| BatchFailure::from_error(&e))?;
+    tx.commit().map_err(|e| BatchFailure::from_error(&e))?;
+    Ok(committed)
 }
 
-fn run_jobs(tx: &SqliteWriteTx, batch: &mut [Box<dyn Job>]) -> Result<()> {
+fn run_jobs(tx: &SqliteWriteTx, batch: &mut [Box<dyn Job>]) -> Result<Committed> {
     let conn = tx.handle();
     let mut w = StoreWrite::sqlite(conn);
+    let mut committed = Committed::default();
     for job in batch.iter_mut() {
         conn.execute_batch("SAVEPOINT job")?;
-        if job.run(&mut w) {
+        let ok = job.run(&mut w);
+        // A rolled-back job announces nothing.
+        let announced = w.take_committed();
+        if ok {
             conn.execute_batch("RELEASE job")?;
+            committed.merge(announced);
         } else {
             conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
         }
     }
-    Ok(())
+    Ok(committed)
 }
 
 /// Where a PostgreSQL/MySQL committer connects to.
@@ -276,7 +292,7 @@ impl ServerConn {
 
 /// The PostgreSQL/MySQL committer thread: takes whatever jobs are waiting
 /// (up to [`MAX_BATCH`]), runs them in one transaction and answers them.
-fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget) {
+fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget, announcer: Announcer) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -303,7 +319,13 @@ fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget) {
                 Err(_) => break,
             }
         }
-        let failure = commit_server_batch(&rt, &server, &mut conn, &mut batch).err();
+        let failure = match commit_server_batch(&rt, &server, &mut conn, &mut batch) {
+            Ok(committed) => {
+                announcer.announce(&committed);
+                None
+            }
+            Err(failure) => Some(failure),
+        };
         metrics_batch(batch.len());
         for job in batch.drain(..) {
             job.finish(failure.as_ref());
@@ -319,7 +341,7 @@ fn commit_server_batch(
     server: &ServerTarget,
     conn: &mut Option<ServerConn>,
     batch: &mut [Box<dyn Job>],
-) -> std::result::Result<(), BatchFailure> {
+) -> std::result::Result<Committed, BatchFailure> {
     let c = match conn {
         Some(c) => c,
         None => conn.insert(
@@ -334,14 +356,23 @@ fn commit_server_batch(
     result.map_err(|e| BatchFailure::from_error(&e))
 }
 
-fn run_server_jobs(rt: &Runtime, conn: &mut ServerConn, batch: &mut [Box<dyn Job>]) -> Result<()> {
+fn run_server_jobs(
+    rt: &Runtime,
+    conn: &mut ServerConn,
+    batch: &mut [Box<dyn Job>],
+) -> Result<Committed> {
     rt.block_on(conn.begin())?;
     let mut session = PublishSession::default();
+    let mut committed = Committed::default();
     for job in batch.iter_mut() {
         rt.block_on(conn.execute("SAVEPOINT job"))?;
-        let ok = job.run(&mut conn.store_write(rt, &mut session));
+        let mut w = conn.store_write(rt, &mut session);
+        let ok = job.run(&mut w);
+        // A rolled-back job announces nothing.
+        let announced = w.take_committed();
         if ok {
             rt.block_on(conn.execute("RELEASE SAVEPOINT job"))?;
+            committed.merge(announced);
         } else {
             rt.block_on(async {
                 conn.execute("ROLLBACK TO SAVEPOINT job").await?;
@@ -354,7 +385,8 @@ fn run_server_jobs(rt: &Runtime, conn: &mut ServerConn, batch: &mut [Box<dyn Job
     rt.block_on(async {
         conn.finish_publishes(&mut session).await?;
         conn.execute("COMMIT").await
-    })
+    })?;
+    Ok(committed)
 }
 
 fn metrics_batch(size: usize) {

@@ -23,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+mod announce;
 mod error;
 mod group_commit;
 mod logic;
@@ -35,6 +36,7 @@ mod rows;
 mod sqlite;
 mod store;
 
+pub use announce::{CommitListener, Committed};
 pub use error::{Conflict, Result, StoreError};
 pub use model::{
     Build, BuildFilter, BuildRecord, CancelOutcome, CreateOutcome, Cursor, Event, EventKind,

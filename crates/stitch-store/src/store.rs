@@ -17,6 +17,7 @@ use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{BackendKind, Millis, NewMessage, PublishReport};
 use tokio::runtime::Runtime;
 
+use crate::announce::{Announcer, CommitListener, Committed};
 use crate::error::{Result, StoreError};
 use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
@@ -41,6 +42,8 @@ pub struct Store {
     /// Started on the first group-committed write, so it sees the writer
     /// lock set by [`Store::with_writer_lock`].
     committer: Arc<tokio::sync::OnceCell<GroupCommitter>>,
+    /// Told about every commit that published or appended events.
+    announcer: Announcer,
 }
 
 /// The database behind a [`Store`].
@@ -160,6 +163,7 @@ impl Store {
             backend,
             writer: None,
             committer: Default::default(),
+            announcer: Announcer::default(),
         })
     }
 
@@ -230,9 +234,19 @@ impl Store {
         };
         Ok(StoreTx {
             inner,
+            committed: Committed::default(),
+            announcer: self.announcer.clone(),
             _writer: guard,
             _store: PhantomData,
         })
+    }
+
+    /// Sends every later commit that published queue messages or appended
+    /// events to `listener` (the server wakes the queue's subscribers and
+    /// the event streams there). One listener per store and its clones;
+    /// false when one was set before.
+    pub fn announce_commits_to(&self, listener: Arc<dyn CommitListener>) -> bool {
+        self.announcer.set(listener)
     }
 
     /// Makes write transactions take `lock` first. Give it the message
@@ -270,16 +284,21 @@ impl Store {
                     Backend::Sqlite(pool) => Ok(GroupCommitter::start_sqlite(
                         pool.clone(),
                         self.writer.clone(),
+                        self.announcer.clone(),
                     )),
-                    Backend::Postgres { pool, channel } => {
-                        GroupCommitter::start_server(ServerTarget::Postgres {
+                    Backend::Postgres { pool, channel } => GroupCommitter::start_server(
+                        ServerTarget::Postgres {
                             options: postgres::committer_options(pool),
                             channel: channel.clone(),
-                        })
-                    }
-                    Backend::MySql(pool) => GroupCommitter::start_server(ServerTarget::MySql {
-                        options: mysql::committer_options(pool),
-                    }),
+                        },
+                        self.announcer.clone(),
+                    ),
+                    Backend::MySql(pool) => GroupCommitter::start_server(
+                        ServerTarget::MySql {
+                            options: mysql::committer_options(pool),
+                        },
+                        self.announcer.clone(),
+                    ),
                 }
             })
             .await
@@ -447,6 +466,9 @@ impl Store {
 pub struct StoreTx<'s> {
     // Dropped before the writer guard below: the transaction ends first.
     inner: TxInner,
+    /// What this transaction will announce when it commits.
+    committed: Committed,
+    announcer: Announcer,
     _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
     // Ties the transaction to its store so it cannot outlive the handle.
     _store: PhantomData<&'s Store>,
@@ -530,15 +552,16 @@ impl StoreTx<'_> {
     }
 
     /// Publishes queue messages in this transaction (transactional outbox):
-    /// they become visible when it commits and vanish if it rolls back. Call
-    /// the queue's `Publisher::notify_published` after the commit; validate
-    /// the messages with `Publisher::prepare` first.
+    /// they become visible when it commits and vanish if it rolls back; the
+    /// commit announces the topic (see [`Store::announce_commits_to`]).
+    /// Validate the messages with `Publisher::prepare` first.
     pub async fn publish(
         &mut self,
         topic: &str,
         msgs: &[NewMessage],
         now: Millis,
     ) -> Result<PublishReport> {
+        self.committed.published.insert(topic.to_string());
         Ok(match &mut self.inner {
             TxInner::Sqlite(tx) => SqliteDriver::publish_on_handle(tx.handle(), topic, msgs, now)?,
             TxInner::Postgres { tx, channel } => {
@@ -548,13 +571,16 @@ impl StoreTx<'_> {
         })
     }
 
-    /// Commits every write made through this transaction.
+    /// Commits every write made through this transaction, then announces
+    /// what it published and whether it appended events.
     pub async fn commit(self) -> Result<()> {
         match self.inner {
-            TxInner::Sqlite(tx) => tx.commit(),
-            TxInner::Postgres { tx, .. } => Ok(tx.commit().await?),
-            TxInner::MySql(tx) => Ok(tx.commit().await?),
+            TxInner::Sqlite(tx) => tx.commit()?,
+            TxInner::Postgres { tx, .. } => tx.commit().await?,
+            TxInner::MySql(tx) => tx.commit().await?,
         }
+        self.announcer.announce(&self.committed);
+        Ok(())
     }
 
     /// Rolls back every write made through this transaction.
@@ -573,7 +599,9 @@ impl StoreTx<'_> {
     /// different request is [`crate::Conflict::DuplicateId`]; an empty queue,
     /// runner or key is [`StoreError::InvalidInput`].
     pub async fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        on_tx!(self, |ops| logic::create_build(ops, new).await)
+        let outcome = on_tx!(self, |ops| logic::create_build(ops, new).await);
+        self.committed.events |= matches!(outcome, Ok(CreateOutcome::Created(_)));
+        outcome
     }
 
     /// Creates several builds in this transaction, in order (group commit:
@@ -587,7 +615,7 @@ impl StoreTx<'_> {
         &mut self,
         news: Vec<NewBuild>,
     ) -> Result<Vec<Result<CreateOutcome>>> {
-        on_tx!(self, |ops| {
+        let outcomes = on_tx!(self, |ops| {
             let mut out = Vec::with_capacity(news.len());
             for new in news {
                 match logic::create_build(&mut *ops, new).await {
@@ -596,7 +624,13 @@ impl StoreTx<'_> {
                 }
             }
             Ok(out)
-        })
+        });
+        if let Ok(out) = &outcomes {
+            self.committed.events |= out
+                .iter()
+                .any(|o| matches!(o, Ok(CreateOutcome::Created(_))));
+        }
+        outcomes
     }
 
     /// Loads a build inside this transaction (sees its uncommitted writes).
@@ -623,7 +657,7 @@ impl StoreTx<'_> {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        on_tx!(self, |ops| {
+        let event = on_tx!(self, |ops| {
             logic::record_status(
                 ops,
                 id,
@@ -633,7 +667,9 @@ impl StoreTx<'_> {
                 reason,
             )
             .await
-        })
+        });
+        self.committed.events |= matches!(event, Ok(Some(_)));
+        event
     }
 
     /// Records the provider's identity of the build (also on terminal builds:
@@ -658,14 +694,18 @@ impl StoreTx<'_> {
         id: &BuildId,
         metadata: &Metadata,
     ) -> Result<Option<Event>> {
-        on_tx!(self, |ops| logic::record_failing(ops, id, metadata).await)
+        let event = on_tx!(self, |ops| logic::record_failing(ops, id, metadata).await);
+        self.committed.events |= matches!(event, Ok(Some(_)));
+        event
     }
 
     /// Appends an event snapshotting the build's current status and metadata
     /// without changing the build (the status-changing methods append their
     /// own events; this is for callers that need to re-announce a state).
     pub async fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        on_tx!(self, |ops| logic::append_event(ops, id, kind).await)
+        let event = on_tx!(self, |ops| logic::append_event(ops, id, kind).await);
+        self.committed.events |= event.is_ok();
+        event
     }
 
     /// Appends log lines, each serialized to JSON, numbering them after the
@@ -696,6 +736,8 @@ fn serialize_lines<T: Serialize>(lines: &[T]) -> Result<Vec<String>> {
 /// ([`Store::write`]); the same operations as [`StoreTx`], synchronous.
 pub struct StoreWrite<'c> {
     inner: WriteInner<'c>,
+    /// What this job will announce if its savepoint and the batch commit.
+    committed: Committed,
 }
 
 enum WriteInner<'c> {
@@ -725,6 +767,7 @@ impl<'c> StoreWrite<'c> {
     pub(crate) fn sqlite(conn: &'c rusqlite::Connection) -> Self {
         Self {
             inner: WriteInner::Sqlite(SqliteOps::new(conn)),
+            committed: Committed::default(),
         }
     }
 
@@ -739,6 +782,7 @@ impl<'c> StoreWrite<'c> {
                 rt,
                 session,
             },
+            committed: Committed::default(),
         }
     }
 
@@ -748,6 +792,7 @@ impl<'c> StoreWrite<'c> {
                 ops: MySqlOps::new(conn),
                 rt,
             },
+            committed: Committed::default(),
         }
     }
 
@@ -772,15 +817,16 @@ impl<'c> StoreWrite<'c> {
 
     /// Publishes queue messages in the shared transaction (transactional
     /// outbox) on any backend: visible when it commits, gone if this write's
-    /// savepoint or the transaction rolls back. Call the queue's
-    /// `Publisher::notify_published` once [`Store::write`] returned; validate
-    /// the messages with `Publisher::prepare` first.
+    /// savepoint or the transaction rolls back; the commit announces the
+    /// topic (see [`Store::announce_commits_to`]). Validate the messages
+    /// with `Publisher::prepare` first.
     pub fn publish(
         &mut self,
         topic: &str,
         msgs: &[NewMessage],
         now: Millis,
     ) -> Result<PublishReport> {
+        self.committed.published.insert(topic.to_string());
         Ok(match &mut self.inner {
             WriteInner::Sqlite(ops) => {
                 SqliteDriver::publish_on_handle(ops.conn(), topic, msgs, now)?
@@ -794,9 +840,16 @@ impl<'c> StoreWrite<'c> {
         })
     }
 
+    /// What this write will announce; taken by the committer after the job.
+    pub(crate) fn take_committed(&mut self) -> Committed {
+        std::mem::take(&mut self.committed)
+    }
+
     /// See [`StoreTx::create_build`].
     pub fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        on_write!(self, |ops| logic::create_build(ops, new).await)
+        let outcome = on_write!(self, |ops| logic::create_build(ops, new).await);
+        self.committed.events |= matches!(outcome, Ok(CreateOutcome::Created(_)));
+        outcome
     }
 
     /// See [`StoreTx::get_build`].
@@ -813,7 +866,7 @@ impl<'c> StoreWrite<'c> {
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
     ) -> Result<Option<Event>> {
-        on_write!(self, |ops| {
+        let event = on_write!(self, |ops| {
             logic::record_status(
                 ops,
                 id,
@@ -823,7 +876,9 @@ impl<'c> StoreWrite<'c> {
                 reason,
             )
             .await
-        })
+        });
+        self.committed.events |= matches!(event, Ok(Some(_)));
+        event
     }
 
     /// See [`StoreTx::set_runner_ref`].
@@ -838,12 +893,16 @@ impl<'c> StoreWrite<'c> {
 
     /// See [`StoreTx::record_failing`].
     pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
-        on_write!(self, |ops| logic::record_failing(ops, id, metadata).await)
+        let event = on_write!(self, |ops| logic::record_failing(ops, id, metadata).await);
+        self.committed.events |= matches!(event, Ok(Some(_)));
+        event
     }
 
     /// See [`StoreTx::append_event`].
     pub fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        on_write!(self, |ops| logic::append_event(ops, id, kind).await)
+        let event = on_write!(self, |ops| logic::append_event(ops, id, kind).await);
+        self.committed.events |= event.is_ok();
+        event
     }
 
     /// See [`StoreTx::append_log_lines`].

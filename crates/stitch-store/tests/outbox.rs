@@ -286,6 +286,90 @@ async fn group_committed_publishes_wake_other_processes(db: TestDb) {
     assert_eq!(seen, expected);
 }
 
+/// Records what the store announces.
+#[derive(Default)]
+struct Announcements(std::sync::Mutex<Vec<stitch_store::Committed>>);
+
+impl stitch_store::CommitListener for Announcements {
+    fn committed(&self, what: &stitch_store::Committed) {
+        self.0.lock().unwrap().push(what.clone());
+    }
+}
+
+impl Announcements {
+    fn take(&self) -> Vec<stitch_store::Committed> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+fn announced(topics: &[&str], events: bool) -> stitch_store::Committed {
+    stitch_store::Committed {
+        published: topics.iter().map(|t| t.to_string()).collect(),
+        events,
+    }
+}
+
+/// The store announces its own commits — the topics published to and
+/// whether events were appended — after they commit, and nothing for a
+/// rolled-back transaction or savepoint, or a write that changed nothing.
+async fn commits_are_announced_by_the_store(db: TestDb) {
+    let queue = queue_on(&db).await;
+    let heard = Arc::new(Announcements::default());
+    assert!(db.store.announce_commits_to(heard.clone()));
+    assert!(!db.store.announce_commits_to(heard.clone()), "one listener");
+
+    // A transaction: announced at its commit, not before.
+    let (tx, _, _) = build_with_message(&db, &queue).await;
+    assert!(heard.take().is_empty());
+    tx.commit().await.unwrap();
+    assert_eq!(heard.take(), vec![announced(&[TOPIC], true)]);
+    // Rolled back: nothing.
+    let (tx, _, _) = build_with_message(&db, &queue).await;
+    tx.rollback().await.unwrap();
+    assert!(heard.take().is_empty());
+
+    // Group commit: a failed job's publish is not announced; the others are
+    // (once per batch, so possibly merged).
+    let mut writes = Vec::new();
+    for fail in [true, false] {
+        let new = common::new_build("ci");
+        let msgs = message_for(&queue, &new.id);
+        let store = db.store.clone();
+        writes.push(async move {
+            store
+                .write(move |w| -> Result<(), StoreError> {
+                    if fail {
+                        w.publish("other-topic", &msgs, now_millis())?;
+                        return Err(StoreError::InvalidInput("changed my mind".into()));
+                    }
+                    w.create_build(new)?;
+                    w.publish(TOPIC, &msgs, now_millis())?;
+                    Ok(())
+                })
+                .await
+        });
+    }
+    futures::future::join_all(writes).await;
+    let mut all = stitch_store::Committed::default();
+    for a in heard.take() {
+        all.published.extend(a.published);
+        all.events |= a.events;
+    }
+    assert_eq!(all, announced(&[TOPIC], true));
+
+    // A write with no event and no publish announces nothing.
+    let id = db
+        .store
+        .create_build(common::new_build("ci"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    heard.take();
+    db.store.request_cancel(&id).await.unwrap();
+    assert!(heard.take().is_empty());
+}
+
 store_suite!(
     a_panicking_write_fails_alone,
     build_and_message_commit_together,
@@ -293,4 +377,5 @@ store_suite!(
     group_committed_writes_publish_in_their_savepoint,
     the_sqlite_handle_is_refused_on_other_backends,
     group_committed_publishes_wake_other_processes,
+    commits_are_announced_by_the_store,
 );

@@ -135,8 +135,9 @@ fn runtime_of<'a>(state: &'a AppState, build: &Build) -> Result<&'a QueueRuntime
     })
 }
 
-/// Records a status change with its event and wakes the event streams. A
-/// build that became terminal meanwhile (a deadline, a cancel) is left as it is.
+/// Records a status change with its event (the store's commit wakes the
+/// event streams). A build that became terminal meanwhile (a deadline, a
+/// cancel) is left as it is.
 async fn record_status(
     state: &AppState,
     id: &BuildId,
@@ -149,11 +150,7 @@ async fn record_status(
         .record_status(id, None, status, runner_metadata, reason)
         .await
     {
-        Ok(Some(_)) => {
-            state.events_committed();
-            Ok(())
-        }
-        Ok(None) | Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
+        Ok(_) | Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

@@ -104,10 +104,6 @@ impl Stage for TriggerStage {
                 Ok(())
             })
             .await?;
-        self.state
-            .queue()
-            .publisher()
-            .notify_published(topics::SIGNAL);
         Ok(StageOutcome::Done)
     }
 
