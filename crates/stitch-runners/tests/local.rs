@@ -800,11 +800,24 @@ async fn builds_run_as_the_configured_account() {
         .unwrap()
         .expect("the test machine has a `nobody` account");
     let env = Env::new();
-    let mut config = env.config(r#"id -u; id -g; id -G; echo "$USER"; touch mine && echo wrote"#);
+    let mut config = env.config(
+        r#"id -u; id -g; id -G; echo "$USER"; touch mine && echo wrote; test -w "$STITCH_JOB_API_SOCKET" && echo job-api"#,
+    );
     config.workdir = None;
     config.run_as = stitch_runners::local::RunAs::resolve(Some("nobody"), None, 0).unwrap();
     let runner = LocalRunner::new(config).unwrap();
     let req = request("c/1");
+    // With a way back to stitch, the build gets a job API: the account
+    // must be able to reach its socket.
+    let job_env = [
+        ("STITCH_JOB_TOKEN", "stj_secret".to_string()),
+        ("STITCH_SERVER", "http://127.0.0.1:1".to_string()),
+        ("STITCH_BUILD_ID", req.build_id.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let req = req.with_job_env(job_env);
     let handle = trigger(&runner, &req).await;
     let report = wait_terminal(&runner, &handle).await;
     let out: Vec<String> = data(&collect_logs(&runner, &handle).await)
@@ -821,7 +834,14 @@ async fn builds_run_as_the_configured_account() {
     let gid = nobody.gid.to_string();
     assert_eq!(
         out,
-        [uid.as_str(), gid.as_str(), gid.as_str(), "nobody", "wrote"],
-        "uid, gid, no supplementary groups of root, USER, and a workdir the account can write"
+        [
+            uid.as_str(),
+            gid.as_str(),
+            gid.as_str(),
+            "nobody",
+            "wrote",
+            "job-api"
+        ],
+        "uid, gid, no supplementary groups of root, USER, a workdir and a job API the account can use"
     );
 }
