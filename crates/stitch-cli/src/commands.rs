@@ -48,7 +48,7 @@ async fn migrate(args: &ConfigArgs) -> u8 {
     };
     if config.storage.url.is_none() {
         // The default SQLite file lives in the data directory.
-        if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+        if let Err(e) = stitch_server::state::create_data_dir(&config.data_dir) {
             eprintln!(
                 "stitch migrate: cannot create data directory {}: {e}",
                 config.data_dir.display()

@@ -61,7 +61,11 @@ fn tune(opts: SqliteConnectOptions) -> SqliteConnectOptions {
 }
 
 /// Opens (creating if needed) a pool on a SQLite file with stitch's settings.
+/// The file is private to stitch's user (mode 0600, and SQLite gives its
+/// `-wal` and `-shm` files the same mode): it holds job-token keys and
+/// every build's record.
 pub async fn open_pool(path: &Path) -> MqResult<SqlitePool> {
+    make_private(path).map_err(sqlx::Error::Io)?;
     Ok(SqlitePoolOptions::new()
         .max_connections(4)
         // A ping on every acquire is a round trip to the connection's
@@ -69,6 +73,24 @@ pub async fn open_pool(path: &Path) -> MqResult<SqlitePool> {
         .test_before_acquire(false)
         .connect_with(connect_options(path))
         .await?)
+}
+
+/// Creates the database file with mode 0600 when it is missing, and takes
+/// group and other permissions away from an existing one.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 /// Applies the queue's migrations (versions 1001+). Other stitch

@@ -42,7 +42,7 @@ impl Env {
 
     fn config(&self, command: &str) -> LocalConfig {
         let mut c = LocalConfig::new(command, self.state_dir());
-        c.workdir = self.scratch();
+        c.workdir = Some(self.scratch());
         c.cancel_grace = Duration::from_secs(2);
         c
     }
@@ -285,7 +285,7 @@ async fn death_by_signal_fails_with_signal() {
 async fn unstartable_command_fails_with_reason() {
     let env = Env::new();
     let mut config = env.config("true");
-    config.workdir = env.dir.path().join("does-not-exist");
+    config.workdir = Some(env.dir.path().join("does-not-exist"));
     let runner = LocalRunner::new(config).unwrap();
     let handle = trigger(&runner, &request("h")).await;
     let report = wait_terminal(&runner, &handle).await;
@@ -751,4 +751,97 @@ async fn job_env_and_a_private_job_api_reach_the_command() {
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_workdir_is_a_private_scratch_dir_removed_when_the_build_ends() {
+    let env = Env::new();
+    let mut config = env.config("pwd; stat -c %a .; touch made-here");
+    config.workdir = None;
+    let runner = LocalRunner::new(config).unwrap();
+    let req = request("c/1");
+    let handle = trigger(&runner, &req).await;
+    let report = wait_terminal(&runner, &handle).await;
+    assert_eq!(
+        report.status,
+        BuildStatus::Succeeded,
+        "{:?}",
+        report.metadata
+    );
+    let out: Vec<String> = data(&collect_logs(&runner, &handle).await)
+        .into_iter()
+        .map(|(_, text)| text)
+        .collect();
+    let dir = PathBuf::from(&out[0]);
+    let tmp = std::env::temp_dir().canonicalize().unwrap();
+    let expected_prefix = format!("stitch-build-{}-", req.build_id);
+    assert_eq!(dir.parent(), Some(tmp.as_path()), "{out:?}");
+    assert!(
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&expected_prefix)),
+        "{out:?}"
+    );
+    assert!(!dir.starts_with(env.state_dir()), "{out:?}");
+    assert_eq!(out[1], "700", "the build's directory is private");
+    assert!(
+        !dir.exists(),
+        "the scratch directory is removed when the build ends"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_run_as_the_configured_account() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running builds as another account needs root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("the test machine has a `nobody` account");
+    let env = Env::new();
+    let mut config = env.config(
+        r#"id -u; id -g; id -G; echo "$USER"; touch mine && echo wrote; test -w "$STITCH_JOB_API_SOCKET" && echo job-api"#,
+    );
+    config.workdir = None;
+    config.run_as = stitch_runners::local::RunAs::resolve(Some("nobody"), None, 0).unwrap();
+    let runner = LocalRunner::new(config).unwrap();
+    let req = request("c/1");
+    // With a way back to stitch, the build gets a job API: the account
+    // must be able to reach its socket.
+    let job_env = [
+        ("STITCH_JOB_TOKEN", "stj_secret".to_string()),
+        ("STITCH_SERVER", "http://127.0.0.1:1".to_string()),
+        ("STITCH_BUILD_ID", req.build_id.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let req = req.with_job_env(job_env);
+    let handle = trigger(&runner, &req).await;
+    let report = wait_terminal(&runner, &handle).await;
+    let out: Vec<String> = data(&collect_logs(&runner, &handle).await)
+        .into_iter()
+        .map(|(_, text)| text)
+        .collect();
+    assert_eq!(
+        report.status,
+        BuildStatus::Succeeded,
+        "{:?} {out:?}",
+        report.metadata
+    );
+    let uid = nobody.uid.to_string();
+    let gid = nobody.gid.to_string();
+    assert_eq!(
+        out,
+        [
+            uid.as_str(),
+            gid.as_str(),
+            gid.as_str(),
+            "nobody",
+            "wrote",
+            "job-api"
+        ],
+        "uid, gid, no supplementary groups of root, USER, a workdir and a job API the account can use"
+    );
 }

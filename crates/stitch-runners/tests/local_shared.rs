@@ -64,7 +64,7 @@ impl Env {
 
     fn config(&self, concurrency: usize) -> LocalConfig {
         let mut c = LocalConfig::new(COMMAND, self.state_dir());
-        c.workdir = self.scratch();
+        c.workdir = Some(self.scratch());
         c.cancel_grace = Duration::from_secs(2);
         c.concurrency = concurrency;
         c
@@ -171,7 +171,7 @@ fn runner_process() {
     rt.block_on(async move {
         let path = |k: &str| PathBuf::from(spec[k].as_str().unwrap());
         let mut config = LocalConfig::new(COMMAND, path("state_dir"));
-        config.workdir = path("workdir");
+        config.workdir = Some(path("workdir"));
         config.cancel_grace = Duration::from_secs(2);
         config.concurrency = spec["concurrency"].as_u64().unwrap() as usize;
         let runner = LocalRunner::new(config).unwrap();

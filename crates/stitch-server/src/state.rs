@@ -14,6 +14,7 @@ use stitch_runners::buildkite::{BuildkiteConfig, BuildkiteRunner, Client};
 use stitch_runners::github::{self, AppTokens, Credentials, GithubConfig, GithubRunner};
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
+use stitch_runners::local::RunAs;
 use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
 use stitch_store::{CommitListener, Committed, Store, StorePool};
 use tokio::sync::watch;
@@ -92,6 +93,18 @@ pub enum StartError {
     Runner { queue: String, message: String },
 }
 
+/// Creates the data directory private to stitch's user (mode 0700; an
+/// existing one is set to 0700): it holds the SQLite database and the
+/// runners' state, job tokens included.
+pub fn create_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// The storage URL a configuration names: `storage.url`, or the SQLite
 /// file `stitch.db` in the data directory.
 pub fn storage_url(config: &Config) -> String {
@@ -163,7 +176,7 @@ pub async fn open_queue(config: &Config) -> Result<Queue, StartError> {
 impl AppState {
     /// Opens the database (creating it), the queue and every queue's runner.
     pub async fn open(config: Config) -> Result<Self, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        create_data_dir(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
         })?;
@@ -541,6 +554,13 @@ fn build_runtime(
             lc.workdir = l.workdir;
             lc.cancel_grace = l.cancel_grace;
             lc.env = l.env;
+            lc.pass_env = l.pass_env;
+            lc.run_as = RunAs::resolve(
+                l.user.as_deref(),
+                l.group.as_deref(),
+                nix::unistd::geteuid().as_raw(),
+            )
+            .map_err(|e| err(e.to_string()))?;
             lc.concurrency = qc.concurrency.unwrap_or(1).max(1) as usize;
             Arc::new(LocalRunner::new(lc).map_err(|e| err(e.to_string()))?)
         }

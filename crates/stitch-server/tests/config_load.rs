@@ -208,12 +208,15 @@ runner = "noop"
             },
             local: Some(LocalSection {
                 command: "make test".into(),
-                workdir: PathBuf::from("."),
+                workdir: Some(PathBuf::from(".")),
                 cancel_grace: Duration::from_secs(15),
                 env: [("CI", "true"), ("Mixed_Case", "kept")]
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                pass_env: Vec::new(),
+                user: None,
+                group: None,
             }),
             fake: None,
             buildkite: None,
@@ -250,7 +253,9 @@ runner = "noop"
 fn local_section_defaults() {
     let config = ok(LOCAL_CI, &[]);
     let local = config.queues["ci"].local.clone().unwrap();
-    assert_eq!(local.workdir, PathBuf::from("."));
+    assert_eq!(local.workdir, None, "unset: a scratch directory per build");
+    assert!(local.pass_env.is_empty());
+    assert_eq!((local.user, local.group), (None, None));
     assert_eq!(local.cancel_grace, Duration::from_secs(10));
     assert!(local.env.is_empty());
 }
@@ -403,7 +408,7 @@ fn env_values_of_string_keys_are_verbatim() {
     );
     let local = config.queues["ci"].local.clone().unwrap();
     assert_eq!(local.command, "[ -f Makefile ] && make, or not");
-    assert_eq!(local.workdir, PathBuf::from("true"));
+    assert_eq!(local.workdir, Some(PathBuf::from("true")));
     assert_eq!(config.storage.url.as_deref(), Some("sqlite://a,b.db"));
 }
 
@@ -1330,4 +1335,48 @@ fn cluster_rejects_settings_that_cannot_work() {
         "cluster.lease",
         "durations are strings like",
     );
+}
+
+#[test]
+fn local_pass_env_user_and_group_are_read_and_checked() {
+    let config = ok(
+        &format!("{LOCAL_CI}pass_env = [\"CARGO_HOME\", \"SSH_AUTH_SOCK\"]\n"),
+        &[],
+    );
+    let local = config.queues["ci"].local.clone().unwrap();
+    assert_eq!(local.pass_env, ["CARGO_HOME", "SSH_AUTH_SOCK"]);
+    if nix::unistd::geteuid().is_root() {
+        let config = ok(
+            &format!("{LOCAL_CI}user = \"nobody\"\n"),
+            &[("STITCH_QUEUES__CI__LOCAL__GROUP", "0")],
+        );
+        let local = config.queues["ci"].local.clone().unwrap();
+        assert_eq!(local.user.as_deref(), Some("nobody"));
+        assert_eq!(
+            local.group.as_deref(),
+            Some("0"),
+            "a numeric id from the environment stays a string"
+        );
+    }
+
+    let p = problems(
+        &format!(
+            "{LOCAL_CI}pass_env = [\"STITCH_JOB_TOKEN\", \"A=B\", \"CC\"]\nenv = {{ CC = \"gcc\" }}\n\
+             user = \"no-such-user-stitch\"\ngroup = \"no-such-group-stitch\"\n"
+        ),
+        &[],
+    );
+    assert_problem(&p, "queues.ci.local.pass_env[0]", "sets for every build");
+    assert_problem(&p, "queues.ci.local.pass_env[1]", "invalid variable name");
+    assert_problem(&p, "queues.ci.local.pass_env[2]", "local.env also sets");
+    if nix::unistd::geteuid().is_root() {
+        assert_problem(
+            &p,
+            "queues.ci.local.user",
+            "local.user \"no-such-user-stitch\": no such user on this machine",
+        );
+    } else {
+        assert_problem(&p, "queues.ci.local.user", "need stitch to run as root");
+    }
+    assert_eq!(p.len(), 4, "{p:#?}");
 }

@@ -46,9 +46,12 @@ fn local(command: &str, fail_fast: bool) -> QueueConfig {
         },
         local: Some(LocalSection {
             command: command.to_string(),
-            workdir: ".".into(),
+            workdir: Some(".".into()),
             cancel_grace: Duration::from_secs(5),
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
+            user: None,
+            group: None,
         }),
         ..QueueConfig::default()
     }

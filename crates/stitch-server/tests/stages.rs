@@ -52,9 +52,12 @@ fn local(command: &str) -> QueueConfig {
     QueueConfig {
         local: Some(LocalSection {
             command: command.to_string(),
-            workdir: ".".into(),
+            workdir: Some(".".into()),
             cancel_grace: Duration::from_millis(500),
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
+            user: None,
+            group: None,
         }),
         fake: None,
         concurrency: Some(4),

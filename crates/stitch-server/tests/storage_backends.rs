@@ -55,9 +55,12 @@ fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
             local: Some(LocalSection {
                 command: "echo \"building $STITCH_BUILD_ID\"; case \"$STITCH_HEAD\" in *fail*) exit 3;; esac"
                     .to_string(),
-                workdir: ".".into(),
+                workdir: Some(".".into()),
                 cancel_grace: Duration::from_millis(500),
                 env: BTreeMap::new(),
+                pass_env: Vec::new(),
+                user: None,
+                group: None,
             }),
             fake: None,
             concurrency: Some(4),

@@ -1,6 +1,11 @@
 //! atproto service-auth: a compact JWT signed (ES256K or ES256) by the
 //! caller's DID key, addressed to this spindle (`aud` = `did:web:<host>`)
-//! for one method (`lxm`), and not expired (`exp`).
+//! for one method (`lxm`), not expired (`exp`) and short-lived.
+//!
+//! Verification is two steps so that nothing reaches the network for a
+//! stranger: [`check_claims`] does every check that needs no I/O; the
+//! caller then decides whether the issuer is someone it has a reason to
+//! trust, and only then [`verify_signature`] resolves the issuer's DID.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -26,6 +31,14 @@ pub enum AuthError {
     /// `exp` is in the past.
     #[error("token expired")]
     Expired,
+    /// The token lives longer than [`MAX_TOKEN_LIFETIME`], or was issued in
+    /// the future.
+    #[error("token lifetime is not within {} seconds from now", MAX_TOKEN_LIFETIME)]
+    Lifetime,
+    /// The issuer is not the owner, a member or a repo owner of this
+    /// spindle: its DID is not resolved.
+    #[error("token issuer is not known to this spindle")]
+    Untrusted,
     /// The issuer's keys could not be resolved.
     #[error("{0}")]
     Resolve(#[from] DidError),
@@ -33,6 +46,12 @@ pub enum AuthError {
     #[error("token signature does not verify against the issuer's key")]
     Signature,
 }
+
+/// Longest accepted token lifetime in seconds (`exp - iat`, and `exp`
+/// from now). atproto service tokens default to 60 s.
+pub const MAX_TOKEN_LIFETIME: i64 = 600;
+/// Clock skew tolerated on `iat`.
+const CLOCK_SKEW: i64 = 60;
 
 #[derive(Deserialize)]
 struct Header {
@@ -45,18 +64,29 @@ struct Claims {
     aud: String,
     exp: i64,
     #[serde(default)]
+    iat: Option<i64>,
+    #[serde(default)]
     lxm: Option<String>,
 }
 
-/// Verifies `token` for a call of `method` on `audience` at unix time
-/// `now`; returns the caller's DID.
-pub async fn verify_service_auth(
-    resolver: &DidResolver,
+/// A token whose claims passed every check but the signature.
+#[derive(Debug)]
+pub struct CheckedToken {
+    /// The issuer's DID (without a `#service` fragment).
+    pub did: String,
+    alg: String,
+    signed: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+/// The checks that need no I/O: shape, `alg`, `aud`, `lxm`, `exp` and a
+/// lifetime of at most [`MAX_TOKEN_LIFETIME`].
+pub fn check_claims(
     token: &str,
     audience: &str,
     method: &str,
     now: i64,
-) -> Result<String, AuthError> {
+) -> Result<CheckedToken, AuthError> {
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -91,15 +121,36 @@ pub async fn verify_service_auth(
     if claims.exp <= now {
         return Err(AuthError::Expired);
     }
+    let too_long = claims.exp.saturating_sub(now) > MAX_TOKEN_LIFETIME
+        || claims.iat.is_some_and(|iat| {
+            iat > now.saturating_add(CLOCK_SKEW)
+                || claims.exp.saturating_sub(iat) > MAX_TOKEN_LIFETIME
+        });
+    if too_long {
+        return Err(AuthError::Lifetime);
+    }
     // `iss` may name a service of the DID (`did:plc:x#atproto_labeler`).
     let did = claims.iss.split('#').next().unwrap_or_default().to_string();
-    let keys = resolver.keys(&did).await?;
-    let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
+    Ok(CheckedToken {
+        did,
+        alg: header.alg,
+        signed: token.as_bytes()[..h.len() + 1 + p.len()].to_vec(),
+        signature,
+    })
+}
+
+/// Resolves the issuer's keys and checks the signature; returns the
+/// caller's DID. Call only for issuers the spindle has a reason to trust.
+pub async fn verify_signature(
+    resolver: &DidResolver,
+    token: CheckedToken,
+) -> Result<String, AuthError> {
+    let keys = resolver.keys(&token.did).await?;
     if keys
         .iter()
-        .any(|k| verifies(k, &header.alg, signed, &signature))
+        .any(|k| verifies(k, &token.alg, &token.signed, &token.signature))
     {
-        Ok(did)
+        Ok(token.did)
     } else {
         Err(AuthError::Signature)
     }

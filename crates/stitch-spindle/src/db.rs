@@ -243,14 +243,6 @@ impl SpindleDb {
             .await
     }
 
-    /// Every knot hosting a tracked repo.
-    pub async fn knots(&self) -> Result<Vec<String>, SpindleError> {
-        let rows = sqlx::query("SELECT DISTINCT knot FROM spindle_repos ORDER BY knot")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(|r| r.get::<String, _>(0)).collect())
-    }
-
     /// Whether `(knot, did, name)` is a tracked repo naming this spindle.
     pub async fn repo_tracked(
         &self,
@@ -277,6 +269,37 @@ impl SpindleDb {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| r.get::<String, _>(0)))
+    }
+
+    /// Whether the spindle has a reason to trust `did`: it is the owner, a
+    /// member, or owns a repo that names this spindle. Only such DIDs are
+    /// resolved for service auth.
+    pub async fn knows_did(&self, owner: &str, did: &str) -> Result<bool, SpindleError> {
+        if did == owner {
+            return Ok(true);
+        }
+        let row = sqlx::query(
+            "SELECT 1 FROM spindle_members WHERE subject = ?1
+             UNION ALL SELECT 1 FROM spindle_repos WHERE did = ?1 LIMIT 1",
+        )
+        .bind(did)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Knots of the repos of the owner and the members: the only knots the
+    /// spindle follows.
+    pub async fn trusted_knots(&self, owner: &str) -> Result<Vec<String>, SpindleError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT knot FROM spindle_repos
+             WHERE did = ?1 OR did IN (SELECT subject FROM spindle_members)
+             ORDER BY knot",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
     }
 
     /// Whether the owner vouched for `subject`.

@@ -126,7 +126,8 @@ async fn process(
     match commit.collection.as_str() {
         REPO_NSID => {
             if deleted {
-                return spindle.db.delete_repo(did, &commit.rkey).await;
+                spindle.db.delete_repo(did, &commit.rkey).await?;
+                return spindle.knots.sync(spindle, stop).await;
             }
             let Some(repo) = decode::<RepoRecord>(commit) else {
                 return Ok(());
@@ -136,15 +137,16 @@ async fn process(
                     .db
                     .upsert_repo(did, &commit.rkey, &repo.name, &repo.knot)
                     .await?;
-                spindle.knots.ensure(spindle, &repo.knot, stop);
             } else {
                 // Moved to another spindle (or none): stop trusting it.
                 spindle.db.delete_repo(did, &commit.rkey).await?;
             }
+            spindle.knots.sync(spindle, stop).await?;
         }
         MEMBER_NSID => {
             if deleted {
-                return spindle.db.delete_member(did, &commit.rkey).await;
+                spindle.db.delete_member(did, &commit.rkey).await?;
+                return spindle.knots.sync(spindle, stop).await;
             }
             let Some(member) = decode::<MemberRecord>(commit) else {
                 return Ok(());
@@ -158,6 +160,8 @@ async fn process(
                 tracing::info!(did, subject = %member.subject, instance = %member.instance, "spindle: ignoring a membership not granted by the owner for this instance");
                 spindle.db.delete_member(did, &commit.rkey).await?;
             }
+            // A new member's repos recorded earlier now count.
+            spindle.knots.sync(spindle, stop).await?;
         }
         COLLABORATOR_NSID => {
             if deleted {

@@ -1,9 +1,12 @@
 //! One event-stream client per tracked knot (`/events?cursor=<nanos>`):
 //! reconnects with backoff, persists its cursor, and hands each
-//! `sh.tangled.pipeline` trigger to [`crate::trigger::handle`]. Knots
-//! discovered later (Jetstream) are added without a restart.
+//! `sh.tangled.pipeline` trigger to [`crate::trigger::handle`]. Only knots
+//! of the owner's and members' repos are followed, and only when their host
+//! is a DNS name (any host in `dev`); knots discovered later (Jetstream)
+//! are added without a restart, and a knot whose last such repo record is
+//! deleted is no longer followed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -12,29 +15,66 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Backoff;
 use crate::db::{knot_cursor, now_nanos};
+use crate::did::check_host;
+use crate::error::SpindleError;
 use crate::records::{KnotFrame, PipelineRecord, PIPELINE_NSID};
 use crate::Spindle;
 
-/// The knots with a running client.
+/// The knots with a running client, each with the token that stops it.
 #[derive(Clone, Default)]
 pub struct KnotClients {
     // Touched briefly and never across an await: a std mutex is enough.
-    running: Arc<Mutex<HashSet<String>>>,
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
 }
 
 impl KnotClients {
-    /// Starts a client for `knot` unless one runs.
-    pub(crate) fn ensure(&self, spindle: &Spindle, knot: &str, stop: &CancellationToken) {
-        let fresh = match self.running.lock() {
-            Ok(mut set) => set.insert(knot.to_string()),
-            Err(poisoned) => poisoned.into_inner().insert(knot.to_string()),
-        };
-        if fresh {
-            tracing::info!(knot, "spindle: following knot");
-            spindle
-                .tasks
-                .spawn(follow(spindle.clone(), knot.to_string(), stop.clone()));
+    /// Follows exactly the knots of the owner's and the members' repos
+    /// whose host names pass [`check_host`]: starts a client for each new
+    /// one and stops the clients of knots no longer in that set (a deleted
+    /// repo record, a membership withdrawn).
+    pub(crate) async fn sync(
+        &self,
+        spindle: &Spindle,
+        stop: &CancellationToken,
+    ) -> Result<(), SpindleError> {
+        let mut wanted = HashSet::new();
+        for knot in spindle.db.trusted_knots(&spindle.settings.owner).await? {
+            match check_host(&knot, spindle.settings.dev) {
+                Ok(()) => {
+                    wanted.insert(knot);
+                }
+                Err(why) => {
+                    tracing::warn!(knot, reason = %why, "spindle: not following a knot whose host is not a DNS name")
+                }
+            }
         }
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|knot, client| {
+            let keep = wanted.contains(knot);
+            if !keep {
+                tracing::info!(knot, "spindle: no longer following knot");
+                client.cancel();
+            }
+            keep
+        });
+        for knot in wanted {
+            if running.contains_key(&knot) {
+                continue;
+            }
+            tracing::info!(knot, "spindle: following knot");
+            let client = stop.child_token();
+            running.insert(knot.clone(), client.clone());
+            spindle.tasks.spawn(follow(spindle.clone(), knot, client));
+        }
+        Ok(())
+    }
+
+    /// The knots followed now, sorted.
+    pub fn followed(&self) -> Vec<String> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut knots: Vec<String> = running.keys().cloned().collect();
+        knots.sort();
+        knots
     }
 }
 

@@ -49,7 +49,8 @@ pub struct Spindle {
     pub settings: Arc<Settings>,
     /// Resolves callers' DIDs for service auth.
     pub resolver: did::DidResolver,
-    pub(crate) knots: knot::KnotClients,
+    /// The knots followed now.
+    pub knots: knot::KnotClients,
     pub(crate) tasks: TaskTracker,
     pub(crate) stop: CancellationToken,
 }
@@ -82,15 +83,13 @@ pub async fn start(
         tasks: TaskTracker::new(),
         stop: stop.clone(),
     };
+    spindle.knots.sync(&spindle, &stop).await?;
     spindle
         .tasks
         .spawn(status::run(spindle.clone(), stop.clone()));
     spindle
         .tasks
         .spawn(jetstream::run(spindle.clone(), stop.clone()));
-    for knot in spindle.db.knots().await? {
-        spindle.knots.ensure(&spindle, &knot, &stop);
-    }
     let tasks = spindle.tasks.clone();
     let done = tokio::spawn(async move {
         stop.cancelled().await;

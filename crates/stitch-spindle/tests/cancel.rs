@@ -56,7 +56,7 @@ async fn cancel_needs_a_valid_token_of_the_repo_owner() {
     // Refused: no token, forged (another key), expired, wrong audience,
     // wrong method, garbage, and a valid token of someone else.
     let (code, text) = cancel(&h, None, &body).await;
-    assert_eq!((code, error_of(&text).as_str()), (400, "AuthRequired"));
+    assert_eq!((code, error_of(&text).as_str()), (401, "AuthRequired"));
     let forged = stranger_key.sign_jwt(&good);
     let mut expired = good.clone();
     expired["exp"] = json!(chrono::Utc::now().timestamp() - 10);
@@ -77,10 +77,12 @@ async fn cancel_needs_a_valid_token_of_the_repo_owner() {
         let (code, text) = cancel(&h, Some(&token), &body).await;
         assert_eq!(
             (code, error_of(&text).as_str()),
-            (400, "InvalidToken"),
+            (401, "InvalidToken"),
             "{what}: {text}"
         );
     }
+    // A stranger (not the owner, a member or a repo owner) is refused
+    // before its DID is resolved.
     let (code, text) = cancel(
         &h,
         Some(&stranger_key.sign_jwt(&cancel_claims("did:plc:stranger"))),
@@ -89,9 +91,10 @@ async fn cancel_needs_a_valid_token_of_the_repo_owner() {
     .await;
     assert_eq!(
         (code, error_of(&text).as_str()),
-        (400, "Unauthorized"),
+        (401, "InvalidToken"),
         "{text}"
     );
+    assert!(text.contains("not known to this spindle"), "{text}");
     // Bad input with a valid token.
     let token = owner_key.sign_jwt(&good);
     for bad in [

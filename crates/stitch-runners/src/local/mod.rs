@@ -1,9 +1,12 @@
 //! `local`: runs a queue's shell command as a real child process per build.
 //!
-//! - Each build runs `sh -c <command>` in `workdir`, in its own process
-//!   group, with `STITCH_BUILD_ID`, `STITCH_QUEUE`, `STITCH_BASE` and
-//!   `STITCH_HEAD` (JSON arrays) and `STITCH_METADATA` (JSON object) on top
-//!   of the configured `env`.
+//! - Each build runs `sh -c <command>` in `workdir` (default: a fresh
+//!   private directory per build under the system temporary directory,
+//!   removed when the build ends), in its own process group, optionally as
+//!   another account (`run_as`), with a clean environment: the allow-list
+//!   [`INHERITED_ENV`] and `LC_*` of stitch's own, the queue's `pass_env`
+//!   and `env`, and `STITCH_BUILD_ID`, `STITCH_QUEUE`, `STITCH_BASE` and
+//!   `STITCH_HEAD` (JSON arrays) and `STITCH_METADATA` (JSON object).
 //! - Output becomes one step of `LogLine`s: a control `start` carrying the
 //!   command, one data line per output line tagged `stdout`/`stderr`, a
 //!   control `end`.
@@ -71,7 +74,10 @@ use stitch_job::{JobApi, PromiseFailureCoordinator, ServerClient, ServerClientEr
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{LocalConfig, LocalConfigError, RESERVED_ENV};
+pub use config::{
+    check_pass_env, LocalConfig, LocalConfigError, RunAs, INHERITED_ENV, RESERVED_ENV,
+    SCRATCH_PREFIX,
+};
 pub use ownership::BUILD_LOCK_FILE;
 pub use state::{CANCEL_FILE, LOG_FILE, STATE_FILE};
 pub use supervise::CANCEL_POLL;
@@ -173,7 +179,10 @@ impl LocalRunner {
             path: root.clone(),
             source,
         };
-        std::fs::create_dir_all(&root).map_err(dir_err)?;
+        // Private: state files hold job tokens.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&root)
+            .map_err(dir_err)?;
         ownership::sweep_dead_runners(&root);
         let runner_lock = RunnerLock::acquire(&root).map_err(dir_err)?;
         let shared = Arc::new(Shared {
@@ -234,7 +243,7 @@ impl LocalRunner {
 /// runs, when the trigger gave the build a way to call back into stitch
 /// (`STITCH_SERVER`, `STITCH_BUILD_ID`, `STITCH_JOB_TOKEN`). Without it the
 /// command still runs; `stitch job promise-failure` then declares directly.
-fn start_job_api(state: &BuildState) -> Option<JobApi> {
+fn start_job_api(state: &BuildState, run_as: Option<&RunAs>) -> Option<JobApi> {
     let declarer = match ServerClient::from_lookup(|name| state.job_env.get(name).cloned()) {
         Ok(d) => d,
         Err(ServerClientError::MissingEnv(_)) => return None,
@@ -244,7 +253,15 @@ fn start_job_api(state: &BuildState) -> Option<JobApi> {
         }
     };
     match JobApi::start(PromiseFailureCoordinator::new(Arc::new(declarer))) {
-        Ok(api) => Some(api),
+        Ok(api) => {
+            if let Some(account) = run_as {
+                if let Err(e) = process::hand_over_job_api(api.socket(), account) {
+                    tracing::warn!(build_id = %state.build_id, error = %e, "cannot give the job API to the build's account; the build runs without it");
+                    return None;
+                }
+            }
+            Some(api)
+        }
         Err(e) => {
             tracing::warn!(build_id = %state.build_id, error = %e, "cannot start the job API; the build runs without it");
             None
@@ -362,6 +379,20 @@ impl Shared {
                 now,
             ),
         );
+        let workdir = match &self.config.workdir {
+            Some(dir) => dir.clone(),
+            None => match process::create_scratch(id.as_str(), self.config.run_as.as_ref()) {
+                Ok(dir) => {
+                    state.scratch_dir = Some(dir.clone());
+                    dir
+                }
+                Err(e) => {
+                    let reason = format!("could not create the build's working directory: {e}");
+                    self.fail_unstarted(&mut writer, &mut state, reason);
+                    return Start::Done;
+                }
+            },
+        };
         // Recorded before the spawn: if stitch dies between the spawn and the
         // `running` record below, a restart finds `started_at` without a pid
         // and fails the build as lost instead of running the command twice.
@@ -375,15 +406,12 @@ impl Shared {
             );
             return Start::Done;
         }
-        let job_api = start_job_api(&state);
+        let job_api = start_job_api(&state, self.config.run_as.as_ref());
         let job_api_env = job_api.as_ref().map(|api| api.env()).unwrap_or_default();
-        let child = match process::spawn(&self.config, &state, &job_api_env) {
+        let child = match process::spawn(&self.config, &state, &workdir, &job_api_env) {
             Ok(child) => child,
             Err(e) => {
-                let reason = format!(
-                    "could not start `sh -c` in {}: {e}",
-                    self.config.workdir.display()
-                );
+                let reason = format!("could not start `sh -c` in {}: {e}", workdir.display());
                 self.fail_unstarted(&mut writer, &mut state, reason);
                 return Start::Done;
             }
@@ -449,6 +477,9 @@ impl Shared {
         if let Err(e) = self.dir.write(state) {
             tracing::error!(build_id = %state.build_id, error = %e, "cannot record failed start");
         }
+        if let Some(dir) = &state.scratch_dir {
+            process::remove_scratch(state.build_id.as_str(), dir);
+        }
     }
 
     /// Record a supervised build's end, release its lock and free its
@@ -472,6 +503,9 @@ impl Shared {
                     state.finish(outcome.status, outcome.error);
                     if let Err(e) = self.dir.write(&state) {
                         tracing::error!(build_id = %id, error = %e, "cannot record build outcome");
+                    }
+                    if let Some(dir) = &state.scratch_dir {
+                        process::remove_scratch(id.as_str(), dir);
                     }
                 }
                 Ok(None) => tracing::error!(build_id = %id, "build state vanished while it ran"),
@@ -585,6 +619,9 @@ impl Shared {
         };
         state.finish(status, Some(reason));
         self.write_logged(&state);
+        if let Some(dir) = &state.scratch_dir {
+            process::remove_scratch(state.build_id.as_str(), dir);
+        }
         state
     }
 

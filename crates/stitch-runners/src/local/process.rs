@@ -2,7 +2,11 @@
 //! signalling the whole group, and telling whether a recorded process is
 //! still ours after a restart.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 
 use nix::errno::Errno;
@@ -11,31 +15,24 @@ use nix::unistd::Pid;
 use stitch_core::BuildStatus;
 use tokio::process::{Child, Command};
 
-use super::config::LocalConfig;
+use super::config::{LocalConfig, RunAs, INHERITED_ENV, SCRATCH_PREFIX};
 use super::state::BuildState;
 
 /// Start `sh -c <command>` for a build: in `workdir`, in a new process
-/// group (so cancel can signal the whole tree), with the build described
-/// in `STITCH_*` variables on top of the configured `env`, plus the job's
-/// call-back environment (`job_env` from the trigger, and `job_api`: the
-/// socket and token of the build's job API).
+/// group (so cancel can signal the whole tree), as the configured account,
+/// with exactly the environment of [`build_env`].
 pub(crate) fn spawn(
     config: &LocalConfig,
     state: &BuildState,
+    workdir: &Path,
     job_api: &[(&'static str, String)],
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(&config.command)
-        .current_dir(&config.workdir)
-        .envs(&config.env)
-        .envs(&state.job_env)
-        .envs(job_api.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("STITCH_BUILD_ID", state.build_id.as_str())
-        .env("STITCH_QUEUE", &state.queue)
-        .env("STITCH_BASE", json(&state.base))
-        .env("STITCH_HEAD", json(&state.head))
-        .env("STITCH_METADATA", json(&state.metadata))
+        .current_dir(workdir)
+        .env_clear()
+        .envs(build_env(config, state, job_api, std::env::vars_os()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -43,7 +40,98 @@ pub(crate) fn spawn(
         // The build must outlive a dropped handle: stitch stopping is not
         // a reason to kill it (the next runner reports it lost instead).
         .kill_on_drop(false);
+    if let Some(account) = &config.run_as {
+        // When root switches user, std drops every supplementary group
+        // (setgroups(0)) before setgid/setuid.
+        cmd.gid(account.gid).uid(account.uid);
+    }
     cmd.spawn()
+}
+
+/// The whole environment of a build's command, later entries winning:
+/// the allow-list [`INHERITED_ENV`] and `LC_*` from stitch's environment
+/// (`inherited`), with `HOME`/`USER` of the account when builds run as
+/// another user; the queue's `pass_env` variables; its `env`; the trigger's
+/// `job_env` and the job API's variables; the `STITCH_*` build variables.
+/// Nothing else of stitch's environment (API tokens, provider tokens,
+/// database passwords) reaches the command.
+pub(crate) fn build_env(
+    config: &LocalConfig,
+    state: &BuildState,
+    job_api: &[(&'static str, String)],
+    inherited: impl Iterator<Item = (OsString, OsString)>,
+) -> BTreeMap<OsString, OsString> {
+    let mut env = BTreeMap::new();
+    for (name, value) in inherited {
+        let allowed = name.to_str().is_some_and(|n| {
+            INHERITED_ENV.contains(&n)
+                || n.starts_with("LC_")
+                || config.pass_env.iter().any(|p| p == n)
+        });
+        if allowed {
+            env.insert(name, value);
+        }
+    }
+    if let Some((user, home)) = config.run_as.as_ref().and_then(|a| a.user.as_ref()) {
+        env.insert("USER".into(), user.into());
+        env.insert("HOME".into(), home.into());
+    }
+    let set = config
+        .env
+        .iter()
+        .chain(&state.job_env)
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .chain(job_api.iter().map(|(k, v)| (*k, v.clone())))
+        .chain([
+            ("STITCH_BUILD_ID", state.build_id.as_str().to_string()),
+            ("STITCH_QUEUE", state.queue.clone()),
+            ("STITCH_BASE", json(&state.base)),
+            ("STITCH_HEAD", json(&state.head)),
+            ("STITCH_METADATA", json(&state.metadata)),
+        ]);
+    for (name, value) in set {
+        env.insert(name.into(), value.into());
+    }
+    env
+}
+
+/// A fresh private (0700) working directory for one build under the system
+/// temporary directory, with a random suffix so nobody can prepare it in
+/// advance; handed to the build's account when builds run as another user.
+pub(crate) fn create_scratch(build_id: &str, run_as: Option<&RunAs>) -> std::io::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{SCRATCH_PREFIX}{build_id}-"))
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()?
+        .keep();
+    let handed_over = match run_as {
+        Some(account) => std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid)),
+        None => Ok(()),
+    };
+    if let Err(e) = handed_over {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    Ok(dir)
+}
+
+/// Remove a build's scratch directory once the build has ended.
+pub(crate) fn remove_scratch(build_id: &str, dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(build_id, dir = %dir.display(), error = %e, "cannot remove the build's scratch directory");
+        }
+    }
+}
+
+/// Let the build's account reach its job API: the socket's private
+/// directory and the socket itself become the account's.
+pub(crate) fn hand_over_job_api(socket: &Path, account: &RunAs) -> std::io::Result<()> {
+    let owner = (Some(account.uid), Some(account.gid));
+    if let Some(dir) = socket.parent() {
+        std::os::unix::fs::chown(dir, owner.0, owner.1)?;
+    }
+    std::os::unix::fs::chown(socket, owner.0, owner.1)
 }
 
 /// JSON for the env values. Lists of strings and string maps always
@@ -181,6 +269,63 @@ mod tests {
         assert_eq!(leader(me, Some(start)), Leader::Alive);
         assert_eq!(leader(me, Some(start + 1)), Leader::Reused);
         assert_eq!(leader(i32::MAX - 1, None), Leader::Gone);
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Iterator<Item = (OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn build_env_keeps_only_the_allow_list_and_what_the_queue_names() {
+        let mut config = LocalConfig::new("env", "/tmp/s");
+        config.env.insert("CC".into(), "clang".into());
+        config.pass_env.push("CARGO_HOME".into());
+        let req = stitch_core::TriggerRequest::new(
+            stitch_core::BuildId::new(),
+            "ci",
+            stitch_core::ChangeSet::head_only(["h"]),
+        );
+        let state = BuildState::accepted(&req, chrono::Utc::now(), "me");
+        let inherited = vars(&[
+            ("PATH", "/bin"),
+            ("LC_ALL", "C"),
+            ("CARGO_HOME", "/cargo"),
+            ("STITCH_API_TOKEN", "secret"),
+            ("GITHUB_TOKEN", "secret"),
+            ("STITCH_BUILD_ID", "stale"),
+            ("CC", "gcc"),
+        ]);
+        let env = build_env(
+            &config,
+            &state,
+            &[("STITCH_JOB_API_TOKEN", "t".into())],
+            inherited,
+        );
+        let names: Vec<&str> = env.keys().filter_map(|k| k.to_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "CARGO_HOME",
+                "CC",
+                "LC_ALL",
+                "PATH",
+                "STITCH_BASE",
+                "STITCH_BUILD_ID",
+                "STITCH_HEAD",
+                "STITCH_JOB_API_TOKEN",
+                "STITCH_METADATA",
+                "STITCH_QUEUE",
+            ]
+        );
+        assert_eq!(env[&OsString::from("CC")], "clang");
+        assert_eq!(
+            env[&OsString::from("STITCH_BUILD_ID")],
+            state.build_id.as_str()
+        );
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub(crate) struct BuildState {
     /// directory: such a waiting build belongs to whoever adopts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The build's own working directory, when no `workdir` is configured:
+    /// recorded before the command starts so that whoever ends the build
+    /// (its supervisor, or a runner reporting it lost) removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 impl BuildState {
@@ -98,6 +103,7 @@ impl BuildState {
             error: None,
             job_env: req.job_env.clone(),
             owner: Some(owner.to_string()),
+            scratch_dir: None,
         }
     }
 

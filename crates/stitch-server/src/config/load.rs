@@ -39,6 +39,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use humantime_serde::re::humantime::{format_duration, parse_duration};
 
+use stitch_runners::local::{check_pass_env, LocalConfigError, RunAs};
 use stitch_runners::{FakeConfig, FakeConfigError, LocalConfig};
 
 use super::{Config, FakeSection, LocalSection, RunnerName};
@@ -476,7 +477,12 @@ fn is_string_key(segments: &[String]) -> bool {
             | ["storage", "url"]
             | ["api", "public_url"]
             | ["queues", _, "runner"]
-            | ["queues", _, "local", "command" | "workdir"]
+            | [
+                "queues",
+                _,
+                "local",
+                "command" | "workdir" | "user" | "group"
+            ]
             | ["queues", _, "local", "env", _]
             | [
                 "queues",
@@ -889,6 +895,7 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
 
         if let (Some(local), RunnerName::Local) = (&q.local, q.runner) {
             validate_local_env(&base, local, problems);
+            validate_local_account(&base, local, problems);
         }
         if let (Some(fake), RunnerName::Fake) = (&q.fake, q.runner) {
             validate_fake(&base, fake, problems);
@@ -1289,6 +1296,30 @@ fn validate_local_env(base: &[Seg], local: &LocalSection, problems: &mut Problem
         if let Err(e) = one.validate() {
             problems.report(with(base, &["local", "env", name]), e.to_string());
         }
+    }
+    for (i, name) in local.pass_env.iter().enumerate() {
+        let mut key = with(base, &["local", "pass_env"]);
+        key.push(Seg::Index(i));
+        if let Err(e) = check_pass_env(name) {
+            problems.report(key, e.to_string());
+        } else if local.env.contains_key(name) {
+            let e = LocalConfigError::PassEnvAlsoSet { name: name.clone() };
+            problems.report(key, e.to_string());
+        }
+    }
+}
+
+/// `local.user` / `local.group`: the account must exist, and switching
+/// accounts needs stitch to run as root.
+fn validate_local_account(base: &[Seg], local: &LocalSection, problems: &mut Problems) {
+    let euid = nix::unistd::geteuid().as_raw();
+    if let Err(e) = RunAs::resolve(local.user.as_deref(), local.group.as_deref(), euid) {
+        let key = match &e {
+            LocalConfigError::UnknownAccount { what: "group", .. } => "group",
+            LocalConfigError::NotRoot if local.user.is_none() => "group",
+            _ => "user",
+        };
+        problems.report(with(base, &["local", key]), e.to_string());
     }
 }
 

@@ -227,18 +227,27 @@ impl Default for RetryConfig {
 pub struct LocalSection {
     /// Run with `sh -c` in `workdir`.
     pub command: String,
-    #[serde(default = "dot")]
-    pub workdir: PathBuf,
+    /// Shared by every build of the queue. Unset: each build gets a fresh
+    /// private directory under the system temporary directory, removed
+    /// when it ends.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
     /// Between SIGTERM and SIGKILL on cancel.
     #[serde(default = "ten_seconds", with = "humantime_serde")]
     pub cancel_grace: Duration,
-    /// Extra environment for the command.
+    /// Extra environment for the command (builds never inherit stitch's
+    /// own environment beyond a short allow-list).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-}
-
-fn dot() -> PathBuf {
-    PathBuf::from(".")
+    /// Names of stitch's own environment variables handed to builds.
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+    /// Account builds run as (name or uid); needs stitch to run as root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Group builds run as (name or gid); default the user's primary group.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn ten_seconds() -> Duration {

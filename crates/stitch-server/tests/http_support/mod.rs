@@ -52,9 +52,12 @@ pub fn config(data_dir: PathBuf) -> Config {
             runner: RunnerName::Local,
             local: Some(LocalSection {
                 command: LOCAL_COMMAND.to_string(),
-                workdir: PathBuf::from("."),
+                workdir: Some(PathBuf::from(".")),
                 cancel_grace: Duration::from_secs(1),
                 env: BTreeMap::new(),
+                pass_env: Vec::new(),
+                user: None,
+                group: None,
             }),
             ..QueueConfig::default()
         },

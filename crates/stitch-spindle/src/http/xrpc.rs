@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::json;
 use stitch_server::service;
 
-use crate::auth::{verify_service_auth, AuthError};
+use crate::auth::{check_claims, verify_signature, AuthError};
 use crate::records::{CancelInput, CANCEL_NSID, PIPELINE_NSID};
 use crate::tid::is_tid;
 use crate::Spindle;
@@ -27,6 +27,11 @@ fn xrpc_error(status: StatusCode, error: &str, message: impl Into<String>) -> Re
         .into_response()
 }
 
+/// 401: no token, or a token that is not accepted.
+fn unauthorized(error: &str, why: AuthError) -> Response {
+    xrpc_error(StatusCode::UNAUTHORIZED, error, why.to_string())
+}
+
 fn bad(error: &str, message: impl Into<String>) -> Response {
     xrpc_error(StatusCode::BAD_REQUEST, error, message)
 }
@@ -34,7 +39,8 @@ fn bad(error: &str, message: impl Into<String>) -> Response {
 /// `POST /xrpc/sh.tangled.pipeline.cancelPipeline`: verifies service auth,
 /// requires the caller to own the repo, cancels the workflow's build (its
 /// `cancelled` status follows from the build's transition). 200 with an
-/// empty body; every refusal is 400 `{"error","message"}`.
+/// empty body; a missing or refused token is 401, other refusals 400, each
+/// `{"error","message"}` without URLs or upstream answers.
 pub(crate) async fn cancel_pipeline(
     State(spindle): State<Spindle>,
     headers: HeaderMap,
@@ -46,20 +52,34 @@ pub(crate) async fn cancel_pipeline(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return bad("AuthRequired", AuthError::Missing.to_string());
+        return unauthorized("AuthRequired", AuthError::Missing);
     };
     let now = chrono::Utc::now().timestamp();
-    let actor = match verify_service_auth(
-        &spindle.resolver,
-        token,
-        &spindle.settings.service_did(),
-        CANCEL_NSID,
-        now,
-    )
-    .await
+    let checked = match check_claims(token, &spindle.settings.service_did(), CANCEL_NSID, now) {
+        Ok(checked) => checked,
+        Err(e) => return unauthorized("InvalidToken", e),
+    };
+    // Only DIDs the spindle already knows are resolved: a stranger's token
+    // must not make the spindle fetch anything.
+    match spindle
+        .db
+        .knows_did(&spindle.settings.owner, &checked.did)
+        .await
     {
+        Ok(true) => {}
+        Ok(false) => return unauthorized("InvalidToken", AuthError::Untrusted),
+        Err(e) => {
+            tracing::error!(error = %e, "spindle cancel: issuer lookup failed");
+            return xrpc_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "lookup failed",
+            );
+        }
+    }
+    let actor = match verify_signature(&spindle.resolver, checked).await {
         Ok(did) => did,
-        Err(e) => return bad("InvalidToken", e.to_string()),
+        Err(e) => return unauthorized("InvalidToken", e),
     };
     let input: CancelInput = match serde_json::from_slice(&body) {
         Ok(i) => i,

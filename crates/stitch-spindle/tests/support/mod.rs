@@ -166,6 +166,10 @@ impl Log {
         self.inner.lock().unwrap().connections.clone()
     }
 
+    fn active(&self) -> usize {
+        self.inner.lock().unwrap().active
+    }
+
     fn kick(&self) {
         let g = self.inner.lock().unwrap();
         g.kick.as_ref().unwrap().send_modify(|n| *n += 1);
@@ -346,6 +350,11 @@ impl FakeKnot {
 
     pub fn connections(&self) -> Vec<Option<i64>> {
         self.log.connections()
+    }
+
+    /// Streams served now.
+    pub fn active(&self) -> usize {
+        self.log.active()
     }
 
     pub fn kick(&self) {
@@ -577,7 +586,24 @@ impl Harness {
             Some(json!({"$type": "sh.tangled.repo", "name": "myrepo", "knot": knot.host(), "spindle": HOSTNAME, "createdAt": "2026-01-02T03:04:05Z"})),
         );
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_with(jetstream, knot, plc, dir, ping).await
+        Self::start_with(jetstream, knot, plc, dir, ping, true).await
+    }
+
+    /// [`Harness::start`] with `dev = false`: knots and did:web hosts must
+    /// be DNS names (the fakes, on 127.0.0.1, are refused).
+    pub async fn start_not_dev() -> Harness {
+        let jetstream = FakeJetstream::start().await;
+        let knot = FakeKnot::start().await;
+        let plc = FakePlc::start().await;
+        jetstream.commit(
+            OWNER,
+            "create",
+            "sh.tangled.repo",
+            "repo1",
+            Some(json!({"$type": "sh.tangled.repo", "name": "myrepo", "knot": knot.host(), "spindle": HOSTNAME, "createdAt": "2026-01-02T03:04:05Z"})),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_with(jetstream, knot, plc, dir, Duration::from_secs(30), false).await
     }
 
     /// A server on an existing database and fakes (a restart).
@@ -587,7 +613,7 @@ impl Harness {
         plc: FakePlc,
         dir: tempfile::TempDir,
     ) -> Harness {
-        Self::start_with(jetstream, knot, plc, dir, Duration::from_secs(30)).await
+        Self::start_with(jetstream, knot, plc, dir, Duration::from_secs(30), true).await
     }
 
     async fn start_with(
@@ -596,6 +622,7 @@ impl Harness {
         plc: FakePlc,
         dir: tempfile::TempDir,
         ping: Duration,
+        dev: bool,
     ) -> Harness {
         let config = Config {
             data_dir: dir.path().join("data"),
@@ -611,7 +638,7 @@ impl Harness {
             default_queue: "default".to_string(),
             jetstream_url: jetstream.url(),
             plc_url: plc.url(),
-            dev: true,
+            dev,
             ping_interval: ping,
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(200),
