@@ -17,7 +17,8 @@
 //! of, the file's queues.
 //!
 //! Only environment variables whose first path segment is a top-level key
-//! (`listen`, `data_dir`, `storage`, `api`, `queues`) are configuration;
+//! ([`TOP_LEVEL_KEYS`]: `listen`, `data_dir`, `storage`, `api`, `queues`,
+//! `http`, …) are configuration;
 //! others with the `STITCH_` prefix (`STITCH_SERVER`, `STITCH_TOKEN`,
 //! `STITCH_API_TOKEN`, `STITCH_JOB_*`, …) are ignored. Empty variables count
 //! as unset.
