@@ -196,28 +196,34 @@ async fn an_oversized_websocket_message_closes_the_socket_with_1009() {
         c.http.ws_max_message_bytes = 1024;
     })
     .await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_request("/v1/events"))
-        .await
-        .unwrap();
-    ws.send(Message::Text("small is fine".into()))
-        .await
-        .unwrap();
-    ws.send(Message::Text("x".repeat(4096).into()))
-        .await
-        .unwrap();
-    let closed = tokio::time::timeout(GUARD, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => panic!("no close frame before {e}"),
-                None => panic!("closed without a close frame"),
+    // A build whose log never ends, so only the limit can close its stream.
+    let head = "https://example.com/c/1?stitch-fake=hang";
+    let id = s.create_ok("default", head).await;
+    s.trigger_on_runner("default", &id, head).await;
+    for path in ["/v1/events".to_string(), format!("/v1/builds/{id}/logs")] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_request(&path))
+            .await
+            .unwrap();
+        ws.send(Message::Text("small is fine".into()))
+            .await
+            .unwrap();
+        ws.send(Message::Text("x".repeat(4096).into()))
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(GUARD, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => panic!("{path}: no close frame before {e}"),
+                    None => panic!("{path}: closed without a close frame"),
+                }
             }
-        }
-    })
-    .await
-    .expect("the server closes the socket");
-    assert_eq!(closed, Some(CloseCode::Size));
+        })
+        .await
+        .expect("the server closes the socket");
+        assert_eq!(closed, Some(CloseCode::Size), "{path}");
+    }
 }
 
 /// A request to `path` with a `Host` header of our choosing.
