@@ -9,8 +9,8 @@
 //!   byte; late bodies answer 408 `request_timeout` and the connection closes.
 //! - At most `http.max_connections` connections are open (upgraded
 //!   WebSockets keep their slot until they close); one more is answered 503
-//!   `too_many_connections` and closed, and the first refusal of a busy
-//!   spell is logged.
+//!   `too_many_connections` and closed. Refusals are logged at most once a
+//!   minute, with their count, so a flood cannot flood the log too.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -45,6 +45,8 @@ use crate::config::HttpConfig;
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// At most this much of a refused connection's request is read.
 const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+/// Least time between two warnings about refused connections.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Accepts connections on `listener` until `stop` is cancelled, then lets
 /// open connections finish (hyper's graceful shutdown: idle ones close at
@@ -61,7 +63,9 @@ pub(crate) async fn run(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let mut refusing = false;
+    // Refusals since the last warning, and when that was.
+    let mut refused: u64 = 0;
+    let mut warned_at: Option<Instant> = None;
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => break,
@@ -77,18 +81,24 @@ pub(crate) async fn run(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if !refusing {
+            refused += 1;
+            let due = match warned_at {
+                None => true,
+                Some(at) => at.elapsed() >= REFUSAL_LOG_INTERVAL,
+            };
+            if due {
                 tracing::warn!(
                     max_connections = limits.max_connections,
+                    refused,
                     "refusing connections: http.max_connections are open; \
                      answering 503 too_many_connections until some close"
                 );
-                refusing = true;
+                refused = 0;
+                warned_at = Some(Instant::now());
             }
             connections.spawn(refuse(stream));
             continue;
         };
-        refusing = false;
         let app = app.clone();
         let body_timeout = limits.body_read_timeout;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
