@@ -91,7 +91,7 @@ pub async fn run_with(
         addons_stop.cancel();
         tracing::info!("shutting down: no new requests; finishing in-flight work");
     };
-    let served = http::serve(listener, router, signal).await;
+    let served = http::serve_with(listener, router, config.http.clone(), signal).await;
     addon_stop.cancel();
     stop.cancel();
     for t in stage_tasks.into_iter().chain(addon_tasks) {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use stitch_server::config::{
-    api_tokens, load, render_problems, ApiConfig, Config, ConfigError, FakeSection, LoadOptions,
-    LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName, StorageConfig,
+    api_tokens, load, render_problems, ApiConfig, Config, ConfigError, FakeSection, HttpConfig,
+    LoadOptions, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName, StorageConfig,
 };
 use tempfile::TempDir;
 
@@ -245,6 +245,7 @@ runner = "noop"
         queues,
         webhooks: Default::default(),
         spindle: None,
+        http: Default::default(),
     };
     assert_eq!(config, expected);
 }
@@ -1295,6 +1296,69 @@ fn github_problems_name_their_keys() {
     let wrong_runner = GITHUB.replace("runner = \"github\"", "runner = \"fake\"");
     let p = problems(&wrong_runner, &[("GH_TOKEN", "t")]);
     assert_only_problem(&p, "queues.gh.github", "only read by runner = \"github\"");
+}
+
+// ---------------------------------------------------------------------------
+// [http]
+
+#[test]
+fn http_defaults_file_and_env() {
+    let c = ok("", &[]);
+    assert_eq!(
+        c.http,
+        HttpConfig {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            ws_max_message_bytes: 65536,
+        }
+    );
+    let c = ok(
+        "[http]\nheader_read_timeout = \"2s\"\nmax_connections = 10\n",
+        &[
+            ("STITCH_HTTP__BODY_READ_TIMEOUT", "5s"),
+            ("STITCH_HTTP__WS_MAX_MESSAGE_BYTES", "4096"),
+            ("STITCH_HTTP__MAX_CONNECTIONS", "20"),
+        ],
+    );
+    assert_eq!(
+        c.http,
+        HttpConfig {
+            header_read_timeout: Duration::from_secs(2),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 20,
+            ws_max_message_bytes: 4096,
+        }
+    );
+}
+
+#[test]
+fn http_rejects_limits_that_cannot_work() {
+    let p = problems(
+        "[http]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"0s\"\nmax_connections = 0\nws_max_message_bytes = 100\n",
+        &[],
+    );
+    assert_problem(&p, "http.header_read_timeout", "greater than zero");
+    assert_problem(&p, "http.body_read_timeout", "greater than zero");
+    assert_problem(&p, "http.max_connections", "at least 1");
+    assert_problem(&p, "http.ws_max_message_bytes", "at least 125");
+    assert_eq!(p.len(), 4, "{p:#?}");
+    let p = problems("", &[("STITCH_HTTP__MAX_CONNECTIONS", "0")]);
+    assert_only_problem(
+        &p,
+        "http.max_connections",
+        "(set by STITCH_HTTP__MAX_CONNECTIONS)",
+    );
+    assert_only_problem(
+        &problems("[http]\nidle_timeout = \"1s\"\n", &[]),
+        "http.idle_timeout",
+        "unknown key",
+    );
+    assert_only_problem(
+        &problems("[http]\nbody_read_timeout = \"soon\"\n", &[]),
+        "http.body_read_timeout",
+        "invalid duration",
+    );
 }
 
 // ---------------------------------------------------------------------------

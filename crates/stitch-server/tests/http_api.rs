@@ -430,6 +430,83 @@ async fn bearer_tokens_guard_everything_but_health() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Metric labels take only known values: 600 invented methods and 200
+/// invented paths add no series (each used to add its own).
+#[tokio::test]
+async fn invented_methods_and_paths_add_no_metric_series() {
+    let s = Server::start().await;
+    let invented = |i: usize| reqwest::Method::from_bytes(format!("XM{i}").as_bytes()).unwrap();
+    let series = || async {
+        let text = s
+            .get("/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("stitch_http_"))
+            .map(str::to_string)
+            .map(|l| l.rsplit_once(' ').map_or(l.clone(), |(k, _)| k.to_string()))
+            .collect::<BTreeSet<String>>()
+    };
+    // One request of each kind first, so their series exist before counting.
+    let probe =
+        |method: reqwest::Method, path: String| s.client.request(method, s.url(&path)).send();
+    assert_eq!(
+        probe(invented(0), "/healthz".into())
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+    assert_eq!(
+        probe(invented(0), "/nope/0".into()).await.unwrap().status(),
+        404
+    );
+    assert_eq!(
+        probe(reqwest::Method::GET, "/nope/0".into())
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    // A scrape is counted after it answered: the second one sees the first.
+    series().await;
+    let before = series().await;
+    for i in 1..=600 {
+        let resp = probe(invented(i), "/healthz".into()).await.unwrap();
+        assert_eq!(resp.status(), 405);
+    }
+    for i in 1..=100 {
+        let resp = probe(invented(i), format!("/nope/{i}")).await.unwrap();
+        assert_eq!(resp.status(), 404);
+        let resp = probe(reqwest::Method::GET, format!("/v1/nope-{i}"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404);
+    }
+    let after = series().await;
+    let new: Vec<&String> = after.difference(&before).collect();
+    assert!(
+        new.is_empty(),
+        "{} new series, e.g. {:?}",
+        new.len(),
+        &new[..new.len().min(3)]
+    );
+    assert!(
+        after
+            .iter()
+            .any(|l| l.contains(r#"method="other""#) && l.contains(r#"route="/healthz""#)),
+        "{after:?}"
+    );
+    assert!(
+        after.iter().any(|l| l.contains(r#"route="unmatched""#)),
+        "{after:?}"
+    );
+}
+
 #[tokio::test]
 async fn health_readiness_metrics_and_openapi() {
     let s = Server::start().await;

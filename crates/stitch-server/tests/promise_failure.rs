@@ -385,6 +385,66 @@ async fn the_endpoint_answers_every_case_and_bad_input_changes_nothing() {
     h.release(&a);
 }
 
+/// Credentials before work: without a token the answer is 401 whatever the
+/// body is, and a wrong token is refused while another writer holds the
+/// store's write lock: refusing it took no write transaction (the handler
+/// used to open one, with the lock, before checking the token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_token_is_checked_before_the_body_and_without_the_write_lock() {
+    let h = harness(false).await;
+    let a = h.create("hold").await;
+    h.triggered(&a).await;
+    let url = format!("{}/v1/builds/{a}/promise-failure", h.base);
+    // A deadline instead of hanging forever if a request does wait for the lock.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let no_token = [
+        client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body("{nope"),
+        client.post(&url).body("not json, no content type"),
+        client
+            .post(&url)
+            .json(&json!({"exit_status": 0, "extra": true})),
+    ];
+    for req in no_token {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "unauthorized");
+    }
+
+    let held = h.state.store().begin().await.unwrap();
+    let another = h.token(&BuildId::new());
+    let refused = [
+        (Some(another.as_str()), json!({"exit_status": 1}), 403),
+        (Some("stj_0000"), json!({"exit_status": 1}), 403),
+        (Some(another.as_str()), json!({"exit_status": 0}), 403),
+        (None, json!({"exit_status": 1}), 401),
+    ];
+    for (token, body, status) in refused {
+        let mut req = client.post(&url).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .expect("a refused request is answered while the store's writer is held");
+        assert_eq!(resp.status(), status, "{token:?} {body}");
+    }
+    drop(held);
+    let (got, _) = h
+        .promise(a.as_str(), Some(&h.token(&a)), json!({"exit_status": 1}))
+        .await;
+    assert_eq!(got, 204);
+    assert_eq!(h.failing_events(&a).await, 1);
+    h.release(&a);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_token_is_the_only_credential_even_with_api_tokens() {
     let h = harness(true).await;

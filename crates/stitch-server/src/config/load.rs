@@ -17,7 +17,8 @@
 //! of, the file's queues.
 //!
 //! Only environment variables whose first path segment is a top-level key
-//! (`listen`, `data_dir`, `storage`, `api`, `queues`) are configuration;
+//! ([`TOP_LEVEL_KEYS`]: `listen`, `data_dir`, `storage`, `api`, `queues`,
+//! `http`, …) are configuration;
 //! others with the `STITCH_` prefix (`STITCH_SERVER`, `STITCH_TOKEN`,
 //! `STITCH_API_TOKEN`, `STITCH_JOB_*`, …) are ignored. Empty variables count
 //! as unset.
@@ -53,7 +54,7 @@ pub const ENV_SEPARATOR: &str = "__";
 /// The top-level keys of [`Config`]. Only `STITCH_*` variables whose first
 /// path segment is one of these are read as configuration.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "listen", "data_dir", "storage", "cluster", "api", "queues", "webhooks", "spindle",
+    "listen", "data_dir", "storage", "cluster", "api", "queues", "webhooks", "spindle", "http",
 ];
 
 /// Where configuration comes from.
@@ -536,6 +537,7 @@ fn is_duration_key(segments: &[String]) -> bool {
             | ["queues", _, "github", "rate_limit", "window"]
             | ["webhooks", "github", "poll"]
             | ["cluster", "lease" | "delivery_timeout" | "poll_interval"]
+            | ["http", "header_read_timeout" | "body_read_timeout"]
     )
 }
 
@@ -804,6 +806,28 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
         problems.report(
             path(&["cluster", "poll_interval"]),
             "must be greater than zero",
+        );
+    }
+
+    let http = &config.http;
+    for (key, value) in [
+        ("header_read_timeout", http.header_read_timeout),
+        ("body_read_timeout", http.body_read_timeout),
+    ] {
+        if value.is_zero() {
+            problems.report(path(&["http", key]), "must be greater than zero");
+        }
+    }
+    if http.max_connections == 0 {
+        problems.report(path(&["http", "max_connections"]), "must be at least 1");
+    }
+    if http.ws_max_message_bytes < super::HttpConfig::MIN_WS_MESSAGE_BYTES {
+        problems.report(
+            path(&["http", "ws_max_message_bytes"]),
+            format!(
+                "must be at least {} (a WebSocket close or ping frame carries up to 125 bytes)",
+                super::HttpConfig::MIN_WS_MESSAGE_BYTES
+            ),
         );
     }
 

@@ -34,6 +34,9 @@ pub struct Config {
     /// `[spindle]`: serve as a Tangled spindle (see `docs/spindle.md`).
     /// Absent: no spindle.
     pub spindle: Option<SpindleConfig>,
+    /// `[http]`: limits of the HTTP listener (every route on it: the API,
+    /// webhooks and the spindle's).
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             queues,
             webhooks: WebhooksConfig::default(),
             spindle: None,
+            http: HttpConfig::default(),
         }
     }
 }
@@ -111,6 +115,44 @@ impl Default for ApiConfig {
             tokens_env: Vec::new(),
             public_url: None,
             max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[http]`: what a client may hold of the listener. Slow or idle clients
+/// are cut off, the number of open connections is capped, and WebSocket
+/// clients may send only small messages.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Time a connection has to send a complete request head, counted from
+    /// when it opened or its previous response was sent; so also how long
+    /// an idle keep-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a request has to send its whole body, counted from its head.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Connections open at once (streams and WebSockets included); more are
+    /// answered 503 `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// Largest WebSocket message (and frame) a client may send, in bytes.
+    pub ws_max_message_bytes: usize,
+}
+
+impl HttpConfig {
+    /// The smallest `ws_max_message_bytes`: a control frame (close, ping)
+    /// carries up to 125 bytes.
+    pub const MIN_WS_MESSAGE_BYTES: usize = 125;
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            ws_max_message_bytes: 64 * 1024,
         }
     }
 }

@@ -88,11 +88,16 @@ pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Result<&str, &'static s
     }
 }
 
+/// Whether a path is behind the API tokens (when tokens are configured):
+/// every path but the public ones and those with their own credentials.
+pub(crate) fn needs_api_token(path: &str) -> bool {
+    !(PUBLIC_PATHS.contains(&path) || job_token_route(path))
+}
+
 /// Middleware: refuses requests without a valid bearer token when tokens
 /// are configured.
 pub(crate) async fn require(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    if auth.tokens.is_empty() || PUBLIC_PATHS.contains(&path) || job_token_route(path) {
+    if auth.tokens.is_empty() || !needs_api_token(req.uri().path()) {
         return next.run(req).await;
     }
     let token = match bearer(req.headers()) {

@@ -1,7 +1,7 @@
 //! `/v1/queues/{queue}/builds`, `/v1/builds`, `/v1/builds/{id}`,
 //! `/v1/builds/{id}/cancel`.
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -228,15 +228,23 @@ pub struct PromiseFailureBody {
 pub(crate) async fn promise_failure(
     State(ctx): State<Ctx>,
     Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
-    ApiJson(body): ApiJson<PromiseFailureBody>,
+    request: axum::extract::Request,
 ) -> Result<StatusCode, ApiError> {
-    let token = super::auth::bearer(&headers)
-        .map_err(|message| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message))?;
+    // Credentials before work: the token is checked before the body is read
+    // and without the database (a build's token is derived from its id and
+    // the server key), so an unauthenticated caller never gets a parse, a
+    // query or the store's write lock out of the server.
+    let token = super::auth::bearer(request.headers())
+        .map_err(|message| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message))?
+        .to_string();
+    let id = parse_id(&id)?;
+    if !ctx.state.job_tokens().verify(&id, &token, None) {
+        return Err(service::ServiceError::WrongJobToken(id).into());
+    }
+    let ApiJson(body) = ApiJson::<PromiseFailureBody>::from_request(request, &ctx).await?;
     let promise = stitch_job::PromiseFailure::new(body.exit_status, body.reason)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let id = parse_id(&id)?;
-    let recorded = service::promise_failure(&ctx.state, &id, token, &promise).await?;
+    let recorded = service::promise_failure(&ctx.state, &id, &token, &promise).await?;
     if recorded == service::PromiseRecorded::Declared {
         tracing::info!(build = %id, exit_status = promise.exit_status, "promised failure recorded");
     }

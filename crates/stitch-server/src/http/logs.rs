@@ -114,6 +114,7 @@ pub(crate) async fn build_logs(
             .boxed();
         // Clients only send pings and closes: a small read buffer keeps an idle
         // connection cheap (the default re-zeroes 128 KiB per read).
+        let ws = streams::limit_websocket(ws, &ctx.state.config().http);
         return Ok(ws.read_buffer_size(4096).on_upgrade(move |socket| {
             streams::pump_websocket(
                 socket,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{Gauge, Recorder};
@@ -18,8 +19,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-/// Requests answered, by `method`, `route` (the route pattern, `unmatched`
-/// for unknown paths) and `status`.
+/// Requests answered, by `method` (a standard method or `other`), `route`
+/// (the route pattern, `unmatched` for unknown paths) and `status`.
 pub(crate) const REQUESTS: &str = "stitch_http_requests_total";
 /// Time to the response head, by `method` and `route`.
 pub(crate) const DURATION: &str = "stitch_http_request_duration_seconds";
@@ -117,18 +118,44 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Middleware: counts every request by route and status.
+/// The `method` label: the standard methods by name, anything else
+/// `other`. Clients choose the method, so taking it verbatim would let them
+/// mint one series per invented method.
+fn method_label(method: &Method) -> &'static str {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", |m| m.as_str())
+}
+
+/// The `route` label for requests no route matched.
+const UNMATCHED: &str = "unmatched";
+
+/// Middleware: counts every request by method, route and status. Every
+/// label value comes from a fixed set: the standard methods (else `other`),
+/// the router's route templates (else `unmatched`), the statuses stitch
+/// answers.
 pub(crate) async fn track(State(m): State<Metrics>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
+        .map_or_else(|| UNMATCHED.to_string(), |p| p.as_str().to_string());
     let resp = next.run(req).await;
     m.record(
-        &method,
+        method,
         &route,
         resp.status().as_u16(),
         start.elapsed().as_secs_f64(),

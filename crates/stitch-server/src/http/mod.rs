@@ -3,8 +3,10 @@
 //!
 //! - [`router`] wires every route onto an [`AppState`]; [`router_with`]
 //!   takes [`HttpOptions`] (keepalive cadence) for tests and tuning.
-//! - [`serve`] runs a router on a listener until a shutdown future
-//!   resolves, then ends open streams and drains connections.
+//! - [`serve_with`] runs a router on a listener until a shutdown future
+//!   resolves, then ends open streams and drains connections; the `[http]`
+//!   limits cut off slow clients and cap open connections ([`serve`]: the
+//!   default limits).
 //! - [`check_bind`] refuses a non-loopback address when no API token is
 //!   configured; [`api_tokens`] reads the configured tokens from the
 //!   environment.
@@ -19,7 +21,9 @@ mod builds;
 pub mod error;
 mod events;
 mod extract;
+mod listener;
 mod logs;
+mod loopback;
 mod metrics;
 mod ops;
 pub mod schema;
@@ -38,10 +42,11 @@ use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
-use crate::config::ApiConfig;
+use crate::config::{ApiConfig, HttpConfig};
 use crate::state::AppState;
 
 pub use error::ApiError;
+pub use streams::limit_websocket;
 
 /// Default interval between keepalives on idle streams: SSE comment lines
 /// and WebSocket pings.
@@ -99,6 +104,10 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         metrics: metrics::Metrics::install(),
         openapi: Arc::new(openapi),
     };
+    let guard = loopback::LoopbackGuard::new(
+        !tokens.is_empty(),
+        ctx.state.config().api.public_url.as_deref(),
+    );
     let auth = auth::Auth::new(tokens);
     Router::new()
         .route("/v1/queues/{queue}/builds", post(builds::create_build))
@@ -127,6 +136,7 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(auth, auth::require))
+        .layer(axum::middleware::from_fn_with_state(guard, loopback::check))
         .layer(axum::middleware::from_fn_with_state(
             ctx.metrics.clone(),
             metrics::track,
@@ -134,22 +144,39 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         .with_state(ctx)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then ends open
-/// event and log streams (SSE streams end, WebSockets get close 1001) and
-/// waits for in-flight requests to finish.
+/// Serves `router` on `listener` with the default [`HttpConfig`] limits;
+/// see [`serve_with`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_with(listener, router, HttpConfig::default(), shutdown).await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then ends open
+/// event and log streams (SSE streams end, WebSockets get close 1001) and
+/// waits for in-flight requests to finish. `limits` (`[http]`) bound what
+/// a client may hold: header and body read timeouts, open connections.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: HttpConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let token = CancellationToken::new();
     let app = router.layer(Extension(Shutdown(token.clone())));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            token.cancel();
-        })
-        .await
+    let stop = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => stop.cancel(),
+            () = stop.cancelled() => {}
+        }
+    });
+    let served = listener::run(listener, app, limits, token.clone()).await;
+    // Also when accepting failed for good: the shutdown watcher ends too.
+    token.cancel();
+    served
 }
 
 /// Refuses to listen on a non-loopback address when no API token is

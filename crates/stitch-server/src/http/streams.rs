@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::metrics::StreamGuard;
+use crate::config::HttpConfig;
 
 /// Longest wait for a client to take one WebSocket frame before the
 /// connection is given up as dead.
@@ -33,6 +34,15 @@ pub(crate) fn wants_websocket(headers: &HeaderMap) -> bool {
             v.split(',')
                 .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
         })
+}
+
+/// Applies `http.ws_max_message_bytes` to a WebSocket upgrade: a client
+/// message or frame over it closes the connection (1009 where the route
+/// reads through [`pump_websocket`]). Every WebSocket route of the listener
+/// goes through this (the spindle's too).
+pub fn limit_websocket(ws: WebSocketUpgrade, limits: &HttpConfig) -> WebSocketUpgrade {
+    ws.max_message_size(limits.ws_max_message_bytes)
+        .max_frame_size(limits.ws_max_message_bytes)
 }
 
 /// Parses a stream position (`after=`, `Last-Event-ID`): a non-negative
@@ -96,7 +106,8 @@ pub(crate) enum WsItem {
 /// Sends `frames` as text frames with ping keepalives until the stream
 /// ends (close with `end_code`/`end_reason`), fails (close 1011), the
 /// client leaves, or the server shuts down (close 1001). Messages from the
-/// client other than close are ignored.
+/// client other than close are ignored; one over the size limit closes with
+/// 1009 (see [`limit_websocket`]).
 pub(crate) async fn pump_websocket(
     mut socket: WebSocket,
     mut frames: BoxStream<'static, WsItem>,
@@ -113,7 +124,11 @@ pub(crate) async fn pump_websocket(
             biased;
             _ = shutdown.cancelled() => break Some((close_code::AWAY, "server shutting down".to_string())),
             incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break None,
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(e)) if too_big(&e) => {
+                    break Some((close_code::SIZE, "message too big".to_string()))
+                }
+                Some(Err(_)) => break None,
                 Some(Ok(_)) => {}
             },
             _ = ping.tick() => {
@@ -171,6 +186,17 @@ pub(crate) async fn pump_websocket(
             .await;
         }
     }
+}
+
+/// Whether a read failed because the client sent a message or frame over
+/// `http.ws_max_message_bytes`.
+fn too_big(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    matches!(
+        e.source()
+            .and_then(|inner| inner.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
 }
 
 /// Queues every frame and flushes once; false when the client is gone or

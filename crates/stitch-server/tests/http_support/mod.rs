@@ -84,10 +84,21 @@ impl Server {
     }
 
     pub async fn start_with(token: Option<&str>, options: HttpOptions) -> Server {
+        Self::start_configured(token, options, |_| {}).await
+    }
+
+    /// A server whose configuration [`config`] `edit` changed first (the
+    /// `[http]` limits and `api.public_url` apply).
+    pub async fn start_configured(
+        token: Option<&str>,
+        options: HttpOptions,
+        edit: impl FnOnce(&mut Config),
+    ) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let state = AppState::open(config(dir.path().join("data")))
-            .await
-            .expect("open state");
+        let mut config = config(dir.path().join("data"));
+        edit(&mut config);
+        let limits = config.http.clone();
+        let state = AppState::open(config).await.expect("open state");
         let tokens: Vec<String> = token.iter().map(|t| t.to_string()).collect();
         let router = http::router_with(state.clone(), tokens, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -96,7 +107,7 @@ impl Server {
         let addr = listener.local_addr().expect("addr");
         state.set_bound_addr(addr);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(http::serve(listener, router, async move {
+        let task = tokio::spawn(http::serve_with(listener, router, limits, async move {
             let _ = rx.await;
         }));
         Server {

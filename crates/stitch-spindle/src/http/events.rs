@@ -43,6 +43,7 @@ pub(crate) async fn events(
             }
         },
     };
+    let ws = stitch_server::http::limit_websocket(ws, &spindle.state.config().http);
     ws.on_upgrade(move |socket| stream(spindle, socket, cursor))
 }
 

@@ -43,7 +43,8 @@ pub(crate) async fn logs(
         Err(r) => return r,
     };
     match ws {
-        Ok(ws) => ws.on_upgrade(move |socket| pump(spindle, socket, frames)),
+        Ok(ws) => stitch_server::http::limit_websocket(ws, &spindle.state.config().http)
+            .on_upgrade(move |socket| pump(spindle, socket, frames)),
         Err(rejection) => rejection.into_response(),
     }
 }
