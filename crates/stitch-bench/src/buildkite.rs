@@ -99,6 +99,7 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
             },
             request_timeout: Duration::from_secs(10),
             log_poll: Duration::from_secs(2),
+            max_log_bytes: 16 * 1024 * 1024,
             webhook: webhooks.then(|| WebhookSection {
                 mode: WebhookModeName::Signature,
                 secret_env: SECRET_ENV.into(),

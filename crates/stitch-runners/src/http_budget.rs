@@ -8,6 +8,11 @@
 //! the rest over the window. Any window of that length then sees at most
 //! `burst + refill = requests` requests, which a fixed-window limiter on the
 //! provider's side (Buildkite resets per window) never refuses.
+//!
+//! Priority: log followers draw at [`Priority::Logs`], which only takes a
+//! token while the bucket holds more than [`LOG_RESERVE`] of its burst, so
+//! however many log viewers there are, triggers, polls and cancels
+//! ([`Priority::Control`]) always find that reserve.
 //! Hand-written (see `docs/adr/0005-buildkite-client-budget-and-retries.md`):
 //! the shared "pause everyone until the provider's reset" is not something
 //! the rate-limiter crates offer, and the bucket itself is a dozen lines.
@@ -16,6 +21,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// The share of the burst that only [`Priority::Control`] requests may
+/// spend: log traffic waits while the bucket holds this much or less.
+pub const LOG_RESERVE: f64 = 0.5;
+
+/// Who a request is for: what the build queue needs, or a log viewer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// Triggers, status polls, cancels, lookups: spend any token.
+    #[default]
+    Control,
+    /// Log following: spends only above the reserve ([`LOG_RESERVE`]).
+    Logs,
+}
 
 /// How many requests per window one rate-limit scope may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,9 +118,9 @@ impl RequestBudget {
     }
 
     /// Waits until one request may be sent, and takes it from the budget.
-    pub async fn acquire(&self) {
+    pub async fn acquire(&self, priority: Priority) {
         loop {
-            let wait = match self.try_take(Instant::now()) {
+            let wait = match self.try_take(priority, Instant::now()) {
                 None => return,
                 Some(wait) => wait,
             };
@@ -109,8 +128,22 @@ impl RequestBudget {
         }
     }
 
+    /// Takes a token now if `priority` may have one; false (and nothing
+    /// taken) otherwise.
+    pub fn try_acquire(&self, priority: Priority) -> bool {
+        self.try_take(priority, Instant::now()).is_none()
+    }
+
+    /// Tokens a request of `priority` leaves in the bucket at least.
+    fn floor(&self, priority: Priority) -> f64 {
+        match priority {
+            Priority::Control => 0.0,
+            Priority::Logs => self.limit.burst() * LOG_RESERVE,
+        }
+    }
+
     /// Takes a token now, or says how long to wait before trying again.
-    fn try_take(&self, now: Instant) -> Option<Duration> {
+    fn try_take(&self, priority: Priority, now: Instant) -> Option<Duration> {
         // A poisoned lock only means another task panicked mid-update of two
         // numbers; the numbers are still usable.
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,11 +157,12 @@ impl RequestBudget {
         let elapsed = now.saturating_duration_since(b.refilled_at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate).min(self.limit.burst());
         b.refilled_at = now;
-        if b.tokens >= 1.0 {
+        let needed = 1.0 + self.floor(priority);
+        if b.tokens >= needed {
             b.tokens -= 1.0;
             None
         } else {
-            Some(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+            Some(Duration::from_secs_f64((needed - b.tokens) / rate))
         }
     }
 
@@ -167,7 +201,7 @@ mod tests {
         let start = Instant::now();
         let mut times = Vec::new();
         for _ in 0..1000 {
-            budget.acquire().await;
+            budget.acquire(Priority::Control).await;
             times.push(Instant::now() - start);
         }
         for (i, t) in times.iter().enumerate() {
@@ -188,17 +222,43 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_everyone_back() {
         let budget = RequestBudget::new(limit(100, 1));
-        budget.acquire().await;
+        budget.acquire(Priority::Control).await;
         budget.pause_for(Duration::from_secs(3));
         let before = Instant::now();
-        budget.acquire().await;
+        budget.acquire(Priority::Control).await;
         assert!(Instant::now() - before >= Duration::from_secs(3));
         // A shorter pause does not shorten a longer one.
         budget.pause_for(Duration::from_secs(2));
         budget.pause_for(Duration::from_millis(10));
         let before = Instant::now();
-        budget.acquire().await;
+        budget.acquire(Priority::Control).await;
         assert!(Instant::now() - before >= Duration::from_secs(2));
+    }
+
+    /// With the bucket at its reserve, control requests still go at once
+    /// while log requests wait until refills lift it above the reserve.
+    #[tokio::test(start_paused = true)]
+    async fn logs_leave_the_reserve_to_control_requests() {
+        // Burst 10 (reserve 5), one token back every 10 s.
+        let budget = RequestBudget::new(limit(100, 900));
+        for _ in 0..5 {
+            assert!(budget.try_acquire(Priority::Logs));
+        }
+        assert!(
+            !budget.try_acquire(Priority::Logs),
+            "logs stop at the reserve"
+        );
+        let start = Instant::now();
+        for _ in 0..5 {
+            budget.acquire(Priority::Control).await;
+        }
+        assert_eq!(Instant::now(), start, "control spent the reserve at once");
+        assert!(!budget.try_acquire(Priority::Control));
+        // Empty bucket: a log request needs the reserve refilled plus one.
+        budget.acquire(Priority::Logs).await;
+        let waited = Instant::now() - start;
+        assert!(waited >= Duration::from_secs(59), "{waited:?}");
+        assert!(waited <= Duration::from_secs(61), "{waited:?}");
     }
 
     #[test]

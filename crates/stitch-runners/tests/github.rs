@@ -559,3 +559,41 @@ async fn conformance_suite_passes_against_the_fake() {
         "{results:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_reads_leave_the_budget_reserve_to_polls() {
+    use futures::FutureExt;
+    use stitch_runners::http_budget::Priority;
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    // Burst 10 (reserve 5); refills are one token per 6 minutes.
+    let budget = Arc::new(RequestBudget::new(RateLimit {
+        requests: 100,
+        window: Duration::from_secs(3600),
+    }));
+    let c = Client::new(
+        http(),
+        &fake.url(),
+        "2022-11-28",
+        Credentials::token(fake.token()).unwrap(),
+        budget.clone(),
+        fast_retry(),
+    )
+    .unwrap();
+    let r = GithubRunner::new(c, config());
+    let req = request("https://git.example/c/1");
+    let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
+    let mut logs = r.logs(&h).await.unwrap();
+    while budget.try_acquire(Priority::Logs) {}
+    let jobs_before = requests(&fake, "list_jobs");
+    let runs_before = requests(&fake, "get_run");
+    // The follower's first read (the run's jobs) waits at the reserve...
+    assert!(logs.next().now_or_never().is_none(), "the log read waits");
+    // ...while a status poll gets its request at once.
+    r.status(&h).await.unwrap();
+    assert_eq!(requests(&fake, "get_run") - runs_before, 1);
+    assert_eq!(
+        requests(&fake, "list_jobs"),
+        jobs_before,
+        "no log request was sent"
+    );
+}

@@ -521,6 +521,7 @@ fn buildkite_runner(
     config.commit = bk.commit.clone();
     config.allow_ref_override = bk.allow_ref_override;
     config.log_poll = bk.log_poll;
+    config.max_log_bytes = bk.max_log_bytes;
     Ok(BuildkiteRunner::new(client, config))
 }
 

@@ -1009,6 +1009,7 @@ fn buildkite_section_defaults() {
     assert_eq!(bk.api_url, "https://api.buildkite.com");
     assert_eq!(bk.rate_limit.requests, 200);
     assert_eq!(bk.rate_limit.window, Duration::from_secs(60));
+    assert_eq!(bk.max_log_bytes, 16 * 1024 * 1024);
     assert!(bk.webhook.is_none());
     let with_hook =
         format!("{BUILDKITE}[queues.app.buildkite.webhook]\nsecret_env = \"BK_HOOK\"\n");
@@ -1056,6 +1057,7 @@ token_env = "BK_TOKEN"
 api_url = "ftp://x"
 rate_limit = { requests = 1, window = "1m" }
 request_timeout = "0s"
+max_log_bytes = 0
 [queues.app.buildkite.webhook]
 mode = "hmac"
 secret_env = "BK_HOOK"
@@ -1077,6 +1079,7 @@ secret_env = "BK_HOOK"
         "queues.app.buildkite.request_timeout",
         "greater than zero",
     );
+    assert_problem(&p, "queues.app.buildkite.max_log_bytes", "at least 1");
     assert_problem(
         &p,
         "queues.app.buildkite.webhook.secret_env",

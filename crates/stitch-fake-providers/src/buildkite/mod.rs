@@ -15,6 +15,15 @@
 //! limit, refuses to cancel finished builds with 422, and sends `build.*`
 //! and `job.*` webhooks signed with either scheme. Faults are injected per
 //! endpoint ([`Fault`]), and every request is counted ([`FakeStats`]).
+//!
+//! Job logs are served as Buildkite documents them (`research/buildkite.md`
+//! §1.6): JSON `{url, content, size, header_times}` by default, the raw log
+//! for `log.txt` or `Accept: text/plain`; `HEAD` answers `Content-Length`
+//! and `Accept-Ranges: bytes`; a raw read with `Range: bytes=-N` answers 206
+//! with the last N bytes and `Content-Range: bytes a-b/total` (the whole log
+//! when N ≥ its size); explicit or multipart ranges answer 400 and a tail
+//! of an empty log 416. Each log request's `Range` is recorded
+//! ([`FakeBuildkite::log_ranges`]).
 
 mod world;
 
@@ -136,6 +145,8 @@ struct Inner {
     webhook: Option<WebhookTarget>,
     /// When the last webhook for (stitch build id, event) was sent.
     webhook_times: HashMap<(String, String), SystemTime>,
+    /// The `Range` header of every job log request (`None`: no range).
+    log_ranges: Vec<Option<String>>,
 }
 
 struct Shared {
@@ -223,6 +234,7 @@ impl FakeBuildkite {
                     .to_vec(),
                 webhook: None,
                 webhook_times: HashMap::new(),
+                log_ranges: Vec::new(),
             }),
             webhooks: tx,
             webhooks_delivered: watch::channel(0).0,
@@ -234,7 +246,7 @@ impl FakeBuildkite {
             .route(&format!("{builds}/{{number}}/cancel"), put(cancel_build))
             .route(
                 &format!("{builds}/{{number}}/jobs/{{job}}/{{file}}"),
-                get(job_log),
+                get(job_log).head(job_log),
             )
             .with_state(shared.clone());
         let server = tokio::spawn(async move {
@@ -372,6 +384,33 @@ impl FakeBuildkite {
             b.meta_data.get("stitch:build_id").map(String::as_str) == Some(stitch_build_id)
         })?;
         Some(b.json(&self.shared.base, true))
+    }
+
+    /// The `Range` header of every job log request so far, in arrival order.
+    pub fn log_ranges(&self) -> Vec<Option<String>> {
+        self.shared.lock().log_ranges.clone()
+    }
+
+    /// Appends `text` to the log of job `job` (0: `build`, 1: `test`) of
+    /// the build stamped with `stitch_build_id`, as an agent uploading more
+    /// output would. False when there is no such build or job.
+    pub fn append_job_log(&self, stitch_build_id: &str, job: usize, text: &str) -> bool {
+        let mut inner = self.shared.lock();
+        let build = inner
+            .world
+            .pipelines
+            .values_mut()
+            .flat_map(|p| p.builds.iter_mut())
+            .find(|b| {
+                b.meta_data.get("stitch:build_id").map(String::as_str) == Some(stitch_build_id)
+            });
+        match build.and_then(|b| b.jobs.get_mut(job)) {
+            Some(j) => {
+                j.log.push_str(text);
+                true
+            }
+            None => false,
+        }
     }
 
     /// When the last `event` webhook for `stitch_build_id` was sent.
@@ -839,6 +878,7 @@ async fn cancel_build(
 async fn job_log(
     State(s): State<Arc<Shared>>,
     Path((org, pipeline, number, job, file)): Path<(String, String, String, String, String)>,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Response {
     let (after, rl) = match gate(&s, &headers, &org, Endpoint::JobLog, "job_log") {
@@ -848,8 +888,12 @@ async fn job_log(
     if file != "log" && file != "log.txt" {
         return not_found();
     }
+    let range = headers
+        .get(header::RANGE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let (log, url) = {
         let mut inner = s.lock();
+        inner.log_ranges.push(range.clone());
         if !inner.scopes.iter().any(|sc| sc == "read_build_logs") {
             return message(
                 StatusCode::FORBIDDEN,
@@ -874,18 +918,68 @@ async fn job_log(
             ),
         )
     };
+    if method == axum::http::Method::HEAD {
+        let resp = (
+            StatusCode::OK,
+            [
+                (header::CONTENT_LENGTH, log.len().to_string()),
+                (header::ACCEPT_RANGES, "bytes".to_string()),
+            ],
+        )
+            .into_response();
+        return finish(after, rl, resp).await;
+    }
     let raw = file == "log.txt"
         || headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/plain"));
-    let resp = if raw {
-        (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], log).into_response()
-    } else {
-        json_response(
+    let resp = match (raw, range) {
+        (true, Some(range)) => tail_response(log, &range),
+        (true, None) => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], log).into_response()
+        }
+        (false, _) => json_response(
             StatusCode::OK,
             &json!({"url": url, "content": log, "size": log.len(), "header_times": []}),
-        )
+        ),
     };
     finish(after, rl, resp).await
+}
+
+/// A raw log read with a `Range` header: only a suffix range
+/// (`bytes=-N`, N > 0) of a non-empty log is served.
+fn tail_response(log: String, range: &str) -> Response {
+    let suffix = range
+        .strip_prefix("bytes=-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n > 0);
+    let Some(suffix) = suffix else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Only a single suffix byte range (bytes=-N) is supported",
+        );
+    };
+    let total = log.len();
+    if total == 0 {
+        return (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, "bytes */0".to_string())],
+        )
+            .into_response();
+    }
+    let start = total - usize::try_from(suffix).unwrap_or(usize::MAX).min(total);
+    let body = log.into_bytes().split_off(start);
+    (
+        StatusCode::PARTIAL_CONTENT,
+        [
+            (header::CONTENT_TYPE, "text/plain".to_string()),
+            (
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{total}", total - 1),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }

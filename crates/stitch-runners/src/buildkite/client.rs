@@ -15,14 +15,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, SecondsFormat, Utc};
-use reqwest::header::{HeaderMap, ACCEPT, LINK};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_RANGE, LINK, RANGE};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use stitch_core::RunnerError;
 
 use super::model::{Build, CreateBuild, ErrorBody, FieldError};
-use crate::http_budget::RequestBudget;
+use crate::http_budget::{Priority, RequestBudget};
 use crate::http_retry::RetryPolicy;
 use crate::http_util::{next_link, status_summary, transport_message};
 
@@ -37,6 +38,28 @@ pub struct Pipeline {
     /// Pipeline slug.
     pub slug: String,
 }
+
+/// Part of a raw job log: the log's length when read, and its bytes from
+/// the offset asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The log's size in bytes.
+    pub total: u64,
+    /// The bytes past the offset asked for (empty when nothing new, or when
+    /// more than allowed is new).
+    pub bytes: Bytes,
+}
+
+/// One tail read: the log's size and its bytes from `start`.
+struct Tail {
+    start: u64,
+    total: u64,
+    bytes: Bytes,
+}
+
+/// Tail reads one `job_log_since` makes at most before giving up on a log
+/// growing faster than it can be read.
+const TAIL_ROUNDS: usize = 3;
 
 /// Filters of `GET …/pipelines/{p}/builds`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -176,6 +199,8 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     budget: Arc<RequestBudget>,
+    /// What this client's requests are for ([`Client::with_priority`]).
+    priority: Priority,
     retry: RetryPolicy,
 }
 
@@ -210,8 +235,19 @@ impl Client {
             http,
             base,
             budget,
+            priority: Priority::Control,
             retry,
         })
+    }
+
+    /// The same client drawing from the budget at `priority`: log
+    /// followers use [`Priority::Logs`] so they never spend the reserve the
+    /// queue's triggers, polls and cancels need.
+    pub fn with_priority(&self, priority: Priority) -> Self {
+        Self {
+            priority,
+            ..self.clone()
+        }
     }
 
     /// The organization budget this client draws from.
@@ -349,25 +385,112 @@ impl Client {
         Ok(self.get_build(p, number).await?.jobs)
     }
 
-    /// `GET …/builds/{number}/jobs/{job}/log` as raw text (`Accept: text/plain`).
-    pub async fn job_log(
+    /// The bytes of a job's raw log from offset `have` on, at most
+    /// `max_new` of them, read with the tail ranges Buildkite serves
+    /// (`Accept: text/plain`, `Range: bytes=-N`; explicit ranges are
+    /// refused, an empty log is a 416). The first request asks for the
+    /// last `window` bytes; when the log grew by more since `have`, one
+    /// more asks for everything past `have` (plus a window for what grows
+    /// meanwhile), and its body is read no further than `max_new` bytes.
+    pub async fn job_log_since(
         &self,
         p: &Pipeline,
         number: u64,
         job_id: &str,
-    ) -> Result<String, BuildkiteError> {
+        have: u64,
+        window: u64,
+        max_new: u64,
+    ) -> Result<LogChunk, BuildkiteError> {
         let url = self.builds_url(p, &[&number.to_string(), "jobs", job_id, "log"])?;
-        let resp = self
+        let window = window.max(1);
+        let until = have.saturating_add(max_new);
+        let mut suffix = window;
+        for _ in 0..TAIL_ROUNDS {
+            let tail = match self.log_tail(&url, suffix, until).await {
+                Ok(tail) => tail,
+                // Buildkite's answer for a log with no bytes yet.
+                Err(BuildkiteError::Api { status: 416, .. }) => {
+                    return Ok(LogChunk {
+                        total: 0,
+                        bytes: Bytes::new(),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            if tail.start <= have || tail.total <= have {
+                let skip = usize::try_from(have.saturating_sub(tail.start))
+                    .unwrap_or(usize::MAX)
+                    .min(tail.bytes.len());
+                return Ok(LogChunk {
+                    total: tail.total,
+                    bytes: tail.bytes.slice(skip..),
+                });
+            }
+            suffix = (tail.total - have).saturating_add(window);
+        }
+        Err(BuildkiteError::Decode {
+            status: 206,
+            message: format!("the log of job {job_id} kept outgrowing its tail ranges"),
+        })
+    }
+
+    /// One `Range: bytes=-suffix` read of a raw job log, its body read no
+    /// further than the absolute offset `until`.
+    async fn log_tail(&self, url: &Url, suffix: u64, until: u64) -> Result<Tail, BuildkiteError> {
+        let mut resp = self
             .send(Safety::Safe, || {
                 self.http
                     .request(Method::GET, url.clone())
                     .header(ACCEPT, "text/plain")
+                    .header(RANGE, format!("bytes=-{suffix}"))
             })
             .await?;
         let status = resp.status().as_u16();
-        resp.text().await.map_err(|e| BuildkiteError::Decode {
-            status,
-            message: e.to_string(),
+        let range = resp
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let unreadable = |message: String| BuildkiteError::Decode { status, message };
+        // A 200 is the whole log (a server or proxy that ignores ranges).
+        let (start, total) = match (status, range) {
+            (206, Some(range)) => parse_content_range(&range)
+                .ok_or_else(|| unreadable(format!("unusable Content-Range {range:?}")))?,
+            (206, None) => return Err(unreadable("a partial answer without Content-Range".into())),
+            _ => (0, resp.content_length().unwrap_or(u64::MAX)),
+        };
+        let wanted = usize::try_from(until.saturating_sub(start)).unwrap_or(usize::MAX);
+        let mut body = BytesMut::new();
+        let mut complete = false;
+        while body.len() < wanted {
+            match resp.chunk().await {
+                Ok(Some(piece)) => body.extend_from_slice(&piece),
+                Ok(None) => {
+                    complete = true;
+                    break;
+                }
+                Err(e) => return Err(unreadable(transport_message(&e))),
+            }
+        }
+        body.truncate(wanted);
+        let total = if status == 206 {
+            if complete && start + body.len() as u64 != total {
+                return Err(unreadable(format!(
+                    "a partial answer of {} bytes for the range {start}-{}",
+                    body.len(),
+                    total - 1
+                )));
+            }
+            total
+        } else if complete {
+            body.len() as u64
+        } else {
+            total
+        };
+        Ok(Tail {
+            start,
+            total,
+            bytes: body.freeze(),
         })
     }
 
@@ -380,7 +503,7 @@ impl Client {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            self.budget.acquire().await;
+            self.budget.acquire(self.priority).await;
             let resp = match request().send().await {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -422,6 +545,16 @@ impl Client {
             return Err(err);
         }
     }
+}
+
+/// The first offset and the total length in `Content-Range: bytes
+/// a-b/total`, when the range runs to the end of the log.
+fn parse_content_range(value: &str) -> Option<(u64, u64)> {
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last, total): (u64, u64, u64) =
+        (first.parse().ok()?, last.parse().ok()?, total.parse().ok()?);
+    (first <= last && last.checked_add(1)? == total).then_some((first, total))
 }
 
 /// Seconds until the rate-limit window resets: the larger of the
@@ -547,6 +680,22 @@ mod tests {
             e.to_string(),
             "Buildkite answered HTTP 502: Bad Gateway: <html>bad gateway</html>"
         );
+    }
+
+    #[test]
+    fn content_ranges_must_be_the_tail_they_claim() {
+        assert_eq!(parse_content_range("bytes 90-99/100"), Some((90, 100)));
+        assert_eq!(parse_content_range("bytes 0-0/1"), Some((0, 1)));
+        for bad in [
+            "bytes 90-99/120",
+            "bytes 90-99/100x",
+            "bytes */100",
+            "bytes 99-90/100",
+            "items 90-99/100",
+            "bytes 0-18446744073709551615/18446744073709551615",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
     }
 
     #[test]

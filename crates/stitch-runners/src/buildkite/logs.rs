@@ -25,23 +25,71 @@ pub struct TimedLine {
 /// without a trailing newline is included only when `complete` (the job
 /// finished): otherwise it may still grow.
 pub fn parse_log(raw: &str, start: DateTime<Utc>, complete: bool) -> Vec<TimedLine> {
-    let mut lines = Vec::new();
-    let mut time = start;
-    let mut pieces: Vec<&str> = raw.split('\n').collect();
-    // `split` leaves one piece after the last '\n': empty, or a partial line.
-    if let Some(last) = pieces.pop() {
-        if complete && !last.is_empty() {
-            pieces.push(last);
-        }
-    }
-    for piece in pieces {
-        let (text, stamp) = strip_markers(piece.trim_end_matches('\r'));
-        if let Some(t) = stamp {
-            time = t;
-        }
-        lines.push(TimedLine { time, text });
+    let mut splitter = LineSplitter::new(start);
+    let mut lines = splitter.push(raw.as_bytes());
+    if complete {
+        lines.extend(splitter.finish());
     }
     lines
+}
+
+/// Turns a raw log that arrives in pieces (byte ranges, cut anywhere, even
+/// inside a UTF-8 sequence) into [`TimedLine`]s: complete lines as they
+/// arrive, the unterminated rest when the log is finished.
+#[derive(Clone, Debug)]
+pub struct LineSplitter {
+    partial: Vec<u8>,
+    time: DateTime<Utc>,
+}
+
+impl LineSplitter {
+    /// A splitter whose lines before the first timestamp get `start`.
+    pub fn new(start: DateTime<Utc>) -> Self {
+        Self {
+            partial: Vec::new(),
+            time: start,
+        }
+    }
+
+    /// The complete lines `bytes` ends (with what earlier pushes left open).
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<TimedLine> {
+        let mut lines = Vec::new();
+        let mut rest = bytes;
+        while let Some(at) = rest.iter().position(|b| *b == b'\n') {
+            self.partial.extend_from_slice(&rest[..at]);
+            let piece = std::mem::take(&mut self.partial);
+            lines.push(self.line(&piece));
+            rest = &rest[at + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        lines
+    }
+
+    /// The unterminated last line, if any (call once the log is complete).
+    pub fn finish(&mut self) -> Option<TimedLine> {
+        if self.partial.is_empty() {
+            return None;
+        }
+        let piece = std::mem::take(&mut self.partial);
+        Some(self.line(&piece))
+    }
+
+    /// Bytes held back in an unterminated line.
+    pub fn pending(&self) -> usize {
+        self.partial.len()
+    }
+
+    fn line(&mut self, piece: &[u8]) -> TimedLine {
+        let text = String::from_utf8_lossy(piece);
+        let (text, stamp) = strip_markers(text.trim_end_matches('\r'));
+        if let Some(t) = stamp {
+            self.time = t;
+        }
+        TimedLine {
+            time: self.time,
+            text,
+        }
+    }
 }
 
 /// The text without markers, and the first marker's time.
@@ -86,12 +134,25 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|n| n.and_utc())
 }
 
-/// Following one job's log: which lines were already sent.
-#[derive(Clone, Debug, Default)]
+/// Following one job's log: whether its step was opened and closed, how
+/// many of its bytes were read, and the line they left open.
+#[derive(Clone, Debug)]
 pub(crate) struct JobCursor {
     pub(crate) started: bool,
     pub(crate) ended: bool,
-    pub(crate) lines_sent: usize,
+    pub(crate) bytes_read: u64,
+    pub(crate) splitter: LineSplitter,
+}
+
+impl JobCursor {
+    pub(crate) fn new(start: DateTime<Utc>) -> Self {
+        Self {
+            started: false,
+            ended: false,
+            bytes_read: 0,
+            splitter: LineSplitter::new(start),
+        }
+    }
 }
 
 /// The control line opening `job`'s step.
@@ -162,6 +223,21 @@ mod tests {
         assert_eq!(done[1].text, "tw");
         assert_eq!(done[1].time, t0());
         assert!(parse_log("", t0(), true).is_empty());
+    }
+
+    #[test]
+    fn pieces_cut_anywhere_give_the_lines_of_the_whole() {
+        let raw = "\u{1b}_bk;t=1767225600123\u{7}h\u{e9}llo \u{2603}\r\nsecond\nthird";
+        let whole = parse_log(raw, t0(), true);
+        let bytes = raw.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut s = LineSplitter::new(t0());
+            let mut lines = s.push(&bytes[..cut]);
+            lines.extend(s.push(&bytes[cut..]));
+            lines.extend(s.finish());
+            assert_eq!(lines, whole, "cut at {cut}");
+        }
+        assert_eq!(whole[0].text, "h\u{e9}llo \u{2603}");
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //!   build that turns out terminal.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -24,12 +24,15 @@ use futures::StreamExt;
 use stitch_core::metadata::keys;
 use stitch_core::{
     async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, BuildStatus, LogLine, LogStream,
-    RunnerError, RunnerRef, StatusReport, TriggerRequest,
+    OutputStream, RunnerError, RunnerRef, StatusReport, TriggerRequest,
 };
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use super::client::{BuildQuery, BuildkiteError, Client, Pipeline};
-use super::logs::{data_lines, parse_log, parse_time, step_end, step_start, JobCursor};
+use super::logs::{data_lines, parse_time, step_end, step_start, JobCursor};
 use super::model::{Build, BuildState, CreateBuild, META_BUILD_ID, META_QUEUE};
+use crate::http_budget::Priority;
 
 /// Creates attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; every later attempt looks up
@@ -78,11 +81,23 @@ pub struct BuildkiteConfig {
     /// How long a recovery lookup keeps looking for a build whose create
     /// answer was lost before creating again.
     pub lookup_settle: Duration,
+    /// The most log bytes streamed for one build (all jobs together); past
+    /// it the log ends with a truncation line and is no longer fetched.
+    pub max_log_bytes: u64,
+    /// Bytes a log fetch asks for first (the tail of the job's log); a log
+    /// that grew by more since the last fetch takes a second request.
+    pub log_window: u64,
 }
+
+/// Default [`BuildkiteConfig::max_log_bytes`]: 16 MiB.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
+/// Default [`BuildkiteConfig::log_window`]: 64 KiB.
+pub const DEFAULT_LOG_WINDOW: u64 = 64 * 1024;
 
 impl BuildkiteConfig {
     /// Defaults: commit `HEAD`, no override, logs re-read every 2 s,
-    /// lookups settle for 2 s.
+    /// lookups settle for 2 s, logs capped at 16 MiB per build and read
+    /// 64 KiB tails first.
     pub fn new(
         org: impl Into<String>,
         pipeline: impl Into<String>,
@@ -98,6 +113,8 @@ impl BuildkiteConfig {
             allow_ref_override: false,
             log_poll: Duration::from_secs(2),
             lookup_settle: Duration::from_secs(2),
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            log_window: DEFAULT_LOG_WINDOW,
         }
     }
 }
@@ -108,6 +125,9 @@ pub struct BuildkiteRunner {
     config: BuildkiteConfig,
     refs: Mutex<HashMap<BuildId, RunnerRef>>,
     triggering: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The log follower of each build someone is viewing, shared by all
+    /// its viewers (see [`SharedLog`]).
+    followers: Mutex<HashMap<BuildId, Weak<SharedLog>>>,
 }
 
 impl std::fmt::Debug for BuildkiteRunner {
@@ -126,6 +146,7 @@ impl BuildkiteRunner {
             config,
             refs: Mutex::new(HashMap::new()),
             triggering: Mutex::new(HashMap::new()),
+            followers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -180,16 +201,22 @@ impl BuildkiteRunner {
     /// The build stamped with `id`, if Buildkite lists one. Several (a
     /// duplicate made by something else) → the oldest, deterministically.
     async fn lookup(&self, id: &BuildId) -> Result<Option<Build>, BuildkiteError> {
+        self.lookup_with(&self.client, id).await
+    }
+
+    /// [`Self::lookup`] through `client`.
+    async fn lookup_with(
+        &self,
+        client: &Client,
+        id: &BuildId,
+    ) -> Result<Option<Build>, BuildkiteError> {
         let query = BuildQuery {
             meta_data: vec![(META_BUILD_ID.to_string(), id.to_string())],
             created_from: Some(id.created_at() - LOOKUP_SLACK),
             exclude_jobs: true,
             ..BuildQuery::default()
         };
-        let builds = self
-            .client
-            .list_builds(&self.config.pipeline, &query)
-            .await?;
+        let builds = client.list_builds(&self.config.pipeline, &query).await?;
         Ok(builds
             .into_iter()
             .filter(|b| b.stitch_build_id() == Some(id.as_str()))
@@ -302,6 +329,16 @@ impl BuildkiteRunner {
     /// The build `handle` points at: by its ref (checking the stamped id),
     /// else by meta-data lookup. `NotFound` when neither finds it.
     async fn resolve(&self, handle: &BuildHandle) -> Result<(Pipeline, Build), RunnerError> {
+        self.resolve_with(&self.client, handle).await
+    }
+
+    /// [`Self::resolve`] through `client` (log viewers resolve at
+    /// [`Priority::Logs`]).
+    async fn resolve_with(
+        &self,
+        client: &Client,
+        handle: &BuildHandle,
+    ) -> Result<(Pipeline, Build), RunnerError> {
         let r = handle
             .runner_ref
             .clone()
@@ -314,7 +351,7 @@ impl BuildkiteRunner {
                     r.id, handle.build_id
                 ))
             })?;
-            let build = self.client.get_build(&pipeline, number).await?;
+            let build = client.get_build(&pipeline, number).await?;
             if build.stitch_build_id() != Some(handle.build_id.as_str()) {
                 return Err(RunnerError::NotFound(format!(
                     "Buildkite build {}/{} #{number} belongs to {:?}, not to {}",
@@ -326,11 +363,11 @@ impl BuildkiteRunner {
             }
             return Ok((pipeline, build));
         }
-        match self.lookup(&handle.build_id).await? {
+        match self.lookup_with(client, &handle.build_id).await? {
             Some(b) => {
                 self.found(&handle.build_id, &b);
                 // The lookup excluded jobs; read the whole build.
-                let build = self.client.get_build(&pipeline, b.number).await?;
+                let build = client.get_build(&pipeline, b.number).await?;
                 Ok((pipeline, build))
             }
             None => Err(RunnerError::NotFound(format!(
@@ -438,37 +475,148 @@ impl BuildRunner for BuildkiteRunner {
         }
     }
 
+    /// Viewers of one build share one follower (one fetch stream): the
+    /// first viewer's call starts it, later ones join it and get every line
+    /// so far, and it stops when the last viewer's stream is dropped.
     async fn logs(&self, handle: &BuildHandle) -> Result<LogStream, RunnerError> {
-        let (pipeline, build) = self.resolve(handle).await?;
+        if let Some(shared) = self.live_follower(&handle.build_id) {
+            return Ok(shared.viewer());
+        }
+        let client = self.client.with_priority(Priority::Logs);
+        let (pipeline, build) = self.resolve_with(&client, handle).await?;
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        followers.retain(|_, f| f.strong_count() > 0);
+        // Another viewer may have started one while this one resolved.
+        if let Some(shared) = followers.get(&handle.build_id).and_then(Weak::upgrade) {
+            return Ok(shared.viewer());
+        }
         let follower = LogFollower {
-            client: self.client.clone(),
+            client,
             pipeline,
             number: build.number,
             poll: self.config.log_poll,
+            window: self.config.log_window,
+            max_bytes: self.config.max_log_bytes,
+            bytes_streamed: 0,
             cursors: HashMap::new(),
             steps: Vec::new(),
             done: false,
         };
-        let first = Some(build);
-        let stream = futures::stream::unfold((follower, first), |(mut f, first)| async move {
-            if f.done {
-                return None;
-            }
-            let batch = f.next_batch(first).await;
-            Some((futures::stream::iter(batch), (f, None)))
-        })
-        .flatten()
-        .boxed();
-        Ok(stream)
+        let shared = SharedLog::start(follower, build);
+        followers.insert(handle.build_id.clone(), Arc::downgrade(&shared));
+        Ok(shared.viewer())
     }
 }
 
-/// Reads a build's job logs as they grow, until the build is terminal.
+impl BuildkiteRunner {
+    fn live_follower(&self, id: &BuildId) -> Option<Arc<SharedLog>> {
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(Weak::upgrade)
+    }
+}
+
+/// One build's log as its follower produced it so far.
+#[derive(Default)]
+struct LogHistory {
+    lines: Vec<Result<LogLine, RunnerError>>,
+    /// The follower finished: no line will be added.
+    done: bool,
+}
+
+/// One follower task and the lines it produced, shared by every viewer of
+/// the build. Viewers hold it through `Arc`; when the last one is dropped,
+/// the task is aborted (it fetches nothing for nobody).
+struct SharedLog {
+    history: Arc<Mutex<LogHistory>>,
+    /// Bumped after every batch the task adds.
+    updates: watch::Receiver<u64>,
+    task: AbortHandle,
+}
+
+impl Drop for SharedLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SharedLog {
+    fn start(follower: LogFollower, first: Build) -> Arc<Self> {
+        let history = Arc::new(Mutex::new(LogHistory::default()));
+        let (tx, updates) = watch::channel(0u64);
+        let task = tokio::spawn(follow(follower, first, history.clone(), tx));
+        Arc::new(Self {
+            history,
+            updates,
+            task: task.abort_handle(),
+        })
+    }
+
+    /// A stream of every line from the first, following until the
+    /// follower is done.
+    fn viewer(self: &Arc<Self>) -> LogStream {
+        let rx = self.updates.clone();
+        futures::stream::unfold(
+            (self.clone(), 0usize, rx),
+            |(shared, next, mut rx)| async move {
+                loop {
+                    // Marks the current batch seen before reading it, so a
+                    // batch added after the read wakes `changed` below.
+                    rx.borrow_and_update();
+                    let (batch, done) = {
+                        let h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
+                        (h.lines[next.min(h.lines.len())..].to_vec(), h.done)
+                    };
+                    if !batch.is_empty() {
+                        let next = next + batch.len();
+                        return Some((futures::stream::iter(batch), (shared, next, rx)));
+                    }
+                    if done || rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        )
+        .flatten()
+        .boxed()
+    }
+}
+
+/// The follower task: batches into the history until the follower is done.
+async fn follow(
+    mut follower: LogFollower,
+    first: Build,
+    history: Arc<Mutex<LogHistory>>,
+    updates: watch::Sender<u64>,
+) {
+    let mut first = Some(first);
+    loop {
+        let batch = follower.next_batch(first.take()).await;
+        {
+            let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
+            h.lines.extend(batch);
+            h.done = follower.done;
+        }
+        updates.send_modify(|n| *n += 1);
+        if follower.done {
+            return;
+        }
+    }
+}
+
+/// Reads a build's job logs as they grow, until the build is terminal or
+/// the build's log reached `max_bytes`.
 struct LogFollower {
     client: Client,
     pipeline: Pipeline,
     number: u64,
     poll: Duration,
+    window: u64,
+    max_bytes: u64,
+    /// Log bytes read so far, all jobs together.
+    bytes_streamed: u64,
     cursors: HashMap<String, JobCursor>,
     /// Job ids in the order their steps were opened (step id = index + 1).
     steps: Vec<String>,
@@ -504,10 +652,14 @@ impl LogFollower {
         let now = Utc::now();
         let mut out = Vec::new();
         for job in build.jobs.iter().filter(|j| j.has_log()) {
-            let cursor = self.cursors.entry(job.id.clone()).or_default();
-            if cursor.ended || !job.has_started() {
+            if !job.has_started() {
                 continue;
             }
+            let start = job
+                .started_at
+                .as_deref()
+                .and_then(parse_time)
+                .unwrap_or(now);
             let step_id = match self.steps.iter().position(|id| *id == job.id) {
                 Some(i) => i as i64 + 1,
                 None => {
@@ -515,27 +667,50 @@ impl LogFollower {
                     self.steps.len() as i64
                 }
             };
+            let cursor = self
+                .cursors
+                .entry(job.id.clone())
+                .or_insert_with(|| JobCursor::new(start));
+            if cursor.ended {
+                continue;
+            }
             if !cursor.started {
                 cursor.started = true;
                 out.push(step_start(step_id, job, now));
             }
             let complete = job.is_finished() || terminal;
-            let raw = self
+            let allowed = self.max_bytes.saturating_sub(self.bytes_streamed);
+            let chunk = self
                 .client
-                .job_log(&self.pipeline, self.number, &job.id)
+                .job_log_since(
+                    &self.pipeline,
+                    self.number,
+                    &job.id,
+                    cursor.bytes_read,
+                    self.window,
+                    allowed,
+                )
                 .await?;
-            let start = job
-                .started_at
-                .as_deref()
-                .and_then(parse_time)
-                .unwrap_or(now);
-            let lines = parse_log(&raw, start, complete);
-            let cursor = self.cursors.entry(job.id.clone()).or_default();
-            if lines.len() > cursor.lines_sent {
-                out.extend(data_lines(step_id, &lines[cursor.lines_sent..]));
-                cursor.lines_sent = lines.len();
+            let over = chunk.total.saturating_sub(cursor.bytes_read) > allowed;
+            let take = chunk
+                .bytes
+                .len()
+                .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+            cursor.bytes_read += take as u64;
+            self.bytes_streamed += take as u64;
+            out.extend(data_lines(
+                step_id,
+                &cursor.splitter.push(&chunk.bytes[..take]),
+            ));
+            if over {
+                out.push(truncation_line(step_id, self.max_bytes, now));
+                self.done = true;
+                return Ok(out);
             }
             if complete {
+                if let Some(last) = cursor.splitter.finish() {
+                    out.extend(data_lines(step_id, &[last]));
+                }
                 cursor.ended = true;
                 out.push(step_end(step_id, job, now));
             }
@@ -545,6 +720,19 @@ impl LogFollower {
         }
         Ok(out)
     }
+}
+
+/// The line that ends a log cut at `max_bytes`.
+fn truncation_line(step_id: i64, max_bytes: u64, now: chrono::DateTime<Utc>) -> LogLine {
+    LogLine::data(
+        step_id,
+        OutputStream::Stderr,
+        format!(
+            "[stitch] log truncated: this build's log passed the {max_bytes}-byte limit \
+             (max_log_bytes); the rest is on Buildkite"
+        ),
+        now,
+    )
 }
 
 #[cfg(test)]

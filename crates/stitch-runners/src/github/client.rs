@@ -37,7 +37,7 @@ use stitch_core::RunnerError;
 
 use super::auth::Credentials;
 use super::model::{DispatchBody, DispatchResponse, ErrorBody, Job, JobList, Run, RunList};
-use crate::http_budget::RequestBudget;
+use crate::http_budget::{Priority, RequestBudget};
 use crate::http_retry::RetryPolicy;
 use crate::http_util::{
     join_segments, next_link, parse_api_root, same_origin, status_summary, transport_message,
@@ -225,6 +225,8 @@ pub struct Client {
     api_version: String,
     credentials: Credentials,
     budget: Arc<RequestBudget>,
+    /// What this client's requests are for ([`Client::with_priority`]).
+    priority: Priority,
     retry: RetryPolicy,
     etags: Arc<Mutex<EtagCache>>,
 }
@@ -258,9 +260,20 @@ impl Client {
             api_version: api_version.into(),
             credentials,
             budget,
+            priority: Priority::Control,
             retry,
             etags: Arc::default(),
         })
+    }
+
+    /// The same client drawing from the budget at `priority`: log
+    /// followers use [`Priority::Logs`] so they never spend the reserve the
+    /// queue's triggers, polls and cancels need.
+    pub fn with_priority(&self, priority: Priority) -> Self {
+        Self {
+            priority,
+            ..self.clone()
+        }
     }
 
     /// The pinned API version.
@@ -440,7 +453,7 @@ impl Client {
         let mut reauthorized = false;
         loop {
             attempt += 1;
-            self.budget.acquire().await;
+            self.budget.acquire(self.priority).await;
             let auth = self.credentials.authorization().await?;
             let mut req = self
                 .http

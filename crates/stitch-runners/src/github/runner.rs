@@ -40,6 +40,7 @@ use super::logs::{data_lines, parse_log, parse_time, step_end, step_start};
 use super::model::{
     DispatchBody, Job, Run, INPUT_BASE, INPUT_BUILD_ID, INPUT_HEAD, INPUT_METADATA, INPUT_QUEUE,
 };
+use crate::http_budget::Priority;
 
 /// Dispatches attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; later attempts look first).
@@ -484,7 +485,9 @@ impl BuildRunner for GithubRunner {
     async fn logs(&self, handle: &BuildHandle) -> Result<LogStream, RunnerError> {
         let (repo, run) = self.resolve(handle).await?;
         let follower = LogFollower {
-            client: self.client.clone(),
+            // Log reads never spend the reserve dispatches, polls and
+            // cancels need.
+            client: self.client.with_priority(Priority::Logs),
             repo,
             run_id: run.id,
             poll: self.config.log_poll,

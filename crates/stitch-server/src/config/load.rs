@@ -1292,6 +1292,9 @@ fn validate_buildkite(
             problems.report(key(&[field]), "must be greater than zero");
         }
     }
+    if bk.max_log_bytes == 0 {
+        problems.report(key(&["max_log_bytes"]), "must be at least 1");
+    }
     if let Some(w) = &bk.webhook {
         if env(&w.secret_env).is_none_or(|v| v.trim().is_empty()) {
             problems.report(

@@ -351,6 +351,10 @@ pub struct BuildkiteSection {
     /// How often a followed build log is re-read.
     #[serde(default = "two_seconds", with = "humantime_serde")]
     pub log_poll: Duration,
+    /// The most log bytes streamed for one build (all its jobs); past it
+    /// the log ends with a truncation line. Default 16 MiB.
+    #[serde(default = "default_max_log_bytes")]
+    pub max_log_bytes: u64,
     /// Webhook verification; with it, polling slows to `webhook.poll`.
     #[serde(default)]
     pub webhook: Option<WebhookSection>,
@@ -366,6 +370,10 @@ fn default_commit() -> String {
 
 fn default_token_env() -> String {
     "BUILDKITE_API_TOKEN".into()
+}
+
+fn default_max_log_bytes() -> u64 {
+    stitch_runners::buildkite::runner::DEFAULT_MAX_LOG_BYTES
 }
 
 fn default_api_url() -> String {

@@ -227,3 +227,51 @@ fn truncate_reason(mut s: String) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderValue, StatusCode};
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// `after=` and `Last-Event-ID` take a non-negative integer (or
+        /// nothing); anything else is a 400, never a panic.
+        #[test]
+        fn positions_of_any_text_parse_or_are_400(raw in ".{0,24}|[0-9]{1,25}| *[0-9]{1,5} *") {
+            let trimmed = raw.trim();
+            match parse_position("after", Some(&raw)) {
+                Ok(n) if trimmed.is_empty() => prop_assert_eq!(n, 0),
+                Ok(n) => prop_assert_eq!(Some(n), trimmed.parse::<u64>().ok()),
+                Err(e) => {
+                    prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    prop_assert!(trimmed.parse::<u64>().is_err());
+                }
+            }
+        }
+
+        #[test]
+        fn last_event_id_headers_of_any_bytes_parse_or_are_400(raw in prop::collection::vec(any::<u8>(), 0..32)) {
+            let Ok(value) = HeaderValue::from_bytes(&raw) else {
+                return Ok(());
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert("last-event-id", value);
+            match last_event_id(&headers) {
+                Ok(Some(_)) => {}
+                Ok(None) => prop_assert!(false, "the header is there"),
+                Err(e) => prop_assert_eq!(e.status, StatusCode::BAD_REQUEST),
+            }
+        }
+    }
+}

@@ -69,6 +69,29 @@ struct PayloadBuild {
     meta_data: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// The stitch build a verified Buildkite webhook is about: the build's
+/// `meta_data["stitch:build_id"]` for `build.*` and `job.*` events (named by
+/// `X-Buildkite-Event`, else the body's `event`). `Ok(None)` for other
+/// events and builds without a valid id; `Err` for a body that is not JSON.
+pub(crate) fn buildkite_build_id(
+    event_header: Option<&str>,
+    body: &[u8],
+) -> Result<Option<BuildId>, serde_json::Error> {
+    let payload: Payload = serde_json::from_slice(body)?;
+    let event = event_header
+        .map(str::to_string)
+        .or(payload.event)
+        .unwrap_or_default();
+    if !(event.starts_with("build.") || event.starts_with("job.")) {
+        return Ok(None);
+    }
+    Ok(payload
+        .build
+        .and_then(|b| b.meta_data)
+        .and_then(|m| m.get(META_BUILD_ID)?.as_str().map(str::to_string))
+        .and_then(|s| s.parse::<BuildId>().ok()))
+}
+
 /// Wakes `id`'s signal partition so its next poll happens now. The queue
 /// records the wake, so a poll that is running now (here or in another
 /// process) is followed by another at once instead of its hold (ADR 0012).
@@ -143,28 +166,17 @@ pub(crate) async fn buildkite(
     let queues = hooks
         .verify(&headers, &body, now)
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_webhook", e.to_string()))?;
-    let payload: Payload = serde_json::from_slice(&body).map_err(|e| {
+    let event = headers
+        .get(stitch_runners::buildkite::webhook::EVENT_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let id = buildkite_build_id(event, &body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
             format!("webhook body: {e}"),
         )
     })?;
-    let event = headers
-        .get(stitch_runners::buildkite::webhook::EVENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(payload.event)
-        .unwrap_or_default();
-    if !(event.starts_with("build.") || event.starts_with("job.")) {
-        return Ok(ignored());
-    }
-    let Some(id) = payload
-        .build
-        .and_then(|b| b.meta_data)
-        .and_then(|m| m.get(META_BUILD_ID)?.as_str().map(str::to_string))
-        .and_then(|s| s.parse::<BuildId>().ok())
-    else {
+    let Some(id) = id else {
         return Ok(ignored());
     };
     let state = &ctx.state;
@@ -298,4 +310,67 @@ pub(crate) async fn github(
     };
     wake(state, &build.id).await?;
     done(outcome("woken", Some(&build.id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_build_id_comes_from_build_and_job_events_only() {
+        let id = BuildId::new();
+        let body = json!({"event": "build.finished", "build": {"meta_data": {"stitch:build_id": id.to_string()}}});
+        let body = serde_json::to_vec(&body).unwrap();
+        assert_eq!(buildkite_build_id(None, &body).unwrap(), Some(id.clone()));
+        assert_eq!(
+            buildkite_build_id(Some("job.started"), &body).unwrap(),
+            Some(id)
+        );
+        assert_eq!(buildkite_build_id(Some("ping"), &body).unwrap(), None);
+        assert!(buildkite_build_id(None, b"{not json").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn buildkite_bodies_of_any_bytes_decode_or_fail_typed(
+            event in prop::option::of(".{0,16}"),
+            body in prop::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let _ = buildkite_build_id(event.as_deref(), &body);
+        }
+
+        #[test]
+        fn buildkite_bodies_of_the_wrong_shape_name_no_build(
+            event in prop_oneof![Just(Value::from("build.running")), Just(Value::from(7)), Just(Value::Null)],
+            meta in prop_oneof![
+                Just(Value::Null),
+                any::<i64>().prop_map(Value::from),
+                ".{0,30}".prop_map(|s| json!({"stitch:build_id": s})),
+                any::<u64>().prop_map(|n| json!({"stitch:build_id": n})),
+                ".{0,10}".prop_map(|s| json!([s])),
+            ],
+        ) {
+            let body = serde_json::to_vec(&json!({"event": event, "build": {"meta_data": meta}})).unwrap();
+            // Only a well-formed id is ever taken.
+            if let Ok(Some(id)) = buildkite_build_id(Some("build.running"), &body) {
+                let named = id.to_string();
+                prop_assert_eq!(
+                    Some(named.as_str()),
+                    meta.get("stitch:build_id").and_then(Value::as_str)
+                );
+            }
+        }
+    }
 }
