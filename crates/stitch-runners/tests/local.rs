@@ -752,3 +752,44 @@ async fn job_env_and_a_private_job_api_reach_the_command() {
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Retention's hook: a finished build's state directory goes; a running
+/// one's is refused and stays; an unknown build has nothing to forget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_removes_a_finished_builds_state_and_refuses_a_running_one() {
+    let env = Env::new();
+    let runner = env.runner("exec tail -f /dev/null");
+    let finished = trigger(&runner, &request("done")).await;
+    wait_for(&runner, &finished, |s| s == BuildStatus::Running).await;
+    runner.cancel(&finished).await.unwrap();
+    wait_terminal(&runner, &finished).await;
+    let running = trigger(&runner, &request("running")).await;
+    wait_for(&runner, &running, |s| s == BuildStatus::Running).await;
+
+    let finished_dir = env.state_dir().join(finished.build_id.as_str());
+    let running_dir = env.state_dir().join(running.build_id.as_str());
+    assert!(finished_dir.join(STATE_FILE).exists());
+    assert!(runner.forget(&finished.build_id).await.unwrap());
+    assert!(!finished_dir.exists());
+    assert!(matches!(
+        runner.status(&finished).await,
+        Err(RunnerError::NotFound(_))
+    ));
+    assert!(
+        !runner.forget(&finished.build_id).await.unwrap(),
+        "nothing left"
+    );
+    assert!(!runner.forget(&BuildId::new()).await.unwrap());
+
+    assert!(matches!(
+        runner.forget(&running.build_id).await,
+        Err(RunnerError::InvalidRequest(_))
+    ));
+    assert!(running_dir.join(STATE_FILE).exists());
+    assert_eq!(
+        runner.status(&running).await.unwrap().status,
+        BuildStatus::Running
+    );
+    runner.cancel(&running).await.unwrap();
+    wait_terminal(&runner, &running).await;
+}

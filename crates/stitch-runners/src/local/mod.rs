@@ -675,4 +675,11 @@ impl BuildRunner for LocalRunner {
             handle.build_id.clone(),
         ))
     }
+
+    async fn forget(&self, build_id: &BuildId) -> Result<bool, RunnerError> {
+        let (shared, id) = (self.shared.clone(), build_id.clone());
+        tokio::task::spawn_blocking(move || shared.dir.forget(&id))
+            .await
+            .map_err(|e| RunnerError::Internal(format!("forgetting a build: {e}")))?
+    }
 }
