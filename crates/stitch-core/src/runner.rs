@@ -241,17 +241,6 @@ pub trait BuildRunner: Send + Sync {
         let _ = handle;
         Err(RunnerError::NotSupported)
     }
-
-    /// Delete what the runner keeps locally about a finished build (called
-    /// by retention once stitch deleted the build). `Ok(true)` when
-    /// something was deleted, `Ok(false)` when the runner keeps nothing for
-    /// it (the default: runners without local state). A build that is not
-    /// finished, or that another runner is in charge of, is an error and
-    /// keeps its state.
-    async fn forget(&self, build_id: &BuildId) -> Result<bool, RunnerError> {
-        let _ = build_id;
-        Ok(false)
-    }
 }
 
 #[cfg(test)]

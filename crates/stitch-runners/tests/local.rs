@@ -11,7 +11,9 @@ use stitch_core::{
     BuildHandle, BuildId, BuildMetadata, BuildRunner, BuildStatus, ChangeSet, LogKind, LogLine,
     OutputStream, RunnerError, StatusReport, StepStatus, TriggerRequest,
 };
-use stitch_runners::local::{LocalConfig, LocalConfigError, LocalRunner, LOG_FILE, STATE_FILE};
+use stitch_runners::local::{
+    forget_build, LocalConfig, LocalConfigError, LocalRunner, LOG_FILE, STATE_FILE,
+};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -769,20 +771,20 @@ async fn forget_removes_a_finished_builds_state_and_refuses_a_running_one() {
     let finished_dir = env.state_dir().join(finished.build_id.as_str());
     let running_dir = env.state_dir().join(running.build_id.as_str());
     assert!(finished_dir.join(STATE_FILE).exists());
-    assert!(runner.forget(&finished.build_id).await.unwrap());
+    assert!(forget_build(&env.state_dir(), &finished.build_id).unwrap());
     assert!(!finished_dir.exists());
     assert!(matches!(
         runner.status(&finished).await,
         Err(RunnerError::NotFound(_))
     ));
     assert!(
-        !runner.forget(&finished.build_id).await.unwrap(),
+        !forget_build(&env.state_dir(), &finished.build_id).unwrap(),
         "nothing left"
     );
-    assert!(!runner.forget(&BuildId::new()).await.unwrap());
+    assert!(!forget_build(&env.state_dir(), &BuildId::new()).unwrap());
 
     assert!(matches!(
-        runner.forget(&running.build_id).await,
+        forget_build(&env.state_dir(), &running.build_id),
         Err(RunnerError::InvalidRequest(_))
     ));
     assert!(running_dir.join(STATE_FILE).exists());
