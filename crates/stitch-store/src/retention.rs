@@ -161,9 +161,18 @@ async fn tx_ids(tx: &mut StoreTx<'_>, sql: &str, args: &[Arg<'_>]) -> Result<Vec
                 .fetch_all(&mut *c)
                 .await?)
         }
-        TxConnection::MySql(c) => Ok(bind_all!(sqlx::query_scalar::<_, String>(sql), args)
+        // MySQL reports binary-collated text as binary (see `rows`).
+        TxConnection::MySql(c) => bind_all!(sqlx::query_scalar::<_, Vec<u8>>(sql), args)
             .fetch_all(&mut *c)
-            .await?),
+            .await?
+            .into_iter()
+            .map(|raw| {
+                String::from_utf8(raw).map_err(|e| StoreError::Corrupt {
+                    what: "a text column".into(),
+                    detail: e.to_string(),
+                })
+            })
+            .collect(),
         TxConnection::Sqlite(_) => Err(StoreError::Internal(
             "a SQLite transaction without its raw handle".into(),
         )),
