@@ -121,6 +121,12 @@ impl<D: Driver> Driver for CountingDriver<D> {
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {
         self.inner.gc(now, retention_ms, stale_ms).await
     }
+    async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64> {
+        self.inner.prune_dead_letters(failed_before, limit).await
+    }
+    async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64> {
+        self.inner.count_dead_letters_before(failed_before).await
+    }
     async fn stats(&self, topic: &str, group: &str) -> MqResult<TopicStats> {
         self.inner.stats(topic, group).await
     }

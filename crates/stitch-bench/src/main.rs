@@ -14,6 +14,7 @@ mod promise;
 mod provider;
 mod scratch_db;
 mod serve;
+mod soak;
 mod sys;
 
 use clap::{Parser, Subcommand};
@@ -60,6 +61,11 @@ enum Command {
     /// per build with webhooks vs polling only (304s counted apart),
     /// webhook-to-event latency.
     Github(github::GithubArgs),
+    /// Retention over time: two `stitch serve` child processes on SQLite
+    /// with builds created at a steady rate on `noop` and `fake` queues,
+    /// one with short retention (--window, --interval) and one without;
+    /// per --sample: database and data dir size, RSS, create p99.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,5 +80,6 @@ fn main() -> anyhow::Result<()> {
         Command::PromiseFailureLoad(args) => rt.block_on(promise::load(args)),
         Command::Buildkite(args) => rt.block_on(buildkite::run(args)),
         Command::Github(args) => rt.block_on(github::run(args)),
+        Command::Soak(args) => rt.block_on(soak::run(args)),
     }
 }

@@ -26,6 +26,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A 404 `build_not_found`: an unknown id, or a build retention deleted.
+    pub fn is_build_not_found(&self) -> bool {
+        matches!(self, ClientError::Api { status: 404, code, .. } if code == "build_not_found")
+    }
+
     /// 2 for requests the server refused (4xx), 3 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {

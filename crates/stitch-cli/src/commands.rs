@@ -33,7 +33,76 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Mq(MqCommand::Partitions(args)) => crate::partitions::run(args).await,
         Command::Config(ConfigCommand::Check { config }) => config_check(&config),
         Command::Migrate(args) => migrate(&args.config).await,
+        Command::Gc(args) => gc(&args).await,
     }
+}
+
+/// `stitch gc`: one retention pass (or its preview) now.
+async fn gc(args: &crate::GcArgs) -> u8 {
+    use stitch_server::retention::Pruner;
+    let config = match config::load(&load_options(&args.config)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stitch: {}", config::render_problems(&e));
+            return USAGE;
+        }
+    };
+    let url = stitch_mq::open::redact(&stitch_server::state::storage_url(&config));
+    let (store, driver) = match stitch_server::state::open_storage(&config).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            eprintln!("stitch gc: {url}: {e}");
+            return UNAVAILABLE;
+        }
+    };
+    let queue = stitch_mq::Queue::new(
+        driver.into_shared(),
+        stitch_mq::QueueConfig {
+            gc_interval: None,
+            ..stitch_mq::QueueConfig::default()
+        },
+    );
+    let pruner = Pruner::for_config(store.clone(), queue.admin(), &config);
+    let now = stitch_mq::now_millis();
+    let result = if args.dry_run {
+        pruner.preview(now).await
+    } else {
+        pruner.run_pass(now).await
+    };
+    store.close().await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stitch gc: {url}: {e}");
+            return UNAVAILABLE;
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        return OK;
+    }
+    if let Some(holder) = &report.lease_held_by {
+        println!("another process ({holder}) is pruning {url} now; nothing removed");
+        return OK;
+    }
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    println!("{verb} from {url}:");
+    println!("  builds        {}", report.builds);
+    println!("  log lines     {}", report.log_lines);
+    println!("  events        {}", report.events);
+    println!("  dead letters  {}", report.dead_letters);
+    if !report.dry_run {
+        println!("  local states  {}", report.local_states);
+    }
+    println!("oldest retained event: {}", report.oldest_event_seq);
+    if let Some(bytes) = report.database_bytes {
+        println!("database size: {bytes} bytes");
+    }
+    OK
 }
 
 /// `stitch migrate`: brings the configured database's schemas up to date,
@@ -150,6 +219,12 @@ fn client(server: &ServerArgs) -> Result<Client, u8> {
 
 fn fail(e: ClientError) -> u8 {
     eprintln!("stitch: {e}");
+    if e.is_build_not_found() {
+        eprintln!(
+            "stitch: no such build: the id is wrong, or the build finished longer ago than \
+             the server's [retention] builds window and was deleted"
+        );
+    }
     e.exit_code()
 }
 

@@ -42,6 +42,23 @@ enum Command {
     /// Apply the queue's and the store's migrations to the configured
     /// database (`storage.url`: SQLite, PostgreSQL or MySQL/MariaDB) and exit.
     Migrate(MigrateArgs),
+    /// Run one retention pass now against the configured storage (the
+    /// `[retention]` windows), printing what was removed per kind. With
+    /// several servers on one database it waits for no one: if another
+    /// process is pruning, it says so and removes nothing.
+    Gc(GcArgs),
+}
+
+#[derive(Args)]
+struct GcArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]

@@ -164,6 +164,17 @@ fn bad_input_and_unreachable_server_have_their_exit_codes() {
     assert!(text(&unknown_queue).contains("unknown_queue"));
     let unknown_build = stitch(&["build", "status", "b_00000000000000000000000000"], &s.url);
     assert_eq!(unknown_build.status.code(), Some(2));
+    // An unknown (or pruned) build says plainly that retention may have
+    // deleted it, for `watch` and `logs` too.
+    for cmd in ["status", "watch", "logs"] {
+        let out = stitch(&["build", cmd, "b_00000000000000000000000000"], &s.url);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out));
+        assert!(
+            text(&out).contains("[retention] builds window"),
+            "{cmd}: {}",
+            text(&out)
+        );
+    }
     let bad_meta = stitch(
         &["build", "trigger", "--head", "c/1", "--meta", "novalue"],
         &s.url,

@@ -54,7 +54,7 @@ async fn migrate_creates_the_default_sqlite_database() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 1005, 2001, 2002, 2003, 2004]);
+    assert_eq!(versions, vec![1001, 1005, 2001, 2002, 2003, 2004, 2005]);
 }
 
 #[tokio::test]
@@ -80,7 +80,7 @@ async fn migrate_applies_both_schemas_on_postgres() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 1002, 1005, 2001]);
+    assert_eq!(versions, vec![1001, 1002, 1005, 2001, 2002]);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
          WHERE table_schema = current_schema() AND table_name IN ('builds', 'mq_messages') \
@@ -113,7 +113,7 @@ async fn migrate_applies_both_schemas_on_mysql() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 1005, 2001]);
+    assert_eq!(versions, vec![1001, 1005, 2001, 2002]);
 }
 
 #[test]

@@ -1286,6 +1286,81 @@ pub async fn takeover_releases_dead_owners_deliveries(b: &dyn Backend) {
     assert!(d.dead_letters(T, 0, 10).await.unwrap().is_empty());
 }
 
+/// Dead-letter retention: exactly the dead letters that failed before the
+/// cutoff go, oldest first, at most `limit` per call; newer ones stay.
+pub async fn dead_letters_prune_by_age(b: &dyn Backend) {
+    let d = b.driver("dlq-prune").await;
+    let d = d.as_ref();
+    let t0 = now_millis();
+    d.register_group(T, "g", t0).await.unwrap();
+    // Four messages on four partitions, dead-lettered at t0+1000 … t0+4000.
+    for (i, p) in ["a", "b", "c", "e"].iter().enumerate() {
+        publish_at(d, &format!("m-{p}"), p, t0, t0).await;
+        let now = t0 + 1000 * (i as Millis + 1);
+        let m = single(
+            &d.claim(&claim_at("A", now, 60_000, 1)).await.unwrap(),
+            &format!("m-{p}"),
+        );
+        let kind = OutcomeKind::DeadLetter {
+            failure: Failure::new("bad"),
+        };
+        apply_one(d, outcome(&m, kind), now).await.unwrap();
+    }
+    let failed: Vec<Millis> = d
+        .dead_letters(T, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.failed_at)
+        .collect();
+    assert_eq!(failed, [t0 + 1000, t0 + 2000, t0 + 3000, t0 + 4000]);
+
+    // Cutoff t0+3000: the first two are older (strictly before it).
+    let cutoff = t0 + 3000;
+    assert_eq!(d.count_dead_letters_before(cutoff).await.unwrap(), 2);
+    assert_eq!(d.prune_dead_letters(cutoff, 1).await.unwrap(), 1);
+    let left: Vec<String> = d
+        .dead_letters(T, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.message.id)
+        .collect();
+    assert_eq!(left, ["m-b", "m-c", "m-e"], "the oldest went first");
+    assert_eq!(d.prune_dead_letters(cutoff, 1).await.unwrap(), 1);
+    assert_eq!(d.prune_dead_letters(cutoff, 1).await.unwrap(), 0);
+    assert_eq!(d.count_dead_letters_before(cutoff).await.unwrap(), 0);
+    let left: Vec<String> = d
+        .dead_letters(T, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.message.id)
+        .collect();
+    assert_eq!(left, ["m-c", "m-e"], "nothing newer than the cutoff went");
+
+    // Through the admin handle: bad limits are refused and delete nothing.
+    let q = Queue::new(b.driver("dlq-prune").await, quiet());
+    for limit in [0, crate::MAX_PRUNE_BATCH + 1] {
+        assert!(matches!(
+            q.admin().prune_dead_letters(t0 + 10_000, limit).await,
+            Err(MqError::InvalidLimit { .. })
+        ));
+    }
+    assert_eq!(
+        q.admin()
+            .count_dead_letters_before(t0 + 10_000)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        q.admin().prune_dead_letters(t0 + 10_000, 10).await.unwrap(),
+        2
+    );
+    assert!(d.dead_letters(T, 0, 10).await.unwrap().is_empty());
+}
+
 /// The partition listing: key order, cursor, next due, lease owner and
 /// expiry, in-flight count; owner and due filters; pages by key.
 pub async fn partitions_list_pages_and_filters(b: &dyn Backend) {
@@ -1503,7 +1578,7 @@ macro_rules! conformance_tests {
             dedup_horizon_is_bounded_by_retention, ordering_within_partition,
             partitions_are_isolated, batch_size_one_serializes, consumer_groups_are_independent,
             nack_backoff_is_persisted, nack_after_uses_callers_delay, nack_exhaustion_dead_letters, reject_dead_letters_now,
-            dead_letters_list_and_replay, postpone_is_a_barrier, postpone_resets_failure_streak,
+            dead_letters_list_and_replay, dead_letters_prune_by_age, postpone_is_a_barrier, postpone_resets_failure_streak,
             wake_makes_postponed_due, wake_reaches_an_in_flight_delivery,
             wake_makes_delayed_publish_due, wake_with_nothing_pending_does_nothing,
             visibility_timeout_redelivers, outcomes_are_one_shot,

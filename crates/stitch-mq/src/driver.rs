@@ -324,6 +324,14 @@ pub trait Driver: Send + Sync + 'static {
     /// and removes it from the dead letters. Unknown id → `UnknownDeadLetter`.
     async fn replay_dead_letter(&self, topic: &str, dlq_id: i64, now: Millis) -> MqResult<()>;
 
+    /// Deletes up to `limit` dead letters of any topic that failed before
+    /// `failed_before`, lowest id first, in one transaction; returns how
+    /// many. Retention calls it until it returns less than `limit`.
+    async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64>;
+
+    /// How many dead letters of any topic failed before `failed_before`.
+    async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64>;
+
     /// Deletes messages done for every group and older than `retention_ms`,
     /// partitions with no stored messages, and heartbeats idle for `stale_ms`.
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport>;

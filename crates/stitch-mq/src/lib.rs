@@ -35,5 +35,5 @@ pub use message::{now_millis, Failure, Message, Millis};
 pub use open::{open, AnyDriver, BackendKind};
 pub use queue::{
     Admin, Delivery, NackOutcome, PartitionFilter, Publisher, Queue, Subscriber, Subscription,
-    MAX_PARTITION_PAGE,
+    MAX_PARTITION_PAGE, MAX_PRUNE_BATCH,
 };

@@ -668,6 +668,30 @@ impl Driver for MemoryDriver {
         Ok(())
     }
 
+    async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64> {
+        let mut inner = self.inner.lock();
+        let doomed: Vec<i64> = inner
+            .dead
+            .iter()
+            .filter(|(_, d)| d.failed_at < failed_before)
+            .take(limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &doomed {
+            inner.dead.remove(id);
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .dead
+            .values()
+            .filter(|d| d.failed_at < failed_before)
+            .count() as u64)
+    }
+
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {
         let mut inner = self.inner.lock();
         let mut report = GcReport::default();

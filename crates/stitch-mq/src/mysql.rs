@@ -1093,6 +1093,27 @@ impl Driver for MySqlDriver {
         Ok(())
     }
 
+    async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64> {
+        // MySQL refuses LIMIT in an IN subquery; a single-table DELETE
+        // takes ORDER BY and LIMIT itself.
+        Ok(
+            sqlx::query("DELETE FROM mq_dead_letters WHERE failed_at < ? ORDER BY dlq_id LIMIT ?")
+                .bind(failed_before)
+                .bind(limit.min(i64::MAX as usize) as i64)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mq_dead_letters WHERE failed_at < ?")
+            .bind(failed_before)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {
         let mut report = GcReport::default();
         loop {

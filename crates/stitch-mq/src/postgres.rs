@@ -1419,6 +1419,27 @@ impl Driver for PostgresDriver {
         Ok(())
     }
 
+    async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM mq_dead_letters WHERE dlq_id IN (SELECT dlq_id FROM mq_dead_letters \
+             WHERE failed_at < $1 ORDER BY dlq_id LIMIT $2)",
+        )
+        .bind(failed_before)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM mq_dead_letters WHERE failed_at < $1")
+                .bind(failed_before)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n as u64)
+    }
+
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {
         let mut report = GcReport::default();
         loop {

@@ -26,6 +26,9 @@ const CLAIM_MAX: usize = 512;
 /// Partitions one [`Admin::partitions`] page lists at most.
 pub const MAX_PARTITION_PAGE: usize = 1000;
 
+/// Largest batch [`Admin::prune_dead_letters`] deletes in one transaction.
+pub const MAX_PRUNE_BATCH: usize = 10_000;
+
 type OutcomeRequest = (Outcome, oneshot::Sender<MqResult<()>>);
 
 struct Shared {
@@ -683,6 +686,32 @@ impl Admin {
             .await?;
         self.shared.notify_topic(topic);
         Ok(())
+    }
+
+    /// Deletes up to `limit` (1 to [`MAX_PRUNE_BATCH`]) dead letters of
+    /// every topic that failed before `failed_before`, oldest first, in one
+    /// transaction; returns how many. Retention runs it in a loop, so a
+    /// large backlog never holds one long transaction.
+    pub async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64> {
+        if limit == 0 || limit > MAX_PRUNE_BATCH {
+            return Err(MqError::InvalidLimit {
+                limit,
+                max: MAX_PRUNE_BATCH,
+            });
+        }
+        self.shared
+            .driver
+            .prune_dead_letters(failed_before, limit)
+            .await
+    }
+
+    /// How many dead letters of every topic failed before `failed_before`
+    /// (what [`Admin::prune_dead_letters`] would delete).
+    pub async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64> {
+        self.shared
+            .driver
+            .count_dead_letters_before(failed_before)
+            .await
     }
 
     /// Runs one garbage-collection pass now.

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -48,6 +50,11 @@ pub fn connect_options(path: &Path) -> SqliteConnectOptions {
 /// instead of every 4 MB (hot pages are copied back once per checkpoint).
 fn tune(opts: SqliteConnectOptions) -> SqliteConnectOptions {
     opts.create_if_missing(true)
+        // Takes effect only on a file without tables (a new database), so
+        // retention's freed pages can be handed back with
+        // `PRAGMA incremental_vacuum`; an older file keeps `NONE` (see
+        // docs/operations.md for the one-time VACUUM that converts it).
+        .auto_vacuum(SqliteAutoVacuum::Incremental)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(30))
@@ -968,6 +975,29 @@ impl Driver for SqliteDriver {
         let topic = topic.to_string();
         self.write(move |c| replay_sync(c, &topic, dlq_id, now))
             .await
+    }
+
+    async fn prune_dead_letters(&self, failed_before: Millis, limit: usize) -> MqResult<u64> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM mq_dead_letters WHERE dlq_id IN (SELECT dlq_id FROM mq_dead_letters \
+                 WHERE failed_at < ?1 ORDER BY dlq_id LIMIT ?2)",
+                params![failed_before, limit],
+            )? as u64)
+        })
+        .await
+    }
+
+    async fn count_dead_letters_before(&self, failed_before: Millis) -> MqResult<u64> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM mq_dead_letters WHERE failed_at < ?1",
+                [failed_before],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        })
+        .await
     }
 
     async fn gc(&self, now: Millis, retention_ms: Millis, stale_ms: Millis) -> MqResult<GcReport> {

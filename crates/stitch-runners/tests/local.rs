@@ -11,7 +11,9 @@ use stitch_core::{
     BuildHandle, BuildId, BuildMetadata, BuildRunner, BuildStatus, ChangeSet, LogKind, LogLine,
     OutputStream, RunnerError, StatusReport, StepStatus, TriggerRequest,
 };
-use stitch_runners::local::{LocalConfig, LocalConfigError, LocalRunner, LOG_FILE, STATE_FILE};
+use stitch_runners::local::{
+    forget_build, LocalConfig, LocalConfigError, LocalRunner, LOG_FILE, STATE_FILE,
+};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -844,4 +846,45 @@ async fn builds_run_as_the_configured_account() {
         ],
         "uid, gid, no supplementary groups of root, USER, a workdir and a job API the account can use"
     );
+}
+
+/// Retention's hook: a finished build's state directory goes; a running
+/// one's is refused and stays; an unknown build has nothing to forget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_removes_a_finished_builds_state_and_refuses_a_running_one() {
+    let env = Env::new();
+    let runner = env.runner("exec tail -f /dev/null");
+    let finished = trigger(&runner, &request("done")).await;
+    wait_for(&runner, &finished, |s| s == BuildStatus::Running).await;
+    runner.cancel(&finished).await.unwrap();
+    wait_terminal(&runner, &finished).await;
+    let running = trigger(&runner, &request("running")).await;
+    wait_for(&runner, &running, |s| s == BuildStatus::Running).await;
+
+    let finished_dir = env.state_dir().join(finished.build_id.as_str());
+    let running_dir = env.state_dir().join(running.build_id.as_str());
+    assert!(finished_dir.join(STATE_FILE).exists());
+    assert!(forget_build(&env.state_dir(), &finished.build_id).unwrap());
+    assert!(!finished_dir.exists());
+    assert!(matches!(
+        runner.status(&finished).await,
+        Err(RunnerError::NotFound(_))
+    ));
+    assert!(
+        !forget_build(&env.state_dir(), &finished.build_id).unwrap(),
+        "nothing left"
+    );
+    assert!(!forget_build(&env.state_dir(), &BuildId::new()).unwrap());
+
+    assert!(matches!(
+        forget_build(&env.state_dir(), &running.build_id),
+        Err(RunnerError::InvalidRequest(_))
+    ));
+    assert!(running_dir.join(STATE_FILE).exists());
+    assert_eq!(
+        runner.status(&running).await.unwrap().status,
+        BuildStatus::Running
+    );
+    runner.cancel(&running).await.unwrap();
+    wait_terminal(&runner, &running).await;
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
 use crate::http;
+use crate::retention;
 use crate::stages;
 use crate::state::{AppState, StartError};
 
@@ -80,7 +81,8 @@ pub async fn run_with(
         router = router.merge(addon.router);
         addon_tasks.extend(addon.tasks);
     }
-    let stage_tasks = stages::start(&state, stop.clone());
+    let mut stage_tasks = stages::start(&state, stop.clone());
+    stage_tasks.extend(retention::start(&state, stop.clone()));
     let http_stop = stop.clone();
     let addons_stop = addon_stop.clone();
     let signal = async move {

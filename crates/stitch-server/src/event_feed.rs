@@ -180,6 +180,18 @@ impl Tail {
                         return Some((Err(e), self));
                     }
                 };
+                // Retention deleted what this stream had not read yet:
+                // skipping it silently would break the no-gap promise.
+                if let Some(first) = batch.first() {
+                    if first.seq > self.after.saturating_add(1) {
+                        self.failed = true;
+                        let err = StoreError::EventsPruned {
+                            after: self.after,
+                            oldest: first.seq,
+                        };
+                        return Some((Err(err), self));
+                    }
+                }
                 self.from_database = batch.len() == EVENT_BATCH as usize;
                 for event in batch {
                     match FeedEvent::new(event) {
@@ -275,6 +287,31 @@ mod tests {
             log.commit().await;
         }
         assert_eq!(take(&mut stream, 40).await, (2..=41).collect::<Vec<_>>());
+    }
+
+    /// A stream whose next events were deleted by retention ends with
+    /// `EventsPruned` instead of skipping them.
+    #[tokio::test]
+    async fn a_stream_behind_retention_ends_with_events_pruned() {
+        let log = Log::open().await;
+        let feed = EventFeed::with_capacity(log.store.clone(), log.commits.subscribe(), 4);
+        for _ in 0..5 {
+            log.commit().await;
+        }
+        let mut behind = feed.stream(log.store.clone(), 1);
+        let mut current = feed.stream(log.store.clone(), 3);
+        let far_future = chrono::Utc::now().timestamp_millis() + 1_000_000;
+        // Only the first three go: a batch of 3.
+        assert_eq!(log.store.prune_events(far_future, 3).await.unwrap(), 3);
+        match behind.next().await {
+            Some(Err(StoreError::EventsPruned {
+                after: 1,
+                oldest: 4,
+            })) => {}
+            other => panic!("expected EventsPruned, got {other:?}"),
+        }
+        assert!(behind.next().await.is_none(), "the stream ended");
+        assert_eq!(take(&mut current, 2).await, vec![4, 5]);
     }
 
     /// Streams that start while events are being committed — each from the

@@ -7,6 +7,7 @@ pub mod consumer;
 pub mod event_feed;
 pub mod http;
 pub mod job_token;
+pub mod retention;
 pub mod service;
 pub mod stages;
 pub mod state;

@@ -114,6 +114,21 @@ pub fn storage_url(config: &Config) -> String {
     }
 }
 
+/// The state directory of the `local` runner of queue `name`.
+pub fn local_state_dir(config: &Config, name: &str) -> std::path::PathBuf {
+    config.data_dir.join("local").join(name)
+}
+
+/// The state directories of every `local` queue of a configuration.
+pub fn local_state_dirs(config: &Config) -> Vec<std::path::PathBuf> {
+    config
+        .queues
+        .iter()
+        .filter(|(_, q)| q.runner == RunnerName::Local)
+        .map(|(name, _)| local_state_dir(config, name))
+        .collect()
+}
+
 /// Connects to the configured database (without migrating it).
 async fn connect_storage(config: &Config) -> Result<StorePool, StartError> {
     Ok(StorePool::connect(&storage_url(config)).await?)
@@ -551,7 +566,7 @@ fn build_runtime(
             let l = qc.local.clone().ok_or_else(|| {
                 err("runner \"local\" needs a [queues.NAME.local] table with `command`".into())
             })?;
-            let mut lc = LocalConfig::new(l.command, config.data_dir.join("local").join(name));
+            let mut lc = LocalConfig::new(l.command, local_state_dir(config, name));
             lc.workdir = l.workdir;
             lc.cancel_grace = l.cancel_grace;
             lc.env = l.env;

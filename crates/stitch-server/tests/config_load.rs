@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use stitch_server::config::{
     api_tokens, load, render_problems, ApiConfig, Config, ConfigError, FakeSection, HttpConfig,
-    LoadOptions, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName, StorageConfig,
+    LoadOptions, LocalSection, PollConfig, QueueConfig, RetentionConfig, RetentionSetting,
+    RetryConfig, RunnerName, StorageConfig,
 };
 use tempfile::TempDir;
 
@@ -246,6 +247,7 @@ runner = "noop"
         webhooks: Default::default(),
         spindle: None,
         http: Default::default(),
+        retention: Default::default(),
     };
     assert_eq!(config, expected);
 }
@@ -1446,4 +1448,71 @@ fn local_pass_env_user_and_group_are_read_and_checked() {
         assert_problem(&p, "queues.ci.local.user", "need stitch to run as root");
     }
     assert_eq!(p.len(), 4, "{p:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// [retention]
+
+#[test]
+fn retention_defaults() {
+    let config = setup(None, &[]).ok();
+    const DAY: u64 = 24 * 3600;
+    assert_eq!(
+        config.retention,
+        RetentionConfig {
+            builds: RetentionSetting::After(Duration::from_secs(30 * DAY)),
+            events: RetentionSetting::After(Duration::from_secs(7 * DAY)),
+            dead_letters: RetentionSetting::After(Duration::from_secs(30 * DAY)),
+            interval: RetentionSetting::After(Duration::from_secs(600)),
+        }
+    );
+}
+
+#[test]
+fn retention_keys_take_durations_or_off_from_file_and_env() {
+    let config = ok(
+        r#"
+[retention]
+builds = "90d"
+events = "off"
+dead_letters = "12h"
+interval = "5m"
+"#,
+        &[
+            ("STITCH_RETENTION__INTERVAL", "off"),
+            ("STITCH_RETENTION__DEAD_LETTERS", "1d"),
+        ],
+    );
+    assert_eq!(
+        config.retention.builds,
+        RetentionSetting::After(Duration::from_secs(90 * 24 * 3600))
+    );
+    assert_eq!(config.retention.events, RetentionSetting::Off);
+    assert_eq!(
+        config.retention.dead_letters,
+        RetentionSetting::After(Duration::from_secs(24 * 3600))
+    );
+    assert_eq!(config.retention.interval, RetentionSetting::Off);
+    assert_eq!(config.retention.interval.duration(), None);
+}
+
+#[test]
+fn bad_retention_values_name_the_key() {
+    let p = problems(
+        r#"
+[retention]
+builds = "forever"
+events = 7
+dead_letters = "0s"
+interval = "10ms"
+"#,
+        &[("STITCH_RETENTION__KEEP", "1d")],
+    );
+    assert_problem(&p, "retention.builds", "invalid duration \"forever\"");
+    assert_problem(&p, "retention.builds", "or \"off\"");
+    assert_problem(&p, "retention.events", "expected a string");
+    assert_problem(&p, "retention.dead_letters", "use \"off\"");
+    assert_problem(&p, "retention.interval", "at least 1s");
+    assert_problem(&p, "retention.keep", "unknown key");
+    assert_eq!(p.len(), 5, "{p:#?}");
 }

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use stitch_spindle::auth::{verify_service_auth, AuthError};
+use stitch_spindle::auth::{check_claims, verify_signature, AuthError, MAX_TOKEN_LIFETIME};
 use stitch_spindle::did::{decode_multikey, DidResolver};
 use stitch_spindle::records::{
     CancelInput, CollaboratorRecord, JetstreamFrame, KnotFrame, MemberRecord, PipelineRecord,
@@ -44,7 +44,10 @@ static SHARED: LazyLock<(tokio::runtime::Runtime, DidResolver)> = LazyLock::new(
 
 fn verify(token: &str) -> Result<String, AuthError> {
     let (rt, resolver) = &*SHARED;
-    rt.block_on(verify_service_auth(resolver, token, AUDIENCE, METHOD, NOW))
+    // The cheap checks first, then resolution and the signature, as the
+    // spindle's handlers run them.
+    let checked = check_claims(token, AUDIENCE, METHOD, NOW)?;
+    rt.block_on(verify_signature(resolver, checked))
 }
 
 fn b64(v: &[u8]) -> String {
@@ -134,6 +137,8 @@ proptest! {
             Err(AuthError::Audience(a)) => prop_assert_eq!(a, aud),
             Err(AuthError::Method(_)) => prop_assert!(lxm.as_deref() != Some(METHOD)),
             Err(AuthError::Expired) => prop_assert!(exp <= NOW),
+            Err(AuthError::Lifetime) => prop_assert!(exp - NOW > MAX_TOKEN_LIFETIME),
+            Err(AuthError::Untrusted) => prop_assert!(false, "no trust check runs here"),
             Err(AuthError::Resolve(_) | AuthError::Signature) => {
                 prop_assert_eq!(aud.as_str(), AUDIENCE);
                 prop_assert!(exp > NOW);

@@ -86,6 +86,17 @@ pub enum StoreError {
         actual: BackendKind,
     },
 
+    /// Events after `after` were deleted by retention: a reader resuming
+    /// there would skip them. `oldest` is the oldest event still stored
+    /// (the log's next seq when none is).
+    #[error("events after {after} were pruned; the oldest retained event is {oldest}")]
+    EventsPruned {
+        /// The position the reader asked to resume after.
+        after: u64,
+        /// The oldest retained event's seq.
+        oldest: u64,
+    },
+
     /// A bug inside the store, not caused by the input or the database.
     #[error("internal store error: {0}")]
     Internal(String),

@@ -32,6 +32,7 @@ mod mysql;
 mod ops;
 mod pool;
 mod postgres;
+mod retention;
 mod rows;
 mod sqlite;
 mod store;
@@ -43,5 +44,6 @@ pub use model::{
     InvalidCursor, Metadata, NewBuild, StoredLogLine, ERROR_KEY, URL_KEY,
 };
 pub use pool::{migrate, StorePool};
+pub use retention::{BuildsPruned, Prunable};
 pub use stitch_mq::{BackendKind, StorageFailure};
 pub use store::{Store, StoreTx, StoreWrite, TxConnection};

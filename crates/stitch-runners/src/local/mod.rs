@@ -61,6 +61,7 @@ mod state;
 mod supervise;
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -712,4 +713,14 @@ impl BuildRunner for LocalRunner {
             handle.build_id.clone(),
         ))
     }
+}
+
+/// Deletes a finished build's directory (state, log, markers) from the
+/// local runners' state directory `state_dir`: what retention calls once
+/// stitch deleted the build. Needs no runner, so `stitch gc` can call it
+/// beside a running server. `Ok(false)` when there is none; a build not
+/// terminal there, or in the charge of a runner (its lock is held), is
+/// [`RunnerError::InvalidRequest`] and keeps its state. Blocking file I/O.
+pub fn forget_build(state_dir: &Path, id: &BuildId) -> Result<bool, RunnerError> {
+    StateDir::new(state_dir.to_path_buf()).forget(id)
 }

@@ -252,6 +252,34 @@ impl StateDir {
         }
     }
 
+    /// Delete a finished build's directory (state, log, markers): `false`
+    /// when there is none. Refused, keeping everything, while the build is
+    /// not terminal here or another runner holds its lock.
+    pub(crate) fn forget(&self, id: &BuildId) -> Result<bool, RunnerError> {
+        let dir = self.build_dir(id);
+        match fs::symlink_metadata(&dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(internal("reading", &dir, e)),
+        }
+        let Some(lock) = self.try_lock(id)? else {
+            return Err(RunnerError::InvalidRequest(format!(
+                "build {id} is in the charge of a local runner; its state stays"
+            )));
+        };
+        if let Some(state) = self.read(id)? {
+            if !state.status.is_terminal() {
+                return Err(RunnerError::InvalidRequest(format!(
+                    "build {id} is {} in the local runner; only finished builds are forgotten",
+                    state.status
+                )));
+            }
+        }
+        fs::remove_dir_all(&dir).map_err(|e| internal("removing", &dir, e))?;
+        drop(lock);
+        Ok(true)
+    }
+
     /// The build's state, or `None` when this directory never saw it.
     pub(crate) fn read(&self, id: &BuildId) -> Result<Option<BuildState>, RunnerError> {
         read_state(&self.state_path(id))

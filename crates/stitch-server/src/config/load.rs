@@ -54,7 +54,16 @@ pub const ENV_SEPARATOR: &str = "__";
 /// The top-level keys of [`Config`]. Only `STITCH_*` variables whose first
 /// path segment is one of these are read as configuration.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "listen", "data_dir", "storage", "cluster", "api", "queues", "webhooks", "spindle", "http",
+    "listen",
+    "data_dir",
+    "storage",
+    "cluster",
+    "api",
+    "queues",
+    "webhooks",
+    "spindle",
+    "http",
+    "retention",
 ];
 
 /// Where configuration comes from.
@@ -538,6 +547,18 @@ fn is_duration_key(segments: &[String]) -> bool {
             | ["webhooks", "github", "poll"]
             | ["cluster", "lease" | "delivery_timeout" | "poll_interval"]
             | ["http", "header_read_timeout" | "body_read_timeout"]
+    ) || is_retention_key(segments)
+}
+
+/// `[retention]` keys: a duration or `"off"`.
+fn is_retention_key(segments: &[String]) -> bool {
+    let s: Vec<&str> = segments.iter().map(String::as_str).collect();
+    matches!(
+        s.as_slice(),
+        [
+            "retention",
+            "builds" | "events" | "dead_letters" | "interval"
+        ]
     )
 }
 
@@ -651,7 +672,9 @@ fn classify(value: &Value, raw: &[String]) -> Vec<Seg> {
 /// The problem for a figment error at `target`: its key and message.
 fn describe(kind: &Kind, target: &[Seg]) -> (Vec<Seg>, String) {
     let strings: Vec<String> = target.iter().map(Seg::as_string).collect();
-    let duration_hint = if is_duration_key(&strings) {
+    let duration_hint = if is_retention_key(&strings) {
+        " (a duration like \"30d\", \"12h\", \"10m\", or \"off\")"
+    } else if is_duration_key(&strings) {
         " (durations are strings like \"500ms\", \"5s\", \"30m\", \"2h\")"
     } else {
         ""
@@ -830,6 +853,7 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
             ),
         );
     }
+    validate_retention(&config.retention, problems);
 
     let api = &config.api;
     if api.max_body_bytes == 0 {
@@ -1034,6 +1058,30 @@ fn validate(config: &Config, problems: &mut Problems, env: &dyn Fn(&str) -> Opti
 /// `[queues.NAME.github]`: names, URL, exactly one way to authenticate,
 /// the input limits, and that the named environment variables and key
 /// file hold something.
+fn validate_retention(retention: &super::RetentionConfig, problems: &mut Problems) {
+    use super::RetentionSetting::After;
+    for (key, setting) in [
+        ("builds", retention.builds),
+        ("events", retention.events),
+        ("dead_letters", retention.dead_letters),
+    ] {
+        if setting == After(Duration::ZERO) {
+            problems.report(
+                path(&["retention", key]),
+                "must be greater than zero; use \"off\" to keep everything",
+            );
+        }
+    }
+    if let After(interval) = retention.interval {
+        if interval < Duration::from_secs(1) {
+            problems.report(
+                path(&["retention", "interval"]),
+                "must be at least 1s; use \"off\" for no background pruning",
+            );
+        }
+    }
+}
+
 fn validate_github(
     base: &[Seg],
     gh: &super::GithubSection,

@@ -37,6 +37,9 @@ pub struct Config {
     /// `[http]`: limits of the HTTP listener (every route on it: the API,
     /// webhooks and the spindle's).
     pub http: HttpConfig,
+    /// `[retention]`: how long finished builds, events and dead letters
+    /// are kept, and how often the pruner runs.
+    pub retention: RetentionConfig,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             spindle: None,
             http: HttpConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -63,6 +67,70 @@ impl Default for Config {
 pub struct StorageConfig {
     /// `sqlite://path` (default: `sqlite://<data_dir>/stitch.db`).
     pub url: Option<String>,
+}
+
+/// `[retention]`: the data lifecycle. Each key is a duration (`"30d"`,
+/// `"12h"`) or `"off"` (keep forever; for `interval`: no background pass).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// A build terminal for longer than this is deleted with its events,
+    /// log lines, idempotency key, job-token hash and local state directory.
+    pub builds: RetentionSetting,
+    /// Events older than this are deleted, oldest first.
+    pub events: RetentionSetting,
+    /// Dead letters older than this are deleted.
+    pub dead_letters: RetentionSetting,
+    /// How often the background pruning pass runs.
+    pub interval: RetentionSetting,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            builds: RetentionSetting::After(Duration::from_secs(30 * DAY)),
+            events: RetentionSetting::After(Duration::from_secs(7 * DAY)),
+            dead_letters: RetentionSetting::After(Duration::from_secs(30 * DAY)),
+            interval: RetentionSetting::After(Duration::from_secs(600)),
+        }
+    }
+}
+
+/// A retention key's value: a duration, or `"off"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetentionSetting {
+    /// Prune what is older than this (for `interval`: run this often).
+    After(Duration),
+    /// Never prune this kind (for `interval`: no background pass).
+    Off,
+}
+
+impl RetentionSetting {
+    /// The duration, `None` when off.
+    pub fn duration(self) -> Option<Duration> {
+        match self {
+            RetentionSetting::After(d) => Some(d),
+            RetentionSetting::Off => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RetentionSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.trim().eq_ignore_ascii_case("off") {
+            return Ok(RetentionSetting::Off);
+        }
+        humantime_serde::re::humantime::parse_duration(text.trim())
+            .map(RetentionSetting::After)
+            .map_err(|_| {
+                serde::de::Error::invalid_value(
+                    serde::de::Unexpected::Str(&text),
+                    &"\"off\" or a duration",
+                )
+            })
+    }
 }
 
 /// `[cluster]`: the stages' partition leases and delivery timeouts. They

@@ -17,6 +17,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable explanation.
     pub message: String,
+    /// For `events_pruned`: the oldest event still stored.
+    pub oldest_seq: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -28,6 +30,8 @@ struct Body<'a> {
 struct Detail<'a> {
     code: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oldest_seq: Option<u64>,
 }
 
 impl ApiError {
@@ -37,6 +41,25 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            oldest_seq: None,
+        }
+    }
+
+    /// 410 `events_pruned`: retention deleted events after `after`; the
+    /// body names the oldest one still stored, so the client resyncs from
+    /// `/v1/builds` and follows on from there.
+    pub fn events_pruned(after: u64, oldest: u64) -> Self {
+        Self {
+            oldest_seq: Some(oldest),
+            ..Self::new(
+                StatusCode::GONE,
+                "events_pruned",
+                format!(
+                    "events after {after} were deleted by retention; the oldest retained event is {oldest}: \
+                     resync from /v1/builds and follow with after={}",
+                    oldest.saturating_sub(1)
+                ),
+            )
         }
     }
 
@@ -80,6 +103,7 @@ impl ApiError {
             error: Detail {
                 code: self.code,
                 message: &self.message,
+                oldest_seq: self.oldest_seq,
             },
         })
         .unwrap_or_else(|_| r#"{"error":{"code":"internal","message":"internal error"}}"#.into())
@@ -158,7 +182,12 @@ impl From<ServiceError> for ApiError {
 
 impl From<stitch_store::StoreError> for ApiError {
     fn from(e: stitch_store::StoreError) -> Self {
-        ServiceError::from(e).into()
+        match e {
+            stitch_store::StoreError::EventsPruned { after, oldest } => {
+                Self::events_pruned(after, oldest)
+            }
+            e => ServiceError::from(e).into(),
+        }
     }
 }
 

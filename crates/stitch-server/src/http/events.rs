@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures::StreamExt;
 use serde::Deserialize;
+use stitch_store::StoreError;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
@@ -47,6 +48,7 @@ pub(crate) struct EventParams {
         (status = 200, description = "SSE stream of events", content_type = "text/event-stream", body = Event),
         (status = 101, description = "WebSocket: one text frame per event"),
         (status = 400, description = "`invalid_request` (bad `after` or `Last-Event-ID`)", body = ErrorBody),
+        (status = 410, description = "`events_pruned`: events after the position were deleted by retention; `oldest_seq` is the oldest retained", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody)
     )
 )]
@@ -61,6 +63,9 @@ pub(crate) async fn events(
     if let Some(id) = streams::last_event_id(&headers)? {
         after = id;
     }
+    // Before any upgrade: a position retention has passed is a 410 on
+    // every transport, so the client knows to resync.
+    ctx.state.store().check_events_position(after).await?;
     let shutdown = shutdown.map(|Extension(s)| s.0).unwrap_or_default();
     let keepalive = ctx.options.keepalive;
     let tail = ctx.state.event_stream(after);
@@ -71,6 +76,10 @@ pub(crate) async fn events(
         let frames = tail
             .map(|r| match r {
                 Ok(e) => WsItem::Text(e.json.clone()),
+                Err(err @ StoreError::EventsPruned { .. }) => {
+                    tracing::info!(error = %err, "event stream: the client fell behind retention");
+                    WsItem::Fail(format!("events_pruned: {err}"))
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "event stream: reading the event log failed");
                     WsItem::Fail("reading the event log failed; reconnect with ?after=".into())
@@ -95,8 +104,15 @@ pub(crate) async fn events(
     let guard = ctx.metrics.stream("events", "sse");
     let frames = tail
         .take_while(|r| {
-            if let Err(err) = r {
-                tracing::error!(error = %err, "event stream: reading the event log failed");
+            match r {
+                // The client reconnects with Last-Event-ID and gets the 410.
+                Err(err @ StoreError::EventsPruned { .. }) => {
+                    tracing::info!(error = %err, "event stream: the client fell behind retention")
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "event stream: reading the event log failed")
+                }
+                Ok(_) => {}
             }
             std::future::ready(r.is_ok())
         })

@@ -124,6 +124,9 @@ pub struct ErrorDetail {
     pub code: String,
     /// For humans; may change between versions.
     pub message: String,
+    /// `events_pruned` only: the oldest event still stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_seq: Option<u64>,
 }
 
 /// `{"status":"ok"}` / `{"status":"ready"}`.

@@ -44,7 +44,7 @@ pub fn start(state: &AppState, shutdown: CancellationToken) -> Vec<JoinHandle<()
 /// This process's stable name among the stage subscribers: the same after
 /// a restart, so the restarted process takes back its leases and the
 /// deliveries it died holding at once (see `stitch_mq` `recover`).
-fn node_name() -> String {
+pub(crate) fn node_name() -> String {
     std::env::var("STITCH_NODE_NAME")
         .ok()
         .filter(|n| !n.is_empty())

@@ -1,0 +1,318 @@
+//! `stitch-bench soak`: does retention keep a long-running stitch bounded?
+//!
+//! Two child processes run side by side for `--seconds`, each a whole
+//! `stitch serve` (SQLite in its own temporary data dir, stages, HTTP on
+//! loopback) with builds created at `--rate`/s over HTTP, alternating a
+//! `noop` and a `fake` queue: one with short retention (`builds` and
+//! `events` `--window`, `interval` `--interval`), one with retention off.
+//! Each prints a row every `--sample`: database file size (with its WAL),
+//! data dir size, RSS, and the p99 of the creates in that period; the
+//! parent prints both tables and the figures the issue asks for (growth after
+//! the first window, create p99 ratio). Children, so RSS is per server.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use stitch_server::config::{
+    Config, FakeSection, QueueConfig, RetentionConfig, RetentionSetting, RunnerName,
+};
+use stitch_server::state::AppState;
+use stitch_server::{http, retention, stages};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+/// Options of the soak benchmark.
+#[derive(clap::Args, Clone)]
+pub struct SoakArgs {
+    /// How long each server runs, in seconds.
+    #[arg(long, default_value_t = 240)]
+    seconds: u64,
+    /// Builds created per second (alternating noop and fake).
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Retention window of builds and events on the pruning server, seconds.
+    #[arg(long, default_value_t = 60)]
+    window: u64,
+    /// Pruning interval on the pruning server, seconds.
+    #[arg(long, default_value_t = 5)]
+    interval: u64,
+    /// Seconds between printed rows.
+    #[arg(long, default_value_t = 60)]
+    sample: u64,
+    /// Internal: run one server (`on` or `off`) and print JSON rows.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+/// One printed row of a child.
+#[derive(Debug, Serialize, Deserialize)]
+struct Row {
+    second: u64,
+    created: u64,
+    /// The database file alone.
+    db_bytes: u64,
+    /// Its write-ahead log (reused, not shrunk, after checkpoints).
+    wal_bytes: u64,
+    data_dir_bytes: u64,
+    rss_mib: f64,
+    create_p99_ms: f64,
+}
+
+pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
+    if let Some(mode) = &args.child {
+        return child(&args, mode == "on").await;
+    }
+    let exe = std::env::current_exe()?;
+    let spawn = |mode: &str| {
+        tokio::process::Command::new(&exe)
+            .args([
+                "soak",
+                "--child",
+                mode,
+                "--seconds",
+                &args.seconds.to_string(),
+                "--rate",
+                &args.rate.to_string(),
+                "--window",
+                &args.window.to_string(),
+                "--interval",
+                &args.interval.to_string(),
+                "--sample",
+                &args.sample.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let (on, off) = (spawn("on")?, spawn("off")?);
+    let (on, off) = tokio::join!(rows_of(on), rows_of(off));
+    let (on, off) = (on?, off?);
+    println!(
+        "soak: {} s, {} builds/s (noop + fake), SQLite; pruning on = builds/events {} s, interval {} s",
+        args.seconds, args.rate, args.window, args.interval
+    );
+    for (name, rows) in [("pruning on", &on), ("pruning off", &off)] {
+        println!("\n{name}");
+        println!("  second  created   db MiB  WAL MiB  data dir MiB  RSS MiB  create p99 ms");
+        for r in rows {
+            println!(
+                "  {:>6}  {:>7}  {:>7.2}  {:>7.2}  {:>12.2}  {:>7.1}  {:>13.2}",
+                r.second,
+                r.created,
+                r.db_bytes as f64 / 1048576.0,
+                r.wal_bytes as f64 / 1048576.0,
+                r.data_dir_bytes as f64 / 1048576.0,
+                r.rss_mib,
+                r.create_p99_ms
+            );
+        }
+    }
+    // Growth after the first retention window (rows after it, first to last).
+    let growth = |rows: &[Row], f: &dyn Fn(&Row) -> f64| -> Option<f64> {
+        let after: Vec<&Row> = rows.iter().filter(|r| r.second > args.window).collect();
+        let (first, last) = (after.first()?, after.last()?);
+        Some((f(last) / f(first) - 1.0) * 100.0)
+    };
+    if let Some(g) = growth(&on, &|r| r.db_bytes as f64) {
+        println!("\npruning on, after the first window: database file {g:+.1} %");
+    }
+    if let Some(last) = off.last().filter(|r| r.created > 0) {
+        println!(
+            "pruning off: {:.0} bytes of database file per build",
+            last.db_bytes as f64 / last.created as f64
+        );
+    }
+    if let Some(g) = growth(&on, &|r| r.rss_mib) {
+        println!("pruning on, after the first window: RSS {g:+.1} %");
+    }
+    let worst = |rows: &[Row]| rows.iter().map(|r| r.create_p99_ms).fold(0.0, f64::max);
+    if worst(&off) > 0.0 {
+        println!(
+            "create p99 (worst period): on {:.2} ms / off {:.2} ms = {:.2}x",
+            worst(&on),
+            worst(&off),
+            worst(&on) / worst(&off)
+        );
+    }
+    Ok(())
+}
+
+async fn rows_of(mut child: tokio::process::Child) -> anyhow::Result<Vec<Row>> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("child without stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut rows = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        if let Ok(row) = serde_json::from_str::<Row>(&line) {
+            rows.push(row);
+        }
+    }
+    let status = child.wait().await?;
+    anyhow::ensure!(status.success(), "soak child failed: {status}");
+    Ok(rows)
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("data");
+    let mut queues = std::collections::BTreeMap::new();
+    queues.insert(
+        "noop".to_string(),
+        QueueConfig {
+            runner: RunnerName::Noop,
+            ..QueueConfig::default()
+        },
+    );
+    queues.insert(
+        "fake".to_string(),
+        QueueConfig {
+            runner: RunnerName::Fake,
+            fake: Some(FakeSection {
+                accept_delay: Duration::from_millis(200),
+                run_duration: Duration::from_secs(2),
+                slow_factor: 2,
+            }),
+            ..QueueConfig::default()
+        },
+    );
+    let retention = if pruning {
+        let window = RetentionSetting::After(Duration::from_secs(args.window));
+        RetentionConfig {
+            builds: window,
+            events: window,
+            dead_letters: window,
+            interval: RetentionSetting::After(Duration::from_secs(args.interval)),
+        }
+    } else {
+        RetentionConfig {
+            builds: RetentionSetting::Off,
+            events: RetentionSetting::Off,
+            dead_letters: RetentionSetting::Off,
+            interval: RetentionSetting::Off,
+        }
+    };
+    let config = Config {
+        data_dir: data_dir.clone(),
+        queues,
+        retention,
+        ..Config::default()
+    };
+    std::fs::create_dir_all(&data_dir)?;
+    let state = AppState::open(config).await?;
+    let stop = CancellationToken::new();
+    let mut tasks = stages::start(&state, stop.clone());
+    tasks.extend(retention::start(&state, stop.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = http::router(state.clone(), Vec::new());
+    tokio::spawn(http::serve(
+        listener,
+        router,
+        stop.clone().cancelled_owned(),
+    ));
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let latencies = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let created = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(args.seconds);
+    let mut next_sample = start + Duration::from_secs(args.sample);
+    let mut ticks =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut i = 0u64;
+    while Instant::now() < end {
+        ticks.tick().await;
+        let queue = if i % 2 == 0 { "noop" } else { "fake" };
+        let url = format!("http://{addr}/v1/queues/{queue}/builds");
+        let body = format!(r#"{{"head":["https://example.com/change/{i}"]}}"#);
+        i += 1;
+        let (client, lat, done) = (client.clone(), latencies.clone(), created.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let ok = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                let us = t.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+                if let Ok(mut h) = lat.lock() {
+                    let _ = h.record(us.max(1));
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        if Instant::now() >= next_sample {
+            next_sample += Duration::from_secs(args.sample);
+            let p99 = match latencies.lock() {
+                Ok(mut h) => {
+                    let p = h.value_at_quantile(0.99) as f64 / 1000.0;
+                    h.reset();
+                    p
+                }
+                Err(_) => 0.0,
+            };
+            let db = data_dir.join("stitch.db");
+            let wal = data_dir.join("stitch.db-wal");
+            let file = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            let row = Row {
+                second: start.elapsed().as_secs(),
+                created: created.load(std::sync::atomic::Ordering::Relaxed),
+                db_bytes: file(&db),
+                wal_bytes: file(&wal),
+                data_dir_bytes: dir_bytes(&data_dir),
+                rss_mib: rss_mib(),
+                create_p99_ms: p99,
+            };
+            println!("{}", serde_json::to_string(&row)?);
+        }
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    state.store().close().await;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+-- Retention (docs/configuration.md `[retention]`): the pruner finds builds
+-- terminal for longer than the window by `finished_at` (NULL until terminal).
+CREATE INDEX builds_finished_at ON builds (finished_at);
+
+-- Leases that let one process of several sharing the database do a periodic
+-- job (the pruning pass) at a time: the holder and until when (epoch ms).
+-- An empty owner is a free lease. ADR 0012.
+CREATE TABLE store_leases (
+    name       TEXT    NOT NULL PRIMARY KEY,
+    owner      TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+INSERT INTO store_leases (name, owner, expires_at) VALUES ('retention', '', 0);
