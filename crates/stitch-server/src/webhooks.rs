@@ -1,9 +1,8 @@
 //! Push for the poll loop: which Buildkite webhook secrets are configured
 //! (per queue, by environment variable name) and the GitHub webhook
-//! (`[webhooks.github]`), verifying a request against them, and the
-//! in-process wake hints that keep a webhook arriving during
-//! a poll from being lost (the queue's `wake` only reaches a postponed
-//! message, not one being processed).
+//! (`[webhooks.github]`), and verifying a request against them. A verified
+//! webhook wakes its build through the queue, which keeps the wake even
+//! when the build's poll is running (ADR 0012).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
