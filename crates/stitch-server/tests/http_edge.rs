@@ -16,7 +16,7 @@ use stitch_server::http::HttpOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// Longest wait for something the server must do; a failing guard means
 /// it did not (these tests configure timeouts of a few hundred ms).
@@ -213,8 +213,18 @@ async fn an_oversized_websocket_message_closes_the_socket_with_1009() {
         let closed = tokio::time::timeout(GUARD, async {
             loop {
                 match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+                    Some(Ok(Message::Close(frame))) => break Some(frame.map(|f| f.code)),
                     Some(Ok(_)) => {}
+                    // The server stops reading at the limit, so most of the
+                    // 4 KiB is still unread in its socket when it closes:
+                    // the kernel then answers with a reset, which may
+                    // overtake the close frame on loopback. A reset is the
+                    // server closing the socket too.
+                    Some(Err(WsError::Io(e)))
+                        if e.kind() == std::io::ErrorKind::ConnectionReset =>
+                    {
+                        break None;
+                    }
                     Some(Err(e)) => panic!("{path}: no close frame before {e}"),
                     None => panic!("{path}: closed without a close frame"),
                 }
@@ -222,7 +232,10 @@ async fn an_oversized_websocket_message_closes_the_socket_with_1009() {
         })
         .await
         .expect("the server closes the socket");
-        assert_eq!(closed, Some(CloseCode::Size), "{path}");
+        // `None`: reset (see above); a close frame that arrives says 1009.
+        if let Some(code) = closed {
+            assert_eq!(code, Some(CloseCode::Size), "{path}");
+        }
     }
 }
 
