@@ -130,6 +130,8 @@ async fn outside_dev_a_members_ip_literal_did_web_and_knot_are_refused() {
         if member {
             break;
         }
+        // The Jetstream consumer exposes no event for "record applied";
+        // the membership row is the only sign, read at most 1,000 times.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(member, "membership mirrored from jetstream");
@@ -223,6 +225,8 @@ async fn a_strangers_repo_does_not_make_the_spindle_follow_its_knot() {
         if seen {
             break;
         }
+        // The Jetstream consumer exposes no event for "record applied";
+        // the membership row is the only sign, read at most 1,000 times.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(seen);
