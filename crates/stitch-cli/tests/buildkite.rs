@@ -555,112 +555,96 @@ mod push_never_lost {
         (id, pause)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_before_the_trigger_returns_cancels_at_once() {
+    /// When the cancel lands relative to the held request.
+    enum CancelAt {
+        /// While the request's answer is held.
+        WhileHeld,
+        /// Right after the answer went out.
+        AfterAnswer,
+    }
+
+    /// A never-ending build whose request to `endpoint` is held; the cancel
+    /// lands at `at` and must reach the provider at once.
+    async fn cancel_around(endpoint: Endpoint, at: CancelAt, head: &str) {
         let fake = fake(None).await;
         let s = server(&fake).await;
         let http = reqwest::Client::new();
-        let (id, pause) = create_held(
-            &http,
-            &s,
-            &fake,
+        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
+        match at {
+            CancelAt::WhileHeld => {
+                cancel(&http, &s, &id).await;
+                pause.release();
+            }
+            CancelAt::AfterAnswer => {
+                pause.release();
+                cancel(&http, &s, &id).await;
+            }
+        }
+        ends_as(&http, &s, &id, "cancelled").await;
+        assert_eq!(fake.build_json(&id).unwrap()["state"], "canceled");
+    }
+
+    /// A build whose request to `endpoint` is held while it passes at the
+    /// provider and its `build.finished` webhook reaches stitch.
+    async fn webhook_while_held(endpoint: Endpoint, head: &str) {
+        let fake = fake(None).await;
+        let s = server(&fake).await;
+        fake.set_webhook(Some(WebhookTarget {
+            url: format!("{}/webhooks/buildkite", s.base),
+            auth: WebhookAuth::Signature(SECRET.into()),
+            job_events: false,
+        }));
+        let http = reqwest::Client::new();
+        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
+        fake.webhook_delivered(&id, "build.finished").await;
+        pause.release();
+        ends_as(&http, &s, &id, "succeeded").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_before_the_trigger_returns_cancels_at_once() {
+        cancel_around(
             Endpoint::Create,
+            CancelAt::WhileHeld,
             "https://git.example/c/1?stitch-bk=hang",
         )
         .await;
-        cancel(&http, &s, &id).await;
-        pause.release();
-        ends_as(&http, &s, &id, "cancelled").await;
-        assert_eq!(fake.build_json(&id).unwrap()["state"], "canceled");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancel_during_a_poll_cancels_at_once() {
-        let fake = fake(None).await;
-        let s = server(&fake).await;
-        let http = reqwest::Client::new();
         // The first poll starts right after the trigger: the cancel comes
         // after the build was triggered and while that poll is out.
-        let (id, pause) = create_held(
-            &http,
-            &s,
-            &fake,
+        cancel_around(
             Endpoint::GetBuild,
+            CancelAt::WhileHeld,
             "https://git.example/c/2?stitch-bk=hang",
         )
         .await;
-        cancel(&http, &s, &id).await;
-        pause.release();
-        ends_as(&http, &s, &id, "cancelled").await;
-        assert_eq!(fake.build_json(&id).unwrap()["state"], "canceled");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancel_after_a_poll_answered_cancels_at_once() {
-        let fake = fake(None).await;
-        let s = server(&fake).await;
-        let http = reqwest::Client::new();
-        let (id, pause) = create_held(
-            &http,
-            &s,
-            &fake,
+        // The poll's answer goes out; the stage is writing or has written
+        // its 60 s hold when the cancel lands (both must work).
+        cancel_around(
             Endpoint::GetBuild,
+            CancelAt::AfterAnswer,
             "https://git.example/c/3?stitch-bk=hang",
         )
         .await;
-        // The poll's answer goes out; the stage is writing or has written
-        // its 60 s hold when the cancel lands (both must work).
-        pause.release();
-        cancel(&http, &s, &id).await;
-        ends_as(&http, &s, &id, "cancelled").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_webhook_during_a_poll_takes_effect_at_once() {
-        let fake = fake(None).await;
-        let s = server(&fake).await;
-        fake.set_webhook(Some(WebhookTarget {
-            url: format!("{}/webhooks/buildkite", s.base),
-            auth: WebhookAuth::Signature(SECRET.into()),
-            job_events: false,
-        }));
-        let http = reqwest::Client::new();
         // The first poll is held with the build still scheduled; the build
         // passes meanwhile and its webhooks reach stitch while that poll is
         // out. Its answer (scheduled) would hold the build for a minute.
-        let (id, pause) = create_held(
-            &http,
-            &s,
-            &fake,
-            Endpoint::GetBuild,
-            "https://git.example/c/4",
-        )
-        .await;
-        fake.webhook_delivered(&id, "build.finished").await;
-        pause.release();
-        ends_as(&http, &s, &id, "succeeded").await;
+        webhook_while_held(Endpoint::GetBuild, "https://git.example/c/4").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_webhook_before_the_trigger_returns_takes_effect_at_once() {
-        let fake = fake(None).await;
-        let s = server(&fake).await;
-        fake.set_webhook(Some(WebhookTarget {
-            url: format!("{}/webhooks/buildkite", s.base),
-            auth: WebhookAuth::Signature(SECRET.into()),
-            job_events: false,
-        }));
-        let http = reqwest::Client::new();
-        let (id, pause) = create_held(
-            &http,
-            &s,
-            &fake,
-            Endpoint::Create,
-            "https://git.example/c/5",
-        )
-        .await;
-        fake.webhook_delivered(&id, "build.finished").await;
-        pause.release();
-        ends_as(&http, &s, &id, "succeeded").await;
+        webhook_while_held(Endpoint::Create, "https://git.example/c/5").await;
     }
 }
