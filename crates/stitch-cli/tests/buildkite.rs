@@ -612,6 +612,16 @@ mod push_never_lost {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_between_the_trigger_and_the_first_poll_cancels_at_once() {
+        cancel_around(
+            Endpoint::Create,
+            CancelAt::AfterAnswer,
+            "https://git.example/c/6?stitch-bk=hang",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancel_during_a_poll_cancels_at_once() {
         // The first poll starts right after the trigger: the cancel comes
         // after the build was triggered and while that poll is out.

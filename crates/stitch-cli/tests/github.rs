@@ -463,3 +463,151 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
         .await;
     assert_eq!(done[&id], "cancelled");
 }
+
+/// A cancel or a webhook arriving at each phase of a build's life takes
+/// effect at once, with webhooks configured and a 60 s safety-net poll: a
+/// wake the queue dropped would leave the build waiting a minute, far
+/// beyond `WITHIN`. The phases are made with the fake's pauses (a request
+/// held after its work, before its answer), not with timing.
+mod push_never_lost {
+    use super::*;
+    use stitch_fake_providers::github::Pause;
+
+    const WITHIN: Duration = Duration::from_secs(20);
+
+    async fn server(fake: &FakeGithub) -> Serve {
+        Serve::start(&config(fake, "60s", None, "", WEBHOOKS), &ENV).await
+    }
+
+    async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {
+        let r = http
+            .post(format!("{}/v1/builds/{id}/cancel", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "cancel {id}");
+    }
+
+    async fn ends_as(http: &reqwest::Client, s: &Serve, id: &str, status: &str) {
+        let done = s.wait_all_terminal(http, &[id.to_string()], WITHIN).await;
+        assert_eq!(done[id], status, "{}", s.log());
+    }
+
+    /// Creates a build whose request to `endpoint` is held.
+    async fn create_held(
+        http: &reqwest::Client,
+        s: &Serve,
+        fake: &FakeGithub,
+        endpoint: Endpoint,
+        head: &str,
+    ) -> (String, Pause) {
+        let pause = fake.pause_next(endpoint);
+        let id = s.create(http, "ci", head).await;
+        pause.arrived().await;
+        (id, pause)
+    }
+
+    /// When the cancel lands relative to the held request.
+    enum CancelAt {
+        /// While the request's answer is held.
+        WhileHeld,
+        /// Right after the answer went out.
+        AfterAnswer,
+    }
+
+    /// A never-ending run whose request to `endpoint` is held; the cancel
+    /// lands at `at` and must reach the provider at once.
+    async fn cancel_around(endpoint: Endpoint, at: CancelAt, head: &str) {
+        let fake = fake(FakeOptions::default()).await;
+        let s = server(&fake).await;
+        let http = reqwest::Client::new();
+        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
+        match at {
+            CancelAt::WhileHeld => {
+                cancel(&http, &s, &id).await;
+                pause.release();
+            }
+            CancelAt::AfterAnswer => {
+                pause.release();
+                cancel(&http, &s, &id).await;
+            }
+        }
+        ends_as(&http, &s, &id, "cancelled").await;
+        assert_eq!(fake.run_json(&id).unwrap()["conclusion"], "cancelled");
+    }
+
+    /// A run whose request to `endpoint` is held while it passes at the
+    /// provider and its `completed` webhook reaches stitch.
+    async fn webhook_while_held(endpoint: Endpoint, head: &str) {
+        let fake = fake(FakeOptions::default()).await;
+        let s = server(&fake).await;
+        fake.set_webhook(Some(WebhookTarget {
+            url: format!("{}/webhooks/github", s.base),
+            secret: SECRET.into(),
+            job_events: false,
+            duplicate: false,
+        }));
+        let http = reqwest::Client::new();
+        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
+        fake.webhook_delivered(&id, "completed").await;
+        pause.release();
+        ends_as(&http, &s, &id, "succeeded").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_before_the_dispatch_returns_cancels_at_once() {
+        cancel_around(
+            Endpoint::Dispatch,
+            CancelAt::WhileHeld,
+            "https://git.example/c/1?stitch-gh=hang",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_between_the_dispatch_and_the_first_poll_cancels_at_once() {
+        cancel_around(
+            Endpoint::Dispatch,
+            CancelAt::AfterAnswer,
+            "https://git.example/c/2?stitch-gh=hang",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_during_a_poll_cancels_at_once() {
+        // The first poll starts right after the dispatch: the cancel comes
+        // after the run was created and while that poll is out.
+        cancel_around(
+            Endpoint::GetRun,
+            CancelAt::WhileHeld,
+            "https://git.example/c/3?stitch-gh=hang",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_during_the_hold_cancels_at_once() {
+        // The poll's answer goes out; the stage is writing or has written
+        // its 60 s hold when the cancel lands (both must work).
+        cancel_around(
+            Endpoint::GetRun,
+            CancelAt::AfterAnswer,
+            "https://git.example/c/4?stitch-gh=hang",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_webhook_during_a_poll_takes_effect_at_once() {
+        // The first poll is held with the run still queued; the run passes
+        // meanwhile and its webhook reaches stitch while that poll is out.
+        // Its answer (queued) would hold the build for a minute.
+        webhook_while_held(Endpoint::GetRun, "https://git.example/c/5").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_webhook_before_the_dispatch_returns_takes_effect_at_once() {
+        webhook_while_held(Endpoint::Dispatch, "https://git.example/c/6").await;
+    }
+}

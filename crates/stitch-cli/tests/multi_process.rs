@@ -601,3 +601,271 @@ async fn mariadb_connections_dropped_mid_run_lose_nothing() {
     };
     server_rides_through_dropped_connections(backend).await;
 }
+
+/// A cancel or a webhook received by one node takes effect at once while
+/// another node owns the build's partition (issue 16): two `stitch serve`
+/// on one PostgreSQL database drive a `buildkite` queue whose safety-net
+/// poll is 60 s, so a wake that stayed in the receiving process would leave
+/// the build waiting a minute, far beyond `WITHIN`. The phase is made by
+/// holding a request at the fake Buildkite (shared by both nodes); the
+/// owner is read from the queue's lease while the request is held.
+mod push_never_lost {
+    use super::*;
+    use stitch_fake_providers::buildkite::{
+        Endpoint, FakeBuildkite, FakeOptions, Timing, WebhookAuth, WebhookTarget,
+    };
+
+    const WITHIN: Duration = Duration::from_secs(20);
+    const TOKEN: &str = "bk-test-token";
+    const SECRET: &str = "whsec-0123456789abcdef";
+
+    fn config(storage_url: &str, fake: &FakeBuildkite) -> String {
+        format!(
+            r#"data_dir = "{{data}}"
+[storage]
+url = "{storage_url}"
+[cluster]
+lease = "{lease}ms"
+delivery_timeout = "15s"
+poll_interval = "200ms"
+[queues.ci]
+runner = "buildkite"
+poll = {{ accepted = "60s", running = "60s" }}
+retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
+[queues.ci.buildkite]
+org = "acme"
+pipeline = "app"
+token_env = "BK_TOKEN"
+api_url = "{api}"
+request_timeout = "5s"
+log_poll = "100ms"
+rate_limit = {{ requests = 100000, window = "1s" }}
+[queues.ci.buildkite.webhook]
+mode = "signature"
+secret_env = "BK_WEBHOOK_SECRET"
+"#,
+            lease = LEASE.as_millis(),
+            api = fake.url(),
+        )
+    }
+
+    struct TwoNodes {
+        backend: Backend,
+        fake: FakeBuildkite,
+        servers: Vec<Serve>,
+        _work: tempfile::TempDir,
+    }
+
+    async fn two_nodes(name: &'static str) -> Option<TwoNodes> {
+        let backend = Backend::postgres(name).await?;
+        let fake = FakeBuildkite::start(FakeOptions {
+            token: TOKEN.into(),
+            timing: Timing {
+                schedule: Duration::from_millis(100),
+                run: Duration::from_millis(400),
+                ..Timing::default()
+            },
+            ..FakeOptions::default()
+        })
+        .await
+        .unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let data = work.path().join("data");
+        let url = backend.storage_url();
+        migrate(&url, &data);
+        let config = config(&url, &fake);
+        let servers: Vec<Serve> = (0..2)
+            .map(|i| {
+                let node = format!("node-{i}");
+                Serve::spawn_on(
+                    &config,
+                    Some(&data),
+                    &[
+                        ("STITCH_NODE_NAME", node.as_str()),
+                        ("BK_TOKEN", TOKEN),
+                        ("BK_WEBHOOK_SECRET", SECRET),
+                    ],
+                )
+            })
+            .collect();
+        for s in &servers {
+            s.wait_healthy().await;
+        }
+        Some(TwoNodes {
+            backend,
+            fake,
+            servers,
+            _work: work,
+        })
+    }
+
+    impl TwoNodes {
+        /// The node (index) holding the lease of `build`'s partition of
+        /// `topic` now.
+        async fn owner(&self, topic: &str, build: &str) -> usize {
+            let Backend::Postgres { db, name } = &self.backend else {
+                unreachable!("these tests run on PostgreSQL");
+            };
+            let mut c = db.options(name).await.connect().await.unwrap();
+            let owner: Option<String> = sqlx::query_scalar(
+                "SELECT lease_owner FROM mq_partitions WHERE topic = $1 AND partition_key = $2",
+            )
+            .bind(topic)
+            .bind(build)
+            .fetch_optional(&mut c)
+            .await
+            .unwrap()
+            .flatten();
+            let _ = c.close().await;
+            let owner = owner.unwrap_or_else(|| panic!("no lease on {topic}/{build}"));
+            match owner.rsplit('@').next() {
+                Some("node-0") => 0,
+                Some("node-1") => 1,
+                _ => panic!("unexpected lease owner {owner}"),
+            }
+        }
+
+        /// The build's terminal status as seen by `node`.
+        async fn ends_as(&self, http: &reqwest::Client, node: usize, id: &str, status: &str) {
+            let s = &self.servers[node];
+            let done = s.wait_all_terminal(http, &[id.to_string()], WITHIN).await;
+            assert_eq!(
+                done[id],
+                status,
+                "node-0:\n{}\nnode-1:\n{}",
+                self.servers[0].log(),
+                self.servers[1].log()
+            );
+        }
+    }
+
+    /// A never-ending build whose request to `endpoint` is held on the node
+    /// that owns its `topic` partition; the other node receives the cancel
+    /// (while the request is held, or right after its answer).
+    async fn cancel_on_the_other_node(
+        name: &'static str,
+        endpoint: Endpoint,
+        topic: &str,
+        held: bool,
+    ) {
+        let Some(n) = two_nodes(name).await else {
+            return;
+        };
+        let http = reqwest::Client::new();
+        let pause = n.fake.pause_next(endpoint);
+        let id = n.servers[0]
+            .create(&http, "ci", "https://git.example/c/1?stitch-bk=hang")
+            .await;
+        pause.arrived().await;
+        let other = 1 - n.owner(topic, &id).await;
+        if !held {
+            pause.release();
+        }
+        let r = http
+            .post(format!("{}/v1/builds/{id}/cancel", n.servers[other].base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        pause.release();
+        n.ends_as(&http, other, &id, "cancelled").await;
+        assert_eq!(n.fake.build_json(&id).unwrap()["state"], "canceled");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_on_one_node_before_the_other_nodes_trigger_returns() {
+        cancel_on_the_other_node("pnl_trigger", Endpoint::Create, "trigger", true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_on_one_node_during_the_other_nodes_poll() {
+        cancel_on_the_other_node("pnl_poll", Endpoint::GetBuild, "signal", true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_on_one_node_during_the_other_nodes_hold() {
+        cancel_on_the_other_node("pnl_hold", Endpoint::GetBuild, "signal", false).await;
+    }
+
+    /// Forwards webhook POSTs to a node chosen later: deliveries that arrive
+    /// before [`WebhookRelay::to`] wait for it. The fake Buildkite knows one
+    /// target, set before the build starts; which node must receive its
+    /// webhooks is known only once a node owns the build.
+    struct WebhookRelay {
+        url: String,
+        target: Arc<tokio::sync::watch::Sender<Option<String>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl WebhookRelay {
+        async fn start() -> Self {
+            use axum::body::Bytes;
+            use axum::http::{HeaderMap, StatusCode};
+            let target = Arc::new(tokio::sync::watch::channel(None::<String>).0);
+            let relay_target = target.clone();
+            let http = reqwest::Client::new();
+            let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+                let mut rx = relay_target.subscribe();
+                let http = http.clone();
+                async move {
+                    let Ok(to) = rx.wait_for(Option::is_some).await.map(|t| t.clone()) else {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    };
+                    let mut req = http.post(to.unwrap_or_default()).body(body);
+                    for (k, v) in &headers {
+                        if k != "host" && k != "content-length" {
+                            req = req.header(k, v);
+                        }
+                    }
+                    match req.send().await {
+                        Ok(r) => StatusCode::from_u16(r.status().as_u16())
+                            .unwrap_or(StatusCode::BAD_GATEWAY),
+                        Err(_) => StatusCode::BAD_GATEWAY,
+                    }
+                }
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            let task = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Self { url, target, task }
+        }
+
+        fn to(&self, url: String) {
+            self.target.send_replace(Some(url));
+        }
+    }
+
+    impl Drop for WebhookRelay {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// The build passes at the provider while the owner's first poll is
+    /// held; its `build.finished` webhook reaches the *other* node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_webhook_on_one_node_during_the_other_nodes_poll() {
+        let Some(n) = two_nodes("pnl_webhook").await else {
+            return;
+        };
+        let relay = WebhookRelay::start().await;
+        n.fake.set_webhook(Some(WebhookTarget {
+            url: relay.url.clone(),
+            auth: WebhookAuth::Signature(SECRET.into()),
+            job_events: false,
+        }));
+        let http = reqwest::Client::new();
+        let pause = n.fake.pause_next(Endpoint::GetBuild);
+        let id = n.servers[0]
+            .create(&http, "ci", "https://git.example/c/2")
+            .await;
+        pause.arrived().await;
+        let other = 1 - n.owner("signal", &id).await;
+        relay.to(format!("{}/webhooks/buildkite", n.servers[other].base));
+        n.fake.webhook_delivered(&id, "build.finished").await;
+        pause.release();
+        n.ends_as(&http, other, &id, "succeeded").await;
+    }
+}

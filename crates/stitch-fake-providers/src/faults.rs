@@ -41,8 +41,17 @@ pub struct Pause {
     released: Arc<watch::Sender<bool>>,
 }
 
+impl Default for Pause {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pause {
-    fn new() -> Self {
+    /// A pause nobody is held at yet. The fakes make their own with
+    /// `pause_next`; tests that wrap other parts (a runner) hold calls with
+    /// [`hold`](Pause::hold) themselves.
+    pub fn new() -> Self {
         Self {
             held: Arc::new(watch::channel(false).0),
             released: Arc::new(watch::channel(false).0),
@@ -62,8 +71,8 @@ impl Pause {
         self.released.send_replace(true);
     }
 
-    /// Called by the fake: announce the held request, wait for release.
-    pub(crate) async fn hold(&self) {
+    /// Announces the held call, then waits for [`release`](Pause::release).
+    pub async fn hold(&self) {
         self.held.send_replace(true);
         let mut rx = self.released.subscribe();
         let _ = rx.wait_for(|released| *released).await;

@@ -191,6 +191,16 @@ pub async fn open_queue(config: &Config) -> Result<Queue, StartError> {
 impl AppState {
     /// Opens the database (creating it), the queue and every queue's runner.
     pub async fn open(config: Config) -> Result<Self, StartError> {
+        Self::open_with_runners(config, |_, runner| runner).await
+    }
+
+    /// Opens as [`open`](Self::open), passing each queue's runner through
+    /// `wrap` (queue name, runner) before the stages use it: tests hold a
+    /// runner's calls at sync points this way, embedders can instrument them.
+    pub async fn open_with_runners(
+        config: Config,
+        wrap: impl Fn(&str, Arc<dyn BuildRunner>) -> Arc<dyn BuildRunner>,
+    ) -> Result<Self, StartError> {
         create_data_dir(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
@@ -213,7 +223,8 @@ impl AppState {
             github: github_budgets(&config),
         };
         for (name, qc) in &config.queues {
-            let runtime = build_runtime(&config, name, qc, &budgets)?;
+            let mut runtime = build_runtime(&config, name, qc, &budgets)?;
+            runtime.runner = wrap(name, runtime.runner);
             queues.insert(name.clone(), runtime);
         }
         let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());

@@ -332,3 +332,185 @@ async fn idempotency_key_returns_the_same_build() {
         Err(service::ServiceError::Invalid(_))
     ));
 }
+
+/// A cancel arriving at each phase of a fake-runner build's life takes
+/// effect at once although the queue polls only every 60 s: a wake the
+/// queue dropped would leave the build hanging a minute, far beyond the
+/// wait. The phases are made by holding the runner's calls at sync points
+/// (the call's work done, its answer held), not by timing.
+mod push_never_lost {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use stitch_core::{
+        BuildHandle, BuildRunner, LogStream, RunnerError, RunnerRef, StatusReport, TriggerRequest,
+    };
+    use stitch_fake_providers::faults::Pause;
+
+    const WITHIN: Duration = Duration::from_secs(20);
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Call {
+        Trigger,
+        Status,
+    }
+
+    /// A runner whose next call of a kind is held at a [`Pause`].
+    struct HeldRunner {
+        inner: Arc<dyn BuildRunner>,
+        holds: Mutex<Vec<(Call, Pause)>>,
+        cancels: std::sync::atomic::AtomicU32,
+    }
+
+    impl HeldRunner {
+        fn hold_next(&self, call: Call) -> Pause {
+            let pause = Pause::new();
+            self.holds.lock().unwrap().push((call, pause.clone()));
+            pause
+        }
+
+        async fn maybe_hold(&self, call: Call) {
+            let pause = {
+                let mut holds = self.holds.lock().unwrap();
+                let at = holds.iter().position(|(c, _)| *c == call);
+                at.map(|i| holds.remove(i).1)
+            };
+            if let Some(p) = pause {
+                p.hold().await;
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BuildRunner for HeldRunner {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        async fn trigger(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
+            let answer = self.inner.trigger(req).await;
+            self.maybe_hold(Call::Trigger).await;
+            answer
+        }
+        async fn status(&self, handle: &BuildHandle) -> Result<StatusReport, RunnerError> {
+            let answer = self.inner.status(handle).await;
+            self.maybe_hold(Call::Status).await;
+            answer
+        }
+        async fn cancel(&self, handle: &BuildHandle) -> Result<(), RunnerError> {
+            self.cancels
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.cancel(handle).await
+        }
+        async fn logs(&self, handle: &BuildHandle) -> Result<LogStream, RunnerError> {
+            self.inner.logs(handle).await
+        }
+    }
+
+    /// A stitch on one fake-runner queue polling every 60 s, its runner
+    /// wrapped in a [`HeldRunner`].
+    async fn harness() -> (Harness, Arc<HeldRunner>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut queue = fast_queue(RunnerName::Fake);
+        queue.poll = PollConfig {
+            accepted: Duration::from_secs(60),
+            running: Duration::from_secs(60),
+        };
+        let config = Config {
+            data_dir: dir.join("data"),
+            queues: BTreeMap::from([("default".to_string(), queue)]),
+            ..Config::default()
+        };
+        let held = Arc::new(Mutex::new(None::<Arc<HeldRunner>>));
+        let slot = held.clone();
+        let state = AppState::open_with_runners(config, move |_, inner| {
+            let runner = Arc::new(HeldRunner {
+                inner,
+                holds: Mutex::new(Vec::new()),
+                cancels: Default::default(),
+            });
+            *slot.lock().unwrap() = Some(runner.clone());
+            runner
+        })
+        .await
+        .unwrap();
+        let stop = CancellationToken::new();
+        stages::start(&state, stop.clone());
+        let runner = held.lock().unwrap().take().unwrap();
+        let h = Harness {
+            _dir: tmp,
+            dir,
+            state,
+            stop,
+        };
+        (h, runner)
+    }
+
+    /// Waits for the build's status to become terminal, woken by each
+    /// committed event (no polling).
+    async fn ends_as(h: &Harness, id: &BuildId, status: BuildStatus) {
+        let mut events = h.state.event_seq();
+        let wait = async {
+            loop {
+                let b = h.state.store().get_build(id).await.unwrap();
+                if b.status.is_terminal() {
+                    return b.status;
+                }
+                events.changed().await.unwrap();
+            }
+        };
+        let got = tokio::time::timeout(WITHIN, wait)
+            .await
+            .unwrap_or_else(|_| panic!("build {id} not terminal within {WITHIN:?}"));
+        assert_eq!(got, status);
+    }
+
+    enum CancelAt {
+        WhileHeld,
+        AfterAnswer,
+    }
+
+    async fn cancel_around(call: Call, at: CancelAt) {
+        let (h, runner) = harness().await;
+        let pause = runner.hold_next(call);
+        let id = create(&h, "default", "https://git.example/c/1?stitch-fake=hang").await;
+        pause.arrived().await;
+        match at {
+            CancelAt::WhileHeld => {
+                service::cancel_build(&h.state, &id).await.unwrap();
+                pause.release();
+            }
+            CancelAt::AfterAnswer => {
+                pause.release();
+                service::cancel_build(&h.state, &id).await.unwrap();
+            }
+        }
+        ends_as(&h, &id, BuildStatus::Cancelled).await;
+        assert_eq!(
+            runner.cancels.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one cancel reached the runner"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_before_the_trigger_returns_cancels_at_once() {
+        cancel_around(Call::Trigger, CancelAt::WhileHeld).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_between_the_trigger_and_the_first_poll_cancels_at_once() {
+        cancel_around(Call::Trigger, CancelAt::AfterAnswer).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_during_a_poll_cancels_at_once() {
+        cancel_around(Call::Status, CancelAt::WhileHeld).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_during_the_hold_cancels_at_once() {
+        // The first poll's answer went out; the stage is writing or has
+        // written its 60 s hold when the cancel lands.
+        cancel_around(Call::Status, CancelAt::AfterAnswer).await;
+    }
+}

@@ -38,11 +38,11 @@ use axum::Router;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use crate::faults::Fault;
 use crate::faults::{proxy_page, spoil, FaultRules};
+pub use crate::faults::{Fault, Pause};
 pub use world::{render_run_name, Plan, MARKER};
 use world::{Transition, World};
 
@@ -247,6 +247,8 @@ struct Shared {
     options: FakeOptions,
     inner: Mutex<Inner>,
     webhooks: mpsc::UnboundedSender<Transition>,
+    /// Bumped after each webhook delivery.
+    webhooks_delivered: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -293,6 +295,7 @@ impl FakeGithub {
                 storage_base: format!("http://{storage_addr}"),
             }),
             webhooks: tx,
+            webhooks_delivered: watch::channel(0).0,
         });
         let repo = "/repos/{owner}/{repo}/actions";
         let app = Router::new()
@@ -351,7 +354,29 @@ impl FakeGithub {
             .inject_rate(endpoint, fault, probability);
     }
 
-    /// Removes every injected fault.
+    /// Holds the next request to `endpoint` (after its work, before its
+    /// answer) until the returned [`Pause`] is released.
+    pub fn pause_next(&self, endpoint: Endpoint) -> Pause {
+        self.shared.lock().faults.pause_next(endpoint)
+    }
+
+    /// Returns once a `workflow_run` webhook with `action` (`completed`, …)
+    /// for the run of `stitch_build_id` was delivered (answered).
+    pub async fn webhook_delivered(&self, stitch_build_id: &str, action: &str) {
+        let mut rx = self.shared.webhooks_delivered.subscribe();
+        loop {
+            if self.webhook_sent_at(stitch_build_id, action).is_some() {
+                return;
+            }
+            // The sender lives in `self.shared`: `changed` fails only if
+            // the fake is gone, and then nothing will come.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Removes every injected fault and releases every pause.
     pub fn clear_faults(&self) {
         self.shared.lock().faults.clear();
     }
@@ -525,6 +550,8 @@ async fn deliver(
     if !answer.map(|r| r.status().is_success()).unwrap_or(false) {
         inner.stats.webhooks_refused += 1;
     }
+    drop(inner);
+    shared.webhooks_delivered.send_modify(|n| *n += 1);
 }
 
 /// `sha256=<hex HMAC-SHA256 of the body>`: GitHub's `X-Hub-Signature-256`.
@@ -568,6 +595,8 @@ fn not_found() -> Response {
 /// rate-limit headers, and the rate-limit key (to refund a 304).
 struct Pass {
     fault: Option<Fault>,
+    /// Hold the answer here until the test releases it.
+    pause: Option<Pause>,
     headers: HeaderMap,
     key: String,
 }
@@ -664,10 +693,19 @@ fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<Pass
             .insert("retry-after", HeaderValue::from_static("1"));
         return Err(resp);
     }
+    if let Some(pause) = inner.faults.take_pause(endpoint) {
+        return Ok(Pass {
+            fault: None,
+            pause: Some(pause),
+            headers: rl,
+            key: presented,
+        });
+    }
     match inner.faults.take(endpoint, Endpoint::Any) {
         Some(Fault::Status(code)) => Err(proxy_page(code)),
         fault => Ok(Pass {
             fault,
+            pause: None,
             headers: rl,
             key: presented,
         }),
@@ -676,6 +714,9 @@ fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<Pass
 
 async fn finish(pass: Pass, mut resp: Response) -> Response {
     resp.headers_mut().extend(pass.headers);
+    if let Some(pause) = pass.pause {
+        pause.hold().await;
+    }
     spoil(pass.fault, resp).await
 }
 
@@ -692,17 +733,21 @@ async fn conditional(shared: &Shared, headers: &HeaderMap, pass: Pass, body: Val
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
     if matches && pass.fault.is_none() {
-        let mut inner = shared.lock();
-        inner.stats.not_modified += 1;
-        if let Some(w) = inner.windows.get_mut(&pass.key) {
-            w.used = w.used.saturating_sub(1);
+        {
+            let mut inner = shared.lock();
+            inner.stats.not_modified += 1;
+            if let Some(w) = inner.windows.get_mut(&pass.key) {
+                w.used = w.used.saturating_sub(1);
+            }
         }
-        drop(inner);
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
         if let Ok(v) = HeaderValue::from_str(&etag) {
             resp.headers_mut().insert(header::ETAG, v);
         }
         resp.headers_mut().extend(pass.headers);
+        if let Some(pause) = pass.pause {
+            pause.hold().await;
+        }
         return resp;
     }
     let mut resp = (
