@@ -5,20 +5,17 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use stitch_core::BuildStatus;
-use stitch_server::config::{self, LoadOptions};
+use stitch_server::config;
 use stitch_server::service::CreateBuild;
 use stitch_store::BuildRecord;
 
 use crate::client::{Client, ClientError, LogEvent};
+use crate::configured::{load_options, open_configured_queue};
+use crate::exit::{BUILD_FAILED, OK, UNAVAILABLE, USAGE};
 use crate::{
     BuildCommand, Cli, Command, ConfigArgs, ConfigCommand, DlqCommand, JobCommand, MqCommand,
     ServerArgs,
 };
-
-pub(crate) const OK: u8 = 0;
-pub(crate) const BUILD_FAILED: u8 = 1;
-pub(crate) const USAGE: u8 = 2;
-pub(crate) const UNAVAILABLE: u8 = 3;
 
 pub async fn run(cli: Cli) -> u8 {
     match cli.command {
@@ -140,14 +137,6 @@ async fn migrate(args: &ConfigArgs) -> u8 {
                 _ => UNAVAILABLE,
             }
         }
-    }
-}
-
-pub(crate) fn load_options(args: &ConfigArgs) -> LoadOptions {
-    LoadOptions {
-        file: args.config.clone(),
-        data_dir: args.data_dir.clone(),
-        ..LoadOptions::default()
     }
 }
 
@@ -518,25 +507,6 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// Opens the message queue of the configured database for an `mq`
-/// command; on failure prints why and returns the exit code (2 for the
-/// configuration, 3 for the database).
-pub(crate) async fn open_configured_queue(args: &ConfigArgs) -> Result<stitch_mq::Queue, u8> {
-    let config = match config::load(&load_options(args)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}", config::render_problems(&e));
-            return Err(USAGE);
-        }
-    };
-    stitch_server::state::open_queue(&config)
-        .await
-        .map_err(|e| {
-            eprintln!("stitch: {e}");
-            UNAVAILABLE
-        })
 }
 
 async fn dlq(cmd: DlqCommand) -> u8 {

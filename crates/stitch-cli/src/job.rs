@@ -11,7 +11,7 @@ use stitch_job::{
 };
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::commands::{BUILD_FAILED, OK, UNAVAILABLE, USAGE};
+use crate::exit::{BUILD_FAILED, OK, UNAVAILABLE, USAGE};
 
 /// Logs to stderr (stdout belongs to the job), `info` unless `STITCH_LOG` says otherwise.
 fn init_job_tracing() {

@@ -5,6 +5,8 @@
 
 mod client;
 mod commands;
+mod configured;
+mod exit;
 mod job;
 mod partitions;
 

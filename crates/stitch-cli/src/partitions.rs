@@ -4,7 +4,8 @@
 
 use stitch_mq::{Admin, Millis, MqError, PartitionFilter, PartitionInfo};
 
-use crate::commands::{open_configured_queue, OK, UNAVAILABLE, USAGE};
+use crate::configured::open_configured_queue;
+use crate::exit::{OK, UNAVAILABLE, USAGE};
 use crate::PartitionsArgs;
 
 /// Runs the command; returns the exit code.

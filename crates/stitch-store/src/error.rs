@@ -188,6 +188,15 @@ impl StoreError {
     }
 }
 
+/// A raw-handle operation asked of a transaction on another engine.
+pub(crate) fn wrong_backend(operation: &'static str, actual: BackendKind) -> StoreError {
+    StoreError::WrongBackend {
+        operation,
+        needed: BackendKind::Sqlite,
+        actual,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::announce::{Announcer, Committed};
 use crate::error::{Result, StoreError};
 use crate::sqlite::SqliteWriteTx;
-use crate::store::StoreWrite;
+use crate::write::StoreWrite;
 use crate::{mysql, postgres};
 use sqlx::sqlite::SqlitePool;
 use stitch_mq::postgres::{PostgresDriver, PublishSession};

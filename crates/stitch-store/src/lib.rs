@@ -36,6 +36,7 @@ mod retention;
 mod rows;
 mod sqlite;
 mod store;
+mod write;
 
 pub use announce::{CommitListener, Committed};
 pub use error::{Conflict, Result, StoreError};
@@ -46,4 +47,5 @@ pub use model::{
 pub use pool::{migrate, StorePool};
 pub use retention::{BuildsPruned, Prunable};
 pub use stitch_mq::{BackendKind, StorageFailure};
-pub use store::{Store, StoreTx, StoreWrite, TxConnection};
+pub use store::{Store, StoreTx, TxConnection};
+pub use write::StoreWrite;

@@ -220,3 +220,13 @@ pub(crate) fn open_statuses_sql() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+pub(crate) fn serialize_lines<T: serde::Serialize>(lines: &[T]) -> Result<Vec<String>> {
+    lines
+        .iter()
+        .map(|line| {
+            serde_json::to_string(line)
+                .map_err(|e| StoreError::InvalidInput(format!("log line is not serializable: {e}")))
+        })
+        .collect()
+}

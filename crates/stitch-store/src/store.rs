@@ -1,6 +1,7 @@
-//! The public handles: [`Store`] (pool + convenience methods), [`StoreTx`]
-//! (one async write transaction shared with other crates' statements) and
-//! [`StoreWrite`] (the synchronous writes of a group-committed job).
+//! The public handles: [`Store`] (pool + convenience methods) and
+//! [`StoreTx`] (one async write transaction shared with other crates'
+//! statements). The synchronous writes of a group-committed job are
+//! [`StoreWrite`](crate::write::StoreWrite).
 
 use std::marker::PhantomData;
 use std::path::Path;
@@ -12,13 +13,12 @@ use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use stitch_core::{BuildId, BuildStatus, RunnerRef};
 use stitch_mq::mysql::MySqlDriver;
-use stitch_mq::postgres::{PostgresDriver, PublishSession};
+use stitch_mq::postgres::PostgresDriver;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{BackendKind, Millis, NewMessage, PublishReport};
-use tokio::runtime::Runtime;
 
 use crate::announce::{Announcer, CommitListener, Committed};
-use crate::error::{Result, StoreError};
+use crate::error::{wrong_backend, Result, StoreError};
 use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
 use crate::model::{
@@ -29,7 +29,9 @@ use crate::mysql::{self, MySqlOps};
 use crate::ops::Ops;
 use crate::pool::{self, StorePool};
 use crate::postgres::{self, PgOps};
+use crate::rows::serialize_lines;
 use crate::sqlite::{self, SqliteOps};
+use crate::write::StoreWrite;
 
 /// Handle to the build store. Cheap to clone (it is a connection pool).
 #[derive(Debug, Clone)]
@@ -109,20 +111,6 @@ macro_rules! on_tx {
                 let $ops = &mut owned;
                 async move { $body }.await
             }
-        }
-    };
-}
-
-/// Runs `$body` with `$ops` bound to `&mut` the [`Ops`] of a [`StoreWrite`],
-/// to completion on the calling thread: SQLite's never waits; PostgreSQL's
-/// and MySQL's are driven by the committer thread's own runtime (this runs
-/// on that thread, outside any runtime, so `block_on` is never nested).
-macro_rules! on_write {
-    ($w:expr, |$ops:ident| $body:expr) => {
-        match &mut $w.inner {
-            WriteInner::Sqlite($ops) => sqlite::complete(async move { $body }),
-            WriteInner::Postgres { ops: $ops, rt, .. } => rt.block_on(async move { $body }),
-            WriteInner::MySql { ops: $ops, rt } => rt.block_on(async move { $body }),
         }
     };
 }
@@ -503,14 +491,6 @@ pub enum TxConnection<'t> {
     MySql(&'t mut MySqlConnection),
 }
 
-fn wrong_backend(operation: &'static str, actual: BackendKind) -> StoreError {
-    StoreError::WrongBackend {
-        operation,
-        needed: BackendKind::Sqlite,
-        actual,
-    }
-}
-
 impl StoreTx<'_> {
     /// Which database engine the transaction runs on.
     pub fn backend(&self) -> BackendKind {
@@ -719,203 +699,5 @@ impl StoreTx<'_> {
     ) -> Result<u64> {
         let lines = serialize_lines(lines)?;
         on_tx!(self, |ops| logic::append_log_lines(ops, id, &lines).await)
-    }
-}
-
-fn serialize_lines<T: Serialize>(lines: &[T]) -> Result<Vec<String>> {
-    lines
-        .iter()
-        .map(|line| {
-            serde_json::to_string(line)
-                .map_err(|e| StoreError::InvalidInput(format!("log line is not serializable: {e}")))
-        })
-        .collect()
-}
-
-/// The store's writes inside a group-committed transaction
-/// ([`Store::write`]); the same operations as [`StoreTx`], synchronous.
-pub struct StoreWrite<'c> {
-    inner: WriteInner<'c>,
-    /// What this job will announce if its savepoint and the batch commit.
-    committed: Committed,
-}
-
-enum WriteInner<'c> {
-    Sqlite(SqliteOps<'c>),
-    Postgres {
-        ops: PgOps<'c>,
-        rt: &'c Runtime,
-        /// The batch's publishes: topic locks taken once per transaction,
-        /// wake-ups sent once before its commit.
-        session: &'c mut PublishSession,
-    },
-    MySql {
-        ops: MySqlOps<'c>,
-        rt: &'c Runtime,
-    },
-}
-
-impl std::fmt::Debug for StoreWrite<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreWrite")
-            .field("backend", &self.backend())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'c> StoreWrite<'c> {
-    pub(crate) fn sqlite(conn: &'c rusqlite::Connection) -> Self {
-        Self {
-            inner: WriteInner::Sqlite(SqliteOps::new(conn)),
-            committed: Committed::default(),
-        }
-    }
-
-    pub(crate) fn postgres(
-        conn: &'c mut PgConnection,
-        rt: &'c Runtime,
-        session: &'c mut PublishSession,
-    ) -> Self {
-        Self {
-            inner: WriteInner::Postgres {
-                ops: PgOps::new(conn),
-                rt,
-                session,
-            },
-            committed: Committed::default(),
-        }
-    }
-
-    pub(crate) fn mysql(conn: &'c mut MySqlConnection, rt: &'c Runtime) -> Self {
-        Self {
-            inner: WriteInner::MySql {
-                ops: MySqlOps::new(conn),
-                rt,
-            },
-            committed: Committed::default(),
-        }
-    }
-
-    /// Which database engine the shared transaction runs on.
-    pub fn backend(&self) -> BackendKind {
-        match &self.inner {
-            WriteInner::Sqlite(_) => BackendKind::Sqlite,
-            WriteInner::Postgres { .. } => BackendKind::Postgres,
-            WriteInner::MySql { .. } => BackendKind::MySql,
-        }
-    }
-
-    /// The raw SQLite connection of the shared transaction, for another
-    /// crate's synchronous statements; [`StoreError::WrongBackend`] on
-    /// PostgreSQL/MySQL (use [`StoreWrite::publish`] for queue messages).
-    pub fn sqlite_handle(&self) -> Result<&'c rusqlite::Connection> {
-        match &self.inner {
-            WriteInner::Sqlite(ops) => Ok(ops.conn()),
-            _ => Err(wrong_backend("the raw SQLite handle", self.backend())),
-        }
-    }
-
-    /// Publishes queue messages in the shared transaction (transactional
-    /// outbox) on any backend: visible when it commits, gone if this write's
-    /// savepoint or the transaction rolls back; the commit announces the
-    /// topic (see [`Store::announce_commits_to`]). Validate the messages
-    /// with `Publisher::prepare` first.
-    pub fn publish(
-        &mut self,
-        topic: &str,
-        msgs: &[NewMessage],
-        now: Millis,
-    ) -> Result<PublishReport> {
-        self.committed.published.insert(topic.to_string());
-        Ok(match &mut self.inner {
-            WriteInner::Sqlite(ops) => {
-                SqliteDriver::publish_on_handle(ops.conn(), topic, msgs, now)?
-            }
-            WriteInner::Postgres { ops, rt, session } => rt.block_on(
-                PostgresDriver::publish_in_session(ops.conn(), session, topic, msgs, now),
-            )?,
-            WriteInner::MySql { ops, rt } => {
-                rt.block_on(MySqlDriver::publish_in_tx(ops.conn(), topic, msgs, now))?
-            }
-        })
-    }
-
-    /// What this write will announce; taken by the committer after the job.
-    pub(crate) fn take_committed(&mut self) -> Committed {
-        std::mem::take(&mut self.committed)
-    }
-
-    /// See [`StoreTx::create_build`].
-    pub fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        let outcome = on_write!(self, |ops| logic::create_build(ops, new).await);
-        self.committed.events |= matches!(outcome, Ok(CreateOutcome::Created(_)));
-        outcome
-    }
-
-    /// See [`StoreTx::get_build`].
-    pub fn get_build(&mut self, id: &BuildId) -> Result<Build> {
-        on_write!(self, |ops| logic::get_build(ops, id).await)
-    }
-
-    /// See [`StoreTx::record_status`].
-    pub fn record_status(
-        &mut self,
-        id: &BuildId,
-        expected_from: Option<BuildStatus>,
-        new_status: BuildStatus,
-        runner_metadata_patch: &Metadata,
-        reason: Option<&str>,
-    ) -> Result<Option<Event>> {
-        let event = on_write!(self, |ops| {
-            logic::record_status(
-                ops,
-                id,
-                expected_from,
-                new_status,
-                runner_metadata_patch,
-                reason,
-            )
-            .await
-        });
-        self.committed.events |= matches!(event, Ok(Some(_)));
-        event
-    }
-
-    /// See [`StoreTx::set_runner_ref`].
-    pub fn set_runner_ref(&mut self, id: &BuildId, runner_ref: &RunnerRef) -> Result<Build> {
-        on_write!(self, |ops| logic::set_runner_ref(ops, id, runner_ref).await)
-    }
-
-    /// See [`StoreTx::request_cancel`].
-    pub fn request_cancel(&mut self, id: &BuildId) -> Result<CancelOutcome> {
-        on_write!(self, |ops| logic::request_cancel(ops, id).await)
-    }
-
-    /// See [`StoreTx::record_failing`].
-    pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
-        let event = on_write!(self, |ops| logic::record_failing(ops, id, metadata).await);
-        self.committed.events |= matches!(event, Ok(Some(_)));
-        event
-    }
-
-    /// See [`StoreTx::append_event`].
-    pub fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        let event = on_write!(self, |ops| logic::append_event(ops, id, kind).await);
-        self.committed.events |= event.is_ok();
-        event
-    }
-
-    /// See [`StoreTx::append_log_lines`].
-    pub fn append_log_lines<T: Serialize>(&mut self, id: &BuildId, lines: &[T]) -> Result<u64> {
-        let lines = serialize_lines(lines)?;
-        self.append_json_log_lines(id, &lines)
-    }
-
-    fn append_json_log_lines(&mut self, id: &BuildId, lines: &[String]) -> Result<u64> {
-        on_write!(self, |ops| logic::append_log_lines(ops, id, lines).await)
-    }
-
-    fn ensure_secret(&mut self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
-        on_write!(self, |ops| ops.ensure_secret(name, candidate).await)
     }
 }

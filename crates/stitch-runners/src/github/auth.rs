@@ -18,8 +18,9 @@ use reqwest::{StatusCode, Url};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::client::{api_error, GithubError, API_VERSION_HEADER, MEDIA_TYPE};
+use super::error::{api_error, GithubError};
 use super::model::InstallationToken;
+use super::model::{API_VERSION_HEADER, MEDIA_TYPE};
 use crate::http_util::{join_segments, transport_message};
 
 /// The longest refresh margin before an installation token expires.

@@ -33,22 +33,16 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, ETAG, IF_NONE_MATCH, LINK};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
-use stitch_core::RunnerError;
 
 use super::auth::Credentials;
-use super::model::{DispatchBody, DispatchResponse, ErrorBody, Job, JobList, Run, RunList};
+use super::error::{api_error, header_u64, until_reset, GithubError};
+use super::model::{
+    DispatchBody, DispatchResponse, Job, JobList, Run, RunList, API_VERSION_HEADER, MEDIA_TYPE,
+};
 use crate::http_budget::{Priority, RequestBudget};
 use crate::http_retry::RetryPolicy;
-use crate::http_util::{
-    join_segments, next_link, parse_api_root, same_origin, status_summary, transport_message,
-};
+use crate::http_util::{join_segments, next_link, parse_api_root, same_origin, transport_message};
 
-/// GitHub's JSON media type.
-pub const MEDIA_TYPE: &str = "application/vnd.github+json";
-/// The header pinning the REST API version.
-pub const API_VERSION_HEADER: &str = "x-github-api-version";
-/// The API version whose dispatch answers 204 unless asked for run details.
-pub const API_VERSION_2022: &str = "2022-11-28";
 /// The most pages a list follows (100 runs each).
 const MAX_PAGES: usize = 10;
 /// The wait after a secondary rate limit that named none (GitHub: "at least
@@ -83,115 +77,6 @@ pub struct RunQuery {
     pub created_from: Option<DateTime<Utc>>,
     /// `status=` (a status or a conclusion).
     pub status: Option<String>,
-}
-
-/// What a GitHub call failed with.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum GithubError {
-    /// GitHub answered with an error status.
-    #[error("GitHub answered HTTP {status}: {message}")]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The body's `message` (or a summary of a body that had none).
-        message: String,
-        /// How long GitHub asked us to wait (`retry-after`, or until
-        /// `x-ratelimit-reset` when the quota is spent).
-        retry_after: Option<Duration>,
-        /// A primary or secondary rate limit (403 or 429), not a refusal.
-        rate_limited: bool,
-    },
-    /// No answer: connect failure, timeout, reset.
-    #[error("request to GitHub failed: {message}")]
-    Transport {
-        /// What happened.
-        message: String,
-        /// False only when the connection was never made (nothing was sent).
-        maybe_processed: bool,
-    },
-    /// A success status with a body that is not the expected JSON.
-    #[error("GitHub answered HTTP {status} with an unreadable body: {message}")]
-    Decode {
-        /// HTTP status.
-        status: u16,
-        /// The decode error.
-        message: String,
-    },
-    /// A URL could not be built (bad API root, a pagination link elsewhere).
-    #[error("invalid GitHub URL: {0}")]
-    Url(String),
-    /// Credentials cannot be used (a bad App key, a token no header can carry).
-    #[error("GitHub credentials: {0}")]
-    Auth(String),
-}
-
-impl GithubError {
-    /// The HTTP status, for answers that had one.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// For a dispatch: the run may or may not exist now (timeout or reset
-    /// after sending, a 5xx, an unreadable success). Look before
-    /// dispatching again.
-    pub fn outcome_unknown(&self) -> bool {
-        match self {
-            Self::Transport {
-                maybe_processed, ..
-            } => *maybe_processed,
-            Self::Api { status, .. } => *status >= 500,
-            Self::Decode { .. } => true,
-            Self::Url(_) | Self::Auth(_) => false,
-        }
-    }
-
-    /// The 409 GitHub gives when cancelling a run that already completed.
-    pub fn is_conflict(&self) -> bool {
-        self.status() == Some(409)
-    }
-
-    /// A 400/422 naming `return_run_details`: a server older than GHES
-    /// 3.21 that does not know the flag (nothing was created).
-    pub fn rejects_run_details(&self) -> bool {
-        matches!(self, Self::Api { status: 400 | 422, message, .. }
-            if message.contains("return_run_details"))
-    }
-}
-
-impl From<GithubError> for RunnerError {
-    fn from(e: GithubError) -> Self {
-        let text = e.to_string();
-        match e {
-            GithubError::Api { status: 404, .. } => RunnerError::NotFound(text),
-            // A rate-limited 403 is "wait", not "forbidden": classify it as
-            // the 429 it means.
-            GithubError::Api {
-                rate_limited: true,
-                retry_after,
-                ..
-            } => RunnerError::Http {
-                status: 429,
-                message: text,
-                retry_after,
-            },
-            GithubError::Api {
-                status,
-                retry_after,
-                ..
-            } => RunnerError::Http {
-                status,
-                message: text,
-                retry_after,
-            },
-            GithubError::Transport { .. } | GithubError::Decode { .. } => {
-                RunnerError::Transport(text)
-            }
-            GithubError::Url(_) | GithubError::Auth(_) => RunnerError::InvalidRequest(text),
-        }
-    }
 }
 
 /// Whether a call may be repeated after an unknown outcome.
@@ -569,48 +454,6 @@ impl Client {
     }
 }
 
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
-/// Time until `x-ratelimit-reset` (epoch seconds), at least one second.
-fn until_reset(headers: &HeaderMap) -> Option<Duration> {
-    let reset = header_u64(headers, "x-ratelimit-reset")?;
-    let now = Utc::now().timestamp().max(0) as u64;
-    Some(Duration::from_secs(reset.saturating_sub(now).max(1)))
-}
-
-/// The typed error of a non-success answer; `retry_after` from
-/// `retry-after`, else (quota spent) until `x-ratelimit-reset`.
-pub(crate) fn api_error(status: StatusCode, headers: &HeaderMap, body: &str) -> GithubError {
-    let message = match serde_json::from_str::<ErrorBody>(body) {
-        Ok(b) if !b.message.is_empty() => b.message,
-        _ => status_summary(status, body),
-    };
-    let retry_after = header_u64(headers, "retry-after").map(Duration::from_secs);
-    let spent = header_u64(headers, "x-ratelimit-remaining") == Some(0);
-    let rate_limited = match status.as_u16() {
-        429 => true,
-        403 => {
-            retry_after.is_some() || spent || message.to_ascii_lowercase().contains("rate limit")
-        }
-        _ => false,
-    };
-    let retry_after = retry_after.or_else(|| {
-        if rate_limited && spent {
-            until_reset(headers)
-        } else {
-            None
-        }
-    });
-    GithubError::Api {
-        status: status.as_u16(),
-        message,
-        retry_after,
-        rate_limited,
-    }
-}
-
 fn decode<T: DeserializeOwned>(answer: &Answer) -> Result<T, GithubError> {
     serde_json::from_slice(&answer.body).map_err(|e| GithubError::Decode {
         status: answer.status.as_u16(),
@@ -621,105 +464,7 @@ fn decode<T: DeserializeOwned>(answer: &Answer) -> Result<T, GithubError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn rate_limits_are_told_from_permission_errors() {
-        let forbidden = api_error(
-            StatusCode::FORBIDDEN,
-            &HeaderMap::new(),
-            r#"{"message":"Resource not accessible by integration"}"#,
-        );
-        assert!(matches!(
-            forbidden,
-            GithubError::Api {
-                rate_limited: false,
-                ..
-            }
-        ));
-        assert!(!RunnerError::from(forbidden).is_retryable());
-
-        let secondary = api_error(
-            StatusCode::FORBIDDEN,
-            &headers(&[("retry-after", "7".into())]),
-            r#"{"message":"You have exceeded a secondary rate limit."}"#,
-        );
-        let r = RunnerError::from(secondary.clone());
-        assert!(r.is_retryable());
-        assert_eq!(r.retry_after(), Some(Duration::from_secs(7)));
-
-        let reset = Utc::now().timestamp() + 30;
-        let primary = api_error(
-            StatusCode::FORBIDDEN,
-            &headers(&[
-                ("x-ratelimit-remaining", "0".into()),
-                ("x-ratelimit-reset", reset.to_string()),
-            ]),
-            r#"{"message":"API rate limit exceeded for installation ID 1."}"#,
-        );
-        let GithubError::Api {
-            rate_limited: true,
-            retry_after: Some(wait),
-            ..
-        } = primary
-        else {
-            panic!("{primary:?}")
-        };
-        assert!(wait >= Duration::from_secs(28) && wait <= Duration::from_secs(31));
-
-        let too_many = api_error(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), "");
-        assert!(RunnerError::from(too_many).is_retryable());
-    }
-
-    #[test]
-    fn errors_map_into_runner_errors() {
-        let api = |status| GithubError::Api {
-            status,
-            message: "m".into(),
-            retry_after: None,
-            rate_limited: false,
-        };
-        assert!(RunnerError::from(api(404)).is_not_found());
-        for s in [500, 502, 503] {
-            assert!(RunnerError::from(api(s)).is_retryable());
-            assert!(api(s).outcome_unknown());
-        }
-        for s in [400, 401, 403, 409, 422] {
-            assert!(!RunnerError::from(api(s)).is_retryable(), "{s}");
-            assert!(!api(s).outcome_unknown());
-        }
-        assert!(api(409).is_conflict());
-        let t = |maybe_processed| GithubError::Transport {
-            message: "x".into(),
-            maybe_processed,
-        };
-        assert!(t(true).outcome_unknown() && !t(false).outcome_unknown());
-        assert!(RunnerError::from(t(true)).is_retryable());
-        assert!(!RunnerError::from(GithubError::Auth("x".into())).is_retryable());
-    }
-
-    #[test]
-    fn old_servers_rejecting_run_details_are_recognised() {
-        let e = api_error(
-            StatusCode::BAD_REQUEST,
-            &HeaderMap::new(),
-            r#"{"message":"\"return_run_details\" is not a permitted key."}"#,
-        );
-        assert!(e.rejects_run_details());
-        let e = api_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &HeaderMap::new(),
-            r#"{"message":"Unexpected inputs provided: [\"x\"]"}"#,
-        );
-        assert!(!e.rejects_run_details());
-    }
+    use crate::github::model::API_VERSION_2022;
 
     #[test]
     fn urls_are_built_per_repository() {

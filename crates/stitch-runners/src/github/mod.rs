@@ -14,12 +14,14 @@
 
 pub mod auth;
 pub mod client;
+pub mod error;
 pub mod logs;
 pub mod model;
 pub mod runner;
 pub mod webhook;
 
 pub use auth::{AppTokens, Credentials};
-pub use client::{Client, GithubError, Repo, RunQuery, API_VERSION_2022};
-pub use model::{map_status, Job, Run, INPUT_BUILD_ID, RESERVED_INPUTS};
+pub use client::{Client, Repo, RunQuery};
+pub use error::GithubError;
+pub use model::{map_status, Job, Run, API_VERSION_2022, INPUT_BUILD_ID, RESERVED_INPUTS};
 pub use runner::{status_report, GithubConfig, GithubRunner};

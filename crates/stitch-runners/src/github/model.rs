@@ -2,6 +2,13 @@
 //! strings for `status` and `conclusion` (values GitHub adds later are
 //! kept, never an error), and the mapping onto stitch's status set.
 
+/// GitHub's JSON media type.
+pub const MEDIA_TYPE: &str = "application/vnd.github+json";
+/// The header pinning the REST API version.
+pub const API_VERSION_HEADER: &str = "x-github-api-version";
+/// The API version whose dispatch answers 204 unless asked for run details.
+pub const API_VERSION_2022: &str = "2022-11-28";
+
 use serde::{Deserialize, Serialize};
 use stitch_core::BuildStatus;
 

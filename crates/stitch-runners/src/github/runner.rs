@@ -35,8 +35,10 @@ use stitch_core::{
     RunnerRef, StatusReport, TriggerRequest,
 };
 
-use super::client::{Client, GithubError, Repo, RunQuery, API_VERSION_2022};
+use super::client::{Client, Repo, RunQuery};
+use super::error::GithubError;
 use super::logs::{data_lines, parse_log, parse_time, step_end, step_start};
+use super::model::API_VERSION_2022;
 use super::model::{
     DispatchBody, Job, Run, INPUT_BASE, INPUT_BUILD_ID, INPUT_HEAD, INPUT_METADATA, INPUT_QUEUE,
 };

@@ -25,6 +25,7 @@ mod listener;
 mod logs;
 mod loopback;
 mod metrics;
+mod openapi;
 mod ops;
 pub mod schema;
 mod streams;
@@ -95,7 +96,7 @@ pub fn router(state: AppState, tokens: Vec<String>) -> Router {
 /// The API router with explicit [`HttpOptions`].
 pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -> Router {
     let max_body = state.config().api.max_body_bytes;
-    let openapi = schema::ApiDoc::openapi()
+    let openapi = openapi::ApiDoc::openapi()
         .to_json()
         .unwrap_or_else(|_| "{}".to_string());
     let ctx = Ctx {

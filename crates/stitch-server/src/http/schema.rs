@@ -1,6 +1,7 @@
-//! Request types and OpenAPI schemas.
+//! Request types and OpenAPI schemas (the document that lists them with
+//! the routes is `openapi.rs`).
 //!
-//! The request body is the service's own [`CreateBuild`]. The types here mirror
+//! The request body is the service's own [`CreateBuild`](crate::service::CreateBuild). The types here mirror
 //! what the handlers serialize (the store's `Build` and `Event`, the core's
 //! `LogLine`) for the OpenAPI document only; a test checks that their
 //! property names match the JSON the server actually sends.
@@ -8,10 +9,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
-
-use crate::service::CreateBuild;
+use utoipa::ToSchema;
 
 /// A build's status. `succeeded`, `failed` and `cancelled` are terminal;
 /// `unknown` is not.
@@ -133,71 +131,4 @@ pub struct ErrorDetail {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct HealthBody {
     pub status: String,
-}
-
-/// The OpenAPI document of the API.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "stitch",
-        description = "Drive builds on any CI through one contract. See docs/api.md."
-    ),
-    paths(
-        super::builds::create_build,
-        super::builds::list_builds,
-        super::builds::get_build,
-        super::builds::cancel_build,
-        super::builds::promise_failure,
-        super::logs::build_logs,
-        super::events::events,
-        super::ops::healthz,
-        super::ops::readyz,
-        super::ops::metrics,
-        super::ops::openapi,
-        super::webhooks::buildkite,
-        super::webhooks::github,
-    ),
-    components(schemas(
-        CreateBuild,
-        super::builds::PromiseFailureBody,
-        BuildRecord,
-        BuildStatus,
-        BuildList,
-        Event,
-        EventKind,
-        LogLine,
-        ErrorBody,
-        super::webhooks::WebhookOutcome,
-        ErrorDetail,
-        HealthBody
-    )),
-    modifiers(&BearerAuth),
-    tags(
-        (name = "builds", description = "Create, read, list and cancel builds"),
-        (name = "streams", description = "Event and log streams (SSE or WebSocket)"),
-        (name = "operations", description = "Health, readiness, metrics, this document"),
-        (name = "webhooks", description = "Provider webhooks that wake a build's poll loop")
-    )
-)]
-pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-        components.add_security_scheme(
-            "job_token",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("The build's job token (STITCH_JOB_TOKEN)"))
-                    .build(),
-            ),
-        );
-    }
 }
