@@ -32,7 +32,7 @@ pub use driver::{
 };
 pub use error::{MqError, MqResult, StorageFailure};
 pub use message::{now_millis, Failure, Message, Millis};
-pub use open::{open, AnyDriver, BackendKind};
+pub use open::{AnyDriver, BackendKind};
 pub use queue::{
     Admin, Delivery, NackOutcome, PartitionFilter, Publisher, Queue, Subscriber, Subscription,
     MAX_PARTITION_PAGE, MAX_PRUNE_BATCH,

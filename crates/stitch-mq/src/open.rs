@@ -1,7 +1,6 @@
 //! One entry point from a storage URL to a driver: `sqlite://PATH`,
 //! `postgres://…` (or `postgresql://…`) and `mysql://…` (MySQL or MariaDB).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -60,7 +59,7 @@ pub fn redact(url: &str) -> String {
 }
 
 /// A driver for any of the SQL backends. The variants give access to each
-/// backend's own extras (pools, `publish_in_tx`).
+/// backend's own extras (pools, publishing inside a caller's transaction).
 #[derive(Clone)]
 pub enum AnyDriver {
     /// SQLite.
@@ -69,37 +68,6 @@ pub enum AnyDriver {
     Postgres(PostgresDriver),
     /// MySQL / MariaDB.
     MySql(MySqlDriver),
-}
-
-/// Opens the driver `url` names and applies its migrations.
-///
-/// `sqlite://PATH` (or `sqlite:PATH`) is a file path (created if missing);
-/// the server URLs are passed to `sqlx` as they are.
-pub async fn open(url: &str) -> MqResult<AnyDriver> {
-    match BackendKind::of_url(url)? {
-        BackendKind::Sqlite => {
-            let path = url
-                .strip_prefix("sqlite://")
-                .or_else(|| url.strip_prefix("sqlite:"))
-                .unwrap_or_default();
-            if path.is_empty() {
-                return Err(MqError::InvalidConfig(
-                    "sqlite URL without a path: use sqlite://PATH".into(),
-                ));
-            }
-            Ok(AnyDriver::Sqlite(
-                SqliteDriver::open(Path::new(path)).await?,
-            ))
-        }
-        BackendKind::Postgres => Ok(AnyDriver::Postgres(PostgresDriver::open(url).await?)),
-        BackendKind::MySql => {
-            let url = match url.strip_prefix("mariadb:") {
-                Some(rest) => format!("mysql:{rest}"),
-                None => url.to_string(),
-            };
-            Ok(AnyDriver::MySql(MySqlDriver::open(&url).await?))
-        }
-    }
 }
 
 impl AnyDriver {
@@ -257,23 +225,5 @@ mod tests {
         assert!(text.contains("redis://user:***@host/0"), "{text}");
         assert!(!text.contains("secret"), "{text}");
         assert!(BackendKind::of_url("no-scheme").is_err());
-    }
-
-    #[tokio::test]
-    async fn sqlite_url_without_path_is_refused() {
-        assert!(matches!(
-            open("sqlite://").await,
-            Err(MqError::InvalidConfig(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn sqlite_url_opens_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        let driver = open(&url).await.unwrap();
-        assert_eq!(driver.kind(), BackendKind::Sqlite);
-        assert_eq!(driver.name(), "sqlite");
-        assert!(dir.path().join("q.db").exists());
     }
 }

@@ -201,7 +201,7 @@ impl Publisher {
     }
 
     /// Validates messages for a publish done inside a caller's transaction
-    /// (the transactional outbox; see the SQLite backend's `publish_in_tx`).
+    /// (the transactional outbox; see the SQLite backend's `publish_on_handle`).
     pub fn prepare(
         &self,
         topic: &str,

@@ -22,7 +22,7 @@ use rusqlite::{params, OptionalExtension};
 use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{SqliteConnection, SqlitePool};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::codec::{decode_detail, decode_meta, encode_meta};
@@ -139,26 +139,6 @@ pub struct SqliteDriver {
     _checkpointer: Arc<DropGuard>,
 }
 
-/// A write transaction holding the in-process writer lock. Use it to
-/// publish in the same transaction as other writes (transactional outbox).
-pub struct WriteTx {
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-    tx: Transaction<'static, Sqlite>,
-}
-
-impl WriteTx {
-    /// The connection, for the caller's own statements in this transaction.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
-    }
-
-    /// Commits everything written in the transaction.
-    pub async fn commit(self) -> MqResult<()> {
-        self.tx.commit().await?;
-        Ok(())
-    }
-}
-
 impl SqliteDriver {
     /// Opens `path`, applies migrations.
     pub async fn open(path: &Path) -> MqResult<Self> {
@@ -187,13 +167,6 @@ impl SqliteDriver {
     /// The pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
-    }
-
-    /// Starts a write transaction (`BEGIN IMMEDIATE`) under the writer lock.
-    pub async fn begin_write(&self) -> MqResult<WriteTx> {
-        let guard = self.writer.clone().lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Ok(WriteTx { _guard: guard, tx })
     }
 
     /// Runs `f` in one write transaction and commits it.
@@ -258,22 +231,11 @@ impl SqliteDriver {
         .map_err(|e| MqError::Internal(format!("queue read task failed: {e}")))?
     }
 
-    /// Publishes inside the caller's transaction: nothing is visible until
-    /// it commits, and a rollback publishes nothing. Call
-    /// `Publisher::notify_published` after the commit for an immediate
-    /// wake-up. Validate messages first with `Publisher::prepare`.
-    pub async fn publish_in_tx(
-        conn: &mut SqliteConnection,
-        topic: &str,
-        msgs: &[NewMessage],
-        now: Millis,
-    ) -> MqResult<PublishReport> {
-        on_handle(conn, |c| publish_sync(c, topic, msgs, now)).await
-    }
-
-    /// [`Self::publish_in_tx`] for a caller that already runs its
-    /// transaction on the raw SQLite connection (the store's write
-    /// transactions): synchronous, no hand-off to sqlx's worker thread.
+    /// Publishes inside the caller's transaction, which it runs on the raw
+    /// SQLite connection (the store's write transactions): nothing is
+    /// visible until it commits, and a rollback publishes nothing.
+    /// Synchronous, no hand-off to sqlx's worker thread. Validate messages
+    /// first with `Publisher::prepare`.
     pub fn publish_on_handle(
         conn: &rusqlite::Connection,
         topic: &str,

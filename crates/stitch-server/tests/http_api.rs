@@ -616,26 +616,3 @@ fn non_loopback_bind_is_refused_without_tokens() {
     assert!(http::check_bind("[::1]:7700".parse().unwrap(), false).is_ok());
     assert!(http::check_bind(any, true).is_ok());
 }
-
-#[test]
-fn tokens_are_read_from_the_named_variables() {
-    let api = stitch_server::config::ApiConfig {
-        tokens_env: vec!["A".into(), "B".into()],
-        ..Default::default()
-    };
-    let env = |n: &str| match n {
-        "A" => Some("tok-a".to_string()),
-        "B" => Some(" tok-b\n".to_string()),
-        _ => None,
-    };
-    assert_eq!(
-        http::api_tokens_from(&api, env).unwrap(),
-        vec!["tok-a", "tok-b"]
-    );
-    let err = http::api_tokens_from(&api, |_| None).unwrap_err();
-    assert!(err.contains("A") && err.contains("not set"), "{err}");
-    let err = http::api_tokens_from(&api, |_| Some("  ".into())).unwrap_err();
-    assert!(err.contains("empty"), "{err}");
-    let none = stitch_server::config::ApiConfig::default();
-    assert!(http::api_tokens(&none).unwrap().is_empty());
-}

@@ -248,15 +248,6 @@ pub(crate) async fn request_cancel<O: Ops>(ops: &mut O, id: &BuildId) -> Result<
     })
 }
 
-pub(crate) async fn append_event<O: Ops>(
-    ops: &mut O,
-    id: &BuildId,
-    kind: EventKind,
-) -> Result<Event> {
-    let build = get_build_for_update(ops, id).await?;
-    append_event_for(ops, &build, kind, now()).await
-}
-
 /// Appends an event snapshotting `build`; seq comes from the same transaction.
 async fn append_event_for<O: Ops>(
     ops: &mut O,

@@ -22,7 +22,7 @@ use crate::error::{wrong_backend, Result, StoreError};
 use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
 use crate::model::{
-    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, EventKind, Metadata, NewBuild,
+    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, Metadata, NewBuild,
     StoredLogLine,
 };
 use crate::mysql::{self, MySqlOps};
@@ -511,16 +511,6 @@ impl StoreTx<'_> {
         }
     }
 
-    /// The transaction's sqlx SQLite connection;
-    /// [`StoreError::WrongBackend`] on another backend.
-    pub fn sqlite_conn(&mut self) -> Result<&mut SqliteConnection> {
-        let backend = self.backend();
-        match &mut self.inner {
-            TxInner::Sqlite(tx) => Ok(tx.conn()),
-            _ => Err(wrong_backend("the SQLite connection", backend)),
-        }
-    }
-
     /// The transaction's raw SQLite connection, for another crate's
     /// statements that run synchronously in this transaction: no hand-off to
     /// sqlx's worker thread. [`StoreError::WrongBackend`] on another backend.
@@ -582,35 +572,6 @@ impl StoreTx<'_> {
         let outcome = on_tx!(self, |ops| logic::create_build(ops, new).await);
         self.committed.events |= matches!(outcome, Ok(CreateOutcome::Created(_)));
         outcome
-    }
-
-    /// Creates several builds in this transaction, in order (group commit:
-    /// one transaction for many concurrent create requests). Each request gets
-    /// its own answer as [`StoreTx::create_build`] would give it; a request
-    /// refused for its input writes nothing and does not affect the others.
-    /// An error that leaves the transaction unusable (a database error) is
-    /// returned for the whole call: roll back, then retry the requests one
-    /// at a time if their individual answers matter.
-    pub async fn create_builds(
-        &mut self,
-        news: Vec<NewBuild>,
-    ) -> Result<Vec<Result<CreateOutcome>>> {
-        let outcomes = on_tx!(self, |ops| {
-            let mut out = Vec::with_capacity(news.len());
-            for new in news {
-                match logic::create_build(&mut *ops, new).await {
-                    Err(e) if !e.is_request_refusal() => return Err(e),
-                    answer => out.push(answer),
-                }
-            }
-            Ok(out)
-        });
-        if let Ok(out) = &outcomes {
-            self.committed.events |= out
-                .iter()
-                .any(|o| matches!(o, Ok(CreateOutcome::Created(_))));
-        }
-        outcomes
     }
 
     /// Loads a build inside this transaction (sees its uncommitted writes).
@@ -676,15 +637,6 @@ impl StoreTx<'_> {
     ) -> Result<Option<Event>> {
         let event = on_tx!(self, |ops| logic::record_failing(ops, id, metadata).await);
         self.committed.events |= matches!(event, Ok(Some(_)));
-        event
-    }
-
-    /// Appends an event snapshotting the build's current status and metadata
-    /// without changing the build (the status-changing methods append their
-    /// own events; this is for callers that need to re-announce a state).
-    pub async fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        let event = on_tx!(self, |ops| logic::append_event(ops, id, kind).await);
-        self.committed.events |= event.is_ok();
         event
     }
 

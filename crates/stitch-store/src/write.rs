@@ -14,7 +14,7 @@ use tokio::runtime::Runtime;
 use crate::announce::Committed;
 use crate::error::{wrong_backend, Result};
 use crate::logic;
-use crate::model::{Build, CancelOutcome, CreateOutcome, Event, EventKind, Metadata, NewBuild};
+use crate::model::{Build, CancelOutcome, CreateOutcome, Event, Metadata, NewBuild};
 use crate::mysql::MySqlOps;
 use crate::ops::Ops;
 use crate::postgres::PgOps;
@@ -198,13 +198,6 @@ impl<'c> StoreWrite<'c> {
     pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
         let event = on_write!(self, |ops| logic::record_failing(ops, id, metadata).await);
         self.committed.events |= matches!(event, Ok(Some(_)));
-        event
-    }
-
-    /// See [`StoreTx::append_event`].
-    pub fn append_event(&mut self, id: &BuildId, kind: EventKind) -> Result<Event> {
-        let event = on_write!(self, |ops| logic::append_event(ops, id, kind).await);
-        self.committed.events |= event.is_ok();
         event
     }
 

@@ -202,12 +202,6 @@ async fn unknown_ids_are_not_found(db: TestDb) {
         assert!(err.is_not_found());
         assert!(!err.is_retryable());
     }
-    let mut tx = s.begin().await.unwrap();
-    assert!(tx
-        .append_event(&id, EventKind::Status)
-        .await
-        .unwrap_err()
-        .is_not_found());
 }
 
 async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {

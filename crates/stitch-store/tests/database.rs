@@ -11,7 +11,7 @@ use common::{meta, new_build, tx_count, tx_exec, TestDb};
 use serde_json::json;
 use sqlx::sqlite::SqlitePoolOptions;
 use stitch_core::BuildStatus;
-use stitch_store::{BackendKind, EventKind, Metadata, Store, StoreError};
+use stitch_store::{BackendKind, Metadata, Store, StoreError};
 
 async fn opening_twice_keeps_data_and_tolerates_foreign_migrations(db: TestDb) {
     let id = db
@@ -227,22 +227,6 @@ async fn events_after_resumes_and_limits(db: TestDb) {
         .await
         .unwrap()
         .is_empty());
-}
-
-async fn tx_append_event_reannounces_the_current_state(db: TestDb) {
-    let id = db
-        .store
-        .create_build(new_build("app"))
-        .await
-        .unwrap()
-        .into_build()
-        .id;
-    let mut tx = db.store.begin().await.unwrap();
-    let event = tx.append_event(&id, EventKind::Status).await.unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(event.seq, 2);
-    assert_eq!(event.status, BuildStatus::Accepted);
-    assert_eq!(db.store.events_for_build(&id).await.unwrap().len(), 2);
 }
 
 /// N concurrent writers, a fraction of whose transactions are rolled back on
@@ -495,43 +479,6 @@ async fn dropped_and_cancelled_transactions_roll_back_and_free_the_writer(db: Te
     assert_eq!(page.len(), 16);
 }
 
-/// Several builds created in one transaction each get their own answer: a
-/// replayed idempotency key (even one first used earlier in the same batch)
-/// resolves to the existing build, a refused request writes nothing, and the
-/// rest commit together with gapless event seqs.
-async fn create_builds_answers_each_request_in_one_transaction(db: TestDb) {
-    let first = common::keyed("app", "k-1");
-    let mut replay = common::keyed("app", "k-1");
-    replay.id = stitch_core::BuildId::new();
-    let mut empty_queue = new_build("app");
-    empty_queue.queue = String::new();
-    let plain = new_build("app");
-
-    let mut tx = db.store.begin().await.unwrap();
-    let answers = tx
-        .create_builds(vec![first.clone(), replay, empty_queue, plain.clone()])
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-
-    assert_eq!(answers.len(), 4);
-    assert!(matches!(&answers[0], Ok(stitch_store::CreateOutcome::Created(b)) if b.id == first.id));
-    assert!(
-        matches!(&answers[1], Ok(stitch_store::CreateOutcome::Existing(b)) if b.id == first.id)
-    );
-    assert!(matches!(&answers[2], Err(StoreError::InvalidInput(_))));
-    assert!(matches!(&answers[3], Ok(stitch_store::CreateOutcome::Created(b)) if b.id == plain.id));
-    let seqs: Vec<u64> = db
-        .store
-        .events_after(0, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
-    assert_eq!(seqs, vec![1, 2]);
-}
-
 async fn the_first_secret_stored_wins_and_survives_a_reopen(db: TestDb) {
     let first = db
         .store
@@ -564,12 +511,10 @@ store_suite!(
     rollback_leaves_neither_build_nor_event,
     foreign_statements_share_the_transaction,
     events_after_resumes_and_limits,
-    tx_append_event_reannounces_the_current_state,
     seq_is_gapless_under_concurrent_writers_with_rollbacks,
     concurrent_writers_never_see_database_is_locked,
     log_lines_append_number_and_page,
     corrupt_rows_surface_as_corrupt_not_panics,
     dropped_and_cancelled_transactions_roll_back_and_free_the_writer,
-    create_builds_answers_each_request_in_one_transaction,
     the_first_secret_stored_wins_and_survives_a_reopen,
 );

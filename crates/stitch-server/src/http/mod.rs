@@ -8,8 +8,7 @@
 //!   limits cut off slow clients and cap open connections ([`serve`]: the
 //!   default limits).
 //! - [`check_bind`] refuses a non-loopback address when no API token is
-//!   configured; [`api_tokens`] reads the configured tokens from the
-//!   environment.
+//!   configured (the tokens are read by [`crate::config::api_tokens`]).
 //!
 //! Handlers only validate, call [`crate::service`], and shape answers; they
 //! never move a build's status themselves (DESIGN §2). Every error answers
@@ -43,7 +42,7 @@ use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
-use crate::config::{ApiConfig, HttpConfig};
+use crate::config::HttpConfig;
 use crate::state::AppState;
 
 pub use error::ApiError;
@@ -201,30 +200,4 @@ fn is_loopback(addr: SocketAddr) -> bool {
             ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
     }
-}
-
-/// Reads the bearer tokens named by `api.tokens_env`. A named variable that
-/// is unset or empty is an error: silently dropping it could leave the API
-/// open when the operator meant to protect it.
-pub fn api_tokens(api: &ApiConfig) -> Result<Vec<String>, String> {
-    api_tokens_from(api, |name| std::env::var(name).ok())
-}
-
-/// [`api_tokens`] with an injected environment lookup.
-pub fn api_tokens_from(
-    api: &ApiConfig,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<Vec<String>, String> {
-    api.tokens_env
-        .iter()
-        .map(|name| match lookup(name) {
-            Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
-            Some(_) => Err(format!(
-                "api.tokens_env: environment variable {name} is empty"
-            )),
-            None => Err(format!(
-                "api.tokens_env: environment variable {name} is not set"
-            )),
-        })
-        .collect()
 }
