@@ -4,6 +4,7 @@
 //! SQLite, PostgreSQL and MySQL/MariaDB; `cargo run --release -p stitch-bench
 //! -- serve` measures a whole in-process `stitch serve` over real HTTP on the
 //! same three backends (see `docs/benchmarks.md` for recorded figures).
+#![forbid(unsafe_code)]
 
 mod buildkite;
 mod counting;

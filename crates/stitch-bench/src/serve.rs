@@ -183,8 +183,7 @@ fn hist() -> Histogram<u64> {
 
 /// CPU time of this process's threads whose name starts with `prefix`.
 fn threads_cpu(prefix: &str) -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let tick = crate::sys::clock_ticks_per_second();
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return Duration::ZERO;
     };

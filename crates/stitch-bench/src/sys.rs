@@ -4,26 +4,35 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::time::TimeVal;
+use nix::unistd::{sysconf, SysconfVar};
+
 /// User + system CPU time of this process so far.
 pub fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    rusage_cpu(UsageWho::RUSAGE_SELF)
 }
 
 /// User + system CPU time of this process's waited-for children so far.
 pub fn children_cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+    rusage_cpu(UsageWho::RUSAGE_CHILDREN)
+}
+
+fn rusage_cpu(who: UsageWho) -> Duration {
+    let Ok(ru) = getrusage(who) else {
         return Duration::ZERO;
+    };
+    let tv =
+        |t: TimeVal| Duration::new(t.tv_sec().max(0) as u64, (t.tv_usec().max(0) as u32) * 1000);
+    tv(ru.user_time()) + tv(ru.system_time())
+}
+
+/// Clock ticks per second, the unit of `/proc/*/stat` CPU times.
+pub fn clock_ticks_per_second() -> f64 {
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(n)) if n > 0 => n as f64,
+        _ => 100.0,
     }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Peak resident set size in MiB (VmHWM).
@@ -150,8 +159,7 @@ fn process_cpu(pid: u32) -> Option<Duration> {
     let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
     // After "(comm) ": state is field 3, utime 14, stime 15.
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let per_second = clock_ticks_per_second();
     Some(Duration::from_secs_f64(ticks / per_second))
 }
 

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success; 1 the build failed or was cancelled (with `--wait`
 //! and `watch`); 2 usage or input error; 3 server unreachable or internal error.
+#![forbid(unsafe_code)]
 
 mod client;
 mod commands;

@@ -6,6 +6,7 @@
 //! - [`runner`]: the `BuildRunner` trait and the values crossing it.
 //! - [`log`]: `LogLine`, byte-compatible with Tangled's spindle frames.
 //! - [`error`]: `RunnerError` and its retry classification.
+#![forbid(unsafe_code)]
 
 pub mod build;
 pub mod changes;

@@ -10,6 +10,7 @@
 //!   `workflow_run` / `workflow_job` webhooks.
 //!
 //! [`faults`] is the fault injection both share.
+#![forbid(unsafe_code)]
 
 pub mod buildkite;
 pub mod faults;

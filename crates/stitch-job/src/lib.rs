@@ -16,6 +16,7 @@
 //! - [`server`]: [`JobApi`], the Unix-socket HTTP server.
 //! - [`client`]: [`JobApiClient`], its client (used by the CLI).
 //! - [`env`]: the environment variable names a job sees.
+#![forbid(unsafe_code)]
 
 pub mod client;
 pub mod coordinator;

@@ -10,6 +10,7 @@
 //! Storage is behind [`Driver`]; the engine in [`Queue`] is shared by every
 //! backend, and [`conformance`] holds the suite every backend must pass.
 //! See `docs/architecture.md` for tables, states and guarantees.
+#![deny(unsafe_code)]
 
 mod codec;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod open;
 mod pg_statistics;
 pub mod postgres;
 mod queue;
+pub mod raw_sqlite;
 pub mod sqlite;
 mod window;
 

@@ -22,13 +22,14 @@ use rusqlite::{params, OptionalExtension};
 use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::SqlitePool;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::codec::{decode_detail, decode_meta, encode_meta};
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
 use crate::message::{Failure, Message, Millis};
+use crate::raw_sqlite::RawSqlite;
 use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, WindowRow};
 
 /// Rows read past a window, to skip finished rows the cursor has not passed yet.
@@ -109,25 +110,6 @@ pub async fn migrate(pool: &SqlitePool) -> MqResult<()> {
     Ok(())
 }
 
-/// Runs `f` synchronously on the raw SQLite handle of `conn`, inside
-/// whatever transaction `conn` has open.
-async fn on_handle<T>(
-    conn: &mut SqliteConnection,
-    f: impl FnOnce(&rusqlite::Connection) -> MqResult<T>,
-) -> MqResult<T> {
-    let mut locked = conn.lock_handle().await?;
-    let raw = locked.as_raw_handle();
-    // SAFETY: `locked` keeps sqlx's worker away from this connection until it
-    // is dropped (after `f` returns), and a connection made with `from_handle`
-    // never closes the handle it borrows. Both crates link the same
-    // libsqlite3-sys, so the handle type is the same.
-    let borrowed = unsafe { rusqlite::Connection::from_handle(raw.as_ptr()) }?;
-    let out = f(&borrowed);
-    drop(borrowed);
-    drop(locked);
-    out
-}
-
 /// The SQLite driver.
 #[derive(Clone)]
 pub struct SqliteDriver {
@@ -183,33 +165,34 @@ impl SqliteDriver {
         let this = self.clone();
         tokio::spawn(async move {
             let _guard = this.writer.clone().lock_owned().await;
-            let mut conn = this.pool.acquire().await?;
+            let mut conn = RawSqlite::acquire::<MqError>(&this.pool).await?;
             // BEGIN, the statements and COMMIT all run on the raw handle: one
             // hand-off to sqlx's worker for the whole transaction, which runs
             // under the writer lock (every hand-off inside it is time no other
             // writer can use). In-process writers queue on the lock above, so
             // BEGIN IMMEDIATE only ever waits on another process's writer.
-            on_handle(&mut conn, |c| {
-                c.execute_batch("BEGIN IMMEDIATE")?;
-                // A panic in `f` must not send the connection back to the
-                // pool inside an open write transaction: roll back first.
-                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c)));
-                let out = match out {
-                    Ok(out) => out.and_then(|out| {
-                        c.execute_batch("COMMIT")?;
-                        Ok(out)
-                    }),
-                    Err(panic) => {
-                        let _ = c.execute_batch("ROLLBACK");
-                        std::panic::resume_unwind(panic);
-                    }
-                };
-                if !c.is_autocommit() {
+            let c = conn.handle();
+            c.execute_batch("BEGIN IMMEDIATE")?;
+            // A panic in `f` must not send the connection back to the pool
+            // inside an open write transaction: roll back first.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c)));
+            let out = match out {
+                Ok(out) => out.and_then(|out| {
+                    c.execute_batch("COMMIT")?;
+                    Ok(out)
+                }),
+                Err(panic) => {
                     let _ = c.execute_batch("ROLLBACK");
+                    std::panic::resume_unwind(panic);
                 }
-                out
-            })
-            .await
+            };
+            if !c.is_autocommit() {
+                let _ = c.execute_batch("ROLLBACK");
+            }
+            if !conn.handle().is_autocommit() {
+                conn.close_on_drop();
+            }
+            out
         })
         .await
         .map_err(|e| MqError::Internal(format!("queue write task failed: {e}")))?
@@ -224,8 +207,8 @@ impl SqliteDriver {
     {
         let pool = self.pool.clone();
         tokio::spawn(async move {
-            let mut conn = pool.acquire().await?;
-            on_handle(&mut conn, f).await
+            let conn = RawSqlite::acquire::<MqError>(&pool).await?;
+            f(conn.handle())
         })
         .await
         .map_err(|e| MqError::Internal(format!("queue read task failed: {e}")))?

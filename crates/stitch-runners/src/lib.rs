@@ -13,6 +13,7 @@
 //! (webhook HMACs).
 //! [`conformance`] is the suite every runner passes; [`RunnerKind`] names
 //! the runners a configuration may choose.
+#![forbid(unsafe_code)]
 
 pub mod buildkite;
 pub mod conformance;

@@ -1,5 +1,6 @@
 //! `stitch serve`: configuration, wiring of store, queue and runners, the
 //! consumer framework with the trigger and signal stages, and the HTTP API.
+#![forbid(unsafe_code)]
 
 pub mod app;
 pub mod config;

@@ -11,6 +11,7 @@
 //!   [`did`] verify service-auth tokens).
 //!
 //! [`addon`] plugs it into `stitch serve` when `[spindle]` is configured.
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;

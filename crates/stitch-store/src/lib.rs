@@ -20,7 +20,7 @@
 //! `sqlite`, `postgres` and `mysql` each backend's settings, migrations and
 //! SQL; `group_commit` the committer; `pool` URLs and migrations. See
 //! `docs/architecture.md` ("stitch-store") and ADR 0009.
-
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod announce;

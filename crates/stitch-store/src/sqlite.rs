@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rusqlite::OptionalExtension;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::Sqlite;
 use stitch_core::BuildId;
+use stitch_mq::raw_sqlite::RawSqlite;
 
 use crate::error::{Result, StoreError};
 use crate::model::{Build, BuildFilter, Event, StoredLogLine};
@@ -65,26 +64,6 @@ pub(crate) async fn migrate(pool: &SqlitePool) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` on the raw handle of `conn`, synchronously, in one hand-off
-/// (ADR 0002): sqlx's worker thread would otherwise be crossed once per
-/// statement, and those hand-offs cost more than SQLite itself.
-pub(crate) async fn on_handle<T>(
-    conn: &mut SqliteConnection,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<T>,
-) -> Result<T> {
-    let mut locked = conn.lock_handle().await?;
-    let raw = locked.as_raw_handle();
-    // SAFETY: `locked` keeps sqlx's worker away from this connection until it
-    // is dropped (after `f` returns), and a connection made with `from_handle`
-    // never closes the handle it borrows. Both crates link the same
-    // libsqlite3-sys, so the handle type is the same.
-    let borrowed = unsafe { rusqlite::Connection::from_handle(raw.as_ptr()) }?;
-    let out = f(&borrowed);
-    drop(borrowed);
-    drop(locked);
-    out
-}
-
 /// A write transaction run on a pooled connection's raw handle: `BEGIN
 /// IMMEDIATE`, every statement and `COMMIT` execute synchronously on the
 /// calling thread, so a whole transaction costs one hand-off to sqlx's worker
@@ -96,9 +75,7 @@ pub(crate) async fn on_handle<T>(
 /// process's writer; writers inside this process queue on the writer lock
 /// before they get here.
 pub(crate) struct SqliteWriteTx {
-    // Declared before `conn`: dropped first, since it borrows conn's handle.
-    raw: rusqlite::Connection,
-    conn: PoolConnection<Sqlite>,
+    conn: RawSqlite,
     finished: bool,
 }
 
@@ -112,22 +89,9 @@ impl std::fmt::Debug for SqliteWriteTx {
 
 impl SqliteWriteTx {
     pub(crate) async fn begin(pool: &SqlitePool) -> Result<Self> {
-        let mut conn = pool.acquire().await?;
-        let raw = {
-            let mut locked = conn.lock_handle().await?;
-            let handle = locked.as_raw_handle();
-            // SAFETY: the pooled connection is owned by this transaction and
-            // no command is sent to its sqlx worker while `raw` is in use
-            // (`conn()` needs `&mut self`, which excludes every other method
-            // here), so the handle is used by one thread at a time. sqlx's
-            // worker does not touch the handle between commands. `raw` is
-            // dropped before `conn` (field order) and a connection made with
-            // `from_handle` never closes the handle it borrows.
-            unsafe { rusqlite::Connection::from_handle(handle.as_ptr()) }?
-        };
-        raw.execute_batch(BEGIN_WRITE)?;
+        let conn = RawSqlite::acquire::<StoreError>(pool).await?;
+        conn.handle().execute_batch(BEGIN_WRITE)?;
         Ok(Self {
-            raw,
             conn,
             finished: false,
         })
@@ -135,18 +99,18 @@ impl SqliteWriteTx {
 
     /// The raw connection, for statements that run synchronously.
     pub(crate) fn handle(&self) -> &rusqlite::Connection {
-        &self.raw
+        self.conn.handle()
     }
 
     /// The sqlx connection, for another crate's async statements in this
     /// transaction.
     pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
+        self.conn.sqlx()
     }
 
     pub(crate) fn commit(mut self) -> Result<()> {
         self.finished = true;
-        if let Err(e) = self.raw.execute_batch("COMMIT") {
+        if let Err(e) = self.conn.handle().execute_batch("COMMIT") {
             self.abandon();
             return Err(e.into());
         }
@@ -155,7 +119,7 @@ impl SqliteWriteTx {
 
     pub(crate) fn rollback(mut self) -> Result<()> {
         self.finished = true;
-        let rolled_back = self.raw.execute_batch("ROLLBACK");
+        let rolled_back = self.conn.handle().execute_batch("ROLLBACK");
         if rolled_back.is_err() {
             self.abandon();
         }
@@ -165,10 +129,10 @@ impl SqliteWriteTx {
     /// Makes sure the connection does not go back to the pool inside a
     /// transaction: roll back, and if that does not end it, close it.
     fn abandon(&mut self) {
-        if !self.raw.is_autocommit() {
-            let _ = self.raw.execute_batch("ROLLBACK");
+        if !self.conn.handle().is_autocommit() {
+            let _ = self.conn.handle().execute_batch("ROLLBACK");
         }
-        if !self.raw.is_autocommit() {
+        if !self.conn.handle().is_autocommit() {
             self.conn.close_on_drop();
         }
     }

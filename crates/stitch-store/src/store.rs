@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use stitch_core::{BuildId, BuildStatus, RunnerRef};
 use stitch_mq::mysql::MySqlDriver;
 use stitch_mq::postgres::PostgresDriver;
+use stitch_mq::raw_sqlite::RawSqlite;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{BackendKind, Millis, NewMessage, PublishReport};
 
@@ -67,13 +68,10 @@ macro_rules! with_read_ops {
     ($store:expr, |$ops:ident| $body:expr) => {
         match &$store.backend {
             Backend::Sqlite(pool) => {
-                let mut conn = pool.acquire().await?;
-                sqlite::on_handle(&mut conn, |raw| {
-                    let mut owned = SqliteOps::new(raw);
-                    let $ops = &mut owned;
-                    sqlite::complete(async move { $body })
-                })
-                .await
+                let conn = RawSqlite::acquire::<StoreError>(pool).await?;
+                let mut owned = SqliteOps::new(conn.handle());
+                let $ops = &mut owned;
+                sqlite::complete(async move { $body })
             }
             Backend::Postgres { pool, .. } => {
                 let mut conn = pool.acquire().await?;
