@@ -175,26 +175,25 @@ async fn polling_alone_finishes_200_builds_and_lost_creates_make_one_build_each(
 async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     let fake = fake(None).await;
     let mut s = serve(&fake, "", "150ms").await;
-    // Creates are slow to answer, so the kill lands amid unanswered creates.
+    // Creates are slow to answer, so the kill lands amid unanswered creates;
+    // the first create's answer is held until after the kill, so at least
+    // one build exists at Buildkite whose create stitch never saw answered.
     fake.inject_rate(
         Endpoint::Create,
         Fault::Timeout(Duration::from_millis(300)),
         0.3,
     );
+    let held = fake.pause_next(Endpoint::Create);
     let http = reqwest::Client::new();
     let hs = heads(200);
     let mut ids = Vec::new();
     for h in &hs {
         ids.push(create(&http, &s, h).await);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fake.stats().builds_created < 60 {
-        assert!(Instant::now() < deadline, "builds did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    held.arrived().await;
     s.kill(); // SIGKILL
-    let before = fake.stats().builds_created;
-    assert!(before < 200, "the kill came too late to test anything");
+    held.release();
+    assert!(fake.stats().builds_created >= 1);
     s.restart().await;
     let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
     for (id, h) in ids.iter().zip(&hs) {
@@ -581,7 +580,10 @@ mod push_never_lost {
             }
         }
         ends_as(&http, &s, &id, "cancelled").await;
-        assert_eq!(fake.build_json(&id).unwrap()["state"], "canceled");
+        // Buildkite's `canceling` already maps to cancelled; the fake moves
+        // on to `canceled` 50 ms later.
+        let state = fake.build_json(&id).unwrap()["state"].clone();
+        assert!(state == "canceling" || state == "canceled", "{state}");
     }
 
     /// A build whose request to `endpoint` is held while it passes at the

@@ -157,20 +157,17 @@ impl Serve {
             .unwrap()
     }
 
-    /// Waits until `id` has `status`.
+    /// Waits until an event says `id` has `status` (the stream is read from
+    /// the start, so a status already passed counts).
     pub async fn wait_status(&self, http: &reqwest::Client, id: &str, status: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = self.get(http, id).await;
-            if v["status"] == status {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never {status}: {v:#?}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = self
+            .follow_events(http, Duration::from_secs(30), |_, event| {
+                event["build_id"] == id && event["status"] == status
+            })
+            .await;
+        if seen.is_none() {
+            let now = self.get(http, id).await;
+            panic!("{id} never {status}: {now:#?}\n{}", self.log());
         }
     }
 
@@ -181,30 +178,97 @@ impl Serve {
         ids: &[String],
         within: Duration,
     ) -> BTreeMap<String, String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let mut done = BTreeMap::new();
-            let mut stuck = None;
-            for id in ids {
-                let v = self.get(http, id).await;
-                let status = v["status"].as_str().unwrap_or_default().to_string();
-                if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
-                    done.insert(id.clone(), status);
-                } else if stuck.is_none() {
-                    stuck = Some(v);
+        let terminal = |s: &str| matches!(s, "succeeded" | "failed" | "cancelled");
+        let all_done = |latest: &BTreeMap<String, String>| {
+            ids.iter()
+                .all(|id| latest.get(id).is_some_and(|s| terminal(s)))
+        };
+        match self
+            .follow_events(http, within, |latest, _| all_done(latest))
+            .await
+        {
+            Some(latest) => ids
+                .iter()
+                .map(|id| (id.clone(), latest[id].clone()))
+                .collect(),
+            None => {
+                let mut stuck = Vec::new();
+                for id in ids {
+                    let v = self.get(http, id).await;
+                    if !terminal(v["status"].as_str().unwrap_or_default()) {
+                        stuck.push(v);
+                    }
                 }
+                panic!(
+                    "{}/{} terminal within {within:?}; first stuck: {:#?}\n{}",
+                    ids.len() - stuck.len(),
+                    ids.len(),
+                    stuck.first(),
+                    self.log()
+                );
             }
-            if done.len() == ids.len() {
-                return done;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}/{} terminal; first stuck: {stuck:#?}\n{}",
-                done.len(),
-                ids.len(),
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Follows `/v1/events` from the first event, keeping each build's
+    /// latest status, until `done(latest, event)` holds after an event;
+    /// returns the latest statuses then, or `None` after `within`. A
+    /// connection that ends (the server was restarted) is resumed after the
+    /// last event read, so nothing is missed or read twice.
+    pub async fn follow_events(
+        &self,
+        http: &reqwest::Client,
+        within: Duration,
+        mut done: impl FnMut(&BTreeMap<String, String>, &serde_json::Value) -> bool,
+    ) -> Option<BTreeMap<String, String>> {
+        use futures::StreamExt;
+        let mut latest: BTreeMap<String, String> = BTreeMap::new();
+        if done(&latest, &serde_json::Value::Null) {
+            return Some(latest);
+        }
+        let mut after = 0u64;
+        let follow = async {
+            loop {
+                let url = format!("{}/v1/events?after={after}", self.base);
+                let answer = http
+                    .get(url)
+                    .header("accept", "text/event-stream")
+                    .send()
+                    .await;
+                let Ok(answer) = answer else {
+                    // The server is restarting: resume once it answers.
+                    self.wait_healthy().await;
+                    continue;
+                };
+                assert!(answer.status().is_success(), "events: {}", answer.status());
+                let mut body = answer.bytes_stream();
+                let mut buf: Vec<u8> = Vec::new();
+                while let Some(Ok(chunk)) = body.next().await {
+                    buf.extend_from_slice(&chunk);
+                    while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                        let frame: Vec<u8> = buf.drain(..end + 2).collect();
+                        let text = String::from_utf8_lossy(&frame);
+                        for data in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+                            let Ok(event) = serde_json::from_str::<serde_json::Value>(data.trim())
+                            else {
+                                continue;
+                            };
+                            after = event["seq"].as_u64().unwrap_or(after);
+                            if let (Some(id), Some(status)) =
+                                (event["build_id"].as_str(), event["status"].as_str())
+                            {
+                                latest.insert(id.to_string(), status.to_string());
+                            }
+                            if done(&latest, &event) {
+                                return;
+                            }
+                        }
+                    }
+                }
+                self.wait_healthy().await;
+            }
+        };
+        tokio::time::timeout(within, follow).await.ok()?;
+        Some(latest)
     }
 }
