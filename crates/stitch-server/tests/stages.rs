@@ -105,18 +105,33 @@ async fn create(h: &Harness, queue: &str, head: &str) -> BuildId {
 }
 
 async fn wait_terminal(h: &Harness, id: &BuildId) -> stitch_store::Build {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let b = h.state.store().get_build(id).await.unwrap();
-        if b.status.is_terminal() {
-            return b;
+    wait_for(h, id, "terminal", |b| b.status.is_terminal()).await
+}
+
+/// Waits until the build satisfies `done`, re-reading it after each
+/// committed event (no polling); fails after 20 s.
+async fn wait_for(
+    h: &Harness,
+    id: &BuildId,
+    what: &str,
+    done: impl Fn(&stitch_store::Build) -> bool,
+) -> stitch_store::Build {
+    let mut events = h.state.event_seq();
+    let wait = async {
+        loop {
+            let b = h.state.store().get_build(id).await.unwrap();
+            if done(&b) {
+                return b;
+            }
+            events.changed().await.unwrap();
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "build {id} still {}",
-            b.status
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    match tokio::time::timeout(Duration::from_secs(20), wait).await {
+        Ok(b) => b,
+        Err(_) => {
+            let b = h.state.store().get_build(id).await.unwrap();
+            panic!("build {id} not {what} within 20 s: still {}", b.status)
+        }
     }
 }
 
@@ -212,11 +227,7 @@ async fn cancel_of_a_running_local_build_stops_it() {
     })
     .await;
     let id = create(&h, "slow", "c/1").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while h.state.store().get_build(&id).await.unwrap().status != BuildStatus::Running {
-        assert!(tokio::time::Instant::now() < deadline, "never ran");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_for(&h, &id, "running", |b| b.status == BuildStatus::Running).await;
     let started = tokio::time::Instant::now();
     service::cancel_build(&h.state, &id).await.unwrap();
     let b = wait_terminal(&h, &id).await;
@@ -346,8 +357,6 @@ mod push_never_lost {
     };
     use stitch_fake_providers::faults::Pause;
 
-    const WITHIN: Duration = Duration::from_secs(20);
-
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     enum Call {
         Trigger,
@@ -445,23 +454,8 @@ mod push_never_lost {
         (h, runner)
     }
 
-    /// Waits for the build's status to become terminal, woken by each
-    /// committed event (no polling).
     async fn ends_as(h: &Harness, id: &BuildId, status: BuildStatus) {
-        let mut events = h.state.event_seq();
-        let wait = async {
-            loop {
-                let b = h.state.store().get_build(id).await.unwrap();
-                if b.status.is_terminal() {
-                    return b.status;
-                }
-                events.changed().await.unwrap();
-            }
-        };
-        let got = tokio::time::timeout(WITHIN, wait)
-            .await
-            .unwrap_or_else(|_| panic!("build {id} not terminal within {WITHIN:?}"));
-        assert_eq!(got, status);
+        assert_eq!(wait_terminal(h, id).await.status, status);
     }
 
     enum CancelAt {
