@@ -91,6 +91,11 @@ pub struct CancelArgs {
     /// `stitch serve` processes on PostgreSQL.
     #[arg(long, default_value_t = 2)]
     pg_nodes: usize,
+    /// `[cluster] lease` of the PostgreSQL servers, milliseconds (default:
+    /// the server's, 30 s). Leases are renewed, and each node's fair share
+    /// of partitions recomputed, every third of it.
+    #[arg(long)]
+    pg_lease_ms: Option<u64>,
     /// PostgreSQL server (a database the user may create schemas in).
     #[arg(
         long,
@@ -212,11 +217,14 @@ async fn run_on(
     rng: &mut StdRng,
 ) -> anyhow::Result<()> {
     let backend = scratch.backend();
-    let setup = format!(
+    let mut setup = format!(
         "{}, {nodes} node{}",
         backend.label(),
         if nodes == 1 { "" } else { "s" }
     );
+    if let (Some(ms), Some(_)) = (args.pg_lease_ms, &scratch.storage_url) {
+        setup.push_str(&format!(", lease {ms} ms"));
+    }
     let fake = FakeBuildkite::start(FakeOptions {
         token: TOKEN.into(),
         timing: Timing {
@@ -228,7 +236,10 @@ async fn run_on(
     })
     .await?;
     let config_path = scratch.data_dir.join("stitch.toml");
-    std::fs::write(&config_path, config_text(scratch, &fake.url()))?;
+    std::fs::write(
+        &config_path,
+        config_text(scratch, &fake.url(), args.pg_lease_ms),
+    )?;
     if scratch.storage_url.is_some() {
         // Several servers on one database: migrate once before they start
         // (docs/operations.md), so they do not race to create the schema.
@@ -311,12 +322,14 @@ async fn run_on(
     result
 }
 
-fn config_text(scratch: &Scratch, api_url: &str) -> String {
-    let storage = scratch
-        .storage_url
-        .as_ref()
-        .map(|url| format!("[storage]\nurl = \"{url}\"\n"))
-        .unwrap_or_default();
+fn config_text(scratch: &Scratch, api_url: &str, lease_ms: Option<u64>) -> String {
+    let mut storage = String::new();
+    if let Some(url) = &scratch.storage_url {
+        storage.push_str(&format!("[storage]\nurl = \"{url}\"\n"));
+        if let Some(ms) = lease_ms {
+            storage.push_str(&format!("[cluster]\nlease = \"{ms}ms\"\n"));
+        }
+    }
     format!(
         r#"data_dir = "{data}"
 {storage}
