@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod buildkite;
+mod cancel;
 mod counting;
 mod github;
 mod mq;
@@ -58,6 +59,14 @@ enum Command {
     /// `stitch serve` driving builds on the fake Buildkite: API calls per
     /// build with webhooks vs polling only, webhook-to-event latency.
     Buildkite(buildkite::BuildkiteArgs),
+    /// Cancels and webhooks under load (issue #16): `stitch serve` child
+    /// processes (one on SQLite, two on one PostgreSQL schema) drive builds
+    /// on the fake Buildkite with signed webhooks and a 60 s safety-net
+    /// poll; 1,000 builds cancelled in their first 3 s and 1,000 plain
+    /// ones. Lost cancels, cancel → provider cancel call and finish webhook
+    /// → terminal event latency, CPU and RSS of each server; a light phase
+    /// on the same servers as the baseline.
+    Cancel(cancel::CancelArgs),
     /// `stitch serve` driving builds as runs on the fake GitHub: API calls
     /// per build with webhooks vs polling only (304s counted apart),
     /// webhook-to-event latency.
@@ -80,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Command::PromiseFailure(args) => rt.block_on(promise::run(args)),
         Command::PromiseFailureLoad(args) => rt.block_on(promise::load(args)),
         Command::Buildkite(args) => rt.block_on(buildkite::run(args)),
+        Command::Cancel(args) => rt.block_on(cancel::run(args)),
         Command::Github(args) => rt.block_on(github::run(args)),
         Command::Soak(args) => rt.block_on(soak::run(args)),
     }

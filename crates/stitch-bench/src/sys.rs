@@ -172,3 +172,19 @@ fn status_kib(path: &str, key: &str) -> Option<f64> {
             .and_then(|kb| kb.parse::<f64>().ok())
     })
 }
+
+/// User + system CPU time of process `pid` so far (another process, e.g. a
+/// `stitch serve` child); `None` once it is gone.
+pub fn pid_cpu(pid: u32) -> Option<Duration> {
+    process_cpu(pid)
+}
+
+/// Resident set size of process `pid` now (`VmRSS`) and at its peak
+/// (`VmHWM`), MiB.
+pub fn pid_rss_mib(pid: u32) -> Option<(f64, f64)> {
+    let path = format!("/proc/{pid}/status");
+    Some((
+        status_kib(&path, "VmRSS:")? / 1024.0,
+        status_kib(&path, "VmHWM:")? / 1024.0,
+    ))
+}

@@ -142,7 +142,11 @@ struct Inner {
     arrivals: HashMap<String, Vec<Instant>>,
     storm_until: Option<Instant>,
     scopes: Vec<String>,
-    webhook: Option<WebhookTarget>,
+    /// Webhook receivers, taken in turn (one unless
+    /// [`FakeBuildkite::set_webhooks`] gave several).
+    webhooks: Vec<WebhookTarget>,
+    /// How many webhooks were routed so far (picks the next receiver).
+    webhooks_routed: usize,
     /// When the last webhook for (stitch build id, event) was sent.
     webhook_times: HashMap<(String, String), SystemTime>,
     /// The `Range` header of every job log request (`None`: no range).
@@ -232,7 +236,8 @@ impl FakeBuildkite {
                 scopes: ["read_builds", "write_builds", "read_build_logs"]
                     .map(String::from)
                     .to_vec(),
-                webhook: None,
+                webhooks: Vec::new(),
+                webhooks_routed: 0,
                 webhook_times: HashMap::new(),
                 log_ranges: Vec::new(),
             }),
@@ -330,7 +335,13 @@ impl FakeBuildkite {
 
     /// Sends webhooks to `target` from now on (`None`: stop).
     pub fn set_webhook(&self, target: Option<WebhookTarget>) {
-        self.shared.lock().webhook = target;
+        self.shared.lock().webhooks = target.into_iter().collect();
+    }
+
+    /// Sends each webhook to the next of `targets` in turn from now on, as
+    /// a load balancer in front of several servers would (empty: stop).
+    pub fn set_webhooks(&self, targets: Vec<WebhookTarget>) {
+        self.shared.lock().webhooks = targets;
     }
 
     /// The counters so far.
@@ -422,6 +433,30 @@ impl FakeBuildkite {
             .copied()
     }
 
+    /// When the first cancel request for each stitch-stamped build arrived
+    /// (the fake's clock: comparable with `Instant`s of this process), by
+    /// stitch build id. Builds never cancelled are absent.
+    pub fn cancel_times(&self) -> HashMap<String, Instant> {
+        self.shared
+            .lock()
+            .world
+            .all_builds()
+            .filter_map(|b| Some((b.meta_data.get("stitch:build_id")?.clone(), b.cancel_at?)))
+            .collect()
+    }
+
+    /// When each stitch-stamped build was created (its create request
+    /// arrived; the fake's clock, like [`cancel_times`](Self::cancel_times)),
+    /// by stitch build id.
+    pub fn created_times(&self) -> HashMap<String, Instant> {
+        self.shared
+            .lock()
+            .world
+            .all_builds()
+            .filter_map(|b| Some((b.meta_data.get("stitch:build_id")?.clone(), b.born)))
+            .collect()
+    }
+
     /// Creates a build directly (as someone else would, in the UI): not
     /// stitch's unless `meta_data` says so. Returns its number.
     pub fn create_foreign_build(
@@ -468,8 +503,9 @@ async fn tick(shared: Arc<Shared>) {
     }
 }
 
-/// Posts queued transitions to the webhook target, up to 16 at once (as a
-/// real provider delivers them: concurrently, in no guaranteed order).
+/// Posts queued transitions to the webhook targets (in turn), up to 16 at
+/// once (as a real provider delivers them: concurrently, in no guaranteed
+/// order).
 async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Transition>) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -477,12 +513,19 @@ async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Tran
         .unwrap_or_default();
     let slots = Arc::new(tokio::sync::Semaphore::new(16));
     while let Some(t) = rx.recv().await {
-        let Some(target) = shared.lock().webhook.clone() else {
-            continue;
+        let target = {
+            let mut inner = shared.lock();
+            if inner.webhooks.is_empty() {
+                continue;
+            }
+            let next = inner.webhooks_routed % inner.webhooks.len();
+            let target = inner.webhooks[next].clone();
+            if t.job.is_some() && !target.job_events {
+                continue;
+            }
+            inner.webhooks_routed += 1;
+            target
         };
-        if t.job.is_some() && !target.job_events {
-            continue;
-        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
