@@ -763,6 +763,69 @@ pub async fn subscribers_share_partitions(b: &dyn Backend) {
     );
 }
 
+/// A burst of new partitions raises a subscriber's fair-share cap at once,
+/// not at its next lease renewal: `s2` renews only hourly, so without the
+/// early recompute it would stay at the cap of 1 it got while nothing was
+/// busy, and the burst's last partitions would wait an hour.
+pub async fn a_burst_raises_the_fair_share_at_once(b: &dyn Backend) {
+    let q = b.open("burst", quiet()).await;
+    // s1 holds at most 5 deliveries, so s2 must serve the other half.
+    let mut five = fast_config("g");
+    five.max_in_flight = 5;
+    let mut s1 = subscribe(&q, five).await;
+    // s1's claim loop has ticked (heartbeat written) once it delivered.
+    q.publisher().publish(T, msg("warm", "warm")).await.unwrap();
+    recv(&mut s1).await.ack().await.unwrap();
+    let mut hourly = fast_config("g");
+    hourly.lease_duration = Duration::from_secs(3 * 3600);
+    hourly.lease_renewal = Duration::from_secs(3600);
+    let mut s2 = subscribe(&q, hourly).await;
+    // s2's first tick sees s1 and nothing busy: a cap of 1. Its first
+    // delivery proves that tick happened.
+    q.publisher()
+        .publish(T, msg("first", "p-first"))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    let mut per_sub = [0usize, 0usize];
+    let first = tokio::select! {
+        Some(d) = s1.recv() => { per_sub[0] += 1; d }
+        Some(d) = s2.recv() => { per_sub[1] += 1; d }
+    };
+    held.push(first);
+    let burst: Vec<Message> = (0..9)
+        .map(|i| msg(&format!("m{i}"), &format!("p{i}")))
+        .collect();
+    q.publisher().publish_batch(T, burst).await.unwrap();
+    // Every partition's message is delivered and held (not acked), so each
+    // stays busy and leased: s1 holds 5 at most, so s2's cap must have grown
+    // from 1 to its share (5 of 10 busy partitions) for all 10 to arrive.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while held.len() < 10 {
+        let next = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                Some(d) = s1.recv() => (0, d),
+                Some(d) = s2.recv() => (1, d),
+            }
+        })
+        .await;
+        match next {
+            Ok((i, d)) => {
+                per_sub[i] += 1;
+                held.push(d);
+            }
+            Err(_) => panic!(
+                "{} of 10 partitions delivered within {WAIT:?} (per subscriber {per_sub:?})",
+                held.len()
+            ),
+        }
+    }
+    assert!(per_sub[1] >= 5, "s2's cap grew: {per_sub:?}");
+    for d in held {
+        d.ack().await.unwrap();
+    }
+}
+
 /// A crashed subscriber's partitions and unfinished messages are taken over
 /// once its lease runs out, long before their visibility timeout.
 pub async fn crashed_subscriber_is_taken_over(b: &dyn Backend) {
@@ -1583,6 +1646,7 @@ macro_rules! conformance_tests {
             wake_makes_delayed_publish_due, wake_with_nothing_pending_does_nothing,
             visibility_timeout_redelivers, outcomes_are_one_shot,
             stale_delivery_is_fenced, subscribers_share_partitions,
+            a_burst_raises_the_fair_share_at_once,
             crashed_subscriber_is_taken_over, restarted_subscriber_reclaims_its_work,
             graceful_close_releases_leases, takeover_releases_dead_owners_deliveries,
             partitions_list_pages_and_filters, partitions_listing_rejects_bad_input,

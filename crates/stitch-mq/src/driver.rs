@@ -125,6 +125,11 @@ pub struct Outcome {
     pub kind: OutcomeKind,
 }
 
+/// When a claim found due partitions but could lock none of them (a
+/// publisher or an outcome holds them), the SQL drivers report them due this
+/// long from now, so the engine comes back then instead of spinning.
+pub const LOCKED_RETRY_MS: Millis = 2;
+
 /// Result of a lease tick: the fair-share cap and what this subscriber holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeaseReport {

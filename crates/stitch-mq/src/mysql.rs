@@ -39,8 +39,6 @@ use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, Wind
 const SCAN_LIMIT_EXTRA: i64 = 16;
 /// Messages deleted per garbage-collection transaction.
 const GC_CHUNK: i64 = 5000;
-/// See the PostgreSQL driver: due partitions all locked by others.
-const LOCKED_RETRY_MS: Millis = 2;
 /// Connections of the pool opened by [`MySqlDriver::open`].
 const POOL_SIZE: u32 = 10;
 

@@ -43,10 +43,6 @@ const SCAN_LIMIT_EXTRA: i64 = 16;
 const GC_CHUNK: i64 = 5000;
 /// Partitions whose windows one claim statement reads at a time.
 const WINDOW_CHUNK: usize = 64;
-/// When a claim found due partitions but could lock none of them (a
-/// publisher or an outcome holds them), come back after this long instead of
-/// spinning.
-const LOCKED_RETRY_MS: Millis = 2;
 /// First key of the advisory locks that order publishes against new groups.
 const TOPIC_LOCK_CLASS: i32 = 0x5174_6d71; // "Qtmq"
 /// Connections of the pool opened by [`PostgresDriver::open`].

@@ -382,12 +382,14 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
         active_subscribers: 1,
     };
     let mut next_tick: Millis = 0;
+    let mut last_tick: Millis = 0;
     loop {
         if stop.is_cancelled() {
             return;
         }
         let now = now_millis();
         if now >= next_tick {
+            last_tick = now;
             let tick = LeaseTick {
                 topic: sub.topic.clone(),
                 group: c.group.clone(),
@@ -434,6 +436,15 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                     }
                     if full {
                         continue;
+                    }
+                    // Work is due that this claim did not take while the
+                    // fair-share cap is spent: the cap was computed when
+                    // fewer partitions were busy (a burst of new ones), so
+                    // recompute it now rather than at the next renewal — at
+                    // most once per poll interval.
+                    let capped = lease.owned >= lease.cap;
+                    if capped && res.next_due.is_some_and(|due| due <= now + LOCKED_RETRY_MS) {
+                        next_tick = next_tick.min(last_tick + poll);
                     }
                     if let Some(due) = res.next_due {
                         wait_until = wait_until.min(due);
