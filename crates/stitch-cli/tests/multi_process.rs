@@ -219,9 +219,10 @@ async fn create_builds(http: &reqwest::Client, servers: &[&Serve], count: usize)
 }
 
 /// Creates `count` builds, round-robin over the servers marked alive, 8 at
-/// a time. A request that fails on its way (the server was killed) is sent
-/// to the next live server with the same idempotency key, so a build whose
-/// create committed just before the kill is not created twice.
+/// a time. A request that fails on its way (the server was killed) or is
+/// answered 503 (its database connection was cut) is sent again, to the next
+/// live server, with the same idempotency key, so a build whose create
+/// committed just before the failure is not created twice.
 async fn create_builds_on(
     http: reqwest::Client,
     bases: Vec<String>,
@@ -239,7 +240,7 @@ async fn create_builds_on(
                     "head": [format!("change/{i}")],
                     "idempotency_key": format!("{run:08x}-{i}"),
                 });
-                for attempt in 0..bases.len() * 2 {
+                for attempt in 0..bases.len() * 4 {
                     let n = (i + attempt) % bases.len();
                     if !alive.lock()[n] {
                         continue;
@@ -248,6 +249,12 @@ async fn create_builds_on(
                     let Ok(r) = http.post(url).json(&body).send().await else {
                         continue;
                     };
+                    // 503: the database connection was lost under this
+                    // request (the connection-drop test); a client sends it
+                    // again with the same idempotency key.
+                    if r.status().as_u16() == 503 {
+                        continue;
+                    }
                     assert!(
                         matches!(r.status().as_u16(), 200 | 202),
                         "{}",
@@ -267,6 +274,8 @@ async fn create_builds_on(
 /// A `/v1/events` SSE subscriber: every event it received, by seq.
 struct EventTail {
     events: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The last seq received.
+    last: tokio::sync::watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -281,6 +290,7 @@ impl EventTail {
         assert_eq!(r.status().as_u16(), 200);
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
+        let (last_tx, last) = tokio::sync::watch::channel(0u64);
         let mut body = r.bytes_stream().map_err(std::io::Error::other);
         let task = tokio::spawn(async move {
             let mut buf = String::new();
@@ -290,28 +300,28 @@ impl EventTail {
                     let frame: String = buf.drain(..end + 2).collect();
                     for line in frame.lines() {
                         if let Some(data) = line.strip_prefix("data:") {
-                            sink.lock().push(serde_json::from_str(data.trim()).unwrap());
+                            let event: serde_json::Value =
+                                serde_json::from_str(data.trim()).unwrap();
+                            let seq = event["seq"].as_u64().unwrap_or(0);
+                            sink.lock().push(event);
+                            last_tx.send_replace(seq);
                         }
                     }
                 }
             }
         });
-        EventTail { events, task }
+        EventTail { events, last, task }
     }
 
     /// Waits until the subscriber saw `seq`.
     async fn wait_for(&self, seq: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let last = self.events.lock().last().and_then(|e| e["seq"].as_u64());
-            if last >= Some(seq) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the subscriber stopped at {last:?}, expected {seq}"
+        let mut last = self.last.clone();
+        let seen = tokio::time::timeout(within, last.wait_for(|s| *s >= seq)).await;
+        if !matches!(seen, Ok(Ok(_))) {
+            panic!(
+                "the subscriber stopped at {}, expected {seq}",
+                *self.last.borrow()
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -344,45 +354,20 @@ async fn latest_seq(backend: &Backend) -> u64 {
     seq as u64
 }
 
-/// Every build terminal (at most `within`), on any of `servers`.
+/// Every build terminal (at most `within`), as `server` reports them: waits
+/// on its event stream, then reads each build once.
 async fn wait_all_terminal(
     http: &reqwest::Client,
     server: &Serve,
     ids: &[String],
     within: Duration,
 ) -> BTreeMap<String, serde_json::Value> {
-    let deadline = Instant::now() + within;
-    let mut done: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    loop {
-        let pending: Vec<&String> = ids.iter().filter(|id| !done.contains_key(*id)).collect();
-        let fetched: Vec<serde_json::Value> = futures::stream::iter(pending)
-            .map(|id| server.get(http, id))
-            .buffered(16)
-            .collect()
-            .await;
-        let mut stuck = None;
-        for v in fetched {
-            if matches!(
-                v["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
-                done.insert(v["id"].as_str().unwrap().to_string(), v);
-            } else if stuck.is_none() {
-                stuck = Some(v);
-            }
-        }
-        if done.len() == ids.len() {
-            return done;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}/{} terminal; first stuck: {stuck:#?}\n{}",
-            done.len(),
-            ids.len(),
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    server.wait_all_terminal(http, ids, within).await;
+    futures::stream::iter(ids)
+        .map(|id| async move { (id.clone(), server.get(http, id).await) })
+        .buffered(16)
+        .collect()
+        .await
 }
 
 /// The checks after the work is done: terminal, at most once, events gapless
