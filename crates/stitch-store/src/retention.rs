@@ -515,6 +515,24 @@ impl Store {
         Ok(read_int(&self.pool(), sql, &[]).await?.map(to_u64))
     }
 
+    /// On SQLite with `auto_vacuum = INCREMENTAL` (new files), how many
+    /// pages are free (what [`Store::incremental_vacuum`] could give back);
+    /// elsewhere 0.
+    pub async fn free_pages(&self) -> Result<u64> {
+        if self.backend() != BackendKind::Sqlite {
+            return Ok(0);
+        }
+        let pool = self.pool();
+        if read_int(&pool, "PRAGMA auto_vacuum", &[]).await? != Some(2) {
+            return Ok(0);
+        }
+        Ok(to_u64(
+            read_int(&pool, "PRAGMA freelist_count", &[])
+                .await?
+                .unwrap_or(0),
+        ))
+    }
+
     /// On SQLite with `auto_vacuum = INCREMENTAL` (new files), gives up to
     /// `max_pages` free pages back to the file system in one write
     /// transaction and returns how many remain free; elsewhere (and on a
