@@ -88,12 +88,13 @@ async fn gc(args: &crate::GcArgs) -> u8 {
         "removed"
     };
     println!("{verb} from {url}:");
-    println!("  builds        {}", report.builds);
-    println!("  log lines     {}", report.log_lines);
-    println!("  events        {}", report.events);
-    println!("  dead letters  {}", report.dead_letters);
+    println!("  builds          {}", report.builds);
+    println!("  log lines       {}", report.log_lines);
+    println!("  events          {}", report.events);
+    println!("  dead letters    {}", report.dead_letters);
     if !report.dry_run {
-        println!("  local states  {}", report.local_states);
+        println!("  queue messages  {}", report.queue_messages);
+        println!("  local states    {}", report.local_states);
     }
     println!("oldest retained event: {}", report.oldest_event_seq);
     if let Some(bytes) = report.database_bytes {

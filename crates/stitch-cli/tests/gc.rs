@@ -115,5 +115,5 @@ async fn gc_dry_run_changes_nothing_and_the_pass_removes_what_it_reported() {
     store.get_build(&young).await.unwrap();
     let text = stdout_ok(&gc(&data, &[]));
     assert!(text.contains("removed from"), "{text}");
-    assert!(text.contains("builds        0"), "{text}");
+    assert!(text.contains("builds          0"), "{text}");
 }

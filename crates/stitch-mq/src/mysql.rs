@@ -37,8 +37,10 @@ use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, Wind
 
 /// Rows read past a window, to skip finished rows the cursor has not passed yet.
 const SCAN_LIMIT_EXTRA: i64 = 16;
-/// Messages deleted per garbage-collection transaction.
-const GC_CHUNK: i64 = 5000;
+/// Rows (messages, then partitions) deleted per garbage-collection
+/// transaction: small, like the retention pass's batches, so publishers and
+/// consumers never wait long behind the collector.
+const GC_CHUNK: i64 = 500;
 /// Connections of the pool opened by [`MySqlDriver::open`].
 const POOL_SIZE: u32 = 10;
 
@@ -106,6 +108,49 @@ impl MySqlDriver {
         now: Millis,
     ) -> MqResult<PublishReport> {
         publish_on(conn, topic, msgs, now).await
+    }
+
+    /// Deletes the stored messages of `topic` in the partitions `keys` that
+    /// every group is done with, in the caller's transaction (the store's
+    /// retention deletes a build's messages with the build); returns how
+    /// many. Their ids no longer deduplicate a republish: the caller owns
+    /// those partitions and knows nothing publishes to them again. Messages
+    /// still pending stay. The partitions' emptied rows go with the next
+    /// [`Admin::gc`](crate::Admin::gc). Done messages are never read again
+    /// (claims read above the cursor), so no partition lock is taken.
+    pub async fn forget_partitions_in_tx(
+        conn: &mut MySqlConnection,
+        topic: &str,
+        keys: &[String],
+    ) -> MqResult<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // MySQL cannot delete from a table its subquery reads: the
+        // positions first, then a delete by primary key.
+        let mut select =
+            QueryBuilder::<MySql>::new("SELECT m.seq FROM mq_messages m WHERE m.topic = ");
+        select.push_bind(topic);
+        select.push(" AND m.partition_key IN (");
+        let mut sep = select.separated(", ");
+        for k in keys {
+            sep.push_bind(k.as_str());
+        }
+        select.push(
+            ") AND m.seq <= (SELECT MIN(p.`cursor`) FROM mq_partitions p WHERE p.topic = m.topic \
+             AND p.partition_key = m.partition_key)",
+        );
+        let seqs: Vec<i64> = select.build_query_scalar().fetch_all(&mut *conn).await?;
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let mut delete = QueryBuilder::<MySql>::new("DELETE FROM mq_messages WHERE seq IN (");
+        let mut sep = delete.separated(", ");
+        for s in &seqs {
+            sep.push_bind(*s);
+        }
+        delete.push(")");
+        Ok(delete.build().execute(&mut *conn).await?.rows_affected())
     }
 
     async fn begin(&self) -> MqResult<Transaction<'static, MySql>> {
@@ -1139,38 +1184,44 @@ impl Driver for MySqlDriver {
                 break;
             }
         }
-        let mut tx = self.begin().await?;
-        // Rows someone holds (a publish about to add a message) are left for
-        // the next pass.
-        let empty = sqlx::query(
-            "SELECT topic, grp, partition_key FROM mq_partitions q \
-             WHERE q.next_due IS NULL AND q.lease_owner IS NULL AND NOT EXISTS \
-             (SELECT 1 FROM mq_messages m WHERE m.topic = q.topic AND m.partition_key = q.partition_key) \
-             ORDER BY topic, grp, partition_key FOR UPDATE SKIP LOCKED",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in &empty {
-            let t: Vec<u8> = r.try_get(0)?;
-            let g: Vec<u8> = r.try_get(1)?;
-            let k: Vec<u8> = r.try_get(2)?;
-            report.partitions += sqlx::query(
-                "DELETE FROM mq_partitions WHERE topic = ? AND grp = ? AND partition_key = ? \
-                 AND next_due IS NULL AND lease_owner IS NULL",
+        loop {
+            let mut tx = self.begin().await?;
+            // Rows someone holds (a publish about to add a message) are left
+            // for the next pass.
+            let empty = sqlx::query(
+                "SELECT topic, grp, partition_key FROM mq_partitions q \
+                 WHERE q.next_due IS NULL AND q.lease_owner IS NULL AND NOT EXISTS \
+                 (SELECT 1 FROM mq_messages m WHERE m.topic = q.topic AND m.partition_key = q.partition_key) \
+                 ORDER BY topic, grp, partition_key LIMIT ? FOR UPDATE SKIP LOCKED",
             )
-            .bind(t)
-            .bind(g)
-            .bind(k)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .bind(GC_CHUNK)
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in &empty {
+                let t: Vec<u8> = r.try_get(0)?;
+                let g: Vec<u8> = r.try_get(1)?;
+                let k: Vec<u8> = r.try_get(2)?;
+                report.partitions += sqlx::query(
+                    "DELETE FROM mq_partitions WHERE topic = ? AND grp = ? AND partition_key = ? \
+                     AND next_due IS NULL AND lease_owner IS NULL",
+                )
+                .bind(t)
+                .bind(g)
+                .bind(k)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            tx.commit().await?;
+            if (empty.len() as i64) < GC_CHUNK {
+                break;
+            }
         }
         report.subscribers = sqlx::query("DELETE FROM mq_subscribers WHERE heartbeat_at <= ?")
             .bind(now - stale_ms)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?
             .rows_affected();
-        tx.commit().await?;
         Ok(report)
     }
 

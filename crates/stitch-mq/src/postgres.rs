@@ -39,8 +39,10 @@ use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, Wind
 
 /// Rows read past a window, to skip finished rows the cursor has not passed yet.
 const SCAN_LIMIT_EXTRA: i64 = 16;
-/// Messages deleted per garbage-collection transaction.
-const GC_CHUNK: i64 = 5000;
+/// Rows (messages, then partitions) deleted per garbage-collection
+/// transaction: small, like the retention pass's batches, so publishers and
+/// consumers never wait long behind the collector.
+const GC_CHUNK: i64 = 500;
 /// Partitions whose windows one claim statement reads at a time.
 const WINDOW_CHUNK: usize = 64;
 /// First key of the advisory locks that order publishes against new groups.
@@ -227,6 +229,35 @@ impl PostgresDriver {
         now: Millis,
     ) -> MqResult<PublishReport> {
         publish_on(conn, channel, topic, msgs, now).await
+    }
+
+    /// Deletes the stored messages of `topic` in the partitions `keys` that
+    /// every group is done with, in the caller's transaction (the store's
+    /// retention deletes a build's messages with the build); returns how
+    /// many. Their ids no longer deduplicate a republish: the caller owns
+    /// those partitions and knows nothing publishes to them again. Messages
+    /// still pending stay. The partitions' emptied rows go with the next
+    /// [`Admin::gc`](crate::Admin::gc). Done messages are never read again
+    /// (claims read above the cursor), so no partition lock is taken.
+    pub async fn forget_partitions_in_tx(
+        conn: &mut PgConnection,
+        topic: &str,
+        keys: &[String],
+    ) -> MqResult<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        Ok(sqlx::query(
+            "DELETE FROM mq_messages WHERE seq IN (SELECT m.seq FROM mq_messages m \
+             WHERE m.topic = $1 AND m.partition_key = ANY($2) \
+             AND m.seq <= (SELECT MIN(p.cursor) FROM mq_partitions p WHERE p.topic = m.topic \
+             AND p.partition_key = m.partition_key))",
+        )
+        .bind(topic)
+        .bind(keys)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
     }
 
     /// Publishes inside the caller's transaction like
@@ -1455,25 +1486,30 @@ impl Driver for PostgresDriver {
                 break;
             }
         }
-        let mut tx = self.begin().await?;
-        // Rows someone holds (a publish about to add a message) are left for
-        // the next pass.
-        report.partitions = sqlx::query(
-            "DELETE FROM mq_partitions WHERE ctid = ANY(ARRAY( \
-               SELECT ctid FROM mq_partitions q \
-               WHERE q.next_due IS NULL AND q.lease_owner IS NULL AND NOT EXISTS \
-               (SELECT 1 FROM mq_messages m WHERE m.topic = q.topic AND m.partition_key = q.partition_key) \
-               FOR UPDATE SKIP LOCKED))",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        report.subscribers = sqlx::query("DELETE FROM mq_subscribers WHERE heartbeat_at <= $1")
-            .bind(now - stale_ms)
-            .execute(&mut *tx)
+        loop {
+            // Rows someone holds (a publish about to add a message) are left
+            // for the next pass.
+            let n = sqlx::query(
+                "DELETE FROM mq_partitions WHERE ctid = ANY(ARRAY( \
+                   SELECT ctid FROM mq_partitions q \
+                   WHERE q.next_due IS NULL AND q.lease_owner IS NULL AND NOT EXISTS \
+                   (SELECT 1 FROM mq_messages m WHERE m.topic = q.topic AND m.partition_key = q.partition_key) \
+                   LIMIT $1 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(GC_CHUNK)
+            .execute(&self.pool)
             .await?
             .rows_affected();
-        tx.commit().await?;
+            report.partitions += n;
+            if n < GC_CHUNK as u64 {
+                break;
+            }
+        }
+        report.subscribers = sqlx::query("DELETE FROM mq_subscribers WHERE heartbeat_at <= $1")
+            .bind(now - stale_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(report)
     }
 

@@ -36,8 +36,10 @@ use crate::window::{exhausted_failure, plan_window, RowState, WindowLimits, Wind
 const SCAN_LIMIT_EXTRA: i64 = 16;
 /// How often the background checkpointer runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
-/// Messages deleted per garbage-collection transaction.
-const GC_CHUNK: i64 = 5000;
+/// Rows (messages, then partitions) deleted per garbage-collection
+/// transaction: small, like the retention pass's batches, so publishers and
+/// consumers never wait long behind the collector.
+const GC_CHUNK: i64 = 500;
 
 /// Connection settings used for every stitch SQLite database.
 pub fn connect_options(path: &Path) -> SqliteConnectOptions {
@@ -226,6 +228,34 @@ impl SqliteDriver {
         now: Millis,
     ) -> MqResult<PublishReport> {
         publish_sync(conn, topic, msgs, now)
+    }
+
+    /// Deletes the stored messages of `topic` in the partitions `keys` that
+    /// every group is done with, in the caller's transaction (the store's
+    /// retention deletes a build's messages with the build); returns how
+    /// many. Their ids no longer deduplicate a republish: the caller owns
+    /// those partitions and knows nothing publishes to them again. Messages
+    /// still pending stay. The partitions' emptied rows go with the next
+    /// [`Admin::gc`](crate::Admin::gc).
+    pub fn forget_partitions_on_handle(
+        conn: &rusqlite::Connection,
+        topic: &str,
+        keys: &[String],
+    ) -> MqResult<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let in_keys = vec!["?"; keys.len()].join(", ");
+        let sql = format!(
+            "DELETE FROM mq_messages WHERE seq IN (SELECT m.seq FROM mq_messages m \
+             WHERE m.topic = ? AND m.partition_key IN ({in_keys}) \
+             AND m.seq <= (SELECT MIN(p.cursor) FROM mq_partitions p WHERE p.topic = m.topic \
+             AND p.partition_key = m.partition_key))"
+        );
+        let args: Vec<&dyn rusqlite::ToSql> = std::iter::once(&topic as &dyn rusqlite::ToSql)
+            .chain(keys.iter().map(|k| k as &dyn rusqlite::ToSql))
+            .collect();
+        Ok(conn.execute(&sql, args.as_slice())? as u64)
     }
 }
 
@@ -964,20 +994,32 @@ impl Driver for SqliteDriver {
                 break;
             }
         }
-        let (partitions, subscribers) = self
+        loop {
+            let n = self
+                .write(move |c| {
+                    Ok(c.execute(
+                        "DELETE FROM mq_partitions WHERE (topic, grp, partition_key) IN \
+                         (SELECT q.topic, q.grp, q.partition_key FROM mq_partitions q \
+                         WHERE q.next_due IS NULL AND q.lease_owner IS NULL AND NOT EXISTS \
+                         (SELECT 1 FROM mq_messages m WHERE m.topic = q.topic \
+                         AND m.partition_key = q.partition_key) LIMIT ?1)",
+                        [GC_CHUNK],
+                    )? as u64)
+                })
+                .await?;
+            report.partitions += n;
+            if n < GC_CHUNK as u64 {
+                break;
+            }
+        }
+        report.subscribers = self
             .write(move |c| {
-                let p = c.execute(
-                    "DELETE FROM mq_partitions WHERE next_due IS NULL AND lease_owner IS NULL AND NOT EXISTS \
-                     (SELECT 1 FROM mq_messages m WHERE m.topic = mq_partitions.topic \
-                     AND m.partition_key = mq_partitions.partition_key)",
-                    [],
-                )?;
-                let s = c.execute("DELETE FROM mq_subscribers WHERE heartbeat_at <= ?1", [now - stale_ms])?;
-                Ok((p as u64, s as u64))
+                Ok(c.execute(
+                    "DELETE FROM mq_subscribers WHERE heartbeat_at <= ?1",
+                    [now - stale_ms],
+                )? as u64)
             })
             .await?;
-        report.partitions = partitions;
-        report.subscribers = subscribers;
         Ok(report)
     }
 

@@ -206,6 +206,8 @@ impl AppState {
             source,
         })?;
         let (store, driver) = open_storage(&config).await?;
+        // The queue's own 7-day dedup horizon stays: the build messages go
+        // with their build in the retention pass instead (ADR 0014).
         let queue = Queue::new(driver.into_shared(), MqQueueConfig::default());
         // The store announces its commits: published topics wake this
         // process's subscribers, appended events the event streams.

@@ -167,6 +167,48 @@ impl Service {
         }
     }
 
+    /// One integer from `sql` (a `COUNT(*)`) on the service's database.
+    async fn count(&self, sql: &str) -> i64 {
+        match self.state.store().pool() {
+            StorePool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
+            StorePool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
+            StorePool::MySql(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
+        }
+    }
+
+    /// The queue messages stored for a build (its partition key is its id).
+    async fn queue_messages(&self, id: &str) -> i64 {
+        self.count(&format!(
+            "SELECT COUNT(*) FROM mq_messages WHERE partition_key = '{id}'"
+        ))
+        .await
+    }
+
+    /// Waits until every queue message of the builds is done (a build is
+    /// terminal a moment before its last message is acked).
+    async fn wait_queue_done(&self, ids: &[&str]) {
+        let cursor = match self.state.store().pool() {
+            StorePool::MySql(_) => "`cursor`",
+            _ => "cursor",
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for id in ids {
+            let sql = format!(
+                "SELECT COUNT(*) FROM mq_messages m WHERE m.partition_key = '{id}' \
+                 AND m.seq > (SELECT MIN(p.{cursor}) FROM mq_partitions p \
+                 WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
+            );
+            while self.count(&sql).await > 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{id}: messages pending"
+                );
+                // Polled: an ack announces nothing a test could wait on.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     fn local_dir(&self, id: &str) -> PathBuf {
         state::local_state_dir(&self.config, "ci").join(id)
     }
@@ -193,6 +235,11 @@ async fn a_pass_prunes_aged_builds_and_clients_learn_it(s: Service) {
         s.wait_terminal(id).await;
     }
     assert!(s.local_dir(&old_local).join("state.json").exists());
+    s.wait_queue_done(&[&old_local, &old_fake]).await;
+    // Each build has its `trigger` and `signal` message.
+    for id in [&old_local, &young_local, &old_fake] {
+        assert_eq!(s.queue_messages(id).await, 2, "{id}");
+    }
     s.age(&[&old_local, &old_fake]).await;
 
     let pruner = Pruner::for_service(&s.state);
@@ -215,6 +262,14 @@ async fn a_pass_prunes_aged_builds_and_clients_learn_it(s: Service) {
         assert_eq!(body["error"]["code"], "build_not_found");
     }
     assert_eq!(s.get(&format!("/v1/builds/{young_local}")).await.0, 200);
+    // The pruned builds' queue messages went with them; the retained
+    // build's stay (they still deduplicate a republish).
+    assert_eq!(report.queue_messages, 4, "{report:?}");
+    assert_eq!(s.queue_messages(&old_local).await, 0);
+    assert_eq!(s.queue_messages(&old_fake).await, 0);
+    assert_eq!(s.queue_messages(&young_local).await, 2);
+    // The database's size is reported on every backend.
+    assert!(report.database_bytes.is_some_and(|b| b > 0), "{report:?}");
     assert!(!s.local_dir(&old_local).exists(), "local state went");
     assert!(s.local_dir(&young_local).join("state.json").exists());
 

@@ -211,6 +211,9 @@ pub struct BuildsPruned {
     pub events: u64,
     /// Log lines of the deleted builds.
     pub log_lines: u64,
+    /// Queue messages of the deleted builds (see
+    /// [`Store::prune_builds_with_messages`]).
+    pub queue_messages: u64,
 }
 
 /// What a pruning pass would delete now ([`Store::prunable`]).
@@ -287,6 +290,22 @@ impl Store {
     /// last transaction that re-checks them. A build that got an event since
     /// (only a re-announcement can) waits for the next call.
     pub async fn prune_builds(&self, finished_before: i64, limit: u32) -> Result<BuildsPruned> {
+        self.prune_builds_with_messages(finished_before, limit, &[])
+            .await
+    }
+
+    /// [`Store::prune_builds`], and in the transaction that deletes the
+    /// builds, their queue messages on `queue_topics` (topics whose
+    /// partition key is the build id) that every consumer group is done
+    /// with: a build's messages never outlive it, and a crash leaves both or
+    /// neither. A message still pending stays (the queue's own collector
+    /// takes it once done).
+    pub async fn prune_builds_with_messages(
+        &self,
+        finished_before: i64,
+        limit: u32,
+        queue_topics: &[&str],
+    ) -> Result<BuildsPruned> {
         let limit = limit.max(1);
         let mut out = BuildsPruned::default();
         let mut tx = self.begin().await?;
@@ -392,6 +411,9 @@ impl Store {
             &doomed_args,
         )
         .await?;
+        for topic in queue_topics {
+            out.queue_messages += tx.forget_queue_partitions(topic, &doomed).await?;
+        }
         tx.commit().await?;
         out.builds = doomed
             .iter()
@@ -491,6 +513,24 @@ impl Store {
             }
         };
         Ok(read_int(&self.pool(), sql, &[]).await?.map(to_u64))
+    }
+
+    /// On SQLite with `auto_vacuum = INCREMENTAL` (new files), how many
+    /// pages are free (what [`Store::incremental_vacuum`] could give back);
+    /// elsewhere 0.
+    pub async fn free_pages(&self) -> Result<u64> {
+        if self.backend() != BackendKind::Sqlite {
+            return Ok(0);
+        }
+        let pool = self.pool();
+        if read_int(&pool, "PRAGMA auto_vacuum", &[]).await? != Some(2) {
+            return Ok(0);
+        }
+        Ok(to_u64(
+            read_int(&pool, "PRAGMA freelist_count", &[])
+                .await?
+                .unwrap_or(0),
+        ))
     }
 
     /// On SQLite with `auto_vacuum = INCREMENTAL` (new files), gives up to

@@ -539,6 +539,22 @@ impl StoreTx<'_> {
         })
     }
 
+    /// Deletes the queue messages of `topic` in the partitions `keys` that
+    /// every consumer group is done with, in this transaction; returns how
+    /// many. Retention uses it for the messages of the builds it deletes
+    /// (a build's partition key is its id), so they go with the build.
+    pub async fn forget_queue_partitions(&mut self, topic: &str, keys: &[String]) -> Result<u64> {
+        Ok(match &mut self.inner {
+            TxInner::Sqlite(tx) => {
+                SqliteDriver::forget_partitions_on_handle(tx.handle(), topic, keys)?
+            }
+            TxInner::Postgres { tx, .. } => {
+                PostgresDriver::forget_partitions_in_tx(tx, topic, keys).await?
+            }
+            TxInner::MySql(tx) => MySqlDriver::forget_partitions_in_tx(tx, topic, keys).await?,
+        })
+    }
+
     /// Commits every write made through this transaction, then announces
     /// what it published and whether it appended events.
     pub async fn commit(self) -> Result<()> {

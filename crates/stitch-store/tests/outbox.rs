@@ -365,7 +365,80 @@ async fn commits_are_announced_by_the_store(db: TestDb) {
     assert!(heard.take().is_empty());
 }
 
+/// Pruning a build deletes its queue messages that every group is done
+/// with, in the transaction that deletes the build; a message still pending
+/// stays (its consumer finishes it), and so do other builds' messages.
+async fn pruned_builds_take_their_done_messages_along(db: TestDb) {
+    let queue = queue_on(&db).await;
+    let mut sub = subscribe(&queue).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (tx, id, _) = build_with_message(&db, &queue).await;
+        tx.commit().await.unwrap();
+        ids.push(id);
+    }
+    queue.publisher().notify_published(TOPIC);
+    let (done, pending, retained) = (&ids[0], &ids[1], &ids[2]);
+    let mut held = None;
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if d.id() == pending.to_string() {
+            held = Some(d);
+        } else {
+            d.ack().await.unwrap();
+        }
+    }
+    let stored =
+        |id: &BuildId| format!("SELECT COUNT(*) FROM mq_messages WHERE partition_key = '{id}'");
+    let cursor = match db.kind() {
+        stitch_store::BackendKind::MySql => "`cursor`",
+        _ => "cursor",
+    };
+    let passed = format!(
+        "SELECT COUNT(*) FROM mq_partitions WHERE partition_key = '{done}' AND {cursor} > 0"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.ints(&passed).await != vec![1] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cursor never passed the ack"
+        );
+        // Polled: the subscriber's next claim moves the cursor past an acked
+        // message, and nothing announces it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in [done, pending] {
+        db.exec(&format!(
+            "UPDATE builds SET finished_at = 1 WHERE id = '{id}'"
+        ))
+        .await;
+    }
+
+    let out = db
+        .store
+        .prune_builds_with_messages(2, 10, &[TOPIC])
+        .await
+        .unwrap();
+    let pruned: Vec<&BuildId> = out.builds.iter().collect();
+    assert_eq!(pruned.len(), 2, "{out:?}");
+    assert!(pruned.contains(&done) && pruned.contains(&pending));
+    assert_eq!(out.queue_messages, 1, "{out:?}");
+    assert_eq!(db.ints(&stored(done)).await, vec![0]);
+    assert_eq!(db.ints(&stored(pending)).await, vec![1], "pending: kept");
+    assert_eq!(
+        db.ints(&stored(retained)).await,
+        vec![1],
+        "not pruned: kept"
+    );
+    // The pending message's consumer still finishes it.
+    held.unwrap().ack().await.unwrap();
+}
+
 store_suite!(
+    pruned_builds_take_their_done_messages_along,
     a_panicking_write_fails_alone,
     build_and_message_commit_together,
     rollback_publishes_nothing_and_stores_nothing,

@@ -391,9 +391,12 @@ async fn sqlite_gives_freed_pages_back_after_pruning() {
         .builds
         .is_empty()
     {}
-    assert!(db.ints("PRAGMA freelist_count").await[0] > 0);
+    let free = db.ints("PRAGMA freelist_count").await[0];
+    assert!(free > 0);
+    assert_eq!(db.store.free_pages().await.unwrap(), free as u64);
     let free_left = db.store.incremental_vacuum(1_000_000).await.unwrap();
     assert_eq!(free_left, 0);
+    assert_eq!(db.store.free_pages().await.unwrap(), 0);
     let after = db.ints("PRAGMA page_count").await[0];
     assert!(after * 4 < before, "pages {before} → {after}");
     assert!(db.store.database_size().await.unwrap().unwrap() < size_before);
