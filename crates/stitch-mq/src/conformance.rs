@@ -939,7 +939,11 @@ pub async fn no_message_lost_across_dead_letters(b: &dyn Backend) {
     let q = b.open("no-loss", quiet()).await;
     let mut cfg = fast_config("g");
     cfg.retry.max_attempts = 1;
-    cfg.visibility_timeout = Duration::from_millis(500);
+    // Long enough that no delivery times out before the test finalizes it
+    // (500 ms failed once on a loaded machine: a late ack was stale); the
+    // restart below takes m1 back through `recover` (same subscriber name),
+    // not through its visibility timeout.
+    cfg.visibility_timeout = Duration::from_secs(30);
     let mut sub = subscribe(&q, cfg.clone()).await;
     q.publisher()
         .publish_batch(T, (1..=5).map(|i| msg(&format!("m{i}"), "p")).collect())
