@@ -206,11 +206,12 @@ pub async fn list_builds(
 /// stage issues and confirms the cancel. Cancelling a terminal build changes
 /// nothing.
 pub async fn cancel_build(state: &AppState, id: &BuildId) -> Result<Build, ServiceError> {
-    let build = state.store().get_build(id).await?;
-    if build.status.is_terminal() {
-        return Ok(build);
-    }
+    // One round trip: `request_cancel` reads the build under its lock and
+    // leaves a terminal one (or one already cancelling) unchanged.
     let outcome = state.store().request_cancel(id).await?;
+    if outcome.build.status.is_terminal() {
+        return Ok(outcome.build);
+    }
     state
         .queue()
         .admin()
