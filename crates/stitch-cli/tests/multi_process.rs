@@ -293,20 +293,13 @@ impl EventTail {
         let (last_tx, last) = tokio::sync::watch::channel(0u64);
         let mut body = r.bytes_stream().map_err(std::io::Error::other);
         let task = tokio::spawn(async move {
-            let mut buf = String::new();
+            let mut buf: Vec<u8> = Vec::new();
             while let Some(Ok(chunk)) = body.next().await {
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buf.find("\n\n") {
-                    let frame: String = buf.drain(..end + 2).collect();
-                    for line in frame.lines() {
-                        if let Some(data) = line.strip_prefix("data:") {
-                            let event: serde_json::Value =
-                                serde_json::from_str(data.trim()).unwrap();
-                            let seq = event["seq"].as_u64().unwrap_or(0);
-                            sink.lock().push(event);
-                            last_tx.send_replace(seq);
-                        }
-                    }
+                buf.extend_from_slice(&chunk);
+                for event in support::serve::take_sse_events(&mut buf) {
+                    let seq = event["seq"].as_u64().unwrap_or(0);
+                    sink.lock().push(event);
+                    last_tx.send_replace(seq);
                 }
             }
         });

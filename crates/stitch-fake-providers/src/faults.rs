@@ -79,6 +79,19 @@ impl Pause {
     }
 }
 
+/// Returns once `delivered()` holds, re-checking after each webhook
+/// delivery `deliveries` counts (both fakes bump it after every delivery).
+pub(crate) async fn until_delivered(deliveries: &watch::Sender<u64>, delivered: impl Fn() -> bool) {
+    let mut rx = deliveries.subscribe();
+    while !delivered() {
+        // The sender lives in the fake: `changed` fails only if the fake is
+        // gone, and then nothing will come.
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The injected faults and pauses of one fake, by endpoint kind `E`.
 pub(crate) struct FaultRules<E> {
     rules: Vec<Rule<E>>,

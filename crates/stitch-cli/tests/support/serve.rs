@@ -245,23 +245,15 @@ impl Serve {
                 let mut buf: Vec<u8> = Vec::new();
                 while let Some(Ok(chunk)) = body.next().await {
                     buf.extend_from_slice(&chunk);
-                    while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                        let frame: Vec<u8> = buf.drain(..end + 2).collect();
-                        let text = String::from_utf8_lossy(&frame);
-                        for data in text.lines().filter_map(|l| l.strip_prefix("data:")) {
-                            let Ok(event) = serde_json::from_str::<serde_json::Value>(data.trim())
-                            else {
-                                continue;
-                            };
-                            after = event["seq"].as_u64().unwrap_or(after);
-                            if let (Some(id), Some(status)) =
-                                (event["build_id"].as_str(), event["status"].as_str())
-                            {
-                                latest.insert(id.to_string(), status.to_string());
-                            }
-                            if done(&latest, &event) {
-                                return;
-                            }
+                    for event in take_sse_events(&mut buf) {
+                        after = event["seq"].as_u64().unwrap_or(after);
+                        if let (Some(id), Some(status)) =
+                            (event["build_id"].as_str(), event["status"].as_str())
+                        {
+                            latest.insert(id.to_string(), status.to_string());
+                        }
+                        if done(&latest, &event) {
+                            return;
                         }
                     }
                 }
@@ -271,4 +263,21 @@ impl Serve {
         tokio::time::timeout(within, follow).await.ok()?;
         Some(latest)
     }
+}
+
+/// Drains the complete SSE frames at the front of `buf` (bytes as they
+/// arrive, frames ending in a blank line) and returns their `data:` lines
+/// parsed as JSON; an incomplete last frame stays in `buf`.
+pub fn take_sse_events(buf: &mut Vec<u8>) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+        let frame: Vec<u8> = buf.drain(..end + 2).collect();
+        let text = String::from_utf8_lossy(&frame);
+        for data in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+            if let Ok(event) = serde_json::from_str(data.trim()) {
+                events.push(event);
+            }
+        }
+    }
+    events
 }

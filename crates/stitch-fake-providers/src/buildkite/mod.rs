@@ -304,17 +304,10 @@ impl FakeBuildkite {
     /// Returns once a webhook for `event` (`build.finished`, …) of the
     /// build stamped with `stitch_build_id` was delivered (answered).
     pub async fn webhook_delivered(&self, stitch_build_id: &str, event: &str) {
-        let mut rx = self.shared.webhooks_delivered.subscribe();
-        loop {
-            if self.webhook_sent_at(stitch_build_id, event).is_some() {
-                return;
-            }
-            // The sender lives in `self.shared`: `changed` fails only if
-            // the fake is gone, and then nothing will come.
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
+        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+            self.webhook_sent_at(stitch_build_id, event).is_some()
+        })
+        .await;
     }
 
     /// Removes every injected fault.
