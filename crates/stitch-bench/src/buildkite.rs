@@ -18,7 +18,7 @@ use stitch_fake_providers::buildkite::{
     FakeBuildkite, FakeOptions, Timing, WebhookAuth, WebhookTarget,
 };
 use stitch_server::config::{
-    BuildkiteSection, Config, PollConfig, QueueConfig, RateLimitSection, RunnerName,
+    BuildkiteSection, Config, PollConfig, QueueConfig, RateLimitSection, RunnerSection,
     WebhookModeName, WebhookSection,
 };
 
@@ -83,9 +83,7 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
     })
     .await?;
     let queue = QueueConfig {
-        runner: RunnerName::Buildkite,
-        poll: PollConfig::default(),
-        buildkite: Some(BuildkiteSection {
+        runner: RunnerSection::Buildkite(BuildkiteSection {
             org: "acme".into(),
             pipeline: "app".into(),
             branch: "main".into(),
@@ -107,6 +105,7 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
                 poll: Duration::from_secs(60),
             }),
         }),
+        poll: PollConfig::default(),
         ..QueueConfig::default()
     };
     let config = Config {

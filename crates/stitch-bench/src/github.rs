@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use stitch_fake_providers::github::{FakeGithub, FakeOptions, Timing, WebhookTarget};
 use stitch_server::config::{
     Config, GithubSection, GithubWebhookSection, PollConfig, QueueConfig, RateLimitSection,
-    RunnerName, WebhooksConfig,
+    RunnerSection, WebhooksConfig,
 };
 
 use crate::provider::{create_and_wait, print_calls, print_latency, terminal_times, Server};
@@ -82,9 +82,7 @@ async fn one_mode(args: &GithubArgs, data_dir: PathBuf, webhooks: bool) -> anyho
     })
     .await?;
     let queue = QueueConfig {
-        runner: RunnerName::Github,
-        poll: PollConfig::default(),
-        github: Some(GithubSection {
+        runner: RunnerSection::Github(GithubSection {
             owner: "acme".into(),
             repo: "app".into(),
             workflow: "stitch.yml".into(),
@@ -105,6 +103,7 @@ async fn one_mode(args: &GithubArgs, data_dir: PathBuf, webhooks: bool) -> anyho
             log_poll: Duration::from_secs(5),
             lookup_settle: Duration::from_secs(10),
         }),
+        poll: PollConfig::default(),
         ..QueueConfig::default()
     };
     let config = Config {

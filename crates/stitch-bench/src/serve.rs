@@ -35,7 +35,7 @@ use hdrhistogram::Histogram;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use stitch_core::{BuildId, BuildStatus};
-use stitch_server::config::{Config, FakeSection, QueueConfig, RunnerName};
+use stitch_server::config::{Config, FakeSection, QueueConfig, RunnerSection};
 use stitch_server::state::AppState;
 use stitch_server::{http, stages};
 use tokio::runtime::Runtime;
@@ -394,7 +394,7 @@ impl Server {
     }
 }
 
-fn queue(runner: RunnerName) -> QueueConfig {
+fn queue(runner: RunnerSection) -> QueueConfig {
     QueueConfig {
         runner,
         ..QueueConfig::default()
@@ -541,7 +541,7 @@ async fn create_scenario(
     rows: &mut Table,
 ) -> anyhow::Result<()> {
     let mut queues = BTreeMap::new();
-    queues.insert("noop".to_string(), queue(RunnerName::Noop));
+    queues.insert("noop".to_string(), queue(RunnerSection::Noop));
     let server = Server::start(scratch, queues).await?;
     let url = server.url("/v1/queues/noop/builds");
     let client = http_client(args.clients)?;
@@ -789,12 +789,12 @@ async fn inflight_scenario(
         queues.insert(
             name.clone(),
             QueueConfig {
-                fake: Some(FakeSection {
+                runner: RunnerSection::Fake(FakeSection {
                     accept_delay: ACCEPT_DELAY,
                     run_duration: Duration::from_secs(secs),
                     ..FakeSection::default()
                 }),
-                ..queue(RunnerName::Fake)
+                ..QueueConfig::default()
             },
         );
         run_of.insert(name, Duration::from_secs(secs));
@@ -1123,7 +1123,7 @@ async fn subscriber_scenario(
     rows: &mut Table,
 ) -> anyhow::Result<()> {
     let mut queues = BTreeMap::new();
-    queues.insert("noop".to_string(), queue(RunnerName::Noop));
+    queues.insert("noop".to_string(), queue(RunnerSection::Noop));
     let server = Server::start(scratch, queues).await?;
     let start_seq = server.state.store().latest_seq().await?;
     let subs = args.subscribers;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use stitch_server::config::{
-    Config, FakeSection, QueueConfig, RetentionConfig, RetentionSetting, RunnerName,
+    Config, FakeSection, QueueConfig, RetentionConfig, RetentionSetting, RunnerSection,
 };
 use stitch_server::state::AppState;
 use stitch_server::{http, retention, stages};
@@ -193,15 +193,14 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
     queues.insert(
         "noop".to_string(),
         QueueConfig {
-            runner: RunnerName::Noop,
+            runner: RunnerSection::Noop,
             ..QueueConfig::default()
         },
     );
     queues.insert(
         "fake".to_string(),
         QueueConfig {
-            runner: RunnerName::Fake,
-            fake: Some(FakeSection {
+            runner: RunnerSection::Fake(FakeSection {
                 accept_delay: Duration::from_millis(200),
                 run_duration: Duration::from_secs(2),
                 slow_factor: 2,

@@ -55,6 +55,36 @@ impl Default for RateLimit {
     }
 }
 
+/// `rate_limit = { requests = 200, window = "1m" }` in a runner's section
+/// of `stitch.toml`.
+#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    pub requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        let limit = RateLimit::default();
+        Self {
+            requests: limit.requests,
+            window: limit.window,
+        }
+    }
+}
+
+impl RateLimitSection {
+    /// The limit this section configures.
+    pub fn limit(&self) -> RateLimit {
+        RateLimit {
+            requests: self.requests,
+            window: self.window,
+        }
+    }
+}
+
 impl RateLimit {
     /// Why this limit cannot be used, if it cannot.
     pub fn problem(&self) -> Option<&'static str> {

@@ -35,8 +35,10 @@ pub use github::{GithubConfig, GithubRunner};
 pub use local::{LocalConfig, LocalConfigError, LocalRunner};
 pub use noop::NoopRunner;
 
-/// The runners a queue can be configured with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The runners a queue can be configured with (`runner = "…"` in
+/// `stitch.toml`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunnerKind {
     /// [`NoopRunner`].
     Noop,

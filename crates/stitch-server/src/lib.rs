@@ -9,6 +9,7 @@ pub mod event_feed;
 pub mod http;
 pub mod job_token;
 pub mod retention;
+pub mod runners;
 pub mod service;
 pub mod stages;
 pub mod state;

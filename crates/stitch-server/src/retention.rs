@@ -174,7 +174,7 @@ impl Pruner {
         Self::new(
             store,
             admin,
-            crate::state::local_state_dirs(config),
+            crate::runners::local_state_dirs(config),
             config.retention.clone(),
             owner,
         )

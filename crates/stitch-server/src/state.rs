@@ -1,27 +1,22 @@
 //! What a running `stitch serve` holds: the store, the queue, the runners of
-//! each build queue, and the notifier that wakes event streams.
+//! each build queue (built by [`crate::runners`]), and the notifier that
+//! wakes event streams.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use stitch_core::BuildRunner;
 use stitch_mq::mysql::MySqlDriver;
 use stitch_mq::postgres::PostgresDriver;
 use stitch_mq::sqlite::SqliteDriver;
 use stitch_mq::{AnyDriver, BackendKind, Queue, QueueConfig as MqQueueConfig};
-use stitch_runners::buildkite::{BuildkiteConfig, BuildkiteRunner, Client};
-use stitch_runners::github::{self, AppTokens, Credentials, GithubConfig, GithubRunner};
-use stitch_runners::http_budget::{RateLimit, RequestBudget};
-use stitch_runners::http_retry::RetryPolicy;
-use stitch_runners::local::RunAs;
-use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner, RunnerKind};
 use stitch_store::{CommitListener, Committed, Store, StorePool};
 use tokio::sync::watch;
 
-use crate::config::{BuildkiteSection, Config, GithubSection, QueueConfig, RunnerName};
+use crate::config::Config;
 use crate::event_feed::{EventFeed, FeedEvent};
 use crate::job_token::{self, JobTokens};
+use crate::runners::{build_queue_runtimes, QueueRuntime, RunnerError};
 use crate::webhooks::{BuildkiteWebhooks, GithubWebhooks};
 
 /// Message-queue topics the stages consume.
@@ -30,30 +25,6 @@ pub mod topics {
     pub const TRIGGER: &str = "trigger";
     /// One partition per build: the poll loop.
     pub const SIGNAL: &str = "signal";
-}
-
-/// One configured build queue with its runner.
-pub struct QueueRuntime {
-    /// Queue name.
-    pub name: String,
-    /// Runner kind name stored on builds (`fake`, `local`, …).
-    pub runner_name: &'static str,
-    /// The runner.
-    pub runner: Arc<dyn BuildRunner>,
-    /// The queue's settings (poll cadence, deadlines, retry budget).
-    pub config: QueueConfig,
-    /// The safety-net poll cadence while a provider's webhooks push
-    /// changes (`[webhooks.github] poll` for `github` queues).
-    pub webhook_poll: Option<Duration>,
-}
-
-impl QueueRuntime {
-    /// Poll delay for a build in `status`: the webhook safety net when
-    /// webhooks push this queue's changes, else [`poll_delay`].
-    pub fn poll_delay(&self, status: stitch_core::BuildStatus) -> Duration {
-        self.webhook_poll
-            .unwrap_or_else(|| poll_delay(&self.config, status))
-    }
 }
 
 /// Shared state of the service. Cheap to clone.
@@ -89,8 +60,8 @@ pub enum StartError {
     Store(#[from] stitch_store::StoreError),
     #[error("opening the message queue: {0}")]
     Queue(#[from] stitch_mq::MqError),
-    #[error("queue {queue}: {message}")]
-    Runner { queue: String, message: String },
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
 }
 
 /// Creates the data directory private to stitch's user (mode 0700; an
@@ -112,21 +83,6 @@ pub fn storage_url(config: &Config) -> String {
         Some(url) => url.clone(),
         None => format!("sqlite://{}", config.data_dir.join("stitch.db").display()),
     }
-}
-
-/// The state directory of the `local` runner of queue `name`.
-pub fn local_state_dir(config: &Config, name: &str) -> std::path::PathBuf {
-    config.data_dir.join("local").join(name)
-}
-
-/// The state directories of every `local` queue of a configuration.
-pub fn local_state_dirs(config: &Config) -> Vec<std::path::PathBuf> {
-    config
-        .queues
-        .iter()
-        .filter(|(_, q)| q.runner == RunnerName::Local)
-        .map(|(name, _)| local_state_dir(config, name))
-        .collect()
 }
 
 /// Connects to the configured database (without migrating it).
@@ -219,16 +175,7 @@ impl AppState {
         let key = store
             .ensure_secret(job_token::SECRET_NAME, &JobTokens::random_key())
             .await?;
-        let mut queues = BTreeMap::new();
-        let budgets = Budgets {
-            buildkite: buildkite_budgets(&config),
-            github: github_budgets(&config),
-        };
-        for (name, qc) in &config.queues {
-            let mut runtime = build_runtime(&config, name, qc, &budgets)?;
-            runtime.runner = wrap(name, runtime.runner);
-            queues.insert(name.clone(), runtime);
-        }
+        let queues = build_queue_runtimes(&config, wrap)?;
         let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let github_webhooks = GithubWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let feed = EventFeed::start(store.clone(), events.subscribe());
@@ -347,288 +294,5 @@ impl CommitListener for CommitWakeups {
             self.events
                 .send_modify(|generation| *generation = generation.wrapping_add(1));
         }
-    }
-}
-
-/// Organizations are keyed by API root and slug.
-type OrgKey = (String, String);
-
-/// One request budget per Buildkite organization, shared by all its
-/// queues; the smallest configured limit wins.
-fn buildkite_budgets(config: &Config) -> BTreeMap<OrgKey, Arc<RequestBudget>> {
-    let mut limits: BTreeMap<OrgKey, RateLimit> = BTreeMap::new();
-    for q in config.queues.values() {
-        let Some(bk) = q
-            .buildkite
-            .as_ref()
-            .filter(|_| q.runner == RunnerName::Buildkite)
-        else {
-            continue;
-        };
-        let limit = RateLimit {
-            requests: bk.rate_limit.requests,
-            window: bk.rate_limit.window,
-        };
-        let key = (bk.api_url.trim_end_matches('/').to_string(), bk.org.clone());
-        limits
-            .entry(key)
-            .and_modify(|l| {
-                let per_sec = |x: &RateLimit| f64::from(x.requests) / x.window.as_secs_f64();
-                if per_sec(&limit) < per_sec(l) {
-                    *l = limit;
-                }
-            })
-            .or_insert(limit);
-    }
-    limits
-        .into_iter()
-        .map(|(k, l)| (k, Arc::new(RequestBudget::new(l))))
-        .collect()
-}
-
-/// The request budgets of the vendor clients, by rate-limit scope.
-struct Budgets {
-    buildkite: BTreeMap<OrgKey, Arc<RequestBudget>>,
-    github: BTreeMap<GithubScope, Arc<RequestBudget>>,
-}
-
-/// A GitHub rate-limit scope: API root and the credentials (token variable
-/// or App installation) whose hourly quota the requests spend.
-type GithubScope = (String, String);
-
-fn github_scope(gh: &GithubSection) -> GithubScope {
-    let who = match (&gh.token_env, gh.installation_id) {
-        (Some(env), _) => format!("token:{env}"),
-        (None, Some(id)) => format!("installation:{id}"),
-        (None, None) => String::new(),
-    };
-    (gh.api_url.trim_end_matches('/').to_string(), who)
-}
-
-/// One request budget per GitHub token or App installation, shared by all
-/// its queues; the smallest configured limit wins.
-fn github_budgets(config: &Config) -> BTreeMap<GithubScope, Arc<RequestBudget>> {
-    let mut limits: BTreeMap<GithubScope, RateLimit> = BTreeMap::new();
-    for q in config.queues.values() {
-        let Some(gh) = q.github.as_ref().filter(|_| q.runner == RunnerName::Github) else {
-            continue;
-        };
-        let limit = RateLimit {
-            requests: gh.rate_limit.requests,
-            window: gh.rate_limit.window,
-        };
-        limits
-            .entry(github_scope(gh))
-            .and_modify(|l| {
-                let per_sec = |x: &RateLimit| f64::from(x.requests) / x.window.as_secs_f64();
-                if per_sec(&limit) < per_sec(l) {
-                    *l = limit;
-                }
-            })
-            .or_insert(limit);
-    }
-    limits
-        .into_iter()
-        .map(|(k, l)| (k, Arc::new(RequestBudget::new(l))))
-        .collect()
-}
-
-/// The HTTP client of a vendor API: user agent and timeouts; credentials
-/// are added by the vendor client (GitHub) or as a default header
-/// (Buildkite).
-fn http_client(
-    timeout: Duration,
-    headers: reqwest::header::HeaderMap,
-) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .user_agent(concat!("stitch/", env!("CARGO_PKG_VERSION")))
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .build()
-        .map_err(|e| format!("building the HTTP client: {e}"))
-}
-
-fn github_runner(
-    gh: &GithubSection,
-    budgets: &BTreeMap<GithubScope, Arc<RequestBudget>>,
-) -> Result<GithubRunner, String> {
-    let http = http_client(gh.request_timeout, Default::default())?;
-    let api_url = gh.api_url.trim_end_matches('/').to_string();
-    let credentials = match (
-        &gh.token_env,
-        &gh.app_id,
-        &gh.private_key_file,
-        gh.installation_id,
-    ) {
-        (Some(env), None, None, None) => {
-            let token = std::env::var(env)
-                .ok()
-                .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| {
-                    format!("environment variable {env} (github.token_env) is unset or empty")
-                })?;
-            Credentials::token(&token).map_err(|e| format!("{env}: {e}"))?
-        }
-        (None, Some(app_id), Some(key_file), Some(installation)) => {
-            let pem = std::fs::read(key_file).map_err(|e| {
-                format!(
-                    "reading github.private_key_file {}: {e}",
-                    key_file.display()
-                )
-            })?;
-            let app = AppTokens::new(
-                http.clone(),
-                &api_url,
-                gh.api_version.clone(),
-                app_id.clone(),
-                installation,
-                &pem,
-            )
-            .map_err(|e| e.to_string())?;
-            Credentials::App(Arc::new(app))
-        }
-        _ => return Err(
-            "set either github.token_env or github.app_id, private_key_file and installation_id"
-                .into(),
-        ),
-    };
-    let budget = budgets
-        .get(&github_scope(gh))
-        .cloned()
-        .unwrap_or_else(|| Arc::new(RequestBudget::new(RateLimit::default())));
-    let client = github::Client::new(
-        http,
-        &api_url,
-        gh.api_version.clone(),
-        credentials,
-        budget,
-        RetryPolicy::default(),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut config = GithubConfig::new(
-        gh.owner.clone(),
-        gh.repo.clone(),
-        gh.workflow.clone(),
-        gh.git_ref.clone(),
-    );
-    config.inputs = gh.inputs.clone();
-    config.max_inputs = gh.max_inputs;
-    config.log_poll = gh.log_poll;
-    config.lookup_settle = gh.lookup_settle;
-    Ok(GithubRunner::new(client, config))
-}
-
-fn buildkite_runner(
-    bk: &BuildkiteSection,
-    budgets: &BTreeMap<OrgKey, Arc<RequestBudget>>,
-) -> Result<BuildkiteRunner, String> {
-    let token = std::env::var(&bk.token_env)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            format!(
-                "environment variable {} (buildkite.token_env) is unset or empty",
-                bk.token_env
-            )
-        })?;
-    let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| format!("{} holds characters a header cannot carry", bk.token_env))?;
-    auth.set_sensitive(true);
-    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
-    let http = http_client(bk.request_timeout, headers)?;
-    let api_url = bk.api_url.trim_end_matches('/').to_string();
-    let budget = budgets
-        .get(&(api_url.clone(), bk.org.clone()))
-        .cloned()
-        .unwrap_or_else(|| Arc::new(RequestBudget::new(RateLimit::default())));
-    let client =
-        Client::new(http, api_url, budget, RetryPolicy::default()).map_err(|e| e.to_string())?;
-    let mut config = BuildkiteConfig::new(bk.org.clone(), bk.pipeline.clone(), bk.branch.clone());
-    config.commit = bk.commit.clone();
-    config.allow_ref_override = bk.allow_ref_override;
-    config.log_poll = bk.log_poll;
-    config.max_log_bytes = bk.max_log_bytes;
-    Ok(BuildkiteRunner::new(client, config))
-}
-
-fn build_runtime(
-    config: &Config,
-    name: &str,
-    qc: &QueueConfig,
-    budgets: &Budgets,
-) -> Result<QueueRuntime, StartError> {
-    let err = |message: String| StartError::Runner {
-        queue: name.to_string(),
-        message,
-    };
-    let runner: Arc<dyn BuildRunner> = match qc.runner {
-        RunnerName::Noop => Arc::new(NoopRunner::new()),
-        RunnerName::Fake => {
-            let f = qc.fake.clone().unwrap_or_default();
-            let fake = FakeConfig {
-                accept_delay: f.accept_delay,
-                run_duration: f.run_duration,
-                slow_factor: f.slow_factor,
-                cancel_dir: Some(config.data_dir.join("fake-cancels").join(name)),
-            };
-            Arc::new(FakeRunner::new(fake).map_err(|e| err(e.to_string()))?)
-        }
-        RunnerName::Local => {
-            let l = qc.local.clone().ok_or_else(|| {
-                err("runner \"local\" needs a [queues.NAME.local] table with `command`".into())
-            })?;
-            let mut lc = LocalConfig::new(l.command, local_state_dir(config, name));
-            lc.workdir = l.workdir;
-            lc.cancel_grace = l.cancel_grace;
-            lc.env = l.env;
-            lc.pass_env = l.pass_env;
-            lc.run_as = RunAs::resolve(
-                l.user.as_deref(),
-                l.group.as_deref(),
-                nix::unistd::geteuid().as_raw(),
-            )
-            .map_err(|e| err(e.to_string()))?;
-            lc.concurrency = qc.concurrency.unwrap_or(1).max(1) as usize;
-            Arc::new(LocalRunner::new(lc).map_err(|e| err(e.to_string()))?)
-        }
-        RunnerName::Buildkite => {
-            let bk = qc.buildkite.as_ref().ok_or_else(|| {
-                err("runner \"buildkite\" needs a [queues.NAME.buildkite] table".into())
-            })?;
-            Arc::new(buildkite_runner(bk, &budgets.buildkite).map_err(err)?)
-        }
-        RunnerName::Github => {
-            let gh = qc.github.as_ref().ok_or_else(|| {
-                err("runner \"github\" needs a [queues.NAME.github] table".into())
-            })?;
-            Arc::new(github_runner(gh, &budgets.github).map_err(err)?)
-        }
-    };
-    let webhook_poll = match (qc.runner, &config.webhooks.github) {
-        (RunnerName::Github, Some(w)) => Some(w.poll),
-        _ => None,
-    };
-    Ok(QueueRuntime {
-        name: name.to_string(),
-        runner_name: RunnerKind::from(qc.runner).as_str(),
-        runner,
-        config: qc.clone(),
-        webhook_poll,
-    })
-}
-
-/// Poll delay for a status (unknown polls like accepted). With Buildkite
-/// webhooks configured, polling is only the safety net (`webhook.poll`).
-pub fn poll_delay(config: &QueueConfig, status: stitch_core::BuildStatus) -> Duration {
-    if let Some(w) = config.buildkite.as_ref().and_then(|b| b.webhook.as_ref()) {
-        if config.runner == RunnerName::Buildkite {
-            return w.poll;
-        }
-    }
-    match status {
-        stitch_core::BuildStatus::Running => config.poll.running,
-        _ => config.poll.accepted,
     }
 }

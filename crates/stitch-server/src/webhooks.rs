@@ -15,7 +15,7 @@ use stitch_runners::buildkite::webhook::{
 };
 use stitch_runners::github::webhook::{self as github_webhook, WebhookError as GithubWebhookError};
 
-use crate::config::{Config, RunnerName, WebhookModeName};
+use crate::config::{Config, RunnerSection, WebhookModeName};
 
 struct Entry {
     mode: WebhookMode,
@@ -37,12 +37,12 @@ impl BuildkiteWebhooks {
     pub fn from_config(config: &Config, env: impl Fn(&str) -> Option<String>) -> Self {
         let mut entries: Vec<Entry> = Vec::new();
         for (name, q) in &config.queues {
-            let Some(w) = q.buildkite.as_ref().and_then(|b| b.webhook.as_ref()) else {
+            let RunnerSection::Buildkite(bk) = &q.runner else {
                 continue;
             };
-            if q.runner != RunnerName::Buildkite {
+            let Some(w) = &bk.webhook else {
                 continue;
-            }
+            };
             let Some(secret) = env(&w.secret_env).map(|s| s.trim().as_bytes().to_vec()) else {
                 continue;
             };
@@ -183,13 +183,12 @@ impl GithubWebhooks {
         let repos = config
             .queues
             .iter()
-            .filter(|(_, q)| q.runner == RunnerName::Github)
-            .filter_map(|(name, q)| {
-                let gh = q.github.as_ref()?;
-                Some((
+            .filter_map(|(name, q)| match &q.runner {
+                RunnerSection::Github(gh) => Some((
                     name.clone(),
                     format!("{}/{}", gh.owner, gh.repo).to_ascii_lowercase(),
-                ))
+                )),
+                _ => None,
             })
             .collect();
         Some(Self {
@@ -284,8 +283,7 @@ mod tests {
 
     fn github_queue(owner: &str, repo: &str) -> QueueConfig {
         QueueConfig {
-            runner: RunnerName::Github,
-            github: Some(GithubSection {
+            runner: RunnerSection::Github(GithubSection {
                 owner: owner.into(),
                 repo: repo.into(),
                 workflow: "stitch.yml".into(),

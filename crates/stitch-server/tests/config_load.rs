@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use stitch_server::config::{
-    api_tokens, load, render_problems, ApiConfig, Config, ConfigError, FakeSection, HttpConfig,
-    LoadOptions, LocalSection, PollConfig, QueueConfig, RetentionConfig, RetentionSetting,
-    RetryConfig, RunnerName, StorageConfig,
+    api_tokens, load, render_problems, ApiConfig, BuildkiteSection, Config, ConfigError,
+    FakeSection, GithubSection, HttpConfig, LoadOptions, LocalSection, PollConfig, QueueConfig,
+    RetentionConfig, RetentionSetting, RetryConfig, RunnerKind, RunnerSection, StorageConfig,
 };
 use tempfile::TempDir;
 
@@ -85,6 +85,31 @@ fn assert_only_problem(problems: &[(String, String)], key: &str, fragment: &str)
     assert_problem(problems, key, fragment);
 }
 
+/// The runner sections of a queue, which must have that runner.
+#[track_caller]
+fn local_of(q: &QueueConfig) -> &LocalSection {
+    match &q.runner {
+        RunnerSection::Local(local) => local,
+        other => panic!("not a local queue: {other:?}"),
+    }
+}
+
+#[track_caller]
+fn buildkite_of(q: &QueueConfig) -> &BuildkiteSection {
+    match &q.runner {
+        RunnerSection::Buildkite(bk) => bk,
+        other => panic!("not a buildkite queue: {other:?}"),
+    }
+}
+
+#[track_caller]
+fn github_of(q: &QueueConfig) -> &GithubSection {
+    match &q.runner {
+        RunnerSection::Github(gh) => gh,
+        other => panic!("not a github queue: {other:?}"),
+    }
+}
+
 const LOCAL_CI: &str = r#"
 [queues.ci]
 runner = "local"
@@ -105,7 +130,7 @@ fn defaults_without_file_or_env() {
     );
     assert_eq!(config.data_dir, PathBuf::from("./stitch-data"));
     assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["default"]);
-    assert_eq!(config.queues["default"].runner, RunnerName::Fake);
+    assert_eq!(config.queues["default"].runner.kind(), RunnerKind::Fake);
 }
 
 #[test]
@@ -182,7 +207,7 @@ runner = "noop"
     queues.insert(
         "default".to_string(),
         QueueConfig {
-            fake: Some(FakeSection {
+            runner: RunnerSection::Fake(FakeSection {
                 accept_delay: Duration::from_millis(500),
                 run_duration: Duration::from_secs(3),
                 slow_factor: 2,
@@ -193,7 +218,6 @@ runner = "noop"
     queues.insert(
         "ci".to_string(),
         QueueConfig {
-            runner: RunnerName::Local,
             concurrency: Some(4),
             fail_fast: true,
             accepted_timeout: Some(Duration::from_secs(30 * 60)),
@@ -207,7 +231,7 @@ runner = "noop"
                 initial: Duration::from_secs(1),
                 max: Duration::from_secs(300),
             },
-            local: Some(LocalSection {
+            runner: RunnerSection::Local(LocalSection {
                 command: "make test".into(),
                 workdir: Some(PathBuf::from(".")),
                 cancel_grace: Duration::from_secs(15),
@@ -219,15 +243,12 @@ runner = "noop"
                 user: None,
                 group: None,
             }),
-            fake: None,
-            buildkite: None,
-            github: None,
         },
     );
     queues.insert(
         "quiet".to_string(),
         QueueConfig {
-            runner: RunnerName::Noop,
+            runner: RunnerSection::Noop,
             ..QueueConfig::default()
         },
     );
@@ -255,7 +276,7 @@ runner = "noop"
 #[test]
 fn local_section_defaults() {
     let config = ok(LOCAL_CI, &[]);
-    let local = config.queues["ci"].local.clone().unwrap();
+    let local = local_of(&config.queues["ci"]).clone();
     assert_eq!(local.workdir, None, "unset: a scratch directory per build");
     assert!(local.pass_env.is_empty());
     assert_eq!((local.user, local.group), (None, None));
@@ -315,7 +336,7 @@ command = "make test"
     // Sibling keys the environment did not touch keep the file's values.
     assert_eq!(ci.poll.accepted, Duration::from_secs(5));
     assert_eq!(ci.poll.running, Duration::from_millis(750));
-    assert_eq!(ci.local.as_ref().unwrap().command, "make test");
+    assert_eq!(local_of(ci).command, "make test");
 }
 
 #[test]
@@ -360,13 +381,10 @@ command = "make test"
         ],
     );
     assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["ci", "nightly"]);
-    assert_eq!(
-        config.queues["ci"].local.as_ref().unwrap().command,
-        "make check"
-    );
+    assert_eq!(local_of(&config.queues["ci"]).command, "make check");
     let nightly = &config.queues["nightly"];
-    assert_eq!(nightly.runner, RunnerName::Local);
-    assert_eq!(nightly.local.as_ref().unwrap().command, "make nightly");
+    assert_eq!(nightly.runner.kind(), RunnerKind::Local);
+    assert_eq!(local_of(nightly).command, "make nightly");
     assert_eq!(nightly.max_duration, Some(Duration::from_secs(6 * 3600)));
 }
 
@@ -385,7 +403,7 @@ fn env_only_queues_replace_the_builtin_default_queue() {
     // Overriding the built-in queue by name keeps it (with the override).
     let config = setup(None, &[("STITCH_QUEUES__DEFAULT__CONCURRENCY", "3")]).ok();
     assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["default"]);
-    assert_eq!(config.queues["default"].runner, RunnerName::Fake);
+    assert_eq!(config.queues["default"].runner.kind(), RunnerKind::Fake);
     assert_eq!(config.queues["default"].concurrency, Some(3));
 }
 
@@ -393,7 +411,7 @@ fn env_only_queues_replace_the_builtin_default_queue() {
 fn env_keys_are_lower_cased_and_may_contain_dots() {
     let config = setup(None, &[("STITCH_QUEUES__TEAM.APP__RUNNER", "noop")]).ok();
     assert_eq!(config.queues.keys().collect::<Vec<_>>(), ["team.app"]);
-    assert_eq!(config.queues["team.app"].runner, RunnerName::Noop);
+    assert_eq!(config.queues["team.app"].runner.kind(), RunnerKind::Noop);
 }
 
 #[test]
@@ -409,10 +427,112 @@ fn env_values_of_string_keys_are_verbatim() {
             ("STITCH_STORAGE__URL", "sqlite://a,b.db"),
         ],
     );
-    let local = config.queues["ci"].local.clone().unwrap();
+    let local = local_of(&config.queues["ci"]).clone();
     assert_eq!(local.command, "[ -f Makefile ] && make, or not");
     assert_eq!(local.workdir, Some(PathBuf::from("true")));
     assert_eq!(config.storage.url.as_deref(), Some("sqlite://a,b.db"));
+}
+
+#[test]
+fn env_values_of_runner_keys_take_the_type_of_their_key() {
+    let c = ok(
+        BUILDKITE,
+        &[
+            ("BK_TOKEN", "t"),
+            ("STITCH_QUEUES__APP__BUILDKITE__MAX_LOG_BYTES", "1024"),
+            ("STITCH_QUEUES__APP__BUILDKITE__ALLOW_REF_OVERRIDE", "true"),
+            ("STITCH_QUEUES__APP__BUILDKITE__RATE_LIMIT__REQUESTS", "50"),
+            ("STITCH_QUEUES__APP__BUILDKITE__RATE_LIMIT__WINDOW", "30s"),
+            ("STITCH_QUEUES__APP__BUILDKITE__BRANCH", "123"),
+            ("STITCH_QUEUES__APP__BUILDKITE__COMMIT", "\"abc\""),
+        ],
+    );
+    let bk = buildkite_of(&c.queues["app"]);
+    assert_eq!(bk.max_log_bytes, 1024);
+    assert!(bk.allow_ref_override);
+    assert_eq!(bk.rate_limit.requests, 50);
+    assert_eq!(bk.rate_limit.window, Duration::from_secs(30));
+    assert_eq!(bk.branch, "123", "a number for a string key is its text");
+    assert_eq!(bk.commit, "\"abc\"", "quotes of a string key are kept");
+
+    let c = ok(
+        LOCAL_CI,
+        &[
+            ("STITCH_QUEUES__CI__LOCAL__ENV__N", "1"),
+            ("STITCH_QUEUES__CI__LOCAL__CANCEL_GRACE", "3s"),
+        ],
+    );
+    let local = local_of(&c.queues["ci"]);
+    // Variable names are read in lower case.
+    assert_eq!(local.env["n"], "1");
+    assert_eq!(local.cancel_grace, Duration::from_secs(3));
+}
+
+#[test]
+fn runner_keys_of_the_wrong_type_are_all_reported_with_their_source() {
+    let p = problems(
+        &format!(
+            "{BUILDKITE}max_log_bytes = \"lots\"\nrequest_timeout = 5\n\
+             [queues.ci]\nrunner = \"local\"\n[queues.ci.local]\ncommand = 5\n"
+        ),
+        &[
+            ("BK_TOKEN", "t"),
+            ("STITCH_QUEUES__APP__BUILDKITE__ALLOW_REF_OVERRIDE", "maybe"),
+        ],
+    );
+    assert_problem(
+        &p,
+        "queues.app.buildkite.max_log_bytes",
+        "expected u64, found string \"lots\"",
+    );
+    assert_problem(
+        &p,
+        "queues.app.buildkite.request_timeout",
+        "durations are strings like",
+    );
+    assert_problem(
+        &p,
+        "queues.app.buildkite.allow_ref_override",
+        "expected a boolean, found string \"maybe\" (set by STITCH_QUEUES__APP__BUILDKITE__ALLOW_REF_OVERRIDE)",
+    );
+    assert_problem(&p, "queues.ci.local.command", "expected a string");
+    assert_eq!(p.len(), 4, "{p:#?}");
+}
+
+#[test]
+fn unknown_runner_kind_from_the_environment_names_the_variable() {
+    let p = setup(None, &[("STITCH_QUEUES__CI__RUNNER", "gitlab")]).problems();
+    assert_only_problem(
+        &p,
+        "queues.ci.runner",
+        "unknown value \"gitlab\"; expected one of: noop, fake, local, buildkite, github \
+         (set by STITCH_QUEUES__CI__RUNNER)",
+    );
+}
+
+#[test]
+fn a_queue_without_its_runner_table_is_still_checked_whole() {
+    let p = problems(
+        "[queues.ci]\nrunner = \"github\"\nconcurrency = 0\n\
+         [queues.ci.buildkite]\norg = \"acme\"\npipeline = \"app\"\n",
+        &[],
+    );
+    assert_problem(&p, "queues.ci.github", "needs a [queues.NAME.github] table");
+    assert_problem(
+        &p,
+        "queues.ci.buildkite",
+        "only read by runner = \"buildkite\"",
+    );
+    assert_problem(&p, "queues.ci.concurrency", "at least 1");
+    assert_eq!(p.len(), 3, "{p:#?}");
+    // The same when extraction drops the runner's table for a missing key.
+    let p = problems(
+        "[queues.ci]\nrunner = \"local\"\nconcurrency = 0\n[queues.ci.local]\nworkdir = \"src\"\n",
+        &[],
+    );
+    assert_problem(&p, "queues.ci.local.command", "missing");
+    assert_problem(&p, "queues.ci.concurrency", "at least 1");
+    assert_eq!(p.len(), 2, "{p:#?}");
 }
 
 #[test]
@@ -446,7 +566,7 @@ fn env_inline_table_and_specific_variable_combine() {
     )
     .ok();
     let ci = &config.queues["ci"];
-    assert_eq!(ci.runner, RunnerName::Local);
+    assert_eq!(ci.runner.kind(), RunnerKind::Local);
     assert_eq!(ci.concurrency, Some(5));
 }
 
@@ -1004,7 +1124,7 @@ token_env = "BK_TOKEN"
 #[test]
 fn buildkite_section_defaults() {
     let c = ok(BUILDKITE, &[("BK_TOKEN", "t")]);
-    let bk = c.queues["app"].buildkite.clone().unwrap();
+    let bk = buildkite_of(&c.queues["app"]).clone();
     assert_eq!(bk.branch, "main");
     assert_eq!(bk.commit, "HEAD");
     assert!(!bk.allow_ref_override);
@@ -1016,12 +1136,13 @@ fn buildkite_section_defaults() {
     let with_hook =
         format!("{BUILDKITE}[queues.app.buildkite.webhook]\nsecret_env = \"BK_HOOK\"\n");
     let c = ok(&with_hook, &[("BK_TOKEN", "t"), ("BK_HOOK", "s")]);
-    let w = c.queues["app"].buildkite.clone().unwrap().webhook.unwrap();
+    let w = buildkite_of(&c.queues["app"]).clone().webhook.unwrap();
     assert_eq!(w.mode, stitch_server::config::WebhookModeName::Signature);
     assert_eq!(w.max_age, Duration::from_secs(300));
     assert_eq!(w.poll, Duration::from_secs(60));
     assert_eq!(
-        stitch_server::state::poll_delay(&c.queues["app"], stitch_core::BuildStatus::Running),
+        stitch_server::runners::poll_policy(&c, &c.queues["app"])
+            .delay(stitch_core::BuildStatus::Running),
         Duration::from_secs(60),
         "webhooks make polling the slow safety net"
     );
@@ -1185,7 +1306,7 @@ token_env = "GH_TOKEN"
 #[test]
 fn github_section_defaults_and_webhook_poll() {
     let c = ok(GITHUB, &[("GH_TOKEN", "t")]);
-    let gh = c.queues["gh"].github.clone().unwrap();
+    let gh = github_of(&c.queues["gh"]).clone();
     assert_eq!(gh.git_ref, "main");
     assert_eq!(gh.api_url, "https://api.github.com");
     assert_eq!(gh.api_version, "2022-11-28");
@@ -1198,7 +1319,7 @@ fn github_section_defaults_and_webhook_poll() {
          [webhooks.github]\nsecret_env = \"GH_HOOK\"\npoll = \"2m\"\n"
     );
     let c = ok(&with_hook, &[("GH_TOKEN", "t"), ("GH_HOOK", "s")]);
-    let gh = c.queues["gh"].github.clone().unwrap();
+    let gh = github_of(&c.queues["gh"]).clone();
     assert_eq!(gh.git_ref, "release");
     assert_eq!(gh.inputs["environment"], "staging");
     let w = c.webhooks.github.unwrap();
@@ -1213,7 +1334,7 @@ fn github_section_defaults_and_webhook_poll() {
             ("STITCH_QUEUES__GH__GITHUB__INPUTS__LEVEL", "3"),
         ],
     );
-    let gh = c.queues["gh"].github.clone().unwrap();
+    let gh = github_of(&c.queues["gh"]).clone();
     assert_eq!(gh.git_ref, "v1.2");
     assert_eq!(gh.inputs["level"], "3");
 }
@@ -1412,14 +1533,14 @@ fn local_pass_env_user_and_group_are_read_and_checked() {
         &format!("{LOCAL_CI}pass_env = [\"CARGO_HOME\", \"SSH_AUTH_SOCK\"]\n"),
         &[],
     );
-    let local = config.queues["ci"].local.clone().unwrap();
+    let local = local_of(&config.queues["ci"]).clone();
     assert_eq!(local.pass_env, ["CARGO_HOME", "SSH_AUTH_SOCK"]);
     if nix::unistd::geteuid().is_root() {
         let config = ok(
             &format!("{LOCAL_CI}user = \"nobody\"\n"),
             &[("STITCH_QUEUES__CI__LOCAL__GROUP", "0")],
         );
-        let local = config.queues["ci"].local.clone().unwrap();
+        let local = local_of(&config.queues["ci"]).clone();
         assert_eq!(local.user.as_deref(), Some("nobody"));
         assert_eq!(
             local.group.as_deref(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use stitch_core::{BuildId, BuildStatus};
-use stitch_server::config::{Config, LocalSection, PollConfig, QueueConfig, RunnerName};
+use stitch_server::config::{Config, LocalSection, PollConfig, QueueConfig, RunnerSection};
 use stitch_server::http;
 use stitch_server::stages;
 use stitch_server::state::AppState;
@@ -37,14 +37,13 @@ impl Drop for Harness {
 
 fn local(command: &str, fail_fast: bool) -> QueueConfig {
     QueueConfig {
-        runner: RunnerName::Local,
         fail_fast,
         concurrency: Some(8),
         poll: PollConfig {
             accepted: Duration::from_millis(100),
             running: Duration::from_millis(200),
         },
-        local: Some(LocalSection {
+        runner: RunnerSection::Local(LocalSection {
             command: command.to_string(),
             workdir: Some(".".into()),
             cancel_grace: Duration::from_secs(5),

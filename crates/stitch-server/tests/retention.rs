@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use stitch_core::BuildStatus;
 use stitch_server::config::{
-    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetentionSetting, RunnerName,
+    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetentionSetting, RunnerSection,
 };
 use stitch_server::http::{self, HttpOptions};
 use stitch_server::retention::{Pruner, LEASE};
@@ -25,14 +25,13 @@ use tokio_util::sync::CancellationToken;
 #[path = "../../stitch-mq/tests/support/mod.rs"]
 mod support;
 
-fn fast(runner: RunnerName) -> QueueConfig {
+fn fast() -> QueueConfig {
     QueueConfig {
-        runner,
         poll: PollConfig {
             accepted: Duration::from_millis(100),
             running: Duration::from_millis(100),
         },
-        fake: Some(FakeSection {
+        runner: RunnerSection::Fake(FakeSection {
             accept_delay: Duration::from_millis(50),
             run_duration: Duration::from_millis(100),
             slow_factor: 2,
@@ -43,11 +42,11 @@ fn fast(runner: RunnerName) -> QueueConfig {
 
 fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
     let mut queues = BTreeMap::new();
-    queues.insert("default".to_string(), fast(RunnerName::Fake));
+    queues.insert("default".to_string(), fast());
     queues.insert(
         "ci".to_string(),
         QueueConfig {
-            local: Some(LocalSection {
+            runner: RunnerSection::Local(LocalSection {
                 command: "echo built".to_string(),
                 workdir: None,
                 cancel_grace: Duration::from_millis(500),
@@ -56,9 +55,8 @@ fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
                 user: None,
                 group: None,
             }),
-            fake: None,
             concurrency: Some(2),
-            ..fast(RunnerName::Local)
+            ..fast()
         },
     );
     let mut config = Config {
@@ -210,7 +208,7 @@ impl Service {
     }
 
     fn local_dir(&self, id: &str) -> PathBuf {
-        state::local_state_dir(&self.config, "ci").join(id)
+        stitch_server::runners::local_state_dir(&self.config, "ci").join(id)
     }
 
     async fn shutdown(self) {

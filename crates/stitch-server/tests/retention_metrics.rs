@@ -22,7 +22,7 @@ fn config(data_dir: std::path::PathBuf) -> Config {
             accepted: Duration::from_millis(100),
             running: Duration::from_millis(100),
         },
-        fake: Some(FakeSection {
+        runner: stitch_server::config::RunnerSection::Fake(FakeSection {
             accept_delay: Duration::from_millis(50),
             run_duration: Duration::from_millis(100),
             slow_factor: 2,

@@ -14,7 +14,7 @@ use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use stitch_server::config::{
-    BuildkiteSection, Config, GithubWebhookSection, QueueConfig, RateLimitSection, RunnerName,
+    BuildkiteSection, Config, GithubWebhookSection, QueueConfig, RateLimitSection, RunnerSection,
     WebhookModeName, WebhookSection,
 };
 use stitch_server::http::{self, HttpOptions};
@@ -39,8 +39,7 @@ fn config(dir: &std::path::Path) -> Config {
     queues.insert(
         "bk".to_string(),
         QueueConfig {
-            runner: RunnerName::Buildkite,
-            buildkite: Some(BuildkiteSection {
+            runner: RunnerSection::Buildkite(BuildkiteSection {
                 org: "acme".into(),
                 pipeline: "app".into(),
                 branch: "main".into(),

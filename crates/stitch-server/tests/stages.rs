@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use stitch_core::{BuildId, BuildStatus};
 use stitch_server::config::{
-    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName,
+    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerSection,
 };
 use stitch_server::service::{self, CreateBuild};
 use stitch_server::stages;
@@ -27,9 +27,8 @@ impl Drop for Harness {
     }
 }
 
-fn fast_queue(runner: RunnerName) -> QueueConfig {
+fn fast_queue() -> QueueConfig {
     QueueConfig {
-        runner,
         poll: PollConfig {
             accepted: Duration::from_millis(100),
             running: Duration::from_millis(100),
@@ -39,7 +38,7 @@ fn fast_queue(runner: RunnerName) -> QueueConfig {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(200),
         },
-        fake: Some(FakeSection {
+        runner: RunnerSection::Fake(FakeSection {
             accept_delay: Duration::from_millis(100),
             run_duration: Duration::from_millis(300),
             slow_factor: 2,
@@ -50,7 +49,7 @@ fn fast_queue(runner: RunnerName) -> QueueConfig {
 
 fn local(command: &str) -> QueueConfig {
     QueueConfig {
-        local: Some(LocalSection {
+        runner: RunnerSection::Local(LocalSection {
             command: command.to_string(),
             workdir: Some(".".into()),
             cancel_grace: Duration::from_millis(500),
@@ -59,9 +58,8 @@ fn local(command: &str) -> QueueConfig {
             user: None,
             group: None,
         }),
-        fake: None,
         concurrency: Some(4),
-        ..fast_queue(RunnerName::Local)
+        ..fast_queue()
     }
 }
 
@@ -71,7 +69,7 @@ async fn harness(
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let mut queues = BTreeMap::new();
-    queues.insert("default".to_string(), fast_queue(RunnerName::Fake));
+    queues.insert("default".to_string(), fast_queue());
     extra(&dir, &mut queues);
     let config = Config {
         data_dir: dir.join("data"),
@@ -259,19 +257,19 @@ async fn deadlines_cancel_and_fail_with_a_reason() {
             "bounded".into(),
             QueueConfig {
                 max_duration: Some(Duration::from_millis(800)),
-                ..fast_queue(RunnerName::Fake)
+                ..fast_queue()
             },
         );
         q.insert(
             "stuck".into(),
             QueueConfig {
                 accepted_timeout: Some(Duration::from_millis(300)),
-                fake: Some(FakeSection {
+                runner: RunnerSection::Fake(FakeSection {
                     accept_delay: Duration::from_secs(60),
                     run_duration: Duration::from_secs(1),
                     slow_factor: 1,
                 }),
-                ..fast_queue(RunnerName::Fake)
+                ..fast_queue()
             },
         );
     })
@@ -419,7 +417,7 @@ mod push_never_lost {
     async fn harness() -> (Harness, Arc<HeldRunner>) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let mut queue = fast_queue(RunnerName::Fake);
+        let mut queue = fast_queue();
         queue.poll = PollConfig {
             accepted: Duration::from_secs(60),
             running: Duration::from_secs(60),

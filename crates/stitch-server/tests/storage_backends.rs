@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use stitch_core::BuildStatus;
 use stitch_server::config::{
-    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerName,
+    Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerSection,
 };
 use stitch_server::http::{self, HttpOptions};
 use stitch_server::stages;
@@ -25,9 +25,8 @@ use tokio_util::sync::CancellationToken;
 #[path = "../../stitch-mq/tests/support/mod.rs"]
 mod support;
 
-fn fast(runner: RunnerName) -> QueueConfig {
+fn fast() -> QueueConfig {
     QueueConfig {
-        runner,
         poll: PollConfig {
             accepted: Duration::from_millis(100),
             running: Duration::from_millis(100),
@@ -37,7 +36,7 @@ fn fast(runner: RunnerName) -> QueueConfig {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(200),
         },
-        fake: Some(FakeSection {
+        runner: RunnerSection::Fake(FakeSection {
             accept_delay: Duration::from_millis(100),
             run_duration: Duration::from_millis(300),
             slow_factor: 2,
@@ -48,11 +47,11 @@ fn fast(runner: RunnerName) -> QueueConfig {
 
 fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
     let mut queues = BTreeMap::new();
-    queues.insert("default".to_string(), fast(RunnerName::Fake));
+    queues.insert("default".to_string(), fast());
     queues.insert(
         "ci".to_string(),
         QueueConfig {
-            local: Some(LocalSection {
+            runner: RunnerSection::Local(LocalSection {
                 command: "echo \"building $STITCH_BUILD_ID\"; case \"$STITCH_HEAD\" in *fail*) exit 3;; esac"
                     .to_string(),
                 workdir: Some(".".into()),
@@ -62,9 +61,8 @@ fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
                 user: None,
                 group: None,
             }),
-            fake: None,
             concurrency: Some(4),
-            ..fast(RunnerName::Local)
+            ..fast()
         },
     );
     let mut config = Config {

@@ -13,9 +13,11 @@ pub mod client;
 pub mod logs;
 pub mod model;
 pub mod runner;
+pub mod section;
 pub mod webhook;
 
 pub use crate::http_budget::{RateLimit, RequestBudget};
 pub use client::{BuildQuery, BuildkiteError, Client, Pipeline};
 pub use model::{Build, BuildState, META_BUILD_ID, META_QUEUE};
 pub use runner::{status_report, BuildkiteConfig, BuildkiteRunner};
+pub use section::{BuildkiteSection, WebhookModeName, WebhookSection};

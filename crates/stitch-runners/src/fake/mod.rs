@@ -19,6 +19,7 @@
 
 mod cancels;
 pub mod marker;
+mod section;
 mod timeline;
 
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use stitch_core::{
 
 use cancels::CancelStore;
 pub use marker::{FakeMarker, UnknownMarker, MARKER_PREFIX};
+pub use section::FakeSection;
 use timeline::{FakeOutcome, Timeline};
 
 /// The ref id prefix; the rest is the build id.

@@ -18,6 +18,7 @@ pub mod error;
 pub mod logs;
 pub mod model;
 pub mod runner;
+pub mod section;
 pub mod webhook;
 
 pub use auth::{AppTokens, Credentials};
@@ -25,3 +26,4 @@ pub use client::{Client, Repo, RunQuery};
 pub use error::GithubError;
 pub use model::{map_status, Job, Run, API_VERSION_2022, INPUT_BUILD_ID, RESERVED_INPUTS};
 pub use runner::{status_report, GithubConfig, GithubRunner};
+pub use section::GithubSection;

@@ -57,6 +57,7 @@ mod config;
 mod follow;
 mod ownership;
 mod process;
+mod section;
 mod state;
 mod supervise;
 
@@ -80,6 +81,7 @@ pub use config::{
     SCRATCH_PREFIX,
 };
 pub use ownership::BUILD_LOCK_FILE;
+pub use section::LocalSection;
 pub use state::{CANCEL_FILE, LOG_FILE, STATE_FILE};
 pub use supervise::CANCEL_POLL;
 

@@ -1,8 +1,17 @@
-//! `stitch.toml`: the service configuration. Types and defaults live here;
-//! loading (file + `STITCH_*` environment overrides) and validation with key
-//! paths live in [`load`].
+//! `stitch.toml`: the service configuration. The service's types and
+//! defaults live here, a queue's in [`queue`], each runner's section with
+//! its runner (`stitch_runners::*::section`). Loading: [`load`] (the
+//! entry), `layers` (defaults, file, `STITCH_*`), `extract` (every type
+//! error), `problems` (key paths), `runner_tables` and `validate` (the
+//! rules, one module per runner).
 
+mod extract;
+mod layers;
 pub mod load;
+mod problems;
+pub mod queue;
+mod runner_tables;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,7 +20,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use load::{api_tokens, load, render_problems, ConfigError, ConfigProblem, LoadOptions};
+pub use layers::{ENV_PREFIX, ENV_SEPARATOR, TOP_LEVEL_KEYS};
+pub use load::{api_tokens, load, LoadOptions};
+pub use problems::{render_problems, ConfigError, ConfigProblem};
+pub use queue::{PollConfig, QueueConfig, RetryConfig, RunnerSection};
+pub use stitch_runners::buildkite::{BuildkiteSection, WebhookModeName, WebhookSection};
+pub use stitch_runners::fake::FakeSection;
+pub use stitch_runners::github::GithubSection;
+pub use stitch_runners::http_budget::RateLimitSection;
+pub use stitch_runners::local::LocalSection;
+pub use stitch_runners::RunnerKind;
 
 /// The whole configuration. Unknown keys are errors.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -116,20 +134,30 @@ impl RetentionSetting {
     }
 }
 
+/// What a retention key takes; problems quote it, so that a wrong value
+/// names the right form.
+pub(crate) const RETENTION_FORM: &str = "a duration like \"30d\", \"12h\", \"10m\", or \"off\"";
+
 impl<'de> Deserialize<'de> for RetentionSetting {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        if text.trim().eq_ignore_ascii_case("off") {
-            return Ok(RetentionSetting::Off);
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RetentionSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a string ({RETENTION_FORM})")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                if text.trim().eq_ignore_ascii_case("off") {
+                    return Ok(RetentionSetting::Off);
+                }
+                humantime_serde::re::humantime::parse_duration(text.trim())
+                    .map(RetentionSetting::After)
+                    .map_err(|_| {
+                        E::invalid_value(serde::de::Unexpected::Str(text), &RETENTION_FORM)
+                    })
+            }
         }
-        humantime_serde::re::humantime::parse_duration(text.trim())
-            .map(RetentionSetting::After)
-            .map_err(|_| {
-                serde::de::Error::invalid_value(
-                    serde::de::Unexpected::Str(&text),
-                    &"\"off\" or a duration",
-                )
-            })
+        deserializer.deserialize_str(Visitor)
     }
 }
 
@@ -225,372 +253,6 @@ impl Default for HttpConfig {
     }
 }
 
-/// Which runner a queue uses.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RunnerName {
-    Noop,
-    #[default]
-    Fake,
-    Local,
-    Buildkite,
-    Github,
-}
-
-impl From<RunnerName> for stitch_runners::RunnerKind {
-    fn from(name: RunnerName) -> Self {
-        match name {
-            RunnerName::Noop => stitch_runners::RunnerKind::Noop,
-            RunnerName::Fake => stitch_runners::RunnerKind::Fake,
-            RunnerName::Local => stitch_runners::RunnerKind::Local,
-            RunnerName::Buildkite => stitch_runners::RunnerKind::Buildkite,
-            RunnerName::Github => stitch_runners::RunnerKind::Github,
-        }
-    }
-}
-
-/// `[queues.NAME]`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct QueueConfig {
-    pub runner: RunnerName,
-    /// Builds running at once (local runner); the rest wait as accepted.
-    pub concurrency: Option<u32>,
-    /// A promised failure fails the build at once and cancels it.
-    pub fail_fast: bool,
-    /// Still accepted after this → cancel + failed.
-    #[serde(with = "humantime_serde")]
-    pub accepted_timeout: Option<Duration>,
-    /// Not terminal after this → cancel + failed.
-    #[serde(with = "humantime_serde")]
-    pub max_duration: Option<Duration>,
-    pub poll: PollConfig,
-    pub retry: RetryConfig,
-    pub local: Option<LocalSection>,
-    pub fake: Option<FakeSection>,
-    pub buildkite: Option<BuildkiteSection>,
-    pub github: Option<GithubSection>,
-}
-
-impl Default for QueueConfig {
-    fn default() -> Self {
-        Self {
-            runner: RunnerName::Fake,
-            concurrency: None,
-            fail_fast: false,
-            accepted_timeout: None,
-            max_duration: None,
-            poll: PollConfig::default(),
-            retry: RetryConfig::default(),
-            local: None,
-            fake: None,
-            buildkite: None,
-            github: None,
-        }
-    }
-}
-
-/// `poll = { accepted = "5s", running = "2s" }`: delay between status polls.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PollConfig {
-    #[serde(with = "humantime_serde")]
-    pub accepted: Duration,
-    #[serde(with = "humantime_serde")]
-    pub running: Duration,
-}
-
-impl Default for PollConfig {
-    fn default() -> Self {
-        Self {
-            accepted: Duration::from_secs(5),
-            running: Duration::from_secs(2),
-        }
-    }
-}
-
-/// `retry = { max_attempts = 10, initial = "1s", max = "5m" }`: trigger and
-/// status errors the runner reports as retryable.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            max_attempts: 10,
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(300),
-        }
-    }
-}
-
-/// `[queues.NAME.local]`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LocalSection {
-    /// Run with `sh -c` in `workdir`.
-    pub command: String,
-    /// Shared by every build of the queue. Unset: each build gets a fresh
-    /// private directory under the system temporary directory, removed
-    /// when it ends.
-    #[serde(default)]
-    pub workdir: Option<PathBuf>,
-    /// Between SIGTERM and SIGKILL on cancel.
-    #[serde(default = "ten_seconds", with = "humantime_serde")]
-    pub cancel_grace: Duration,
-    /// Extra environment for the command (builds never inherit stitch's
-    /// own environment beyond a short allow-list).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Names of stitch's own environment variables handed to builds.
-    #[serde(default)]
-    pub pass_env: Vec<String>,
-    /// Account builds run as (name or uid); needs stitch to run as root.
-    #[serde(default)]
-    pub user: Option<String>,
-    /// Group builds run as (name or gid); default the user's primary group.
-    #[serde(default)]
-    pub group: Option<String>,
-}
-
-fn ten_seconds() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// `[queues.NAME.fake]`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FakeSection {
-    #[serde(with = "humantime_serde")]
-    pub accept_delay: Duration,
-    #[serde(with = "humantime_serde")]
-    pub run_duration: Duration,
-    pub slow_factor: u32,
-}
-
-impl Default for FakeSection {
-    fn default() -> Self {
-        Self {
-            accept_delay: Duration::from_secs(1),
-            run_duration: Duration::from_secs(5),
-            slow_factor: 6,
-        }
-    }
-}
-
-/// `[queues.NAME.buildkite]`: the pipeline a queue's builds run on.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BuildkiteSection {
-    /// Organization slug.
-    pub org: String,
-    /// Pipeline slug.
-    pub pipeline: String,
-    /// Branch builds run on. Default `main`.
-    #[serde(default = "default_branch")]
-    pub branch: String,
-    /// Commit builds run on. Default `HEAD` (the branch's head).
-    #[serde(default = "default_commit")]
-    pub commit: String,
-    /// Let caller metadata `commit` / `branch` override the two above.
-    #[serde(default)]
-    pub allow_ref_override: bool,
-    /// Environment variable holding the API token (scopes `read_builds`,
-    /// `write_builds`, `read_build_logs`).
-    #[serde(default = "default_token_env")]
-    pub token_env: String,
-    /// API root. Default `https://api.buildkite.com`.
-    #[serde(default = "default_api_url")]
-    pub api_url: String,
-    /// The organization's request budget, shared by every queue on the
-    /// same `api_url` and `org` (the smallest configured one wins).
-    #[serde(default)]
-    pub rate_limit: RateLimitSection,
-    /// Timeout of one API request.
-    #[serde(default = "thirty_seconds", with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// How often a followed build log is re-read.
-    #[serde(default = "two_seconds", with = "humantime_serde")]
-    pub log_poll: Duration,
-    /// The most log bytes streamed for one build (all its jobs); past it
-    /// the log ends with a truncation line. Default 16 MiB.
-    #[serde(default = "default_max_log_bytes")]
-    pub max_log_bytes: u64,
-    /// Webhook verification; with it, polling slows to `webhook.poll`.
-    #[serde(default)]
-    pub webhook: Option<WebhookSection>,
-}
-
-fn default_branch() -> String {
-    "main".into()
-}
-
-fn default_commit() -> String {
-    "HEAD".into()
-}
-
-fn default_token_env() -> String {
-    "BUILDKITE_API_TOKEN".into()
-}
-
-fn default_max_log_bytes() -> u64 {
-    stitch_runners::buildkite::runner::DEFAULT_MAX_LOG_BYTES
-}
-
-fn default_api_url() -> String {
-    "https://api.buildkite.com".into()
-}
-
-fn thirty_seconds() -> Duration {
-    Duration::from_secs(30)
-}
-
-fn two_seconds() -> Duration {
-    Duration::from_secs(2)
-}
-
-/// `rate_limit = { requests = 200, window = "1m" }`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimitSection {
-    pub requests: u32,
-    #[serde(with = "humantime_serde")]
-    pub window: Duration,
-}
-
-impl Default for RateLimitSection {
-    fn default() -> Self {
-        Self {
-            requests: 200,
-            window: Duration::from_secs(60),
-        }
-    }
-}
-
-/// How Buildkite webhooks prove their origin.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WebhookModeName {
-    /// `X-Buildkite-Signature` (HMAC-SHA256, replay window).
-    #[default]
-    Signature,
-    /// `X-Buildkite-Token` (clear text).
-    Token,
-}
-
-/// `[queues.NAME.buildkite.webhook]`
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSection {
-    #[serde(default)]
-    pub mode: WebhookModeName,
-    /// Environment variable holding the webhook token (the HMAC key in
-    /// signature mode).
-    pub secret_env: String,
-    /// Signature replay window.
-    #[serde(default = "five_minutes", with = "humantime_serde")]
-    pub max_age: Duration,
-    /// The safety-net poll cadence while webhooks deliver the changes.
-    #[serde(default = "one_minute", with = "humantime_serde")]
-    pub poll: Duration,
-}
-
-fn five_minutes() -> Duration {
-    Duration::from_secs(300)
-}
-
-fn one_minute() -> Duration {
-    Duration::from_secs(60)
-}
-
-/// `[queues.NAME.github]`: the GitHub Actions workflow a queue's builds
-/// run as. Authentication is `token_env`, or a GitHub App (`app_id`,
-/// `private_key_file`, `installation_id`), not both.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct GithubSection {
-    /// Repository owner (user or organization).
-    pub owner: String,
-    /// Repository name.
-    pub repo: String,
-    /// Workflow file name (`stitch.yml`) or numeric id.
-    pub workflow: String,
-    /// Branch or tag the workflow runs on. Default `main`.
-    #[serde(rename = "ref", default = "default_branch")]
-    pub git_ref: String,
-    /// Environment variable holding a token (fine-grained: Actions
-    /// read/write on the repository).
-    #[serde(default)]
-    pub token_env: Option<String>,
-    /// GitHub App id (or client id): the JWT issuer.
-    #[serde(default)]
-    pub app_id: Option<String>,
-    /// The App's private key (PEM).
-    #[serde(default)]
-    pub private_key_file: Option<PathBuf>,
-    /// The App installation on the repository's owner.
-    #[serde(default)]
-    pub installation_id: Option<u64>,
-    /// REST root. Default `https://api.github.com`; GitHub Enterprise
-    /// Server: `https://HOST/api/v3`.
-    #[serde(default = "default_github_api_url")]
-    pub api_url: String,
-    /// `X-GitHub-Api-Version`. Default `2022-11-28` (asks for run details
-    /// on dispatch); `2026-03-10` always gets them.
-    #[serde(default = "default_github_api_version")]
-    pub api_version: String,
-    /// Extra workflow inputs (strings); stitch's `stitch_*` inputs win.
-    #[serde(default)]
-    pub inputs: BTreeMap<String, String>,
-    /// Most inputs a dispatch may carry: 25 on github.com, 10 on older GHES.
-    #[serde(default = "default_max_inputs")]
-    pub max_inputs: usize,
-    /// Request budget shared by every queue with the same `api_url` and
-    /// credentials. Default 5,000 per hour (a token's primary limit).
-    #[serde(default = "github_rate_limit")]
-    pub rate_limit: RateLimitSection,
-    /// Timeout of one API request.
-    #[serde(default = "thirty_seconds", with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// How often a followed build log re-reads the run's jobs.
-    #[serde(default = "five_seconds", with = "humantime_serde")]
-    pub log_poll: Duration,
-    /// How long stitch keeps looking for a dispatched run (by its
-    /// `run-name`) before it counts as missing.
-    #[serde(default = "ten_seconds", with = "humantime_serde")]
-    pub lookup_settle: Duration,
-}
-
-fn default_github_api_url() -> String {
-    "https://api.github.com".into()
-}
-
-fn default_github_api_version() -> String {
-    stitch_runners::github::API_VERSION_2022.into()
-}
-
-fn default_max_inputs() -> usize {
-    25
-}
-
-fn github_rate_limit() -> RateLimitSection {
-    RateLimitSection {
-        requests: 5000,
-        window: Duration::from_secs(3600),
-    }
-}
-
-fn five_seconds() -> Duration {
-    Duration::from_secs(5)
-}
-
 /// `[webhooks]`
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -634,6 +296,10 @@ pub struct SpindleConfig {
     /// development only).
     #[serde(default)]
     pub dev: bool,
+}
+
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_jetstream_url() -> String {

@@ -17,8 +17,9 @@ pub use trigger::TriggerStage;
 
 use crate::config::ClusterConfig;
 use crate::consumer::{run_stage, RetryBudget, Stage, StageError};
+use crate::runners::QueueRuntime;
 use crate::service::BuildMessage;
-use crate::state::{AppState, QueueRuntime};
+use crate::state::AppState;
 
 /// Starts both stages; they stop (finishing in-flight work) on `shutdown`.
 pub fn start(state: &AppState, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {

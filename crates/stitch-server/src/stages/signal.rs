@@ -16,7 +16,8 @@ use super::{
     budget_for, fail_build, handle_of, live_build, parse, record_status, runtime_of, subscription,
 };
 use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
-use crate::state::{topics, AppState, QueueRuntime};
+use crate::runners::QueueRuntime;
+use crate::state::{topics, AppState};
 
 /// While a cancel is pending, poll this often to confirm it.
 const CANCEL_CONFIRM_POLL: Duration = Duration::from_millis(500);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::Value;
 use stitch_core::{BuildId, ChangeSet, RunnerRef, TriggerRequest};
-use stitch_server::config::{Config, FakeSection, LocalSection, QueueConfig, RunnerName};
+use stitch_server::config::{Config, FakeSection, LocalSection, QueueConfig, RunnerSection};
 use stitch_server::http::{self, HttpOptions};
 use stitch_server::state::AppState;
 use tokio::sync::oneshot;
@@ -37,8 +37,7 @@ pub fn config(data_dir: PathBuf) -> Config {
     queues.insert(
         "default".to_string(),
         QueueConfig {
-            runner: RunnerName::Fake,
-            fake: Some(FakeSection {
+            runner: RunnerSection::Fake(FakeSection {
                 accept_delay: Duration::from_millis(50),
                 run_duration: Duration::from_millis(600),
                 slow_factor: 2,
@@ -49,8 +48,7 @@ pub fn config(data_dir: PathBuf) -> Config {
     queues.insert(
         "q-local".to_string(),
         QueueConfig {
-            runner: RunnerName::Local,
-            local: Some(LocalSection {
+            runner: RunnerSection::Local(LocalSection {
                 command: LOCAL_COMMAND.to_string(),
                 workdir: Some(PathBuf::from(".")),
                 cancel_grace: Duration::from_secs(1),
@@ -65,7 +63,7 @@ pub fn config(data_dir: PathBuf) -> Config {
     queues.insert(
         "q-noop".to_string(),
         QueueConfig {
-            runner: RunnerName::Noop,
+            runner: RunnerSection::Noop,
             ..QueueConfig::default()
         },
     );

@@ -20,7 +20,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use stitch_server::config::{Config, FakeSection, QueueConfig, RunnerName};
+use stitch_server::config::{Config, FakeSection, QueueConfig, RunnerSection};
 use stitch_server::state::AppState;
 use stitch_spindle::did::{encode_multikey, DidKey};
 use stitch_spindle::Settings;
@@ -537,8 +537,7 @@ pub struct Harness {
 
 fn queues() -> BTreeMap<String, QueueConfig> {
     let fake = |run_ms: u64| QueueConfig {
-        runner: RunnerName::Fake,
-        fake: Some(FakeSection {
+        runner: RunnerSection::Fake(FakeSection {
             accept_delay: Duration::from_millis(50),
             run_duration: Duration::from_millis(run_ms),
             slow_factor: 2,
@@ -550,9 +549,10 @@ fn queues() -> BTreeMap<String, QueueConfig> {
     default.poll.accepted = Duration::from_millis(50);
     default.poll.running = Duration::from_millis(50);
     let mut fast = default.clone();
-    fast.fake = Some(FakeSection {
+    fast.runner = RunnerSection::Fake(FakeSection {
         run_duration: Duration::from_millis(200),
-        ..fast.fake.unwrap()
+        accept_delay: Duration::from_millis(50),
+        slow_factor: 2,
     });
     let mut slow = fake(60_000);
     slow.poll.accepted = Duration::from_millis(50);
