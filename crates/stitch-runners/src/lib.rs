@@ -7,6 +7,9 @@
 //! - [`buildkite`]: builds on Buildkite pipelines (REST API v2).
 //! - [`github`]: builds as GitHub Actions workflow runs (REST API).
 //!
+//! Each runner with settings has a `section` module: its table of
+//! `stitch.toml` (`[queues.NAME.local]`, …), read by `stitch-server`.
+//!
 //! What the vendor HTTP clients share: [`http_retry`] (the retry policy
 //! they are given), [`http_budget`] (the request budget of one rate-limit
 //! scope), [`http_util`] (errors, pagination, URLs) and [`signature`]
