@@ -10,10 +10,14 @@
 //! Each runner with settings has a `section` module: its table of
 //! `stitch.toml` (`[queues.NAME.local]`, …), read by `stitch-server`.
 //!
-//! What the vendor HTTP clients share: [`http_retry`] (the retry policy
-//! they are given), [`http_budget`] (the request budget of one rate-limit
-//! scope), [`http_util`] (errors, pagination, URLs) and [`signature`]
-//! (webhook HMACs).
+//! What the vendor runners share (a new vendor plugs into these seams):
+//! [`http_error`] (what a call fails with: one error type over the
+//! vendor's answer details), [`http_retry`] (the retry policy they are
+//! given), [`http_budget`] (the request budget of one rate-limit scope),
+//! [`http_util`] (transport messages, pagination, URLs), [`log_follower`]
+//! (following a build's log as it grows, per viewer or shared),
+//! [`timed_lines`] (raw job logs as timed lines, over the vendor's line
+//! stamps) and [`signature`] (webhook HMACs).
 //! [`conformance`] is the suite every runner passes; [`RunnerKind`] names
 //! the runners a configuration may choose.
 #![forbid(unsafe_code)]
@@ -23,11 +27,14 @@ pub mod conformance;
 pub mod fake;
 pub mod github;
 pub mod http_budget;
+pub mod http_error;
 pub mod http_retry;
 pub mod http_util;
 pub mod local;
+pub mod log_follower;
 pub mod noop;
 pub mod signature;
+pub mod timed_lines;
 
 use std::fmt;
 use std::str::FromStr;

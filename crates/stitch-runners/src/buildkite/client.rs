@@ -13,19 +13,18 @@
 //! `RateLimit-Reset` (the larger of the organization and user resets).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, SecondsFormat, Utc};
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_RANGE, LINK, RANGE};
+use reqwest::header::{ACCEPT, CONTENT_RANGE, LINK, RANGE};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
-use stitch_core::RunnerError;
 
-use super::model::{Build, CreateBuild, ErrorBody, FieldError};
+use super::error::{api_error, rate_limit_reset, BuildkiteError};
+use super::model::{Build, CreateBuild};
 use crate::http_budget::{Priority, RequestBudget};
 use crate::http_retry::RetryPolicy;
-use crate::http_util::{next_link, status_summary, transport_message};
+use crate::http_util::{next_link, transport_message};
 
 /// The most pages a list follows (100 builds each).
 const MAX_PAGES: usize = 10;
@@ -74,114 +73,6 @@ pub struct BuildQuery {
     pub states: Vec<String>,
     /// `exclude_jobs=true` (cheaper when only the state is needed).
     pub exclude_jobs: bool,
-}
-
-/// What a Buildkite call failed with.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BuildkiteError {
-    /// Buildkite answered with an error status.
-    #[error("Buildkite answered HTTP {status}: {message}{}", render_field_errors(.errors))]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The body's `message` (or a summary of a body that had none).
-        message: String,
-        /// The body's `errors[]` (validation failures).
-        errors: Vec<FieldError>,
-        /// Seconds until the rate-limit window resets, when Buildkite said.
-        rate_limit_reset: Option<Duration>,
-    },
-    /// No answer: connect failure, timeout, reset.
-    #[error("request to Buildkite failed: {message}")]
-    Transport {
-        /// What happened.
-        message: String,
-        /// False only when the connection was never made (nothing was sent).
-        maybe_processed: bool,
-    },
-    /// A success status with a body that is not the expected JSON (a proxy
-    /// page, a truncated answer).
-    #[error("Buildkite answered HTTP {status} with an unreadable body: {message}")]
-    Decode {
-        /// HTTP status.
-        status: u16,
-        /// The decode error.
-        message: String,
-    },
-    /// A URL could not be built (bad base URL, a pagination link to another host).
-    #[error("invalid Buildkite URL: {0}")]
-    Url(String),
-}
-
-fn render_field_errors(errors: &[FieldError]) -> String {
-    if errors.is_empty() {
-        String::new()
-    } else {
-        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        format!(" ({})", list.join("; "))
-    }
-}
-
-impl BuildkiteError {
-    /// The HTTP status, for answers that had one.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// For a create: the build may or may not exist now (timeout or reset
-    /// after sending, a 5xx, an unreadable success). Look it up before
-    /// creating again.
-    pub fn outcome_unknown(&self) -> bool {
-        match self {
-            Self::Transport {
-                maybe_processed, ..
-            } => *maybe_processed,
-            Self::Api { status, .. } => *status >= 500,
-            Self::Decode { .. } => true,
-            Self::Url(_) => false,
-        }
-    }
-
-    /// The 422 Buildkite gives when cancelling a build that already ended.
-    pub fn is_already_finished(&self) -> bool {
-        matches!(self, Self::Api { status: 422, message, .. }
-            if message.to_ascii_lowercase().contains("already finished"))
-    }
-
-    /// Whether Buildkite said the thing does not exist (404).
-    pub fn is_not_found(&self) -> bool {
-        self.status() == Some(404)
-    }
-}
-
-impl From<BuildkiteError> for RunnerError {
-    fn from(e: BuildkiteError) -> Self {
-        let text = e.to_string();
-        match e {
-            BuildkiteError::Api { status: 404, .. } => RunnerError::NotFound(text),
-            BuildkiteError::Api {
-                status,
-                rate_limit_reset,
-                ..
-            } => RunnerError::Http {
-                status,
-                message: text,
-                retry_after: if status == 429 {
-                    rate_limit_reset
-                } else {
-                    None
-                },
-            },
-            // Undecodable success bodies are usually proxies in trouble: retry.
-            BuildkiteError::Transport { .. } | BuildkiteError::Decode { .. } => {
-                RunnerError::Transport(text)
-            }
-            BuildkiteError::Url(_) => RunnerError::InvalidRequest(text),
-        }
-    }
 }
 
 /// Whether a call may be repeated after an unknown outcome.
@@ -507,12 +398,8 @@ impl Client {
             let resp = match request().send().await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    let maybe_processed = !e.is_connect();
-                    let err = BuildkiteError::Transport {
-                        message: transport_message(&e),
-                        maybe_processed,
-                    };
-                    let repeatable = safety == Safety::Safe || !maybe_processed;
+                    let err = BuildkiteError::transport(&e);
+                    let repeatable = safety == Safety::Safe || !err.outcome_unknown();
                     if repeatable && self.retry.may_retry(attempt) {
                         tokio::time::sleep(self.retry.backoff(attempt)).await;
                         continue;
@@ -557,39 +444,6 @@ fn parse_content_range(value: &str) -> Option<(u64, u64)> {
     (first <= last && last.checked_add(1)? == total).then_some((first, total))
 }
 
-/// Seconds until the rate-limit window resets: the larger of the
-/// organization (`RateLimit-Reset`) and user (`RateLimit-User-Reset`) resets.
-fn rate_limit_reset(headers: &HeaderMap) -> Option<Duration> {
-    ["ratelimit-reset", "ratelimit-user-reset"]
-        .iter()
-        .filter_map(|name| {
-            headers
-                .get(*name)?
-                .to_str()
-                .ok()?
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .max()
-        .map(Duration::from_secs)
-}
-
-fn api_error(status: StatusCode, body: &str, reset: Option<Duration>) -> BuildkiteError {
-    let parsed: Option<ErrorBody> = serde_json::from_str(body).ok();
-    let (message, errors) = match parsed {
-        Some(b) if !b.message.is_empty() => (b.message, b.errors),
-        Some(b) => (status_summary(status, body), b.errors),
-        None => (status_summary(status, body), Vec::new()),
-    };
-    BuildkiteError::Api {
-        status: status.as_u16(),
-        message,
-        errors,
-        rate_limit_reset: reset,
-    }
-}
-
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, BuildkiteError> {
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.map_err(|e| BuildkiteError::Decode {
@@ -607,82 +461,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn errors_map_into_runner_errors() {
-        let api = |status, reset| BuildkiteError::Api {
-            status,
-            message: "m".into(),
-            errors: vec![],
-            rate_limit_reset: reset,
-        };
-        let r: RunnerError = api(429, Some(Duration::from_secs(7))).into();
-        assert!(r.is_retryable());
-        assert_eq!(r.retry_after(), Some(Duration::from_secs(7)));
-        let r: RunnerError = api(404, None).into();
-        assert!(r.is_not_found());
-        for s in [500, 502, 503] {
-            assert!(RunnerError::from(api(s, None)).is_retryable());
-        }
-        for s in [400, 401, 403, 422] {
-            assert!(!RunnerError::from(api(s, None)).is_retryable(), "{s}");
-        }
-        let t: RunnerError = BuildkiteError::Transport {
-            message: "reset".into(),
-            maybe_processed: true,
-        }
-        .into();
-        assert!(t.is_retryable());
-        assert!(!RunnerError::from(BuildkiteError::Url("x".into())).is_retryable());
-    }
-
-    #[test]
-    fn unknown_outcomes_of_a_create() {
-        let t = |maybe_processed| BuildkiteError::Transport {
-            message: "x".into(),
-            maybe_processed,
-        };
-        assert!(t(true).outcome_unknown());
-        assert!(!t(false).outcome_unknown());
-        let api = |status| BuildkiteError::Api {
-            status,
-            message: "m".into(),
-            errors: vec![],
-            rate_limit_reset: None,
-        };
-        assert!(api(502).outcome_unknown());
-        assert!(!api(422).outcome_unknown());
-        assert!(!api(429).outcome_unknown());
-        assert!(BuildkiteError::Decode {
-            status: 201,
-            message: "eof".into()
-        }
-        .outcome_unknown());
-    }
-
-    #[test]
-    fn error_bodies_are_read() {
-        let e = api_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            r#"{"message":"Validation Failed","errors":[{"field":"commit","code":"missing"}]}"#,
-            None,
-        );
-        assert_eq!(
-            e.to_string(),
-            "Buildkite answered HTTP 422: Validation Failed (commit missing)"
-        );
-        let e = api_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            r#"{"message":"Build can't be canceled because it's already finished."}"#,
-            None,
-        );
-        assert!(e.is_already_finished());
-        let e = api_error(StatusCode::BAD_GATEWAY, "<html>bad gateway</html>", None);
-        assert_eq!(
-            e.to_string(),
-            "Buildkite answered HTTP 502: Bad Gateway: <html>bad gateway</html>"
-        );
-    }
-
-    #[test]
     fn content_ranges_must_be_the_tail_they_claim() {
         assert_eq!(parse_content_range("bytes 90-99/100"), Some((90, 100)));
         assert_eq!(parse_content_range("bytes 0-0/1"), Some((0, 1)));
@@ -696,17 +474,6 @@ mod tests {
         ] {
             assert_eq!(parse_content_range(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn the_larger_reset_wins() {
-        let mut h = HeaderMap::new();
-        assert_eq!(rate_limit_reset(&h), None);
-        h.insert("RateLimit-Reset", "12".parse().unwrap());
-        h.insert("RateLimit-User-Reset", "40".parse().unwrap());
-        assert_eq!(rate_limit_reset(&h), Some(Duration::from_secs(40)));
-        h.insert("RateLimit-User-Reset", "junk".parse().unwrap());
-        assert_eq!(rate_limit_reset(&h), Some(Duration::from_secs(12)));
     }
 
     #[test]

@@ -4,92 +4,35 @@
 //! line's `time` (lines without one inherit the previous line's time).
 
 use chrono::{DateTime, Utc};
-use stitch_core::{LogLine, OutputStream, StepKind};
+use stitch_core::{LogLine, StepKind};
 
 use super::model::Job;
+pub use crate::timed_lines::TimedLine;
+use crate::timed_lines::{self, LineStamp};
 
 /// The marker the agent writes before a timestamp; an `ESC` usually
 /// precedes it and a `BEL` ends the timestamp.
 const MARKER: &str = "_bk;t=";
 
-/// One parsed line of a raw job log: its time and its text without markers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TimedLine {
-    /// From the line's first `_bk;t=` marker, else the previous line's time.
-    pub time: DateTime<Utc>,
-    /// The line without timestamp markers or the trailing `\r`.
-    pub text: String,
+/// Buildkite's stamps: `ESC _bk;t=<unix millis> BEL` markers anywhere in
+/// the line; the first one gives the line's time.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildkiteStamp;
+
+impl LineStamp for BuildkiteStamp {
+    fn split(line: &str) -> (String, Option<DateTime<Utc>>) {
+        strip_markers(line)
+    }
 }
+
+/// Turns a raw Buildkite log that arrives in pieces into [`TimedLine`]s.
+pub type LineSplitter = timed_lines::LineSplitter<BuildkiteStamp>;
 
 /// Splits a raw log into lines and reads their timestamps. A last line
 /// without a trailing newline is included only when `complete` (the job
 /// finished): otherwise it may still grow.
 pub fn parse_log(raw: &str, start: DateTime<Utc>, complete: bool) -> Vec<TimedLine> {
-    let mut splitter = LineSplitter::new(start);
-    let mut lines = splitter.push(raw.as_bytes());
-    if complete {
-        lines.extend(splitter.finish());
-    }
-    lines
-}
-
-/// Turns a raw log that arrives in pieces (byte ranges, cut anywhere, even
-/// inside a UTF-8 sequence) into [`TimedLine`]s: complete lines as they
-/// arrive, the unterminated rest when the log is finished.
-#[derive(Clone, Debug)]
-pub struct LineSplitter {
-    partial: Vec<u8>,
-    time: DateTime<Utc>,
-}
-
-impl LineSplitter {
-    /// A splitter whose lines before the first timestamp get `start`.
-    pub fn new(start: DateTime<Utc>) -> Self {
-        Self {
-            partial: Vec::new(),
-            time: start,
-        }
-    }
-
-    /// The complete lines `bytes` ends (with what earlier pushes left open).
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<TimedLine> {
-        let mut lines = Vec::new();
-        let mut rest = bytes;
-        while let Some(at) = rest.iter().position(|b| *b == b'\n') {
-            self.partial.extend_from_slice(&rest[..at]);
-            let piece = std::mem::take(&mut self.partial);
-            lines.push(self.line(&piece));
-            rest = &rest[at + 1..];
-        }
-        self.partial.extend_from_slice(rest);
-        lines
-    }
-
-    /// The unterminated last line, if any (call once the log is complete).
-    pub fn finish(&mut self) -> Option<TimedLine> {
-        if self.partial.is_empty() {
-            return None;
-        }
-        let piece = std::mem::take(&mut self.partial);
-        Some(self.line(&piece))
-    }
-
-    /// Bytes held back in an unterminated line.
-    pub fn pending(&self) -> usize {
-        self.partial.len()
-    }
-
-    fn line(&mut self, piece: &[u8]) -> TimedLine {
-        let text = String::from_utf8_lossy(piece);
-        let (text, stamp) = strip_markers(text.trim_end_matches('\r'));
-        if let Some(t) = stamp {
-            self.time = t;
-        }
-        TimedLine {
-            time: self.time,
-            text,
-        }
-    }
+    timed_lines::parse::<BuildkiteStamp>(raw, start, complete)
 }
 
 /// The text without markers, and the first marker's time.
@@ -134,21 +77,16 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|n| n.and_utc())
 }
 
-/// Following one job's log: whether its step was opened and closed, how
-/// many of its bytes were read, and the line they left open.
+/// How far one job's log was read, and the line it left open.
 #[derive(Clone, Debug)]
-pub(crate) struct JobCursor {
-    pub(crate) started: bool,
-    pub(crate) ended: bool,
+pub(crate) struct JobRead {
     pub(crate) bytes_read: u64,
     pub(crate) splitter: LineSplitter,
 }
 
-impl JobCursor {
+impl JobRead {
     pub(crate) fn new(start: DateTime<Utc>) -> Self {
         Self {
-            started: false,
-            ended: false,
             bytes_read: 0,
             splitter: LineSplitter::new(start),
         }
@@ -179,15 +117,6 @@ pub(crate) fn step_end(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogL
         .and_then(parse_time)
         .unwrap_or(fallback);
     LogLine::step_end(step_id, job.display_name(), StepKind::User, time)
-}
-
-/// Data lines of `job`'s step. Buildkite merges stdout and stderr into one
-/// log, so every line is tagged `stdout`.
-pub(crate) fn data_lines(step_id: i64, lines: &[TimedLine]) -> Vec<LogLine> {
-    lines
-        .iter()
-        .map(|l| LogLine::data(step_id, OutputStream::Stdout, l.text.clone(), l.time))
-        .collect()
 }
 
 #[cfg(test)]

@@ -16,23 +16,23 @@
 //!   build that turns out terminal.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::StreamExt;
 use stitch_core::metadata::keys;
 use stitch_core::{
     async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, BuildStatus, LogLine, LogStream,
     OutputStream, RunnerError, RunnerRef, StatusReport, TriggerRequest,
 };
-use tokio::sync::watch;
-use tokio::task::AbortHandle;
 
-use super::client::{BuildQuery, BuildkiteError, Client, Pipeline};
-use super::logs::{data_lines, parse_time, step_end, step_start, JobCursor};
+use super::client::{BuildQuery, Client, Pipeline};
+use super::error::BuildkiteError;
+use super::logs::{parse_time, step_end, step_start, JobRead};
 use super::model::{Build, BuildState, CreateBuild, META_BUILD_ID, META_QUEUE};
 use crate::http_budget::Priority;
+use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
+use crate::timed_lines::data_lines;
 
 /// Creates attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; every later attempt looks up
@@ -126,8 +126,8 @@ pub struct BuildkiteRunner {
     refs: Mutex<HashMap<BuildId, RunnerRef>>,
     triggering: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<()>>>>,
     /// The log follower of each build someone is viewing, shared by all
-    /// its viewers (see [`SharedLog`]).
-    followers: Mutex<HashMap<BuildId, Weak<SharedLog>>>,
+    /// its viewers.
+    followers: SharedLogs,
 }
 
 impl std::fmt::Debug for BuildkiteRunner {
@@ -146,7 +146,7 @@ impl BuildkiteRunner {
             config,
             refs: Mutex::new(HashMap::new()),
             triggering: Mutex::new(HashMap::new()),
-            followers: Mutex::new(HashMap::new()),
+            followers: SharedLogs::default(),
         }
     }
 
@@ -479,175 +479,50 @@ impl BuildRunner for BuildkiteRunner {
     /// first viewer's call starts it, later ones join it and get every line
     /// so far, and it stops when the last viewer's stream is dropped.
     async fn logs(&self, handle: &BuildHandle) -> Result<LogStream, RunnerError> {
-        if let Some(shared) = self.live_follower(&handle.build_id) {
-            return Ok(shared.viewer());
+        if let Some(viewer) = self.followers.join(&handle.build_id) {
+            return Ok(viewer);
         }
         let client = self.client.with_priority(Priority::Logs);
         let (pipeline, build) = self.resolve_with(&client, handle).await?;
-        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
-        followers.retain(|_, f| f.strong_count() > 0);
-        // Another viewer may have started one while this one resolved.
-        if let Some(shared) = followers.get(&handle.build_id).and_then(Weak::upgrade) {
-            return Ok(shared.viewer());
-        }
-        let follower = LogFollower {
+        let source = BuildLogs {
             client,
             pipeline,
             number: build.number,
-            poll: self.config.log_poll,
             window: self.config.log_window,
             max_bytes: self.config.max_log_bytes,
             bytes_streamed: 0,
-            cursors: HashMap::new(),
-            steps: Vec::new(),
-            done: false,
+            steps: Steps::default(),
         };
-        let shared = SharedLog::start(follower, build);
-        followers.insert(handle.build_id.clone(), Arc::downgrade(&shared));
-        Ok(shared.viewer())
+        let follower = LogFollower::new(source, build, self.config.log_poll);
+        // Another viewer may have started one while this one resolved.
+        Ok(self.followers.join_or_start(&handle.build_id, follower))
     }
 }
 
-impl BuildkiteRunner {
-    fn live_follower(&self, id: &BuildId) -> Option<Arc<SharedLog>> {
-        self.followers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .and_then(Weak::upgrade)
-    }
-}
-
-/// One build's log as its follower produced it so far.
-#[derive(Default)]
-struct LogHistory {
-    lines: Vec<Result<LogLine, RunnerError>>,
-    /// The follower finished: no line will be added.
-    done: bool,
-}
-
-/// One follower task and the lines it produced, shared by every viewer of
-/// the build. Viewers hold it through `Arc`; when the last one is dropped,
-/// the task is aborted (it fetches nothing for nobody).
-struct SharedLog {
-    history: Arc<Mutex<LogHistory>>,
-    /// Bumped after every batch the task adds.
-    updates: watch::Receiver<u64>,
-    task: AbortHandle,
-}
-
-impl Drop for SharedLog {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl SharedLog {
-    fn start(follower: LogFollower, first: Build) -> Arc<Self> {
-        let history = Arc::new(Mutex::new(LogHistory::default()));
-        let (tx, updates) = watch::channel(0u64);
-        let task = tokio::spawn(follow(follower, first, history.clone(), tx));
-        Arc::new(Self {
-            history,
-            updates,
-            task: task.abort_handle(),
-        })
-    }
-
-    /// A stream of every line from the first, following until the
-    /// follower is done.
-    fn viewer(self: &Arc<Self>) -> LogStream {
-        let rx = self.updates.clone();
-        futures::stream::unfold(
-            (self.clone(), 0usize, rx),
-            |(shared, next, mut rx)| async move {
-                loop {
-                    // Marks the current batch seen before reading it, so a
-                    // batch added after the read wakes `changed` below.
-                    rx.borrow_and_update();
-                    let (batch, done) = {
-                        let h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
-                        (h.lines[next.min(h.lines.len())..].to_vec(), h.done)
-                    };
-                    if !batch.is_empty() {
-                        let next = next + batch.len();
-                        return Some((futures::stream::iter(batch), (shared, next, rx)));
-                    }
-                    if done || rx.changed().await.is_err() {
-                        return None;
-                    }
-                }
-            },
-        )
-        .flatten()
-        .boxed()
-    }
-}
-
-/// The follower task: batches into the history until the follower is done.
-async fn follow(
-    mut follower: LogFollower,
-    first: Build,
-    history: Arc<Mutex<LogHistory>>,
-    updates: watch::Sender<u64>,
-) {
-    let mut first = Some(first);
-    loop {
-        let batch = follower.next_batch(first.take()).await;
-        {
-            let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
-            h.lines.extend(batch);
-            h.done = follower.done;
-        }
-        updates.send_modify(|n| *n += 1);
-        if follower.done {
-            return;
-        }
-    }
-}
-
-/// Reads a build's job logs as they grow, until the build is terminal or
+/// A build's job logs, read as they grow until the build is terminal or
 /// the build's log reached `max_bytes`.
-struct LogFollower {
+struct BuildLogs {
     client: Client,
     pipeline: Pipeline,
     number: u64,
-    poll: Duration,
     window: u64,
     max_bytes: u64,
     /// Log bytes read so far, all jobs together.
     bytes_streamed: u64,
-    cursors: HashMap<String, JobCursor>,
-    /// Job ids in the order their steps were opened (step id = index + 1).
-    steps: Vec<String>,
-    done: bool,
+    /// Jobs by id, with how far their logs were read.
+    steps: Steps<String, JobRead>,
 }
 
-impl LogFollower {
-    async fn next_batch(&mut self, first: Option<Build>) -> Vec<Result<LogLine, RunnerError>> {
-        let build = match first {
-            Some(b) => b,
-            None => {
-                tokio::time::sleep(self.poll).await;
-                match self.client.get_build(&self.pipeline, self.number).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        self.done = true;
-                        return vec![Err(e.into())];
-                    }
-                }
-            }
-        };
-        match self.lines(&build).await {
-            Ok(lines) => lines.into_iter().map(Ok).collect(),
-            Err(e) => {
-                self.done = true;
-                vec![Err(e.into())]
-            }
-        }
+#[async_trait]
+impl LogSource for BuildLogs {
+    type Build = Build;
+    type Error = BuildkiteError;
+
+    async fn reread(&mut self) -> Result<Build, BuildkiteError> {
+        self.client.get_build(&self.pipeline, self.number).await
     }
 
-    async fn lines(&mut self, build: &Build) -> Result<Vec<LogLine>, BuildkiteError> {
+    async fn read(&mut self, build: &Build) -> Result<Batch, BuildkiteError> {
         let terminal = build.state.status().is_terminal();
         let now = Utc::now();
         let mut out = Vec::new();
@@ -660,23 +535,13 @@ impl LogFollower {
                 .as_deref()
                 .and_then(parse_time)
                 .unwrap_or(now);
-            let step_id = match self.steps.iter().position(|id| *id == job.id) {
-                Some(i) => i as i64 + 1,
-                None => {
-                    self.steps.push(job.id.clone());
-                    self.steps.len() as i64
-                }
-            };
-            let cursor = self
-                .cursors
-                .entry(job.id.clone())
-                .or_insert_with(|| JobCursor::new(start));
-            if cursor.ended {
+            let step = self.steps.step(job.id.clone(), || JobRead::new(start));
+            if step.closed {
                 continue;
             }
-            if !cursor.started {
-                cursor.started = true;
-                out.push(step_start(step_id, job, now));
+            if !step.opened {
+                step.opened = true;
+                out.push(step_start(step.id, job, now));
             }
             let complete = job.is_finished() || terminal;
             let allowed = self.max_bytes.saturating_sub(self.bytes_streamed);
@@ -686,39 +551,41 @@ impl LogFollower {
                     &self.pipeline,
                     self.number,
                     &job.id,
-                    cursor.bytes_read,
+                    step.state.bytes_read,
                     self.window,
                     allowed,
                 )
                 .await?;
-            let over = chunk.total.saturating_sub(cursor.bytes_read) > allowed;
+            let over = chunk.total.saturating_sub(step.state.bytes_read) > allowed;
             let take = chunk
                 .bytes
                 .len()
                 .min(usize::try_from(allowed).unwrap_or(usize::MAX));
-            cursor.bytes_read += take as u64;
+            step.state.bytes_read += take as u64;
             self.bytes_streamed += take as u64;
             out.extend(data_lines(
-                step_id,
-                &cursor.splitter.push(&chunk.bytes[..take]),
+                step.id,
+                &step.state.splitter.push(&chunk.bytes[..take]),
             ));
             if over {
-                out.push(truncation_line(step_id, self.max_bytes, now));
-                self.done = true;
-                return Ok(out);
+                out.push(truncation_line(step.id, self.max_bytes, now));
+                return Ok(Batch {
+                    lines: out,
+                    finished: true,
+                });
             }
             if complete {
-                if let Some(last) = cursor.splitter.finish() {
-                    out.extend(data_lines(step_id, &[last]));
+                if let Some(last) = step.state.splitter.finish() {
+                    out.extend(data_lines(step.id, &[last]));
                 }
-                cursor.ended = true;
-                out.push(step_end(step_id, job, now));
+                step.closed = true;
+                out.push(step_end(step.id, job, now));
             }
         }
-        if terminal {
-            self.done = true;
-        }
-        Ok(out)
+        Ok(Batch {
+            lines: out,
+            finished: terminal,
+        })
     }
 }
 

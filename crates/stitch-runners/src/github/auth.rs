@@ -201,16 +201,14 @@ impl AppTokens {
                 GithubError::Api {
                     status,
                     message,
-                    retry_after,
-                    rate_limited,
+                    detail,
                 } => GithubError::Api {
                     status,
                     message: format!(
                         "minting an installation token for installation {}: {message}",
                         self.installation_id
                     ),
-                    retry_after,
-                    rate_limited,
+                    detail,
                 },
                 other => other,
             });

@@ -35,7 +35,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
 use super::auth::Credentials;
-use super::error::{api_error, header_u64, until_reset, GithubError};
+use super::error::{api_error, header_u64, until_reset, GithubDetail, GithubError};
 use super::model::{
     DispatchBody, DispatchResponse, Job, JobList, Run, RunList, API_VERSION_HEADER, MEDIA_TYPE,
 };
@@ -356,12 +356,8 @@ impl Client {
             let resp = match req.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    let maybe_processed = !e.is_connect();
-                    let err = GithubError::Transport {
-                        message: transport_message(&e),
-                        maybe_processed,
-                    };
-                    let repeatable = safety == Safety::Safe || !maybe_processed;
+                    let err = GithubError::transport(&e);
+                    let repeatable = safety == Safety::Safe || !err.outcome_unknown();
                     if repeatable && self.retry.may_retry(attempt) {
                         tokio::time::sleep(self.retry.backoff(attempt)).await;
                         continue;
@@ -418,8 +414,11 @@ impl Client {
                 continue;
             }
             if let GithubError::Api {
-                rate_limited: true,
-                retry_after,
+                detail:
+                    GithubDetail {
+                        rate_limited: true,
+                        retry_after,
+                    },
                 ..
             } = &err
             {

@@ -1,79 +1,49 @@
-//! What a GitHub call fails with, and how an error answer is read: one
-//! place for the client, the App-token minting and the runner.
+//! What a GitHub call fails with ([`GithubError`], the shared
+//! [`HttpError`] over what GitHub's error answers carry), and how an error
+//! answer is read: one place for the client, the App-token minting and the
+//! runner.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
-use stitch_core::RunnerError;
 
 use super::model::ErrorBody;
+use crate::http_error::{AnswerDetail, HttpError};
 use crate::http_util::status_summary;
 
 /// What a GitHub call failed with.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum GithubError {
-    /// GitHub answered with an error status.
-    #[error("GitHub answered HTTP {status}: {message}")]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The body's `message` (or a summary of a body that had none).
-        message: String,
-        /// How long GitHub asked us to wait (`retry-after`, or until
-        /// `x-ratelimit-reset` when the quota is spent).
-        retry_after: Option<Duration>,
-        /// A primary or secondary rate limit (403 or 429), not a refusal.
-        rate_limited: bool,
-    },
-    /// No answer: connect failure, timeout, reset.
-    #[error("request to GitHub failed: {message}")]
-    Transport {
-        /// What happened.
-        message: String,
-        /// False only when the connection was never made (nothing was sent).
-        maybe_processed: bool,
-    },
-    /// A success status with a body that is not the expected JSON.
-    #[error("GitHub answered HTTP {status} with an unreadable body: {message}")]
-    Decode {
-        /// HTTP status.
-        status: u16,
-        /// The decode error.
-        message: String,
-    },
-    /// A URL could not be built (bad API root, a pagination link elsewhere).
-    #[error("invalid GitHub URL: {0}")]
-    Url(String),
-    /// Credentials cannot be used (a bad App key, a token no header can carry).
-    #[error("GitHub credentials: {0}")]
-    Auth(String),
+pub type GithubError = HttpError<GithubDetail>;
+
+/// What a GitHub error answer carries beside its status and message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GithubDetail {
+    /// How long GitHub asked us to wait (`retry-after`, or until
+    /// `x-ratelimit-reset` when the quota is spent).
+    pub retry_after: Option<Duration>,
+    /// A primary or secondary rate limit (403 or 429), not a refusal.
+    pub rate_limited: bool,
+}
+
+impl AnswerDetail for GithubDetail {
+    const VENDOR: &'static str = "GitHub";
+
+    /// A rate-limited 403 is "wait", not "forbidden": the 429 it means.
+    fn runner_status(&self, status: u16) -> u16 {
+        if self.rate_limited {
+            429
+        } else {
+            status
+        }
+    }
+
+    fn retry_after(&self, _status: u16) -> Option<Duration> {
+        self.retry_after
+    }
 }
 
 impl GithubError {
-    /// The HTTP status, for answers that had one.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// For a dispatch: the run may or may not exist now (timeout or reset
-    /// after sending, a 5xx, an unreadable success). Look before
-    /// dispatching again.
-    pub fn outcome_unknown(&self) -> bool {
-        match self {
-            Self::Transport {
-                maybe_processed, ..
-            } => *maybe_processed,
-            Self::Api { status, .. } => *status >= 500,
-            Self::Decode { .. } => true,
-            Self::Url(_) | Self::Auth(_) => false,
-        }
-    }
-
     /// The 409 GitHub gives when cancelling a run that already completed.
     pub fn is_conflict(&self) -> bool {
         self.status() == Some(409)
@@ -84,39 +54,6 @@ impl GithubError {
     pub fn rejects_run_details(&self) -> bool {
         matches!(self, Self::Api { status: 400 | 422, message, .. }
             if message.contains("return_run_details"))
-    }
-}
-
-impl From<GithubError> for RunnerError {
-    fn from(e: GithubError) -> Self {
-        let text = e.to_string();
-        match e {
-            GithubError::Api { status: 404, .. } => RunnerError::NotFound(text),
-            // A rate-limited 403 is "wait", not "forbidden": classify it as
-            // the 429 it means.
-            GithubError::Api {
-                rate_limited: true,
-                retry_after,
-                ..
-            } => RunnerError::Http {
-                status: 429,
-                message: text,
-                retry_after,
-            },
-            GithubError::Api {
-                status,
-                retry_after,
-                ..
-            } => RunnerError::Http {
-                status,
-                message: text,
-                retry_after,
-            },
-            GithubError::Transport { .. } | GithubError::Decode { .. } => {
-                RunnerError::Transport(text)
-            }
-            GithubError::Url(_) | GithubError::Auth(_) => RunnerError::InvalidRequest(text),
-        }
     }
 }
 
@@ -157,14 +94,17 @@ pub(crate) fn api_error(status: StatusCode, headers: &HeaderMap, body: &str) -> 
     GithubError::Api {
         status: status.as_u16(),
         message,
-        retry_after,
-        rate_limited,
+        detail: GithubDetail {
+            retry_after,
+            rate_limited,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stitch_core::RunnerError;
 
     fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -184,7 +124,10 @@ mod tests {
         assert!(matches!(
             forbidden,
             GithubError::Api {
-                rate_limited: false,
+                detail: GithubDetail {
+                    rate_limited: false,
+                    ..
+                },
                 ..
             }
         ));
@@ -209,8 +152,11 @@ mod tests {
             r#"{"message":"API rate limit exceeded for installation ID 1."}"#,
         );
         let GithubError::Api {
-            rate_limited: true,
-            retry_after: Some(wait),
+            detail:
+                GithubDetail {
+                    rate_limited: true,
+                    retry_after: Some(wait),
+                },
             ..
         } = primary
         else {
@@ -227,8 +173,7 @@ mod tests {
         let api = |status| GithubError::Api {
             status,
             message: "m".into(),
-            retry_after: None,
-            rate_limited: false,
+            detail: GithubDetail::default(),
         };
         assert!(RunnerError::from(api(404)).is_not_found());
         for s in [500, 502, 503] {

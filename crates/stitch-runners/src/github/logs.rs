@@ -6,46 +6,37 @@
 //! line's time.
 
 use chrono::{DateTime, Utc};
-use stitch_core::{LogLine, OutputStream, StepKind};
+use stitch_core::{LogLine, StepKind};
 
 use super::model::Job;
+pub use crate::timed_lines::TimedLine;
+use crate::timed_lines::{self, LineStamp};
 
-/// One parsed line of a raw job log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TimedLine {
-    /// From the line's prefix, else the previous line's time.
-    pub time: DateTime<Utc>,
-    /// The line without the time prefix, byte-order mark or `\r`.
-    pub text: String,
+/// GitHub's stamps: a `<RFC 3339 UTC time>Z ` prefix, after a byte-order
+/// mark on a log's first line.
+#[derive(Clone, Copy, Debug)]
+pub struct GithubStamp;
+
+impl LineStamp for GithubStamp {
+    fn split(line: &str) -> (String, Option<DateTime<Utc>>) {
+        let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+        match split_stamp(line) {
+            Some((t, text)) => (text.to_string(), Some(t)),
+            None => (line.to_string(), None),
+        }
+    }
 }
 
-/// Splits a raw job log into timed lines. `start` is the time of lines
-/// before the first stamped one. A trailing newline ends the log, it does
-/// not open an empty line.
+/// Splits a raw job log (read whole, once the job finished) into timed
+/// lines. `start` is the time of lines before the first stamped one. A
+/// trailing newline ends the log, it does not open an empty line.
 pub fn parse_log(raw: &str, start: DateTime<Utc>) -> Vec<TimedLine> {
     let raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
-    let raw = raw.strip_suffix('\n').unwrap_or(raw);
-    if raw.is_empty() {
+    // A log of one bare newline has no lines (not one empty one).
+    if raw == "\n" {
         return Vec::new();
     }
-    let mut time = start;
-    raw.split('\n')
-        .map(|line| {
-            let line = line.trim_end_matches('\r');
-            let line = line.strip_prefix('\u{feff}').unwrap_or(line);
-            let text = match split_stamp(line) {
-                Some((t, text)) => {
-                    time = t;
-                    text
-                }
-                None => line,
-            };
-            TimedLine {
-                time,
-                text: text.to_string(),
-            }
-        })
-        .collect()
+    timed_lines::parse::<GithubStamp>(raw, start, true)
 }
 
 /// `("2026-03-12T09:14:09.1183520Z", "text")` → the time and the text.
@@ -94,15 +85,6 @@ pub(crate) fn step_end(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogL
     LogLine::step_end(step_id, job.name.clone(), StepKind::User, time)
 }
 
-/// Data lines of a job's step. GitHub merges stdout and stderr into one
-/// log, so every line is tagged `stdout`.
-pub(crate) fn data_lines(step_id: i64, lines: &[TimedLine]) -> Vec<LogLine> {
-    lines
-        .iter()
-        .map(|l| LogLine::data(step_id, OutputStream::Stdout, l.text.clone(), l.time))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +125,8 @@ mod tests {
         assert_eq!(lines[0].time, t0());
         assert!(parse_log("", t0()).is_empty());
         assert!(parse_log("\u{feff}", t0()).is_empty());
+        assert!(parse_log("\u{feff}\n", t0()).is_empty());
+        assert_eq!(parse_log("\n\n", t0()).len(), 2);
         // Things that look a little like times stay text.
         let lines = parse_log("2026-03-12 not a stamp", t0());
         assert_eq!(lines[0].text, "2026-03-12 not a stamp");

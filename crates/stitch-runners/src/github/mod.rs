@@ -23,7 +23,7 @@ pub mod webhook;
 
 pub use auth::{AppTokens, Credentials};
 pub use client::{Client, Repo, RunQuery};
-pub use error::GithubError;
+pub use error::{GithubDetail, GithubError};
 pub use model::{map_status, Job, Run, API_VERSION_2022, INPUT_BUILD_ID, RESERVED_INPUTS};
 pub use runner::{status_report, GithubConfig, GithubRunner};
 pub use section::GithubSection;

@@ -28,21 +28,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::StreamExt;
 use stitch_core::metadata::keys;
 use stitch_core::{
-    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, LogLine, LogStream, RunnerError,
+    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, LogStream, RunnerError,
     RunnerRef, StatusReport, TriggerRequest,
 };
 
 use super::client::{Client, Repo, RunQuery};
 use super::error::GithubError;
-use super::logs::{data_lines, parse_log, parse_time, step_end, step_start};
+use super::logs::{parse_log, parse_time, step_end, step_start};
 use super::model::API_VERSION_2022;
 use super::model::{
-    DispatchBody, Job, Run, INPUT_BASE, INPUT_BUILD_ID, INPUT_HEAD, INPUT_METADATA, INPUT_QUEUE,
+    DispatchBody, Run, INPUT_BASE, INPUT_BUILD_ID, INPUT_HEAD, INPUT_METADATA, INPUT_QUEUE,
 };
 use crate::http_budget::Priority;
+use crate::log_follower::{Batch, LogFollower, LogSource, Steps};
+use crate::timed_lines::data_lines;
 
 /// Dispatches attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; later attempts look first).
@@ -486,105 +487,61 @@ impl BuildRunner for GithubRunner {
 
     async fn logs(&self, handle: &BuildHandle) -> Result<LogStream, RunnerError> {
         let (repo, run) = self.resolve(handle).await?;
-        let follower = LogFollower {
+        let source = RunLogs {
             // Log reads never spend the reserve dispatches, polls and
             // cancels need.
             client: self.client.with_priority(Priority::Logs),
             repo,
             run_id: run.id,
-            poll: self.config.log_poll,
-            jobs: HashMap::new(),
-            steps: Vec::new(),
-            done: false,
+            steps: Steps::default(),
         };
-        let stream = futures::stream::unfold((follower, Some(run)), |(mut f, first)| async move {
-            if f.done {
-                return None;
-            }
-            let batch = f.next_batch(first).await;
-            Some((futures::stream::iter(batch), (f, None)))
-        })
-        .flatten()
-        .boxed();
-        Ok(stream)
+        Ok(LogFollower::new(source, run, self.config.log_poll).into_stream())
     }
 }
 
-/// Following one job: whether its step was opened and closed.
-#[derive(Clone, Copy, Debug, Default)]
-struct JobCursor {
-    started: bool,
-    ended: bool,
-}
-
-/// Reads a run's job logs as jobs finish, until the run is terminal.
-struct LogFollower {
+/// A run's job logs, each read once its job finished, until the run is
+/// terminal.
+struct RunLogs {
     client: Client,
     repo: Repo,
     run_id: u64,
-    poll: Duration,
-    jobs: HashMap<u64, JobCursor>,
-    /// Job ids in the order their steps were opened (step id = index + 1).
-    steps: Vec<u64>,
-    done: bool,
+    /// Jobs by id.
+    steps: Steps<u64, ()>,
 }
 
-impl LogFollower {
-    async fn next_batch(&mut self, first: Option<Run>) -> Vec<Result<LogLine, RunnerError>> {
-        let run = match first {
-            Some(r) => r,
-            None => {
-                tokio::time::sleep(self.poll).await;
-                match self.client.get_run(&self.repo, self.run_id).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.done = true;
-                        return vec![Err(e.into())];
-                    }
-                }
-            }
-        };
-        match self.lines(&run).await {
-            Ok(lines) => lines.into_iter().map(Ok).collect(),
-            Err(e) => {
-                self.done = true;
-                vec![Err(e.into())]
-            }
-        }
+#[async_trait]
+impl LogSource for RunLogs {
+    type Build = Run;
+    type Error = GithubError;
+
+    async fn reread(&mut self) -> Result<Run, GithubError> {
+        self.client.get_run(&self.repo, self.run_id).await
     }
 
-    fn step_of(&mut self, job: &Job) -> i64 {
-        match self.steps.iter().position(|id| *id == job.id) {
-            Some(i) => i as i64 + 1,
-            None => {
-                self.steps.push(job.id);
-                self.steps.len() as i64
-            }
-        }
-    }
-
-    async fn lines(&mut self, run: &Run) -> Result<Vec<LogLine>, GithubError> {
+    async fn read(&mut self, run: &Run) -> Result<Batch, GithubError> {
         let terminal = run.status().is_terminal();
         let jobs = self.client.list_jobs(&self.repo, self.run_id).await?;
         let now = Utc::now();
         let mut out = Vec::new();
         for job in &jobs {
-            let cursor = self.jobs.get(&job.id).copied().unwrap_or_default();
             let started = job.started_at.is_some() || job.is_completed();
-            if cursor.ended || !started {
+            if !started {
                 continue;
             }
-            let step_id = self.step_of(job);
-            if !cursor.started {
-                out.push(step_start(step_id, job, now));
+            let step = self.steps.step(job.id, || ());
+            if step.closed {
+                continue;
             }
-            let ended = job.is_completed() || terminal;
-            if ended {
+            if !step.opened {
+                step.opened = true;
+                out.push(step_start(step.id, job, now));
+            }
+            if job.is_completed() || terminal {
                 // Logs exist once a job is finished; a job that never ran
                 // (cancelled while queued) has none.
                 let raw = match self.client.job_log(&self.repo, job.id).await {
                     Ok(raw) => raw,
-                    Err(e) if e.status() == Some(404) => String::new(),
+                    Err(e) if e.is_not_found() => String::new(),
                     Err(e) => return Err(e),
                 };
                 let start = job
@@ -592,21 +549,15 @@ impl LogFollower {
                     .as_deref()
                     .and_then(parse_time)
                     .unwrap_or(now);
-                out.extend(data_lines(step_id, &parse_log(&raw, start)));
-                out.push(step_end(step_id, job, now));
+                out.extend(data_lines(step.id, &parse_log(&raw, start)));
+                step.closed = true;
+                out.push(step_end(step.id, job, now));
             }
-            self.jobs.insert(
-                job.id,
-                JobCursor {
-                    started: true,
-                    ended,
-                },
-            );
         }
-        if terminal {
-            self.done = true;
-        }
-        Ok(out)
+        Ok(Batch {
+            lines: out,
+            finished: terminal,
+        })
     }
 }
 
