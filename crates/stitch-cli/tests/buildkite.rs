@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stitch_fake_providers::buildkite::{
-    sign, Endpoint, FakeBuildkite, FakeOptions, Fault, Timing, WebhookAuth, WebhookTarget,
+    sign, Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Timing, WebhookAuth,
+    WebhookTarget,
 };
 use support::serve::Serve;
 

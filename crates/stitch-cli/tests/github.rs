@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use stitch_fake_providers::github::{
-    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, Timing, WebhookTarget,
+    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Timing, WebhookTarget,
 };
 use support::serve::Serve;
 

@@ -590,7 +590,7 @@ async fn mariadb_connections_dropped_mid_run_lose_nothing() {
 mod push_never_lost {
     use super::*;
     use stitch_fake_providers::buildkite::{
-        Endpoint, FakeBuildkite, FakeOptions, Timing, WebhookAuth, WebhookTarget,
+        Endpoint, FakeBuildkite, FakeOptions, FaultControl, Timing, WebhookAuth, WebhookTarget,
     };
 
     const WITHIN: Duration = Duration::from_secs(20);

@@ -1,6 +1,8 @@
 //! Fault injection the fakes share: what goes wrong with a request
-//! ([`Fault`]), the per-endpoint rules that pick one, and how a fault
-//! spoils an answer after the work was done.
+//! ([`Fault`]), the per-endpoint rules that pick one ([`FaultRules`]), the
+//! controls tests drive them with ([`FaultControl`]), the sync points that
+//! hold a request in flight ([`Pause`]), and how a fault spoils an answer
+//! after the work was done.
 
 use std::sync::Arc;
 
@@ -92,8 +94,64 @@ pub(crate) async fn until_delivered(deliveries: &watch::Sender<u64>, delivered: 
     }
 }
 
+/// The fault controls every fake gives its tests, written once: a fake
+/// says where its [`FaultRules`] live and names its endpoints; tests bring
+/// the trait into scope (`use stitch_fake_providers::buildkite::FaultControl`).
+pub trait FaultControl {
+    /// The API surface a fault applies to (the fake's `Endpoint`).
+    type Endpoint: Copy + PartialEq;
+
+    /// Runs `f` on the fake's rules, under the fake's lock.
+    fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Self::Endpoint>) -> R) -> R;
+
+    /// Fails the next `times` requests to `endpoint` with `fault`.
+    fn inject(&self, endpoint: Self::Endpoint, fault: Fault, times: u32) {
+        self.with_fault_rules(|r| r.inject(endpoint, fault, times));
+    }
+
+    /// Fails each request to `endpoint` with `fault` with `probability`,
+    /// until [`clear_faults`](Self::clear_faults).
+    fn inject_rate(&self, endpoint: Self::Endpoint, fault: Fault, probability: f64) {
+        self.with_fault_rules(|r| r.inject_rate(endpoint, fault, probability));
+    }
+
+    /// Holds the next request to `endpoint` (after its work, before its
+    /// answer) until the returned [`Pause`] is released.
+    fn pause_next(&self, endpoint: Self::Endpoint) -> Pause {
+        self.with_fault_rules(|r| r.pause_next(endpoint))
+    }
+
+    /// Removes every injected fault and releases every pause.
+    fn clear_faults(&self) {
+        self.with_fault_rules(FaultRules::clear);
+    }
+}
+
+/// What the faults do to one admitted request's answer, once its work is
+/// done: hold it at a pause, spoil it, or neither.
+#[must_use]
+pub(crate) struct AnswerFault {
+    pause: Option<Pause>,
+    fault: Option<Fault>,
+}
+
+impl AnswerFault {
+    /// Whether a fault spoils the answer (a pause alone does not).
+    pub(crate) fn spoils(&self) -> bool {
+        self.fault.is_some()
+    }
+
+    /// Holds the answer at the pause (if any), then spoils it (if a fault).
+    pub(crate) async fn apply(self, resp: Response) -> Response {
+        if let Some(pause) = self.pause {
+            pause.hold().await;
+        }
+        spoil(self.fault, resp).await
+    }
+}
+
 /// The injected faults and pauses of one fake, by endpoint kind `E`.
-pub(crate) struct FaultRules<E> {
+pub struct FaultRules<E> {
     rules: Vec<Rule<E>>,
     pauses: Vec<(E, Pause)>,
 }
@@ -116,7 +174,7 @@ impl<E: Copy + PartialEq> FaultRules<E> {
     }
 
     /// The pause for a request to `endpoint`, used up by it.
-    pub(crate) fn take_pause(&mut self, endpoint: E) -> Option<Pause> {
+    fn take_pause(&mut self, endpoint: E) -> Option<Pause> {
         let at = self.pauses.iter().position(|(e, _)| *e == endpoint)?;
         Some(self.pauses.remove(at).1)
     }
@@ -146,6 +204,23 @@ impl<E: Copy + PartialEq> FaultRules<E> {
         self.rules.clear();
         for (_, p) in self.pauses.drain(..) {
             p.release();
+        }
+    }
+
+    /// What happens to a request to `endpoint` that passed the fake's own
+    /// checks (`any` matches every endpoint): `Err` is the answer of a
+    /// fault that refuses it before its work (a proxy's error page).
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn admit(&mut self, endpoint: E, any: E) -> Result<AnswerFault, Response> {
+        if let Some(pause) = self.take_pause(endpoint) {
+            return Ok(AnswerFault {
+                pause: Some(pause),
+                fault: None,
+            });
+        }
+        match self.take(endpoint, any) {
+            Some(Fault::Status(code)) => Err(proxy_page(code)),
+            fault => Ok(AnswerFault { pause: None, fault }),
         }
     }
 
@@ -184,7 +259,7 @@ pub(crate) fn proxy_page(code: u16) -> Response {
 }
 
 /// Applies a post-work fault (`None`: none) to a finished answer.
-pub(crate) async fn spoil(fault: Option<Fault>, resp: Response) -> Response {
+async fn spoil(fault: Option<Fault>, resp: Response) -> Response {
     match fault {
         None => resp,
         Some(Fault::Timeout(d)) => {

@@ -11,7 +11,9 @@ use stitch_core::{
     BuildHandle, BuildId, BuildRunner, BuildStatus, ChangeSet, LogKind, RunnerError, RunnerRef,
     StepStatus, TriggerRequest,
 };
-use stitch_fake_providers::buildkite::{Endpoint, FakeBuildkite, FakeOptions, Fault, Timing};
+use stitch_fake_providers::buildkite::{
+    Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Timing,
+};
 use stitch_runners::buildkite::{
     BuildQuery, BuildkiteConfig, BuildkiteRunner, Client, Pipeline, RateLimit, RequestBudget,
 };

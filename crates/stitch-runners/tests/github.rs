@@ -10,7 +10,9 @@ use stitch_core::{
     BuildHandle, BuildId, BuildRunner, BuildStatus, ChangeSet, LogKind, RunnerError, RunnerRef,
     StepStatus, TriggerRequest,
 };
-use stitch_fake_providers::github::{Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, Timing};
+use stitch_fake_providers::github::{
+    Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Timing,
+};
 use stitch_runners::conformance::{self, Checked, Scenario, Subject};
 use stitch_runners::github::{
     AppTokens, Client, Credentials, GithubConfig, GithubRunner, Repo, RunQuery,

@@ -43,8 +43,8 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::faults::{proxy_page, spoil, FaultRules};
-pub use crate::faults::{Fault, Pause};
+use crate::faults::{AnswerFault, FaultRules};
+pub use crate::faults::{Fault, FaultControl, Pause};
 use world::{is_terminal, CreateBody, Transition, World};
 pub use world::{Plan, MARKER};
 
@@ -281,26 +281,6 @@ impl FakeBuildkite {
         &self.shared.token
     }
 
-    /// Fails the next `times` requests to `endpoint` with `fault`.
-    pub fn inject(&self, endpoint: Endpoint, fault: Fault, times: u32) {
-        self.shared.lock().faults.inject(endpoint, fault, times);
-    }
-
-    /// Fails each request to `endpoint` with `fault` with `probability`,
-    /// until [`clear_faults`](Self::clear_faults).
-    pub fn inject_rate(&self, endpoint: Endpoint, fault: Fault, probability: f64) {
-        self.shared
-            .lock()
-            .faults
-            .inject_rate(endpoint, fault, probability);
-    }
-
-    /// Holds the next request to `endpoint` (after its work, before its
-    /// answer) until the returned [`Pause`] is released.
-    pub fn pause_next(&self, endpoint: Endpoint) -> Pause {
-        self.shared.lock().faults.pause_next(endpoint)
-    }
-
     /// Returns once a webhook for `event` (`build.finished`, …) of the
     /// build stamped with `stitch_build_id` was delivered (answered).
     pub async fn webhook_delivered(&self, stitch_build_id: &str, event: &str) {
@@ -308,11 +288,6 @@ impl FakeBuildkite {
             self.webhook_sent_at(stitch_build_id, event).is_some()
         })
         .await;
-    }
-
-    /// Removes every injected fault.
-    pub fn clear_faults(&self) {
-        self.shared.lock().faults.clear();
     }
 
     /// Answers every request with 429 for `length`, each carrying the
@@ -473,6 +448,14 @@ impl FakeBuildkite {
     }
 }
 
+impl FaultControl for FakeBuildkite {
+    type Endpoint = Endpoint;
+
+    fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Endpoint>) -> R) -> R {
+        f(&mut self.shared.lock().faults)
+    }
+}
+
 /// Advances every build on each tick and queues the webhooks.
 async fn tick(shared: Arc<Shared>) {
     let mut every = tokio::time::interval(shared.timing.tick);
@@ -593,13 +576,6 @@ fn message(status: StatusCode, text: &str) -> Response {
         .into_response()
 }
 
-/// What happens to a request after the gate.
-enum After {
-    Normal,
-    Fault(Fault),
-    Paused(Pause),
-}
-
 /// Auth, rate limit and faults, in Buildkite's order. `Err` is the answer
 /// (a response, large but built once per refused request).
 #[allow(clippy::result_large_err)]
@@ -609,7 +585,7 @@ fn gate(
     org: &str,
     endpoint: Endpoint,
     name: &'static str,
-) -> Result<(After, HeaderMap), Response> {
+) -> Result<(AnswerFault, HeaderMap), Response> {
     let mut inner = shared.lock();
     *inner.stats.requests.entry(name).or_default() += 1;
     let now = Instant::now();
@@ -671,27 +647,14 @@ fn gate(
         );
         return Err(resp);
     }
-    if let Some(pause) = inner.faults.take_pause(endpoint) {
-        return Ok((After::Paused(pause), rl));
-    }
-    match inner.faults.take(endpoint, Endpoint::Any) {
-        Some(Fault::Status(code)) => Err(proxy_page(code)),
-        Some(f) => Ok((After::Fault(f), rl)),
-        None => Ok((After::Normal, rl)),
-    }
+    let answer = inner.faults.admit(endpoint, Endpoint::Any)?;
+    Ok((answer, rl))
 }
 
 /// Applies a post-work fault to a finished answer.
-async fn finish(after: After, rl: HeaderMap, mut resp: Response) -> Response {
+async fn finish(answer: AnswerFault, rl: HeaderMap, mut resp: Response) -> Response {
     resp.headers_mut().extend(rl);
-    match after {
-        After::Normal => resp,
-        After::Fault(f) => spoil(Some(f), resp).await,
-        After::Paused(p) => {
-            p.hold().await;
-            resp
-        }
-    }
+    answer.apply(resp).await
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response {

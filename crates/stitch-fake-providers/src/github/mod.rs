@@ -41,8 +41,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::faults::{proxy_page, spoil, FaultRules};
-pub use crate::faults::{Fault, Pause};
+use crate::faults::{proxy_page, AnswerFault, FaultRules};
+pub use crate::faults::{Fault, FaultControl, Pause};
 pub use world::{render_run_name, Plan, MARKER};
 use world::{Transition, World};
 
@@ -340,26 +340,6 @@ impl FakeGithub {
         &self.shared.options.token
     }
 
-    /// Fails the next `times` requests to `endpoint` with `fault`.
-    pub fn inject(&self, endpoint: Endpoint, fault: Fault, times: u32) {
-        self.shared.lock().faults.inject(endpoint, fault, times);
-    }
-
-    /// Fails each request to `endpoint` with `fault` with `probability`,
-    /// until [`clear_faults`](Self::clear_faults).
-    pub fn inject_rate(&self, endpoint: Endpoint, fault: Fault, probability: f64) {
-        self.shared
-            .lock()
-            .faults
-            .inject_rate(endpoint, fault, probability);
-    }
-
-    /// Holds the next request to `endpoint` (after its work, before its
-    /// answer) until the returned [`Pause`] is released.
-    pub fn pause_next(&self, endpoint: Endpoint) -> Pause {
-        self.shared.lock().faults.pause_next(endpoint)
-    }
-
     /// Returns once a `workflow_run` webhook with `action` (`completed`, …)
     /// for the run of `stitch_build_id` was delivered (answered).
     pub async fn webhook_delivered(&self, stitch_build_id: &str, action: &str) {
@@ -367,11 +347,6 @@ impl FakeGithub {
             self.webhook_sent_at(stitch_build_id, action).is_some()
         })
         .await;
-    }
-
-    /// Removes every injected fault and releases every pause.
-    pub fn clear_faults(&self) {
-        self.shared.lock().faults.clear();
     }
 
     /// Refuses the next `times` API requests with a secondary rate limit
@@ -587,9 +562,8 @@ fn not_found() -> Response {
 /// What the gate lets through: the fault to apply after the work, the
 /// rate-limit headers, and the rate-limit key (to refund a 304).
 struct Pass {
-    fault: Option<Fault>,
-    /// Hold the answer here until the test releases it.
-    pause: Option<Pause>,
+    /// What the injected faults do to the answer.
+    answer: AnswerFault,
     headers: HeaderMap,
     key: String,
 }
@@ -686,31 +660,17 @@ fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<Pass
             .insert("retry-after", HeaderValue::from_static("1"));
         return Err(resp);
     }
-    if let Some(pause) = inner.faults.take_pause(endpoint) {
-        return Ok(Pass {
-            fault: None,
-            pause: Some(pause),
-            headers: rl,
-            key: presented,
-        });
-    }
-    match inner.faults.take(endpoint, Endpoint::Any) {
-        Some(Fault::Status(code)) => Err(proxy_page(code)),
-        fault => Ok(Pass {
-            fault,
-            pause: None,
-            headers: rl,
-            key: presented,
-        }),
-    }
+    let answer = inner.faults.admit(endpoint, Endpoint::Any)?;
+    Ok(Pass {
+        answer,
+        headers: rl,
+        key: presented,
+    })
 }
 
 async fn finish(pass: Pass, mut resp: Response) -> Response {
     resp.headers_mut().extend(pass.headers);
-    if let Some(pause) = pass.pause {
-        pause.hold().await;
-    }
-    spoil(pass.fault, resp).await
+    pass.answer.apply(resp).await
 }
 
 /// A conditional GET: 304 when `If-None-Match` names the body's ETag
@@ -725,7 +685,7 @@ async fn conditional(shared: &Shared, headers: &HeaderMap, pass: Pass, body: Val
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
-    if matches && pass.fault.is_none() {
+    if matches && !pass.answer.spoils() {
         {
             let mut inner = shared.lock();
             inner.stats.not_modified += 1;
@@ -737,11 +697,7 @@ async fn conditional(shared: &Shared, headers: &HeaderMap, pass: Pass, body: Val
         if let Ok(v) = HeaderValue::from_str(&etag) {
             resp.headers_mut().insert(header::ETAG, v);
         }
-        resp.headers_mut().extend(pass.headers);
-        if let Some(pause) = pass.pause {
-            pause.hold().await;
-        }
-        return resp;
+        return finish(pass, resp).await;
     }
     let mut resp = (
         StatusCode::OK,
@@ -1149,6 +1105,14 @@ async fn storage_log(
         log,
     )
         .into_response()
+}
+
+impl FaultControl for FakeGithub {
+    type Endpoint = Endpoint;
+
+    fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Endpoint>) -> R) -> R {
+        f(&mut self.shared.lock().faults)
+    }
 }
 
 async fn mint_token(
