@@ -3,13 +3,12 @@
 //! into the spindle's tables. Every handler is an upsert or delete keyed on
 //! (did, rkey), so the rewind on reconnect replays harmlessly.
 
-use futures::StreamExt;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Backoff;
 use crate::db::JETSTREAM_CURSOR;
 use crate::error::SpindleError;
+use crate::event_stream::{self, AfterFrame, EventStream};
 use crate::records::{
     CollaboratorRecord, JetstreamCommit, JetstreamFrame, MemberRecord, RepoRecord,
     COLLABORATOR_NSID, MEMBER_NSID, REPO_NSID,
@@ -37,12 +36,31 @@ pub fn subscribe_url(spindle: &Spindle, cursor: Option<i64>) -> Result<String, S
 
 /// Follows Jetstream until `stop`.
 pub(crate) async fn run(spindle: Spindle, stop: CancellationToken) {
-    let mut backoff = Backoff::new(
+    let backoff = Backoff::new(
         spindle.settings.reconnect_min,
         spindle.settings.reconnect_max,
     );
-    loop {
-        let cursor = spindle
+    let stream = Jetstream {
+        spindle,
+        stop: stop.clone(),
+    };
+    event_stream::follow(stream, backoff, stop).await;
+}
+
+/// The Jetstream subscription as an [`EventStream`].
+struct Jetstream {
+    spindle: Spindle,
+    stop: CancellationToken,
+}
+
+impl EventStream for Jetstream {
+    fn name(&self) -> &str {
+        "jetstream"
+    }
+
+    async fn url(&mut self) -> Option<String> {
+        let cursor = self
+            .spindle
             .db
             .cursor(JETSTREAM_CURSOR)
             .await
@@ -50,65 +68,37 @@ pub(crate) async fn run(spindle: Spindle, stop: CancellationToken) {
                 tracing::error!(error = %e, "spindle: reading the jetstream cursor failed");
                 None
             });
-        let url = match subscribe_url(&spindle, cursor) {
-            Ok(u) => u,
+        match subscribe_url(&self.spindle, cursor) {
+            Ok(u) => Some(u),
             Err(e) => {
                 tracing::error!(error = %e, "spindle: invalid jetstream URL");
-                return;
-            }
-        };
-        let connected = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio_tungstenite::connect_async(url.as_str()) => r,
-        };
-        match connected {
-            Err(e) => tracing::warn!(error = %e, "spindle: connecting to jetstream failed"),
-            Ok((mut socket, _)) => {
-                backoff.reset();
-                loop {
-                    let msg = tokio::select! {
-                        _ = stop.cancelled() => {
-                            let _ = socket.close(None).await;
-                            return;
-                        }
-                        m = socket.next() => m,
-                    };
-                    let text = match msg {
-                        None | Some(Ok(Message::Close(_))) => break,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "spindle: jetstream failed");
-                            break;
-                        }
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(_)) => continue,
-                    };
-                    let frame: JetstreamFrame = match serde_json::from_str(text.as_str()) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "spindle: skipping a malformed jetstream frame");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = process(&spindle, &frame, &stop).await {
-                        // Not saving the cursor: the frame is retried after a reconnect.
-                        tracing::error!(error = %e, "spindle: applying a jetstream event failed");
-                        break;
-                    }
-                    if let Err(e) = spindle
-                        .db
-                        .advance_cursor(JETSTREAM_CURSOR, frame.time_us)
-                        .await
-                    {
-                        tracing::error!(error = %e, "spindle: saving the jetstream cursor failed");
-                    }
-                }
+                None
             }
         }
-        let delay = backoff.next_delay();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+    }
+
+    async fn frame(&mut self, text: &str) -> AfterFrame {
+        let frame: JetstreamFrame = match serde_json::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "spindle: skipping a malformed jetstream frame");
+                return AfterFrame::Next;
+            }
+        };
+        if let Err(e) = process(&self.spindle, &frame, &self.stop).await {
+            // Not saving the cursor: the frame is retried after a reconnect.
+            tracing::error!(error = %e, "spindle: applying a jetstream event failed");
+            return AfterFrame::Reconnect;
         }
+        if let Err(e) = self
+            .spindle
+            .db
+            .advance_cursor(JETSTREAM_CURSOR, frame.time_us)
+            .await
+        {
+            tracing::error!(error = %e, "spindle: saving the jetstream cursor failed");
+        }
+        AfterFrame::Next
     }
 }
 

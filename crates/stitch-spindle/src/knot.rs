@@ -9,14 +9,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Backoff;
 use crate::db::{knot_cursor, now_nanos};
 use crate::did::check_host;
 use crate::error::SpindleError;
+use crate::event_stream::{self, AfterFrame, EventStream};
 use crate::records::{KnotFrame, PipelineRecord, PIPELINE_NSID};
 use crate::Spindle;
 
@@ -80,57 +79,49 @@ impl KnotClients {
 
 /// Follows one knot until `stop`.
 async fn follow(spindle: Spindle, knot: String, stop: CancellationToken) {
-    let mut backoff = Backoff::new(
+    let backoff = Backoff::new(
         spindle.settings.reconnect_min,
         spindle.settings.reconnect_max,
     );
-    let name = knot_cursor(&knot);
-    loop {
-        let cursor = match spindle.db.cursor(&name).await {
+    let cursor_name = knot_cursor(&knot);
+    let stream = KnotEvents {
+        spindle,
+        knot,
+        cursor_name,
+    };
+    event_stream::follow(stream, backoff, stop).await;
+}
+
+/// One knot's `/events` as an [`EventStream`].
+struct KnotEvents {
+    spindle: Spindle,
+    knot: String,
+    cursor_name: String,
+}
+
+impl EventStream for KnotEvents {
+    fn name(&self) -> &str {
+        &self.knot
+    }
+
+    async fn url(&mut self) -> Option<String> {
+        let cursor = match self.spindle.db.cursor(&self.cursor_name).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(knot, error = %e, "spindle: reading the knot cursor failed");
+                tracing::error!(knot = %self.knot, error = %e, "spindle: reading the knot cursor failed");
                 None
             }
         };
-        let mut url = spindle.settings.knot_events_url(&knot);
+        let mut url = self.spindle.settings.knot_events_url(&self.knot);
         if let Some(c) = cursor {
             url.push_str(&format!("?cursor={c}"));
         }
-        let connected = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio_tungstenite::connect_async(url.as_str()) => r,
-        };
-        match connected {
-            Err(e) => tracing::warn!(knot, error = %e, "spindle: connecting to the knot failed"),
-            Ok((mut socket, _)) => {
-                backoff.reset();
-                loop {
-                    let msg = tokio::select! {
-                        _ = stop.cancelled() => {
-                            let _ = socket.close(None).await;
-                            return;
-                        }
-                        m = socket.next() => m,
-                    };
-                    let text = match msg {
-                        None | Some(Ok(Message::Close(_))) => break,
-                        Some(Err(e)) => {
-                            tracing::warn!(knot, error = %e, "spindle: knot stream failed");
-                            break;
-                        }
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(_)) => continue,
-                    };
-                    process_frame(&spindle, &knot, &name, text.as_str()).await;
-                }
-            }
-        }
-        let delay = backoff.next_delay();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
+        Some(url)
+    }
+
+    async fn frame(&mut self, text: &str) -> AfterFrame {
+        process_frame(&self.spindle, &self.knot, &self.cursor_name, text).await;
+        AfterFrame::Next
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`knot`]: one event-stream client per tracked knot; triggers go to
 //!   [`trigger`], which authorizes them and creates one stitch build per
 //!   workflow through `stitch_server::service::create_build`.
+//! - `event_stream`: the reconnecting WebSocket loop both follow their
+//!   streams with.
 //! - [`status`]: turns those builds' transitions (the store's event log) into
 //!   `sh.tangled.pipeline.status` records in [`db`].
 //! - [`http`]: `/events`, `/logs/...` and the xrpc methods ([`auth`] and
@@ -18,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod did;
 pub mod error;
+mod event_stream;
 pub mod http;
 pub mod jetstream;
 pub mod knot;
