@@ -50,11 +50,18 @@ pub fn limit_websocket(ws: WebSocketUpgrade, limits: &HttpConfig) -> WebSocketUp
 pub(crate) fn parse_position(what: &str, raw: Option<&str>) -> Result<u64, ApiError> {
     match raw.map(str::trim) {
         None | Some("") => Ok(0),
-        Some(s) => s.parse::<u64>().map_err(|_| {
-            ApiError::invalid(format!(
-                "invalid {what} {s:?}: expected a non-negative integer"
-            ))
-        }),
+        // Positions are int64 on the wire (and in every database), so
+        // what the schema cannot carry is refused rather than read.
+        Some(s) => s
+            .parse::<u64>()
+            .ok()
+            .filter(|n| i64::try_from(*n).is_ok())
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "invalid {what} {s:?}: expected an integer from 0 to {}",
+                    i64::MAX
+                ))
+            }),
     }
 }
 
