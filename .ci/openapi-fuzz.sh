@@ -13,7 +13,7 @@ ROOT="$(pwd)"
 
 SCHEMATHESIS_VERSION=4.32.5
 # Test cases per operation and phase: bounds each run (2 cores: < 3 minutes).
-EXAMPLES="${FUZZ_EXAMPLES:-25}"
+EXAMPLES="${FUZZ_EXAMPLES:-10}"
 VENV=target/schemathesis-venv
 STITCH=target/debug/stitch
 
