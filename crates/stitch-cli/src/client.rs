@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::Value;
-use stitch_server::service::CreateBuild;
-use stitch_store::BuildRecord;
+use stitch_api::{BuildList, BuildRecord, CreateBuild, ErrorBody};
 
 /// Why a request failed; decides the exit code.
 #[derive(Debug, thiserror::Error)]
@@ -38,25 +36,6 @@ impl ClientError {
             _ => 3,
         }
     }
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
-}
-
-/// A page of builds.
-#[derive(Debug, Deserialize)]
-pub struct BuildPage {
-    pub builds: Vec<BuildRecord>,
-    #[serde(default)]
-    pub next_cursor: Option<String>,
 }
 
 /// The API client.
@@ -156,7 +135,7 @@ impl Client {
         status: Option<&str>,
         limit: u32,
         cursor: Option<&str>,
-    ) -> Result<BuildPage, ClientError> {
+    ) -> Result<BuildList, ClientError> {
         let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
         if let Some(c) = cursor {
             query.push(("cursor", c.to_string()));

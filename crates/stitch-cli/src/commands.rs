@@ -4,10 +4,9 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use stitch_api::{BuildRecord, CreateBuild};
 use stitch_core::BuildStatus;
 use stitch_server::config;
-use stitch_server::service::CreateBuild;
-use stitch_store::BuildRecord;
 
 use crate::client::{Client, ClientError, LogEvent};
 use crate::configured::{load_options, open_configured_queue};
@@ -131,11 +130,10 @@ async fn migrate(args: &ConfigArgs) -> u8 {
         }
         Err(e) => {
             eprintln!("stitch migrate: {url}: {e}");
-            match e {
-                stitch_server::state::StartError::Store(stitch_store::StoreError::InvalidUrl(
-                    _,
-                )) => USAGE,
-                _ => UNAVAILABLE,
+            if e.is_invalid_storage_url() {
+                USAGE
+            } else {
+                UNAVAILABLE
             }
         }
     }

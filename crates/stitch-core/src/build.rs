@@ -54,6 +54,28 @@ impl BuildId {
     }
 }
 
+impl BuildId {
+    /// What [`BuildId::from_str`] accepts, as a regular expression: `b_` and
+    /// 26 Crockford base32 characters in either case (the OpenAPI schema
+    /// states it, so clients know which ids can exist).
+    pub const PATTERN: &'static str = "^b_[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{26}$";
+}
+
+impl utoipa::PartialSchema for BuildId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some(Self::PATTERN))
+            .description(Some(
+                "A build id: `b_` and a ULID in Crockford base32, time-ordered.",
+            ))
+            .examples([serde_json::json!("b_01jz8k2m3n4p5q6r7s8t9v0w1x")])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for BuildId {}
+
 impl Default for BuildId {
     fn default() -> Self {
         Self::new()
@@ -100,7 +122,7 @@ impl From<BuildId> for String {
 
 /// The narrow status set. `Unknown` is **non-terminal**: a provider state
 /// stitch does not understand never fails a build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
     /// The provider reported a state stitch does not recognise. Not terminal.

@@ -11,7 +11,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Whether a line carries output (`data`) or opens/closes a step (`control`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogKind {
     /// A line of output from a step.
@@ -21,7 +21,19 @@ pub enum LogKind {
 }
 
 /// Which output stream a data line came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputStream {
     /// Standard output.
@@ -47,7 +59,7 @@ impl fmt::Display for OutputStream {
 }
 
 /// Whether a control line opens or closes a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StepStatus {
     /// The step begins.
@@ -103,7 +115,7 @@ impl<'de> Deserialize<'de> for StepKind {
 
 /// One log frame. Times are kept at millisecond precision so a line survives
 /// a serialize/deserialize round trip unchanged.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogLine {
     /// `data` or `control`.
     pub kind: LogKind,
@@ -128,8 +140,9 @@ pub struct LogLine {
         deserialize_with = "empty_str_as_none"
     )]
     pub step_status: Option<StepStatus>,
-    /// System or user step (control lines).
+    /// System or user step (control lines): `1` = user; omitted for `0` = system.
     #[serde(default, skip_serializing_if = "StepKind::is_system")]
+    #[schema(value_type = u8, minimum = 0, maximum = 1)]
     pub step_kind: StepKind,
     /// The command a step runs (start control lines).
     #[serde(

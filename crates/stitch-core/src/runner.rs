@@ -94,7 +94,7 @@ impl TriggerRequest {
 /// The provider's own identity of a build, opaque to everything but the
 /// runner that minted it. Stored on the build record as JSON
 /// (`{"id", "url"?, "data"?}`); a cache, never the only way back to the build.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunnerRef {
     /// The provider's id (Buildkite build number, GitHub run id, …).
     pub id: String,

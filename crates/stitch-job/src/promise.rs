@@ -51,14 +51,7 @@ impl PromiseFailure {
     /// Parses and validates a JSON body `{exit_status, reason?}`; unknown
     /// fields and non-integer statuses are refused.
     pub fn from_json(body: &[u8]) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Raw {
-            exit_status: i64,
-            #[serde(default)]
-            reason: Option<String>,
-        }
-        let raw: Raw =
+        let raw: stitch_api::PromiseFailureBody =
             serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
         Self::new(raw.exit_status, raw.reason).map_err(|e| e.to_string())
     }

@@ -2,8 +2,6 @@
 //! intent and publish in one transaction, wake the stages, return. The
 //! stages are the only writers of status transitions (DESIGN §2).
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use stitch_core::metadata::keys;
 use stitch_core::{BuildId, BuildMetadata, BuildStatus, ChangeSet, ValidationError};
@@ -14,31 +12,7 @@ use stitch_store::{Build, BuildFilter, CreateOutcome, Cursor, NewBuild, StoreErr
 use crate::job_token::JobTokens;
 use crate::state::{topics, AppState};
 
-/// A request to create a build: the body of `POST /v1/queues/{queue}/builds`.
-/// Unknown fields are refused.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({
-    "base": ["https://forge.example/acme/app/pull/41"],
-    "head": ["https://forge.example/acme/app/pull/42"],
-    "metadata": {"ticket": "T-1"},
-    "idempotency_key": "mq-7f3a"
-}))]
-pub struct CreateBuild {
-    /// Change URIs assumed good (the dependency prefix), in order.
-    #[serde(default)]
-    pub base: Vec<String>,
-    /// Change URIs under test, in order; at least one.
-    pub head: Vec<String>,
-    /// Caller metadata, echoed back on the record and events.
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-    /// Same key on the same queue returns the existing build (200) instead
-    /// of creating another; a different request with it is a 409.
-    /// 1–256 printable characters.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-}
+pub use stitch_api::CreateBuild;
 
 /// The payload of `trigger` and `signal` messages.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -134,7 +108,8 @@ pub async fn create_build(
     ChangeSet::new(req.base.clone(), req.head.clone()).validate()?;
     BuildMetadata::from(req.metadata.clone()).validate()?;
     if let Some(key) = &req.idempotency_key {
-        if key.is_empty() || key.len() > 256 || key.chars().any(char::is_control) {
+        // Characters, not bytes: what the message (and the schema) promise.
+        if key.is_empty() || key.chars().count() > 256 || key.chars().any(char::is_control) {
             return Err(ServiceError::BadRequest(
                 "idempotency_key must be 1-256 printable characters".into(),
             ));

@@ -64,6 +64,17 @@ pub enum StartError {
     Runner(#[from] RunnerError),
 }
 
+impl StartError {
+    /// Whether the storage URL itself is wrong (a usage error, not an
+    /// outage): `stitch migrate` exits with the usage code for it.
+    pub fn is_invalid_storage_url(&self) -> bool {
+        matches!(
+            self,
+            StartError::Store(stitch_store::StoreError::InvalidUrl(_))
+        )
+    }
+}
+
 /// Creates the data directory private to stitch's user (mode 0700; an
 /// existing one is set to 0700): it holds the SQLite database and the
 /// runners' state, job tokens included.

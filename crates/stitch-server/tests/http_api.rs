@@ -616,3 +616,154 @@ fn non_loopback_bind_is_refused_without_tokens() {
     assert!(http::check_bind("[::1]:7700".parse().unwrap(), false).is_ok());
     assert!(http::check_bind(any, true).is_ok());
 }
+
+/// The served document tells the truth about the mode it runs in: without
+/// API tokens no route asks for one; with tokens every `/v1` route but the
+/// job-token one does.
+#[tokio::test]
+async fn the_openapi_document_asks_for_an_api_token_only_when_one_is_needed() {
+    let security =
+        |doc: &Value, path: &str, method: &str| doc["paths"][path][method]["security"].clone();
+    let loopback = Server::start().await;
+    let doc: Value = loopback
+        .get("/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(security(&doc, "/v1/builds", "get"), Value::Null);
+    assert_eq!(
+        security(&doc, "/v1/queues/{queue}/builds", "post"),
+        Value::Null
+    );
+    assert_eq!(
+        security(&doc, "/v1/builds/{id}/promise-failure", "post"),
+        json!([{"job_token": []}])
+    );
+    // Without a token the routes answer, as the document says.
+    assert_eq!(
+        loopback.get("/v1/builds").send().await.unwrap().status(),
+        200
+    );
+
+    let tokens = Server::start_with(Some("s3cret"), HttpOptions::default()).await;
+    let doc: Value = tokens
+        .get("/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(security(&doc, "/v1/builds", "get"), json!([{"bearer": []}]));
+    assert_eq!(
+        security(&doc, "/v1/builds/{id}/promise-failure", "post"),
+        json!([{"job_token": []}])
+    );
+    assert_eq!(security(&doc, "/healthz", "get"), Value::Null);
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    // No route declares the Authorization header as a parameter of its own.
+    assert!(!doc.to_string().contains(r#""name":"Authorization""#));
+}
+
+/// Bounds the server enforces are in the schema, and a created build links
+/// to its status, cancel and log routes.
+#[tokio::test]
+async fn the_openapi_document_states_bounds_and_links() {
+    let s = Server::start().await;
+    let doc: Value = s
+        .get("/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let promise = &doc["components"]["schemas"]["PromiseFailureBody"]["properties"]["exit_status"];
+    assert_eq!(promise["minimum"], json!(1));
+    assert_eq!(promise["maximum"], json!(i32::MAX));
+    let params = doc["paths"]["/v1/builds"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let cursor = params.iter().find(|p| p["name"] == "cursor").unwrap();
+    let pattern = cursor["schema"]["pattern"].as_str().unwrap();
+    assert!(pattern.contains("b_"), "{pattern}");
+    let header = doc["paths"]["/v1/events"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Last-Event-ID")
+        .unwrap();
+    assert_eq!(header["schema"]["type"], "integer", "{header}");
+    for status in ["200", "202"] {
+        let links =
+            &doc["paths"]["/v1/queues/{queue}/builds"]["post"]["responses"][status]["links"];
+        for op in ["get_build", "cancel_build", "build_logs"] {
+            assert_eq!(links[op]["operationId"], op, "{links}");
+            assert_eq!(links[op]["parameters"]["id"], "$response.body#/id");
+        }
+    }
+    // Every link names an operation that exists.
+    let ids: BTreeSet<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .filter_map(|op| op["operationId"].as_str().map(str::to_string))
+        .collect();
+    for op in ["get_build", "cancel_build", "build_logs"] {
+        assert!(ids.contains(op), "{op} not in {ids:?}");
+    }
+}
+
+/// Blank list parameters are values (and refused when they are not valid
+/// ones); only empty ones mean "not given". Positions past int64 are 400.
+#[tokio::test]
+async fn blank_list_parameters_and_positions_past_int64_are_400() {
+    let s = Server::start().await;
+    for q in ["status=%20", "limit=%20", "cursor=%20"] {
+        let resp = s.get(&format!("/v1/builds?{q}")).send().await.unwrap();
+        assert_eq!(
+            error_code(resp).await,
+            (400, "invalid_request".into()),
+            "{q}"
+        );
+    }
+    let resp = s.get("/v1/builds?queue=%20").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let too_far = (i64::MAX as u64) + 1;
+    let resp = s
+        .get(&format!("/v1/events?after={too_far}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
+    let resp = s
+        .get("/v1/events")
+        .header("last-event-id", too_far.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
+}
+
+/// An idempotency key is limited in characters, as its message and schema
+/// say: 256 three-byte characters are accepted, 257 are not.
+#[tokio::test]
+async fn idempotency_keys_are_limited_in_characters() {
+    let s = Server::start().await;
+    let key = "€".repeat(256);
+    let (status, body) = s
+        .create("default", json!({"head": ["h"], "idempotency_key": key}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = s
+        .create(
+            "default",
+            json!({"head": ["h"], "idempotency_key": "€".repeat(257)}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}

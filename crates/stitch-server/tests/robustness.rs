@@ -385,3 +385,43 @@ fn signed_webhooks_with_bodies_of_any_shape_are_400_or_ignored() {
         })
         .unwrap();
 }
+
+/// A verified GitHub webhook without an event name is not something GitHub
+/// sends: 400 naming the header, not 200 `ignored`. Unverified ones stay 401.
+#[test]
+fn a_signed_github_webhook_without_an_event_name_is_400() {
+    let rt = runtime();
+    let s = rt.block_on(start());
+    rt.block_on(async {
+        let body = br#"{"action":"completed"}"#.to_vec();
+        let signature = stitch_runners::github::webhook::sign(GH_SECRET.as_bytes(), &body);
+        for event in [None, Some(""), Some("  ")] {
+            let mut req = s
+                .http
+                .post(format!("{}/webhooks/github", s.base))
+                .header("x-hub-signature-256", &signature);
+            if let Some(e) = event {
+                req = req.header("x-github-event", e);
+            }
+            let resp = req.body(body.clone()).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{event:?}");
+            let err: Value = resp.json().await.unwrap();
+            assert_eq!(err["error"]["code"], "invalid_request", "{err}");
+            assert!(
+                err["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("x-github-event"),
+                "{err}"
+            );
+        }
+        let unsigned = s
+            .http
+            .post(format!("{}/webhooks/github", s.base))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+    });
+}

@@ -1,15 +1,13 @@
 //! Backend-agnostic value types: what callers put in and get back.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use stitch_core::{BuildId, BuildStatus, RunnerRef};
 
-/// Free-form `string → string` metadata (caller keys or runner keys).
-pub type Metadata = BTreeMap<String, String>;
+pub use stitch_api::{BuildRecord, Event, EventKind, Metadata};
 
 /// The runner metadata key whose value becomes the record's `url`.
 pub const URL_KEY: &str = "url";
@@ -38,11 +36,8 @@ pub struct NewBuild {
     pub job_token_hash: Option<String>,
 }
 
-/// A stored build.
-///
-/// `Serialize` produces the API record shape (DESIGN §6):
-/// `{id, queue, status, base, head, metadata, runner_ref, created_at, updated_at, finished_at, url,
-/// cancel_requested}`. The internal fields (version, token hash, cancel flag, …) are not part of it.
+/// A stored build. [`Build::record`] is what the API shows of it; the
+/// internal fields (version, token hash, cancel time, …) are not part of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Build {
     /// The build's id.
@@ -122,44 +117,6 @@ impl Build {
     }
 }
 
-impl Serialize for Build {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.record().serialize(serializer)
-    }
-}
-
-/// The build record as the HTTP API shows it (DESIGN §6). Deserializable so
-/// clients can read what the server wrote.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BuildRecord {
-    /// Build id.
-    pub id: BuildId,
-    /// Queue name.
-    pub queue: String,
-    /// Current status.
-    pub status: BuildStatus,
-    /// Change URIs assumed good.
-    pub base: Vec<String>,
-    /// Change URIs under test.
-    pub head: Vec<String>,
-    /// Caller keys plus runner keys.
-    pub metadata: Metadata,
-    /// The provider's identity of the build, if known.
-    pub runner_ref: Option<RunnerRef>,
-    /// Creation time (RFC 3339).
-    pub created_at: DateTime<Utc>,
-    /// Last write (RFC 3339).
-    pub updated_at: DateTime<Utc>,
-    /// When it became terminal (RFC 3339), if it has.
-    pub finished_at: Option<DateTime<Utc>>,
-    /// The provider's web URL, if known.
-    pub url: Option<String>,
-    /// Whether cancellation was requested (the build may still be running
-    /// until the provider confirms it).
-    #[serde(default)]
-    pub cancel_requested: bool,
-}
-
 /// What [`crate::Store::create_build`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateOutcome {
@@ -198,63 +155,6 @@ pub struct CancelOutcome {
     pub build: Build,
     /// False when cancel had already been requested or the build is terminal.
     pub newly_requested: bool,
-}
-
-/// The kind of an [`Event`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// The build's status (or status-carried metadata) changed.
-    Status,
-    /// A running job promised the build will fail.
-    Failing,
-}
-
-impl EventKind {
-    /// The stable wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Status => "status",
-            EventKind::Failing => "failing",
-        }
-    }
-}
-
-impl fmt::Display for EventKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for EventKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "status" => Ok(EventKind::Status),
-            "failing" => Ok(EventKind::Failing),
-            other => Err(format!("unknown event kind {other:?}")),
-        }
-    }
-}
-
-/// One entry of the event log; serializes to
-/// `{seq, build_id, queue, kind, status, metadata, at}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Gapless, database-wide sequence number, starting at 1.
-    pub seq: u64,
-    /// The build it is about.
-    pub build_id: BuildId,
-    /// That build's queue.
-    pub queue: String,
-    /// Status change or promised failure.
-    pub kind: EventKind,
-    /// The build's status after the change.
-    pub status: BuildStatus,
-    /// The build's merged (caller + runner) metadata after the change.
-    pub metadata: Metadata,
-    /// When it was recorded.
-    pub at: DateTime<Utc>,
 }
 
 /// Filter and page size for [`crate::Store::list_builds`].
@@ -299,6 +199,14 @@ pub struct Cursor(pub(crate) BuildId);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid cursor {0:?}")]
 pub struct InvalidCursor(pub String);
+
+impl Cursor {
+    /// The id of the last build of the previous page: what the API sends
+    /// as `next_cursor`.
+    pub fn into_build_id(self) -> BuildId {
+        self.0
+    }
+}
 
 impl fmt::Display for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -4,14 +4,15 @@
 use axum::extract::{FromRequest, Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use stitch_api::{BuildList, BuildRecord, ErrorBody, PromiseFailureBody};
 use stitch_core::{BuildId, BuildStatus};
-use stitch_store::{Build, BuildFilter, Cursor};
+use stitch_store::{BuildFilter, Cursor};
+use utoipa::openapi::schema::{AnyOfBuilder, Object, ObjectBuilder, Schema, Type};
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{non_empty, ApiJson, ApiQuery};
-use super::schema::{BuildList, BuildRecord, ErrorBody};
 use super::Ctx;
 use crate::service;
 use crate::service::CreateBuild;
@@ -32,11 +33,19 @@ pub(crate) fn parse_id(raw: &str) -> Result<BuildId, ApiError> {
     path = "/v1/queues/{queue}/builds",
     tag = "builds",
     security(("bearer" = [])),
-    params(("queue" = String, Path, description = "A configured build queue")),
+    params(("queue" = String, Path, example = "default", description = "A configured build queue (`default` on the embedded configuration)")),
     request_body = CreateBuild,
     responses(
-        (status = 202, description = "Build created (accepted)", body = BuildRecord),
-        (status = 200, description = "Idempotent replay: the build created earlier with this key", body = BuildRecord),
+        (status = 202, description = "Build created (accepted)", body = BuildRecord, links(
+            ("get_build" = (operation_id = "get_build", parameters(("id" = "$response.body#/id")), description = "The build's record: its status")),
+            ("cancel_build" = (operation_id = "cancel_build", parameters(("id" = "$response.body#/id")), description = "Cancel the build")),
+            ("build_logs" = (operation_id = "build_logs", parameters(("id" = "$response.body#/id")), description = "The build's log"))
+        )),
+        (status = 200, description = "Idempotent replay: the build created earlier with this key", body = BuildRecord, links(
+            ("get_build" = (operation_id = "get_build", parameters(("id" = "$response.body#/id")), description = "The build's record: its status")),
+            ("cancel_build" = (operation_id = "cancel_build", parameters(("id" = "$response.body#/id")), description = "Cancel the build")),
+            ("build_logs" = (operation_id = "build_logs", parameters(("id" = "$response.body#/id")), description = "The build's log"))
+        )),
         (status = 400, description = "`malformed_json` or `invalid_request`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`unknown_queue`", body = ErrorBody),
@@ -49,14 +58,14 @@ pub(crate) async fn create_build(
     State(ctx): State<Ctx>,
     Path(queue): Path<String>,
     ApiJson(body): ApiJson<CreateBuild>,
-) -> Result<(StatusCode, Json<Build>), ApiError> {
+) -> Result<(StatusCode, Json<BuildRecord>), ApiError> {
     let (build, created) = service::create_build(&ctx.state, &queue, body).await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(build)))
+    Ok((status, Json(build.record())))
 }
 
 /// One build record.
@@ -75,9 +84,9 @@ pub(crate) async fn create_build(
 pub(crate) async fn get_build(
     State(ctx): State<Ctx>,
     Path(id): Path<String>,
-) -> Result<Json<Build>, ApiError> {
+) -> Result<Json<BuildRecord>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(service::get_build(&ctx.state, &id).await?))
+    Ok(Json(service::get_build(&ctx.state, &id).await?.record()))
 }
 
 /// Query parameters of `GET /v1/builds`. Empty values mean "not given".
@@ -89,19 +98,54 @@ pub(crate) struct ListParams {
     queue: Option<String>,
     /// Only builds with this status (`unknown`, `accepted`, `running`,
     /// `succeeded`, `failed`, `cancelled`).
-    #[param(value_type = Option<super::schema::BuildStatus>)]
+    #[param(schema_with = status_or_empty)]
     status: Option<String>,
     /// Page size, 1–1000 (default 50).
-    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    #[param(schema_with = limit_or_empty)]
     limit: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page: a build id.
+    #[param(schema_with = cursor_or_empty)]
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
-pub(crate) struct ListResponse {
-    builds: Vec<Build>,
-    next_cursor: Option<String>,
+// The list parameters' schemas: each also admits the empty value, which
+// means "not given" (`?queue=&status=`).
+
+fn empty() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(0))
+}
+
+fn status_or_empty() -> Object {
+    let names = BuildStatus::ALL.iter().map(|s| s.as_str()).chain([""]);
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(names))
+        .build()
+}
+
+fn limit_or_empty() -> Schema {
+    AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1))
+                .maximum(Some(BuildFilter::MAX_LIMIT)),
+        )
+        .item(empty())
+        .build()
+        .into()
+}
+
+fn cursor_or_empty() -> Object {
+    let id = BuildId::PATTERN
+        .trim_start_matches('^')
+        .trim_end_matches('$');
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!("^({id})?$")))
+        .build()
 }
 
 /// Builds, newest first, one page at a time.
@@ -120,7 +164,7 @@ pub(crate) struct ListResponse {
 pub(crate) async fn list_builds(
     State(ctx): State<Ctx>,
     ApiQuery(p): ApiQuery<ListParams>,
-) -> Result<Json<ListResponse>, ApiError> {
+) -> Result<Json<BuildList>, ApiError> {
     let status = match non_empty(p.status) {
         None => None,
         Some(s) => Some(s.parse::<BuildStatus>().map_err(|_| {
@@ -155,9 +199,9 @@ pub(crate) async fn list_builds(
         limit,
     };
     let (builds, next) = service::list_builds(&ctx.state, &filter, cursor.as_ref()).await?;
-    Ok(Json(ListResponse {
-        builds,
-        next_cursor: next.map(|c| c.to_string()),
+    Ok(Json(BuildList {
+        builds: builds.iter().map(|b| b.record()).collect(),
+        next_cursor: next.map(Cursor::into_build_id),
     }))
 }
 
@@ -181,22 +225,10 @@ pub(crate) async fn list_builds(
 pub(crate) async fn cancel_build(
     State(ctx): State<Ctx>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Build>), ApiError> {
+) -> Result<(StatusCode, Json<BuildRecord>), ApiError> {
     let id = parse_id(&id)?;
     let build = service::cancel_build(&ctx.state, &id).await?;
-    Ok((StatusCode::ACCEPTED, Json(build)))
-}
-
-/// The body of `POST /v1/builds/{id}/promise-failure`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"exit_status": 1, "reason": "test_login failed"}))]
-pub struct PromiseFailureBody {
-    /// The exit status the job will finish with: an integer from 1 to 2147483647.
-    pub exit_status: i64,
-    /// Why, for humans (at most 4096 bytes).
-    #[serde(default)]
-    pub reason: Option<String>,
+    Ok((StatusCode::ACCEPTED, Json(build.record())))
 }
 
 /// Promise that the build's job will fail.

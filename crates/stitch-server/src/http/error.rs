@@ -4,7 +4,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use stitch_api::{ErrorBody, ErrorDetail};
 
 use crate::service::ServiceError;
 
@@ -19,19 +19,6 @@ pub struct ApiError {
     pub message: String,
     /// For `events_pruned`: the oldest event still stored.
     pub oldest_seq: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Detail<'a>,
-}
-
-#[derive(Serialize)]
-struct Detail<'a> {
-    code: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    oldest_seq: Option<u64>,
 }
 
 impl ApiError {
@@ -99,10 +86,10 @@ impl ApiError {
 
     /// The JSON body.
     pub fn body_json(&self) -> String {
-        serde_json::to_string(&Body {
-            error: Detail {
-                code: self.code,
-                message: &self.message,
+        serde_json::to_string(&ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
                 oldest_seq: self.oldest_seq,
             },
         })

@@ -13,9 +13,9 @@ use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::ApiQuery;
-use super::schema::{ErrorBody, Event};
 use super::streams::{self, WsItem};
 use super::{Ctx, Shutdown};
+use stitch_api::{ErrorBody, Event};
 
 /// Query parameters of `GET /v1/events`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -42,7 +42,7 @@ pub(crate) struct EventParams {
     security(("bearer" = [])),
     params(
         EventParams,
-        ("Last-Event-ID" = Option<String>, Header, description = "SSE resume: the last `seq` received")
+        ("Last-Event-ID" = Option<u64>, Header, description = "SSE resume: the last `seq` received (wins over `after`)")
     ),
     responses(
         (status = 200, description = "SSE stream of events", content_type = "text/event-stream", body = Event),

@@ -73,7 +73,8 @@ where
     }
 }
 
-/// Empty query values (`?status=`) mean "not given".
+/// Empty query values (`?status=`) mean "not given". Only empty ones: a
+/// blank value is a value, checked like any other (as the schema says).
 pub(crate) fn non_empty(v: Option<String>) -> Option<String> {
-    v.filter(|s| !s.trim().is_empty())
+    v.filter(|s| !s.is_empty())
 }

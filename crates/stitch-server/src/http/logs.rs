@@ -24,11 +24,12 @@ use utoipa::IntoParams;
 use super::builds::parse_id;
 use super::error::ApiError;
 use super::extract::ApiQuery;
-use super::schema::{ErrorBody, LogLine};
 use super::streams::{self, WsItem};
 use super::{Ctx, Shutdown};
 use crate::service;
 use crate::state::AppState;
+use stitch_api::ErrorBody;
+use stitch_core::LogLine;
 
 /// Stored log lines read per query.
 const LINE_BATCH: u32 = 500;
@@ -64,7 +65,7 @@ pub(crate) struct LogParams {
     params(
         ("id" = String, Path, description = "Build id (`b_…`)"),
         LogParams,
-        ("Last-Event-ID" = Option<String>, Header, description = "SSE resume: the last frame `id` received")
+        ("Last-Event-ID" = Option<u64>, Header, description = "SSE resume: the last frame `id` received (wins over `after`)")
     ),
     responses(
         (status = 200, description = "SSE stream of log frames", content_type = "text/event-stream", body = LogLine),

@@ -26,7 +26,6 @@ mod loopback;
 mod metrics;
 mod openapi;
 mod ops;
-pub mod schema;
 mod streams;
 mod webhooks;
 
@@ -40,7 +39,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
-use utoipa::OpenApi;
 
 use crate::config::HttpConfig;
 use crate::state::AppState;
@@ -95,9 +93,7 @@ pub fn router(state: AppState, tokens: Vec<String>) -> Router {
 /// The API router with explicit [`HttpOptions`].
 pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -> Router {
     let max_body = state.config().api.max_body_bytes;
-    let openapi = openapi::ApiDoc::openapi()
-        .to_json()
-        .unwrap_or_else(|_| "{}".to_string());
+    let openapi = openapi::document(!tokens.is_empty());
     let ctx = Ctx {
         state,
         options: Arc::new(options),

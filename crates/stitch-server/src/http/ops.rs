@@ -6,11 +6,10 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use super::error::ApiError;
-use super::schema::{ErrorBody, HealthBody};
 use super::Ctx;
+use stitch_api::{ErrorBody, HealthBody};
 
 /// How long readiness waits for the database.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -22,8 +21,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
     tag = "operations",
     responses((status = 200, description = "The process is alive", body = HealthBody))
 )]
-pub(crate) async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+pub(crate) async fn healthz() -> Json<HealthBody> {
+    Json(HealthBody {
+        status: "ok".into(),
+    })
 }
 
 /// Readiness: the database answers a cheap query.
@@ -38,7 +39,10 @@ pub(crate) async fn healthz() -> Json<serde_json::Value> {
 )]
 pub(crate) async fn readyz(State(ctx): State<Ctx>) -> Response {
     match tokio::time::timeout(READY_TIMEOUT, ctx.state.store().latest_seq()).await {
-        Ok(Ok(_)) => Json(json!({"status": "ready"})).into_response(),
+        Ok(Ok(_)) => Json(HealthBody {
+            status: "ready".into(),
+        })
+        .into_response(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness check failed");
             not_ready("the database is not reachable")

@@ -26,7 +26,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use stitch_api::{ErrorBody, WebhookOutcome};
 use stitch_core::BuildId;
 use stitch_runners::buildkite::META_BUILD_ID;
 use stitch_runners::github::webhook as gh;
@@ -43,17 +44,6 @@ pub const MAX_BODY: usize = 256 * 1024;
 /// Largest accepted GitHub webhook body: `workflow_run` payloads carry the
 /// run, its head commit and the repository, tens of KiB.
 pub const GITHUB_MAX_BODY: usize = 1024 * 1024;
-
-/// What the receiver did.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
-pub struct WebhookOutcome {
-    /// `woken` (a build's poll runs now), `ignored`, or `duplicate` (a
-    /// GitHub delivery handled before).
-    pub outcome: String,
-    /// The stitch build woken, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build_id: Option<String>,
-}
 
 #[derive(Deserialize)]
 struct Payload {
@@ -108,7 +98,7 @@ async fn wake(state: &crate::state::AppState, id: &BuildId) -> Result<(), ApiErr
 fn outcome(outcome: &str, build_id: Option<&BuildId>) -> Json<WebhookOutcome> {
     Json(WebhookOutcome {
         outcome: outcome.into(),
-        build_id: build_id.map(ToString::to_string),
+        build_id: build_id.cloned(),
     })
 }
 
@@ -132,10 +122,10 @@ fn ignored() -> Json<WebhookOutcome> {
     ),
     responses(
         (status = 200, description = "Verified; `woken` or `ignored`", body = WebhookOutcome),
-        (status = 400, description = "`malformed_json`", body = super::schema::ErrorBody),
-        (status = 401, description = "`invalid_webhook`: missing, wrong, tampered or stale credentials", body = super::schema::ErrorBody),
-        (status = 404, description = "`webhooks_not_configured`", body = super::schema::ErrorBody),
-        (status = 413, description = "`body_too_large`", body = super::schema::ErrorBody)
+        (status = 400, description = "`malformed_json`", body = ErrorBody),
+        (status = 401, description = "`invalid_webhook`: missing, wrong, tampered or stale credentials", body = ErrorBody),
+        (status = 404, description = "`webhooks_not_configured`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody)
     )
 )]
 pub(crate) async fn buildkite(
@@ -190,10 +180,7 @@ pub(crate) async fn buildkite(
         return Ok(ignored());
     }
     wake(state, &id).await?;
-    Ok(Json(WebhookOutcome {
-        outcome: "woken".into(),
-        build_id: Some(id.to_string()),
-    }))
+    Ok(outcome("woken", Some(&id)))
 }
 
 /// Receive a GitHub webhook.
@@ -203,16 +190,16 @@ pub(crate) async fn buildkite(
     tag = "webhooks",
     request_body(content = String, content_type = "application/json", description = "A GitHub webhook body"),
     params(
-        ("X-GitHub-Event" = Option<String>, Header, description = "Event name (`workflow_run`, `workflow_job`, `ping`, …)"),
+        ("X-GitHub-Event" = String, Header, min_length = 1, description = "Event name (`workflow_run`, `workflow_job`, `ping`, …); GitHub always sends it"),
         ("X-GitHub-Delivery" = Option<String>, Header, description = "Delivery id (redeliveries keep it)"),
         ("X-Hub-Signature-256" = String, Header, description = "`sha256=` + hex HMAC-SHA256 of the body keyed with the webhook secret")
     ),
     responses(
         (status = 200, description = "Verified; `woken`, `ignored` or `duplicate`", body = WebhookOutcome),
-        (status = 400, description = "`malformed_json`", body = super::schema::ErrorBody),
-        (status = 401, description = "`invalid_webhook`: missing, malformed or wrong signature", body = super::schema::ErrorBody),
-        (status = 404, description = "`webhooks_not_configured`", body = super::schema::ErrorBody),
-        (status = 413, description = "`body_too_large`", body = super::schema::ErrorBody)
+        (status = 400, description = "`malformed_json`, or `invalid_request`: no `X-GitHub-Event` (verified requests only)", body = ErrorBody),
+        (status = 401, description = "`invalid_webhook`: missing, malformed or wrong signature", body = ErrorBody),
+        (status = 404, description = "`webhooks_not_configured`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody)
     )
 )]
 pub(crate) async fn github(
@@ -250,6 +237,14 @@ pub(crate) async fn github(
             .to_string()
     };
     let event = header(gh::EVENT_HEADER);
+    // Verified but nameless: not something GitHub sends, so say so rather
+    // than answer `ignored` as if it were an event of no interest.
+    if event.trim().is_empty() {
+        return Err(ApiError::invalid(format!(
+            "the {} header is missing or empty; GitHub names every event",
+            gh::EVENT_HEADER
+        )));
+    }
     let delivery = header(gh::DELIVERY_HEADER);
     if !delivery.is_empty() && hooks.seen(&delivery) {
         return Ok(outcome("duplicate", None));
