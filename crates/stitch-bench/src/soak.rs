@@ -43,6 +43,10 @@ pub struct SoakArgs {
     /// Seconds between printed rows.
     #[arg(long, default_value_t = 60)]
     sample: u64,
+    /// Keep each server's data dir under this directory (`on/`, `off/`)
+    /// for inspection after the run, instead of a deleted temporary one.
+    #[arg(long)]
+    keep: Option<std::path::PathBuf>,
     /// Internal: run one server (`on` or `off`) and print JSON rows.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -60,6 +64,44 @@ struct Row {
     data_dir_bytes: u64,
     rss_mib: f64,
     create_p99_ms: f64,
+    /// Rows of the hot tables, and the file's page and free-page counts:
+    /// what a slower create could be paying for.
+    #[serde(default)]
+    shape: std::collections::BTreeMap<String, i64>,
+}
+
+/// Tables whose size a create or a claim can depend on.
+const SHAPE_TABLES: [&str; 6] = [
+    "builds",
+    "events",
+    "mq_messages",
+    "mq_state",
+    "mq_partitions",
+    "mq_subscribers",
+];
+
+/// Row counts of [`SHAPE_TABLES`] and the page counts, read beside the load.
+async fn shape_of(state: &AppState) -> std::collections::BTreeMap<String, i64> {
+    let mut shape = std::collections::BTreeMap::new();
+    let Ok(pool) = state.store().sqlite_pool() else {
+        return shape;
+    };
+    let queries = SHAPE_TABLES
+        .iter()
+        .map(|t| (t.to_string(), format!("SELECT COUNT(*) FROM {t}")))
+        .chain([
+            ("pages".to_string(), "PRAGMA page_count".to_string()),
+            (
+                "free_pages".to_string(),
+                "PRAGMA freelist_count".to_string(),
+            ),
+        ]);
+    for (name, sql) in queries {
+        if let Ok(n) = sqlx::query_scalar::<_, i64>(&sql).fetch_one(pool).await {
+            shape.insert(name, n);
+        }
+    }
+    shape
 }
 
 pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
@@ -84,6 +126,11 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
                 "--sample",
                 &args.sample.to_string(),
             ])
+            .args(
+                args.keep
+                    .iter()
+                    .flat_map(|k| [std::ffi::OsStr::new("--keep"), k.as_os_str()]),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -110,6 +157,11 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
                 r.rss_mib,
                 r.create_p99_ms
             );
+        }
+        println!("  table rows and pages at each row:");
+        for r in rows {
+            let shape: Vec<String> = r.shape.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  {:>6}  {}", r.second, shape.join(", "));
         }
     }
     // Growth after the first retention window (rows after it, first to last).
@@ -188,7 +240,10 @@ fn rss_mib() -> f64 {
 
 async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let data_dir = dir.path().join("data");
+    let data_dir = match &args.keep {
+        Some(keep) => keep.join(if pruning { "on" } else { "off" }),
+        None => dir.path().join("data"),
+    };
     let mut queues = std::collections::BTreeMap::new();
     queues.insert(
         "noop".to_string(),
@@ -304,6 +359,7 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
                 data_dir_bytes: dir_bytes(&data_dir),
                 rss_mib: rss_mib(),
                 create_p99_ms: p99,
+                shape: shape_of(&state).await,
             };
             println!("{}", serde_json::to_string(&row)?);
         }
