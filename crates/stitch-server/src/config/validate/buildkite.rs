@@ -4,16 +4,11 @@
 use stitch_runners::buildkite::BuildkiteSection;
 
 use super::super::problems::{with, Problems, Seg};
-use super::{env_is_set, is_http_url, validate_nonzero, validate_rate_limit, Env};
+use super::{env_is_set, is_http_url, is_vendor_name, validate_nonzero, validate_rate_limit, Env};
 
 pub(super) fn validate(key: &[Seg], bk: &BuildkiteSection, problems: &mut Problems, env: Env<'_>) {
-    let slug_ok = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    };
     for (field, value) in [("org", &bk.org), ("pipeline", &bk.pipeline)] {
-        if !slug_ok(value) {
+        if !is_vendor_name(value) {
             problems.report(
                 with(key, &[field]),
                 format!("{value:?} is not a Buildkite slug (letters, digits, '-', '_', '.')"),

@@ -5,16 +5,11 @@
 use stitch_runners::github::{GithubSection, RESERVED_INPUTS};
 
 use super::super::problems::{with, Problems, Seg};
-use super::{env_is_set, is_http_url, validate_nonzero, validate_rate_limit, Env};
+use super::{env_is_set, is_http_url, is_vendor_name, validate_nonzero, validate_rate_limit, Env};
 
 pub(super) fn validate(key: &[Seg], gh: &GithubSection, problems: &mut Problems, env: Env<'_>) {
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    };
     for (field, value) in [("owner", &gh.owner), ("repo", &gh.repo)] {
-        if !name_ok(value) {
+        if !is_vendor_name(value) {
             problems.report(
                 with(key, &[field]),
                 format!("{value:?} is not a GitHub name (letters, digits, '-', '_', '.')"),

@@ -93,6 +93,15 @@ fn validate_queue(base: &[Seg], q: &QueueConfig, problems: &mut Problems) {
     }
 }
 
+/// A rule shared by the runners' sections: a vendor's account or project
+/// name (a Buildkite slug, a GitHub owner or repository) is non-empty
+/// letters, digits, '-', '_' and '.'.
+fn is_vendor_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
 /// A rule shared by the runners' sections: `url` is an http(s) URL.
 fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
