@@ -139,7 +139,7 @@ pub async fn create_build(
     // transaction); the trigger message is published only with a new build.
     let outcome = state
         .store()
-        .write(move |w| -> Result<CreateOutcome, ServiceError> {
+        .write_build(&id, move |w| -> Result<CreateOutcome, ServiceError> {
             let outcome = w.create_build(new)?;
             if let CreateOutcome::Created(_) = &outcome {
                 w.publish(topics::TRIGGER, &msgs, now_millis())?;
@@ -223,8 +223,9 @@ pub async fn promise_failure(
 ) -> Result<PromiseRecorded, ServiceError> {
     let wanted = promise.exit_status.to_string();
     let mut tx = state.store().begin().await?;
-    // BEGIN IMMEDIATE: the build cannot change between these checks and the writes.
-    let build = tx.get_build(id).await?;
+    // Locked until commit: the build cannot change between these checks and
+    // the writes (two different promises at once: the second sees the first).
+    let build = tx.lock_build(id).await?;
     if !state
         .job_tokens()
         .verify(id, job_token, build.job_token_hash.as_deref())

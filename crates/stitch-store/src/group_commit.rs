@@ -2,10 +2,11 @@
 //! after another inside one shared transaction, each in its own savepoint,
 //! and all of them are answered after that transaction commits.
 //!
-//! Every transaction pays for the writer lock (SQLite's write lock, or the
-//! `event_seq` row on PostgreSQL/MySQL), `BEGIN` and a commit; sharing them
-//! pays those once per batch. A job's failure rolls back its savepoint only,
-//! so it is reported to its caller alone.
+//! Every transaction pays for `BEGIN`, the event counter (SQLite's write
+//! lock; on PostgreSQL/MySQL the `event_seq` row, taken as the batch's last
+//! statements, ADR 0016) and a commit; sharing them pays those once per
+//! batch. A job's failure rolls back its savepoint only, so it is reported
+//! to its caller alone.
 //!
 //! Jobs are synchronous closures over [`StoreWrite`]. On SQLite the
 //! committer is a task and the statements run on the raw handle without
@@ -24,9 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::announce::{Announcer, Committed};
 use crate::error::{Result, StoreError};
+use crate::mysql;
 use crate::sqlite::SqliteWriteTx;
 use crate::write::StoreWrite;
-use crate::{mysql, postgres};
 use sqlx::sqlite::SqlitePool;
 use stitch_mq::postgres::{PostgresDriver, PublishSession};
 
@@ -39,6 +40,11 @@ const QUEUE_DEPTH: usize = 8192;
 
 /// One caller's write, type-erased so jobs of any result type share a batch.
 trait Job: Send {
+    /// The build the write is about, if it is about one: a PostgreSQL/MySQL
+    /// batch runs its jobs in this order, so two processes' batches lock
+    /// build rows in the same order and cannot deadlock on them.
+    fn build_key(&self) -> Option<&str>;
+
     /// Runs the write inside the shared transaction; false when it failed
     /// (its savepoint is then rolled back).
     fn run(&mut self, w: &mut StoreWrite<'_>) -> bool;
@@ -72,6 +78,7 @@ impl BatchFailure {
 }
 
 struct TypedJob<F, T, E> {
+    build_key: Option<String>,
     write: Option<F>,
     result: Option<std::result::Result<T, E>>,
     reply: oneshot::Sender<std::result::Result<T, E>>,
@@ -83,6 +90,10 @@ where
     T: Send,
     E: From<StoreError> + Send,
 {
+    fn build_key(&self) -> Option<&str> {
+        self.build_key.as_deref()
+    }
+
     fn run(&mut self, w: &mut StoreWrite<'_>) -> bool {
         let Some(write) = self.write.take() else {
             return false;
@@ -142,8 +153,13 @@ impl GroupCommitter {
 
     /// Runs `write` in the next shared transaction and returns its result
     /// once that transaction has committed. A write submitted before its
-    /// caller went away still commits.
-    pub(crate) async fn submit<F, T, E>(&self, write: F) -> std::result::Result<T, E>
+    /// caller went away still commits. `build_key` orders the write within
+    /// its batch (see [`Job::build_key`]).
+    pub(crate) async fn submit<F, T, E>(
+        &self,
+        build_key: Option<String>,
+        write: F,
+    ) -> std::result::Result<T, E>
     where
         F: FnOnce(&mut StoreWrite<'_>) -> std::result::Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -151,6 +167,7 @@ impl GroupCommitter {
     {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(TypedJob {
+            build_key,
             write: Some(write),
             result: None,
             reply,
@@ -206,18 +223,21 @@ fn run_jobs(tx: &SqliteWriteTx, batch: &mut [Box<dyn Job>]) -> Result<Committed>
     let conn = tx.handle();
     let mut w = StoreWrite::sqlite(conn);
     let mut committed = Committed::default();
+    let mut events = Vec::new();
     for job in batch.iter_mut() {
         conn.execute_batch("SAVEPOINT job")?;
         let ok = job.run(&mut w);
-        // A rolled-back job announces nothing.
-        let announced = w.take_committed();
+        // A rolled-back job announces nothing and appends nothing.
+        let (announced, staged) = w.take_effects();
         if ok {
             conn.execute_batch("RELEASE job")?;
             committed.merge(announced);
+            events.extend(staged);
         } else {
             conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
         }
     }
+    w.append_events(events)?;
     Ok(committed)
 }
 
@@ -261,13 +281,6 @@ impl ServerConn {
             ServerConn::MySql(c) => c.execute(sql).await.map(drop)?,
         }
         Ok(())
-    }
-
-    async fn begin(&mut self) -> Result<()> {
-        match self {
-            ServerConn::Postgres(c, _) => postgres::begin(c).await,
-            ServerConn::MySql(c) => mysql::begin(c).await,
-        }
     }
 
     fn store_write<'c>(
@@ -361,18 +374,25 @@ fn run_server_jobs(
     conn: &mut ServerConn,
     batch: &mut [Box<dyn Job>],
 ) -> Result<Committed> {
-    rt.block_on(conn.begin())?;
+    // Jobs of different callers are concurrent, so any order is theirs;
+    // build order makes every process lock build rows in one global order.
+    batch.sort_by(|a, b| a.build_key().cmp(&b.build_key()));
+    // No store-wide lock here: batches of several processes run side by
+    // side and serialize only on the event counter at the end (ADR 0016).
+    rt.block_on(conn.execute("BEGIN"))?;
     let mut session = PublishSession::default();
     let mut committed = Committed::default();
+    let mut events = Vec::new();
     for job in batch.iter_mut() {
         rt.block_on(conn.execute("SAVEPOINT job"))?;
         let mut w = conn.store_write(rt, &mut session);
         let ok = job.run(&mut w);
-        // A rolled-back job announces nothing.
-        let announced = w.take_committed();
+        // A rolled-back job announces nothing and appends nothing.
+        let (announced, staged) = w.take_effects();
         if ok {
             rt.block_on(conn.execute("RELEASE SAVEPOINT job"))?;
             committed.merge(announced);
+            events.extend(staged);
         } else {
             rt.block_on(async {
                 conn.execute("ROLLBACK TO SAVEPOINT job").await?;
@@ -382,6 +402,7 @@ fn run_server_jobs(
             session.forget_locks();
         }
     }
+    conn.store_write(rt, &mut session).append_events(events)?;
     rt.block_on(async {
         conn.finish_publishes(&mut session).await?;
         conn.execute("COMMIT").await

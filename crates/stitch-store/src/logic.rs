@@ -1,16 +1,20 @@
 //! The store's rules, written once against [`Ops`] so every backend behaves
 //! the same. Each function runs inside the caller's write transaction.
 
-use chrono::{DateTime, Utc};
 use stitch_core::{BuildId, BuildStatus, RunnerRef};
 
 use crate::error::{Conflict, Result, StoreError};
 use crate::model::{
-    now, Build, CancelOutcome, CreateOutcome, Event, EventKind, Metadata, NewBuild, ERROR_KEY,
+    now, Build, CancelOutcome, CreateOutcome, EventKind, Metadata, NewBuild, NewEvent, ERROR_KEY,
 };
 use crate::ops::Ops;
 
-pub(crate) async fn create_build<O: Ops>(ops: &mut O, new: NewBuild) -> Result<CreateOutcome> {
+/// Creates a build; a new one comes with its first event, which the caller's
+/// transaction appends when it commits.
+pub(crate) async fn create_build<O: Ops>(
+    ops: &mut O,
+    new: NewBuild,
+) -> Result<(CreateOutcome, Option<NewEvent>)> {
     if new.queue.is_empty() {
         return Err(StoreError::InvalidInput("queue name is empty".into()));
     }
@@ -25,7 +29,7 @@ pub(crate) async fn create_build<O: Ops>(ops: &mut O, new: NewBuild) -> Result<C
     // build costs no lookup by id.
     if let Some(key) = new.idempotency_key.as_deref() {
         if let Some(existing) = ops.find_by_idempotency_key(&new.queue, key).await? {
-            return Ok(CreateOutcome::Existing(existing));
+            return Ok((CreateOutcome::Existing(existing), None));
         }
     }
 
@@ -57,12 +61,12 @@ pub(crate) async fn create_build<O: Ops>(ops: &mut O, new: NewBuild) -> Result<C
         // won the key between our check and the insert.
         let key = build.idempotency_key.as_deref();
         return match existing_for(ops, &build.id, &build.queue, key).await? {
-            Some(existing) => Ok(CreateOutcome::Existing(existing)),
+            Some(existing) => Ok((CreateOutcome::Existing(existing), None)),
             None => Err(Conflict::DuplicateId(build.id).into()),
         };
     }
-    append_event_for(ops, &build, EventKind::Status, at).await?;
-    Ok(CreateOutcome::Created(build))
+    let event = NewEvent::of(&build, EventKind::Status, at);
+    Ok((CreateOutcome::Created(build), Some(event)))
 }
 
 /// The build a create request resolves to without inserting: the holder of
@@ -94,7 +98,7 @@ pub(crate) async fn get_build<O: Ops>(ops: &mut O, id: &BuildId) -> Result<Build
         .ok_or_else(|| StoreError::NotFound(id.clone()))
 }
 
-async fn get_build_for_update<O: Ops>(ops: &mut O, id: &BuildId) -> Result<Build> {
+pub(crate) async fn get_build_for_update<O: Ops>(ops: &mut O, id: &BuildId) -> Result<Build> {
     ops.load_build_for_update(id)
         .await?
         .ok_or_else(|| StoreError::NotFound(id.clone()))
@@ -120,7 +124,7 @@ pub(crate) async fn record_status<O: Ops>(
     new_status: BuildStatus,
     runner_metadata_patch: &Metadata,
     reason: Option<&str>,
-) -> Result<Option<Event>> {
+) -> Result<Option<NewEvent>> {
     let current = get_build_for_update(ops, id).await?;
     if let Some(expected) = expected_from {
         if current.status != expected {
@@ -177,16 +181,14 @@ pub(crate) async fn record_status<O: Ops>(
         next.finished_at = Some(at);
     }
     write(ops, &current, &mut next).await?;
-    append_event_for(ops, &next, EventKind::Status, at)
-        .await
-        .map(Some)
+    Ok(Some(NewEvent::of(&next, EventKind::Status, at)))
 }
 
 pub(crate) async fn record_failing<O: Ops>(
     ops: &mut O,
     id: &BuildId,
     metadata: &Metadata,
-) -> Result<Option<Event>> {
+) -> Result<Option<NewEvent>> {
     let current = get_build_for_update(ops, id).await?;
     if current.status.is_terminal() {
         return Err(StoreError::InvalidTransition {
@@ -205,9 +207,7 @@ pub(crate) async fn record_failing<O: Ops>(
     let at = now();
     next.updated_at = at;
     write(ops, &current, &mut next).await?;
-    append_event_for(ops, &next, EventKind::Failing, at)
-        .await
-        .map(Some)
+    Ok(Some(NewEvent::of(&next, EventKind::Failing, at)))
 }
 
 pub(crate) async fn set_runner_ref<O: Ops>(
@@ -248,25 +248,24 @@ pub(crate) async fn request_cancel<O: Ops>(ops: &mut O, id: &BuildId) -> Result<
     })
 }
 
-/// Appends an event snapshotting `build`; seq comes from the same transaction.
-async fn append_event_for<O: Ops>(
-    ops: &mut O,
-    build: &Build,
-    kind: EventKind,
-    at: DateTime<Utc>,
-) -> Result<Event> {
-    let seq = ops.next_event_seq().await?;
-    let event = Event {
-        seq,
-        build_id: build.id.clone(),
-        queue: build.queue.clone(),
-        kind,
-        status: build.status,
-        metadata: build.metadata(),
-        at,
-    };
-    ops.insert_event(&event).await?;
-    Ok(event)
+/// Appends a transaction's events as its last statements before `COMMIT`:
+/// takes the database-wide event counter (the `event_seq` row; SQLite's
+/// write lock is held anyway), numbers the events in order and inserts them.
+/// Holding the counter from here to the commit keeps seqs gapless and in
+/// commit order, and because nothing is locked after it, its holder never
+/// waits on another writer (ADR 0016).
+pub(crate) async fn append_events<O: Ops>(ops: &mut O, staged: Vec<NewEvent>) -> Result<()> {
+    if staged.is_empty() {
+        return Ok(());
+    }
+    let count = u64::try_from(staged.len())
+        .map_err(|_| StoreError::InvalidInput("too many events in one transaction".into()))?;
+    let first = ops.allocate_event_seqs(count).await?;
+    let events: Vec<_> = (first..)
+        .zip(staged)
+        .map(|(seq, event)| event.with_seq(seq))
+        .collect();
+    ops.insert_events(&events).await
 }
 
 pub(crate) async fn append_log_lines<O: Ops>(

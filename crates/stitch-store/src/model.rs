@@ -284,3 +284,43 @@ mod tests {
         assert_eq!(f.effective_limit(), BuildFilter::MAX_LIMIT);
     }
 }
+
+/// An event a write transaction will append when it commits. Its sequence
+/// number is allocated then, as the transaction's last statements (ADR 0016),
+/// so a write holds the database-wide event counter only for its commit.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NewEvent {
+    pub build_id: BuildId,
+    pub queue: String,
+    pub kind: EventKind,
+    pub status: BuildStatus,
+    pub metadata: Metadata,
+    pub at: DateTime<Utc>,
+}
+
+impl NewEvent {
+    /// An event snapshotting `build` as it is now.
+    pub(crate) fn of(build: &Build, kind: EventKind, at: DateTime<Utc>) -> Self {
+        Self {
+            build_id: build.id.clone(),
+            queue: build.queue.clone(),
+            kind,
+            status: build.status,
+            metadata: build.metadata(),
+            at,
+        }
+    }
+
+    /// The event under its allocated sequence number.
+    pub(crate) fn with_seq(self, seq: u64) -> Event {
+        Event {
+            seq,
+            build_id: self.build_id,
+            queue: self.queue,
+            kind: self.kind,
+            status: self.status,
+            metadata: self.metadata,
+            at: self.at,
+        }
+    }
+}

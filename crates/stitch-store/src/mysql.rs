@@ -4,12 +4,12 @@
 //! Connections run at READ COMMITTED (the queue's `pool_options` set it;
 //! the group committer's own connection sets it itself), so every statement
 //! reads the latest commits and InnoDB takes no gap locks for our reads.
-//! Every store write transaction locks the `event_seq` row first
-//! ([`lock_writers`]), as on PostgreSQL (ADR 0009).
+//! Events take their seqs from the `event_seq` row as a transaction's last
+//! statements, as on PostgreSQL (ADR 0009, ADR 0016).
 
 use chrono::Utc;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
-use sqlx::{Executor, MySqlConnection};
+use sqlx::MySqlConnection;
 use stitch_core::BuildId;
 
 use crate::error::Result;
@@ -47,20 +47,6 @@ pub(crate) async fn migrate(pool: &MySqlPool) -> Result<()> {
 /// Connection options of a pool, for the group committer's own connection.
 pub(crate) fn committer_options(pool: &MySqlPool) -> MySqlConnectOptions {
     (*pool.connect_options()).clone()
-}
-
-/// Starts a write transaction on `conn`: `BEGIN`, then the store's write lock.
-pub(crate) async fn begin(conn: &mut MySqlConnection) -> Result<()> {
-    conn.execute("BEGIN").await?;
-    lock_writers(conn).await
-}
-
-/// Takes the store's write lock, the `event_seq` row, until commit.
-pub(crate) async fn lock_writers(conn: &mut MySqlConnection) -> Result<()> {
-    sqlx::query("SELECT next_seq FROM event_seq WHERE id = 1 FOR UPDATE")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 /// [`Ops`] on one MySQL connection (pooled, or inside a transaction).
@@ -181,31 +167,43 @@ impl Ops for MySqlOps<'_> {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn next_event_seq(&mut self) -> Result<u64> {
-        // The transaction locked this row when it began (`lock_writers`).
-        sqlx::query("UPDATE event_seq SET next_seq = next_seq + 1 WHERE id = 1")
+    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64> {
+        // Locks the counter row until commit: the last statements of a
+        // transaction (ADR 0016), so its holder waits on no one else.
+        let count = to_i64(count, "event count")?;
+        sqlx::query("UPDATE event_seq SET next_seq = next_seq + ? WHERE id = 1")
+            .bind(count)
             .execute(&mut *self.conn)
             .await?;
-        let seq: i64 = sqlx::query_scalar("SELECT next_seq - 1 FROM event_seq WHERE id = 1")
+        let first: i64 = sqlx::query_scalar("SELECT next_seq - ? FROM event_seq WHERE id = 1")
+            .bind(count)
             .fetch_one(&mut *self.conn)
             .await?;
-        to_u64(seq, "event_seq.next_seq")
+        to_u64(first, "event_seq.next_seq")
     }
 
-    async fn insert_event(&mut self, e: &Event) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(to_i64(e.seq, "event seq")?)
-        .bind(e.build_id.as_str())
-        .bind(&e.queue)
-        .bind(e.kind.as_str())
-        .bind(e.status.as_str())
-        .bind(to_json(&e.metadata)?)
-        .bind(millis(e.at))
-        .execute(&mut *self.conn)
-        .await?;
+    async fn insert_events(&mut self, events: &[Event]) -> Result<()> {
+        // Multi-row inserts: they run while the counter is held. Chunks keep
+        // a statement well under MySQL's 65,535 placeholders.
+        for chunk in events.chunks(1000) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) ",
+            );
+            let mut rows = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                rows.push((to_i64(e.seq, "event seq")?, to_json(&e.metadata)?, e));
+            }
+            insert.push_values(rows, |mut row, (seq, metadata, e)| {
+                row.push_bind(seq)
+                    .push_bind(e.build_id.as_str())
+                    .push_bind(e.queue.as_str())
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.status.as_str())
+                    .push_bind(metadata)
+                    .push_bind(millis(e.at));
+            });
+            insert.build().execute(&mut *self.conn).await?;
+        }
         Ok(())
     }
 

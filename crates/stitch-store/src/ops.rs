@@ -33,11 +33,13 @@ pub(crate) trait Ops {
     /// the stored version is `expected_version`; `Ok(false)` when no row matched.
     async fn update_build(&mut self, build: &Build, expected_version: i64) -> Result<bool>;
 
-    /// Allocates the next event sequence number inside the current transaction.
-    async fn next_event_seq(&mut self) -> Result<u64>;
+    /// Allocates `count` consecutive event sequence numbers and returns the
+    /// first. Locks the database-wide counter until commit (PostgreSQL/MySQL:
+    /// the `event_seq` row), so call it last, right before `COMMIT`.
+    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64>;
 
-    /// Inserts an event whose `seq` came from [`Ops::next_event_seq`].
-    async fn insert_event(&mut self, event: &Event) -> Result<()>;
+    /// Inserts events whose seqs came from [`Ops::allocate_event_seqs`], in order.
+    async fn insert_events(&mut self, events: &[Event]) -> Result<()>;
 
     /// Reserves `count` log line numbers for a build and returns the last one
     /// reserved (the first is `last - count + 1`); `None` for an unknown build.

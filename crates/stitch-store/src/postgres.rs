@@ -1,16 +1,17 @@
 //! The PostgreSQL backend: migrations and every SQL statement the store runs
 //! on PostgreSQL, as an [`Ops`] impl on one connection.
 //!
-//! Several stitch processes may write one database. Every store write
-//! transaction locks the one-row `event_seq` table first ([`lock_writers`])
-//! and holds it until commit; ADR 0009 explains why that one lock gives
-//! gapless, in-order event seqs and deadlock-free store writers.
+//! Several stitch processes may write one database. Store writers lock the
+//! rows they change and run side by side; a transaction's events take their
+//! seqs from the one-row `event_seq` table as its last statements, and that
+//! row stays locked until commit, which keeps seqs gapless and in commit
+//! order (ADR 0009, ADR 0016).
 
 use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Executor, PgConnection};
+use sqlx::PgConnection;
 use stitch_core::BuildId;
 
 use crate::error::Result;
@@ -56,20 +57,6 @@ pub(crate) async fn notify_channel(pool: &PgPool) -> Result<String> {
 /// Connection options of a pool, for the group committer's own connection.
 pub(crate) fn committer_options(pool: &PgPool) -> PgConnectOptions {
     (*pool.connect_options()).clone()
-}
-
-/// Starts a write transaction on `conn`: `BEGIN`, then the store's write lock.
-pub(crate) async fn begin(conn: &mut PgConnection) -> Result<()> {
-    conn.execute("BEGIN").await?;
-    lock_writers(conn).await
-}
-
-/// Takes the store's write lock, the `event_seq` row, until commit.
-pub(crate) async fn lock_writers(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("SELECT next_seq FROM event_seq WHERE id = 1 FOR UPDATE")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 /// [`Ops`] on one PostgreSQL connection (pooled, or inside a transaction).
@@ -172,29 +159,49 @@ impl Ops for PgOps<'_> {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn next_event_seq(&mut self) -> Result<u64> {
-        // The transaction locked this row when it began (`lock_writers`), so
-        // no other writer allocates until this one commits or rolls back.
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE event_seq SET next_seq = next_seq + 1 WHERE id = 1 RETURNING next_seq - 1",
+    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64> {
+        // Locks the counter row until commit: the last statements of a
+        // transaction (ADR 0016), so its holder waits on no one else.
+        let count = to_i64(count, "event count")?;
+        let first: i64 = sqlx::query_scalar(
+            "UPDATE event_seq SET next_seq = next_seq + $1 WHERE id = 1 RETURNING next_seq - $1",
         )
+        .bind(count)
         .fetch_one(&mut *self.conn)
         .await?;
-        to_u64(seq, "event_seq.next_seq")
+        to_u64(first, "event_seq.next_seq")
     }
 
-    async fn insert_event(&mut self, e: &Event) -> Result<()> {
+    async fn insert_events(&mut self, events: &[Event]) -> Result<()> {
+        // One statement for the whole batch: it runs while the counter is held.
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut builds = Vec::with_capacity(events.len());
+        let mut queues = Vec::with_capacity(events.len());
+        let mut kinds = Vec::with_capacity(events.len());
+        let mut statuses = Vec::with_capacity(events.len());
+        let mut metadata = Vec::with_capacity(events.len());
+        let mut ats = Vec::with_capacity(events.len());
+        for e in events {
+            seqs.push(to_i64(e.seq, "event seq")?);
+            builds.push(e.build_id.as_str());
+            queues.push(e.queue.as_str());
+            kinds.push(e.kind.as_str());
+            statuses.push(e.status.as_str());
+            metadata.push(to_json(&e.metadata)?);
+            ats.push(millis(e.at));
+        }
         sqlx::query(
             "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], \
+                                  $5::text[], $6::text[], $7::bigint[])",
         )
-        .bind(to_i64(e.seq, "event seq")?)
-        .bind(e.build_id.as_str())
-        .bind(&e.queue)
-        .bind(e.kind.as_str())
-        .bind(e.status.as_str())
-        .bind(to_json(&e.metadata)?)
-        .bind(millis(e.at))
+        .bind(seqs)
+        .bind(builds)
+        .bind(queues)
+        .bind(kinds)
+        .bind(statuses)
+        .bind(metadata)
+        .bind(ats)
         .execute(&mut *self.conn)
         .await?;
         Ok(())

@@ -1,9 +1,8 @@
 //! Retention: deleting what is older than the configured windows, in small
 //! transactions, and the lease row that lets one process of several do it.
 //!
-//! Every write here runs in a [`StoreTx`] of its own (the store's write lock
-//! first, as every store writer), bounded in rows by the caller's `limit`,
-//! so creates and polls never wait long behind a pass. The event log only
+//! Every write here runs in a [`StoreTx`] of its own, bounded in rows by the
+//! caller's `limit`, so creates and polls never wait long behind a pass. The event log only
 //! ever loses its oldest part: what is retained stays a gapless run of seqs
 //! ending at the newest event.
 

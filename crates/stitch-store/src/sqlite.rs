@@ -272,30 +272,32 @@ impl Ops for SqliteOps<'_> {
         Ok(changed == 1)
     }
 
-    async fn next_event_seq(&mut self) -> Result<u64> {
+    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64> {
         // Counter row, not AUTOINCREMENT: rolled back with the transaction,
         // so committed seqs have no gaps.
         let mut stmt = self.conn.prepare_cached(
-            "UPDATE event_seq SET next = next + 1 WHERE id = 1 RETURNING next - 1",
+            "UPDATE event_seq SET next = next + ?1 WHERE id = 1 RETURNING next - ?1",
         )?;
-        let seq: i64 = stmt.query_row([], |row| row.get(0))?;
-        to_u64(seq, "event_seq.next")
+        let first: i64 = stmt.query_row([to_i64(count, "event count")?], |row| row.get(0))?;
+        to_u64(first, "event_seq.next")
     }
 
-    async fn insert_event(&mut self, e: &Event) -> Result<()> {
+    async fn insert_events(&mut self, events: &[Event]) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        stmt.execute(rusqlite::params![
-            to_i64(e.seq, "event seq")?,
-            e.build_id.as_str(),
-            &e.queue,
-            e.kind.as_str(),
-            e.status.as_str(),
-            to_json(&e.metadata)?,
-            millis(e.at),
-        ])?;
+        for e in events {
+            stmt.execute(rusqlite::params![
+                to_i64(e.seq, "event seq")?,
+                e.build_id.as_str(),
+                &e.queue,
+                e.kind.as_str(),
+                e.status.as_str(),
+                to_json(&e.metadata)?,
+                millis(e.at),
+            ])?;
+        }
         Ok(())
     }
 

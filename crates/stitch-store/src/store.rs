@@ -23,7 +23,7 @@ use crate::error::{wrong_backend, Result, StoreError};
 use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
 use crate::model::{
-    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, Metadata, NewBuild,
+    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, Metadata, NewBuild, NewEvent,
     StoredLogLine,
 };
 use crate::mysql::{self, MySqlOps};
@@ -40,7 +40,8 @@ pub struct Store {
     backend: Backend,
     /// Shared with the message queue on the same SQLite database: one writer
     /// at a time inside the process instead of SQLite busy-handler sleeps.
-    /// (PostgreSQL/MySQL writers serialize on the `event_seq` row instead.)
+    /// (PostgreSQL/MySQL writers run side by side and serialize only on the
+    /// `event_seq` row, for the commit of their events: ADR 0016.)
     writer: Option<Arc<tokio::sync::Mutex<()>>>,
     /// Started on the first group-committed write, so it sees the writer
     /// lock set by [`Store::with_writer_lock`].
@@ -191,12 +192,14 @@ impl Store {
         self.pool().close().await
     }
 
-    /// Starts a write transaction. It takes the store's write lock at once —
-    /// SQLite's database write lock (`BEGIN IMMEDIATE`), or on
-    /// PostgreSQL/MySQL the `event_seq` row every store writer locks first —
-    /// waiting for other writers, so it never fails later on a lock upgrade
-    /// or a deadlock with another store writer. Dropping it uncommitted
-    /// rolls back.
+    /// Starts a write transaction. On SQLite it takes the database write lock
+    /// at once (`BEGIN IMMEDIATE`), waiting for other writers, so it never
+    /// fails later on a lock upgrade. On PostgreSQL/MySQL it locks rows as
+    /// it writes them, beside other writers, and its events take their seqs
+    /// in [`StoreTx::commit`] (ADR 0016); keep one transaction to one build
+    /// where you can, since rows locked in different orders by two
+    /// transactions can deadlock (the database then fails one of them with a
+    /// retryable error). Dropping it uncommitted rolls back.
     pub async fn begin(&self) -> Result<StoreTx<'_>> {
         let guard = match &self.writer {
             Some(lock) => Some(lock.clone().lock_owned().await),
@@ -204,23 +207,16 @@ impl Store {
         };
         let inner = match &self.backend {
             Backend::Sqlite(pool) => TxInner::Sqlite(sqlite::SqliteWriteTx::begin(pool).await?),
-            Backend::Postgres { pool, channel } => {
-                let mut tx = pool.begin().await?;
-                postgres::lock_writers(&mut tx).await?;
-                TxInner::Postgres {
-                    tx,
-                    channel: channel.clone(),
-                }
-            }
-            Backend::MySql(pool) => {
-                let mut tx = pool.begin().await?;
-                mysql::lock_writers(&mut tx).await?;
-                TxInner::MySql(tx)
-            }
+            Backend::Postgres { pool, channel } => TxInner::Postgres {
+                tx: pool.begin().await?,
+                channel: channel.clone(),
+            },
+            Backend::MySql(pool) => TxInner::MySql(pool.begin().await?),
         };
         Ok(StoreTx {
             inner,
             committed: Committed::default(),
+            staged: Vec::new(),
             announcer: self.announcer.clone(),
             _writer: guard,
             _store: PhantomData,
@@ -257,7 +253,35 @@ impl Store {
     /// must be short: the statements of one build change, not a scan. It
     /// must not block on anything but the [`StoreWrite`] it is given. A
     /// write that was submitted still commits if the caller stops waiting.
+    /// A write about one build should use [`Store::write_build`].
     pub async fn write<F, T, E>(&self, write: F) -> std::result::Result<T, E>
+    where
+        F: FnOnce(&mut StoreWrite<'_>) -> std::result::Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(None, write).await
+    }
+
+    /// [`Store::write`] for a write that touches one build's rows (and its
+    /// queue partitions, whose key is the build id) and no other build's. On
+    /// PostgreSQL/MySQL a batch runs such writes in build-id order, so the
+    /// batches of several processes lock build rows in one order and never
+    /// deadlock on them.
+    pub async fn write_build<F, T, E>(&self, id: &BuildId, write: F) -> std::result::Result<T, E>
+    where
+        F: FnOnce(&mut StoreWrite<'_>) -> std::result::Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(Some(id.as_str().to_owned()), write).await
+    }
+
+    async fn submit<F, T, E>(
+        &self,
+        build_key: Option<String>,
+        write: F,
+    ) -> std::result::Result<T, E>
     where
         F: FnOnce(&mut StoreWrite<'_>) -> std::result::Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -289,14 +313,15 @@ impl Store {
             })
             .await
             .map_err(E::from)?;
-        committer.submit(write).await
+        committer.submit(build_key, write).await
     }
 
     /// Creates a build (status `accepted`, plus its first event), or returns
     /// the build that already holds `(queue, idempotency_key)`.
     /// See [`StoreTx::create_build`].
     pub async fn create_build(&self, new: NewBuild) -> Result<CreateOutcome> {
-        self.write(move |w| w.create_build(new)).await
+        let id = new.id.clone();
+        self.write_build(&id, move |w| w.create_build(new)).await
     }
 
     /// Loads a build; [`StoreError::NotFound`] when there is none.
@@ -333,32 +358,33 @@ impl Store {
         new_status: BuildStatus,
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
-    ) -> Result<Option<Event>> {
-        let (id, patch) = (id.clone(), runner_metadata_patch.clone());
+    ) -> Result<bool> {
+        let (key, patch) = (id.clone(), runner_metadata_patch.clone());
         let reason = reason.map(str::to_owned);
-        self.write(move |w| {
-            w.record_status(&id, expected_from, new_status, &patch, reason.as_deref())
+        self.write_build(id, move |w| {
+            w.record_status(&key, expected_from, new_status, &patch, reason.as_deref())
         })
         .await
     }
 
     /// Records the provider's identity of a build. See [`StoreTx::set_runner_ref`].
     pub async fn set_runner_ref(&self, id: &BuildId, runner_ref: &RunnerRef) -> Result<Build> {
-        let (id, runner_ref) = (id.clone(), runner_ref.clone());
-        self.write(move |w| w.set_runner_ref(&id, &runner_ref))
+        let (key, runner_ref) = (id.clone(), runner_ref.clone());
+        self.write_build(id, move |w| w.set_runner_ref(&key, &runner_ref))
             .await
     }
 
     /// Records a cancel request. See [`StoreTx::request_cancel`].
     pub async fn request_cancel(&self, id: &BuildId) -> Result<CancelOutcome> {
-        let id = id.clone();
-        self.write(move |w| w.request_cancel(&id)).await
+        let key = id.clone();
+        self.write_build(id, move |w| w.request_cancel(&key)).await
     }
 
     /// Records a promised failure. See [`StoreTx::record_failing`].
-    pub async fn record_failing(&self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
-        let (id, metadata) = (id.clone(), metadata.clone());
-        self.write(move |w| w.record_failing(&id, &metadata)).await
+    pub async fn record_failing(&self, id: &BuildId, metadata: &Metadata) -> Result<bool> {
+        let (key, metadata) = (id.clone(), metadata.clone());
+        self.write_build(id, move |w| w.record_failing(&key, &metadata))
+            .await
     }
 
     /// The server secret `name`: `candidate` is stored when there is none
@@ -383,7 +409,7 @@ impl Store {
     }
 
     /// Up to `limit` events with `seq > after`, in seq order. Because seqs are
-    /// allocated under the store's write lock (SQLite's write lock, the
+    /// allocated under a lock held until commit (SQLite's write lock, the
     /// `event_seq` row elsewhere) and committed in order, a reader that
     /// resumes from the last seq it saw never skips an event — also when
     /// several processes write one PostgreSQL/MySQL database.
@@ -411,8 +437,8 @@ impl Store {
     /// the last line stored. See [`StoreTx::append_log_lines`].
     pub async fn append_log_lines<T: Serialize>(&self, id: &BuildId, lines: &[T]) -> Result<u64> {
         let lines = serialize_lines(lines)?;
-        let id = id.clone();
-        self.write(move |w| w.append_json_log_lines(&id, &lines))
+        let key = id.clone();
+        self.write_build(id, move |w| w.append_json_log_lines(&key, &lines))
             .await
     }
 
@@ -454,6 +480,8 @@ pub struct StoreTx<'s> {
     inner: TxInner,
     /// What this transaction will announce when it commits.
     committed: Committed,
+    /// The events it appends when it commits (ADR 0016).
+    staged: Vec<NewEvent>,
     announcer: Announcer,
     _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
     // Ties the transaction to its store so it cannot outlive the handle.
@@ -555,9 +583,13 @@ impl StoreTx<'_> {
         })
     }
 
-    /// Commits every write made through this transaction, then announces
-    /// what it published and whether it appended events.
-    pub async fn commit(self) -> Result<()> {
+    /// Appends the transaction's events (taking the event counter), commits
+    /// every write made through it, then announces what it published and
+    /// whether it appended events.
+    pub async fn commit(mut self) -> Result<()> {
+        let staged = std::mem::take(&mut self.staged);
+        self.committed.events |= !staged.is_empty();
+        on_tx!(self, |ops| logic::append_events(ops, staged).await)?;
         match self.inner {
             TxInner::Sqlite(tx) => tx.commit()?,
             TxInner::Postgres { tx, .. } => tx.commit().await?,
@@ -583,14 +615,21 @@ impl StoreTx<'_> {
     /// different request is [`crate::Conflict::DuplicateId`]; an empty queue,
     /// runner or key is [`StoreError::InvalidInput`].
     pub async fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        let outcome = on_tx!(self, |ops| logic::create_build(ops, new).await);
-        self.committed.events |= matches!(outcome, Ok(CreateOutcome::Created(_)));
-        outcome
+        let (outcome, event) = on_tx!(self, |ops| logic::create_build(ops, new).await)?;
+        self.staged.extend(event);
+        Ok(outcome)
     }
 
     /// Loads a build inside this transaction (sees its uncommitted writes).
     pub async fn get_build(&mut self, id: &BuildId) -> Result<Build> {
         on_tx!(self, |ops| logic::get_build(ops, id).await)
+    }
+
+    /// Loads a build and locks it until this transaction ends, so nothing
+    /// changes it between the caller's checks and its writes (SQLite's write
+    /// lock covers that already; PostgreSQL/MySQL lock the row).
+    pub async fn lock_build(&mut self, id: &BuildId) -> Result<Build> {
+        on_tx!(self, |ops| logic::get_build_for_update(ops, id).await)
     }
 
     /// Records a status report: merges `runner_metadata_patch` into the runner
@@ -599,8 +638,8 @@ impl StoreTx<'_> {
     /// `running` and `finished_at` on a terminal status, and appends a
     /// `status` event in the same transaction.
     ///
-    /// Returns `None` and writes nothing when status, metadata and reason are
-    /// unchanged. Errors: [`StoreError::NotFound`];
+    /// Returns `false` and writes nothing when status, metadata and reason
+    /// are unchanged. Errors: [`StoreError::NotFound`];
     /// [`crate::Conflict::UnexpectedStatus`] when `expected_from` is given
     /// and differs; [`StoreError::InvalidTransition`] for any change to a
     /// terminal build.
@@ -611,7 +650,7 @@ impl StoreTx<'_> {
         new_status: BuildStatus,
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
-    ) -> Result<Option<Event>> {
+    ) -> Result<bool> {
         let event = on_tx!(self, |ops| {
             logic::record_status(
                 ops,
@@ -622,9 +661,10 @@ impl StoreTx<'_> {
                 reason,
             )
             .await
-        });
-        self.committed.events |= matches!(event, Ok(Some(_)));
-        event
+        })?;
+        let recorded = event.is_some();
+        self.staged.extend(event);
+        Ok(recorded)
     }
 
     /// Records the provider's identity of the build (also on terminal builds:
@@ -642,16 +682,13 @@ impl StoreTx<'_> {
 
     /// Records a promised failure: merges `metadata` (e.g.
     /// `promised_exit_status`) into the runner metadata and appends a
-    /// `failing` event. `None` when the same promise was already recorded.
+    /// `failing` event. `false` when the same promise was already recorded.
     /// [`StoreError::InvalidTransition`] on a terminal build.
-    pub async fn record_failing(
-        &mut self,
-        id: &BuildId,
-        metadata: &Metadata,
-    ) -> Result<Option<Event>> {
-        let event = on_tx!(self, |ops| logic::record_failing(ops, id, metadata).await);
-        self.committed.events |= matches!(event, Ok(Some(_)));
-        event
+    pub async fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<bool> {
+        let event = on_tx!(self, |ops| logic::record_failing(ops, id, metadata).await)?;
+        let recorded = event.is_some();
+        self.staged.extend(event);
+        Ok(recorded)
     }
 
     /// Appends log lines, each serialized to JSON, numbering them after the

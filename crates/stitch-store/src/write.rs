@@ -14,7 +14,7 @@ use tokio::runtime::Runtime;
 use crate::announce::Committed;
 use crate::error::{wrong_backend, Result};
 use crate::logic;
-use crate::model::{Build, CancelOutcome, CreateOutcome, Event, Metadata, NewBuild};
+use crate::model::{Build, CancelOutcome, CreateOutcome, Metadata, NewBuild, NewEvent};
 use crate::mysql::MySqlOps;
 use crate::ops::Ops;
 use crate::postgres::PgOps;
@@ -41,6 +41,8 @@ pub struct StoreWrite<'c> {
     inner: WriteInner<'c>,
     /// What this job will announce if its savepoint and the batch commit.
     committed: Committed,
+    /// The events this job appends when the batch commits (ADR 0016).
+    staged: Vec<NewEvent>,
 }
 
 enum WriteInner<'c> {
@@ -71,6 +73,7 @@ impl<'c> StoreWrite<'c> {
         Self {
             inner: WriteInner::Sqlite(SqliteOps::new(conn)),
             committed: Committed::default(),
+            staged: Vec::new(),
         }
     }
 
@@ -86,6 +89,7 @@ impl<'c> StoreWrite<'c> {
                 session,
             },
             committed: Committed::default(),
+            staged: Vec::new(),
         }
     }
 
@@ -96,6 +100,7 @@ impl<'c> StoreWrite<'c> {
                 rt,
             },
             committed: Committed::default(),
+            staged: Vec::new(),
         }
     }
 
@@ -143,16 +148,31 @@ impl<'c> StoreWrite<'c> {
         })
     }
 
-    /// What this write will announce; taken by the committer after the job.
-    pub(crate) fn take_committed(&mut self) -> Committed {
-        std::mem::take(&mut self.committed)
+    /// What this write will announce and the events it appends; taken by
+    /// the committer after the job.
+    pub(crate) fn take_effects(&mut self) -> (Committed, Vec<NewEvent>) {
+        let mut committed = std::mem::take(&mut self.committed);
+        let staged = std::mem::take(&mut self.staged);
+        committed.events |= !staged.is_empty();
+        (committed, staged)
+    }
+
+    /// Appends the batch's events: the committer's last write before `COMMIT`.
+    pub(crate) fn append_events(&mut self, staged: Vec<NewEvent>) -> Result<()> {
+        on_write!(self, |ops| logic::append_events(ops, staged).await)
+    }
+
+    fn stage(&mut self, event: Option<NewEvent>) -> bool {
+        let recorded = event.is_some();
+        self.staged.extend(event);
+        recorded
     }
 
     /// See [`StoreTx::create_build`].
     pub fn create_build(&mut self, new: NewBuild) -> Result<CreateOutcome> {
-        let outcome = on_write!(self, |ops| logic::create_build(ops, new).await);
-        self.committed.events |= matches!(outcome, Ok(CreateOutcome::Created(_)));
-        outcome
+        let (outcome, event) = on_write!(self, |ops| logic::create_build(ops, new).await)?;
+        self.stage(event);
+        Ok(outcome)
     }
 
     /// See [`StoreTx::get_build`].
@@ -168,7 +188,7 @@ impl<'c> StoreWrite<'c> {
         new_status: BuildStatus,
         runner_metadata_patch: &Metadata,
         reason: Option<&str>,
-    ) -> Result<Option<Event>> {
+    ) -> Result<bool> {
         let event = on_write!(self, |ops| {
             logic::record_status(
                 ops,
@@ -179,9 +199,8 @@ impl<'c> StoreWrite<'c> {
                 reason,
             )
             .await
-        });
-        self.committed.events |= matches!(event, Ok(Some(_)));
-        event
+        })?;
+        Ok(self.stage(event))
     }
 
     /// See [`StoreTx::set_runner_ref`].
@@ -195,10 +214,9 @@ impl<'c> StoreWrite<'c> {
     }
 
     /// See [`StoreTx::record_failing`].
-    pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<Option<Event>> {
-        let event = on_write!(self, |ops| logic::record_failing(ops, id, metadata).await);
-        self.committed.events |= matches!(event, Ok(Some(_)));
-        event
+    pub fn record_failing(&mut self, id: &BuildId, metadata: &Metadata) -> Result<bool> {
+        let event = on_write!(self, |ops| logic::record_failing(ops, id, metadata).await)?;
+        Ok(self.stage(event))
     }
 
     /// See [`StoreTx::append_log_lines`].

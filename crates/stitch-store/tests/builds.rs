@@ -214,7 +214,7 @@ async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {
     let id = &build.id;
     let url = meta(&[("url", "https://ci.example/builds/7")]);
 
-    let running = db
+    assert!(db
         .store
         .record_status(
             id,
@@ -224,8 +224,8 @@ async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {
             None,
         )
         .await
-        .unwrap()
-        .expect("a change");
+        .unwrap());
+    let running = db.store.events_for_build(id).await.unwrap().pop().unwrap();
     assert_eq!(running.seq, 2);
     assert_eq!(running.status, BuildStatus::Running);
     assert_eq!(running.kind, EventKind::Status);
@@ -241,12 +241,13 @@ async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {
         .record_status(id, None, BuildStatus::Running, &url, None)
         .await
         .unwrap();
-    assert!(noop.is_none());
+    assert!(!noop);
+    assert_eq!(db.store.latest_seq().await.unwrap(), 2);
     let after_noop = db.store.get_build(id).await.unwrap();
     assert_eq!(after_noop.version, 2);
 
     // Same status, new metadata: a change.
-    let progress = db
+    assert!(db
         .store
         .record_status(
             id,
@@ -256,8 +257,8 @@ async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {
             None,
         )
         .await
-        .unwrap()
-        .expect("a metadata change");
+        .unwrap());
+    let progress = db.store.events_for_build(id).await.unwrap().pop().unwrap();
     assert_eq!(progress.seq, 3);
 
     let b = db.store.get_build(id).await.unwrap();
@@ -267,12 +268,12 @@ async fn status_changes_set_times_and_append_one_event_each(db: TestDb) {
     assert_eq!(b.version, 3);
     let started = b.started_at;
 
-    let done = db
+    assert!(db
         .store
         .record_status(id, None, BuildStatus::Succeeded, &Metadata::new(), None)
         .await
-        .unwrap()
-        .expect("terminal change");
+        .unwrap());
+    let done = db.store.events_for_build(id).await.unwrap().pop().unwrap();
     let b = db.store.get_build(id).await.unwrap();
     assert_eq!(b.status, BuildStatus::Succeeded);
     assert_eq!(b.started_at, started, "started_at is set once");
@@ -306,11 +307,11 @@ async fn terminal_status_is_write_once(db: TestDb) {
         .into_build()
         .id;
     let none = Metadata::new();
-    db.store
+    assert!(db
+        .store
         .record_status(&id, None, BuildStatus::Failed, &none, Some("exit status 2"))
         .await
-        .unwrap()
-        .unwrap();
+        .unwrap());
 
     for status in [
         BuildStatus::Running,
@@ -360,7 +361,7 @@ async fn terminal_status_is_write_once(db: TestDb) {
         )
         .await
         .unwrap()
-        .is_none());
+        .eq(&false));
     let err = db
         .store
         .record_failing(&id, &meta(&[("promised_exit_status", "1")]))
@@ -451,11 +452,11 @@ async fn unknown_is_not_terminal(db: TestDb) {
         .await
         .unwrap();
     assert!(db.store.get_build(&id).await.unwrap().finished_at.is_none());
-    db.store
+    assert!(db
+        .store
         .record_status(&id, None, BuildStatus::Running, &none, None)
         .await
-        .unwrap()
-        .unwrap();
+        .unwrap());
 }
 
 async fn cancel_request_is_idempotent(db: TestDb) {
@@ -555,21 +556,12 @@ async fn promised_failure_appends_one_failing_event(db: TestDb) {
         .await
         .unwrap();
     let promise = meta(&[("promised_exit_status", "3")]);
-    let event = db
-        .store
-        .record_failing(&id, &promise)
-        .await
-        .unwrap()
-        .expect("first promise");
+    assert!(db.store.record_failing(&id, &promise).await.unwrap());
+    let event = db.store.events_for_build(&id).await.unwrap().pop().unwrap();
     assert_eq!(event.kind, EventKind::Failing);
     assert_eq!(event.status, BuildStatus::Running);
     assert_eq!(event.metadata.get("promised_exit_status").unwrap(), "3");
-    assert!(db
-        .store
-        .record_failing(&id, &promise)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(!db.store.record_failing(&id, &promise).await.unwrap());
 
     let json = serde_json::to_value(&event).unwrap();
     assert_eq!(json["kind"], "failing");

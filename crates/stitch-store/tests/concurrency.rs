@@ -1,15 +1,17 @@
 //! Several store handles on one database — each with its own pool and
 //! group committer, as separate `stitch serve` processes would have —
 //! writing at once. Run against SQLite, PostgreSQL and MySQL/MariaDB; on the
-//! servers this is the case the `event_seq` lock exists for (ADR 0009).
+//! servers this is the case the `event_seq` counter exists for (ADR 0009,
+//! ADR 0016: taken only for a transaction's events, right before commit).
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::{keyed, meta, new_build, TestDb};
 use stitch_core::BuildStatus;
-use stitch_store::{BuildFilter, Store};
+use stitch_store::{BackendKind, BuildFilter, Store};
 use tokio::sync::watch;
 
 const WRITERS: usize = 4;
@@ -30,18 +32,17 @@ async fn write_events(store: Store, writer: usize) -> u64 {
     for round in 0..ROUNDS {
         let patch = meta(&[("round", &format!("{writer}-{round}"))]);
         if round % 2 == 0 {
-            store
+            assert!(store
                 .record_status(&id, None, BuildStatus::Running, &patch, None)
                 .await
-                .unwrap()
-                .unwrap();
+                .unwrap());
             committed += 1;
         } else {
             let mut tx = store.begin().await.unwrap();
-            tx.record_status(&id, None, BuildStatus::Running, &patch, None)
+            assert!(tx
+                .record_status(&id, None, BuildStatus::Running, &patch, None)
                 .await
-                .unwrap()
-                .unwrap();
+                .unwrap());
             tx.create_build(new_build("side")).await.unwrap();
             if (round + writer) % 3 == 0 {
                 tx.rollback().await.unwrap();
@@ -149,7 +150,119 @@ async fn separate_stores_creating_one_key_make_one_build(db: TestDb) {
     assert_eq!(db.store.latest_seq().await.unwrap(), 1);
 }
 
+/// An open write transaction on one handle does not hold up another
+/// handle's writes to other builds (PostgreSQL/MySQL; SQLite has one writer
+/// by design): the counter is taken only for the commit. Seqs still follow
+/// commit order: the write that committed first has the lower seq.
+async fn an_open_transaction_does_not_hold_up_writers_of_other_builds(db: TestDb) {
+    if db.kind() == BackendKind::Sqlite {
+        return;
+    }
+    let a = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let b = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let other = db.another_store("other").await;
+
+    let mut tx = db.store.begin().await.unwrap();
+    assert!(tx
+        .record_status(&a, None, BuildStatus::Running, &meta(&[]), None)
+        .await
+        .unwrap());
+    // Before ADR 0016 this waited for `tx` to commit, which never came: the
+    // bound only turns that hang into a failure.
+    let written = tokio::time::timeout(
+        Duration::from_secs(60),
+        other.record_status(&b, None, BuildStatus::Running, &meta(&[]), None),
+    )
+    .await
+    .expect("a write to another build waited for an open transaction");
+    assert!(written.unwrap());
+    assert_eq!(other.latest_seq().await.unwrap(), 3);
+    tx.commit().await.unwrap();
+
+    let order: Vec<_> = db
+        .store
+        .events_after(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.build_id, e.status))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (1, a.clone(), BuildStatus::Accepted),
+            (2, b.clone(), BuildStatus::Accepted),
+            (3, b, BuildStatus::Running),
+            (4, a, BuildStatus::Running),
+        ]
+    );
+}
+
+/// Two handles' group commits write the same two builds in opposite orders,
+/// many times over: batches run their jobs in build order, so they never
+/// deadlock (a deadlock would fail a write with a retryable error).
+async fn crossing_writes_of_two_handles_never_deadlock(db: TestDb) {
+    let a = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let b = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let other = db.another_store("other").await;
+    let mut tasks = Vec::new();
+    for round in 0..40 {
+        for (store, first, second) in [
+            (db.store.clone(), a.clone(), b.clone()),
+            (other.clone(), b.clone(), a.clone()),
+        ] {
+            tasks.push(tokio::spawn(async move {
+                let patch = meta(&[("round", &round.to_string())]);
+                let line = [format!("{round}")];
+                let runner_ref = stitch_core::RunnerRef::new(format!("r{round}"));
+                let (x, y) = tokio::join!(
+                    store.append_log_lines(&first, &line),
+                    store.set_runner_ref(&second, &runner_ref),
+                );
+                x.unwrap();
+                y.unwrap();
+                store
+                    .record_status(&first, None, BuildStatus::Running, &patch, None)
+                    .await
+                    .unwrap();
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let events = db.store.events_after(0, u32::MAX).await.unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+}
+
 store_suite!(
     separate_stores_commit_gapless_seqs_that_readers_never_skip,
     separate_stores_creating_one_key_make_one_build,
+    an_open_transaction_does_not_hold_up_writers_of_other_builds,
+    crossing_writes_of_two_handles_never_deadlock,
 );

@@ -107,10 +107,10 @@ async fn rollback_leaves_neither_build_nor_event(db: TestDb) {
         tx.get_build(&new.id).await.unwrap().status,
         BuildStatus::Accepted
     );
-    tx.record_status(&new.id, None, BuildStatus::Running, &Metadata::new(), None)
+    assert!(tx
+        .record_status(&new.id, None, BuildStatus::Running, &Metadata::new(), None)
         .await
-        .unwrap()
-        .unwrap();
+        .unwrap());
     tx.rollback().await.unwrap();
 
     // ...and gone after rollback, events included.
@@ -254,7 +254,7 @@ async fn seq_is_gapless_under_concurrent_writers_with_rollbacks(db: TestDb) {
                     .record_status(&id, None, BuildStatus::Running, &patch, None)
                     .await
                     .unwrap();
-                assert!(event.is_some());
+                assert!(event);
                 // Also create a build in a transaction that may be thrown away.
                 tx.create_build(new_build("side")).await.unwrap();
                 if (round + w) % 3 == 0 {

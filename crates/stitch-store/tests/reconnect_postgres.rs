@@ -49,7 +49,7 @@ async fn writes_and_reads_recover_after_connections_are_terminated() {
                     .unwrap()
             }
         };
-        assert!(recorded.is_some());
+        assert!(recorded);
     }
     let b = db.store.get_build(&id).await.unwrap();
     assert_eq!(b.status, BuildStatus::Running);

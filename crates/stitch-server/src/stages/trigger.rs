@@ -98,7 +98,7 @@ impl Stage for TriggerStage {
         )?;
         let id = build.id.clone();
         store
-            .write(move |w| -> Result<(), StageError> {
+            .write_build(&build.id, move |w| -> Result<(), StageError> {
                 w.set_runner_ref(&id, &runner_ref)?;
                 w.publish(topics::SIGNAL, &msgs, now_millis())?;
                 Ok(())
