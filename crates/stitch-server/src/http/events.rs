@@ -21,9 +21,11 @@ use stitch_api::{ErrorBody, Event};
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventParams {
-    /// Send events with `seq` greater than this (default 0: everything).
-    /// For SSE a `Last-Event-ID` header wins over it.
-    #[param(value_type = Option<u64>)]
+    /// Send events with `seq` greater than this (default 0: everything), or
+    /// `latest`: only events committed after this request (the position is
+    /// the newest `seq` when the request arrives). For SSE a `Last-Event-ID`
+    /// header wins over it.
+    #[param(value_type = Option<String>, pattern = r"^([0-9]+|latest)$")]
     after: Option<String>,
 }
 
@@ -59,7 +61,13 @@ pub(crate) async fn events(
     shutdown: Option<Extension<Shutdown>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let mut after = streams::parse_position("after", p.after.as_deref())?;
+    // `latest` lets a client follow one build from now on without replaying
+    // the whole log: it reads the build's record after this answer arrives,
+    // so no change falls between the record and the stream.
+    let mut after = match p.after.as_deref().map(str::trim) {
+        Some("latest") => ctx.state.store().latest_seq().await?,
+        raw => streams::parse_position("after", raw)?,
+    };
     if let Some(id) = streams::last_event_id(&headers)? {
         after = id;
     }
