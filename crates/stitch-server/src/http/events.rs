@@ -25,8 +25,31 @@ pub(crate) struct EventParams {
     /// `latest`: only events committed after this request (the position is
     /// the newest `seq` when the request arrives). For SSE a `Last-Event-ID`
     /// header wins over it.
-    #[param(value_type = Option<String>, pattern = r"^([0-9]+|latest)$")]
+    #[param(schema_with = after_schema)]
     after: Option<String>,
+}
+
+/// `after`: an int64 position, or `latest`.
+fn after_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+    OneOfBuilder::new()
+        .description(Some(
+            "Send events with `seq` greater than this (default 0: everything), or `latest`: \
+             only events committed after the request. A `Last-Event-ID` header wins over it.",
+        ))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["latest"])),
+        )
+        .build()
+        .into()
 }
 
 /// The event stream.
