@@ -310,10 +310,10 @@ async fn build(cmd: BuildCommand) -> u8 {
             Err(e) => fail(e),
         },
         BuildCommand::Open {
-            server: _,
+            server,
             id,
             browser,
-        } => open(&c, &id, browser).await,
+        } => open(&c, &id, browser, server.json).await,
         BuildCommand::List {
             server,
             queue,
@@ -426,9 +426,9 @@ fn rerun_request(old: &BuildRecord) -> CreateBuild {
     }
 }
 
-/// `build open`: the provider URL on stdout; with `browser`, also handed to
-/// `$BROWSER`.
-async fn open(c: &Client, id: &str, browser: bool) -> u8 {
+/// `build open`: the provider URL on stdout (with `json`, as
+/// `{"id": …, "url": …}`); with `browser`, also handed to `$BROWSER`.
+async fn open(c: &Client, id: &str, browser: bool, json: bool) -> u8 {
     let b = match c.get(id).await {
         Ok(b) => b,
         Err(e) => return fail(e),
@@ -441,7 +441,14 @@ async fn open(c: &Client, id: &str, browser: bool) -> u8 {
         );
         return USAGE;
     };
-    println!("{url}");
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"id": b.id.to_string(), "url": url})
+        );
+    } else {
+        println!("{url}");
+    }
     if !browser {
         return OK;
     }

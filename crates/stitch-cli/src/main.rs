@@ -304,7 +304,7 @@ enum BuildCommand {
     },
     /// Print the build's page on its provider (Buildkite, GitHub, …).
     ///
-    /// Exit 2 when the build has no URL yet (it has not reached its
+    /// With `--json`: `{"id": …, "url": …}`. Exit 2 when the build has no URL yet (it has not reached its
     /// provider, or its runner has no web page).
     Open {
         #[command(flatten)]

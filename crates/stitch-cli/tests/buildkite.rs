@@ -687,6 +687,12 @@ async fn build_open_prints_the_provider_url() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), url);
     assert!(url.contains("/acme/app/builds/"), "{url}");
+    let out = stitch(&["build", "open", &id, "--json"], &[])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["url"], url.as_str());
+    assert_eq!(v["id"], id.as_str());
 
     let dir = tempfile::tempdir().unwrap();
     let opened = dir.path().join("opened");
