@@ -128,6 +128,14 @@ async fn events_after_latest_follows_only_later_events() {
     }
     let resp = s.get("/v1/events?after=earliest").send().await.unwrap();
     assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
+    // A Last-Event-ID that is sent must be a position, even when empty.
+    let resp = s
+        .get("/v1/events")
+        .header("last-event-id", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
 }
 
 #[tokio::test]
