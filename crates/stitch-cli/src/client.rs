@@ -220,6 +220,11 @@ pub struct Reconnect {
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(2);
+/// A reopened stream that stayed up this long before dropping again counts
+/// as recovered: its drop starts a new reconnect window (a quiet stream may
+/// be up for hours between drops). One that drops sooner continues the
+/// window, so a server that accepts and closes at once is given up on.
+const STABLE: Duration = Duration::from_secs(5);
 
 /// The state of one dropped stream while it is being reconnected.
 struct Cut {
@@ -234,6 +239,17 @@ impl Cut {
             since: Instant::now(),
             delay: FIRST_RETRY,
             why,
+        }
+    }
+
+    /// The cut after a stream opened at `opened` dropped for `why`.
+    fn after_drop(current: Option<Cut>, opened: Instant, why: String) -> Cut {
+        match current {
+            Some(mut c) if opened.elapsed() < STABLE => {
+                c.why = why;
+                c
+            }
+            _ => Cut::new(why),
         }
     }
 
@@ -312,6 +328,7 @@ impl Client {
                 c.wait(reconnect, &what).await?;
             }
             let resume = (position > 0).then_some(position);
+            let opened = Instant::now();
             let mut frames = match self.open_sse(url.clone(), resume).await {
                 Ok(frames) => frames,
                 Err(e) if e.code() == Some("logs_not_found") && cut.is_none() => {
@@ -352,10 +369,7 @@ impl Client {
                 }
             };
             tracing::debug!(%why, position, "log stream dropped; resuming");
-            match cut.as_mut() {
-                Some(c) => c.why = why,
-                None => cut = Some(Cut::new(why)),
-            }
+            cut = Some(Cut::after_drop(cut.take(), opened, why));
         }
     }
 }
@@ -369,6 +383,8 @@ pub struct BuildFeed {
     /// The `seq` of the last event read.
     position: Option<u64>,
     frames: Option<Frames>,
+    /// When `frames` was opened.
+    opened: Instant,
     cut: Option<Cut>,
 }
 
@@ -383,6 +399,7 @@ impl BuildFeed {
             reconnect,
             position: None,
             frames: Some(frames),
+            opened: Instant::now(),
             cut: None,
         })
     }
@@ -409,10 +426,7 @@ impl BuildFeed {
                 };
                 tracing::debug!(%why, position = ?self.position, "event stream dropped; resuming");
                 self.frames = None;
-                match self.cut.as_mut() {
-                    Some(c) => c.why = why,
-                    None => self.cut = Some(Cut::new(why)),
-                }
+                self.cut = Some(Cut::after_drop(self.cut.take(), self.opened, why));
             }
             if let Some(c) = self.cut.as_mut() {
                 c.wait(self.reconnect, "the event stream").await?;
@@ -424,6 +438,7 @@ impl BuildFeed {
             match self.client.open_sse(url, resume).await {
                 Ok(frames) => {
                     self.frames = Some(frames);
+                    self.opened = Instant::now();
                     if self.position.is_none() {
                         // Whatever happened between the drop and now is unseen.
                         return Ok(FeedItem::Resynced(None));
@@ -442,6 +457,7 @@ impl BuildFeed {
                         .open_sse(self.client.events_url("latest"), None)
                         .await?;
                     self.frames = Some(frames);
+                    self.opened = Instant::now();
                     return Ok(FeedItem::Resynced(Some(note)));
                 }
                 Err(e) if self.cut.is_some() && is_transient(&e) => {
