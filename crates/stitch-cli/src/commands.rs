@@ -4,11 +4,14 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use stitch_api::{BuildRecord, CreateBuild};
+use clap::CommandFactory;
+
+use stitch_api::{BuildList, BuildRecord, CreateBuild};
+use stitch_core::metadata::keys;
 use stitch_core::BuildStatus;
 use stitch_server::config;
 
-use crate::client::{Client, ClientError, LogEvent};
+use crate::client::{BuildFeed, Client, ClientError, FeedItem, LogsOutcome, Reconnect};
 use crate::configured::{load_options, open_configured_queue};
 use crate::exit::{BUILD_FAILED, OK, UNAVAILABLE, USAGE};
 use crate::{
@@ -30,6 +33,9 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Config(ConfigCommand::Check { config }) => config_check(&config),
         Command::Migrate(args) => migrate(&args.config).await,
         Command::Gc(args) => gc(&args).await,
+        Command::Completions { shell } => crate::reference::completions(Cli::command(), shell),
+        Command::Man => crate::reference::man(Cli::command()),
+        Command::CliReference => crate::reference::markdown(Cli::command()),
     }
 }
 
@@ -255,6 +261,7 @@ async fn build(cmd: BuildCommand) -> u8 {
             meta,
             idempotency_key,
             wait,
+            reconnect,
         } => {
             let req = CreateBuild {
                 base,
@@ -262,22 +269,27 @@ async fn build(cmd: BuildCommand) -> u8 {
                 metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
                 idempotency_key,
             };
-            let b = match c.create(&queue, &req).await {
+            create_and_report(&c, &queue, &req, &server, wait.then(|| reconnect.policy())).await
+        }
+        BuildCommand::Rerun {
+            server,
+            id,
+            wait,
+            reconnect,
+        } => {
+            let old = match c.get(&id).await {
                 Ok(b) => b,
                 Err(e) => return fail(e),
             };
-            if !wait {
-                if server.json {
-                    print_build(&b, true);
-                } else {
-                    println!("{}", b.id);
-                }
-                return OK;
-            }
-            if !server.json {
-                eprintln!("triggered {} on queue {}", b.id, b.queue);
-            }
-            watch(&c, &b.id.to_string(), server.json).await
+            let req = rerun_request(&old);
+            create_and_report(
+                &c,
+                &old.queue,
+                &req,
+                &server,
+                wait.then(|| reconnect.policy()),
+            )
+            .await
         }
         BuildCommand::Status { server, id } => match c.get(&id).await {
             Ok(b) => {
@@ -297,71 +309,224 @@ async fn build(cmd: BuildCommand) -> u8 {
             }
             Err(e) => fail(e),
         },
+        BuildCommand::Open {
+            server,
+            id,
+            browser,
+        } => open(&c, &id, browser, server.json).await,
         BuildCommand::List {
             server,
             queue,
             status,
             limit,
             cursor,
+            all,
         } => {
-            match c
-                .list(
-                    queue.as_deref(),
-                    status.as_deref(),
-                    limit,
-                    cursor.as_deref(),
-                )
-                .await
-            {
-                Ok(page) => {
-                    if server.json {
-                        for b in &page.builds {
-                            print_build(b, true);
-                        }
-                    } else {
-                        for b in &page.builds {
-                            println!(
-                                "{}  {:<9}  {:<12}  {}",
-                                b.id,
-                                b.status.as_str(),
-                                b.queue,
-                                b.head.join(" ")
-                            );
-                        }
-                        if let Some(next) = &page.next_cursor {
-                            println!("more: stitch build list --cursor {next}");
-                        }
-                    }
-                    OK
-                }
-                Err(e) => fail(e),
-            }
+            let status = status.map(|s| s.as_status().as_str());
+            list(
+                &c,
+                queue.as_deref(),
+                status,
+                limit,
+                cursor,
+                all,
+                server.json,
+            )
+            .await
         }
-        BuildCommand::Logs { server, id } => {
+        BuildCommand::Logs {
+            server,
+            id,
+            reconnect,
+        } => {
             let json = server.json;
             match c
-                .stream_logs(&id, |ev| {
-                    if let LogEvent::Line(l) = ev {
-                        print_log_line(&l, json, false);
-                    }
-                })
+                .follow_logs(&id, reconnect.policy(), |l| print_log_line(&l, json, false))
                 .await
             {
-                Ok(true) => OK,
-                Ok(false) => {
+                Ok(LogsOutcome::Complete) => OK,
+                Ok(LogsOutcome::NoLog) => {
                     eprintln!("stitch: build {id} has no log (yet): its runner keeps none, or it has not started");
                     USAGE
                 }
                 Err(e) => fail(e),
             }
         }
-        BuildCommand::Watch { server, id } => watch(&c, &id, server.json).await,
+        BuildCommand::Watch {
+            server,
+            id,
+            reconnect,
+        } => watch(&c, &id, server.json, reconnect.policy()).await,
     }
+}
+
+/// Creates a build and prints its id (or record); with `wait`, follows it
+/// to the end and answers its outcome.
+async fn create_and_report(
+    c: &Client,
+    queue: &str,
+    req: &CreateBuild,
+    server: &ServerArgs,
+    wait: Option<Reconnect>,
+) -> u8 {
+    let b = match c.create(queue, req).await {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    let Some(reconnect) = wait else {
+        if server.json {
+            print_build(&b, true);
+        } else {
+            println!("{}", b.id);
+        }
+        return OK;
+    };
+    if !server.json {
+        eprintln!("triggered {} on queue {}", b.id, b.queue);
+    }
+    watch(c, &b.id.to_string(), server.json, reconnect).await
+}
+
+/// Metadata keys stitch and its runners write on a build: a rerun copies
+/// the rest (the caller's).
+const WRITTEN_BY_STITCH: &[&str] = &[
+    keys::URL,
+    keys::ERROR,
+    keys::EXIT_STATUS,
+    keys::SIGNAL,
+    keys::PROMISED_EXIT_STATUS,
+    keys::PROMISED_EXIT_STATUS_AT,
+    keys::PROMISED_EXIT_STATUS_REASON,
+    "provider_state",
+    RERUN_OF,
+];
+/// Prefixes of the runner-specific keys (`buildkite_number`, …).
+const WRITTEN_BY_RUNNERS: &[&str] = &["buildkite_", "github_", "fake_"];
+/// The metadata key a rerun names the build it repeats with.
+const RERUN_OF: &str = "rerun_of";
+
+/// The request that runs `old` again: same base, head and caller metadata,
+/// `rerun_of` naming it.
+fn rerun_request(old: &BuildRecord) -> CreateBuild {
+    let mut metadata: BTreeMap<String, String> = old
+        .metadata
+        .iter()
+        .filter(|(k, _)| {
+            !WRITTEN_BY_STITCH.contains(&k.as_str())
+                && !WRITTEN_BY_RUNNERS.iter().any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.insert(RERUN_OF.to_string(), old.id.to_string());
+    CreateBuild {
+        base: old.base.clone(),
+        head: old.head.clone(),
+        metadata,
+        idempotency_key: None,
+    }
+}
+
+/// `build open`: the provider URL on stdout (with `json`, as
+/// `{"id": …, "url": …}`); with `browser`, also handed to `$BROWSER`.
+async fn open(c: &Client, id: &str, browser: bool, json: bool) -> u8 {
+    let b = match c.get(id).await {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    let Some(url) = b.url.as_deref() else {
+        eprintln!(
+            "stitch: build {} ({}) has no URL yet: it has not reached its provider, \
+             or its runner has no web page",
+            b.id, b.status
+        );
+        return USAGE;
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"id": b.id.to_string(), "url": url})
+        );
+    } else {
+        println!("{url}");
+    }
+    if !browser {
+        return OK;
+    }
+    let Some(program) = std::env::var_os("BROWSER").filter(|p| !p.is_empty()) else {
+        eprintln!("stitch: --browser: $BROWSER is not set; the URL is printed above");
+        return USAGE;
+    };
+    match tokio::process::Command::new(&program)
+        .arg(url)
+        .status()
+        .await
+    {
+        Ok(s) if s.success() => OK,
+        Ok(s) => {
+            eprintln!(
+                "stitch: $BROWSER ({}) exited with {s}",
+                program.to_string_lossy()
+            );
+            UNAVAILABLE
+        }
+        Err(e) => {
+            eprintln!(
+                "stitch: cannot run $BROWSER ({}): {e}",
+                program.to_string_lossy()
+            );
+            UNAVAILABLE
+        }
+    }
+}
+
+/// `build list`: one page (or, with `all`, every page from `cursor` on).
+async fn list(
+    c: &Client,
+    queue: Option<&str>,
+    status: Option<&str>,
+    limit: u32,
+    mut cursor: Option<String>,
+    all: bool,
+    json: bool,
+) -> u8 {
+    let mut builds = Vec::new();
+    let next = loop {
+        let page = match c.list(queue, status, limit, cursor.as_deref()).await {
+            Ok(page) => page,
+            Err(e) => return fail(e),
+        };
+        if json {
+            builds.extend(page.builds);
+        } else {
+            for b in &page.builds {
+                println!(
+                    "{}  {:<9}  {:<12}  {}",
+                    b.id,
+                    b.status.as_str(),
+                    b.queue,
+                    b.head.join(" ")
+                );
+            }
+        }
+        match page.next_cursor {
+            Some(next) if all => cursor = Some(next.to_string()),
+            next => break next,
+        }
+    };
+    if json {
+        let page = BuildList {
+            builds,
+            next_cursor: next,
+        };
+        println!("{}", serde_json::to_string(&page).unwrap_or_default());
+    } else if let Some(next) = next {
+        println!("more: stitch build list --cursor {next}");
+    }
+    OK
 }
 
 /// "promised failure: exit status N (reason) at T", when the job promised one.
 fn promised_failure(b: &BuildRecord) -> Option<String> {
-    use stitch_core::metadata::keys;
     let status = b.metadata.get(keys::PROMISED_EXIT_STATUS)?;
     let mut text = format!("promised failure: exit status {status}");
     if let Some(reason) = b.metadata.get(keys::PROMISED_EXIT_STATUS_REASON) {
@@ -396,11 +561,15 @@ fn print_log_line(l: &stitch_core::LogLine, json: bool, tty: bool) {
 /// Follows a build until it is terminal: a live line on a terminal, one line
 /// per status change otherwise (or one JSON record per change with `--json`),
 /// and the build's log lines as they are written.
-async fn watch(c: &Client, id: &str, json: bool) -> u8 {
-    let logs = (!json).then(|| spawn_log_follower(c, id));
-    let code = watch_status(c, id, json).await;
+async fn watch(c: &Client, id: &str, json: bool, reconnect: Reconnect) -> u8 {
+    // The log follower starts when the status says there may be a log.
+    let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+    let logs = (!json).then(|| spawn_log_follower(c, id, status_rx, reconnect));
+    let code = watch_status(c, id, json, reconnect, &status_tx).await;
+    drop(status_tx);
     if let Some(task) = logs {
-        // Let the log catch up with the terminal status, briefly.
+        // Let the log catch up with the terminal status, briefly: a provider
+        // may publish the last lines a moment after the status.
         if tokio::time::timeout(Duration::from_secs(3), task)
             .await
             .is_err()
@@ -411,36 +580,59 @@ async fn watch(c: &Client, id: &str, json: bool) -> u8 {
     code
 }
 
-/// Prints the build's log once it exists (retrying while it has not
-/// started), until the log ends.
-fn spawn_log_follower(c: &Client, id: &str) -> tokio::task::JoinHandle<()> {
+/// Prints the build's log once it exists: tries when the build is running
+/// (or terminal) and again at each later status change while it has none,
+/// until the log ends.
+fn spawn_log_follower(
+    c: &Client,
+    id: &str,
+    mut status: tokio::sync::watch::Receiver<Option<BuildStatus>>,
+    reconnect: Reconnect,
+) -> tokio::task::JoinHandle<()> {
     let (c, id) = (c.clone_for_task(), id.to_string());
     let tty = std::io::stderr().is_terminal();
     tokio::spawn(async move {
         loop {
-            match c
-                .stream_logs(&id, |ev| {
-                    if let LogEvent::Line(l) = ev {
-                        print_log_line(&l, false, tty);
-                    }
-                })
-                .await
-            {
-                Ok(true) => return,
-                Ok(false) => tokio::time::sleep(Duration::from_millis(500)).await,
-                Err(_) => return, // status polling reports the outcome
+            let now = *status.borrow_and_update();
+            let may_have_log = now.is_some_and(|s| s != BuildStatus::Accepted);
+            if may_have_log {
+                match c
+                    .follow_logs(&id, reconnect, |l| print_log_line(&l, false, tty))
+                    .await
+                {
+                    Ok(LogsOutcome::NoLog) if !now.is_some_and(BuildStatus::is_terminal) => {}
+                    // Done, no log at the end, or failed: the status
+                    // follower reports the outcome.
+                    _ => return,
+                }
+            }
+            if status.changed().await.is_err() {
+                return;
             }
         }
     })
 }
 
-async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
+async fn watch_status(
+    c: &Client,
+    id: &str,
+    json: bool,
+    reconnect: Reconnect,
+    status_tx: &tokio::sync::watch::Sender<Option<BuildStatus>>,
+) -> u8 {
     let tty = std::io::stderr().is_terminal() && !json;
     let started = Instant::now();
+    // Subscribe before reading the record, so no change falls in between.
+    let mut feed = match BuildFeed::open(c, reconnect).await {
+        Ok(feed) => feed,
+        Err(e) => return fail(e),
+    };
     let mut last: Option<BuildStatus> = None;
     let mut promise_shown = false;
     let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let mut tick = 0usize;
+    // Redraws the live line on a terminal (a display refresh, not a poll).
+    let mut redraw = tokio::time::interval(Duration::from_millis(200));
     loop {
         let b = match c.get(id).await {
             Ok(b) => b,
@@ -462,6 +654,7 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
                 println!("{} {}", b.id, b.status);
             }
             last = Some(b.status);
+            status_tx.send_replace(Some(b.status));
         }
         if !promise_shown {
             if let Some(promised) = promised_failure(&b) {
@@ -494,17 +687,40 @@ async fn watch_status(c: &Client, id: &str, json: bool) -> u8 {
                 BUILD_FAILED
             };
         }
-        if tty {
-            eprint!(
-                "\r\x1b[2K{} {} for {:.0}s",
-                spinner[tick % spinner.len()],
-                b.status,
-                started.elapsed().as_secs_f64()
-            );
-            let _ = std::io::stderr().flush();
-            tick += 1;
+        // Wait for the next event about this build (or a resync).
+        loop {
+            tokio::select! {
+                item = feed.next() => match item {
+                    Ok(FeedItem::Event(e)) if e.build_id.to_string() == id => break,
+                    Ok(FeedItem::Event(_)) => {}
+                    Ok(FeedItem::Resynced(note)) => {
+                        if let Some(note) = note {
+                            if tty {
+                                eprint!("\r\x1b[2K");
+                            }
+                            eprintln!("stitch: {note}");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        if tty {
+                            eprintln!();
+                        }
+                        return fail(e);
+                    }
+                },
+                _ = redraw.tick(), if tty => {
+                    eprint!(
+                        "\r\x1b[2K{} {} for {:.0}s",
+                        spinner[tick % spinner.len()],
+                        b.status,
+                        started.elapsed().as_secs_f64()
+                    );
+                    let _ = std::io::stderr().flush();
+                    tick += 1;
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

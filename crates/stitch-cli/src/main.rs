@@ -1,7 +1,6 @@
 //! `stitch`: run the service, drive builds, inspect the queue.
 //!
-//! Exit codes: 0 success; 1 the build failed or was cancelled (with `--wait`
-//! and `watch`); 2 usage or input error; 3 server unreachable or internal error.
+//! Exit codes: see [`exit::EXIT_CODES_HELP`] (printed by `stitch --help`).
 #![forbid(unsafe_code)]
 
 mod client;
@@ -10,16 +9,23 @@ mod configured;
 mod exit;
 mod job;
 mod partitions;
+mod reference;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Drive builds on any CI through one contract.
 #[derive(Parser)]
-#[command(name = "stitch", version, about, long_about = None)]
+#[command(
+    name = "stitch",
+    version,
+    about,
+    long_about = None,
+    after_help = exit::EXIT_CODES_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +56,79 @@ enum Command {
     /// several servers on one database it waits for no one: if another
     /// process is pruning, it says so and removes nothing.
     Gc(GcArgs),
+    /// Print a shell completion script for bash, zsh or fish.
+    #[command(after_help = "Examples:\n  \
+        stitch completions bash > /etc/bash_completion.d/stitch\n  \
+        stitch completions zsh > \"${fpath[1]}/_stitch\"\n  \
+        stitch completions fish > ~/.config/fish/completions/stitch.fish")]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the manual page (roff) of stitch and its subcommands.
+    #[command(after_help = "Example:\n  stitch man | man -l -")]
+    Man,
+    /// Print this command-line reference as Markdown (docs/cli.md).
+    #[command(hide = true)]
+    CliReference,
+}
+
+/// Shells `stitch completions` writes scripts for.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// A build status, as `--status` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StatusArg {
+    /// The provider reported a state stitch cannot map.
+    Unknown,
+    /// Created; not running on the provider yet.
+    Accepted,
+    /// Running on the provider.
+    Running,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished unsuccessfully.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl StatusArg {
+    /// The status as the API spells it.
+    fn as_status(self) -> stitch_core::BuildStatus {
+        use stitch_core::BuildStatus;
+        match self {
+            StatusArg::Unknown => BuildStatus::Unknown,
+            StatusArg::Accepted => BuildStatus::Accepted,
+            StatusArg::Running => BuildStatus::Running,
+            StatusArg::Succeeded => BuildStatus::Succeeded,
+            StatusArg::Failed => BuildStatus::Failed,
+            StatusArg::Cancelled => BuildStatus::Cancelled,
+        }
+    }
+}
+
+/// How long a dropped stream (`logs`, `watch`, `--wait`) is retried.
+#[derive(Args, Clone, Copy)]
+struct ReconnectArgs {
+    /// When a stream from the server drops, keep trying to resume it for
+    /// this many seconds before giving up (exit 3).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    reconnect_for: u64,
+}
+
+impl ReconnectArgs {
+    fn policy(self) -> client::Reconnect {
+        client::Reconnect {
+            give_up_after: std::time::Duration::from_secs(self.reconnect_for),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -130,48 +209,111 @@ enum BuildCommand {
         /// Same key on the same queue returns the existing build.
         #[arg(long)]
         idempotency_key: Option<String>,
-        /// Wait until the build is terminal, showing its progress.
+        /// Wait until the build is terminal, showing its progress (exit 1
+        /// if it fails or is cancelled).
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        reconnect: ReconnectArgs,
     },
     /// Show one build.
     Status {
         #[command(flatten)]
         server: ServerArgs,
+        /// The build id (`b_…`).
         id: String,
     },
     /// Ask for a build to be cancelled.
     Cancel {
         #[command(flatten)]
         server: ServerArgs,
+        /// The build id (`b_…`).
         id: String,
     },
     /// List builds, newest first.
+    ///
+    /// With `--json` the answer is one object: `builds` (the records) and
+    /// `next_cursor` (pass it to `--cursor` for the next page; `null` on the
+    /// last page, and always with `--all`).
+    #[command(after_help = "Examples:\n  \
+        stitch build list --queue ci --status failed\n  \
+        stitch build list --all --json | jq '.builds[].id'")]
     List {
         #[command(flatten)]
         server: ServerArgs,
+        /// Only builds of this queue.
         #[arg(long, short = 'q')]
         queue: Option<String>,
-        /// unknown, accepted, running, succeeded, failed or cancelled.
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long, default_value_t = 20)]
+        /// Only builds with this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        /// Builds per page (1–1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
         /// Continue from the `next cursor` a previous page printed.
         #[arg(long)]
         cursor: Option<String>,
+        /// Follow the cursors to the last page and print every build.
+        #[arg(long)]
+        all: bool,
     },
-    /// Print a build's log (following it while the build runs).
+    /// Print a build's log, following it while the build runs.
+    ///
+    /// A stream that drops is resumed after the last line printed; if it
+    /// cannot be resumed within `--reconnect-for` seconds, or the server
+    /// reports it could not read the rest, the exit code is 3 (the log
+    /// printed is incomplete).
     Logs {
         #[command(flatten)]
         server: ServerArgs,
+        /// The build id (`b_…`).
         id: String,
+        #[command(flatten)]
+        reconnect: ReconnectArgs,
     },
     /// Follow a build until it is terminal: status changes and log lines.
+    ///
+    /// Follows the server's event stream (`/v1/events`); exit 0 when the
+    /// build succeeds, 1 when it fails or is cancelled.
     Watch {
         #[command(flatten)]
         server: ServerArgs,
+        /// The build id (`b_…`).
         id: String,
+        #[command(flatten)]
+        reconnect: ReconnectArgs,
+    },
+    /// Trigger a build again: a new build on the same queue with the same
+    /// base, head and caller metadata.
+    ///
+    /// Metadata that stitch or the runner wrote (`url`, `error`,
+    /// `exit_status`, `signal`, `promised_exit_status*`, `buildkite_*`,
+    /// `github_*`, `fake_*`, `provider_state`) is not copied; the new
+    /// build's `rerun_of` metadata names the old one. Prints the new id.
+    Rerun {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The build to run again (`b_…`).
+        id: String,
+        /// Wait until the new build is terminal, showing its progress (exit 1
+        /// if it fails or is cancelled).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        reconnect: ReconnectArgs,
+    },
+    /// Print the build's page on its provider (Buildkite, GitHub, …).
+    ///
+    /// With `--json`: `{"id": …, "url": …}`. Exit 2 when the build has no URL yet (it has not reached its
+    /// provider, or its runner has no web page).
+    Open {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The build id (`b_…`).
+        id: String,
+        /// Also open the URL with the program named by `$BROWSER`.
+        #[arg(long)]
+        browser: bool,
     },
 }
 
@@ -184,7 +326,9 @@ impl BuildCommand {
             | BuildCommand::Cancel { server, .. }
             | BuildCommand::List { server, .. }
             | BuildCommand::Logs { server, .. }
-            | BuildCommand::Watch { server, .. } => server,
+            | BuildCommand::Watch { server, .. }
+            | BuildCommand::Rerun { server, .. }
+            | BuildCommand::Open { server, .. } => server,
         }
     }
 }
@@ -295,7 +439,9 @@ enum DlqCommand {
     List {
         #[command(flatten)]
         config: ConfigArgs,
+        /// The topic (`trigger` or `signal`).
         topic: String,
+        /// Machine-readable JSON output (one object per line).
         #[arg(long)]
         json: bool,
     },
@@ -303,7 +449,9 @@ enum DlqCommand {
     Replay {
         #[command(flatten)]
         config: ConfigArgs,
+        /// The topic (`trigger` or `signal`).
         topic: String,
+        /// The dead letter's id (as `dlq list` prints it); all when omitted.
         id: Option<i64>,
     },
 }
@@ -337,4 +485,66 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(commands::run(cli));
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every argument of every command, with the command's path.
+    fn walk<'a>(cmd: &'a clap::Command, path: &str, out: &mut Vec<(String, &'a clap::Arg)>) {
+        let path = format!("{path} {}", cmd.get_name()).trim().to_string();
+        for arg in cmd.get_arguments() {
+            out.push((path.clone(), arg));
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &path, out);
+        }
+    }
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_argument_and_command_has_help_text() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut args = Vec::new();
+        walk(&cmd, "", &mut args);
+        let missing: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| !a.is_hide_set())
+            .filter(|(_, a)| a.get_help().is_none() && a.get_long_help().is_none())
+            .map(|(path, a)| format!("{path}: {}", a.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+        fn commands_without_about(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    out.push(path.clone());
+                }
+                commands_without_about(sub, &path, out);
+            }
+        }
+        let mut bare = Vec::new();
+        commands_without_about(&cmd, "stitch", &mut bare);
+        assert!(bare.is_empty(), "commands without help: {bare:#?}");
+    }
+
+    #[test]
+    fn docs_cli_md_is_rendered_from_the_current_definitions() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/cli.md");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        let rendered = crate::reference::render_markdown(Cli::command());
+        assert!(
+            on_disk == rendered,
+            "docs/cli.md is stale: regenerate it with \
+             `cargo run -q -p stitch-cli -- cli-reference > docs/cli.md`"
+        );
+    }
 }

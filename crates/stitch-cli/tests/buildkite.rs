@@ -653,3 +653,71 @@ mod push_never_lost {
         webhook_while_held(Endpoint::Create, "https://git.example/c/5").await;
     }
 }
+
+/// `stitch build open` prints the Buildkite page of the build and, with
+/// `--browser`, hands it to `$BROWSER` (a script here that records it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_open_prints_the_provider_url() {
+    let fake = fake(None).await;
+    let s = serve(&fake, "", "100ms").await;
+    let http = reqwest::Client::new();
+    let id = create(&http, &s, "https://git.example/c/open").await;
+    wait_all_terminal(
+        &http,
+        &s,
+        std::slice::from_ref(&id),
+        Duration::from_secs(30),
+    )
+    .await;
+    let url = get(&http, &s, &id).await["url"]
+        .as_str()
+        .expect("a Buildkite build has a url")
+        .to_string();
+    let stitch = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stitch"));
+        cmd.args(args)
+            .env("STITCH_SERVER", &s.base)
+            .env_remove("BROWSER");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.kill_on_drop(true).output()
+    };
+    let out = stitch(&["build", "open", &id], &[]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), url);
+    assert!(url.contains("/acme/app/builds/"), "{url}");
+    let out = stitch(&["build", "open", &id, "--json"], &[])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["url"], url.as_str());
+    assert_eq!(v["id"], id.as_str());
+
+    let dir = tempfile::tempdir().unwrap();
+    let opened = dir.path().join("opened");
+    let browser = dir.path().join("browser.sh");
+    std::fs::write(
+        &browser,
+        format!("#!/bin/sh\nprintf '%s' \"$1\" > '{}'\n", opened.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&browser, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = stitch(
+        &["build", "open", &id, "--browser"],
+        &[("BROWSER", browser.to_str().unwrap())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&opened).unwrap(), url);
+    // --browser without $BROWSER: the URL is printed, and the exit code
+    // says nothing was opened.
+    let out = stitch(&["build", "open", &id, "--browser"], &[])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), url);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("$BROWSER is not set"));
+}

@@ -1,6 +1,6 @@
 //! The build operations the HTTP API (and tests) call: validate, persist
 //! intent and publish in one transaction, wake the stages, return. The
-//! stages are the only writers of status transitions (DESIGN §2).
+//! stages are the only writers of status transitions (docs/architecture.md).
 
 use serde::{Deserialize, Serialize};
 use stitch_core::metadata::keys;

@@ -106,6 +106,38 @@ async fn events_sse_resumes_with_after_and_last_event_id() {
     assert_eq!(got, vec![base + 2, base + 3, base + 4, base + 5]);
 }
 
+/// `after=latest` skips the log as it stands and follows what comes next.
+#[tokio::test]
+async fn events_after_latest_follows_only_later_events() {
+    let s = Server::start().await;
+    for i in 0..3 {
+        s.create_ok("default", &format!("old{i}")).await;
+    }
+    let before = s.state.store().latest_seq().await.unwrap();
+    assert!(before >= 3);
+    let mut sse = SseReader::new(s.get("/v1/events?after=latest").send().await.unwrap());
+    let live = s.create_ok("default", "live").await;
+    loop {
+        let f = sse.next_event(WAIT).await.expect("the live build's event");
+        // Nothing from before the request (the old builds may still move on
+        // to later statuses, which are later events).
+        assert!(seq_of(&f.data) > before, "{}", f.data);
+        if f.data.contains(&live) {
+            break;
+        }
+    }
+    let resp = s.get("/v1/events?after=earliest").send().await.unwrap();
+    assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
+    // A Last-Event-ID that is sent must be a position, even when empty.
+    let resp = s
+        .get("/v1/events")
+        .header("last-event-id", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, (400, "invalid_request".into()));
+}
+
 #[tokio::test]
 async fn events_websocket_resumes_with_after() {
     let s = Server::start().await;

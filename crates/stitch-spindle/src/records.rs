@@ -1,5 +1,5 @@
 //! Wire shapes of the Tangled records and frames the spindle reads and
-//! writes (`shared/research/tangled_tack.md` §2). Field names and order
+//! writes (pinned by `tests/golden.rs` and `tests/data/`). Field names and order
 //! follow the Go structs of the stock spindle byte for byte.
 
 use serde::{Deserialize, Serialize};

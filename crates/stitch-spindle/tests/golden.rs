@@ -1,6 +1,6 @@
 //! Golden frames (tests/data/), checked byte for byte against what the
 //! spindle's types produce and what a live server sends. The shapes are
-//! those of `shared/research/tangled_tack.md` §2.
+//! those of the stock spindle's records and frames (docs/spindle.md).
 
 mod support;
 

@@ -6,7 +6,7 @@
 //!   Reads run on the pool; convenience writes are group-committed.
 //! * [`Store::begin`] returns a [`StoreTx`]: every write is available on it,
 //!   and [`StoreTx::publish`] publishes queue messages in the same
-//!   transaction (transactional outbox, DESIGN §2); [`Store::write`] gives
+//!   transaction (transactional outbox; docs/architecture.md); [`Store::write`] gives
 //!   synchronous jobs a [`StoreWrite`] with the same powers.
 //! * Each status change appends an [`Event`] in the same transaction, with a
 //!   gapless database-wide `seq`.

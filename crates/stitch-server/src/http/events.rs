@@ -21,10 +21,35 @@ use stitch_api::{ErrorBody, Event};
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventParams {
-    /// Send events with `seq` greater than this (default 0: everything).
-    /// For SSE a `Last-Event-ID` header wins over it.
-    #[param(value_type = Option<u64>)]
+    /// Send events with `seq` greater than this (default 0: everything), or
+    /// `latest`: only events committed after this request (the position is
+    /// the newest `seq` when the request arrives). For SSE a `Last-Event-ID`
+    /// header wins over it.
+    #[param(schema_with = after_schema)]
     after: Option<String>,
+}
+
+/// `after`: an int64 position, or `latest`.
+fn after_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+    OneOfBuilder::new()
+        .description(Some(
+            "Send events with `seq` greater than this (default 0: everything), or `latest`: \
+             only events committed after the request. A `Last-Event-ID` header wins over it.",
+        ))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["latest"])),
+        )
+        .build()
+        .into()
 }
 
 /// The event stream.
@@ -59,7 +84,13 @@ pub(crate) async fn events(
     shutdown: Option<Extension<Shutdown>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let mut after = streams::parse_position("after", p.after.as_deref())?;
+    // `latest` lets a client follow one build from now on without replaying
+    // the whole log: it reads the build's record after this answer arrives,
+    // so no change falls between the record and the stream.
+    let mut after = match p.after.as_deref().map(str::trim) {
+        Some("latest") => ctx.state.store().latest_seq().await?,
+        raw => streams::parse_position("after", raw)?,
+    };
     if let Some(id) = streams::last_event_id(&headers)? {
         after = id;
     }

@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN §6): builds, the event stream, log streams, health,
+//! The HTTP API (docs/api.md): builds, the event stream, log streams, health,
 //! metrics and the OpenAPI document.
 //!
 //! - [`router`] wires every route onto an [`AppState`]; [`router_with`]
@@ -11,7 +11,7 @@
 //!   configured (the tokens are read by [`crate::config::api_tokens`]).
 //!
 //! Handlers only validate, call [`crate::service`], and shape answers; they
-//! never move a build's status themselves (DESIGN §2). Every error answers
+//! never move a build's status themselves (docs/architecture.md). Every error answers
 //! `{"error":{"code","message"}}` (see [`error`]). `docs/api.md` is the
 //! user-facing description.
 
@@ -176,7 +176,7 @@ pub async fn serve_with(
 }
 
 /// Refuses to listen on a non-loopback address when no API token is
-/// configured (DESIGN §6): an unauthenticated API must not be reachable
+/// configured (docs/api.md, "Authentication"): an unauthenticated API must not be reachable
 /// from other machines.
 pub fn check_bind(addr: SocketAddr, tokens_configured: bool) -> Result<(), String> {
     if tokens_configured || is_loopback(addr) {

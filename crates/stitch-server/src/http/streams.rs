@@ -73,6 +73,13 @@ pub(crate) fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError
             let s = v
                 .to_str()
                 .map_err(|_| ApiError::invalid("invalid Last-Event-ID header"))?;
+            // Unlike an empty `?after=` (not given), a header that is sent
+            // must be a position: an EventSource never sends an empty one.
+            if s.trim().is_empty() {
+                return Err(ApiError::invalid(
+                    "invalid Last-Event-ID header: empty (omit it to start from `after`)",
+                ));
+            }
             parse_position("Last-Event-ID", Some(s)).map(Some)
         }
     }

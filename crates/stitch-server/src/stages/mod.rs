@@ -1,5 +1,5 @@
 //! The two stages that move builds: `trigger` creates the provider's build,
-//! `signal` polls it until it is terminal (DESIGN §4).
+//! `signal` polls it until it is terminal (docs/architecture.md, "Build lifecycle").
 
 mod signal;
 mod trigger;
