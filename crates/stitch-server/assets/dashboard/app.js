@@ -25,7 +25,7 @@
       else if (k.startsWith('on')) node.addEventListener(k.slice(2), v);
       else node.setAttribute(k, v === true ? '' : String(v));
     }
-    for (const c of children.flat()) {
+    for (const c of children.flat(Infinity)) {
       if (c === null || c === undefined || c === false) continue;
       node.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
@@ -39,7 +39,7 @@
       if (k === 'text') node.textContent = v;
       else node.setAttribute(k, String(v));
     }
-    for (const c of children.flat()) if (c) node.append(c);
+    for (const c of children.flat(Infinity)) if (c) node.append(c);
     return node;
   }
 
@@ -563,8 +563,8 @@
         stepFor(line);
         const step = steps.get(line.step_id);
         if (step && line.step_status === 'start') {
-          step.summary.replaceChildren(line.content || `Step ${line.step_id}`,
-            line.step_command ? el('span', { class: 'cmd' }, line.step_command) : null, step.state);
+          step.summary.replaceChildren(...[line.content || `Step ${line.step_id}`,
+            line.step_command ? el('span', { class: 'cmd' }, line.step_command) : null, step.state].filter(Boolean));
         } else if (step && line.step_status === 'end') {
           step.state.textContent = ' — done';
         }
