@@ -266,7 +266,7 @@ async fn dashboard_pages_work_live_in_chromium() {
     let later = wait_log_lines_over(c, first).await;
     assert!(later > first);
     wait_for(c, "#log details[data-step] summary").await;
-    wait_for(c, &format!("#timeline [data-status='running']")).await;
+    wait_for(c, "#timeline [data-status='running']").await;
     screenshot(c, "build").await;
 
     // Cancel a hanging build with the button.
