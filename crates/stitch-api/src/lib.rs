@@ -8,6 +8,7 @@
 //! - [`builds`]: the build record, a page of builds, the create request,
 //!   the promise-failure request.
 //! - [`events`]: an entry of the event log.
+//! - [`queues`]: queue summaries with live counts, dead letters.
 //! - [`answers`]: the error envelope, health and webhook answers.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,7 +16,11 @@
 pub mod answers;
 pub mod builds;
 pub mod events;
+pub mod queues;
 
 pub use answers::{ErrorBody, ErrorDetail, HealthBody, WebhookOutcome};
 pub use builds::{BuildList, BuildRecord, CreateBuild, Metadata, PromiseFailureBody};
 pub use events::{Event, EventKind};
+pub use queues::{
+    DeadLetterList, DeadLetterRecord, HourBucket, QueueList, QueueSummary, StatusCounts,
+};

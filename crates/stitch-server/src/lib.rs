@@ -5,6 +5,7 @@
 pub mod app;
 pub mod config;
 pub mod consumer;
+mod dashboard;
 pub mod event_feed;
 pub mod http;
 pub mod job_token;

@@ -42,7 +42,8 @@ pub use announce::{CommitListener, Committed};
 pub use error::{Conflict, Result, StoreError};
 pub use model::{
     Build, BuildFilter, BuildRecord, CancelOutcome, CreateOutcome, Cursor, Event, EventKind,
-    InvalidCursor, Metadata, NewBuild, StoredLogLine, ERROR_KEY, URL_KEY,
+    FinishedBuild, InvalidCursor, Metadata, NewBuild, OpenBuildCount, StoredLogLine, ERROR_KEY,
+    URL_KEY,
 };
 pub use pool::{migrate, StorePool};
 pub use retention::{BuildsPruned, Prunable};

@@ -157,6 +157,35 @@ pub struct CancelOutcome {
     pub newly_requested: bool,
 }
 
+/// How many builds of one queue are in one non-terminal status, and when
+/// the oldest of them was created ([`crate::Store::open_build_counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBuildCount {
+    /// The build queue.
+    pub queue: String,
+    /// A non-terminal status (`accepted`, `running`, `unknown`).
+    pub status: BuildStatus,
+    /// Builds of the queue in that status.
+    pub count: u64,
+    /// Creation time of the oldest of them.
+    pub oldest_created_at: DateTime<Utc>,
+}
+
+/// A build that finished, reduced to what the overview's chart needs
+/// ([`crate::Store::finished_since`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedBuild {
+    /// The build queue.
+    pub queue: String,
+    /// Its terminal status.
+    pub status: BuildStatus,
+    /// When it was handed to its runner; `None` when it never was (a build
+    /// cancelled or failed while accepted).
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it became terminal.
+    pub finished_at: DateTime<Utc>,
+}
+
 /// Filter and page size for [`crate::Store::list_builds`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildFilter {

@@ -13,11 +13,12 @@ use sqlx::MySqlConnection;
 use stitch_core::BuildId;
 
 use crate::error::Result;
-use crate::model::{Build, BuildFilter, Event, StoredLogLine};
+use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, builds_from_rows, events_from_rows, millis, open_statuses_sql,
-    to_i64, to_json, to_u64, ReadRow, BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_from_row, millis,
+    open_count_from_row, open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64, ReadRow,
+    BUILD_COLUMNS, EVENT_COLUMNS,
 };
 
 /// ER_DUP_ENTRY: a unique key already holds the value.
@@ -274,6 +275,25 @@ impl Ops for MySqlOps<'_> {
         );
         let rows = sqlx::query(&sql).fetch_all(&mut *self.conn).await?;
         builds_from_rows(&rows)
+    }
+
+    async fn open_build_counts(&mut self) -> Result<Vec<OpenBuildCount>> {
+        let rows = sqlx::query(&open_counts_sql())
+            .fetch_all(&mut *self.conn)
+            .await?;
+        rows.iter().map(open_count_from_row).collect()
+    }
+
+    async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>> {
+        let rows = sqlx::query(
+            "SELECT queue, status, started_at, finished_at FROM builds \
+             WHERE finished_at >= ? LIMIT ?",
+        )
+        .bind(since_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.conn)
+        .await?;
+        rows.iter().map(finished_from_row).collect()
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

@@ -9,7 +9,7 @@
 use stitch_core::BuildId;
 
 use crate::error::Result;
-use crate::model::{Build, BuildFilter, Event, StoredLogLine};
+use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 
 /// Primitive reads and writes of one backend, on one connection.
 pub(crate) trait Ops {
@@ -61,6 +61,14 @@ pub(crate) trait Ops {
 
     /// Every build whose status is not terminal, oldest first.
     async fn builds_not_terminal(&mut self) -> Result<Vec<Build>>;
+
+    /// Per queue and non-terminal status: how many builds, and the oldest's
+    /// creation time.
+    async fn open_build_counts(&mut self) -> Result<Vec<OpenBuildCount>>;
+
+    /// Up to `limit` builds that finished at or after `since_ms` (epoch
+    /// milliseconds), in no particular order.
+    async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>>;
 
     /// Up to `limit` events with `seq > after`, in seq order.
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>>;

@@ -15,11 +15,12 @@ use sqlx::PgConnection;
 use stitch_core::BuildId;
 
 use crate::error::Result;
-use crate::model::{Build, BuildFilter, Event, StoredLogLine};
+use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, builds_from_rows, events_from_rows, millis, open_statuses_sql,
-    to_i64, to_json, to_u64, BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_from_row, millis,
+    open_count_from_row, open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64,
+    BUILD_COLUMNS, EVENT_COLUMNS,
 };
 
 /// Connections of a pool opened from a URL.
@@ -270,6 +271,25 @@ impl Ops for PgOps<'_> {
         );
         let rows = sqlx::query(&sql).fetch_all(&mut *self.conn).await?;
         builds_from_rows(&rows)
+    }
+
+    async fn open_build_counts(&mut self) -> Result<Vec<OpenBuildCount>> {
+        let rows = sqlx::query(&open_counts_sql())
+            .fetch_all(&mut *self.conn)
+            .await?;
+        rows.iter().map(open_count_from_row).collect()
+    }
+
+    async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>> {
+        let rows = sqlx::query(
+            "SELECT queue, status, started_at, finished_at FROM builds \
+             WHERE finished_at >= $1 LIMIT $2",
+        )
+        .bind(since_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.conn)
+        .await?;
+        rows.iter().map(finished_from_row).collect()
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use stitch_core::BuildId;
 
 use crate::error::{Result, StoreError};
-use crate::model::{Build, Event, EventKind};
+use crate::model::{Build, Event, EventKind, FinishedBuild, OpenBuildCount};
 
 /// The build columns every backend selects, in this order.
 pub(crate) const BUILD_COLUMNS: &str = "id, queue, status, base, head, caller_metadata, \
@@ -135,6 +135,45 @@ pub(crate) fn build_from_row(row: &impl ReadRow) -> Result<Build> {
         version: row.int("version")?,
         id,
     })
+}
+
+/// The columns of an [`OpenBuildCount`] row: `queue, status, n, oldest`.
+pub(crate) fn open_count_from_row(row: &impl ReadRow) -> Result<OpenBuildCount> {
+    let queue = row.text("queue")?;
+    let what = |column: &str| format!("open build count of queue {queue:?} {column}");
+    let status = row.text("status")?;
+    Ok(OpenBuildCount {
+        status: status
+            .parse()
+            .map_err(|e| StoreError::corrupt(what("status"), e))?,
+        count: to_u64(row.int("n")?, "open build count")?,
+        oldest_created_at: time(row.int("oldest")?, || what("oldest"))?,
+        queue,
+    })
+}
+
+/// The columns of a [`FinishedBuild`] row: `queue, status, started_at, finished_at`.
+pub(crate) fn finished_from_row(row: &impl ReadRow) -> Result<FinishedBuild> {
+    let queue = row.text("queue")?;
+    let what = |column: &str| format!("finished build of queue {queue:?} {column}");
+    let status = row.text("status")?;
+    Ok(FinishedBuild {
+        status: status
+            .parse()
+            .map_err(|e| StoreError::corrupt(what("status"), e))?,
+        started_at: opt_time(row.opt_int("started_at")?, || what("started_at"))?,
+        finished_at: time(row.int("finished_at")?, || what("finished_at"))?,
+        queue,
+    })
+}
+
+/// The SQL of [`crate::Store::open_build_counts`], the same on every backend.
+pub(crate) fn open_counts_sql() -> String {
+    format!(
+        "SELECT queue, status, COUNT(*) AS n, MIN(created_at) AS oldest FROM builds \
+         WHERE status IN ({}) GROUP BY queue, status",
+        open_statuses_sql()
+    )
 }
 
 /// An event from a row holding [`EVENT_COLUMNS`].

@@ -15,11 +15,11 @@ use stitch_core::BuildId;
 use stitch_mq::raw_sqlite::RawSqlite;
 
 use crate::error::{Result, StoreError};
-use crate::model::{Build, BuildFilter, Event, StoredLogLine};
+use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, event_from_row, millis, open_statuses_sql, to_i64, to_json, to_u64,
-    BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, event_from_row, finished_from_row, millis, open_count_from_row,
+    open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64, BUILD_COLUMNS, EVENT_COLUMNS,
 };
 
 /// How long a writer waits for SQLite's write lock before `SQLITE_BUSY`.
@@ -367,6 +367,29 @@ impl Ops for SqliteOps<'_> {
             open_statuses_sql()
         );
         self.builds(&sql, [])
+    }
+
+    async fn open_build_counts(&mut self) -> Result<Vec<OpenBuildCount>> {
+        let mut stmt = self.conn.prepare_cached(&open_counts_sql())?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(open_count_from_row(row)?);
+        }
+        Ok(out)
+    }
+
+    async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT queue, status, started_at, finished_at FROM builds \
+             WHERE finished_at >= ?1 LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(rusqlite::params![since_ms, i64::from(limit)])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(finished_from_row(row)?);
+        }
+        Ok(out)
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

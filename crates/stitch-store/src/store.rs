@@ -23,8 +23,8 @@ use crate::error::{wrong_backend, Result, StoreError};
 use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
 use crate::model::{
-    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, Metadata, NewBuild, NewEvent,
-    StoredLogLine,
+    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, FinishedBuild, Metadata,
+    NewBuild, NewEvent, OpenBuildCount, StoredLogLine,
 };
 use crate::mysql::{self, MySqlOps};
 use crate::ops::Ops;
@@ -406,6 +406,24 @@ impl Store {
     /// server must make sure is being watched.
     pub async fn builds_not_terminal(&self) -> Result<Vec<Build>> {
         with_read_ops!(self, |ops| ops.builds_not_terminal().await)
+    }
+
+    /// Per queue and non-terminal status (`accepted`, `running`,
+    /// `unknown`): how many builds, and when the oldest was created. Queues
+    /// and statuses without builds are absent.
+    pub async fn open_build_counts(&self) -> Result<Vec<OpenBuildCount>> {
+        with_read_ops!(self, |ops| ops.open_build_counts().await)
+    }
+
+    /// Up to `limit` builds that finished at or after `since`, in no
+    /// particular order (read through the `finished_at` index).
+    pub async fn finished_since(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<Vec<FinishedBuild>> {
+        let since_ms = since.timestamp_millis();
+        with_read_ops!(self, |ops| ops.finished_since(since_ms, limit).await)
     }
 
     /// Up to `limit` events with `seq > after`, in seq order. Because seqs are

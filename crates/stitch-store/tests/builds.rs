@@ -691,7 +691,70 @@ async fn list_pages_newest_first_with_a_cursor(db: TestDb) {
     assert!(page.is_empty() && next.is_none());
 }
 
+async fn open_counts_and_finished_builds_for_the_overview(db: TestDb) {
+    let none = Metadata::new();
+    let mut ids = Vec::new();
+    for queue in ["a", "a", "a", "b"] {
+        let new = new_build(queue);
+        ids.push(new.id.clone());
+        db.store.create_build(new).await.unwrap();
+    }
+    let before = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    let s = &db.store;
+    s.record_status(&ids[1], None, BuildStatus::Running, &none, None)
+        .await
+        .unwrap();
+    s.record_status(&ids[2], None, BuildStatus::Running, &none, None)
+        .await
+        .unwrap();
+    s.record_status(&ids[2], None, BuildStatus::Failed, &none, Some("x"))
+        .await
+        .unwrap();
+    s.record_status(&ids[3], None, BuildStatus::Cancelled, &none, None)
+        .await
+        .unwrap();
+
+    let mut open: Vec<(String, BuildStatus, u64)> = s
+        .open_build_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.queue, c.status, c.count))
+        .collect();
+    open.sort_by(|x, y| (x.0.as_str(), x.1.as_str()).cmp(&(y.0.as_str(), y.1.as_str())));
+    assert_eq!(
+        open,
+        [
+            ("a".to_string(), BuildStatus::Accepted, 1),
+            ("a".to_string(), BuildStatus::Running, 1)
+        ]
+    );
+    let oldest = s.open_build_counts().await.unwrap();
+    let first = s.get_build(&ids[0]).await.unwrap();
+    assert!(oldest
+        .iter()
+        .any(|c| c.status == BuildStatus::Accepted && c.oldest_created_at == first.created_at));
+
+    let mut finished = s.finished_since(before, 100).await.unwrap();
+    finished.sort_by_key(|f| f.queue.clone());
+    assert_eq!(finished.len(), 2);
+    assert_eq!(
+        (finished[0].queue.as_str(), finished[0].status),
+        ("a", BuildStatus::Failed)
+    );
+    assert!(finished[0].started_at.is_some());
+    assert_eq!(
+        (finished[1].queue.as_str(), finished[1].status),
+        ("b", BuildStatus::Cancelled)
+    );
+    assert!(finished[1].started_at.is_none(), "never started");
+    let later = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    assert!(s.finished_since(later, 100).await.unwrap().is_empty());
+    assert_eq!(s.finished_since(before, 1).await.unwrap().len(), 1);
+}
+
 store_suite!(
+    open_counts_and_finished_builds_for_the_overview,
     create_then_get_returns_the_record_shape,
     create_appends_an_accepted_event,
     idempotency_key_returns_the_existing_build_per_queue,

@@ -1,6 +1,8 @@
 //! Bearer-token authentication. With tokens configured, every route except
-//! `/healthz`, `/readyz` and the webhook receivers (which verify the
-//! provider's own credentials) needs `Authorization: Bearer <token>`;
+//! `/healthz`, `/readyz`, the webhook receivers (which verify the
+//! provider's own credentials) and the dashboard's pages and assets (no
+//! data; the page sends the token on its API calls) needs
+//! `Authorization: Bearer <token>`;
 //! tokens are compared in constant time.
 
 use std::sync::Arc;
@@ -97,7 +99,12 @@ pub(crate) fn needs_api_token(path: &str) -> bool {
 /// Middleware: refuses requests without a valid bearer token when tokens
 /// are configured.
 pub(crate) async fn require(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    if auth.tokens.is_empty() || !needs_api_token(req.uri().path()) {
+    let path = req.uri().path();
+    // Dashboard pages and assets hold no data and a browser cannot attach
+    // a token to a navigation: they answer without one, and the page then
+    // asks for it (the loopback guard still checks them).
+    if auth.tokens.is_empty() || !needs_api_token(path) || crate::dashboard::is_dashboard_path(path)
+    {
         return next.run(req).await;
     }
     let token = match bearer(req.headers()) {

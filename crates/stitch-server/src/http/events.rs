@@ -12,10 +12,11 @@ use stitch_store::StoreError;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
-use super::extract::ApiQuery;
+use super::extract::{non_empty, ApiQuery};
 use super::streams::{self, WsItem};
 use super::{Ctx, Shutdown};
 use stitch_api::{ErrorBody, Event};
+use stitch_core::BuildId;
 
 /// Query parameters of `GET /v1/events`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -27,6 +28,60 @@ pub(crate) struct EventParams {
     /// header wins over it.
     #[param(schema_with = after_schema)]
     after: Option<String>,
+    /// Only events of builds of this configured queue.
+    queue: Option<String>,
+    /// Only events of this build (`b_…`).
+    #[param(schema_with = build_id_or_empty)]
+    build: Option<String>,
+}
+
+/// A build id, or the empty value ("not given").
+fn build_id_or_empty() -> utoipa::openapi::Object {
+    let id = BuildId::PATTERN
+        .trim_start_matches('^')
+        .trim_end_matches('$');
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(format!("^({id})?$")))
+        .build()
+}
+
+/// Which events a stream sends: `queue=` and `build=` narrow it; both
+/// given, an event must match both.
+#[derive(Debug, Default, Clone)]
+struct EventFilter {
+    queue: Option<String>,
+    build: Option<BuildId>,
+}
+
+impl EventFilter {
+    fn parse(ctx: &Ctx, queue: Option<String>, build: Option<String>) -> Result<Self, ApiError> {
+        let queue = match non_empty(queue) {
+            None => None,
+            Some(q) if ctx.state.build_queue(&q).is_some() => Some(q),
+            Some(q) => {
+                let known: Vec<&str> = ctx.state.build_queues().map(|r| r.name.as_str()).collect();
+                return Err(ApiError::invalid(format!(
+                    "invalid queue {q:?}: not a configured queue (configured: {})",
+                    known.join(", ")
+                )));
+            }
+        };
+        let build = match non_empty(build) {
+            None => None,
+            Some(b) => Some(b.parse::<BuildId>().map_err(|_| {
+                ApiError::invalid(format!(
+                    "invalid build {b:?}: expected a build id (b_ and 26 base32 characters)"
+                ))
+            })?),
+        };
+        Ok(Self { queue, build })
+    }
+
+    fn matches(&self, e: &stitch_store::Event) -> bool {
+        self.queue.as_ref().is_none_or(|q| *q == e.queue)
+            && self.build.as_ref().is_none_or(|b| *b == e.build_id)
+    }
 }
 
 /// `after`: an int64 position, or `latest`.
@@ -59,7 +114,8 @@ fn after_schema() -> utoipa::openapi::schema::Schema {
 /// comment every 15 s, resumable with `Last-Event-ID`. With
 /// `Upgrade: websocket`: one text frame per event (the event JSON), ping
 /// frames as keepalive, resumable with `?after=`. Events come in `seq`
-/// order without gaps or duplicates.
+/// order without gaps or duplicates. `queue=` and `build=` send only the
+/// events of that queue or build (replay included).
 #[utoipa::path(
     get,
     path = "/v1/events",
@@ -72,7 +128,7 @@ fn after_schema() -> utoipa::openapi::schema::Schema {
     responses(
         (status = 200, description = "SSE stream of events", content_type = "text/event-stream", body = Event),
         (status = 101, description = "WebSocket: one text frame per event"),
-        (status = 400, description = "`invalid_request` (bad `after` or `Last-Event-ID`)", body = ErrorBody),
+        (status = 400, description = "`invalid_request` (bad `after` or `Last-Event-ID`, a `queue` that is not configured, a `build` that is not a build id)", body = ErrorBody),
         (status = 410, description = "`events_pruned`: events after the position were deleted by retention; `oldest_seq` is the oldest retained", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody)
     )
@@ -91,6 +147,7 @@ pub(crate) async fn events(
         Some("latest") => ctx.state.store().latest_seq().await?,
         raw => streams::parse_position("after", raw)?,
     };
+    let filter = EventFilter::parse(&ctx, p.queue, p.build)?;
     if let Some(id) = streams::last_event_id(&headers)? {
         after = id;
     }
@@ -99,7 +156,11 @@ pub(crate) async fn events(
     ctx.state.store().check_events_position(after).await?;
     let shutdown = shutdown.map(|Extension(s)| s.0).unwrap_or_default();
     let keepalive = ctx.options.keepalive;
-    let tail = ctx.state.event_stream(after);
+    // Errors pass: they end the stream whatever the filter.
+    let tail = ctx
+        .state
+        .event_stream(after)
+        .filter(move |r| std::future::ready(r.as_ref().map_or(true, |e| filter.matches(&e.event))));
 
     if streams::wants_websocket(&headers) {
         let ws = ws.map_err(|r| ApiError::invalid(r.body_text()))?;

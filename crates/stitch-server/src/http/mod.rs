@@ -26,6 +26,7 @@ mod loopback;
 mod metrics;
 mod openapi;
 mod ops;
+mod queues;
 mod streams;
 mod webhooks;
 
@@ -93,7 +94,8 @@ pub fn router(state: AppState, tokens: Vec<String>) -> Router {
 /// The API router with explicit [`HttpOptions`].
 pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -> Router {
     let max_body = state.config().api.max_body_bytes;
-    let openapi = openapi::document(!tokens.is_empty());
+    let queues: Vec<String> = state.build_queues().map(|q| q.name.clone()).collect();
+    let openapi = openapi::document(!tokens.is_empty(), &queues);
     let ctx = Ctx {
         state,
         options: Arc::new(options),
@@ -116,6 +118,12 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         )
         .route("/v1/builds/{id}/logs", get(logs::build_logs))
         .route("/v1/events", get(events::events))
+        .route("/v1/queues", get(queues::list_queues))
+        .route("/v1/dead-letters", get(queues::list_dead_letters))
+        .route(
+            "/v1/dead-letters/{topic}/{id}/replay",
+            post(queues::replay_dead_letter),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -128,6 +136,7 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
             "/webhooks/github",
             post(webhooks::github).layer(DefaultBodyLimit::max(webhooks::GITHUB_MAX_BODY)),
         )
+        .merge(crate::dashboard::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

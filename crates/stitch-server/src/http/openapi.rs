@@ -4,14 +4,15 @@
 
 use serde_json::{json, Value};
 use stitch_api::{
-    BuildList, BuildRecord, CreateBuild, ErrorBody, ErrorDetail, Event, EventKind, HealthBody,
-    PromiseFailureBody, WebhookOutcome,
+    BuildList, BuildRecord, CreateBuild, DeadLetterList, DeadLetterRecord, ErrorBody, ErrorDetail,
+    Event, EventKind, HealthBody, HourBucket, PromiseFailureBody, QueueList, QueueSummary,
+    StatusCounts, WebhookOutcome,
 };
 use stitch_core::{BuildId, BuildStatus, LogKind, LogLine, OutputStream, RunnerRef, StepStatus};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{builds, events, logs, ops, webhooks};
+use super::{builds, events, logs, ops, queues, webhooks};
 
 /// The OpenAPI document of the API.
 #[derive(OpenApi)]
@@ -28,6 +29,9 @@ use super::{builds, events, logs, ops, webhooks};
         builds::promise_failure,
         logs::build_logs,
         events::events,
+        queues::list_queues,
+        queues::list_dead_letters,
+        queues::replay_dead_letter,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -52,11 +56,18 @@ use super::{builds, events, logs, ops, webhooks};
         ErrorBody,
         WebhookOutcome,
         ErrorDetail,
-        HealthBody
+        HealthBody,
+        QueueList,
+        QueueSummary,
+        StatusCounts,
+        HourBucket,
+        DeadLetterList,
+        DeadLetterRecord
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "builds", description = "Create, read, list and cancel builds"),
+        (name = "queues", description = "Queues with live counts, and the stages' dead letters"),
         (name = "streams", description = "Event and log streams (SSE or WebSocket)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "webhooks", description = "Provider webhooks that wake a build's poll loop")
@@ -92,7 +103,10 @@ const API_TOKEN_SCHEME: &str = "bearer";
 /// loopback mode) no route asks for one, so the operations drop the
 /// API-token requirement (the scheme stays described); the job-token route
 /// keeps its own.
-pub(crate) fn document(api_tokens: bool) -> String {
+///
+/// `queues` are the configured queues: the only values `/v1/events`
+/// accepts for `queue=` (anything else is a 400), so the document lists them.
+pub(crate) fn document(api_tokens: bool, queues: &[String]) -> String {
     let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
         Ok(doc) => doc,
         Err(_) => return "{}".to_string(),
@@ -100,6 +114,7 @@ pub(crate) fn document(api_tokens: bool) -> String {
     spell_links(&mut doc);
     optional_parameters_are_absent_not_null(&mut doc);
     describe_sse_frames(&mut doc);
+    name_event_queues(&mut doc, queues);
     if !api_tokens {
         drop_api_token(&mut doc);
     }
@@ -145,6 +160,23 @@ fn optional_parameters_are_absent_not_null(doc: &mut Value) {
                     schema.insert("oneOf".into(), Value::Array(variants));
                 }
             }
+        }
+    }
+}
+
+/// The `queue` filter of `/v1/events` takes a configured queue's name, or
+/// the empty value ("not given").
+fn name_event_queues(doc: &mut Value, queues: &[String]) {
+    let Some(params) = doc
+        .pointer_mut("/paths/~1v1~1events/get/parameters")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    let names: Vec<&str> = queues.iter().map(String::as_str).chain([""]).collect();
+    for param in params {
+        if param.get("name").and_then(Value::as_str) == Some("queue") {
+            param["schema"] = json!({"type": "string", "enum": names});
         }
     }
 }
