@@ -11,7 +11,7 @@ use stitch_fake_providers::buildkite::{
     sign, Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Timing, WebhookAuth,
     WebhookTarget,
 };
-use support::serve::Serve;
+use support::serve::{Serve, STITCH};
 
 const TOKEN: &str = "bk-test-token";
 const SECRET: &str = "whsec-0123456789abcdef";
@@ -49,7 +49,7 @@ log_poll = "100ms"
 const ENV: [(&str, &str); 2] = [("BK_TOKEN", TOKEN), ("BK_WEBHOOK_SECRET", SECRET)];
 
 async fn serve(fake: &FakeBuildkite, extra: &str, poll: &str) -> Serve {
-    Serve::start(&config_text(fake, extra, poll), &ENV).await
+    Serve::start(STITCH, &config_text(fake, extra, poll), &ENV).await
 }
 
 async fn create(http: &reqwest::Client, s: &Serve, head: &str) -> String {
@@ -320,6 +320,9 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
     // From here on only the test's own requests reach the receiver.
     fake.set_webhook(None);
     // Poll cadence is now the 60 s safety net: nothing polls unless woken.
+    // A webhook the fake sent before may still be waking the build. Nothing
+    // on the server says when its wakes are all handled, so this waits out
+    // the time a woken poll takes on a busy machine.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let polls_before = fake.stats().requests["get_build"];
     let body =
@@ -398,7 +401,9 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
     .await
     .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    // None of that reached the poll loop.
+    // None of that reached the poll loop. A wrong wake would poll within
+    // milliseconds; no event marks "no wake came", so this is a bounded
+    // look for one.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         fake.stats().requests["get_build"],

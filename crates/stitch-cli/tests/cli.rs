@@ -3,7 +3,6 @@
 //! and the exit codes for bad input and an unreachable server.
 
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 struct Server {
     child: Child,
@@ -52,21 +51,18 @@ fake = {{ accept_delay = "100ms", run_duration = "60s" }}
         ),
     )
     .unwrap();
+    let log = dir.path().join("serve.log");
     let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
         .args(["serve", "--config"])
         .arg(&config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("STITCH_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stitch_testkit::blocking(stitch_testkit::serve::wait_serving(&log, child.id()));
     Server {
         child,
         url,

@@ -8,7 +8,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::serve::Serve;
+use support::serve::{Serve, STITCH};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CONFIG: &str = r#"data_dir = "{data}"
@@ -60,7 +60,7 @@ async fn read_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumes_across_a_server_restart() {
-    let mut s = Serve::start(CONFIG, &[]).await;
+    let mut s = Serve::start(STITCH, CONFIG, &[]).await;
     let http = reqwest::Client::new();
     let id = s.create(&http, "default", "https://git.example/c/1").await;
     let mut watch = stitch(&["build", "watch", &id, "--reconnect-for", "60"], &s.base);
@@ -87,7 +87,7 @@ async fn watch_resumes_across_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_exit_non_zero_when_the_server_dies_mid_stream() {
-    let mut s = Serve::start(CONFIG, &[]).await;
+    let mut s = Serve::start(STITCH, CONFIG, &[]).await;
     let http = reqwest::Client::new();
     let id = s.create(&http, "slow", "https://git.example/c/2").await;
     s.wait_status(&http, &id, "running").await;

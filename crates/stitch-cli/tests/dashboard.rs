@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use support::serve::Serve;
+use support::serve::{Serve, STITCH};
 
 /// Longest wait for anything the page should show.
 const WAIT: Duration = Duration::from_secs(30);
@@ -179,7 +179,7 @@ async fn dashboard_pages_work_live_in_chromium() {
         return;
     };
     let c = &browser.client;
-    let mut serve = Serve::start(CONFIG, &[]).await;
+    let mut serve = Serve::start(STITCH, CONFIG, &[]).await;
     let http = reqwest::Client::new();
 
     // A build on a queue that will disappear: after a restart without the
@@ -336,7 +336,7 @@ async fn with_tokens_the_dashboard_asks_for_one_and_refuses_a_wrong_one() {
     let c = &browser.client;
     let token = "dashboard-test-token-0123456789";
     let config = format!("{CONFIG}[api]\ntokens_env = [\"STITCH_API_TOKEN\"]\n");
-    let serve = Serve::start(&config, &[("STITCH_API_TOKEN", token)]).await;
+    let serve = Serve::start(STITCH, &config, &[("STITCH_API_TOKEN", token)]).await;
     let http = reqwest::Client::new();
     let build: Value = http
         .post(format!("{}/v1/queues/default/builds", serve.base))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use stitch_fake_providers::github::{
     sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Timing, WebhookTarget,
 };
-use support::serve::Serve;
+use support::serve::{Serve, STITCH};
 
 const TOKEN: &str = "ghp-test-token";
 const SECRET: &str = "gh-webhook-secret-0123456789";
@@ -93,7 +93,7 @@ async fn webhooks_drive_100_builds_to_terminal() {
     let fake = fake(FakeOptions::default()).await;
     // The safety-net poll (60 s default) is far beyond the test: only
     // webhooks can finish these builds in time.
-    let s = Serve::start(&config(&fake, "5s", None, "", WEBHOOKS), &ENV).await;
+    let s = Serve::start(STITCH, &config(&fake, "5s", None, "", WEBHOOKS), &ENV).await;
     fake.set_webhook(Some(WebhookTarget {
         url: format!("{}/webhooks/github", s.base),
         secret: SECRET.into(),
@@ -126,7 +126,7 @@ async fn webhooks_drive_100_builds_to_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_alone_finishes_100_builds_and_lost_dispatches_make_one_run_each() {
     let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(&config(&fake, "150ms", None, "", ""), &ENV).await;
+    let s = Serve::start(STITCH, &config(&fake, "150ms", None, "", ""), &ENV).await;
     // A fifth of dispatches lose their answer after GitHub made the run.
     fake.inject_rate(Endpoint::Dispatch, Fault::Reset, 0.1);
     fake.inject_rate(
@@ -161,7 +161,12 @@ async fn an_older_server_without_run_details_is_correlated_by_run_name() {
         ..FakeOptions::default()
     })
     .await;
-    let s = Serve::start(&config(&fake, "150ms", None, "max_inputs = 10", ""), &ENV).await;
+    let s = Serve::start(
+        STITCH,
+        &config(&fake, "150ms", None, "max_inputs = 10", ""),
+        &ENV,
+    )
+    .await;
     let http = reqwest::Client::new();
     let hs = heads(20);
     let ids = create_all(&s, &http, &hs).await;
@@ -180,7 +185,7 @@ async fn an_older_server_without_run_details_is_correlated_by_run_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
     let fake = fake(FakeOptions::default()).await;
-    let mut s = Serve::start(&config(&fake, "150ms", None, "", ""), &ENV).await;
+    let mut s = Serve::start(STITCH, &config(&fake, "150ms", None, "", ""), &ENV).await;
     // Dispatches are slow to answer, so the kill lands amid unanswered ones;
     // the first dispatch's answer is held until after the kill, so at least
     // one run exists whose dispatch stitch never saw answered.
@@ -211,7 +216,7 @@ async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_running_and_completed_builds_and_stream_logs() {
     let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(&config(&fake, "100ms", None, "", ""), &ENV).await;
+    let s = Serve::start(STITCH, &config(&fake, "100ms", None, "", ""), &ENV).await;
     let http = reqwest::Client::new();
     let long = s
         .create(&http, "ci", "https://git.example/c/long?stitch-gh=hang")
@@ -294,15 +299,18 @@ async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
     let auth = format!(
         "app_id = \"424242\"\nprivate_key_file = \"{key_dir}/test_app_key.pem\"\ninstallation_id = 77"
     );
-    let s = Serve::start(&config(&fake, "200ms", Some(&auth), "", ""), &ENV).await;
+    let s = Serve::start(STITCH, &config(&fake, "200ms", Some(&auth), "", ""), &ENV).await;
     let http = reqwest::Client::new();
     let hs: Vec<String> = (0..10)
         .map(|i| format!("https://git.example/c/{i}"))
         .collect();
     let mut ids = Vec::new();
+    // One at a time, each once it runs: the builds span more than the 3 s
+    // token lifetime, so the installation token must be refreshed.
     for h in &hs {
-        ids.push(s.create(&http, "ci", h).await);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let id = s.create(&http, "ci", h).await;
+        s.wait_status(&http, &id, "running").await;
+        ids.push(id);
     }
     let done = s
         .wait_all_terminal(&http, &ids, Duration::from_secs(60))
@@ -319,7 +327,7 @@ async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(&config(&fake, "100ms", None, "", WEBHOOKS), &ENV).await;
+    let s = Serve::start(STITCH, &config(&fake, "100ms", None, "", WEBHOOKS), &ENV).await;
     let http = reqwest::Client::new();
     let id = s
         .create(&http, "ci", "https://git.example/c/1?stitch-gh=hang")
@@ -334,6 +342,9 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     // From here on only the test's own requests reach the receiver, and
     // the poll cadence is the 60 s safety net: nothing polls unless woken.
     fake.set_webhook(None);
+    // A webhook the fake sent before may still be waking the build. Nothing
+    // on the server says when its wakes are all handled, so this waits out
+    // the time a woken poll takes on a busy machine.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let polls_before = get_runs(&fake);
     let url = format!("{}/webhooks/github", s.base);
@@ -392,7 +403,9 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     .await
     .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    // None of that reached the poll loop.
+    // None of that reached the poll loop. A wrong wake would poll within
+    // milliseconds; no event marks "no wake came", so this is a bounded
+    // look for one.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         get_runs(&fake),
@@ -434,7 +447,10 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 202);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fake finishes the cancel on its own clock: the wake must find the
+    // run completed.
+    fake.run_until(&id, |run, _| run["status"] == "completed")
+        .await;
     let job = serde_json::json!({
         "action": "completed",
         "workflow_job": {"id": run_id + 1, "run_id": run_id, "status": "completed", "conclusion": "cancelled"},
@@ -476,7 +492,7 @@ mod push_never_lost {
     const WITHIN: Duration = Duration::from_secs(20);
 
     async fn server(fake: &FakeGithub) -> Serve {
-        Serve::start(&config(fake, "60s", None, "", WEBHOOKS), &ENV).await
+        Serve::start(STITCH, &config(fake, "60s", None, "", WEBHOOKS), &ENV).await
     }
 
     async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {

@@ -6,7 +6,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+
+use stitch_testkit::blocking;
 
 const STITCH: &str = env!("CARGO_BIN_EXE_stitch");
 
@@ -80,20 +81,20 @@ local = {{ command = "sh {d}/quick.sh" }}
         ),
     )
     .unwrap();
+    let log = dir.path().join("serve.log");
     let child = Command::new(STITCH)
         .args(["serve", "--config"])
         .arg(&config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("STITCH_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Bound once it says so: requests from then on are answered.
+    blocking(stitch_testkit::file_text_where(&log, |t| {
+        t.contains(stitch_testkit::serve::SERVING)
+    }));
     Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
@@ -137,21 +138,15 @@ fn trigger(s: &Server, queue: &str) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// A marker file's text once its last line is complete.
 fn wait_file(path: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            if t.ends_with('\n') {
-                return t;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    blocking(stitch_testkit::file_text(path))
+}
+
+/// `stitch build watch`: follows the build until it is terminal (the
+/// product's own wait) and exits 0 for succeeded, 1 otherwise.
+fn watch_until_terminal(s: &Server, id: &str) -> Output {
+    stitch(&["build", "watch", id], &[("STITCH_SERVER", &s.url)])
 }
 
 fn status_json(s: &Server, id: &str) -> serde_json::Value {
@@ -161,18 +156,6 @@ fn status_json(s: &Server, id: &str) -> serde_json::Value {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => !matches!(
-            stat.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next()),
-            Some("Z" | "X")
-        ),
-    }
 }
 
 #[test]
@@ -185,26 +168,15 @@ fn fail_fast_end_to_end_fails_the_build_and_kills_the_job() {
         .unwrap();
     // The endpoint fails the build in the transaction that records the
     // promise: the reason is the promise's, not a poll's observation.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let v = loop {
-        let v = status_json(&s, &id);
-        if v["status"] == "failed" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "build not failed: {v}");
-        std::thread::sleep(Duration::from_millis(25));
-    };
+    let watched = watch_until_terminal(&s, &id);
+    let v = status_json(&s, &id);
+    assert_eq!(v["status"], "failed", "{}", text(&watched));
     assert_eq!(v["metadata"]["error"], "promised exit status 3");
     assert_eq!(v["metadata"]["promised_exit_status"], "3");
     assert_eq!(v["metadata"]["promised_exit_status_reason"], "boom");
-    // The job would sleep a minute: it is gone because the cancel killed it.
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "job process {pid} was not killed"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    // The job would sleep a minute: it is gone because the cancel killed it
+    // (the wait is bounded and fails the test otherwise).
+    blocking(stitch_testkit::process_exit(pid));
     let human = stitch(&["build", "status", &id], &[("STITCH_SERVER", &s.url)]);
     assert!(
         text(&human).contains("promised failure: exit status 3 (boom)"),
@@ -306,11 +278,9 @@ fn promise_failure_falls_back_to_the_server_and_explains_refusals() {
     let done = trigger(&s, "quick");
     let env_file = wait_file(&s.path(&format!("env-{done}")));
     let done_token = env_file.lines().next().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_json(&s, &done)["status"] != "succeeded" {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let watched = watch_until_terminal(&s, &done);
+    assert_eq!(watched.status.code(), Some(0), "{}", text(&watched));
+    assert_eq!(status_json(&s, &done)["status"], "succeeded");
     let o = stitch(
         &["job", "promise-failure", "--exit-status", "1"],
         &[
@@ -395,11 +365,7 @@ fn exec_forwards_sigterm_to_the_command() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "command never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    blocking(stitch_testkit::file_exists(&ready));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

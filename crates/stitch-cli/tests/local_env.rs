@@ -8,7 +8,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
-use support::serve::Serve;
+use support::serve::{Serve, STITCH};
 
 const API_TOKEN: &str = "api-secret-0001";
 
@@ -74,7 +74,7 @@ pass_env = ["PASSED_THROUGH"]
     let mut env: Vec<(&str, &str)> = SECRETS.to_vec();
     env.push(("PASSED_THROUGH", "passed-0006"));
     env.push(("NOT_PASSED", "not-passed-0007"));
-    let serve = Serve::start(config, &env).await;
+    let serve = Serve::start(STITCH, config, &env).await;
 
     let (id, log) = run_build(&serve, "ci");
     for (name, value) in SECRETS.iter().chain(&[("NOT_PASSED", "not-passed-0007")]) {
@@ -134,7 +134,7 @@ poll = { accepted = "100ms", running = "100ms" }
 command = "echo \"uid=$(id -u) gid=$(id -g) user=$USER\""
 user = "nobody"
 "#;
-    let serve = Serve::start(config, &[("STITCH_API_TOKEN", API_TOKEN)]).await;
+    let serve = Serve::start(STITCH, config, &[("STITCH_API_TOKEN", API_TOKEN)]).await;
     let (_, log) = run_build(&serve, "ci");
     let expected = format!("uid={} gid={} user=nobody", nobody.uid, nobody.gid);
     assert!(log.contains(&expected), "{expected} missing from:\n{log}");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use sqlx::{ConnectOptions, Connection};
-use support::serve::Serve;
+use support::serve::{Serve, STITCH};
 
 const BUILDS: usize = 1000;
 const LEASE: Duration = Duration::from_secs(3);
@@ -194,7 +194,12 @@ async fn start_servers(config: &str, data: &Path, n: usize) -> Vec<Serve> {
     let servers: Vec<Serve> = (0..n)
         .map(|i| {
             let node = format!("node-{i}");
-            Serve::spawn_on(config, Some(data), &[("STITCH_NODE_NAME", node.as_str())])
+            Serve::spawn_on(
+                STITCH,
+                config,
+                Some(data),
+                &[("STITCH_NODE_NAME", node.as_str())],
+            )
         })
         .collect();
     for s in &servers {
@@ -296,7 +301,7 @@ impl EventTail {
             let mut buf: Vec<u8> = Vec::new();
             while let Some(Ok(chunk)) = body.next().await {
                 buf.extend_from_slice(&chunk);
-                for event in support::serve::take_sse_events(&mut buf) {
+                for event in stitch_testkit::serve::take_sse_events(&mut buf) {
                     let seq = event["seq"].as_u64().unwrap_or(0);
                     sink.lock().push(event);
                     last_tx.send_replace(seq);
@@ -656,6 +661,7 @@ secret_env = "BK_WEBHOOK_SECRET"
             .map(|i| {
                 let node = format!("node-{i}");
                 Serve::spawn_on(
+                    STITCH,
                     &config,
                     Some(&data),
                     &[

@@ -2,7 +2,6 @@
 //! routes on the API listener, beside an unchanged `/v1` API.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// Kills the server when the test ends, passed or not.
 struct Server(Child);
@@ -44,30 +43,25 @@ dev = true
     .unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let _server = Server(
+    let log = dir.path().join("serve.log");
+    let server = Server(
         Command::new(env!("CARGO_BIN_EXE_stitch"))
             .args(["serve", "--config"])
             .arg(&config)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("STITCH_LOG", "error")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
+    stitch_testkit::serve::wait_serving(&log, server.0.id()).await;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let owner = loop {
-        if let Ok(r) = http
-            .get(format!("{base}/xrpc/sh.tangled.owner"))
-            .send()
-            .await
-        {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let owner = http
+        .get(format!("{base}/xrpc/sh.tangled.owner"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(owner.status(), 200);
     assert_eq!(owner.text().await.unwrap(), r#"{"owner":"did:plc:abc123"}"#);
     let logs = http

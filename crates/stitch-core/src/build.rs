@@ -199,8 +199,11 @@ mod tests {
     #[test]
     fn ids_are_time_ordered_and_parse_back() {
         let a = BuildId::new();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = BuildId::new();
+        // Ids are ordered by their millisecond: take the first one of a
+        // later millisecond (at most one millisecond of new ids).
+        let b = std::iter::repeat_with(BuildId::new)
+            .find(|b| b.created_at() > a.created_at())
+            .unwrap();
         assert!(a < b);
         assert_eq!(a.as_str().parse::<BuildId>().unwrap(), a);
         assert!("b_nope".parse::<BuildId>().is_err());

@@ -41,6 +41,10 @@ pub struct PromiseFailureCoordinator {
     declarer: Arc<dyn Declare>,
     entries: Mutex<HashMap<i32, Slot>>,
     panic_next: AtomicBool,
+    /// Bumped each time a caller joins a declaration (leader or waiter): the
+    /// sync point for [`waiting`](Self::waiting), so a test waits for
+    /// callers to pile up on an event rather than re-reading on a timer.
+    joined: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for PromiseFailureCoordinator {
@@ -58,6 +62,7 @@ impl PromiseFailureCoordinator {
             declarer,
             entries: Mutex::new(HashMap::new()),
             panic_next: AtomicBool::new(false),
+            joined: watch::channel(0).0,
         })
     }
 
@@ -76,6 +81,12 @@ impl PromiseFailureCoordinator {
         self.lock()
             .get(&exit_status)
             .map_or(0, |slot| slot.receiver_count())
+    }
+
+    /// Changes each time a caller joins a declaration; re-read
+    /// [`waiting`](Self::waiting) after each change.
+    pub fn joined(&self) -> watch::Receiver<u64> {
+        self.joined.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i32, Slot>> {
@@ -103,6 +114,7 @@ impl PromiseFailureCoordinator {
                 }
             }
         };
+        self.joined.send_modify(|n| *n += 1);
         let declaration = match rx.wait_for(Option::is_some).await {
             Ok(done) => done.clone().unwrap_or_else(abandoned),
             // Only when the runtime dropped the task mid-flight (shutdown).

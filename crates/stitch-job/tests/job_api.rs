@@ -136,14 +136,19 @@ fn fast_retry() -> RetryPolicy {
 /// Waits (bounded) until `n` callers are waiting on `status`'s declaration.
 async fn until_waiting(c: &PromiseFailureCoordinator, status: i32, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while c.waiting(status) < n {
+    let mut joined = c.joined();
+    loop {
+        // Marked seen before the count: a caller joining after it wakes us.
+        joined.borrow_and_update();
+        if c.waiting(status) >= n {
+            return;
+        }
+        let next = tokio::time::timeout_at(deadline.into(), joined.changed()).await;
         assert!(
-            Instant::now() < deadline,
+            matches!(next, Ok(Ok(()))),
             "only {} of {n} callers waiting",
             c.waiting(status)
         );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

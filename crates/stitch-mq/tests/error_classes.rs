@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use sqlx::{Connection, Executor, MySqlConnection, PgConnection};
 use stitch_mq::{MqError, StorageFailure};
 use support::{MySqlDatabase, PgDatabase};
@@ -102,12 +100,13 @@ async fn postgres_failures_are_classified() {
         .fetch_one(&mut b)
         .await
         .unwrap();
-    sqlx::query("SELECT pg_terminate_backend($1)")
+    // With a timeout, PostgreSQL (14+) answers once the backend is gone.
+    let gone: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
         .bind(pid)
-        .execute(&mut a)
+        .fetch_one(&mut a)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(gone, "backend {pid} still running after 10 s");
     let e = b.execute("SELECT 1").await.unwrap_err();
     assert_eq!(class(e), StorageFailure::ConnectionLost);
 }
@@ -179,10 +178,10 @@ async fn mysql_failures_are_classified() {
         .fetch_one(&mut b)
         .await
         .unwrap();
+    // KILL CONNECTION shuts the victim's socket down before it answers.
     a.execute(format!("KILL CONNECTION {id}").as_str())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let e = b.execute("SELECT 1").await.unwrap_err();
     assert_eq!(class(e), StorageFailure::ConnectionLost);
 }

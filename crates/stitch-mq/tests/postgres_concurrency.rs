@@ -99,7 +99,9 @@ async fn consumers_on_one_partition_set_never_double_deliver() {
     while let Some(r) = publishers.join_next().await {
         r.unwrap().expect("publish under contention");
     }
-    // Anything still arriving now would be a second delivery.
+    // Anything still arriving now would be a second delivery. Nothing
+    // announces "no delivery came", so this looks for one for a bounded
+    // time, longer than the subscribers' poll interval.
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok((_, id, _)) = rx.try_recv() {
         *seen.entry(id).or_default() += 1;

@@ -45,6 +45,9 @@ async fn a_table_that_grew_from_empty_gets_analyzed_once() {
             Instant::now() < deadline,
             "2,000 messages in a never-analyzed table were not analyzed within 30 s"
         );
+        // Polled: the counters come from PostgreSQL's statistics system,
+        // flushed by the inserting connections on its own schedule; nothing
+        // announces the flush.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let n = reltuples().await;

@@ -45,8 +45,10 @@ where
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match call().await {
+            // Only connections are killed, never the server: the retry takes
+            // a fresh connection from the pool, and its connect is the wait.
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::task::yield_now().await;
             }
             other => return other,
         }
@@ -61,8 +63,9 @@ async fn ack(d: &Delivery) -> bool {
         match d.ack().await {
             Ok(()) => return true,
             Err(MqError::StaleDelivery(_)) => return false,
+            // As in `retrying`: the retry's fresh connection is the wait.
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::task::yield_now().await;
             }
             Err(e) => panic!("ack failed for good: {e}"),
         }
@@ -96,15 +99,20 @@ async fn killed_connections_lose_no_message() {
         }));
     }
     let publisher = producer.publisher();
+    // How many messages the consumers delivered: the feeder keeps at most
+    // `AHEAD` in flight, so the work is still flowing when the kills come.
+    const AHEAD: usize = 200;
+    let (delivered_tx, mut delivered) = tokio::sync::watch::channel(0usize);
     let feeder = tokio::spawn(async move {
         for b in 0..TOTAL / 20 {
+            // The sender lives until every message was seen.
+            let _ = delivered.wait_for(|n| n + AHEAD >= b * 20).await;
             let batch: Vec<Message> = (b * 20..(b + 1) * 20)
                 .map(|i| Message::new(format!("m{i}"), format!("p{}", i % 16), vec![1u8; 16]))
                 .collect();
             retrying(|| publisher.publish_batch(TOPIC, batch.clone()))
                 .await
                 .expect("publish with retries");
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
 
@@ -118,6 +126,7 @@ async fn killed_connections_lose_no_message() {
             .unwrap_or_else(|_| panic!("only {} of {TOTAL} delivered", seen.len()))
             .expect("consumers stopped");
         *seen.entry(id).or_default() += 1;
+        delivered_tx.send_replace(seen.len());
         // Drop every connection of every client twice while work flows.
         if (seen.len() == TOTAL / 4 && kills == 0) || (seen.len() == TOTAL / 2 && kills == 1) {
             kills += 1;

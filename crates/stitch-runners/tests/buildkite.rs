@@ -87,15 +87,34 @@ fn pipeline() -> Pipeline {
     }
 }
 
-async fn wait_terminal(r: &BuildkiteRunner, h: &BuildHandle) -> stitch_core::StatusReport {
-    for _ in 0..200 {
+/// Asks for the status now and after every move of the fake's builds until
+/// `wanted` holds: the fake's clock moves the build, nothing else does.
+async fn wait_report(
+    fake: &FakeBuildkite,
+    r: &BuildkiteRunner,
+    h: &BuildHandle,
+    mut wanted: impl FnMut(&stitch_core::StatusReport) -> bool,
+) -> stitch_core::StatusReport {
+    let mut moved = fake.builds_moved();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // Marked seen before asking: a move after it wakes the wait.
+        moved.borrow_and_update();
         let s = r.status(h).await.unwrap();
-        if s.is_terminal() {
+        if wanted(&s) {
             return s;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        let next = tokio::time::timeout_at(deadline, moved.changed()).await;
+        assert!(matches!(next, Ok(Ok(()))), "build stuck at {s:?}");
     }
-    panic!("build did not finish");
+}
+
+async fn wait_terminal(
+    fake: &FakeBuildkite,
+    r: &BuildkiteRunner,
+    h: &BuildHandle,
+) -> stitch_core::StatusReport {
+    wait_report(fake, r, h, stitch_core::StatusReport::is_terminal).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +138,7 @@ async fn trigger_stamps_the_build_and_status_maps_it() {
     assert_eq!(json["branch"], "main");
     assert_eq!(json["commit"], "HEAD");
     let h = req.handle().with_ref(rref);
-    let report = wait_terminal(&r, &h).await;
+    let report = wait_terminal(&fake, &r, &h).await;
     assert_eq!(report.status, BuildStatus::Succeeded);
     assert_eq!(report.metadata.get("buildkite_state"), Some("passed"));
     assert_eq!(report.metadata.get("buildkite_number"), Some("1"));
@@ -141,18 +160,15 @@ async fn failing_builds_surface_failing_and_the_promised_status() {
     let req = request("https://git.example/c/1?stitch-bk=fail");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
     let mut saw_failing = false;
-    let last = loop {
-        let s = r.status(&h).await.unwrap();
+    let last = wait_report(&fake, &r, &h, |s| {
         if s.metadata.get("buildkite_failing") == Some("true") {
             assert_eq!(s.status, BuildStatus::Running);
             assert_eq!(s.metadata.get("promised_exit_status"), Some("2"));
             saw_failing = true;
         }
-        if s.is_terminal() {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        s.is_terminal()
+    })
+    .await;
     assert!(saw_failing, "never observed the failing state");
     assert_eq!(last.status, BuildStatus::Failed);
     assert_eq!(last.metadata.get("exit_status"), Some("2"));
@@ -172,7 +188,7 @@ async fn a_lost_ref_is_recovered_through_meta_data() {
     assert_eq!(again.id, "1");
     assert_eq!(fake.builds_for(req.build_id.as_str()), 1);
     runner(&fake).cancel(&h).await.unwrap();
-    let done = wait_terminal(&fresh, &h).await;
+    let done = wait_terminal(&fake, &fresh, &h).await;
     assert_eq!(done.status, BuildStatus::Cancelled);
     // Cancelling the finished build: Buildkite's 422 is a no-op.
     runner(&fake)
@@ -311,7 +327,7 @@ async fn auth_and_scope_failures_are_errors_never_empty_logs() {
     let r = runner(&fake);
     let req = request("https://git.example/c/1");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
-    wait_terminal(&r, &h).await;
+    wait_terminal(&fake, &r, &h).await;
     fake.set_scopes(&["read_builds", "write_builds"]);
     let mut logs = r.logs(&h).await.unwrap();
     let mut saw_error = false;

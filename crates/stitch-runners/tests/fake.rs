@@ -46,6 +46,9 @@ async fn wait_for(runner: &FakeRunner, handle: &BuildHandle, want: BuildStatus) 
             "still {} waiting for {want}",
             report.status
         );
+        // Polled: the fake runner's build is a timeline on the wall clock,
+        // computed when asked; nothing changes between two questions, so
+        // there is nothing to announce.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

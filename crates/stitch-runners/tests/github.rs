@@ -96,15 +96,34 @@ fn repo() -> Repo {
     }
 }
 
-async fn wait_terminal(r: &GithubRunner, h: &BuildHandle) -> stitch_core::StatusReport {
-    for _ in 0..400 {
+/// Asks for the status now and after every move of the fake's runs until
+/// `wanted` holds: the fake's clock moves the run, nothing else does.
+async fn wait_report(
+    fake: &FakeGithub,
+    r: &GithubRunner,
+    h: &BuildHandle,
+    mut wanted: impl FnMut(&stitch_core::StatusReport) -> bool,
+) -> stitch_core::StatusReport {
+    let mut moved = fake.runs_moved();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // Marked seen before asking: a move after it wakes the wait.
+        moved.borrow_and_update();
         let s = r.status(h).await.unwrap();
-        if s.is_terminal() {
+        if wanted(&s) {
             return s;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = tokio::time::timeout_at(deadline, moved.changed()).await;
+        assert!(matches!(next, Ok(Ok(()))), "run stuck at {s:?}");
     }
-    panic!("run did not finish");
+}
+
+async fn wait_terminal(
+    fake: &FakeGithub,
+    r: &GithubRunner,
+    h: &BuildHandle,
+) -> stitch_core::StatusReport {
+    wait_report(fake, r, h, stitch_core::StatusReport::is_terminal).await
 }
 
 fn requests(fake: &FakeGithub, endpoint: &str) -> u64 {
@@ -148,7 +167,7 @@ async fn dispatch_carries_the_inputs_and_returns_the_run_id() {
     // The id came from the dispatch answer: no lookup on a first attempt.
     assert_eq!(requests(&fake, "list_runs"), 0);
     let h = req.handle().with_ref(rref);
-    let report = wait_terminal(&r, &h).await;
+    let report = wait_terminal(&fake, &r, &h).await;
     assert_eq!(report.status, BuildStatus::Succeeded);
     let m = &report.metadata;
     assert_eq!(m.get("github_status"), Some("completed"));
@@ -203,7 +222,10 @@ async fn an_older_server_is_dispatched_without_run_details_and_found_by_run_name
     // One refused flag, then plain dispatches: the runner remembers.
     assert_eq!(requests(&fake, "dispatch"), 4);
     for h in &ids {
-        assert_eq!(wait_terminal(&r, h).await.status, BuildStatus::Succeeded);
+        assert_eq!(
+            wait_terminal(&fake, &r, h).await.status,
+            BuildStatus::Succeeded
+        );
     }
 }
 
@@ -253,7 +275,7 @@ async fn a_redelivered_trigger_finds_the_run_instead_of_dispatching() {
     let s = runner(&fake).status(&h).await.unwrap();
     assert!(!s.is_terminal());
     runner(&fake).cancel(&h).await.unwrap();
-    let done = wait_terminal(&fresh, &h).await;
+    let done = wait_terminal(&fake, &fresh, &h).await;
     assert_eq!(done.status, BuildStatus::Cancelled);
     assert_eq!(done.metadata.get("github_conclusion"), Some("cancelled"));
     // Cancelling the completed run: GitHub's 409 is a no-op.
@@ -275,14 +297,12 @@ async fn unchanged_runs_are_answered_304_and_cost_no_quota() {
     let r = runner(&fake);
     let req = request("https://git.example/c/1?stitch-gh=hang");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
-    loop {
-        if r.status(&h).await.unwrap().status == BuildStatus::Running {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Let the second job start; after that nothing changes.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_report(&fake, &r, &h, |s| s.status == BuildStatus::Running).await;
+    // Once the second job started, nothing changes any more.
+    fake.run_until(h.build_id.as_str(), |_, jobs| {
+        jobs.iter().all(|j| j["status"] != "queued")
+    })
+    .await;
     r.status(&h).await.unwrap();
     let before = fake.stats();
     for _ in 0..5 {
@@ -406,7 +426,10 @@ async fn logs_stream_each_finished_job_without_stamps_or_credentials_at_storage(
         stats.storage_auth_leaks, 0,
         "credentials followed the redirect"
     );
-    assert_eq!(wait_terminal(&r, &h).await.status, BuildStatus::Failed);
+    assert_eq!(
+        wait_terminal(&fake, &r, &h).await.status,
+        BuildStatus::Failed
+    );
 }
 
 fn app_fake_options(lifetime: Duration) -> FakeOptions {
@@ -476,7 +499,7 @@ async fn a_revoked_installation_token_is_reminted_after_one_401() {
     assert_eq!(fake.stats().unauthorized, 1);
     r.cancel(&h).await.unwrap();
     // Logs travel without the installation token to storage.
-    let done = wait_terminal(&r, &h).await;
+    let done = wait_terminal(&fake, &r, &h).await;
     assert_eq!(done.status, BuildStatus::Cancelled);
     let lines: Vec<_> = r.logs(&h).await.unwrap().collect().await;
     assert!(lines.iter().all(Result::is_ok));

@@ -1,7 +1,8 @@
 //! The local runner with real processes: environment, exit mapping, cancel
 //! of process trees, SIGKILL after the grace period, concurrency slots,
-//! idempotency, restart recovery and live logs. Waits poll with a bounded
-//! deadline; nothing sleeps to assert.
+//! idempotency, restart recovery and live logs. Waits are on events (a
+//! change in the build's state directory, a process's exit, a marker file),
+//! each bounded; nothing sleeps.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,10 +16,8 @@ use stitch_runners::local::{
     forget_build, LocalConfig, LocalConfigError, LocalRunner, LOG_FILE, STATE_FILE,
 };
 use tempfile::TempDir;
-use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(25);
 
 struct Env {
     dir: TempDir,
@@ -62,47 +61,34 @@ async fn trigger(runner: &LocalRunner, req: &TriggerRequest) -> BuildHandle {
     req.handle().with_ref(runner.trigger(req).await.unwrap())
 }
 
+/// The directory the runner keeps `handle`'s state in: every change of the
+/// build's status rewrites a file there, so a change in it is the event to
+/// ask for the status again on.
+fn build_dir(runner: &LocalRunner, handle: &BuildHandle) -> PathBuf {
+    runner.config().state_dir.join(handle.build_id.as_str())
+}
+
 async fn wait_for(
     runner: &LocalRunner,
     handle: &BuildHandle,
     want: impl Fn(BuildStatus) -> bool,
 ) -> StatusReport {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let what = format!("build {} to reach the wanted status", handle.build_id);
+    let want = &want;
+    stitch_testkit::dir_change(&[build_dir(runner, handle)], &what, move || async move {
         let report = runner.status(handle).await.unwrap();
-        if want(report.status) {
-            return report;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "build {} stuck at {} ({:?})",
-            handle.build_id,
-            report.status,
-            report.metadata
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        want(report.status).then_some(report)
+    })
+    .await
 }
 
 async fn wait_terminal(runner: &LocalRunner, handle: &BuildHandle) -> StatusReport {
     wait_for(runner, handle, BuildStatus::is_terminal).await
 }
 
+/// A marker file's text once its last line is complete.
 async fn wait_file(path: &Path) -> String {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if text.ends_with('\n') {
-                return text;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    stitch_testkit::file_text(path).await
 }
 
 /// Alive = exists and is not a zombie (the test machine's init may not
@@ -118,11 +104,7 @@ fn alive(pid: i32) -> bool {
 }
 
 async fn wait_dead(pid: i32) {
-    let deadline = Instant::now() + DEADLINE;
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "process {pid} is still alive");
-        tokio::time::sleep(POLL).await;
-    }
+    stitch_testkit::process_exit(pid).await;
 }
 
 async fn read_pids(path: &Path) -> Vec<i32> {
@@ -312,13 +294,11 @@ async fn cancel_kills_the_whole_process_tree() {
     let handle = trigger(&runner, &request("h")).await;
     wait_for(&runner, &handle, |s| s == BuildStatus::Running).await;
     let pids_file = env.scratch().join(format!("{}.pids", handle.build_id));
-    let pids = loop {
-        let pids = read_pids(&pids_file).await;
-        if pids.len() == 3 {
-            break pids;
-        }
-        tokio::time::sleep(POLL).await;
-    };
+    let pids: Vec<i32> = stitch_testkit::file_lines(&pids_file, 3)
+        .await
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
     assert!(pids.iter().all(|&p| alive(p)));
 
     runner.cancel(&handle).await.unwrap();
@@ -745,14 +725,8 @@ async fn job_env_and_a_private_job_api_reach_the_command() {
     let mode = std::fs::metadata(&state).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let socket = PathBuf::from(lines[3]);
-    let deadline = Instant::now() + DEADLINE;
-    while socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "job API socket outlived the build"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    // Bounded: a socket that outlives the build fails the wait.
+    stitch_testkit::file_gone(&socket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

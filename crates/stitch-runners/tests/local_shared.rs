@@ -4,7 +4,8 @@
 //! binary re-executed, see `runner_process`) that is SIGKILLed. Otherwise
 //! runners in this process stand in for processes: `flock` locks belong to
 //! open file descriptions, so two runners in one process exclude each other
-//! exactly like two processes. Waits poll with a bounded deadline.
+//! exactly like two processes. Waits are on events (a change in a build's
+//! state directory, a process's exit, a marker file), each bounded.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -123,14 +124,16 @@ impl Env {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
         let mut child = ChildRunner { child };
-        let deadline = Instant::now() + DEADLINE;
-        while !ready.exists() {
-            if let Some(status) = child.child.try_wait().unwrap() {
+        // Ready is a file renamed into place; an exit first is a failure.
+        tokio::select! {
+            biased;
+            () = stitch_testkit::file_exists(&ready) => {}
+            () = stitch_testkit::process_exit(pid) => {
+                let status = child.child.wait().unwrap();
                 panic!("child runner exited before it was ready: {status}");
             }
-            assert!(Instant::now() < deadline, "child runner never got ready");
-            tokio::time::sleep(POLL).await;
         }
         child
     }
@@ -209,47 +212,34 @@ async fn trigger(runner: &LocalRunner, req: &TriggerRequest) -> BuildHandle {
     req.handle().with_ref(r)
 }
 
+/// The directory the runner keeps `handle`'s state in: every change of the
+/// build's status rewrites a file there, so a change in it is the event to
+/// ask for the status again on.
+fn build_dir(runner: &LocalRunner, handle: &BuildHandle) -> PathBuf {
+    runner.config().state_dir.join(handle.build_id.as_str())
+}
+
 async fn wait_for(
     runner: &LocalRunner,
     handle: &BuildHandle,
     want: impl Fn(BuildStatus) -> bool,
 ) -> StatusReport {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let what = format!("build {} to reach the wanted status", handle.build_id);
+    let want = &want;
+    stitch_testkit::dir_change(&[build_dir(runner, handle)], &what, move || async move {
         let report = runner.status(handle).await.unwrap();
-        if want(report.status) {
-            return report;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "build {} stuck at {} ({:?})",
-            handle.build_id,
-            report.status,
-            report.metadata
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        want(report.status).then_some(report)
+    })
+    .await
 }
 
 async fn wait_terminal(runner: &LocalRunner, handle: &BuildHandle) -> StatusReport {
     wait_for(runner, handle, BuildStatus::is_terminal).await
 }
 
+/// A marker file's text once its last line is complete.
 async fn wait_file(path: &Path) -> String {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if text.ends_with('\n') {
-                return text;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    stitch_testkit::file_text(path).await
 }
 
 fn alive(pid: i32) -> bool {
@@ -263,11 +253,7 @@ fn alive(pid: i32) -> bool {
 }
 
 async fn wait_dead(pid: i32) {
-    let deadline = Instant::now() + DEADLINE;
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "process {pid} is still alive");
-        tokio::time::sleep(POLL).await;
-    }
+    stitch_testkit::process_exit(pid).await;
 }
 
 async fn next(stream: &mut stitch_core::LogStream) -> LogLine {
@@ -542,6 +528,10 @@ async fn many_builds_through_three_runners_each_run_exactly_once() {
             "{} builds never finished",
             pending.len()
         );
+        // Polled: some changes are made only when a runner is asked (a
+        // build whose holder died is failed once its lock is seen free), so
+        // no file changes before the question; waiting on the build
+        // directories alone sat out the deadline.
         tokio::time::sleep(POLL).await;
     }
     for req in &reqs {
@@ -624,6 +614,10 @@ async fn a_process_killed_mid_way_loses_only_its_running_builds() {
             "{} builds never finished",
             pending.len()
         );
+        // Polled: some changes are made only when a runner is asked (a
+        // build whose holder died is failed once its lock is seen free), so
+        // no file changes before the question; waiting on the build
+        // directories alone sat out the deadline.
         tokio::time::sleep(POLL).await;
     }
     // The child ran at most its 3 slots' worth when it died.

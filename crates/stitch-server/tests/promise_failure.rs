@@ -123,30 +123,40 @@ impl Harness {
         b.id
     }
 
-    /// Waits until the trigger stage handed the build to its runner.
+    /// Waits until the trigger stage handed the build to its runner and the
+    /// signal stage saw it run. Recording the ref commits no event; the
+    /// signal stage's first poll, published with the ref, records the
+    /// status the runner reports, which does.
     async fn triggered(&self, id: &BuildId) {
-        self.until(id, |b| b.job_token_hash.is_some() && b.runner_ref.is_some())
-            .await;
+        self.until(id, |b| {
+            b.job_token_hash.is_some() && b.runner_ref.is_some() && b.status == BuildStatus::Running
+        })
+        .await;
     }
 
+    /// Waits until the build satisfies `ok`, re-reading it after every
+    /// event this process commits (each change of status is one).
     async fn until(
         &self,
         id: &BuildId,
         ok: impl Fn(&stitch_store::Build) -> bool,
     ) -> stitch_store::Build {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut commits = self.state.event_seq();
         loop {
+            // Marked seen before the read: a commit after it wakes us.
+            commits.borrow_and_update();
             let b = self.state.store().get_build(id).await.unwrap();
             if ok(&b) {
                 return b;
             }
+            let changed = tokio::time::timeout_at(deadline, commits.changed()).await;
             assert!(
-                Instant::now() < deadline,
+                matches!(changed, Ok(Ok(()))),
                 "build {id} stuck: {} {:?}",
                 b.status,
                 b.runner_metadata
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -485,18 +495,12 @@ fn alive(pid: i32) -> bool {
 }
 
 async fn read_pid(path: &Path) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            return text.trim().parse().unwrap();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Renamed into place by the command, complete with its newline.
+    stitch_testkit::file_text(path)
+        .await
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,14 +540,8 @@ async fn fail_fast_fails_the_build_at_once_and_kills_its_process() {
     assert!(!kinds[n - 2].1.is_terminal());
     assert_eq!(kinds[n - 1], (EventKind::Status, BuildStatus::Failed));
     // The signal stage cancels at the runner: the process group is killed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} survived fail_fast"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Bounded: a process that survives fail_fast fails the wait.
+    stitch_testkit::process_exit(pid).await;
     // Declaring again is idempotent even though the build is terminal now.
     let (got, _) = h
         .promise(id.as_str(), Some(&h.token(&id)), json!({"exit_status": 3}))

@@ -93,6 +93,8 @@ pub struct SpindleDb {
     store: Store,
     pool: SqlitePool,
     appended: Arc<watch::Sender<u64>>,
+    /// Bumped after every committed write to the spindle's tables.
+    written: Arc<watch::Sender<u64>>,
 }
 
 impl SpindleDb {
@@ -110,12 +112,32 @@ impl SpindleDb {
             store,
             pool,
             appended: Arc::new(appended),
+            written: Arc::new(watch::channel(0).0),
         })
     }
 
     /// Changes whenever status records were appended.
     pub fn appended(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
+    }
+
+    /// Changes after every committed write to the spindle's tables (a
+    /// record applied, a cursor advanced, a run recorded): the sync point a
+    /// caller waits on before re-reading, instead of re-reading on a timer.
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written.subscribe()
+    }
+
+    /// Runs `write` on the store's committer, then announces it on
+    /// [`written`](Self::written) once it committed.
+    async fn write<F, T>(&self, write: F) -> Result<T, SpindleError>
+    where
+        F: FnOnce(&mut stitch_store::StoreWrite<'_>) -> Result<T, SpindleError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let done = self.store.write(write).await?;
+        self.written.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(done)
     }
 
     /// A cursor's value.
@@ -130,12 +152,11 @@ impl SpindleDb {
     /// Sets a cursor, never moving it backwards.
     pub async fn advance_cursor(&self, name: &str, value: i64) -> Result<(), SpindleError> {
         let name = name.to_string();
-        self.store
-            .write(move |w| -> Result<(), SpindleError> {
-                upsert_cursor(w.sqlite_handle()?, &name, value)?;
-                Ok(())
-            })
-            .await
+        self.write(move |w| -> Result<(), SpindleError> {
+            upsert_cursor(w.sqlite_handle()?, &name, value)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records a repo that names this spindle (or refreshes it).
@@ -152,8 +173,7 @@ impl SpindleDb {
             name.to_owned(),
             knot.to_owned(),
         );
-        self.store
-            .write(move |w| -> Result<(), SpindleError> {
+        self.write(move |w| -> Result<(), SpindleError> {
                 w.sqlite_handle()?.execute(
                     "INSERT INTO spindle_repos (did, rkey, name, knot) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (did, rkey) DO UPDATE SET name = excluded.name, knot = excluded.knot",
@@ -177,16 +197,15 @@ impl SpindleDb {
         subject: &str,
     ) -> Result<(), SpindleError> {
         let (did, rkey, subject) = (did.to_owned(), rkey.to_owned(), subject.to_owned());
-        self.store
-            .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle()?.execute(
-                    "INSERT INTO spindle_members (did, rkey, subject) VALUES (?1, ?2, ?3)
+        self.write(move |w| -> Result<(), SpindleError> {
+            w.sqlite_handle()?.execute(
+                "INSERT INTO spindle_members (did, rkey, subject) VALUES (?1, ?2, ?3)
                      ON CONFLICT (did, rkey) DO UPDATE SET subject = excluded.subject",
-                    params![did, rkey, subject],
-                )?;
-                Ok(())
-            })
-            .await
+                params![did, rkey, subject],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     /// Forgets a membership record.
@@ -208,8 +227,7 @@ impl SpindleDb {
             subject.to_owned(),
             repo.to_owned(),
         );
-        self.store
-            .write(move |w| -> Result<(), SpindleError> {
+        self.write(move |w| -> Result<(), SpindleError> {
                 w.sqlite_handle()?.execute(
                     "INSERT INTO spindle_collaborators (did, rkey, subject, repo) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (did, rkey) DO UPDATE SET subject = excluded.subject, repo = excluded.repo",
@@ -232,15 +250,14 @@ impl SpindleDb {
         rkey: &str,
     ) -> Result<(), SpindleError> {
         let (did, rkey) = (did.to_owned(), rkey.to_owned());
-        self.store
-            .write(move |w| -> Result<(), SpindleError> {
-                w.sqlite_handle()?.execute(
-                    &format!("DELETE FROM {table} WHERE did = ?1 AND rkey = ?2"),
-                    params![did, rkey],
-                )?;
-                Ok(())
-            })
-            .await
+        self.write(move |w| -> Result<(), SpindleError> {
+            w.sqlite_handle()?.execute(
+                &format!("DELETE FROM {table} WHERE did = ?1 AND rkey = ?2"),
+                params![did, rkey],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     /// Whether `(knot, did, name)` is a tracked repo naming this spindle.
@@ -365,45 +382,43 @@ impl SpindleDb {
     pub async fn claim_run(&self, run: &Run, queue: &str) -> Result<bool, SpindleError> {
         let run = run.clone();
         let queue = queue.to_string();
-        self.store
-            .write(move |w| -> Result<bool, SpindleError> {
-                let conn = w.sqlite_handle()?;
-                let inserted = conn.execute(
-                    "INSERT OR IGNORE INTO spindle_runs
+        self.write(move |w| -> Result<bool, SpindleError> {
+            let conn = w.sqlite_handle()?;
+            let inserted = conn.execute(
+                "INSERT OR IGNORE INTO spindle_runs
                        (knot, rkey, workflow, repo_did, repo_name, queue, created_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        run.knot,
-                        run.rkey,
-                        run.workflow,
-                        run.repo_did,
-                        run.repo_name,
-                        queue,
-                        now_nanos()
-                    ],
-                )?;
-                if inserted == 1 {
-                    return Ok(true);
-                }
-                let unfinished: Option<i64> = conn
-                    .query_row(
-                        "SELECT 1 FROM spindle_runs WHERE knot = ?1 AND rkey = ?2 AND workflow = ?3
+                params![
+                    run.knot,
+                    run.rkey,
+                    run.workflow,
+                    run.repo_did,
+                    run.repo_name,
+                    queue,
+                    now_nanos()
+                ],
+            )?;
+            if inserted == 1 {
+                return Ok(true);
+            }
+            let unfinished: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM spindle_runs WHERE knot = ?1 AND rkey = ?2 AND workflow = ?3
                            AND build_id IS NULL AND error IS NULL",
-                        params![run.knot, run.rkey, run.workflow],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                Ok(unfinished.is_some())
-            })
-            .await
+                    params![run.knot, run.rkey, run.workflow],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(unfinished.is_some())
+        })
+        .await
     }
 
     /// Records the build a run became.
     pub async fn set_run_build(&self, run: &Run, build: &BuildId) -> Result<(), SpindleError> {
         let run = run.clone();
         let build = build.to_string();
-        self.store
-            .write(move |w| -> Result<(), SpindleError> {
+        self.write(move |w| -> Result<(), SpindleError> {
                 w.sqlite_handle()?.execute(
                     "UPDATE spindle_runs SET build_id = ?4 WHERE knot = ?1 AND rkey = ?2 AND workflow = ?3",
                     params![run.knot, run.rkey, run.workflow, build],
@@ -419,9 +434,7 @@ impl SpindleDb {
     pub async fn fail_run(&self, run: &Run, error: &str) -> Result<bool, SpindleError> {
         let run = run.clone();
         let error = error.to_string();
-        let appended = self
-            .store
-            .write(move |w| -> Result<bool, SpindleError> {
+        let appended = self.write(move |w| -> Result<bool, SpindleError> {
                 let conn = w.sqlite_handle()?;
                 conn.execute(
                     "INSERT OR IGNORE INTO spindle_runs
@@ -465,9 +478,7 @@ impl SpindleDb {
         seq: u64,
     ) -> Result<bool, SpindleError> {
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        let appended = self
-            .store
-            .write(move |w| -> Result<bool, SpindleError> {
+        let appended = self.write(move |w| -> Result<bool, SpindleError> {
                 let conn = w.sqlite_handle()?;
                 let last: Option<Option<String>> = conn
                     .query_row(

@@ -178,15 +178,10 @@ async fn a_did_web_member_cancels_with_an_es256_token() {
     );
     h.knot_connections(1).await;
     let spindle = h.spindle.clone();
-    let mut ready = false;
-    for _ in 0..1000 {
-        ready = spindle.db.is_member(&did).await.unwrap();
-        if ready {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(ready);
+    until_written(&spindle.db, "the membership mirrored", || async {
+        spindle.db.is_member(&did).await.unwrap()
+    })
+    .await;
     let rkey = "3lzwebcancel2";
     h.push_trigger(rkey, &knot, &did, "webrepo", &[("ci.yml", SLOW)]);
     let mut events = h.events(None).await;

@@ -171,20 +171,19 @@ async fn unauthorized_triggers_are_ignored_and_members_are_accepted() {
         Some(json!({"name": 7})),
     );
     let spindle = h.spindle.clone();
-    let mut member_ready = false;
-    for _ in 0..1000 {
-        member_ready = spindle.db.is_member("did:plc:member").await.unwrap()
-            && spindle
-                .db
-                .repo_tracked(&knot, "did:plc:member", "memberrepo")
-                .await
-                .unwrap();
-        if member_ready {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(member_ready, "member and repo mirrored from jetstream");
+    until_written(
+        &spindle.db,
+        "member and repo mirrored from jetstream",
+        || async {
+            spindle.db.is_member("did:plc:member").await.unwrap()
+                && spindle
+                    .db
+                    .repo_tracked(&knot, "did:plc:member", "memberrepo")
+                    .await
+                    .unwrap()
+        },
+    )
+    .await;
     assert!(!spindle.db.is_member("did:plc:stranger").await.unwrap());
     assert!(!spindle.db.is_member("did:plc:other").await.unwrap());
 

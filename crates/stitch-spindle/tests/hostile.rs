@@ -124,17 +124,12 @@ async fn outside_dev_a_members_ip_literal_did_web_and_knot_are_refused() {
         Some(json!({"subject": did, "instance": HOSTNAME, "createdAt": "2026-01-02T03:04:05Z"})),
     );
     let spindle = h.spindle.clone();
-    let mut member = false;
-    for _ in 0..1000 {
-        member = spindle.db.is_member(&did).await.unwrap();
-        if member {
-            break;
-        }
-        // The Jetstream consumer exposes no event for "record applied";
-        // the membership row is the only sign, read at most 1,000 times.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(member, "membership mirrored from jetstream");
+    until_written(
+        &spindle.db,
+        "membership mirrored from jetstream",
+        || async { spindle.db.is_member(&did).await.unwrap() },
+    )
+    .await;
 
     let token = TestKey::p256().sign_jwt(&cancel_claims(&did));
     let (code, v, text) = cancel(&h, &token).await;
@@ -219,17 +214,10 @@ async fn a_strangers_repo_does_not_make_the_spindle_follow_its_knot() {
         Some(json!({"subject": "did:plc:member", "instance": HOSTNAME, "createdAt": "2026-01-02T03:04:05Z"})),
     );
     let spindle = h.spindle.clone();
-    let mut seen = false;
-    for _ in 0..1000 {
-        seen = spindle.db.is_member("did:plc:member").await.unwrap();
-        if seen {
-            break;
-        }
-        // The Jetstream consumer exposes no event for "record applied";
-        // the membership row is the only sign, read at most 1,000 times.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(seen);
+    until_written(&spindle.db, "the membership mirrored", || async {
+        spindle.db.is_member("did:plc:member").await.unwrap()
+    })
+    .await;
     assert_eq!(spindle.knots.followed(), vec![h.knot.host()]);
     assert!(other.connections().is_empty());
 }

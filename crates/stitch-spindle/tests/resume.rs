@@ -26,12 +26,10 @@ async fn knot_and_jetstream_reconnects_lose_and_duplicate_nothing() {
     // Wait until A's cursor is saved, then drop the connection and publish
     // B while the spindle is away.
     let name = stitch_spindle::db::knot_cursor(&knot);
-    for _ in 0..1000 {
-        if h.spindle.db.cursor(&name).await.unwrap() == Some(a) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until_written(&h.spindle.db, "A's knot cursor", || async {
+        h.spindle.db.cursor(&name).await.unwrap() == Some(a)
+    })
+    .await;
     assert_eq!(h.spindle.db.cursor(&name).await.unwrap(), Some(a));
     h.knot.go_down().await;
     let b = h.push_trigger("3lzresumeb222", &knot, OWNER, "myrepo", &[("ci.yml", CI)]);
@@ -65,12 +63,12 @@ async fn knot_and_jetstream_reconnects_lose_and_duplicate_nothing() {
     // Jetstream: reconnects rewound 5 s from the last event it applied.
     let t = h.jetstream.commit(OWNER, "create", "sh.tangled.spindle.member", "m9",
         Some(json!({"subject": "did:plc:late", "instance": HOSTNAME, "createdAt": "2026-01-02T03:04:05Z"})));
-    for _ in 0..1000 {
-        if h.spindle.db.cursor("jetstream").await.unwrap() == Some(t) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until_written(
+        &h.spindle.db,
+        "the jetstream cursor at the member",
+        || async { h.spindle.db.cursor("jetstream").await.unwrap() == Some(t) },
+    )
+    .await;
     let before = h.jetstream.connections().len();
     h.jetstream.kick();
     let js = h.jetstream.clone();

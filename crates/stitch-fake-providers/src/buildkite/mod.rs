@@ -162,6 +162,9 @@ struct Shared {
     webhooks: mpsc::UnboundedSender<Transition>,
     /// Bumped after each webhook delivery.
     webhooks_delivered: watch::Sender<u64>,
+    /// Bumped after each tick that moved a build (every move is a
+    /// transition).
+    builds_moved: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -243,6 +246,7 @@ impl FakeBuildkite {
             }),
             webhooks: tx,
             webhooks_delivered: watch::channel(0).0,
+            builds_moved: watch::channel(0).0,
         });
         let builds = "/v2/organizations/{org}/pipelines/{pipeline}/builds";
         let app = Router::new()
@@ -288,6 +292,31 @@ impl FakeBuildkite {
             self.webhook_sent_at(stitch_build_id, event).is_some()
         })
         .await;
+    }
+
+    /// Changes after every tick of the fake's clock that moved a build (its
+    /// state or a job's changed): a test waits on it instead of re-reading
+    /// on a timer.
+    pub fn builds_moved(&self) -> watch::Receiver<u64> {
+        self.shared.builds_moved.subscribe()
+    }
+
+    /// Returns the REST JSON of the build stamped with `stitch_build_id`
+    /// once `wanted` holds for it, re-checking after every move.
+    pub async fn build_until(
+        &self,
+        stitch_build_id: &str,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let mut moved = self.builds_moved();
+        loop {
+            moved.borrow_and_update();
+            if let Some(b) = self.build_json(stitch_build_id).filter(|b| wanted(b)) {
+                return b;
+            }
+            // The sender lives in the fake, as long as `self`.
+            let _ = moved.changed().await;
+        }
     }
 
     /// Answers every request with 429 for `length`, each carrying the
@@ -473,6 +502,9 @@ async fn tick(shared: Arc<Shared>) {
             }
             out
         };
+        if !transitions.is_empty() {
+            shared.builds_moved.send_modify(|n| *n += 1);
+        }
         for t in transitions {
             let _ = shared.webhooks.send(t);
         }

@@ -249,6 +249,8 @@ struct Shared {
     webhooks: mpsc::UnboundedSender<Transition>,
     /// Bumped after each webhook delivery.
     webhooks_delivered: watch::Sender<u64>,
+    /// Bumped after each tick that moved a run (every move is a transition).
+    runs_moved: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -296,6 +298,7 @@ impl FakeGithub {
             }),
             webhooks: tx,
             webhooks_delivered: watch::channel(0).0,
+            runs_moved: watch::channel(0).0,
         });
         let repo = "/repos/{owner}/{repo}/actions";
         let app = Router::new()
@@ -347,6 +350,47 @@ impl FakeGithub {
             self.webhook_sent_at(stitch_build_id, action).is_some()
         })
         .await;
+    }
+
+    /// Changes after every tick of the fake's clock that moved a run (a
+    /// status or a job changed): a test waits on it instead of re-reading
+    /// on a timer.
+    pub fn runs_moved(&self) -> watch::Receiver<u64> {
+        self.shared.runs_moved.subscribe()
+    }
+
+    /// Returns the REST JSON of the run of `stitch_build_id` and of its jobs
+    /// once `wanted(run, jobs)` holds, re-checking after every move.
+    pub async fn run_until(
+        &self,
+        stitch_build_id: &str,
+        wanted: impl Fn(&Value, &[Value]) -> bool,
+    ) -> (Value, Vec<Value>) {
+        let mut moved = self.runs_moved();
+        loop {
+            moved.borrow_and_update();
+            let found = {
+                let inner = self.shared.lock();
+                inner
+                    .world
+                    .runs
+                    .iter()
+                    .find(|r| r.stitch_build_id() == Some(stitch_build_id))
+                    .map(|r| {
+                        let jobs = (0..r.jobs.len())
+                            .map(|i| r.job_json(i, &self.shared.base))
+                            .collect::<Vec<_>>();
+                        (r.json(&self.shared.base), jobs)
+                    })
+            };
+            if let Some((run, jobs)) = found {
+                if wanted(&run, &jobs) {
+                    return (run, jobs);
+                }
+            }
+            // The sender lives in the fake, as long as `self`.
+            let _ = moved.changed().await;
+        }
     }
 
     /// Refuses the next `times` API requests with a secondary rate limit
@@ -449,6 +493,9 @@ async fn tick(shared: Arc<Shared>) {
             }
             out
         };
+        if !transitions.is_empty() {
+            shared.runs_moved.send_modify(|n| *n += 1);
+        }
         for t in transitions {
             let _ = shared.webhooks.send(t);
         }

@@ -196,6 +196,27 @@ impl Log {
     }
 }
 
+/// Waits (bounded) until `check` holds, re-checking after every committed
+/// write to the spindle's tables (a Jetstream or knot record applied, a
+/// cursor advanced): the sync point [`SpindleDb::written`].
+pub async fn until_written<F, Fut>(db: &stitch_spindle::db::SpindleDb, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut written = db.written();
+    loop {
+        // Marked seen before the check: a write after it wakes the wait.
+        written.borrow_and_update();
+        if check().await {
+            return;
+        }
+        let next = tokio::time::timeout_at(deadline, written.changed()).await;
+        assert!(matches!(next, Ok(Ok(()))), "timed out waiting for {what}");
+    }
+}
+
 /// Waits (bounded) until `f` holds.
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -204,6 +225,9 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
         );
+        // Polled: `f` reads state of several owners (a fake server's
+        // connection count, the spindle's set of followed knots), which
+        // announce nothing; spindle tables have `until_written` instead.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
