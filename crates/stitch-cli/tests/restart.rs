@@ -13,6 +13,7 @@ use stitch_store::Store;
 use support::serve::{Serve, STITCH};
 
 const BUILDS: usize = 200;
+const CONCURRENCY: usize = 16;
 
 fn ran(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -28,17 +29,25 @@ async fn sigkill_and_restart_finishes_every_build_once() {
     // data in a directory of the test's.
     let dir = tempfile::tempdir().unwrap();
     let ran_file = dir.path().join("ran.txt");
+    // The gate: while the test holds an exclusive flock on it, every build
+    // command blocks right after writing its line. So at the kill exactly
+    // `concurrency` builds have started and the other builds are still
+    // waiting, however slow the machine is; the restart must run those.
+    let gate_path = dir.path().join("gate");
+    let gate = std::fs::File::create(&gate_path).unwrap();
+    gate.lock().unwrap();
     let config = format!(
         r#"data_dir = "{{data}}"
 [queues.ci]
 runner = "local"
-concurrency = 16
+concurrency = {CONCURRENCY}
 poll = {{ accepted = "200ms", running = "200ms" }}
 [queues.ci.local]
-command = "echo \"$STITCH_BUILD_ID\" >> {ran}; sleep 0.3"
+command = "echo \"$STITCH_BUILD_ID\" >> {ran}; flock -s {gate} true; sleep 0.3"
 cancel_grace = "1s"
 "#,
-        ran = ran_file.display()
+        ran = ran_file.display(),
+        gate = gate_path.display()
     );
     let data = dir.path().join("data");
     let http = reqwest::Client::new();
@@ -48,16 +57,17 @@ cancel_grace = "1s"
     for i in 0..BUILDS {
         ids.push(server.create(&http, "ci", &format!("change/{i}")).await);
     }
-    // Kill it in the middle of the work: once 40 builds wrote their line.
-    stitch_testkit::file_lines(&ran_file, 40).await;
+    // Kill it in the middle of the work: once every slot holds a started
+    // build, all of them blocked at the gate.
+    stitch_testkit::file_lines(&ran_file, CONCURRENCY).await;
     server.kill(); // SIGKILL
     let ran_before = ran(&ran_file).len();
-    assert!(
-        ran_before < BUILDS,
-        "the kill came too late to test anything"
-    );
+    assert_eq!(ran_before, CONCURRENCY, "only the slots' builds started");
 
     server.restart().await;
+    // Open the gate: the builds that were running at the kill are reported
+    // lost by the restarted server, the waiting ones run now.
+    gate.unlock().unwrap();
     server
         .wait_all_terminal(&http, &ids, Duration::from_secs(40))
         .await;
