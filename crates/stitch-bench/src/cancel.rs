@@ -29,11 +29,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -47,12 +45,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::provider::print_latency;
 use crate::scratch_db::{Backend, Scratch};
+use crate::serve_child::{migrate, stitch_binary, ServeChild};
 use crate::sys::{cpu_time, pid_cpu, pid_rss_mib, NamedProcesses, ProcessesCpu};
 
 const TOKEN_ENV: &str = "STITCH_BENCH_BK_TOKEN";
 const TOKEN: &str = "bench-token";
 const SECRET_ENV: &str = "STITCH_BENCH_BK_WEBHOOK_SECRET";
 const SECRET: &str = "bench-webhook-secret";
+/// The secrets the servers read from their environment.
+const CHILD_ENV: &[(&str, &str)] = &[(TOKEN_ENV, TOKEN), (SECRET_ENV, SECRET)];
 /// The queue's safety-net poll with webhooks configured.
 const SAFETY_NET_POLL: Duration = Duration::from_secs(60);
 
@@ -150,18 +151,7 @@ pub async fn run(mut args: CancelArgs) -> anyhow::Result<()> {
         args.rate > 0.0 && args.baseline_rate > 0.0,
         "rates must be > 0"
     );
-    let stitch = match &args.stitch_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("stitch"))
-            .context("locating the stitch binary")?,
-    };
-    anyhow::ensure!(
-        stitch.is_file(),
-        "no stitch binary at {} (build it: cargo build --release -p stitch-cli, or pass --stitch-bin)",
-        stitch.display()
-    );
+    let stitch = stitch_binary(args.stitch_bin.as_deref())?;
     let tmp = tempfile::tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     println!(
@@ -243,11 +233,17 @@ async fn run_on(
     if scratch.storage_url.is_some() {
         // Several servers on one database: migrate once before they start
         // (docs/operations.md), so they do not race to create the schema.
-        migrate(stitch, &config_path).await?;
+        migrate(stitch, &config_path, CHILD_ENV).await?;
     }
     let mut servers = Vec::new();
     for i in 0..nodes {
-        servers.push(Node::spawn(stitch, &config_path, &scratch.data_dir, i)?);
+        servers.push(ServeChild::spawn(
+            stitch,
+            &config_path,
+            &scratch.data_dir,
+            &format!("node-{i}"),
+            CHILD_ENV,
+        )?);
     }
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -353,116 +349,6 @@ poll = "{poll}s"
         data = scratch.data_dir.display(),
         poll = SAFETY_NET_POLL.as_secs(),
     )
-}
-
-/// The child's environment: this process's minus every `STITCH_*`
-/// variable (they would override the config file), plus the secrets.
-fn child_command(stitch: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(stitch);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("STITCH_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env(TOKEN_ENV, TOKEN)
-        .env(SECRET_ENV, SECRET)
-        .env("STITCH_LOG", "warn");
-    cmd
-}
-
-async fn migrate(stitch: &Path, config: &Path) -> anyhow::Result<()> {
-    let out = child_command(stitch)
-        .arg("migrate")
-        .arg("--config")
-        .arg(config)
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "stitch migrate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// One `stitch serve` child.
-struct Node {
-    base: String,
-    pid: u32,
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Node {
-    fn spawn(stitch: &Path, config: &Path, dir: &Path, i: usize) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let log = dir.join(format!("serve-node-{i}.log"));
-        let child = child_command(stitch)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("STITCH_NODE_NAME", format!("node-{i}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", stitch.display()))?;
-        let pid = child.id().context("stitch serve exited at once")?;
-        Ok(Self {
-            base: format!("http://127.0.0.1:{port}"),
-            pid,
-            child,
-            log,
-        })
-    }
-
-    async fn wait_healthy(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("stitch serve exited ({status}): {}", tail(&self.log));
-            }
-            let ok = http
-                .get(format!("{}/healthz", self.base))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                return Ok(());
-            }
-            // A child process has no readiness event to wait on but its
-            // health answer; poll it.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("stitch serve not healthy after 60 s: {}", tail(&self.log))
-    }
-
-    /// SIGTERM, then up to 20 s for a clean shutdown, then SIGKILL.
-    async fn stop(mut self) {
-        if let Ok(pid) = i32::try_from(self.pid) {
-            // Our own child, not yet reaped: the pid is still its.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let chars: Vec<char> = text.chars().collect();
-    chars[chars.len().saturating_sub(3000)..].iter().collect()
 }
 
 /// The first terminal event of a build seen on any node's `/v1/events`.
@@ -592,7 +478,7 @@ struct PhaseCtx<'a> {
     phase: usize,
     fake: &'a FakeBuildkite,
     http: &'a reqwest::Client,
-    servers: &'a [Node],
+    servers: &'a [ServeChild],
     feed: &'a Feed,
     database: Option<&'a NamedProcesses>,
 }

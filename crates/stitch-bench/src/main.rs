@@ -9,6 +9,7 @@
 mod buildkite;
 mod cancel;
 mod counting;
+mod dashboard;
 mod github;
 mod mq;
 mod plain_writes;
@@ -16,6 +17,7 @@ mod promise;
 mod provider;
 mod scratch_db;
 mod serve;
+mod serve_child;
 mod soak;
 mod sys;
 
@@ -76,6 +78,12 @@ enum Command {
     /// one with short retention (--window, --interval) and one without;
     /// per --sample: database and data dir size, RSS, create p99.
     Soak(soak::SoakArgs),
+    /// The dashboard's server side at scale: a `stitch serve` child on
+    /// SQLite; the requests of each dashboard page (p50/p99) with a small
+    /// store and with 100,000 builds; 200 emulated browsers following the
+    /// live builds and overview pages: stitch's idle CPU with and without
+    /// them, event delivery to all of them against one subscriber, RSS.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,5 +100,6 @@ fn main() -> anyhow::Result<()> {
         Command::Cancel(args) => rt.block_on(cancel::run(args)),
         Command::Github(args) => rt.block_on(github::run(args)),
         Command::Soak(args) => rt.block_on(soak::run(args)),
+        Command::Dashboard(args) => rt.block_on(dashboard::run(args)),
     }
 }

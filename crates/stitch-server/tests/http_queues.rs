@@ -102,6 +102,51 @@ async fn queues_list_configuration_live_counts_and_the_last_day() {
     assert_eq!(earlier, 0);
 }
 
+/// Every open overview page refetches `/v1/queues` after an event: the
+/// server computes the answer once and hands it to the requests that
+/// follow until the next event (or for at most a second).
+#[tokio::test]
+async fn queue_lists_are_reused_until_the_next_event() {
+    use chrono::{DateTime, Utc};
+    let s = Server::start().await;
+    s.create_ok("default", "one").await;
+    let at = |v: &Value| -> DateTime<Utc> { serde_json::from_value(v["at"].clone()).unwrap() };
+
+    // Two requests in a row with no event between: the second gets the
+    // first's answer, computed at the same `at`. A request the server
+    // reached a second or more after the first answer was computed may be
+    // recomputed, so such a pair (a stalled machine) proves nothing and is
+    // tried again.
+    let mut conclusive = 0;
+    for _ in 0..20 {
+        let first = json(&s, "/v1/queues").await;
+        let second = json(&s, "/v1/queues").await;
+        let answered = Utc::now();
+        if answered - at(&first) >= chrono::TimeDelta::milliseconds(900) {
+            continue;
+        }
+        conclusive += 1;
+        assert_eq!(at(&second), at(&first), "reused answer");
+        assert_eq!(second, first);
+    }
+    assert!(
+        conclusive > 0,
+        "no request pair within a second in 20 tries"
+    );
+
+    // Concurrent requests after an event share one fresh answer.
+    let before = json(&s, "/v1/queues").await;
+    s.create_ok("default", "two").await;
+    let lists = futures::future::join_all((0..16).map(|_| json(&s, "/v1/queues"))).await;
+    for list in &lists {
+        assert!(
+            list["event_seq"].as_u64() > before["event_seq"].as_u64(),
+            "an answer after the event knows of it"
+        );
+        assert_eq!(queue(list, "default")["counts"]["accepted"], 2);
+    }
+}
+
 #[tokio::test]
 async fn queues_need_the_token_when_tokens_are_configured() {
     let s = Server::start_with(Some("sekrit-token"), HttpOptions::default()).await;

@@ -77,6 +77,7 @@ pub(crate) struct Ctx {
     pub(crate) options: Arc<HttpOptions>,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) openapi: Arc<String>,
+    pub(crate) queue_list: Arc<queues::QueueListCache>,
 }
 
 /// Set by [`serve`] on every request: cancelled when the server shuts down,
@@ -101,6 +102,7 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         options: Arc::new(options),
         metrics: metrics::Metrics::install(),
         openapi: Arc::new(openapi),
+        queue_list: Arc::default(),
     };
     let guard = loopback::LoopbackGuard::new(
         !tokens.is_empty(),

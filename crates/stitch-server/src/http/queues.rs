@@ -33,6 +33,20 @@ const TOPICS: [&str; 2] = [topics::TRIGGER, topics::SIGNAL];
 /// Largest page of dead letters.
 const MAX_DEAD_LETTERS: u32 = 1000;
 
+/// How long a `/v1/queues` answer is reused while no event was committed
+/// since: its only time-dependent field, the oldest waiting build's age,
+/// is then at most this stale.
+const QUEUE_LIST_REUSE: TimeDelta = TimeDelta::seconds(1);
+
+/// The last `/v1/queues` answer. Every open overview page refetches the
+/// list after events, so after one event all of them ask at once; they
+/// wait on this lock while the first computes the answer (counting every
+/// open build and reading a day of finished ones), and reuse it.
+#[derive(Default)]
+pub(crate) struct QueueListCache {
+    last: tokio::sync::Mutex<Option<QueueList>>,
+}
+
 /// Every configured queue with its runner kind, concurrency, builds per
 /// status and oldest waiting build, and the last 24 hours of finished
 /// builds hour by hour.
@@ -47,12 +61,27 @@ const MAX_DEAD_LETTERS: u32 = 1000;
     )
 )]
 pub(crate) async fn list_queues(State(ctx): State<Ctx>) -> Result<Json<QueueList>, ApiError> {
+    // Read first: an event committed while the counts are read is then
+    // also after `event_seq`, so a follower misses nothing.
+    let event_seq = ctx.state.store().latest_seq().await?;
+    let mut last = ctx.queue_list.last.lock().await;
+    if let Some(list) = last.as_ref() {
+        // An answer computed after this request's `event_seq` was read is
+        // as fresh as one this request would compute.
+        if list.event_seq >= event_seq && Utc::now() - list.at < QUEUE_LIST_REUSE {
+            return Ok(Json(list.clone()));
+        }
+    }
+    let list = queue_list(&ctx, event_seq).await?;
+    *last = Some(list.clone());
+    Ok(Json(list))
+}
+
+/// Computes the `/v1/queues` answer as of `event_seq`.
+async fn queue_list(ctx: &Ctx, event_seq: u64) -> Result<QueueList, ApiError> {
     let now = Utc::now();
     let first_hour = hour_of(now) - TimeDelta::hours(HISTORY_HOURS - 1);
     let store = ctx.state.store();
-    // Read first: an event committed while the counts are read is then
-    // also after `event_seq`, so a follower misses nothing.
-    let event_seq = store.latest_seq().await?;
     let open = store.open_build_counts().await?;
     let finished = store.finished_since(first_hour, HISTORY_MAX_BUILDS).await?;
 
@@ -93,12 +122,12 @@ pub(crate) async fn list_queues(State(ctx): State<Ctx>) -> Result<Json<QueueList
             *count_of(&mut s.counts, f.status) += 1;
         }
     }
-    Ok(Json(QueueList {
+    Ok(QueueList {
         at: now,
         event_seq,
         queues: summaries.into_values().collect(),
         last_24h: hour_buckets(first_hour, &finished),
-    }))
+    })
 }
 
 /// The start of `t`'s hour.
