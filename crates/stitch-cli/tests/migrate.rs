@@ -1,7 +1,8 @@
 //! `stitch migrate` as a child process: it applies the queue's (1001+) and
 //! the store's (2001+) migrations to the configured database and exits, on
 //! SQLite, PostgreSQL and MariaDB/MySQL; applying them again changes
-//! nothing; bad or unreachable storage gives the documented exit codes.
+//! nothing; bad or unreachable storage (an unreadable TLS CA file included)
+//! gives the documented exit codes.
 
 use std::process::{Command, Output};
 use std::str::FromStr;
@@ -136,5 +137,22 @@ fn unreachable_database_exits_3_without_the_password() {
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("stitch migrate"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+#[test]
+fn unreadable_ca_file_is_a_usage_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("missing-ca.crt");
+    // Port 1: the file is checked before anything is contacted.
+    let url = format!(
+        "postgres://stitch:s3cret@127.0.0.1:1/stitch?sslmode=verify-full&sslrootcert={}",
+        ca.display()
+    );
+    let out = migrate(Some(&url), dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sslrootcert"), "{stderr}");
+    assert!(stderr.contains(&ca.display().to_string()), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }

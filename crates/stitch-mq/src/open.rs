@@ -40,21 +40,45 @@ impl BackendKind {
     }
 }
 
-/// The URL without a password, for error messages and logs.
+/// The URL without a password, for error messages and logs: the one in the
+/// user part (`user:***@host`) and a `password=` query parameter (which
+/// sqlx also reads on PostgreSQL URLs).
 pub fn redact(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<&str> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => "password=***",
+                _ => pair,
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+/// Masks the password of `scheme://user:password@host…`. The user part ends
+/// at the authority's last `@` (the authority ends at the first `/`), as
+/// sqlx's URL parser reads it, so a password with an unescaped `@` is masked
+/// whole.
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.split_once('@') {
-        Some((userinfo, host)) if !host.contains('@') => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                url.to_string()
-            }
-        }
-        _ => url.to_string(),
+    let authority = rest.split('/').next().unwrap_or_default();
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 
@@ -225,5 +249,27 @@ mod tests {
         assert!(text.contains("redis://user:***@host/0"), "{text}");
         assert!(!text.contains("secret"), "{text}");
         assert!(BackendKind::of_url("no-scheme").is_err());
+    }
+
+    #[test]
+    fn redact_masks_passwords_and_keeps_tls_parameters() {
+        assert_eq!(
+            redact("postgres://u:secret@db:5432/s?sslmode=verify-full&sslrootcert=/etc/ca.crt"),
+            "postgres://u:***@db:5432/s?sslmode=verify-full&sslrootcert=/etc/ca.crt"
+        );
+        assert_eq!(
+            redact("postgres://u@db/s?sslmode=require&password=secret&application_name=x"),
+            "postgres://u@db/s?sslmode=require&password=***&application_name=x"
+        );
+        assert_eq!(
+            redact("mysql://root@db/s?ssl-mode=REQUIRED"),
+            "mysql://root@db/s?ssl-mode=REQUIRED"
+        );
+        // A password holding an unescaped '@' is still masked whole.
+        assert_eq!(redact("postgres://u:p@ss@db/s"), "postgres://u:***@db/s");
+        assert_eq!(
+            redact("sqlite:///var/lib/x@y.db"),
+            "sqlite:///var/lib/x@y.db"
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! server on loopback with its stages running, builds created over HTTP on
 //! the `fake` and `local` runners, followed until they are terminal — on
 //! SQLite, PostgreSQL (`STITCH_TEST_POSTGRES_URL`, a schema of its own) and
-//! MariaDB/MySQL (`STITCH_TEST_MYSQL_URL`, a database of its own). Unset,
+//! MariaDB/MySQL (`STITCH_TEST_MYSQL_URL`, a database of its own), and on
+//! both servers over verified TLS (`STITCH_TEST_POSTGRES_TLS_URL`,
+//! `STITCH_TEST_MYSQL_TLS_URL`, `STITCH_TEST_TLS_CA`). Unset,
 //! the server tests skip, unless `STITCH_REQUIRE_DATABASES=1`.
 
 use std::collections::BTreeMap;
@@ -249,5 +251,81 @@ async fn mysql_builds_reach_their_outcome_through_the_api() {
     };
     db.options("server").await;
     let service = Service::start(Some(mysql_url(&db.database("server")))).await;
+    builds_reach_their_outcome_through_the_api(service, BackendKind::MySql).await;
+}
+
+// The same over TLS: `STITCH_TEST_POSTGRES_TLS_URL` / `STITCH_TEST_MYSQL_TLS_URL`
+// name servers that refuse connections without TLS, with certificates
+// signed by `STITCH_TEST_TLS_CA` (.ci/database-tls.sh sets them up).
+
+/// `var`'s URL with the query parameters `params` added.
+fn url_with(var: &str, params: &[(&str, &str)]) -> reqwest::Url {
+    let base = std::env::var(var).unwrap();
+    let mut url = reqwest::Url::parse(&base).unwrap();
+    url.query_pairs_mut().extend_pairs(params);
+    url
+}
+
+/// Whether the store's pool connection is encrypted, by the server's account.
+async fn store_connection_uses_tls(state: &AppState) -> bool {
+    match state.store().pool() {
+        stitch_store::StorePool::Postgres(p) => {
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&p)
+                .await
+                .unwrap()
+        }
+        stitch_store::StorePool::MySql(p) => {
+            let cipher: String = sqlx::query_scalar(
+                "SELECT CAST(VARIABLE_VALUE AS CHAR) FROM information_schema.SESSION_STATUS \
+                 WHERE VARIABLE_NAME = 'Ssl_cipher'",
+            )
+            .fetch_one(&p)
+            .await
+            .unwrap();
+            !cipher.is_empty()
+        }
+        stitch_store::StorePool::Sqlite(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_verified_tls_builds_reach_their_outcome_through_the_api() {
+    let Some(db) = support::PgDatabase::connect_to("STITCH_TEST_POSTGRES_TLS_URL").await else {
+        return;
+    };
+    let Some(ca) = support::url_from_env("STITCH_TEST_TLS_CA") else {
+        return;
+    };
+    db.options("server").await;
+    let url = url_with(
+        "STITCH_TEST_POSTGRES_TLS_URL",
+        &[
+            ("sslmode", "verify-full"),
+            ("sslrootcert", &ca),
+            ("options", &format!("-csearch_path={}", db.schema("server"))),
+        ],
+    );
+    let service = Service::start(Some(url.to_string())).await;
+    assert!(store_connection_uses_tls(&service.state).await);
+    builds_reach_their_outcome_through_the_api(service, BackendKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_over_verified_tls_builds_reach_their_outcome_through_the_api() {
+    let Some(db) = support::MySqlDatabase::connect_to("STITCH_TEST_MYSQL_TLS_URL").await else {
+        return;
+    };
+    let Some(ca) = support::url_from_env("STITCH_TEST_TLS_CA") else {
+        return;
+    };
+    db.options("server").await;
+    let mut url = url_with(
+        "STITCH_TEST_MYSQL_TLS_URL",
+        &[("ssl-mode", "VERIFY_IDENTITY"), ("ssl-ca", &ca)],
+    );
+    url.set_path(&format!("/{}", db.database("server")));
+    let service = Service::start(Some(url.to_string())).await;
+    assert!(store_connection_uses_tls(&service.state).await);
     builds_reach_their_outcome_through_the_api(service, BackendKind::MySql).await;
 }

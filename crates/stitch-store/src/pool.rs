@@ -47,6 +47,9 @@ impl StorePool {
             }
             other => other,
         };
+        if kind != BackendKind::Sqlite {
+            check_tls_files(url)?;
+        }
         Ok(match kind {
             BackendKind::Sqlite => {
                 let path = sqlite_path(url)?;
@@ -120,6 +123,42 @@ pub async fn migrate(pool: &StorePool) -> Result<()> {
     }
 }
 
+/// URL parameters that name a certificate or key file, PostgreSQL's and
+/// MySQL's spellings (sqlx accepts both on either backend).
+const TLS_FILE_PARAMS: &[&str] = &[
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+];
+
+/// Refuses a server URL whose TLS file parameters (`sslrootcert=`,
+/// `ssl-ca=`, client certificate and key) name a file stitch cannot read.
+/// sqlx would only report the bare I/O error ("No such file or directory")
+/// once connecting, without saying which file.
+fn check_tls_files(url: &str) -> Result<()> {
+    // A URL sqlx cannot parse gets sqlx's own error when connecting.
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    for (key, path) in parsed.query_pairs() {
+        if !TLS_FILE_PARAMS.contains(&key.as_ref()) {
+            continue;
+        }
+        if let Err(e) = std::fs::File::open(path.as_ref()) {
+            return Err(StoreError::InvalidUrl(format!(
+                "{}: cannot read the {key} file {path:?}: {e}",
+                stitch_mq::open::redact(url)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The file path of a `sqlite://PATH` or `sqlite:PATH` URL.
 fn sqlite_path(url: &str) -> Result<&Path> {
     let path = url
@@ -144,6 +183,36 @@ mod tests {
             let err = StorePool::connect(url).await.unwrap_err();
             assert!(matches!(err, StoreError::InvalidUrl(_)), "{url}: {err:?}");
             assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_tls_files_are_named_without_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-ca.crt");
+        for (url, key) in [
+            (
+                format!(
+                    "postgres://stitch:secret@127.0.0.1:1/db?sslmode=verify-full&sslrootcert={}",
+                    missing.display()
+                ),
+                "sslrootcert",
+            ),
+            (
+                format!(
+                    "mysql://stitch:secret@127.0.0.1:1/db?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+                    missing.display()
+                ),
+                "ssl-ca",
+            ),
+        ] {
+            // Port 1: nothing is contacted, the check comes first.
+            let err = StorePool::connect(&url).await.unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+            assert!(text.contains(key), "{text}");
+            assert!(text.contains(&missing.display().to_string()), "{text}");
+            assert!(!text.contains("secret"), "{text}");
         }
     }
 

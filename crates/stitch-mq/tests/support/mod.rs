@@ -39,7 +39,9 @@ fn unavailable<T>(what: &str, why: String) -> Option<T> {
     None
 }
 
-fn url_from_env(var: &str) -> Option<String> {
+/// The value of environment variable `var`; `None` = skip (panics when the
+/// databases are required).
+pub fn url_from_env(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
         _ => unavailable(var, format!("{var} is not set")),
@@ -99,15 +101,21 @@ pub struct PgDatabase {
 impl PgDatabase {
     /// Connects to `STITCH_TEST_POSTGRES_URL`; `None` = skip.
     pub async fn connect() -> Option<Self> {
-        let url = url_from_env("STITCH_TEST_POSTGRES_URL")?;
+        Self::connect_to("STITCH_TEST_POSTGRES_URL").await
+    }
+
+    /// Connects to the server the environment variable `var` names; `None`
+    /// = skip.
+    pub async fn connect_to(var: &str) -> Option<Self> {
+        let url = url_from_env(var)?;
         let opts = match PgConnectOptions::from_str(&url) {
             Ok(o) => o,
-            Err(e) => return unavailable("STITCH_TEST_POSTGRES_URL", e.to_string()),
+            Err(e) => return unavailable(var, e.to_string()),
         };
         let mut conn = match tokio::time::timeout(Duration::from_secs(10), opts.connect()).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return unavailable("STITCH_TEST_POSTGRES_URL", e.to_string()),
-            Err(_) => return unavailable("STITCH_TEST_POSTGRES_URL", "connect timed out".into()),
+            Ok(Err(e)) => return unavailable(var, e.to_string()),
+            Err(_) => return unavailable(var, "connect timed out".into()),
         };
         // Leftovers of killed runs.
         let names: Vec<String> = sqlx::query_scalar(
@@ -246,15 +254,21 @@ pub struct MySqlDatabase {
 impl MySqlDatabase {
     /// Connects to `STITCH_TEST_MYSQL_URL`; `None` = skip.
     pub async fn connect() -> Option<Self> {
-        let url = url_from_env("STITCH_TEST_MYSQL_URL")?;
+        Self::connect_to("STITCH_TEST_MYSQL_URL").await
+    }
+
+    /// Connects to the server the environment variable `var` names; `None`
+    /// = skip.
+    pub async fn connect_to(var: &str) -> Option<Self> {
+        let url = url_from_env(var)?;
         let opts = match MySqlConnectOptions::from_str(&url) {
             Ok(o) => o,
-            Err(e) => return unavailable("STITCH_TEST_MYSQL_URL", e.to_string()),
+            Err(e) => return unavailable(var, e.to_string()),
         };
         let mut conn = match tokio::time::timeout(Duration::from_secs(10), opts.connect()).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return unavailable("STITCH_TEST_MYSQL_URL", e.to_string()),
-            Err(_) => return unavailable("STITCH_TEST_MYSQL_URL", "connect timed out".into()),
+            Ok(Err(e)) => return unavailable(var, e.to_string()),
+            Err(_) => return unavailable(var, "connect timed out".into()),
         };
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata WHERE schema_name LIKE 'mqt\\_%'",
