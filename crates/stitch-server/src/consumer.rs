@@ -199,7 +199,8 @@ pub async fn handle(stage: &dyn Stage, d: Delivery) {
         stage = stage.name(),
         topic = d.topic(),
         message_id = d.id(),
-        attempt = d.attempt(),
+        // i64: OTLP exports unsigned integers as text.
+        attempt = i64::from(d.attempt()),
         build_id = subject.as_ref().map(|s| s.build_id.as_str()),
         queue = subject.as_ref().map(|s| s.queue.as_str()),
     );

@@ -93,7 +93,8 @@ fn request_span<B>(req: &Request<B>) -> Span {
 }
 
 fn record_response<B>(res: &Response<B>, latency: Duration, span: &Span) {
-    span.record("status", res.status().as_u16());
+    // As i64: OTLP has no unsigned integers (a u64 is exported as text).
+    span.record("status", i64::from(res.status().as_u16()));
     tracing::debug!(
         status = res.status().as_u16(),
         latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
