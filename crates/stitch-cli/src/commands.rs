@@ -20,14 +20,15 @@ use crate::{
 };
 
 pub async fn run(cli: Cli) -> u8 {
+    let log_format = cli.log_format.map(crate::LogFormatArg::as_format);
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args, log_format).await,
         Command::Build(cmd) => build(cmd).await,
-        Command::Job(JobCommand::Exec { command }) => crate::job::exec(command).await,
+        Command::Job(JobCommand::Exec { command }) => crate::job::exec(command, log_format).await,
         Command::Job(JobCommand::PromiseFailure {
             exit_status,
             reason,
-        }) => crate::job::promise_failure(exit_status, reason).await,
+        }) => crate::job::promise_failure(exit_status, reason, log_format).await,
         Command::Mq(MqCommand::Dlq(cmd)) => dlq(cmd).await,
         Command::Mq(MqCommand::Partitions(args)) => crate::partitions::run(args).await,
         Command::Config(ConfigCommand::Check { config }) => config_check(&config),
@@ -145,7 +146,7 @@ async fn migrate(args: &ConfigArgs) -> u8 {
     }
 }
 
-async fn serve(args: crate::ServeArgs) -> u8 {
+async fn serve(args: crate::ServeArgs, log_format: Option<config::LogFormat>) -> u8 {
     let mut opts = load_options(&args.config);
     opts.listen = args.listen;
     let config = match config::load(&opts) {
@@ -155,28 +156,35 @@ async fn serve(args: crate::ServeArgs) -> u8 {
             return USAGE;
         }
     };
-    init_tracing();
-    let addons = stitch_spindle::addon(&config).into_iter().collect();
-    match stitch_server::app::run_with(config, stitch_server::app::shutdown_signal(), addons).await
-    {
-        Ok(()) => OK,
+    let telemetry = match stitch_server::telemetry::init(
+        log_format.unwrap_or(config.telemetry.log_format),
+        config.telemetry.otlp.as_ref(),
+        stitch_server::telemetry::DEFAULT_FILTER,
+        std::io::stdout,
+    ) {
+        Ok(t) => t,
         Err(e) => {
-            eprintln!("stitch serve: {e:#}");
-            match e {
-                stitch_server::app::ServeError::Refused(_) => USAGE,
-                _ => UNAVAILABLE,
-            }
+            eprintln!("stitch: {e}");
+            return USAGE;
         }
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STITCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+    };
+    let addons = stitch_spindle::addon(&config).into_iter().collect();
+    let code =
+        match stitch_server::app::run_with(config, stitch_server::app::shutdown_signal(), addons)
+            .await
+        {
+            Ok(()) => OK,
+            Err(e) => {
+                eprintln!("stitch serve: {e:#}");
+                match e {
+                    stitch_server::app::ServeError::Refused(_) => USAGE,
+                    _ => UNAVAILABLE,
+                }
+            }
+        };
+    // The exporter sends what it still holds; it blocks on the collector.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 fn config_check(args: &ConfigArgs) -> u8 {

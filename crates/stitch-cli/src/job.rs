@@ -9,24 +9,22 @@ use stitch_job::{
     Declare, JobApi, JobApiClient, JobApiError, Outcome, PromiseFailure, PromiseFailureCoordinator,
     PromiseFailureResult, ServerClient, Unconfigured,
 };
+use stitch_server::config::LogFormat;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::exit::{BUILD_FAILED, OK, UNAVAILABLE, USAGE};
 
-/// Logs to stderr (stdout belongs to the job), `info` unless `STITCH_LOG` says otherwise.
-fn init_job_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STITCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr (stdout belongs to the job), `info` unless `STITCH_LOG`
+/// (or else `RUST_LOG`) says otherwise; text unless `--log-format json`.
+fn init_job_tracing(format: Option<LogFormat>) {
+    // No exporter: a job's spans are not the service's.
+    let _ =
+        stitch_server::telemetry::init(format.unwrap_or_default(), None, "info", std::io::stderr);
 }
 
 /// `stitch job exec -- CMD [ARGS...]`.
-pub async fn exec(command: Vec<OsString>) -> u8 {
-    init_job_tracing();
+pub async fn exec(command: Vec<OsString>, log_format: Option<LogFormat>) -> u8 {
+    init_job_tracing(log_format);
     let Some((program, args)) = command.split_first() else {
         eprintln!("stitch job exec: no command given; usage: stitch job exec -- CMD [ARGS...]");
         return USAGE;
@@ -109,8 +107,12 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
 }
 
 /// `stitch job promise-failure --exit-status N [--reason TEXT]`.
-pub async fn promise_failure(exit_status: i64, reason: Option<String>) -> u8 {
-    init_job_tracing();
+pub async fn promise_failure(
+    exit_status: i64,
+    reason: Option<String>,
+    log_format: Option<LogFormat>,
+) -> u8 {
+    init_job_tracing(log_format);
     let promise = match PromiseFailure::new(exit_status, reason) {
         Ok(p) => p,
         Err(e) => {

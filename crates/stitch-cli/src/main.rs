@@ -29,6 +29,30 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Form of the log lines `serve` and `job` write: `text` (one line per
+    /// event) or `json` (one JSON object per line). Wins over the
+    /// configuration's `telemetry.log_format`; the filter is `STITCH_LOG`,
+    /// else `RUST_LOG`.
+    #[arg(long, value_enum, value_name = "FORMAT", global = true)]
+    log_format: Option<LogFormatArg>,
+}
+
+/// A log format, as `--log-format` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines, spans as a prefix.
+    Text,
+    /// One JSON object per line with the current span and the span stack.
+    Json,
+}
+
+impl LogFormatArg {
+    fn as_format(self) -> stitch_server::config::LogFormat {
+        match self {
+            LogFormatArg::Text => stitch_server::config::LogFormat::Text,
+            LogFormatArg::Json => stitch_server::config::LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]

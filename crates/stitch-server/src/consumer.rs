@@ -17,6 +17,7 @@ use stitch_mq::{Delivery, Failure, MqError, NackOutcome, Queue, SubscriptionConf
 use stitch_store::StoreError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// What a stage asks for after processing a message successfully.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +114,16 @@ impl RetryBudget {
     }
 }
 
+/// What a delivery is about, named on its span so that every line a stage
+/// writes while processing it carries the build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliverySubject {
+    /// The build the message moves.
+    pub build_id: String,
+    /// The build queue it runs on.
+    pub queue: String,
+}
+
 /// One consumer of one topic.
 #[async_trait]
 pub trait Stage: Send + Sync + 'static {
@@ -124,6 +135,11 @@ pub trait Stage: Send + Sync + 'static {
     fn subscription(&self) -> SubscriptionConfig;
     /// The retry budget for this message (per build queue).
     fn budget(&self, delivery: &Delivery) -> RetryBudget;
+    /// The build a message is about, for its span; `None` when the
+    /// message names none (or is malformed).
+    fn subject(&self, _delivery: &Delivery) -> Option<DeliverySubject> {
+        None
+    }
     /// Processes one message.
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError>;
     /// The message is about to be dead-lettered: leave its subject in a
@@ -172,8 +188,26 @@ fn count(stage: &str, outcome: &'static str) {
     metrics::counter!("stitch_stage_outcomes_total", "stage" => stage.to_string(), "outcome" => outcome).increment(1);
 }
 
-/// Processes one delivery and applies its outcome.
+/// Processes one delivery and applies its outcome, inside a span
+/// `stage_delivery` naming the stage, the message, its attempt and the
+/// build (see [`Stage::subject`]).
 pub async fn handle(stage: &dyn Stage, d: Delivery) {
+    let subject = stage.subject(&d);
+    let span = tracing::info_span!(
+        "stage_delivery",
+        otel.name = %format_args!("stage {}", stage.name()),
+        stage = stage.name(),
+        topic = d.topic(),
+        message_id = d.id(),
+        // i64: OTLP exports unsigned integers as text.
+        attempt = i64::from(d.attempt()),
+        build_id = subject.as_ref().map(|s| s.build_id.as_str()),
+        queue = subject.as_ref().map(|s| s.queue.as_str()),
+    );
+    handle_delivery(stage, d).instrument(span).await
+}
+
+async fn handle_delivery(stage: &dyn Stage, d: Delivery) {
     let name = stage.name();
     let result = stage.process(&d).await;
     let outcome = match result {

@@ -14,4 +14,5 @@ pub mod runners;
 pub mod service;
 pub mod stages;
 pub mod state;
+pub mod telemetry;
 pub mod webhooks;

@@ -148,7 +148,10 @@ pub async fn create_build(
         })
         .await?;
     match outcome {
-        CreateOutcome::Created(build) => Ok((build, true)),
+        CreateOutcome::Created(build) => {
+            tracing::info!(build_id = %build.id, queue, "build created");
+            Ok((build, true))
+        }
         CreateOutcome::Existing(build) => {
             // A replay must be the same request; the same key for different
             // changes is a caller bug that would otherwise hide a build.

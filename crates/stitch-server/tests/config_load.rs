@@ -269,6 +269,7 @@ runner = "noop"
         spindle: None,
         http: Default::default(),
         retention: Default::default(),
+        telemetry: Default::default(),
     };
     assert_eq!(config, expected);
 }

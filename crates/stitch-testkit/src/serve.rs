@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 /// A running `stitch serve` with its data directory and config file.
@@ -22,6 +22,8 @@ pub struct Serve {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     env: Vec<(String, String)>,
+    /// Extra arguments after `serve --config … --listen …`.
+    args: Vec<String>,
     starts: usize,
 }
 
@@ -58,13 +60,23 @@ pub async fn wait_serving(log: &Path, pid: u32) {
     }
 }
 
-fn spawn(bin: &Path, config: &Path, port: u16, log: &Path, env: &[(String, String)]) -> Child {
+/// Starts `bin serve`; stderr goes to `log`, stdout (the log lines) to
+/// `log` with the extension `out`.
+fn spawn(
+    bin: &Path,
+    config: &Path,
+    port: u16,
+    log: &Path,
+    env: &[(String, String)],
+    args: &[String],
+) -> Child {
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
         .env("STITCH_LOG", "warn")
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
         .stderr(std::fs::File::create(log).unwrap());
     for (k, v) in env {
         cmd.env(k, v);
@@ -77,6 +89,18 @@ impl Serve {
     /// directory) and `env`, and waits until it serves.
     pub async fn start(bin: &str, config: &str, env: &[(&str, &str)]) -> Serve {
         Self::start_on(bin, config, None, env).await
+    }
+
+    /// [`Serve::start`] with extra arguments to `serve` (`--log-format json`).
+    pub async fn start_with_args(
+        bin: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Serve {
+        let s = Self::spawn_with_args(bin, config, None, env, args);
+        s.wait_healthy().await;
+        s
     }
 
     /// [`Serve::start`] with `{data}` replaced by `data` when given (several
@@ -94,6 +118,17 @@ impl Serve {
 
     /// Spawns the server without waiting for it to serve.
     pub fn spawn_on(bin: &str, config: &str, data: Option<&Path>, env: &[(&str, &str)]) -> Serve {
+        Self::spawn_with_args(bin, config, data, env, &[])
+    }
+
+    /// [`Serve::spawn_on`] with extra arguments to `serve`.
+    pub fn spawn_with_args(
+        bin: &str,
+        config: &str,
+        data: Option<&Path>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stitch.toml");
         let data = data
@@ -106,7 +141,15 @@ impl Serve {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let bin = PathBuf::from(bin);
-        let child = spawn(&bin, &path, port, &dir.path().join("serve-1.log"), &env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn(
+            &bin,
+            &path,
+            port,
+            &dir.path().join("serve-1.log"),
+            &env,
+            &args,
+        );
         Serve {
             child,
             bin,
@@ -115,6 +158,7 @@ impl Serve {
             dir,
             config: path,
             env,
+            args,
             starts: 1,
         }
     }
@@ -129,7 +173,14 @@ impl Serve {
     pub async fn restart(&mut self) {
         self.starts += 1;
         let log = self.dir.path().join(format!("serve-{}.log", self.starts));
-        self.child = spawn(&self.bin, &self.config, self.port, &log, &self.env);
+        self.child = spawn(
+            &self.bin,
+            &self.config,
+            self.port,
+            &log,
+            &self.env,
+            &self.args,
+        );
         self.wait_healthy().await;
     }
 
@@ -165,6 +216,12 @@ impl Serve {
                 Some("Z" | "X")
             ),
         }
+    }
+
+    /// Everything the current process wrote to stdout: its log lines.
+    pub fn stdout(&self) -> String {
+        let out = self.dir.path().join(format!("serve-{}.out", self.starts));
+        std::fs::read_to_string(out).unwrap_or_default()
     }
 
     /// The tails of the server's logs.

@@ -31,6 +31,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "spindle",
     "http",
     "retention",
+    "telemetry",
 ];
 
 /// A figment provider holding one already-parsed layer.

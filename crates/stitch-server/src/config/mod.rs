@@ -58,6 +58,8 @@ pub struct Config {
     /// `[retention]`: how long finished builds, events and dead letters
     /// are kept, and how often the pruner runs.
     pub retention: RetentionConfig,
+    /// `[telemetry]`: the log format and the optional OTLP span export.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             spindle: None,
             http: HttpConfig::default(),
             retention: RetentionConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -251,6 +254,52 @@ impl Default for HttpConfig {
             ws_max_message_bytes: 64 * 1024,
         }
     }
+}
+
+/// `[telemetry]`: how the service reports what it does.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The form of the log lines (`--log-format` wins).
+    pub log_format: LogFormat,
+    /// `[telemetry.otlp]`: export every span to an OpenTelemetry
+    /// collector. Absent: no export.
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// The form of the service's log lines.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event, its spans as a prefix.
+    #[default]
+    Text,
+    /// One JSON object per line: the event's fields, its current span and
+    /// the span stack.
+    Json,
+}
+
+/// `[telemetry.otlp]`: OTLP span export over HTTP (protobuf).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans
+    /// are posted to `<endpoint>/v1/traces`.
+    pub endpoint: String,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// How long one export request may take.
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_service_name() -> String {
+    "stitch".to_string()
+}
+
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[webhooks]`

@@ -19,8 +19,11 @@ use crate::service::CreateBuild;
 
 /// Parses a build id from a path; an id that cannot exist is not found.
 pub(crate) fn parse_id(raw: &str) -> Result<BuildId, ApiError> {
-    raw.parse::<BuildId>()
-        .map_err(|_| ApiError::build_not_found(raw))
+    let id = raw
+        .parse::<BuildId>()
+        .map_err(|_| ApiError::build_not_found(raw))?;
+    super::observe::record_build_id(&id);
+    Ok(id)
 }
 
 /// Create a build on a queue.
@@ -60,6 +63,7 @@ pub(crate) async fn create_build(
     ApiJson(body): ApiJson<CreateBuild>,
 ) -> Result<(StatusCode, Json<BuildRecord>), ApiError> {
     let (build, created) = service::create_build(&ctx.state, &queue, body).await?;
+    super::observe::record_build_id(&build.id);
     let status = if created {
         StatusCode::ACCEPTED
     } else {

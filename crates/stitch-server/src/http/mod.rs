@@ -7,6 +7,8 @@
 //!   resolves, then ends open streams and drains connections; the `[http]`
 //!   limits cut off slow clients and cap open connections ([`serve`]: the
 //!   default limits).
+//! - [`observe`] wraps every route (request ids, a span per request, a
+//!   panic guard); [`serve_with`] applies it.
 //! - [`check_bind`] refuses a non-loopback address when no API token is
 //!   configured (the tokens are read by [`crate::config::api_tokens`]).
 //!
@@ -24,6 +26,7 @@ mod listener;
 mod logs;
 mod loopback;
 mod metrics;
+pub mod observe;
 mod openapi;
 mod ops;
 mod queues;
@@ -172,7 +175,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let token = CancellationToken::new();
-    let app = router.layer(Extension(Shutdown(token.clone())));
+    let app = observe::layer(router).layer(Extension(Shutdown(token.clone())));
     let stop = token.clone();
     tokio::spawn(async move {
         tokio::select! {

@@ -16,7 +16,7 @@ pub use signal::SignalStage;
 pub use trigger::TriggerStage;
 
 use crate::config::ClusterConfig;
-use crate::consumer::{run_stage, RetryBudget, Stage, StageError};
+use crate::consumer::{run_stage, DeliverySubject, RetryBudget, Stage, StageError};
 use crate::runners::QueueRuntime;
 use crate::service::BuildMessage;
 use crate::state::AppState;
@@ -81,6 +81,15 @@ fn parse(delivery: &Delivery) -> Result<BuildMessage, StageError> {
             delivery.topic(),
             delivery.id()
         ))
+    })
+}
+
+/// The build and queue a delivery's message names (see
+/// [`Stage::subject`]).
+fn subject_of(delivery: &Delivery) -> Option<DeliverySubject> {
+    parse(delivery).ok().map(|m| DeliverySubject {
+        build_id: m.build_id.to_string(),
+        queue: m.queue,
     })
 }
 
@@ -169,5 +178,7 @@ async fn fail_build(state: &AppState, id: &BuildId, reason: &str) -> Result<(), 
     }
     let mut meta = stitch_store::Metadata::new();
     meta.insert("error".into(), reason.to_string());
-    record_status(state, id, BuildStatus::Failed, &meta, Some(reason)).await
+    record_status(state, id, BuildStatus::Failed, &meta, Some(reason)).await?;
+    tracing::info!(build_id = %id, status = %BuildStatus::Failed, reason, "build status changed");
+    Ok(())
 }

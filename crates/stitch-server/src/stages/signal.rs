@@ -13,9 +13,10 @@ use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
 
 use super::{
-    budget_for, fail_build, handle_of, live_build, parse, record_status, runtime_of, subscription,
+    budget_for, fail_build, handle_of, live_build, parse, record_status, runtime_of, subject_of,
+    subscription,
 };
-use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
+use crate::consumer::{DeliverySubject, RetryBudget, Stage, StageError, StageOutcome};
 use crate::runners::QueueRuntime;
 use crate::state::{topics, AppState};
 
@@ -56,7 +57,11 @@ impl SignalStage {
             report.metadata.as_map(),
             reason,
         )
-        .await
+        .await?;
+        if report.status != build.status {
+            tracing::info!(build_id = %build.id, status = %report.status, reason, "build status changed");
+        }
+        Ok(())
     }
 
     /// A promised failure on a `fail_fast` queue: cancel the provider's
@@ -142,6 +147,10 @@ impl Stage for SignalStage {
 
     fn subscription(&self) -> SubscriptionConfig {
         subscription(&self.state.config().cluster, "signal-stage")
+    }
+
+    fn subject(&self, delivery: &Delivery) -> Option<DeliverySubject> {
+        subject_of(delivery)
     }
 
     fn budget(&self, delivery: &Delivery) -> RetryBudget {

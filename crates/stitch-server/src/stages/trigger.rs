@@ -7,8 +7,10 @@ use async_trait::async_trait;
 use stitch_core::{BuildMetadata, BuildStatus, ChangeSet, TriggerRequest};
 use stitch_mq::{now_millis, Delivery, SubscriptionConfig};
 
-use super::{budget_for, fail_build, live_build, parse, record_status, runtime_of, subscription};
-use crate::consumer::{RetryBudget, Stage, StageError, StageOutcome};
+use super::{
+    budget_for, fail_build, live_build, parse, record_status, runtime_of, subject_of, subscription,
+};
+use crate::consumer::{DeliverySubject, RetryBudget, Stage, StageError, StageOutcome};
 use crate::service::build_message;
 use crate::state::{topics, AppState};
 use stitch_job::env as job_env;
@@ -39,6 +41,10 @@ impl Stage for TriggerStage {
         subscription(&self.state.config().cluster, "trigger-stage")
     }
 
+    fn subject(&self, delivery: &Delivery) -> Option<DeliverySubject> {
+        subject_of(delivery)
+    }
+
     fn budget(&self, delivery: &Delivery) -> RetryBudget {
         budget_for(&self.state, delivery)
     }
@@ -58,6 +64,7 @@ impl Stage for TriggerStage {
                 Some(reason),
             )
             .await?;
+            tracing::info!(build_id = %build.id, status = %BuildStatus::Cancelled, reason, "build status changed");
             return Ok(StageOutcome::Done);
         }
         let runtime = runtime_of(&self.state, &build)?;
@@ -104,6 +111,7 @@ impl Stage for TriggerStage {
                 Ok(())
             })
             .await?;
+        tracing::info!(build_id = %build.id, "build triggered on the provider");
         Ok(StageOutcome::Done)
     }
 

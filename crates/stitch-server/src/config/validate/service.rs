@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::super::problems::{at_index, path, Problems};
 use super::super::{
-    ApiConfig, Config, HttpConfig, RetentionConfig, RetentionSetting, SpindleConfig,
+    ApiConfig, Config, HttpConfig, OtlpConfig, RetentionConfig, RetentionSetting, SpindleConfig,
 };
 use super::{env_is_set, is_http_url, Env};
 
@@ -40,6 +40,38 @@ pub(super) fn validate(config: &Config, problems: &mut Problems, env: Env<'_>) {
     }
     if let Some(spindle) = &config.spindle {
         validate_spindle(config, spindle, problems);
+    }
+    if let Some(otlp) = &config.telemetry.otlp {
+        validate_otlp(otlp, problems);
+    }
+}
+
+/// `[telemetry.otlp]`: an http(s) URL with a host, a service name, a
+/// timeout. The URL is not echoed: it may carry credentials.
+fn validate_otlp(otlp: &OtlpConfig, problems: &mut Problems) {
+    let usable = reqwest::Url::parse(&otlp.endpoint).is_ok_and(|url| {
+        matches!(url.scheme(), "http" | "https")
+            && url.host_str().is_some_and(|h| !h.is_empty())
+            && url.query().is_none()
+    });
+    if !usable {
+        problems.report(
+            path(&["telemetry", "otlp", "endpoint"]),
+            "must be an http:// or https:// URL with a host and no query, \
+             e.g. http://127.0.0.1:4318 (the collector's OTLP/HTTP address)",
+        );
+    }
+    if otlp.service_name.trim().is_empty() {
+        problems.report(
+            path(&["telemetry", "otlp", "service_name"]),
+            "must not be empty",
+        );
+    }
+    if otlp.timeout.is_zero() {
+        problems.report(
+            path(&["telemetry", "otlp", "timeout"]),
+            "must be greater than zero",
+        );
     }
 }
 
