@@ -1,7 +1,9 @@
 //! A real `stitch serve` child process for end-to-end tests of any crate:
 //! start it from a config text, kill and restart it, and drive builds
 //! through its HTTP API with verbs (create, get, cancel, promise, webhook)
-//! while waiting on its `/v1/events` stream (never by polling).
+//! while waiting on its `/v1/events` stream (never by polling), and read a
+//! build's poll loop from its queue (`stitch mq partitions`), re-read on
+//! each change in the data directory.
 //!
 //! Readiness is the line the server prints once its listener is bound
 //! (`stitch is serving http://…`), seen in its log file through inotify:
