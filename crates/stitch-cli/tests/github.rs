@@ -414,7 +414,8 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     // due, in flight, or held anew after a poll): the loop listed exactly
     // as before means no wake came and no poll ran.
     assert_eq!(
-        s.poll_loop(&id).map(|p| (p["next_due"].clone(), p["in_flight"].clone())),
+        s.poll_loop(&id)
+            .map(|p| (p["next_due"].clone(), p["in_flight"].clone())),
         Some((resting["next_due"].clone(), resting["in_flight"].clone())),
         "a rejected webhook woke the poll loop"
     );

@@ -190,7 +190,14 @@ impl Serve {
     /// milliseconds). `None` while it has no partition.
     pub fn poll_loop(&self, id: &str) -> Option<serde_json::Value> {
         let out = Command::new(&self.bin)
-            .args(["mq", "partitions", "--topic", "signal", "--json", "--config"])
+            .args([
+                "mq",
+                "partitions",
+                "--topic",
+                "signal",
+                "--json",
+                "--config",
+            ])
             .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()

@@ -136,7 +136,13 @@ impl Log {
 
     /// Changes whenever a connection opens or closes.
     fn moved(&self) -> watch::Receiver<u64> {
-        self.inner.lock().unwrap().moved.as_ref().unwrap().subscribe()
+        self.inner
+            .lock()
+            .unwrap()
+            .moved
+            .as_ref()
+            .unwrap()
+            .subscribe()
     }
 
     async fn pump(
@@ -233,11 +239,7 @@ where
 /// announces (a fake's [`FakeKnot::connections_moved`] or
 /// [`FakeJetstream::connections_moved`]); spindle tables have
 /// `until_written` instead.
-pub async fn eventually(
-    what: &str,
-    mut moved: watch::Receiver<u64>,
-    mut f: impl FnMut() -> bool,
-) {
+pub async fn eventually(what: &str, mut moved: watch::Receiver<u64>, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         // Marked seen before the check: a change after it wakes the wait.
@@ -741,9 +743,11 @@ impl Harness {
     /// Waits until the spindle follows the knot (`n` connections so far).
     pub async fn knot_connections(&self, n: usize) {
         let knot = self.knot.clone();
-        eventually("the spindle to connect to the knot", knot.connections_moved(), || {
-            knot.connections().len() >= n
-        })
+        eventually(
+            "the spindle to connect to the knot",
+            knot.connections_moved(),
+            || knot.connections().len() >= n,
+        )
         .await;
     }
 
