@@ -459,8 +459,15 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
     }
 
     // SIGKILL node-0 once a good part of the builds ran.
-    // Each run appends a line to the file.
-    stitch_testkit::file_lines_within(&ran_file, BUILDS * 3 / 10, Duration::from_secs(120)).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ran(&ran_file).len() < BUILDS * 3 / 10 {
+        assert!(Instant::now() < deadline, "builds did not start");
+        // Polled: an inotify wait on the file (the testkit's `file_lines`)
+        // timed out in the connection-drop test below (3 of 3 runs on a
+        // loaded machine; builds stalling or events missed, not yet found),
+        // so re-reading stays until that is understood.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     alive.lock()[0] = false;
     servers[0].kill();
     let killed_at = Instant::now();
@@ -554,8 +561,16 @@ async fn server_rides_through_dropped_connections(backend: Backend) {
 
     let mut ids = create_builds(&http, &[server], COUNT / 2).await;
     for _ in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(60);
         let before = ran(&ran_file).len();
-        stitch_testkit::file_lines(&ran_file, before + 20).await;
+        while ran(&ran_file).len() < before + 20 {
+            assert!(Instant::now() < deadline, "builds did not run");
+            // Polled: an inotify wait on the file (`file_lines`) timed out
+            // here (3 of 3 runs on a loaded machine; builds stalling or
+            // events missed, not yet found), so re-reading stays until that
+            // is understood.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let dropped = backend.drop_connections().await;
         assert!(dropped > 0, "no connection of the server found");
         // The API keeps accepting builds right after the drop (the pool

@@ -146,22 +146,12 @@ impl DirWatch {
 
     /// Runs `check` now and after every change in the watched paths until it
     /// returns `Some`. Panics with `what` after [`WAIT`].
-    pub async fn until<T, F, Fut>(&mut self, what: &str, check: F) -> T
+    pub async fn until<T, F, Fut>(&mut self, what: &str, mut check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        self.until_within(what, WAIT, check).await
-    }
-
-    /// [`DirWatch::until`] bounded by `within` instead of [`WAIT`] (a wait
-    /// for many slow steps of a loaded machine).
-    pub async fn until_within<T, F, Fut>(&mut self, what: &str, within: Duration, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Option<T>>,
-    {
-        let deadline = Instant::now() + within;
+        let deadline = Instant::now() + WAIT;
         loop {
             // Checked after the watch was set up, so a change between the
             // check and the wait is still reported by `changed`.
@@ -174,7 +164,7 @@ impl DirWatch {
                 if let Some(v) = check().await {
                     return v;
                 }
-                panic!("{what}: not after {within:?} (watching {:?})", self.what);
+                panic!("{what}: not after {WAIT:?} (watching {:?})", self.what);
             }
         }
     }
@@ -245,18 +235,12 @@ pub async fn file_gone(path: &Path) {
 /// Waits until the file at `path` has at least `n` complete (newline
 /// terminated) lines and returns its text. Its directory must exist.
 pub async fn file_lines(path: &Path, n: usize) -> String {
-    file_lines_within(path, n, WAIT).await
-}
-
-/// [`file_lines`] bounded by `within` instead of [`WAIT`].
-pub async fn file_lines_within(path: &Path, n: usize, within: Duration) -> String {
     let what = format!("{} to have {n} lines", path.display());
-    DirWatch::new(&[parent(path)])
-        .until_within(&what, within, || {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            std::future::ready((text.matches('\n').count() >= n).then_some(text))
-        })
-        .await
+    dir_change(&[parent(path)], &what, || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        std::future::ready((text.matches('\n').count() >= n).then_some(text))
+    })
+    .await
 }
 
 #[cfg(test)]
