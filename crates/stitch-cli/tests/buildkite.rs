@@ -101,6 +101,10 @@ async fn fake(rate_limit: Option<(u32, Duration)>) -> FakeBuildkite {
     .unwrap()
 }
 
+/// How far ahead a resting poll loop's hold must reach: the webhook
+/// safety-net poll (60 s) held it, not a retry's backoff (2 s at most).
+const RESTING: Duration = Duration::from_secs(30);
+
 /// Extra request headers of a webhook case.
 type Headers = Vec<(&'static str, String)>;
 
@@ -317,13 +321,14 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
     let http = reqwest::Client::new();
     let id = create(&http, &s, "https://git.example/c/1?stitch-bk=hang").await;
     s.wait_status(&http, &id, "running").await;
-    // From here on only the test's own requests reach the receiver.
+    // From here on only the test's own requests reach the receiver, once
+    // the webhooks the fake sent before are answered (their wakes recorded).
     fake.set_webhook(None);
+    fake.webhooks_settled().await;
     // Poll cadence is now the 60 s safety net: nothing polls unless woken.
-    // A webhook the fake sent before may still be waking the build. Nothing
-    // on the server says when its wakes are all handled, so this waits out
-    // the time a woken poll takes on a busy machine.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the poll loop rests (held, nothing in flight, no wake pending),
+    // it stays as listed until something wakes it.
+    let resting = s.wait_poll_loop_resting(&id, RESTING).await;
     let polls_before = fake.stats().requests["get_build"];
     let body =
         serde_json::json!({"event": "build.finished", "build": fake.build_json(&id).unwrap()})
@@ -401,10 +406,16 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
     .await
     .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    // None of that reached the poll loop. A wrong wake would poll within
-    // milliseconds; no event marks "no wake came", so this is a bounded
-    // look for one.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // None of that reached the poll loop. A webhook's wake is recorded
+    // before it is answered, and a wake ends the hold (the loop is listed
+    // due, in flight, or held anew after a poll): the loop listed exactly
+    // as before means no wake came and no poll ran.
+    assert_eq!(
+        s.poll_loop(&id)
+            .map(|p| (p["next_due"].clone(), p["in_flight"].clone())),
+        Some((resting["next_due"].clone(), resting["in_flight"].clone())),
+        "a rejected webhook woke the poll loop"
+    );
     assert_eq!(
         fake.stats().requests["get_build"],
         polls_before,

@@ -84,6 +84,10 @@ async fn create_all(s: &Serve, http: &reqwest::Client, hs: &[String]) -> Vec<Str
     ids
 }
 
+/// How far ahead a resting poll loop's hold must reach: the webhook
+/// safety-net poll (60 s) held it, not a retry's backoff.
+const RESTING: Duration = Duration::from_secs(30);
+
 fn get_runs(fake: &FakeGithub) -> u64 {
     fake.stats().requests.get("get_run").copied().unwrap_or(0)
 }
@@ -340,12 +344,14 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     }));
     s.wait_status(&http, &id, "running").await;
     // From here on only the test's own requests reach the receiver, and
-    // the poll cadence is the 60 s safety net: nothing polls unless woken.
+    // the poll cadence is the 60 s safety net: nothing polls unless woken,
+    // once the webhooks the fake sent before are answered (their wakes
+    // recorded).
     fake.set_webhook(None);
-    // A webhook the fake sent before may still be waking the build. Nothing
-    // on the server says when its wakes are all handled, so this waits out
-    // the time a woken poll takes on a busy machine.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.webhooks_settled().await;
+    // Once the poll loop rests (held, nothing in flight, no wake pending),
+    // it stays as listed until something wakes it.
+    let resting = s.wait_poll_loop_resting(&id, RESTING).await;
     let polls_before = get_runs(&fake);
     let url = format!("{}/webhooks/github", s.base);
     let run = fake.run_json(&id).unwrap();
@@ -403,10 +409,16 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     .await
     .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    // None of that reached the poll loop. A wrong wake would poll within
-    // milliseconds; no event marks "no wake came", so this is a bounded
-    // look for one.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // None of that reached the poll loop. A webhook's wake is recorded
+    // before it is answered, and a wake ends the hold (the loop is listed
+    // due, in flight, or held anew after a poll): the loop listed exactly
+    // as before means no wake came and no poll ran.
+    assert_eq!(
+        s.poll_loop(&id)
+            .map(|p| (p["next_due"].clone(), p["in_flight"].clone())),
+        Some((resting["next_due"].clone(), resting["in_flight"].clone())),
+        "a rejected webhook woke the poll loop"
+    );
     assert_eq!(
         get_runs(&fake),
         polls_before,

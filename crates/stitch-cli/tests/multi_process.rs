@@ -452,6 +452,9 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
             Instant::now() < deadline,
             "not every process holds partitions: {leases:?}"
         );
+        // Polled: leases live in the shared database, taken by the servers'
+        // claim loops; neither PostgreSQL nor MariaDB announces a lease
+        // changing hands (no notification on claims, no file to watch).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -459,6 +462,10 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
     let deadline = Instant::now() + Duration::from_secs(120);
     while ran(&ran_file).len() < BUILDS * 3 / 10 {
         assert!(Instant::now() < deadline, "builds did not start");
+        // Polled: an inotify wait on the file (the testkit's `file_lines`)
+        // timed out in the connection-drop test below (3 of 3 runs on a
+        // loaded machine; builds stalling or events missed, not yet found),
+        // so re-reading stays until that is understood.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     alive.lock()[0] = false;
@@ -481,6 +488,8 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
             "node-0 still holds leases {:?} after it died",
             holders
         );
+        // Polled: the lease runs out on the clock and a survivor's next
+        // claim takes it over in the database; nothing announces either.
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let rebalanced = killed_at.elapsed();
@@ -556,6 +565,10 @@ async fn server_rides_through_dropped_connections(backend: Backend) {
         let before = ran(&ran_file).len();
         while ran(&ran_file).len() < before + 20 {
             assert!(Instant::now() < deadline, "builds did not run");
+            // Polled: an inotify wait on the file (`file_lines`) timed out
+            // here (3 of 3 runs on a loaded machine; builds stalling or
+            // events missed, not yet found), so re-reading stays until that
+            // is understood.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let dropped = backend.drop_connections().await;

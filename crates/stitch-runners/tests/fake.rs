@@ -29,6 +29,21 @@ async fn trigger(runner: &FakeRunner, req: &TriggerRequest) -> BuildHandle {
     req.handle().with_ref(runner.trigger(req).await.unwrap())
 }
 
+/// When the fake's timeline next moves `handle`'s status after now: its
+/// clock starts when the build id was minted, the build is accepted for
+/// `accept_ms` and runs for `run_ms` (both carried in the ref). `None` when
+/// nothing is left to change on its own.
+fn next_change(handle: &BuildHandle) -> Option<chrono::DateTime<chrono::Utc>> {
+    let r = handle.runner_ref.as_ref()?;
+    let ms = |k: &str| r.data(k).and_then(|v| v.parse::<i64>().ok());
+    let (accept, run) = (ms("accept_ms")?, ms("run_ms")?);
+    let origin = handle.build_id.created_at();
+    [accept, accept + run]
+        .into_iter()
+        .map(|at| origin + chrono::TimeDelta::milliseconds(at))
+        .find(|at| *at > chrono::Utc::now())
+}
+
 async fn wait_for(runner: &FakeRunner, handle: &BuildHandle, want: BuildStatus) -> StatusReport {
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -41,15 +56,19 @@ async fn wait_for(runner: &FakeRunner, handle: &BuildHandle, want: BuildStatus) 
             "ended {} waiting for {want}",
             report.status
         );
+        // The fake's build is a timeline on the wall clock, computed when
+        // asked: its next status is due at an instant the ref states, and
+        // that instant is the event to wait for.
+        let at = next_change(handle)
+            .unwrap_or_else(|| panic!("still {} waiting for {want}", report.status));
+        let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+        let wake = Instant::now() + wait;
         assert!(
-            Instant::now() < deadline,
+            wake < deadline,
             "still {} waiting for {want}",
             report.status
         );
-        // Polled: the fake runner's build is a timeline on the wall clock,
-        // computed when asked; nothing changes between two questions, so
-        // there is nothing to announce.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep_until(wake).await;
     }
 }
 

@@ -169,16 +169,24 @@ async fn a_deleted_repo_record_stops_its_knot_subscription() {
     let knot = h.knot.host();
     assert_eq!(h.spindle.knots.followed(), vec![knot.clone()]);
     let fake = h.knot.clone();
-    eventually("the knot stream to be served", || fake.active() == 1).await;
+    eventually(
+        "the knot stream to be served",
+        fake.connections_moved(),
+        || fake.active() == 1,
+    )
+    .await;
 
     h.jetstream
         .commit(OWNER, "delete", "sh.tangled.repo", "repo1", None);
+    // The spindle drops the knot from its set as it stops the client, so
+    // the stream's close (which the fake announces) comes after both.
     let spindle = h.spindle.clone();
-    eventually("the knot to be dropped", || {
-        spindle.knots.followed().is_empty()
-    })
+    eventually(
+        "the knot to be dropped and its stream closed",
+        fake.connections_moved(),
+        || spindle.knots.followed().is_empty() && fake.active() == 0,
+    )
     .await;
-    eventually("the knot stream to close", || fake.active() == 0).await;
 
     // Recreating the record follows the knot again: exactly one new
     // connection, so nothing reconnected while the repo was gone.

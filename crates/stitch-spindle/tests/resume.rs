@@ -72,7 +72,10 @@ async fn knot_and_jetstream_reconnects_lose_and_duplicate_nothing() {
     let before = h.jetstream.connections().len();
     h.jetstream.kick();
     let js = h.jetstream.clone();
-    eventually("jetstream reconnect", || js.connections().len() > before).await;
+    eventually("jetstream reconnect", js.connections_moved(), || {
+        js.connections().len() > before
+    })
+    .await;
     assert_eq!(h.jetstream.connections()[before], Some(t - 5_000_000));
     assert!(h.spindle.db.is_member("did:plc:late").await.unwrap());
 

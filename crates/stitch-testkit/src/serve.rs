@@ -1,7 +1,9 @@
 //! A real `stitch serve` child process for end-to-end tests of any crate:
 //! start it from a config text, kill and restart it, and drive builds
 //! through its HTTP API with verbs (create, get, cancel, promise, webhook)
-//! while waiting on its `/v1/events` stream (never by polling).
+//! while waiting on its `/v1/events` stream (never by polling), and read a
+//! build's poll loop from its queue (`stitch mq partitions`), re-read on
+//! each change in the data directory.
 //!
 //! Readiness is the line the server prints once its listener is bound
 //! (`stitch is serving http://…`), seen in its log file through inotify:
@@ -21,6 +23,8 @@ pub struct Serve {
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The data directory (`{data}` in the config).
+    pub data: PathBuf,
     env: Vec<(String, String)>,
     /// Extra arguments after `serve --config … --listen …`.
     args: Vec<String>,
@@ -157,6 +161,7 @@ impl Serve {
             port,
             dir,
             config: path,
+            data,
             env,
             args,
             starts: 1,
@@ -234,6 +239,63 @@ impl Serve {
             out.extend(tail.into_iter().rev());
         }
         out
+    }
+
+    /// Build `id`'s poll loop (its partition of the `signal` topic) as
+    /// `stitch mq partitions --json` lists it from the database: `next_due`,
+    /// `due`, `in_flight`, the lease, and the listing's `now` (epoch
+    /// milliseconds). `None` while it has no partition.
+    pub fn poll_loop(&self, id: &str) -> Option<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .args([
+                "mq",
+                "partitions",
+                "--topic",
+                "signal",
+                "--json",
+                "--config",
+            ])
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stitch mq partitions: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // A page holds 100 partitions; these tests keep fewer live builds.
+        let mut found = page["partitions"]
+            .as_array()?
+            .iter()
+            .find(|p| p["partition"] == id)
+            .cloned()?;
+        found["now"] = page["now"].clone();
+        Some(found)
+    }
+
+    /// Waits until build `id`'s poll loop rests: no poll in flight and its
+    /// message held until at least `held` from now. A wake makes a held
+    /// message due at once and marks an in-flight one so that its hold is
+    /// due at once (ADR 0012), so a resting loop has no wake pending: until
+    /// something wakes it or the hold runs out, [`Serve::poll_loop`] lists
+    /// it unchanged. Returns that listing. Re-checked after each change in
+    /// the data directory (every queue write lands there).
+    pub async fn wait_poll_loop_resting(&self, id: &str, held: Duration) -> serde_json::Value {
+        let what = format!("the poll loop of {id} resting");
+        let held = i64::try_from(held.as_millis()).unwrap_or(i64::MAX);
+        crate::dir_change(&[&self.data], &what, || {
+            let resting = self.poll_loop(id).filter(|p| {
+                let (due, now) = (p["next_due"].as_i64(), p["now"].as_i64());
+                p["in_flight"] == 0
+                    && due
+                        .zip(now)
+                        .is_some_and(|(due, now)| due >= now.saturating_add(held))
+            });
+            std::future::ready(resting)
+        })
+        .await
     }
 
     /// Creates a build on `queue`; returns its id.

@@ -294,6 +294,18 @@ impl FakeBuildkite {
         .await;
     }
 
+    /// Returns once every webhook routed to a receiver so far was
+    /// delivered (answered). After `set_webhook(None)` nothing more is
+    /// routed, so from then on only the test's own requests reach the
+    /// receiver.
+    pub async fn webhooks_settled(&self) {
+        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+            let inner = self.shared.lock();
+            inner.stats.webhooks_sent >= inner.webhooks_routed as u64
+        })
+        .await;
+    }
+
     /// Changes after every tick of the fake's clock that moved a build (its
     /// state or a job's changed): a test waits on it instead of re-reading
     /// on a timer.

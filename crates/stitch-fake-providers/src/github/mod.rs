@@ -238,6 +238,9 @@ struct Inner {
     installation_tokens: HashMap<String, Instant>,
     log_links: HashMap<String, (String, Instant)>,
     webhook: Option<WebhookTarget>,
+    /// How many deliveries were routed to a receiver so far (a duplicated
+    /// webhook counts twice).
+    webhooks_routed: u64,
     webhook_times: HashMap<(String, String), SystemTime>,
     storage_base: String,
 }
@@ -293,6 +296,7 @@ impl FakeGithub {
                 installation_tokens: HashMap::new(),
                 log_links: HashMap::new(),
                 webhook: None,
+                webhooks_routed: 0,
                 webhook_times: HashMap::new(),
                 storage_base: format!("http://{storage_addr}"),
             }),
@@ -348,6 +352,18 @@ impl FakeGithub {
     pub async fn webhook_delivered(&self, stitch_build_id: &str, action: &str) {
         crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
             self.webhook_sent_at(stitch_build_id, action).is_some()
+        })
+        .await;
+    }
+
+    /// Returns once every webhook routed to the receiver so far was
+    /// delivered (answered). After `set_webhook(None)` nothing more is
+    /// routed, so from then on only the test's own requests reach the
+    /// receiver.
+    pub async fn webhooks_settled(&self) {
+        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+            let inner = self.shared.lock();
+            inner.stats.webhooks_sent >= inner.webhooks_routed
         })
         .await;
     }
@@ -511,12 +527,17 @@ async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Tran
         .unwrap_or_default();
     let slots = Arc::new(tokio::sync::Semaphore::new(16));
     while let Some(t) = rx.recv().await {
-        let Some(target) = shared.lock().webhook.clone() else {
-            continue;
+        let target = {
+            let mut inner = shared.lock();
+            let Some(target) = inner.webhook.clone() else {
+                continue;
+            };
+            if t.event == "workflow_job" && !target.job_events {
+                continue;
+            }
+            inner.webhooks_routed += if target.duplicate { 2 } else { 1 };
+            target
         };
-        if t.event == "workflow_job" && !target.job_events {
-            continue;
-        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };

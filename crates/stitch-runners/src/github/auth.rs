@@ -143,6 +143,13 @@ impl AppTokens {
         self.minted.load(Ordering::Relaxed)
     }
 
+    /// When the installation token held now is due for its refresh (the
+    /// first request from then on mints a new one); `None` before the first
+    /// mint and after a refused token was dropped.
+    pub async fn refresh_at(&self) -> Option<Instant> {
+        self.cached.lock().await.as_ref().map(|c| c.refresh_at)
+    }
+
     /// The App JWT (RS256), valid for nine minutes from a minute ago.
     pub fn jwt(&self) -> Result<String, GithubError> {
         let now = Utc::now().timestamp();

@@ -65,17 +65,21 @@ struct LogInner {
     active: usize,
     /// Refusing connections (the service is down).
     down: bool,
+    /// Bumped when a connection opens or closes: tests wait on it.
+    moved: Option<watch::Sender<u64>>,
 }
 
 impl Log {
     fn new() -> Self {
         let (live, _) = broadcast::channel(1024);
         let (kick, _) = watch::channel(0);
+        let (moved, _) = watch::channel(0);
         let log = Log::default();
         {
             let mut g = log.inner.lock().unwrap();
             g.live = Some(live);
             g.kick = Some(kick);
+            g.moved = Some(moved);
         }
         log
     }
@@ -101,6 +105,7 @@ impl Log {
             let g = &mut *self.inner.lock().unwrap();
             g.connections.push(cursor);
             g.active += 1;
+            g.moved.as_ref().unwrap().send_modify(|n| *n += 1);
             let pass = |c: i64| match cursor {
                 None => missing_means_all,
                 Some(from) => {
@@ -124,7 +129,20 @@ impl Log {
         self.clone()
             .pump(&mut socket, backlog, &mut live, &mut kick)
             .await;
-        self.inner.lock().unwrap().active -= 1;
+        let mut g = self.inner.lock().unwrap();
+        g.active -= 1;
+        g.moved.as_ref().unwrap().send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a connection opens or closes.
+    fn moved(&self) -> watch::Receiver<u64> {
+        self.inner
+            .lock()
+            .unwrap()
+            .moved
+            .as_ref()
+            .unwrap()
+            .subscribe()
     }
 
     async fn pump(
@@ -185,7 +203,7 @@ impl Log {
         self.inner.lock().unwrap().down = true;
         self.kick();
         let log = self.clone();
-        eventually("open connections to close", || {
+        eventually("open connections to close", self.moved(), || {
             log.inner.lock().unwrap().active == 0
         })
         .await;
@@ -217,18 +235,20 @@ where
     }
 }
 
-/// Waits (bounded) until `f` holds.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+/// Waits (bounded) until `f` holds, re-checking after every change `moved`
+/// announces (a fake's [`FakeKnot::connections_moved`] or
+/// [`FakeJetstream::connections_moved`]); spindle tables have
+/// `until_written` instead.
+pub async fn eventually(what: &str, mut moved: watch::Receiver<u64>, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        // Polled: `f` reads state of several owners (a fake server's
-        // connection count, the spindle's set of followed knots), which
-        // announce nothing; spindle tables have `until_written` instead.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    loop {
+        // Marked seen before the check: a change after it wakes the wait.
+        moved.borrow_and_update();
+        if f() {
+            return;
+        }
+        let next = tokio::time::timeout_at(deadline, moved.changed()).await;
+        assert!(matches!(next, Ok(Ok(()))), "timed out waiting for {what}");
     }
 }
 
@@ -293,6 +313,11 @@ impl FakeJetstream {
 
     pub fn connections(&self) -> Vec<Option<i64>> {
         self.log.connections()
+    }
+
+    /// Changes whenever a connection opens or closes.
+    pub fn connections_moved(&self) -> watch::Receiver<u64> {
+        self.log.moved()
     }
 
     pub fn kick(&self) {
@@ -379,6 +404,11 @@ impl FakeKnot {
     /// Streams served now.
     pub fn active(&self) -> usize {
         self.log.active()
+    }
+
+    /// Changes whenever a connection opens or closes.
+    pub fn connections_moved(&self) -> watch::Receiver<u64> {
+        self.log.moved()
     }
 
     pub fn kick(&self) {
@@ -713,9 +743,11 @@ impl Harness {
     /// Waits until the spindle follows the knot (`n` connections so far).
     pub async fn knot_connections(&self, n: usize) {
         let knot = self.knot.clone();
-        eventually("the spindle to connect to the knot", || {
-            knot.connections().len() >= n
-        })
+        eventually(
+            "the spindle to connect to the knot",
+            knot.connections_moved(),
+            || knot.connections().len() >= n,
+        )
         .await;
     }
 
