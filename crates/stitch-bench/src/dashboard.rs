@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::provider::print_latency;
 use crate::serve_child::{stitch_binary, ServeChild};
-use crate::sys::{pid_cpu, pid_rss_mib};
+use crate::sys::{dir_bytes, pid_cpu, pid_rss_mib};
 
 /// Options of the dashboard benchmark.
 #[derive(clap::Args)]
@@ -173,7 +173,7 @@ async fn measure(
         took,
         created as f64 / took,
         args.clients,
-        dir_mib(data)
+        dir_bytes(data) as f64 / (1024.0 * 1024.0)
     );
     let large = pages(http, base, &some_build, args.requests).await?;
     print_pages(&format!("large store ({} builds)", created + 110), &large)?;
@@ -318,12 +318,7 @@ async fn pages(
     for (n, (label, path)) in paths.into_iter().enumerate() {
         let url = format!("{base}{path}");
         for _ in 0..20 {
-            http.get(&url)
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await?;
+            get_ok(http, &url).await?;
         }
         let mut micros = Vec::with_capacity(requests);
         for i in 0..requests {
@@ -332,17 +327,23 @@ async fn pages(
                 create(http, base, "ci", &format!("overview/{i}")).await?;
             }
             let t = Instant::now();
-            http.get(&url)
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await?;
+            get_ok(http, &url).await?;
             micros.push(t.elapsed().as_micros() as u64);
         }
         out.push(Measured { label, micros });
     }
     Ok(out)
+}
+
+/// GET `url`, reading the whole body; a non-2xx answer is an error.
+async fn get_ok(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    http.get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    Ok(())
 }
 
 fn print_pages(title: &str, pages: &[Measured]) -> anyhow::Result<()> {
@@ -357,23 +358,6 @@ fn print_rss(server: &ServeChild) {
     if let Some((now, peak)) = pid_rss_mib(server.pid) {
         println!("stitch RSS now / peak: {now:.0} / {peak:.0} MiB");
     }
-}
-
-fn dir_mib(path: &Path) -> f64 {
-    fn walk(p: &Path) -> u64 {
-        let Ok(entries) = std::fs::read_dir(p) else {
-            return 0;
-        };
-        entries
-            .flatten()
-            .map(|e| match e.metadata() {
-                Ok(m) if m.is_dir() => walk(&e.path()),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    }
-    walk(path) as f64 / (1024.0 * 1024.0)
 }
 
 /// stitch's CPU over `seconds` of doing nothing, as a share of one core.

@@ -211,20 +211,6 @@ async fn rows_of(mut child: tokio::process::Child) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn dir_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -356,7 +342,7 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
                 created: created.load(std::sync::atomic::Ordering::Relaxed),
                 db_bytes: file(&db),
                 wal_bytes: file(&wal),
-                data_dir_bytes: dir_bytes(&data_dir),
+                data_dir_bytes: crate::sys::dir_bytes(&data_dir),
                 rss_mib: rss_mib(),
                 create_p99_ms: p99,
                 shape: shape_of(&state).await,

@@ -188,3 +188,18 @@ pub fn pid_rss_mib(pid: u32) -> Option<(f64, f64)> {
         status_kib(&path, "VmHWM:")? / 1024.0,
     ))
 }
+
+/// Bytes in the files under `path`, recursively (0 for what cannot be read).
+pub fn dir_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
