@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 // is missing), shared rather than copied.
 #[path = "../../stitch-mq/tests/support/mod.rs"]
 mod support;
+mod tls_support;
+use tls_support::connection_uses_tls;
 
 fn fast() -> QueueConfig {
     QueueConfig {
@@ -266,29 +268,6 @@ fn url_with(var: &str, params: &[(&str, &str)]) -> reqwest::Url {
     url
 }
 
-/// Whether the store's pool connection is encrypted, by the server's account.
-async fn store_connection_uses_tls(state: &AppState) -> bool {
-    match state.store().pool() {
-        stitch_store::StorePool::Postgres(p) => {
-            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-                .fetch_one(&p)
-                .await
-                .unwrap()
-        }
-        stitch_store::StorePool::MySql(p) => {
-            let cipher: String = sqlx::query_scalar(
-                "SELECT CAST(VARIABLE_VALUE AS CHAR) FROM information_schema.SESSION_STATUS \
-                 WHERE VARIABLE_NAME = 'Ssl_cipher'",
-            )
-            .fetch_one(&p)
-            .await
-            .unwrap();
-            !cipher.is_empty()
-        }
-        stitch_store::StorePool::Sqlite(_) => false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_over_verified_tls_builds_reach_their_outcome_through_the_api() {
     let Some(db) = support::PgDatabase::connect_to("STITCH_TEST_POSTGRES_TLS_URL").await else {
@@ -307,7 +286,7 @@ async fn postgres_over_verified_tls_builds_reach_their_outcome_through_the_api()
         ],
     );
     let service = Service::start(Some(url.to_string())).await;
-    assert!(store_connection_uses_tls(&service.state).await);
+    assert!(connection_uses_tls(service.state.store()).await);
     builds_reach_their_outcome_through_the_api(service, BackendKind::Postgres).await;
 }
 
@@ -326,6 +305,6 @@ async fn mysql_over_verified_tls_builds_reach_their_outcome_through_the_api() {
     );
     url.set_path(&format!("/{}", db.database("server")));
     let service = Service::start(Some(url.to_string())).await;
-    assert!(store_connection_uses_tls(&service.state).await);
+    assert!(connection_uses_tls(service.state.store()).await);
     builds_reach_their_outcome_through_the_api(service, BackendKind::MySql).await;
 }

@@ -14,10 +14,11 @@ use std::process::Command;
 use sqlx::{ConnectOptions, Connection};
 use stitch_server::config::Config;
 use stitch_server::state::{self, StartError};
-use stitch_store::{Store, StorePool};
 
 #[path = "../../stitch-mq/tests/support/mod.rs"]
 mod support;
+mod tls_support;
+use tls_support::connection_uses_tls;
 
 /// Written in every URL below: it must not appear in any error.
 const PASSWORD: &str = "hunter2-never-shown";
@@ -91,28 +92,6 @@ async fn opens_with_tls(url: &reqwest::Url) -> bool {
     let tls = connection_uses_tls(&store).await;
     store.close().await;
     tls
-}
-
-async fn connection_uses_tls(store: &Store) -> bool {
-    match store.pool() {
-        StorePool::Postgres(p) => {
-            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-                .fetch_one(&p)
-                .await
-                .unwrap()
-        }
-        StorePool::MySql(p) => {
-            let cipher: String = sqlx::query_scalar(
-                "SELECT CAST(VARIABLE_VALUE AS CHAR) FROM information_schema.SESSION_STATUS \
-                 WHERE VARIABLE_NAME = 'Ssl_cipher'",
-            )
-            .fetch_one(&p)
-            .await
-            .unwrap();
-            !cipher.is_empty()
-        }
-        StorePool::Sqlite(_) => false,
-    }
 }
 
 /// How many tables the PostgreSQL schema of storage `name` has.
