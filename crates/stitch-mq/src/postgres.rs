@@ -1347,57 +1347,18 @@ impl Driver for PostgresDriver {
     }
 
     async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "SELECT 1 FROM mq_partitions WHERE topic = $1 AND partition_key = $2 ORDER BY grp FOR UPDATE",
-        )
-        .bind(topic)
-        .bind(partition_key)
-        .execute(&mut *tx)
-        .await?;
-        // Delivery state is reached through the partition's messages so it
-        // needs no index beyond its primary key. Postponed → due now; in
-        // flight → marked, its postpone ends at once; delayed by
-        // `publish_after` → available now (ADR 0012).
-        let woken = sqlx::query(
-            "UPDATE mq_state SET \
-               invisible_until = CASE WHEN postponed AND invisible_until > $1 THEN $1 ELSE invisible_until END, \
-               woken = woken OR claimed \
-             WHERE grp IN (SELECT grp FROM mq_groups WHERE topic = $2) \
-             AND seq IN (SELECT seq FROM mq_messages WHERE topic = $2 AND partition_key = $3) \
-             AND NOT done AND ((postponed AND invisible_until > $1) OR (claimed AND NOT woken))",
-        )
-        .bind(now)
-        .bind(topic)
-        .bind(partition_key)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let delayed = sqlx::query(
-            "UPDATE mq_messages SET available_at = $1 \
-             WHERE topic = $2 AND partition_key = $3 AND available_at > $1",
-        )
-        .bind(now)
-        .bind(topic)
-        .bind(partition_key)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let woken = woken + delayed;
-        sqlx::query(
-            "UPDATE mq_partitions SET next_due = $1 WHERE topic = $2 AND partition_key = $3 \
-             AND next_due IS NOT NULL AND next_due > $1",
-        )
-        .bind(now)
-        .bind(topic)
-        .bind(partition_key)
-        .execute(&mut *tx)
-        .await?;
-        if woken > 0 {
-            notify(&mut tx, &self.channel, topic).await?;
-        }
-        tx.commit().await?;
-        Ok(woken)
+        // One round trip: the migration's `mq_wake` locks the partition,
+        // updates the delivery state and notifies in one implicit
+        // transaction (see its comment for why it is not sent statement by
+        // statement).
+        let woken: i64 = sqlx::query_scalar("SELECT mq_wake($1, $2, $3, $4)")
+            .bind(topic)
+            .bind(partition_key)
+            .bind(now)
+            .bind(&*self.channel)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(woken).unwrap_or(0))
     }
 
     async fn dead_letters(
