@@ -100,8 +100,8 @@ impl Metrics {
     }
 
     /// Registers the series whose label values are known from the
-    /// configuration: per-queue histograms, stage outcomes, the configured
-    /// providers' rate-limit pauses and webhook outcomes.
+    /// configuration: per-queue histograms, stage and retention outcomes,
+    /// the configured providers' rate-limit pauses and webhook outcomes.
     fn start_at_zero(&self, state: &AppState) {
         self.with(|| {
             for stage in ["trigger", "signal"] {
@@ -109,6 +109,19 @@ impl Metrics {
                     metrics::counter!(metric::STAGE_OUTCOMES, "stage" => stage, "outcome" => outcome)
                         .absolute(0);
                 }
+            }
+            for outcome in ["ran", "lease_held", "failed"] {
+                metrics::counter!(metric::RETENTION_PASSES, "outcome" => outcome).absolute(0);
+            }
+            for kind in [
+                "builds",
+                "events",
+                "log_lines",
+                "queue_messages",
+                "dead_letters",
+                "local_states",
+            ] {
+                metrics::counter!(metric::RETENTION_PRUNED, "kind" => kind).absolute(0);
             }
             let mut providers = std::collections::BTreeSet::new();
             for q in state.build_queues() {
