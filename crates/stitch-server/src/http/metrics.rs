@@ -1,4 +1,8 @@
-//! Prometheus metrics for the HTTP layer.
+//! The Prometheus recorder behind `/metrics`, and the metrics of the HTTP
+//! layer. Which metrics exist (names, help, buckets) is
+//! `stitch_core::metric`; this module describes them all, gives each
+//! histogram its buckets, starts the configuration's series at zero and
+//! reads the database-backed gauges when scraped.
 //!
 //! Each router builds its own Prometheus recorder. The first one in the
 //! process also becomes the global `metrics` recorder, so metrics that
