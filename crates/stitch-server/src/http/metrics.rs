@@ -40,6 +40,12 @@ pub(crate) const STREAMS: &str = metric::HTTP_STREAMS;
 /// so hammering `/metrics` cannot turn into a query storm.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a scrape waits for the database-backed gauges: past it the
+/// scrape answers with the last values, so a database outage shows as
+/// stale gauges (and `/readyz` failing), not as a server that stopped
+/// answering `/metrics`.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One router's metrics: where they are recorded and how they render.
 #[derive(Clone)]
 pub(crate) struct Metrics {
@@ -166,9 +172,18 @@ impl Metrics {
     /// once per [`REFRESH_EVERY`]. Three cheap reads per scrape (the open
     /// builds' grouped count on its index, one count per topic) instead of
     /// keeping counters right across processes sharing the database: every
-    /// server reports the same database-wide values. A failed read keeps
-    /// the last values and is logged.
+    /// server reports the same database-wide values. A failed read, or one
+    /// slower than [`REFRESH_TIMEOUT`], keeps the last values and is logged.
     pub(crate) async fn refresh(&self, state: &AppState) {
+        if tokio::time::timeout(REFRESH_TIMEOUT, self.read_gauges(state))
+            .await
+            .is_err()
+        {
+            tracing::warn!("metrics: the database did not answer in time; serving the last values");
+        }
+    }
+
+    async fn read_gauges(&self, state: &AppState) {
         let mut last = self.refreshed.lock().await;
         if last.is_some_and(|at| at.elapsed() < REFRESH_EVERY) {
             return;
