@@ -173,6 +173,33 @@ fn rule_exprs(doc: &Yaml) -> Vec<String> {
     exprs
 }
 
+/// Whether `expr`'s brackets pair up outside its string literals: a
+/// sanity check, since no PromQL parser is among the dependencies
+/// (`promtool check rules deploy/prometheus/alerts.yml` is the full one).
+fn balanced(expr: &str) -> bool {
+    let mut open = Vec::new();
+    let mut quoted = false;
+    for c in expr.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            _ if quoted => {}
+            '(' | '[' | '{' => open.push(c),
+            ')' | ']' | '}' => {
+                let want = match c {
+                    ')' => '(',
+                    ']' => '[',
+                    _ => '{',
+                };
+                if open.pop() != Some(want) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    open.is_empty() && !quoted
+}
+
 /// The `stitch_*` names the deploy files use, by file.
 fn deploy_names() -> BTreeMap<&'static str, BTreeSet<String>> {
     let dashboard: serde_json::Value =
@@ -182,6 +209,15 @@ fn deploy_names() -> BTreeMap<&'static str, BTreeSet<String>> {
     let alerts = YamlLoader::load_from_str(&read("deploy/prometheus/alerts.yml")).expect("YAML");
     let exprs = rule_exprs(&alerts[0]);
     assert!(exprs.len() >= 6, "{exprs:?}");
+    let queries = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string));
+    for expr in exprs.iter().cloned().chain(queries) {
+        assert!(balanced(&expr), "unbalanced: {expr}");
+    }
     BTreeMap::from([
         (
             "deploy/grafana/stitch.json",
