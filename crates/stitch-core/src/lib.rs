@@ -6,6 +6,7 @@
 //! - [`runner`]: the `BuildRunner` trait and the values crossing it.
 //! - [`log`]: `LogLine`, byte-compatible with Tangled's spindle frames.
 //! - [`error`]: `RunnerError` and its retry classification.
+//! - [`metric`]: the Prometheus metrics stitch exports, listed once.
 #![forbid(unsafe_code)]
 
 pub mod build;
@@ -13,6 +14,7 @@ pub mod changes;
 pub mod error;
 pub mod log;
 pub mod metadata;
+pub mod metric;
 pub mod runner;
 pub mod validation;
 

@@ -28,6 +28,7 @@ pub mod fake;
 pub mod github;
 pub mod http_budget;
 pub mod http_error;
+mod http_metrics;
 pub mod http_retry;
 pub mod http_util;
 pub mod local;

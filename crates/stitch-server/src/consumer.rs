@@ -185,7 +185,7 @@ pub async fn run_stage(
 }
 
 fn count(stage: &str, outcome: &'static str) {
-    metrics::counter!("stitch_stage_outcomes_total", "stage" => stage.to_string(), "outcome" => outcome).increment(1);
+    metrics::counter!(stitch_core::metric::STAGE_OUTCOMES, "stage" => stage.to_string(), "outcome" => outcome).increment(1);
 }
 
 /// Processes one delivery and applies its outcome, inside a span

@@ -51,13 +51,13 @@ const VACUUM_KEEP_FREE: u64 = 2048;
 pub mod metric {
     /// Rows (or directories) deleted, by `kind`: `builds`, `events`,
     /// `log_lines`, `queue_messages`, `dead_letters`, `local_states`.
-    pub const PRUNED: &str = "stitch_retention_pruned_total";
+    pub const PRUNED: &str = stitch_core::metric::RETENTION_PRUNED;
     /// Passes by `outcome`: `ran`, `lease_held`, `failed`.
-    pub const PASSES: &str = "stitch_retention_passes_total";
+    pub const PASSES: &str = stitch_core::metric::RETENTION_PASSES;
     /// The oldest event still stored (the log's next seq when it is empty).
-    pub const OLDEST_EVENT_SEQ: &str = "stitch_events_oldest_retained_seq";
+    pub const OLDEST_EVENT_SEQ: &str = stitch_core::metric::EVENTS_OLDEST_RETAINED_SEQ;
     /// The database's size in bytes, where the backend can tell it.
-    pub const DATABASE_BYTES: &str = "stitch_database_size_bytes";
+    pub const DATABASE_BYTES: &str = stitch_core::metric::DATABASE_SIZE;
 }
 
 /// Why a pass failed.

@@ -413,5 +413,5 @@ fn run_server_jobs(
 }
 
 fn metrics_batch(size: usize) {
-    metrics::histogram!("stitch_store_group_commit_jobs").record(size as f64);
+    metrics::histogram!(stitch_core::metric::STORE_GROUP_COMMIT_JOBS).record(size as f64);
 }

@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use super::error::{api_error, rate_limit_reset, BuildkiteError};
 use super::model::{Build, CreateBuild};
 use crate::http_budget::{Priority, RequestBudget};
+use crate::http_metrics;
 use crate::http_retry::RetryPolicy;
 use crate::http_util::{next_link, transport_message};
 
@@ -178,7 +179,7 @@ impl Client {
     ) -> Result<Build, BuildkiteError> {
         let url = self.builds_url(p, &[])?;
         let resp = self
-            .send(Safety::Create, || {
+            .send("create_build", Safety::Create, || {
                 self.http.request(Method::POST, url.clone()).json(body)
             })
             .await?;
@@ -189,7 +190,9 @@ impl Client {
     pub async fn get_build(&self, p: &Pipeline, number: u64) -> Result<Build, BuildkiteError> {
         let url = self.builds_url(p, &[&number.to_string()])?;
         let resp = self
-            .send(Safety::Safe, || self.http.request(Method::GET, url.clone()))
+            .send("get_build", Safety::Safe, || {
+                self.http.request(Method::GET, url.clone())
+            })
             .await?;
         decode(resp).await
     }
@@ -229,7 +232,7 @@ impl Client {
         for _ in 0..MAX_PAGES {
             let Some(page) = next.take() else { break };
             let resp = self
-                .send(Safety::Safe, || {
+                .send("list_builds", Safety::Safe, || {
                     self.http.request(Method::GET, page.clone())
                 })
                 .await?;
@@ -262,7 +265,9 @@ impl Client {
     pub async fn cancel_build(&self, p: &Pipeline, number: u64) -> Result<Build, BuildkiteError> {
         let url = self.builds_url(p, &[&number.to_string(), "cancel"])?;
         let resp = self
-            .send(Safety::Safe, || self.http.request(Method::PUT, url.clone()))
+            .send("cancel_build", Safety::Safe, || {
+                self.http.request(Method::PUT, url.clone())
+            })
             .await?;
         decode(resp).await
     }
@@ -329,7 +334,7 @@ impl Client {
     /// further than the absolute offset `until`.
     async fn log_tail(&self, url: &Url, suffix: u64, until: u64) -> Result<Tail, BuildkiteError> {
         let mut resp = self
-            .send(Safety::Safe, || {
+            .send("job_log", Safety::Safe, || {
                 self.http
                     .request(Method::GET, url.clone())
                     .header(ACCEPT, "text/plain")
@@ -385,9 +390,11 @@ impl Client {
         })
     }
 
-    /// Sends with the budget, the retry policy and the 429 handling.
+    /// Sends with the budget, the retry policy and the 429 handling; each
+    /// attempt is counted under `operation` (a constant naming the call).
     async fn send(
         &self,
+        operation: &'static str,
         safety: Safety,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BuildkiteError> {
@@ -395,9 +402,14 @@ impl Client {
         loop {
             attempt += 1;
             self.budget.acquire(self.priority).await;
+            let timing = http_metrics::Attempt::start(http_metrics::BUILDKITE, operation);
             let resp = match request().send().await {
-                Ok(resp) => resp,
+                Ok(resp) => {
+                    timing.answered(resp.status().as_u16());
+                    resp
+                }
                 Err(e) => {
+                    timing.failed();
                     let err = BuildkiteError::transport(&e);
                     let repeatable = safety == Safety::Safe || !err.outcome_unknown();
                     if repeatable && self.retry.may_retry(attempt) {
@@ -408,6 +420,11 @@ impl Client {
                 }
             };
             let status = resp.status();
+            http_metrics::note_remaining(
+                http_metrics::BUILDKITE,
+                resp.headers(),
+                "ratelimit-remaining",
+            );
             if status.is_success() {
                 return Ok(resp);
             }
@@ -419,6 +436,7 @@ impl Client {
                 let reset = reset.unwrap_or_else(|| self.retry.backoff(attempt));
                 if let Some(wait) = self.retry.rate_limit_wait(reset) {
                     self.budget.pause_for(wait);
+                    http_metrics::rate_limit_pause(http_metrics::BUILDKITE);
                     if self.retry.may_retry(attempt) {
                         continue;
                     }

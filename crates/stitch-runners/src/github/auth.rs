@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::error::{api_error, GithubError};
 use super::model::InstallationToken;
 use super::model::{API_VERSION_HEADER, MEDIA_TYPE};
+use crate::http_metrics;
 use crate::http_util::{join_segments, transport_message};
 
 /// The longest refresh margin before an installation token expires.
@@ -187,6 +188,7 @@ impl AppTokens {
 
     async fn mint(&self) -> Result<Cached, GithubError> {
         let jwt = self.jwt()?;
+        let timing = http_metrics::Attempt::start(http_metrics::GITHUB, "mint_token");
         let resp = self
             .http
             .post(self.mint_url.clone())
@@ -194,11 +196,15 @@ impl AppTokens {
             .header(ACCEPT, MEDIA_TYPE)
             .header(API_VERSION_HEADER, &self.api_version)
             .send()
-            .await
-            .map_err(|e| GithubError::Transport {
-                message: format!("minting an installation token: {}", transport_message(&e)),
-                maybe_processed: !e.is_connect(),
-            })?;
+            .await;
+        match &resp {
+            Ok(r) => timing.answered(r.status().as_u16()),
+            Err(_) => timing.failed(),
+        }
+        let resp = resp.map_err(|e| GithubError::Transport {
+            message: format!("minting an installation token: {}", transport_message(&e)),
+            maybe_processed: !e.is_connect(),
+        })?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.text().await.unwrap_or_default();

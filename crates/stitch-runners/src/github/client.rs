@@ -40,6 +40,7 @@ use super::model::{
     DispatchBody, DispatchResponse, Job, JobList, Run, RunList, API_VERSION_HEADER, MEDIA_TYPE,
 };
 use crate::http_budget::{Priority, RequestBudget};
+use crate::http_metrics;
 use crate::http_retry::RetryPolicy;
 use crate::http_util::{join_segments, next_link, parse_api_root, same_origin, transport_message};
 
@@ -188,7 +189,7 @@ impl Client {
     ) -> Result<Option<DispatchResponse>, GithubError> {
         let url = self.repo_url(repo, &["workflows", workflow, "dispatches"])?;
         let answer = self
-            .send(Method::POST, &url, Some(body), Safety::Dispatch)
+            .send("dispatch", Method::POST, &url, Some(body), Safety::Dispatch)
             .await?;
         if answer.status == StatusCode::NO_CONTENT || answer.body.is_empty() {
             return Ok(None);
@@ -200,7 +201,7 @@ impl Client {
     pub async fn get_run(&self, repo: &Repo, run_id: u64) -> Result<Run, GithubError> {
         let url = self.repo_url(repo, &["runs", &run_id.to_string()])?;
         let answer = self
-            .send::<()>(Method::GET, &url, None, Safety::Safe)
+            .send::<()>("get_run", Method::GET, &url, None, Safety::Safe)
             .await?;
         decode(&answer)
     }
@@ -239,7 +240,7 @@ impl Client {
         for _ in 0..MAX_PAGES {
             let Some(page) = next.take() else { break };
             let answer = self
-                .send::<()>(Method::GET, &page, None, Safety::Safe)
+                .send::<()>("list_runs", Method::GET, &page, None, Safety::Safe)
                 .await?;
             next = match answer.headers.get(LINK).and_then(|v| v.to_str().ok()) {
                 Some(link) => next_link(link).map(|u| self.same_origin(&u)).transpose()?,
@@ -266,7 +267,7 @@ impl Client {
     /// completed answers 409 ([`GithubError::is_conflict`]).
     pub async fn cancel_run(&self, repo: &Repo, run_id: u64) -> Result<(), GithubError> {
         let url = self.repo_url(repo, &["runs", &run_id.to_string(), "cancel"])?;
-        self.send::<()>(Method::POST, &url, None, Safety::Safe)
+        self.send::<()>("cancel_run", Method::POST, &url, None, Safety::Safe)
             .await
             .map(|_| ())
     }
@@ -283,7 +284,7 @@ impl Client {
         for _ in 0..MAX_PAGES {
             let Some(page) = next.take() else { break };
             let answer = self
-                .send::<()>(Method::GET, &page, None, Safety::Safe)
+                .send::<()>("list_jobs", Method::GET, &page, None, Safety::Safe)
                 .await?;
             next = match answer.headers.get(LINK).and_then(|v| v.to_str().ok()) {
                 Some(link) => next_link(link).map(|u| self.same_origin(&u)).transpose()?,
@@ -300,7 +301,7 @@ impl Client {
     pub async fn job_log(&self, repo: &Repo, job_id: u64) -> Result<String, GithubError> {
         let url = self.repo_url(repo, &["jobs", &job_id.to_string(), "logs"])?;
         let answer = self
-            .send::<()>(Method::GET, &url, None, Safety::Safe)
+            .send::<()>("job_log", Method::GET, &url, None, Safety::Safe)
             .await?;
         Ok(String::from_utf8_lossy(&answer.body).into_owned())
     }
@@ -325,9 +326,11 @@ impl Client {
     }
 
     /// Sends with the budget, the credentials, the retry policy, the
-    /// rate-limit handling and (GETs) conditional requests.
+    /// rate-limit handling and (GETs) conditional requests; each attempt is
+    /// counted under `operation` (a constant naming the call).
     async fn send<B: serde::Serialize>(
         &self,
+        operation: &'static str,
         method: Method,
         url: &Url,
         body: Option<&B>,
@@ -353,9 +356,14 @@ impl Client {
             if let Some(b) = body {
                 req = req.json(b);
             }
+            let timing = http_metrics::Attempt::start(http_metrics::GITHUB, operation);
             let resp = match req.send().await {
-                Ok(resp) => resp,
+                Ok(resp) => {
+                    timing.answered(resp.status().as_u16());
+                    resp
+                }
                 Err(e) => {
+                    timing.failed();
                     let err = GithubError::transport(&e);
                     let repeatable = safety == Safety::Safe || !err.outcome_unknown();
                     if repeatable && self.retry.may_retry(attempt) {
@@ -426,6 +434,7 @@ impl Client {
                 let wait = retry_after.unwrap_or(SECONDARY_LIMIT_WAIT);
                 if let Some(wait) = self.retry.rate_limit_wait(wait) {
                     self.budget.pause_for(wait);
+                    http_metrics::rate_limit_pause(http_metrics::GITHUB);
                     if self.retry.may_retry(attempt) {
                         continue;
                     }
@@ -442,12 +451,14 @@ impl Client {
 
     /// A success that spent the quota pauses the budget until the reset.
     fn note_quota(&self, headers: &HeaderMap) {
+        http_metrics::note_remaining(http_metrics::GITHUB, headers, "x-ratelimit-remaining");
         if header_u64(headers, "x-ratelimit-remaining") != Some(0) {
             return;
         }
         if let Some(reset) = until_reset(headers) {
             if let Some(wait) = self.retry.rate_limit_wait(reset) {
                 self.budget.pause_for(wait);
+                http_metrics::rate_limit_pause(http_metrics::GITHUB);
             }
         }
     }

@@ -100,10 +100,11 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
     let max_body = state.config().api.max_body_bytes;
     let queues: Vec<String> = state.build_queues().map(|q| q.name.clone()).collect();
     let openapi = openapi::document(!tokens.is_empty(), &queues);
+    let metrics = metrics::Metrics::install(&state);
     let ctx = Ctx {
         state,
         options: Arc::new(options),
-        metrics: metrics::Metrics::install(),
+        metrics,
         openapi: Arc::new(openapi),
         queue_list: Arc::default(),
     };

@@ -70,6 +70,7 @@ fn not_ready(message: &str) -> Response {
     )
 )]
 pub(crate) async fn metrics(State(ctx): State<Ctx>) -> Response {
+    ctx.metrics.refresh(&ctx.state).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -28,7 +28,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
 use stitch_api::{ErrorBody, WebhookOutcome};
-use stitch_core::BuildId;
+use stitch_core::{metric, BuildId};
 use stitch_runners::buildkite::META_BUILD_ID;
 use stitch_runners::github::webhook as gh;
 
@@ -133,6 +133,43 @@ pub(crate) async fn buildkite(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WebhookOutcome>, ApiError> {
+    let answer = receive_buildkite(&ctx, headers, body).await;
+    count_delivery(&ctx, "buildkite", &answer);
+    answer
+}
+
+/// Counts a delivery in `stitch_webhook_deliveries_total` by what it came
+/// to; the outcome names are a fixed set ([`metric::WEBHOOK_OUTCOME_VALUES`]).
+fn count_delivery(
+    ctx: &Ctx,
+    provider: &'static str,
+    answer: &Result<Json<WebhookOutcome>, ApiError>,
+) {
+    let outcome = match answer {
+        Ok(o) => match o.outcome.as_str() {
+            "woken" => "woken",
+            "duplicate" => "duplicate",
+            _ => "ignored",
+        },
+        Err(e) => match e.code {
+            "invalid_webhook" => "bad_signature",
+            "malformed_json" | "invalid_request" => "malformed",
+            "body_too_large" => "too_large",
+            "webhooks_not_configured" => "not_configured",
+            _ => "failed",
+        },
+    };
+    ctx.metrics.with(|| {
+        metrics::counter!(metric::WEBHOOK_DELIVERIES, "provider" => provider, "outcome" => outcome)
+            .increment(1);
+    });
+}
+
+async fn receive_buildkite(
+    ctx: &Ctx,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<WebhookOutcome>, ApiError> {
     let hooks = ctx.state.buildkite_webhooks();
     if hooks.is_empty() {
         return Err(ApiError::new(
@@ -204,6 +241,16 @@ pub(crate) async fn buildkite(
 )]
 pub(crate) async fn github(
     State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<WebhookOutcome>, ApiError> {
+    let answer = receive_github(&ctx, headers, body).await;
+    count_delivery(&ctx, "github", &answer);
+    answer
+}
+
+async fn receive_github(
+    ctx: &Ctx,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WebhookOutcome>, ApiError> {

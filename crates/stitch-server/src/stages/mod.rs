@@ -6,6 +6,7 @@ mod trigger;
 
 use std::sync::Arc;
 
+use stitch_core::metric;
 use stitch_core::{BuildHandle, BuildId, BuildStatus};
 use stitch_mq::{Delivery, SubscriptionConfig};
 use stitch_store::Build;
@@ -20,6 +21,11 @@ use crate::consumer::{run_stage, DeliverySubject, RetryBudget, Stage, StageError
 use crate::runners::QueueRuntime;
 use crate::service::BuildMessage;
 use crate::state::AppState;
+
+/// The trigger stage's consumer group on the `trigger` topic.
+pub const TRIGGER_GROUP: &str = "trigger-stage";
+/// The signal stage's consumer group on the `signal` topic.
+pub const SIGNAL_GROUP: &str = "signal-stage";
 
 /// Starts both stages; they stop (finishing in-flight work) on `shutdown`.
 pub fn start(state: &AppState, shutdown: CancellationToken) -> Vec<JoinHandle<()>> {
@@ -145,23 +151,54 @@ fn runtime_of<'a>(state: &'a AppState, build: &Build) -> Result<&'a QueueRuntime
     })
 }
 
-/// Records a status change with its event (the store's commit wakes the
-/// event streams). A build that became terminal meanwhile (a deadline, a
-/// cancel) is left as it is.
+/// Records a status change of `build` (as read before the change) with its
+/// event (the store's commit wakes the event streams), and observes the
+/// build's queue time or duration when the change starts or ends it. A
+/// build that became terminal meanwhile (a deadline, a cancel) is left as
+/// it is.
 async fn record_status(
     state: &AppState,
-    id: &BuildId,
+    build: &Build,
     status: BuildStatus,
     runner_metadata: &stitch_store::Metadata,
     reason: Option<&str>,
 ) -> Result<(), StageError> {
     match state
         .store()
-        .record_status(id, None, status, runner_metadata, reason)
+        .record_status(&build.id, None, status, runner_metadata, reason)
         .await
     {
-        Ok(_) | Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
+        Ok(true) => {
+            observe_transition(build, status);
+            Ok(())
+        }
+        Ok(false) | Err(stitch_store::StoreError::InvalidTransition { .. }) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `stitch_build_queued_seconds` when `build` starts running for the
+/// first time, `stitch_build_duration_seconds` when it ends: both from its
+/// acceptance, labelled with its (configured, so bounded) queue.
+fn observe_transition(build: &Build, status: BuildStatus) {
+    if status == build.status {
+        return;
+    }
+    let since_accept = (chrono::Utc::now() - build.created_at)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64();
+    if status == BuildStatus::Running && build.started_at.is_none() {
+        metrics::histogram!(metric::BUILD_QUEUED, "queue" => build.queue.clone())
+            .record(since_accept);
+    }
+    if status.is_terminal() {
+        metrics::histogram!(
+            metric::BUILD_DURATION,
+            "queue" => build.queue.clone(),
+            "outcome" => status.as_str()
+        )
+        .record(since_accept);
     }
 }
 
@@ -178,7 +215,7 @@ async fn fail_build(state: &AppState, id: &BuildId, reason: &str) -> Result<(), 
     }
     let mut meta = stitch_store::Metadata::new();
     meta.insert("error".into(), reason.to_string());
-    record_status(state, id, BuildStatus::Failed, &meta, Some(reason)).await?;
+    record_status(state, &build, BuildStatus::Failed, &meta, Some(reason)).await?;
     tracing::info!(build_id = %id, status = %BuildStatus::Failed, reason, "build status changed");
     Ok(())
 }

@@ -3,13 +3,16 @@
 //! a requested cancel (level-triggered), enforces the queue's deadlines and
 //! holds the message for the status's poll delay until the build is terminal.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
 use stitch_core::metadata::keys;
+use stitch_core::metric;
 use stitch_core::{BuildStatus, RunnerError, StatusReport};
-use stitch_mq::{Delivery, SubscriptionConfig};
+use stitch_mq::{now_millis, Delivery, Millis, SubscriptionConfig};
 use stitch_store::Build;
 
 use super::{
@@ -23,15 +26,48 @@ use crate::state::{topics, AppState};
 /// While a cancel is pending, poll this often to confirm it.
 const CANCEL_CONFIRM_POLL: Duration = Duration::from_millis(500);
 
+/// Held polls remembered for [`POLL_LAG`](metric::POLL_LAG) before the
+/// ones long overdue are forgotten: a build whose partition another process
+/// took over never comes back here to clear its entry.
+const MAX_EXPECTED_POLLS: usize = 50_000;
+/// How overdue an expected poll may get before a full map forgets it.
+const FORGET_AFTER_MS: Millis = 10 * 60 * 1000;
+
 /// Consumer of `signal`.
 pub struct SignalStage {
     state: AppState,
+    /// When each build's next poll is due (epoch ms), by build id: set when
+    /// this process holds a build's message for its poll delay, taken when
+    /// the message comes back. The difference is the poll's lateness.
+    expected: Mutex<HashMap<String, Millis>>,
 }
 
 impl SignalStage {
     /// The stage over the service's state.
     pub fn new(state: AppState) -> Self {
-        Self { state }
+        Self {
+            state,
+            expected: Mutex::default(),
+        }
+    }
+
+    /// The due time of this delivery's poll, if this process held it.
+    fn take_expected(&self, partition: &str) -> Option<Millis> {
+        // A poisoned lock only means another poll panicked between two map
+        // operations; the map is still usable.
+        let mut expected = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        expected.remove(partition)
+    }
+
+    /// Remembers that `partition`'s next poll is due `delay` from now.
+    fn expect_poll(&self, partition: &str, delay: Duration) {
+        let now = now_millis();
+        let due = now.saturating_add(Millis::try_from(delay.as_millis()).unwrap_or(Millis::MAX));
+        let mut expected = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        if expected.len() >= MAX_EXPECTED_POLLS {
+            expected.retain(|_, due| *due > now - FORGET_AFTER_MS);
+        }
+        expected.insert(partition.to_string(), due);
     }
 
     async fn record(
@@ -52,7 +88,7 @@ impl SignalStage {
         }
         record_status(
             &self.state,
-            &build.id,
+            build,
             report.status,
             report.metadata.as_map(),
             reason,
@@ -146,7 +182,7 @@ impl Stage for SignalStage {
     }
 
     fn subscription(&self) -> SubscriptionConfig {
-        subscription(&self.state.config().cluster, "signal-stage")
+        subscription(&self.state.config().cluster, super::SIGNAL_GROUP)
     }
 
     fn subject(&self, delivery: &Delivery) -> Option<DeliverySubject> {
@@ -158,9 +194,19 @@ impl Stage for SignalStage {
     }
 
     async fn process(&self, delivery: &Delivery) -> Result<StageOutcome, StageError> {
+        let expected = self.take_expected(delivery.partition_key());
         let Some(build) = live_build(&self.state, delivery).await? else {
             return Ok(StageOutcome::Done);
         };
+        // Only a poll that ran after its due time is late; one a wake
+        // brought forward (a webhook, a cancel) is not measured.
+        if let Some(late) = expected
+            .map(|due| delivery.received_at() - due)
+            .filter(|late| *late >= 0)
+        {
+            metrics::histogram!(metric::POLL_LAG, "queue" => build.queue.clone())
+                .record(late as f64 / 1000.0);
+        }
         let runtime = runtime_of(&self.state, &build)?;
         if let Some(reason) = deadline_reason(runtime, &build) {
             return self.expire(runtime, &build, reason).await;
@@ -208,6 +254,7 @@ impl Stage for SignalStage {
         } else {
             runtime.poll_delay(report.status)
         };
+        self.expect_poll(delivery.partition_key(), delay);
         Ok(StageOutcome::Hold(delay))
     }
 

@@ -38,7 +38,7 @@ impl Stage for TriggerStage {
     }
 
     fn subscription(&self) -> SubscriptionConfig {
-        subscription(&self.state.config().cluster, "trigger-stage")
+        subscription(&self.state.config().cluster, super::TRIGGER_GROUP)
     }
 
     fn subject(&self, delivery: &Delivery) -> Option<DeliverySubject> {
@@ -58,7 +58,7 @@ impl Stage for TriggerStage {
             let reason = "cancelled before the build was triggered";
             record_status(
                 &self.state,
-                &build.id,
+                &build,
                 BuildStatus::Cancelled,
                 &Default::default(),
                 Some(reason),
