@@ -21,8 +21,9 @@ use crate::state::{topics, AppState};
 
 /// The lease row the pruners of processes sharing a database take turns on.
 pub const LEASE: &str = "retention";
-/// How long a pass holds the lease without renewing it; renewed after every
-/// batch, so only a pass whose process died leaves it to expire.
+/// How long a pass holds the lease without renewing it; renewed between
+/// batches once a tenth of it has passed, so only a pass whose process died
+/// leaves it to expire.
 const LEASE_TTL: Duration = Duration::from_secs(300);
 /// Rows per transaction: the most, the least, and where a pass starts.
 const MAX_BATCH: u32 = 500;
@@ -249,11 +250,25 @@ impl Pruner {
 
     async fn prune_holding_lease(&self, now_ms: i64, ttl: i64) -> Result<PassReport, PruneError> {
         let started = Instant::now();
-        // Renews the lease between batches, at the pass's own clock.
+        let renewed = std::sync::Mutex::new(started);
+        // Renews the lease between batches, at the pass's own clock, once a
+        // tenth of its lifetime has passed since the last renewal: a renewal
+        // is a write transaction creates would wait behind, and a pass of a
+        // few batches needs none.
         let renew = || async {
+            let due = renewed
+                .lock()
+                .map(|at| at.elapsed() >= LEASE_TTL / 10)
+                .unwrap_or(true);
+            if !due {
+                return Ok(());
+            }
             let now = now_ms
                 .saturating_add(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX));
             if self.store.try_lease(LEASE, &self.owner, now, ttl).await? {
+                if let Ok(mut at) = renewed.lock() {
+                    *at = Instant::now();
+                }
                 Ok(())
             } else {
                 Err(PruneError::LeaseLost(

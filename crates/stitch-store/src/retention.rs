@@ -200,6 +200,35 @@ async fn read_int(pool: &StorePool, sql: &str, args: &[Arg<'_>]) -> Result<Optio
     })
 }
 
+/// Build ids of a one-column text query, read on the pool (no write lock).
+async fn read_ids(pool: &StorePool, sql: &str, args: &[Arg<'_>]) -> Result<Vec<String>> {
+    Ok(match pool {
+        StorePool::Sqlite(p) => {
+            bind_all!(sqlx::query_scalar::<_, String>(sql), args)
+                .fetch_all(p)
+                .await?
+        }
+        StorePool::Postgres(p) => {
+            let sql = numbered(sql);
+            bind_all!(sqlx::query_scalar::<_, String>(&sql), args)
+                .fetch_all(p)
+                .await?
+        }
+        // MySQL reports binary-collated text as binary (see `rows`).
+        StorePool::MySql(p) => bind_all!(sqlx::query_scalar::<_, Vec<u8>>(sql), args)
+            .fetch_all(p)
+            .await?
+            .into_iter()
+            .map(|raw| {
+                String::from_utf8(raw).map_err(|e| StoreError::Corrupt {
+                    what: "a text column".into(),
+                    detail: e.to_string(),
+                })
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
 /// What one call of [`Store::prune_builds`] deleted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct BuildsPruned {
@@ -256,6 +285,17 @@ impl Store {
     /// order). Returns how many; less than `limit` means done.
     pub async fn prune_events(&self, before: i64, limit: u32) -> Result<u64> {
         let limit = limit.max(1);
+        // Nothing old enough (the usual case once a pass has run): answer
+        // from a read, without taking the write lock creates wait on.
+        let oldest_at = read_int(
+            &self.pool(),
+            "SELECT (SELECT at FROM events ORDER BY seq LIMIT 1)",
+            &[],
+        )
+        .await?;
+        if !oldest_at.is_some_and(|at| at < before) {
+            return Ok(0);
+        }
         let mut tx = self.begin().await?;
         let head = tx_ints(
             &mut tx,
@@ -307,9 +347,11 @@ impl Store {
     ) -> Result<BuildsPruned> {
         let limit = limit.max(1);
         let mut out = BuildsPruned::default();
-        let mut tx = self.begin().await?;
-        let ids = tx_ids(
-            &mut tx,
+        // What to delete is read on the pool: the write transactions below
+        // re-check it, and a pass that finds nothing takes no write lock.
+        let pool = self.pool();
+        let ids = read_ids(
+            &pool,
             &format!(
                 "SELECT id FROM builds WHERE {TERMINAL_FINISHED_BEFORE} ORDER BY finished_at, id LIMIT ?"
             ),
@@ -321,23 +363,29 @@ impl Store {
         }
         let in_ids = placeholders(ids.len());
         let id_args: Vec<Arg<'_>> = ids.iter().map(|s| Arg::Text(s)).collect();
-        let last_event = tx_ints(
-            &mut tx,
+        let last_event = read_int(
+            &pool,
             &format!("SELECT MAX(seq) FROM events WHERE build_id IN ({in_ids})"),
             &id_args,
         )
         .await?
-        .first()
-        .map(|(seq, _)| *seq)
         .unwrap_or(0);
-        tx.rollback().await?;
 
-        // The log's oldest part, up to the builds' last event.
+        // The log's oldest part, up to the builds' last event, and the
+        // builds' log lines: in chunks of `limit` rows while there are more
+        // than that; a remainder of at most `limit` goes with the builds
+        // in the last transaction (one write transaction per batch in the
+        // steady state, where creates wait behind each).
         let delete_events = match self.backend() {
             BackendKind::MySql => "DELETE FROM events WHERE seq <= ? ORDER BY seq LIMIT ?",
             _ => "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= ? ORDER BY seq LIMIT ?)",
         };
-        loop {
+        let count_events = "SELECT COUNT(*) FROM events WHERE seq <= ?";
+        while read_int(&pool, count_events, &[Arg::Int(last_event)])
+            .await?
+            .unwrap_or(0)
+            > i64::from(limit)
+        {
             let mut tx = self.begin().await?;
             let n = tx_execute(
                 &mut tx,
@@ -347,7 +395,7 @@ impl Store {
             .await?;
             tx.commit().await?;
             out.events += n;
-            if n < u64::from(limit) {
+            if n == 0 {
                 break;
             }
         }
@@ -365,14 +413,15 @@ impl Store {
                  (SELECT ctid FROM log_lines WHERE build_id IN ({in_ids}) LIMIT ?)"
             ),
         };
+        let count_lines = format!("SELECT COUNT(*) FROM log_lines WHERE build_id IN ({in_ids})");
         let mut line_args = id_args.clone();
         line_args.push(Arg::Int(i64::from(limit)));
-        loop {
+        while read_int(&pool, &count_lines, &id_args).await?.unwrap_or(0) > i64::from(limit) {
             let mut tx = self.begin().await?;
             let n = tx_execute(&mut tx, &delete_lines, &line_args).await?;
             tx.commit().await?;
             out.log_lines += n;
-            if n < u64::from(limit) {
+            if n == 0 {
                 break;
             }
         }
@@ -380,6 +429,15 @@ impl Store {
         // The builds: still terminal long enough (always, once terminal),
         // and without events left (one appended since the read above).
         let mut tx = self.begin().await?;
+        // What is left of the log up to the builds' last event (at most
+        // `limit` rows after the chunks above, and events are only ever
+        // appended after it).
+        out.events += tx_execute(
+            &mut tx,
+            "DELETE FROM events WHERE seq <= ?",
+            &[Arg::Int(last_event)],
+        )
+        .await?;
         let mut args = id_args.clone();
         args.push(Arg::Int(finished_before));
         let doomed = tx_ids(
@@ -392,7 +450,9 @@ impl Store {
         )
         .await?;
         if doomed.is_empty() {
-            tx.rollback().await?;
+            // The events deleted above are older than a pruned build's and
+            // prunable anyway; keep them deleted.
+            tx.commit().await?;
             return Ok(out);
         }
         let in_doomed = placeholders(doomed.len());
