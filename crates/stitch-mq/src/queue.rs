@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,9 @@ struct Shared {
     wakers: Mutex<HashMap<String, Vec<Weak<Notify>>>>,
     outcomes: mpsc::UnboundedSender<OutcomeRequest>,
     shutdown: CancellationToken,
+    /// Claim passes completed by this queue's subscriptions (a sync point,
+    /// see [`Admin::claim_passes`]).
+    claim_passes: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -97,6 +100,7 @@ impl Queue {
             wakers: Mutex::new(HashMap::new()),
             outcomes: tx,
             shutdown: CancellationToken::new(),
+            claim_passes: watch::Sender::new(0),
         });
         tokio::spawn(outcome_writer(shared.driver.clone(), rx));
         if let Some(wakeups) = shared.driver.wakeups() {
@@ -434,6 +438,7 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                             return;
                         }
                     }
+                    sub.queue.claim_passes.send_modify(|n| *n += 1);
                     if full {
                         continue;
                     }
@@ -450,7 +455,10 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                         wait_until = wait_until.min(due);
                     }
                 }
-                Err(e) => tracing::warn!(topic = %sub.topic, error = %e, "claim failed"),
+                Err(e) => {
+                    tracing::warn!(topic = %sub.topic, error = %e, "claim failed");
+                    sub.queue.claim_passes.send_modify(|n| *n += 1);
+                }
             }
         }
         let wait = Duration::from_millis(wait_until.saturating_sub(now_millis()).max(0) as u64);
@@ -658,6 +666,17 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The number of claim passes this queue's subscriptions have completed,
+    /// watched. A pass counts once its deliveries are handed to their
+    /// subscription (a failed claim counts too). A pass that starts after an
+    /// outcome is written acts on it (moves the cursor past an ack), so a
+    /// waiter that sees the count rise by two after an event knows a whole
+    /// pass ran after it: "N passes ran and delivered nothing" instead of a
+    /// timed look. A subscription with no room for deliveries makes no pass.
+    pub fn claim_passes(&self) -> watch::Receiver<u64> {
+        self.shared.claim_passes.subscribe()
+    }
+
     /// Wakes `partition_key` in every group: postponed or delayed messages
     /// are due now, and an in-flight delivery's next postpone makes it due
     /// now instead of holding it. Recorded in storage, so a wake from any
