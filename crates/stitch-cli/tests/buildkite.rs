@@ -11,7 +11,7 @@ use stitch_fake_providers::buildkite::{
     sign, Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Pause, Timing, WebhookAuth,
     WebhookTarget,
 };
-use support::provider::{push_never_lost_suite, Provider, Step};
+use support::provider::{provider_suite, Provider, Setup, Step};
 use support::serve::{Serve, STITCH};
 
 const TOKEN: &str = "bk-test-token";
@@ -248,69 +248,6 @@ async fn a_429_storm_fails_no_build_and_the_budget_holds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_running_and_finished_builds_and_stream_logs() {
-    let fake = fake(None).await;
-    let s = serve(&fake, "", "100ms").await;
-    let http = reqwest::Client::new();
-    let long = create(&http, &s, "https://git.example/c/long?stitch-bk=hang").await;
-    let short = create(&http, &s, "https://git.example/c/short").await;
-    s.wait_status(&http, &long, "running").await;
-    wait_all_terminal(
-        &http,
-        &s,
-        std::slice::from_ref(&short),
-        Duration::from_secs(30),
-    )
-    .await;
-    for id in [&long, &short] {
-        let r = http
-            .post(format!("{}/v1/builds/{id}/cancel", s.base))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-    }
-    let done = wait_all_terminal(
-        &http,
-        &s,
-        &[long.clone(), short.clone()],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(done[&long], "cancelled");
-    assert_eq!(
-        done[&short], "succeeded",
-        "cancelling a finished build changes nothing"
-    );
-    let bk = fake.build_json(&long).unwrap();
-    assert_eq!(bk["state"], "canceled");
-    let v = get(&http, &s, &short).await;
-    assert_eq!(v["metadata"]["buildkite_state"], "passed");
-    assert!(v["metadata"]["url"]
-        .as_str()
-        .unwrap()
-        .contains("/acme/app/builds/"));
-
-    // The finished build's log over SSE: two steps, Buildkite's lines.
-    let text = http
-        .get(format!("{}/v1/builds/{short}/logs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        text.matches(r#""step_status":"start""#).count(),
-        2,
-        "{text}"
-    );
-    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
-    assert!(text.contains("$ make test"), "{text}");
-    assert!(!text.contains("_bk;t="), "{text}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_stale_and_tampered_webhooks_are_rejected() {
     let fake = fake(None).await;
     let s = serve(&fake, SIGNED_WEBHOOK, "100ms").await;
@@ -536,9 +473,12 @@ struct Buildkite {
 impl Provider for Buildkite {
     const HANG: &'static str = "?stitch-bk=hang";
 
-    async fn start() -> Self {
+    async fn start(setup: Setup) -> Self {
         let fake = fake(None).await;
-        let serve = serve(&fake, SIGNED_WEBHOOK, "60s").await;
+        let serve = match setup {
+            Setup::Pushed => serve(&fake, SIGNED_WEBHOOK, "60s").await,
+            Setup::Polled => serve(&fake, "", "100ms").await,
+        };
         Self { fake, serve }
     }
 
@@ -565,15 +505,33 @@ impl Provider for Buildkite {
         self.fake.webhook_delivered(id, "build.finished").await;
     }
 
-    fn assert_cancelled_at_provider(&self, id: &str) {
+    fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
         // Buildkite's `canceling` already maps to cancelled; the fake moves
         // on to `canceled` 50 ms later.
         let state = self.fake.build_json(id).unwrap()["state"].clone();
-        assert!(state == "canceling" || state == "canceled", "{state}");
+        if settled {
+            assert_eq!(state, "canceled");
+        } else {
+            assert!(state == "canceling" || state == "canceled", "{state}");
+        }
+    }
+
+    fn assert_finished_record(&self, record: &serde_json::Value) {
+        assert_eq!(record["metadata"]["buildkite_state"], "passed");
+        assert!(record["metadata"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/acme/app/builds/"));
+    }
+
+    fn assert_finished_log(&self, text: &str) {
+        // Buildkite's lines, without its timestamp markers.
+        assert!(text.contains("$ make test"), "{text}");
+        assert!(!text.contains("_bk;t="), "{text}");
     }
 }
 
-push_never_lost_suite!(Buildkite);
+provider_suite!(Buildkite);
 
 /// `stitch build open` prints the Buildkite page of the build and, with
 /// `--browser`, hands it to `$BROWSER` (a script here that records it).

@@ -11,7 +11,7 @@ use stitch_fake_providers::github::{
     sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Pause, Timing,
     WebhookTarget,
 };
-use support::provider::{push_never_lost_suite, Provider, Step};
+use support::provider::{provider_suite, Provider, Setup, Step};
 use support::serve::{Serve, STITCH};
 
 const TOKEN: &str = "ghp-test-token";
@@ -217,69 +217,6 @@ async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
         assert_eq!(done[id], expected(h), "{id} {h}");
         assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_running_and_completed_builds_and_stream_logs() {
-    let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(STITCH, &config(&fake, "100ms", None, "", ""), &ENV).await;
-    let http = reqwest::Client::new();
-    let long = s
-        .create(&http, "ci", "https://git.example/c/long?stitch-gh=hang")
-        .await;
-    let short = s.create(&http, "ci", "https://git.example/c/short").await;
-    s.wait_status(&http, &long, "running").await;
-    s.wait_all_terminal(&http, std::slice::from_ref(&short), Duration::from_secs(30))
-        .await;
-    for id in [&long, &short] {
-        let r = http
-            .post(format!("{}/v1/builds/{id}/cancel", s.base))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-    }
-    let done = s
-        .wait_all_terminal(
-            &http,
-            &[long.clone(), short.clone()],
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(done[&long], "cancelled");
-    assert_eq!(
-        done[&short], "succeeded",
-        "cancelling a completed build changes nothing"
-    );
-    let run = fake.run_json(&long).unwrap();
-    assert_eq!(run["conclusion"], "cancelled");
-    let v = s.get(&http, &short).await;
-    assert_eq!(v["metadata"]["github_status"], "completed");
-    assert!(v["metadata"]["url"]
-        .as_str()
-        .unwrap()
-        .contains("/acme/app/actions/runs/"));
-
-    // The finished build's log over SSE: two jobs as steps, GitHub's lines
-    // without their time stamps.
-    let text = http
-        .get(format!("{}/v1/builds/{short}/logs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        text.matches(r#""step_status":"start""#).count(),
-        2,
-        "{text}"
-    );
-    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
-    assert!(text.contains("##[group]Run make test"), "{text}");
-    assert!(!text.contains("\u{feff}"), "{text}");
-    assert!(!text.contains(r#""content":"2026-"#), "{text}");
-    assert_eq!(fake.stats().storage_auth_leaks, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,9 +446,13 @@ struct Github {
 impl Provider for Github {
     const HANG: &'static str = "?stitch-gh=hang";
 
-    async fn start() -> Self {
+    async fn start(setup: Setup) -> Self {
         let fake = fake(FakeOptions::default()).await;
-        let serve = Serve::start(STITCH, &config(&fake, "60s", None, "", WEBHOOKS), &ENV).await;
+        let config = match setup {
+            Setup::Pushed => config(&fake, "60s", None, "", WEBHOOKS),
+            Setup::Polled => config(&fake, "100ms", None, "", ""),
+        };
+        let serve = Serve::start(STITCH, &config, &ENV).await;
         Self { fake, serve }
     }
 
@@ -539,7 +480,8 @@ impl Provider for Github {
         self.fake.webhook_delivered(id, "completed").await;
     }
 
-    fn assert_cancelled_at_provider(&self, id: &str) {
+    fn assert_cancelled_at_provider(&self, id: &str, _settled: bool) {
+        // The fake completes a run as cancelled when asked: always settled.
         assert!(
             self.fake
                 .stats()
@@ -555,6 +497,23 @@ impl Provider for Github {
             "{run}"
         );
     }
+
+    fn assert_finished_record(&self, record: &serde_json::Value) {
+        assert_eq!(record["metadata"]["github_status"], "completed");
+        assert!(record["metadata"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/acme/app/actions/runs/"));
+    }
+
+    fn assert_finished_log(&self, text: &str) {
+        // Two jobs as steps, GitHub's lines without their time stamps; the
+        // log storage never saw the API token.
+        assert!(text.contains("##[group]Run make test"), "{text}");
+        assert!(!text.contains("\u{feff}"), "{text}");
+        assert!(!text.contains(r#""content":"2026-"#), "{text}");
+        assert_eq!(self.fake.stats().storage_auth_leaks, 0);
+    }
 }
 
-push_never_lost_suite!(Github);
+provider_suite!(Github);
