@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stitch_fake_providers::buildkite::{
-    sign, Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Timing, WebhookAuth,
+    sign, Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Pause, Timing, WebhookAuth,
     WebhookTarget,
 };
+use support::provider::{provider_suite, Provider, Setup, Step};
 use support::serve::{Serve, STITCH};
 
 const TOKEN: &str = "bk-test-token";
@@ -247,69 +248,6 @@ async fn a_429_storm_fails_no_build_and_the_budget_holds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_running_and_finished_builds_and_stream_logs() {
-    let fake = fake(None).await;
-    let s = serve(&fake, "", "100ms").await;
-    let http = reqwest::Client::new();
-    let long = create(&http, &s, "https://git.example/c/long?stitch-bk=hang").await;
-    let short = create(&http, &s, "https://git.example/c/short").await;
-    s.wait_status(&http, &long, "running").await;
-    wait_all_terminal(
-        &http,
-        &s,
-        std::slice::from_ref(&short),
-        Duration::from_secs(30),
-    )
-    .await;
-    for id in [&long, &short] {
-        let r = http
-            .post(format!("{}/v1/builds/{id}/cancel", s.base))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-    }
-    let done = wait_all_terminal(
-        &http,
-        &s,
-        &[long.clone(), short.clone()],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(done[&long], "cancelled");
-    assert_eq!(
-        done[&short], "succeeded",
-        "cancelling a finished build changes nothing"
-    );
-    let bk = fake.build_json(&long).unwrap();
-    assert_eq!(bk["state"], "canceled");
-    let v = get(&http, &s, &short).await;
-    assert_eq!(v["metadata"]["buildkite_state"], "passed");
-    assert!(v["metadata"]["url"]
-        .as_str()
-        .unwrap()
-        .contains("/acme/app/builds/"));
-
-    // The finished build's log over SSE: two steps, Buildkite's lines.
-    let text = http
-        .get(format!("{}/v1/builds/{short}/logs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        text.matches(r#""step_status":"start""#).count(),
-        2,
-        "{text}"
-    );
-    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
-    assert!(text.contains("$ make test"), "{text}");
-    assert!(!text.contains("_bk;t="), "{text}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_stale_and_tampered_webhooks_are_rejected() {
     let fake = fake(None).await;
     let s = serve(&fake, SIGNED_WEBHOOK, "100ms").await;
@@ -525,150 +463,75 @@ async fn token_webhooks_wake_builds() {
 /// build waits out the minute and the 20 s waits here fail. Phases are
 /// pinned with the fake's pauses (a request done at the provider, its
 /// answer held), not with timing.
-mod push_never_lost {
-    use super::*;
-    use stitch_fake_providers::buildkite::Pause;
+/// Buildkite for the provider-independent suites: trigger and get build are
+/// the held steps, `build.finished` is the finished webhook.
+struct Buildkite {
+    fake: FakeBuildkite,
+    serve: Serve,
+}
 
-    const WITHIN: Duration = Duration::from_secs(20);
+impl Provider for Buildkite {
+    const HANG: &'static str = "?stitch-bk=hang";
 
-    async fn server(fake: &FakeBuildkite) -> Serve {
-        serve(fake, SIGNED_WEBHOOK, "60s").await
-    }
-
-    async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {
-        let r = http
-            .post(format!("{}/v1/builds/{id}/cancel", s.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202, "cancel {id}");
-    }
-
-    async fn ends_as(http: &reqwest::Client, s: &Serve, id: &str, status: &str) {
-        let done = wait_all_terminal(http, s, &[id.to_string()], WITHIN).await;
-        assert_eq!(done[id], status, "{}", s.log());
-    }
-
-    /// Creates a never-ending build whose request to `endpoint` is held.
-    async fn create_held(
-        http: &reqwest::Client,
-        s: &Serve,
-        fake: &FakeBuildkite,
-        endpoint: Endpoint,
-        head: &str,
-    ) -> (String, Pause) {
-        let pause = fake.pause_next(endpoint);
-        let id = create(http, s, head).await;
-        pause.arrived().await;
-        (id, pause)
-    }
-
-    /// When the cancel lands relative to the held request.
-    enum CancelAt {
-        /// While the request's answer is held.
-        WhileHeld,
-        /// Right after the answer went out.
-        AfterAnswer,
-    }
-
-    /// A never-ending build whose request to `endpoint` is held; the cancel
-    /// lands at `at` and must reach the provider at once.
-    async fn cancel_around(endpoint: Endpoint, at: CancelAt, head: &str) {
+    async fn start(setup: Setup) -> Self {
         let fake = fake(None).await;
-        let s = server(&fake).await;
-        let http = reqwest::Client::new();
-        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
-        match at {
-            CancelAt::WhileHeld => {
-                cancel(&http, &s, &id).await;
-                pause.release();
-            }
-            CancelAt::AfterAnswer => {
-                pause.release();
-                cancel(&http, &s, &id).await;
-            }
-        }
-        ends_as(&http, &s, &id, "cancelled").await;
-        // Buildkite's `canceling` already maps to cancelled; the fake moves
-        // on to `canceled` 50 ms later.
-        let state = fake.build_json(&id).unwrap()["state"].clone();
-        assert!(state == "canceling" || state == "canceled", "{state}");
+        let serve = match setup {
+            Setup::Pushed => serve(&fake, SIGNED_WEBHOOK, "60s").await,
+            Setup::Polled => serve(&fake, "", "100ms").await,
+        };
+        Self { fake, serve }
     }
 
-    /// A build whose request to `endpoint` is held while it passes at the
-    /// provider and its `build.finished` webhook reaches stitch.
-    async fn webhook_while_held(endpoint: Endpoint, head: &str) {
-        let fake = fake(None).await;
-        let s = server(&fake).await;
-        fake.set_webhook(Some(WebhookTarget {
-            url: format!("{}/webhooks/buildkite", s.base),
+    fn serve(&self) -> &Serve {
+        &self.serve
+    }
+
+    fn hold_next(&self, step: Step) -> Pause {
+        self.fake.pause_next(match step {
+            Step::Start => Endpoint::Create,
+            Step::Poll => Endpoint::GetBuild,
+        })
+    }
+
+    fn send_webhooks(&self) {
+        self.fake.set_webhook(Some(WebhookTarget {
+            url: format!("{}/webhooks/buildkite", self.serve.base),
             auth: WebhookAuth::Signature(SECRET.into()),
             job_events: false,
         }));
-        let http = reqwest::Client::new();
-        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
-        fake.webhook_delivered(&id, "build.finished").await;
-        pause.release();
-        ends_as(&http, &s, &id, "succeeded").await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_before_the_trigger_returns_cancels_at_once() {
-        cancel_around(
-            Endpoint::Create,
-            CancelAt::WhileHeld,
-            "https://git.example/c/1?stitch-bk=hang",
-        )
-        .await;
+    async fn finished_webhook_delivered(&self, id: &str) {
+        self.fake.webhook_delivered(id, "build.finished").await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_between_the_trigger_and_the_first_poll_cancels_at_once() {
-        cancel_around(
-            Endpoint::Create,
-            CancelAt::AfterAnswer,
-            "https://git.example/c/6?stitch-bk=hang",
-        )
-        .await;
+    fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
+        // Buildkite's `canceling` already maps to cancelled; the fake moves
+        // on to `canceled` 50 ms later.
+        let state = self.fake.build_json(id).unwrap()["state"].clone();
+        if settled {
+            assert_eq!(state, "canceled");
+        } else {
+            assert!(state == "canceling" || state == "canceled", "{state}");
+        }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_during_a_poll_cancels_at_once() {
-        // The first poll starts right after the trigger: the cancel comes
-        // after the build was triggered and while that poll is out.
-        cancel_around(
-            Endpoint::GetBuild,
-            CancelAt::WhileHeld,
-            "https://git.example/c/2?stitch-bk=hang",
-        )
-        .await;
+    fn assert_finished_record(&self, record: &serde_json::Value) {
+        assert_eq!(record["metadata"]["buildkite_state"], "passed");
+        assert!(record["metadata"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/acme/app/builds/"));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_after_a_poll_answered_cancels_at_once() {
-        // The poll's answer goes out; the stage is writing or has written
-        // its 60 s hold when the cancel lands (both must work).
-        cancel_around(
-            Endpoint::GetBuild,
-            CancelAt::AfterAnswer,
-            "https://git.example/c/3?stitch-bk=hang",
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_webhook_during_a_poll_takes_effect_at_once() {
-        // The first poll is held with the build still scheduled; the build
-        // passes meanwhile and its webhooks reach stitch while that poll is
-        // out. Its answer (scheduled) would hold the build for a minute.
-        webhook_while_held(Endpoint::GetBuild, "https://git.example/c/4").await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_webhook_before_the_trigger_returns_takes_effect_at_once() {
-        webhook_while_held(Endpoint::Create, "https://git.example/c/5").await;
+    fn assert_finished_log(&self, text: &str) {
+        // Buildkite's lines, without its timestamp markers.
+        assert!(text.contains("$ make test"), "{text}");
+        assert!(!text.contains("_bk;t="), "{text}");
     }
 }
+
+provider_suite!(Buildkite);
 
 /// `stitch build open` prints the Buildkite page of the build and, with
 /// `--browser`, hands it to `$BROWSER` (a script here that records it).

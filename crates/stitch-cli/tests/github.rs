@@ -8,8 +8,10 @@ mod support;
 use std::time::Duration;
 
 use stitch_fake_providers::github::{
-    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Timing, WebhookTarget,
+    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Pause, Timing,
+    WebhookTarget,
 };
+use support::provider::{provider_suite, Provider, Setup, Step};
 use support::serve::{Serve, STITCH};
 
 const TOKEN: &str = "ghp-test-token";
@@ -215,69 +217,6 @@ async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
         assert_eq!(done[id], expected(h), "{id} {h}");
         assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_running_and_completed_builds_and_stream_logs() {
-    let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(STITCH, &config(&fake, "100ms", None, "", ""), &ENV).await;
-    let http = reqwest::Client::new();
-    let long = s
-        .create(&http, "ci", "https://git.example/c/long?stitch-gh=hang")
-        .await;
-    let short = s.create(&http, "ci", "https://git.example/c/short").await;
-    s.wait_status(&http, &long, "running").await;
-    s.wait_all_terminal(&http, std::slice::from_ref(&short), Duration::from_secs(30))
-        .await;
-    for id in [&long, &short] {
-        let r = http
-            .post(format!("{}/v1/builds/{id}/cancel", s.base))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-    }
-    let done = s
-        .wait_all_terminal(
-            &http,
-            &[long.clone(), short.clone()],
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(done[&long], "cancelled");
-    assert_eq!(
-        done[&short], "succeeded",
-        "cancelling a completed build changes nothing"
-    );
-    let run = fake.run_json(&long).unwrap();
-    assert_eq!(run["conclusion"], "cancelled");
-    let v = s.get(&http, &short).await;
-    assert_eq!(v["metadata"]["github_status"], "completed");
-    assert!(v["metadata"]["url"]
-        .as_str()
-        .unwrap()
-        .contains("/acme/app/actions/runs/"));
-
-    // The finished build's log over SSE: two jobs as steps, GitHub's lines
-    // without their time stamps.
-    let text = http
-        .get(format!("{}/v1/builds/{short}/logs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        text.matches(r#""step_status":"start""#).count(),
-        2,
-        "{text}"
-    );
-    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
-    assert!(text.contains("##[group]Run make test"), "{text}");
-    assert!(!text.contains("\u{feff}"), "{text}");
-    assert!(!text.contains(r#""content":"2026-"#), "{text}");
-    assert_eq!(fake.stats().storage_auth_leaks, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,150 +436,84 @@ async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
 /// wake the queue dropped would leave the build waiting a minute, far
 /// beyond `WITHIN`. The phases are made with the fake's pauses (a request
 /// held after its work, before its answer), not with timing.
-mod push_never_lost {
-    use super::*;
-    use stitch_fake_providers::github::Pause;
+/// GitHub for the provider-independent suites: dispatch and get run are the
+/// held steps, `workflow_run` `completed` is the finished webhook.
+struct Github {
+    fake: FakeGithub,
+    serve: Serve,
+}
 
-    const WITHIN: Duration = Duration::from_secs(20);
+impl Provider for Github {
+    const HANG: &'static str = "?stitch-gh=hang";
 
-    async fn server(fake: &FakeGithub) -> Serve {
-        Serve::start(STITCH, &config(fake, "60s", None, "", WEBHOOKS), &ENV).await
-    }
-
-    async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {
-        let r = http
-            .post(format!("{}/v1/builds/{id}/cancel", s.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202, "cancel {id}");
-    }
-
-    async fn ends_as(http: &reqwest::Client, s: &Serve, id: &str, status: &str) {
-        let done = s.wait_all_terminal(http, &[id.to_string()], WITHIN).await;
-        assert_eq!(done[id], status, "{}", s.log());
-    }
-
-    /// Creates a build whose request to `endpoint` is held.
-    async fn create_held(
-        http: &reqwest::Client,
-        s: &Serve,
-        fake: &FakeGithub,
-        endpoint: Endpoint,
-        head: &str,
-    ) -> (String, Pause) {
-        let pause = fake.pause_next(endpoint);
-        let id = s.create(http, "ci", head).await;
-        pause.arrived().await;
-        (id, pause)
-    }
-
-    /// When the cancel lands relative to the held request.
-    enum CancelAt {
-        /// While the request's answer is held.
-        WhileHeld,
-        /// Right after the answer went out.
-        AfterAnswer,
-    }
-
-    /// A never-ending run whose request to `endpoint` is held; the cancel
-    /// lands at `at` and must reach the provider at once.
-    async fn cancel_around(endpoint: Endpoint, at: CancelAt, head: &str) {
+    async fn start(setup: Setup) -> Self {
         let fake = fake(FakeOptions::default()).await;
-        let s = server(&fake).await;
-        let http = reqwest::Client::new();
-        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
-        match at {
-            CancelAt::WhileHeld => {
-                cancel(&http, &s, &id).await;
-                pause.release();
-            }
-            CancelAt::AfterAnswer => {
-                pause.release();
-                cancel(&http, &s, &id).await;
-            }
-        }
-        ends_as(&http, &s, &id, "cancelled").await;
-        assert!(fake.stats().requests.get("cancel").copied().unwrap_or(0) >= 1);
-        let run = fake.run_json(&id).unwrap();
+        let config = match setup {
+            Setup::Pushed => config(&fake, "60s", None, "", WEBHOOKS),
+            Setup::Polled => config(&fake, "100ms", None, "", ""),
+        };
+        let serve = Serve::start(STITCH, &config, &ENV).await;
+        Self { fake, serve }
+    }
+
+    fn serve(&self) -> &Serve {
+        &self.serve
+    }
+
+    fn hold_next(&self, step: Step) -> Pause {
+        self.fake.pause_next(match step {
+            Step::Start => Endpoint::Dispatch,
+            Step::Poll => Endpoint::GetRun,
+        })
+    }
+
+    fn send_webhooks(&self) {
+        self.fake.set_webhook(Some(WebhookTarget {
+            url: format!("{}/webhooks/github", self.serve.base),
+            secret: SECRET.into(),
+            job_events: false,
+            duplicate: false,
+        }));
+    }
+
+    async fn finished_webhook_delivered(&self, id: &str) {
+        self.fake.webhook_delivered(id, "completed").await;
+    }
+
+    fn assert_cancelled_at_provider(&self, id: &str, _settled: bool) {
+        // The fake completes a run as cancelled when asked: always settled.
+        assert!(
+            self.fake
+                .stats()
+                .requests
+                .get("cancel")
+                .copied()
+                .unwrap_or(0)
+                >= 1
+        );
+        let run = self.fake.run_json(id).unwrap();
         assert!(
             run["status"] == "completed" && run["conclusion"] == "cancelled",
             "{run}"
         );
     }
 
-    /// A run whose request to `endpoint` is held while it passes at the
-    /// provider and its `completed` webhook reaches stitch.
-    async fn webhook_while_held(endpoint: Endpoint, head: &str) {
-        let fake = fake(FakeOptions::default()).await;
-        let s = server(&fake).await;
-        fake.set_webhook(Some(WebhookTarget {
-            url: format!("{}/webhooks/github", s.base),
-            secret: SECRET.into(),
-            job_events: false,
-            duplicate: false,
-        }));
-        let http = reqwest::Client::new();
-        let (id, pause) = create_held(&http, &s, &fake, endpoint, head).await;
-        fake.webhook_delivered(&id, "completed").await;
-        pause.release();
-        ends_as(&http, &s, &id, "succeeded").await;
+    fn assert_finished_record(&self, record: &serde_json::Value) {
+        assert_eq!(record["metadata"]["github_status"], "completed");
+        assert!(record["metadata"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/acme/app/actions/runs/"));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_before_the_dispatch_returns_cancels_at_once() {
-        cancel_around(
-            Endpoint::Dispatch,
-            CancelAt::WhileHeld,
-            "https://git.example/c/1?stitch-gh=hang",
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_between_the_dispatch_and_the_first_poll_cancels_at_once() {
-        cancel_around(
-            Endpoint::Dispatch,
-            CancelAt::AfterAnswer,
-            "https://git.example/c/2?stitch-gh=hang",
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_during_a_poll_cancels_at_once() {
-        // The first poll starts right after the dispatch: the cancel comes
-        // after the run was created and while that poll is out.
-        cancel_around(
-            Endpoint::GetRun,
-            CancelAt::WhileHeld,
-            "https://git.example/c/3?stitch-gh=hang",
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancel_during_the_hold_cancels_at_once() {
-        // The poll's answer goes out; the stage is writing or has written
-        // its 60 s hold when the cancel lands (both must work).
-        cancel_around(
-            Endpoint::GetRun,
-            CancelAt::AfterAnswer,
-            "https://git.example/c/4?stitch-gh=hang",
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_webhook_during_a_poll_takes_effect_at_once() {
-        // The first poll is held with the run still queued; the run passes
-        // meanwhile and its webhook reaches stitch while that poll is out.
-        // Its answer (queued) would hold the build for a minute.
-        webhook_while_held(Endpoint::GetRun, "https://git.example/c/5").await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_webhook_before_the_dispatch_returns_takes_effect_at_once() {
-        webhook_while_held(Endpoint::Dispatch, "https://git.example/c/6").await;
+    fn assert_finished_log(&self, text: &str) {
+        // Two jobs as steps, GitHub's lines without their time stamps; the
+        // log storage never saw the API token.
+        assert!(text.contains("##[group]Run make test"), "{text}");
+        assert!(!text.contains("\u{feff}"), "{text}");
+        assert!(!text.contains(r#""content":"2026-"#), "{text}");
+        assert_eq!(self.fake.stats().storage_auth_leaks, 0);
     }
 }
+
+provider_suite!(Github);

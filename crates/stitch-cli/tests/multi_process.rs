@@ -322,6 +322,42 @@ impl EventTail {
             );
         }
     }
+
+    /// Builds the subscriber saw running or ended.
+    fn started(&self) -> usize {
+        let events = self.events.lock();
+        let started: BTreeSet<&str> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e["status"].as_str(),
+                    Some("running" | "succeeded" | "failed" | "cancelled")
+                )
+            })
+            .filter_map(|e| e["build_id"].as_str())
+            .collect();
+        started.len()
+    }
+
+    /// Waits until the subscriber saw `n` builds running or ended, re-counting
+    /// after each event it receives.
+    async fn wait_started(&self, n: usize, within: Duration) {
+        let mut last = self.last.clone();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Marked seen before counting: an event after it wakes the wait.
+            last.borrow_and_update();
+            let started = self.started();
+            if started >= n {
+                return;
+            }
+            let next = tokio::time::timeout_at(deadline, last.changed()).await;
+            assert!(
+                matches!(next, Ok(Ok(()))),
+                "{started} of {n} builds started within {within:?}"
+            );
+        }
+    }
 }
 
 impl Drop for EventTail {
@@ -458,16 +494,10 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // SIGKILL node-0 once a good part of the builds ran.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while ran(&ran_file).len() < BUILDS * 3 / 10 {
-        assert!(Instant::now() < deadline, "builds did not start");
-        // Polled: an inotify wait on the file (the testkit's `file_lines`)
-        // timed out in the connection-drop test below (3 of 3 runs on a
-        // loaded machine; builds stalling or events missed, not yet found),
-        // so re-reading stays until that is understood.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // SIGKILL node-0 once a good part of the builds ran (as the event log
+    // tells).
+    tail.wait_started(BUILDS * 3 / 10, Duration::from_secs(120))
+        .await;
     alive.lock()[0] = false;
     servers[0].kill();
     let killed_at = Instant::now();
@@ -561,16 +591,10 @@ async fn server_rides_through_dropped_connections(backend: Backend) {
 
     let mut ids = create_builds(&http, &[server], COUNT / 2).await;
     for _ in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let before = ran(&ran_file).len();
-        while ran(&ran_file).len() < before + 20 {
-            assert!(Instant::now() < deadline, "builds did not run");
-            // Polled: an inotify wait on the file (`file_lines`) timed out
-            // here (3 of 3 runs on a loaded machine; builds stalling or
-            // events missed, not yet found), so re-reading stays until that
-            // is understood.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Twenty more builds run (as the event log tells) before the drop.
+        let before = tail.started();
+        tail.wait_started(before + 20, Duration::from_secs(60))
+            .await;
         let dropped = backend.drop_connections().await;
         assert!(dropped > 0, "no connection of the server found");
         // The API keeps accepting builds right after the drop (the pool

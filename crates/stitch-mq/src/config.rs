@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::clock::Clock;
 use crate::error::MqError;
 use crate::message::validate_name;
 
@@ -22,6 +23,9 @@ pub struct QueueConfig {
     /// retention, empty partitions and stale heartbeats (default 60 s).
     /// `None` disables the background task (tests call `Admin::gc`).
     pub gc_interval: Option<Duration>,
+    /// Where the engine reads the time (default the wall clock; tests may
+    /// use Tokio's, see [`Clock`]).
+    pub clock: Clock,
 }
 
 impl Default for QueueConfig {
@@ -30,6 +34,7 @@ impl Default for QueueConfig {
             max_payload_bytes: 1024 * 1024,
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             gc_interval: Some(Duration::from_secs(60)),
+            clock: Clock::System,
         }
     }
 }

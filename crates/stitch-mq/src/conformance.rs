@@ -2,15 +2,18 @@
 //! function taking a [`Backend`]; [`conformance_tests!`](crate::conformance_tests)
 //! expands to one `#[tokio::test]` per check so a backend's test file is one line.
 //!
-//! Checks use short real timings with generous deadlines: they assert what
+//! Checks use short timings with generous deadlines: they assert what
 //! happens (and, for barriers and delays, that something does *not* happen
-//! early), never how fast.
+//! early), never how fast. They read Tokio's clock, so the timing checks
+//! also run on paused time (`conformance_tests!(paused …)`), where a delay
+//! costs no wall time.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 use crate::driver::{
@@ -800,7 +803,7 @@ pub async fn a_burst_raises_the_fair_share_at_once(b: &dyn Backend) {
     // Every partition's message is delivered and held (not acked), so each
     // stays busy and leased: s1 holds 5 at most, so s2's cap must have grown
     // from 1 to its share (5 of 10 busy partitions) for all 10 to arrive.
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = Instant::now() + WAIT;
     while held.len() < 10 {
         let next = tokio::time::timeout_at(deadline, async {
             tokio::select! {
@@ -1631,6 +1634,11 @@ pub async fn partitions_listing_rejects_bad_input(b: &dyn Backend) {
 /// `optional FUTURE` takes a future giving `Option<backend>` instead, for
 /// backends on a server that may be absent: `None` skips the test (the
 /// future prints why, or panics where the server is required).
+///
+/// `paused BACKEND` runs the timing checks (delays, backoff, visibility,
+/// leases) on Tokio's paused clock instead: for a backend whose queues read
+/// [`Clock::Tokio`](crate::Clock::Tokio) and never idle the runtime while
+/// working (the memory driver).
 macro_rules! conformance_tests {
     (optional $backend:expr) => {
         $crate::conformance_tests!(@names @optional $backend);
@@ -1658,6 +1666,25 @@ macro_rules! conformance_tests {
             garbage_collection_and_idle_partitions, wake_ups_are_event_driven,
             bad_input_is_rejected
         );
+    };
+    (paused $backend:expr) => {
+        $crate::conformance_tests!(@paused $backend;
+            publish_after_delays_delivery, nack_backoff_is_persisted,
+            nack_after_uses_callers_delay, postpone_is_a_barrier,
+            postpone_resets_failure_streak, wake_makes_postponed_due,
+            wake_makes_delayed_publish_due, visibility_timeout_redelivers,
+            crashed_subscriber_is_taken_over, restarted_subscriber_reclaims_its_work,
+            graceful_close_releases_leases, redelivery_limit_dead_letters
+        );
+    };
+    (@paused $backend:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(start_paused = true)]
+            async fn $name() {
+                let backend = $backend;
+                $crate::conformance::$name(&backend).await;
+            }
+        )*
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
         $(

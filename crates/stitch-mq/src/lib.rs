@@ -12,6 +12,7 @@
 //! See `docs/architecture.md` for tables, states and guarantees.
 #![deny(unsafe_code)]
 
+pub mod clock;
 mod codec;
 pub mod config;
 pub mod conformance;
@@ -28,6 +29,7 @@ pub mod raw_sqlite;
 pub mod sqlite;
 mod window;
 
+pub use clock::Clock;
 pub use config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 pub use driver::{
     DeadLetter, Driver, GcReport, NewMessage, PartitionInfo, PublishReport, TopicStats,

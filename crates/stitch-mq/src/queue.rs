@@ -8,16 +8,15 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
-use crate::message::{
-    now_millis, validate_message, validate_name, validate_topic, Failure, Message, Millis,
-};
+use crate::message::{validate_message, validate_name, validate_topic, Failure, Message, Millis};
 
 /// Outcomes written per transaction at most (group commit).
 const OUTCOME_BATCH: usize = 512;
@@ -39,9 +38,17 @@ struct Shared {
     wakers: Mutex<HashMap<String, Vec<Weak<Notify>>>>,
     outcomes: mpsc::UnboundedSender<OutcomeRequest>,
     shutdown: CancellationToken,
+    /// Claim passes completed by this queue's subscriptions (a sync point,
+    /// see [`Admin::claim_passes`]).
+    claim_passes: watch::Sender<u64>,
 }
 
 impl Shared {
+    /// The time from the configured clock.
+    fn now(&self) -> Millis {
+        self.config.clock.now()
+    }
+
     fn notify_topic(&self, topic: &str) {
         let mut wakers = self.wakers.lock();
         if let Some(list) = wakers.get_mut(topic) {
@@ -97,8 +104,13 @@ impl Queue {
             wakers: Mutex::new(HashMap::new()),
             outcomes: tx,
             shutdown: CancellationToken::new(),
+            claim_passes: watch::Sender::new(0),
         });
-        tokio::spawn(outcome_writer(shared.driver.clone(), rx));
+        tokio::spawn(outcome_writer(
+            shared.driver.clone(),
+            shared.config.clock.clone(),
+            rx,
+        ));
         if let Some(wakeups) = shared.driver.wakeups() {
             tokio::spawn(forward_wakeups(Arc::downgrade(&shared), wakeups));
         }
@@ -156,12 +168,12 @@ impl Publisher {
     /// Publishes one message, deliverable now. An id already stored for
     /// (topic, partition) is a silent success that stores nothing.
     pub async fn publish(&self, topic: &str, msg: Message) -> MqResult<PublishReport> {
-        self.publish_at(topic, vec![msg], now_millis()).await
+        self.publish_at(topic, vec![msg], self.shared.now()).await
     }
 
     /// Publishes several messages in one transaction, deliverable now.
     pub async fn publish_batch(&self, topic: &str, msgs: Vec<Message>) -> MqResult<PublishReport> {
-        self.publish_at(topic, msgs, now_millis()).await
+        self.publish_at(topic, msgs, self.shared.now()).await
     }
 
     /// Publishes a message that becomes deliverable after `delay` (> 0).
@@ -174,8 +186,12 @@ impl Publisher {
         if delay.is_zero() {
             return Err(MqError::InvalidDelay(delay, "publish_after"));
         }
-        self.publish_at(topic, vec![msg], now_millis() + delay.as_millis() as Millis)
-            .await
+        self.publish_at(
+            topic,
+            vec![msg],
+            self.shared.now() + delay.as_millis() as Millis,
+        )
+        .await
     }
 
     async fn publish_at(
@@ -192,7 +208,7 @@ impl Publisher {
         let report = self
             .shared
             .driver
-            .publish(topic, &new, now_millis())
+            .publish(topic, &new, self.shared.now())
             .await?;
         if report.stored > 0 {
             self.shared.notify_topic(topic);
@@ -212,7 +228,7 @@ impl Publisher {
         if delay.is_some_and(|d| d.is_zero()) {
             return Err(MqError::InvalidDelay(Duration::ZERO, "publish_after"));
         }
-        let at = now_millis() + delay.map_or(0, |d| d.as_millis() as Millis);
+        let at = self.shared.now() + delay.map_or(0, |d| d.as_millis() as Millis);
         prepare(&self.shared.config, topic, msgs, at)
     }
 
@@ -260,14 +276,14 @@ impl Subscriber {
         config.validate()?;
         self.shared
             .driver
-            .register_group(topic, &config.group, now_millis())
+            .register_group(topic, &config.group, self.shared.now())
             .await?;
         // A subscriber that kept its name across a restart takes back the
         // deliveries its previous incarnation died holding.
         let released = self
             .shared
             .driver
-            .recover(topic, &config.group, &config.subscriber, now_millis())
+            .recover(topic, &config.group, &config.subscriber, self.shared.now())
             .await?;
         if released > 0 {
             tracing::info!(topic, group = %config.group, subscriber = %config.subscriber, released, "reclaimed unfinished deliveries");
@@ -387,7 +403,7 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
         if stop.is_cancelled() {
             return;
         }
-        let now = now_millis();
+        let now = sub.queue.now();
         if now >= next_tick {
             last_tick = now;
             let tick = LeaseTick {
@@ -434,6 +450,7 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                             return;
                         }
                     }
+                    sub.queue.claim_passes.send_modify(|n| *n += 1);
                     if full {
                         continue;
                     }
@@ -450,10 +467,13 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                         wait_until = wait_until.min(due);
                     }
                 }
-                Err(e) => tracing::warn!(topic = %sub.topic, error = %e, "claim failed"),
+                Err(e) => {
+                    tracing::warn!(topic = %sub.topic, error = %e, "claim failed");
+                    sub.queue.claim_passes.send_modify(|n| *n += 1);
+                }
             }
         }
-        let wait = Duration::from_millis(wait_until.saturating_sub(now_millis()).max(0) as u64);
+        let wait = Duration::from_millis(wait_until.saturating_sub(sub.queue.now()).max(0) as u64);
         if wait.is_zero() {
             tokio::task::yield_now().await;
             continue;
@@ -498,9 +518,9 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     fn new(sub: Arc<SubShared>, claimed: ClaimedMessage, permit: OwnedSemaphorePermit) -> Self {
         Self {
+            received_at: sub.queue.now(),
             sub,
             claimed,
-            received_at: now_millis(),
             finalized: AtomicBool::new(false),
             permit: Mutex::new(Some(permit)),
         }
@@ -573,7 +593,7 @@ impl Delivery {
             self.finish(OutcomeKind::DeadLetter { failure }).await?;
             return Ok(NackOutcome::DeadLettered);
         }
-        let at = now_millis() + delay.as_millis() as Millis;
+        let at = self.sub.queue.now() + delay.as_millis() as Millis;
         self.finish(OutcomeKind::Retry {
             retry_at: at,
             failure,
@@ -593,7 +613,7 @@ impl Delivery {
         if delay.is_zero() {
             return Err(MqError::InvalidDelay(delay, "postpone"));
         }
-        let until = now_millis() + delay.as_millis() as Millis;
+        let until = self.sub.queue.now() + delay.as_millis() as Millis;
         self.finish(OutcomeKind::Postpone { until }).await
     }
 
@@ -605,7 +625,7 @@ impl Delivery {
         if self.finalized.load(Ordering::Acquire) {
             return Err(MqError::AlreadyFinalized(self.id().to_string()));
         }
-        let until = now_millis() + by.as_millis() as Millis;
+        let until = self.sub.queue.now() + by.as_millis() as Millis;
         self.sub
             .queue
             .write_outcome(self.outcome(OutcomeKind::Extend { until }))
@@ -658,6 +678,17 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The number of claim passes this queue's subscriptions have completed,
+    /// watched. A pass counts once its deliveries are handed to their
+    /// subscription (a failed claim counts too). A pass that starts after an
+    /// outcome is written acts on it (moves the cursor past an ack), so a
+    /// waiter that sees the count rise by two after an event knows a whole
+    /// pass ran after it: "N passes ran and delivered nothing" instead of a
+    /// timed look. A subscription with no room for deliveries makes no pass.
+    pub fn claim_passes(&self) -> watch::Receiver<u64> {
+        self.shared.claim_passes.subscribe()
+    }
+
     /// Wakes `partition_key` in every group: postponed or delayed messages
     /// are due now, and an in-flight delivery's next postpone makes it due
     /// now instead of holding it. Recorded in storage, so a wake from any
@@ -667,7 +698,7 @@ impl Admin {
         let n = self
             .shared
             .driver
-            .wake(topic, partition_key, now_millis())
+            .wake(topic, partition_key, self.shared.now())
             .await?;
         self.shared.notify_topic(topic);
         Ok(n)
@@ -693,7 +724,7 @@ impl Admin {
         validate_topic(topic)?;
         self.shared
             .driver
-            .replay_dead_letter(topic, dlq_id, now_millis())
+            .replay_dead_letter(topic, dlq_id, self.shared.now())
             .await?;
         self.shared.notify_topic(topic);
         Ok(())
@@ -774,7 +805,7 @@ impl Admin {
                 groups,
             });
         }
-        let now = now_millis();
+        let now = self.shared.now();
         self.shared
             .driver
             .partitions(&PartitionQuery {
@@ -817,7 +848,7 @@ impl Default for PartitionFilter {
 async fn run_gc(shared: &Shared) -> MqResult<GcReport> {
     let retention = shared.config.dedup_retention.as_millis() as Millis;
     // Heartbeats of subscribers gone for ten minutes are only clutter.
-    shared.driver.gc(now_millis(), retention, 600_000).await
+    shared.driver.gc(shared.now(), retention, 600_000).await
 }
 
 /// Wakes this process's subscriptions for work other processes committed.
@@ -853,7 +884,11 @@ async fn gc_loop(shared: Weak<Shared>, every: Duration, stop: CancellationToken)
     }
 }
 
-async fn outcome_writer(driver: Arc<dyn Driver>, mut rx: mpsc::UnboundedReceiver<OutcomeRequest>) {
+async fn outcome_writer(
+    driver: Arc<dyn Driver>,
+    clock: Clock,
+    mut rx: mpsc::UnboundedReceiver<OutcomeRequest>,
+) {
     let mut batch: Vec<OutcomeRequest> = Vec::with_capacity(OUTCOME_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -864,7 +899,7 @@ async fn outcome_writer(driver: Arc<dyn Driver>, mut rx: mpsc::UnboundedReceiver
             }
         }
         let ops: Vec<Outcome> = batch.iter().map(|(o, _)| o.clone()).collect();
-        match driver.apply(&ops, now_millis()).await {
+        match driver.apply(&ops, clock.now()).await {
             Ok(results) => {
                 for ((_, reply), result) in batch.drain(..).zip(results) {
                     let _ = reply.send(result);
@@ -874,7 +909,7 @@ async fn outcome_writer(driver: Arc<dyn Driver>, mut rx: mpsc::UnboundedReceiver
                 // The batch transaction failed as a whole: apply one by one so
                 // each caller gets its own answer and one bad row spoils nothing.
                 for (op, reply) in batch.drain(..) {
-                    let result = match driver.apply(std::slice::from_ref(&op), now_millis()).await {
+                    let result = match driver.apply(std::slice::from_ref(&op), clock.now()).await {
                         Ok(mut r) => r.pop().unwrap_or(Ok(())),
                         Err(e) => Err(e),
                     };

@@ -12,6 +12,7 @@ use sqlx::Connection;
 use stitch_mq::{Message, Queue, QueueConfig, SubscriptionConfig};
 use support::PgDatabase;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "busy";
 
@@ -50,16 +51,32 @@ async fn consumers_on_one_partition_set_never_double_deliver() {
         queues.push(queue(db.driver_as("busy", &format!("c{c}")).await));
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, String, u32)>();
+    let stop = CancellationToken::new();
+    let mut consumers = tokio::task::JoinSet::new();
     for (c, q) in queues.iter().enumerate() {
         let mut sub = q.subscriber().subscribe(TOPIC, config()).await.unwrap();
         let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Some(d) = sub.recv().await {
+        let stop = stop.clone();
+        consumers.spawn(async move {
+            loop {
+                let d = tokio::select! {
+                    d = sub.recv() => d,
+                    _ = stop.cancelled() => {
+                        // Hand on whatever the last passes delivered.
+                        while let Some(d) = sub.try_recv() {
+                            let _ = tx.send((c, d.id().to_string(), d.attempt()));
+                        }
+                        break;
+                    }
+                };
+                let Some(d) = d else { break };
                 let _ = tx.send((c, d.id().to_string(), d.attempt()));
                 d.ack().await.expect("ack");
             }
+            sub.close().await;
         });
     }
+    drop(tx);
     let mut publishers = tokio::task::JoinSet::new();
     for p in 0..PUBLISHERS {
         let q = queues[p % CONSUMERS].clone();
@@ -99,10 +116,21 @@ async fn consumers_on_one_partition_set_never_double_deliver() {
     while let Some(r) = publishers.join_next().await {
         r.unwrap().expect("publish under contention");
     }
-    // Anything still arriving now would be a second delivery. Nothing
-    // announces "no delivery came", so this looks for one for a bounded
-    // time, longer than the subscribers' poll interval.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A second delivery would come from a later claim pass: every consumer
+    // runs three more whole passes (a pass already under way when counting
+    // starts is not one of them), then hands on what they delivered.
+    for q in &queues {
+        let mut passes = q.admin().claim_passes();
+        let from = *passes.borrow_and_update();
+        tokio::time::timeout(Duration::from_secs(30), passes.wait_for(|n| *n >= from + 4))
+            .await
+            .expect("a consumer stopped claiming")
+            .unwrap();
+    }
+    stop.cancel();
+    while let Some(r) = consumers.join_next().await {
+        r.unwrap();
+    }
     while let Ok((_, id, _)) = rx.try_recv() {
         *seen.entry(id).or_default() += 1;
     }

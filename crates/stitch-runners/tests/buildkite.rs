@@ -8,8 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use stitch_core::{
-    BuildHandle, BuildId, BuildRunner, BuildStatus, ChangeSet, LogKind, RunnerError, RunnerRef,
-    StepStatus, TriggerRequest,
+    BuildHandle, BuildId, BuildRunner, BuildStatus, LogKind, RunnerError, RunnerRef, StepStatus,
 };
 use stitch_fake_providers::buildkite::{
     Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Timing,
@@ -17,8 +16,9 @@ use stitch_fake_providers::buildkite::{
 use stitch_runners::buildkite::{
     BuildQuery, BuildkiteConfig, BuildkiteRunner, Client, Pipeline, RateLimit, RequestBudget,
 };
-use stitch_runners::conformance::{self, Checked, Scenario, Subject};
-use stitch_runners::http_retry::RetryPolicy;
+use support::{fast_retry, request, unlimited, wait_report, wait_terminal};
+
+mod support;
 
 fn http(token: &str, timeout: Duration) -> reqwest::Client {
     let mut headers = HeaderMap::new();
@@ -33,16 +33,6 @@ fn http(token: &str, timeout: Duration) -> reqwest::Client {
         .unwrap()
 }
 
-fn fast_retry() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 4,
-        initial_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(100),
-        max_rate_limit_wait: Duration::from_secs(5),
-        jitter: 0.2,
-    }
-}
-
 fn client(fake: &FakeBuildkite, budget: Arc<RequestBudget>) -> Client {
     Client::new(
         http(fake.token(), Duration::from_millis(700)),
@@ -51,13 +41,6 @@ fn client(fake: &FakeBuildkite, budget: Arc<RequestBudget>) -> Client {
         fast_retry(),
     )
     .unwrap()
-}
-
-fn unlimited() -> Arc<RequestBudget> {
-    Arc::new(RequestBudget::new(RateLimit {
-        requests: 100_000,
-        window: Duration::from_secs(1),
-    }))
 }
 
 fn config() -> BuildkiteConfig {
@@ -72,49 +55,11 @@ fn runner(fake: &FakeBuildkite) -> BuildkiteRunner {
     BuildkiteRunner::new(client(fake, unlimited()), config())
 }
 
-fn request(head: &str) -> TriggerRequest {
-    TriggerRequest::new(
-        BuildId::new(),
-        "ci",
-        ChangeSet::new(vec!["https://git.example/base/1".into()], vec![head.into()]),
-    )
-}
-
 fn pipeline() -> Pipeline {
     Pipeline {
         org: "acme".into(),
         slug: "app".into(),
     }
-}
-
-/// Asks for the status now and after every move of the fake's builds until
-/// `wanted` holds: the fake's clock moves the build, nothing else does.
-async fn wait_report(
-    fake: &FakeBuildkite,
-    r: &BuildkiteRunner,
-    h: &BuildHandle,
-    mut wanted: impl FnMut(&stitch_core::StatusReport) -> bool,
-) -> stitch_core::StatusReport {
-    let mut moved = fake.builds_moved();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        // Marked seen before asking: a move after it wakes the wait.
-        moved.borrow_and_update();
-        let s = r.status(h).await.unwrap();
-        if wanted(&s) {
-            return s;
-        }
-        let next = tokio::time::timeout_at(deadline, moved.changed()).await;
-        assert!(matches!(next, Ok(Ok(()))), "build stuck at {s:?}");
-    }
-}
-
-async fn wait_terminal(
-    fake: &FakeBuildkite,
-    r: &BuildkiteRunner,
-    h: &BuildHandle,
-) -> stitch_core::StatusReport {
-    wait_report(fake, r, h, stitch_core::StatusReport::is_terminal).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +83,7 @@ async fn trigger_stamps_the_build_and_status_maps_it() {
     assert_eq!(json["branch"], "main");
     assert_eq!(json["commit"], "HEAD");
     let h = req.handle().with_ref(rref);
-    let report = wait_terminal(&fake, &r, &h).await;
+    let report = wait_terminal(fake.builds_moved(), &r, &h).await;
     assert_eq!(report.status, BuildStatus::Succeeded);
     assert_eq!(report.metadata.get("buildkite_state"), Some("passed"));
     assert_eq!(report.metadata.get("buildkite_number"), Some("1"));
@@ -160,7 +105,7 @@ async fn failing_builds_surface_failing_and_the_promised_status() {
     let req = request("https://git.example/c/1?stitch-bk=fail");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
     let mut saw_failing = false;
-    let last = wait_report(&fake, &r, &h, |s| {
+    let last = wait_report(fake.builds_moved(), &r, &h, |s| {
         if s.metadata.get("buildkite_failing") == Some("true") {
             assert_eq!(s.status, BuildStatus::Running);
             assert_eq!(s.metadata.get("promised_exit_status"), Some("2"));
@@ -188,7 +133,7 @@ async fn a_lost_ref_is_recovered_through_meta_data() {
     assert_eq!(again.id, "1");
     assert_eq!(fake.builds_for(req.build_id.as_str()), 1);
     runner(&fake).cancel(&h).await.unwrap();
-    let done = wait_terminal(&fake, &fresh, &h).await;
+    let done = wait_terminal(fake.builds_moved(), &fresh, &h).await;
     assert_eq!(done.status, BuildStatus::Cancelled);
     // Cancelling the finished build: Buildkite's 422 is a no-op.
     runner(&fake)
@@ -327,7 +272,7 @@ async fn auth_and_scope_failures_are_errors_never_empty_logs() {
     let r = runner(&fake);
     let req = request("https://git.example/c/1");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
-    wait_terminal(&fake, &r, &h).await;
+    wait_terminal(fake.builds_moved(), &r, &h).await;
     fake.set_scopes(&["read_builds", "write_builds"]);
     let mut logs = r.logs(&h).await.unwrap();
     let mut saw_error = false;
@@ -395,28 +340,9 @@ async fn a_ref_of_another_build_is_not_found() {
     assert!(r.status(&garbage).await.unwrap_err().is_not_found());
 }
 
-fn subject(fake: Arc<FakeBuildkite>) -> Subject {
-    Subject::new(
-        move || Arc::new(runner(&fake)) as Arc<dyn BuildRunner>,
-        |scenario| {
-            let marker = match scenario {
-                Scenario::Succeed => "",
-                Scenario::Fail => "?stitch-bk=fail",
-                Scenario::RunLong => "?stitch-bk=hang",
-                Scenario::UnknownState => "?stitch-bk=unknown",
-            };
-            Some(request(&format!("https://git.example/c/1{marker}")))
-        },
-    )
-    .with_deadline(Duration::from_secs(20))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_passes_against_the_fake() {
-    let fake = Arc::new(FakeBuildkite::start(FakeOptions::default()).await.unwrap());
-    let results = conformance::run_all(&subject(fake)).await.unwrap();
-    assert!(
-        results.iter().all(|(_, c)| *c == Checked::Passed),
-        "{results:?}"
-    );
+    let fake = FakeBuildkite::start(FakeOptions::default()).await.unwrap();
+    let new_runner = move || Arc::new(runner(&fake)) as Arc<dyn BuildRunner>;
+    support::assert_conformance(new_runner, "bk", |r| r).await;
 }

@@ -7,18 +7,19 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stitch_core::{
-    BuildHandle, BuildId, BuildRunner, BuildStatus, ChangeSet, LogKind, RunnerError, RunnerRef,
-    StepStatus, TriggerRequest,
+    BuildHandle, BuildId, BuildRunner, BuildStatus, LogKind, RunnerError, RunnerRef, StepStatus,
+    TriggerRequest,
 };
 use stitch_fake_providers::github::{
     Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Timing,
 };
-use stitch_runners::conformance::{self, Checked, Scenario, Subject};
 use stitch_runners::github::{
     AppTokens, Client, Credentials, GithubConfig, GithubRunner, Repo, RunQuery,
 };
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
-use stitch_runners::http_retry::RetryPolicy;
+use support::{fast_retry, unlimited, wait_report, wait_terminal};
+
+mod support;
 
 const KEY: &[u8] = include_bytes!("../../stitch-fake-providers/tests/data/github/test_app_key.pem");
 const PUBLIC: &[u8] =
@@ -29,23 +30,6 @@ fn http() -> reqwest::Client {
         .timeout(Duration::from_millis(700))
         .build()
         .unwrap()
-}
-
-fn fast_retry() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 4,
-        initial_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(100),
-        max_rate_limit_wait: Duration::from_secs(5),
-        jitter: 0.2,
-    }
-}
-
-fn unlimited() -> Arc<RequestBudget> {
-    Arc::new(RequestBudget::new(RateLimit {
-        requests: 100_000,
-        window: Duration::from_secs(1),
-    }))
 }
 
 fn client_with(fake: &FakeGithub, version: &str, credentials: Credentials) -> Client {
@@ -80,13 +64,9 @@ fn runner(fake: &FakeGithub) -> GithubRunner {
     GithubRunner::new(client(fake), config())
 }
 
+/// A first attempt: dispatched without looking for an earlier run.
 fn request(head: &str) -> TriggerRequest {
-    TriggerRequest::new(
-        BuildId::new(),
-        "ci",
-        ChangeSet::new(vec!["https://git.example/base/1".into()], vec![head.into()]),
-    )
-    .with_first_attempt(true)
+    support::request(head).with_first_attempt(true)
 }
 
 fn repo() -> Repo {
@@ -94,36 +74,6 @@ fn repo() -> Repo {
         owner: "acme".into(),
         name: "app".into(),
     }
-}
-
-/// Asks for the status now and after every move of the fake's runs until
-/// `wanted` holds: the fake's clock moves the run, nothing else does.
-async fn wait_report(
-    fake: &FakeGithub,
-    r: &GithubRunner,
-    h: &BuildHandle,
-    mut wanted: impl FnMut(&stitch_core::StatusReport) -> bool,
-) -> stitch_core::StatusReport {
-    let mut moved = fake.runs_moved();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        // Marked seen before asking: a move after it wakes the wait.
-        moved.borrow_and_update();
-        let s = r.status(h).await.unwrap();
-        if wanted(&s) {
-            return s;
-        }
-        let next = tokio::time::timeout_at(deadline, moved.changed()).await;
-        assert!(matches!(next, Ok(Ok(()))), "run stuck at {s:?}");
-    }
-}
-
-async fn wait_terminal(
-    fake: &FakeGithub,
-    r: &GithubRunner,
-    h: &BuildHandle,
-) -> stitch_core::StatusReport {
-    wait_report(fake, r, h, stitch_core::StatusReport::is_terminal).await
 }
 
 fn requests(fake: &FakeGithub, endpoint: &str) -> u64 {
@@ -167,7 +117,7 @@ async fn dispatch_carries_the_inputs_and_returns_the_run_id() {
     // The id came from the dispatch answer: no lookup on a first attempt.
     assert_eq!(requests(&fake, "list_runs"), 0);
     let h = req.handle().with_ref(rref);
-    let report = wait_terminal(&fake, &r, &h).await;
+    let report = wait_terminal(fake.runs_moved(), &r, &h).await;
     assert_eq!(report.status, BuildStatus::Succeeded);
     let m = &report.metadata;
     assert_eq!(m.get("github_status"), Some("completed"));
@@ -223,7 +173,7 @@ async fn an_older_server_is_dispatched_without_run_details_and_found_by_run_name
     assert_eq!(requests(&fake, "dispatch"), 4);
     for h in &ids {
         assert_eq!(
-            wait_terminal(&fake, &r, h).await.status,
+            wait_terminal(fake.runs_moved(), &r, h).await.status,
             BuildStatus::Succeeded
         );
     }
@@ -275,7 +225,7 @@ async fn a_redelivered_trigger_finds_the_run_instead_of_dispatching() {
     let s = runner(&fake).status(&h).await.unwrap();
     assert!(!s.is_terminal());
     runner(&fake).cancel(&h).await.unwrap();
-    let done = wait_terminal(&fake, &fresh, &h).await;
+    let done = wait_terminal(fake.runs_moved(), &fresh, &h).await;
     assert_eq!(done.status, BuildStatus::Cancelled);
     assert_eq!(done.metadata.get("github_conclusion"), Some("cancelled"));
     // Cancelling the completed run: GitHub's 409 is a no-op.
@@ -297,7 +247,10 @@ async fn unchanged_runs_are_answered_304_and_cost_no_quota() {
     let r = runner(&fake);
     let req = request("https://git.example/c/1?stitch-gh=hang");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
-    wait_report(&fake, &r, &h, |s| s.status == BuildStatus::Running).await;
+    wait_report(fake.runs_moved(), &r, &h, |s| {
+        s.status == BuildStatus::Running
+    })
+    .await;
     // Once the second job started, nothing changes any more.
     fake.run_until(h.build_id.as_str(), |_, jobs| {
         jobs.iter().all(|j| j["status"] != "queued")
@@ -427,7 +380,7 @@ async fn logs_stream_each_finished_job_without_stamps_or_credentials_at_storage(
         "credentials followed the redirect"
     );
     assert_eq!(
-        wait_terminal(&fake, &r, &h).await.status,
+        wait_terminal(fake.runs_moved(), &r, &h).await.status,
         BuildStatus::Failed
     );
 }
@@ -495,7 +448,7 @@ async fn a_revoked_installation_token_is_reminted_after_one_401() {
     assert_eq!(fake.stats().unauthorized, 1);
     r.cancel(&h).await.unwrap();
     // Logs travel without the installation token to storage.
-    let done = wait_terminal(&fake, &r, &h).await;
+    let done = wait_terminal(fake.runs_moved(), &r, &h).await;
     assert_eq!(done.status, BuildStatus::Cancelled);
     let lines: Vec<_> = r.logs(&h).await.unwrap().collect().await;
     assert!(lines.iter().all(Result::is_ok));
@@ -554,31 +507,12 @@ async fn a_ref_of_another_build_is_not_found() {
     assert!(r.status(&garbage).await.unwrap_err().is_not_found());
 }
 
-fn subject(fake: Arc<FakeGithub>) -> Subject {
-    Subject::new(
-        move || Arc::new(runner(&fake)) as Arc<dyn BuildRunner>,
-        |scenario| {
-            let marker = match scenario {
-                Scenario::Succeed => "",
-                Scenario::Fail => "?stitch-gh=fail",
-                Scenario::RunLong => "?stitch-gh=hang",
-                Scenario::UnknownState => "?stitch-gh=unknown",
-            };
-            // Conformance triggers twice per id: never a first attempt.
-            Some(request(&format!("https://git.example/c/1{marker}")).with_first_attempt(false))
-        },
-    )
-    .with_deadline(Duration::from_secs(20))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_passes_against_the_fake() {
-    let fake = Arc::new(FakeGithub::start(FakeOptions::default()).await.unwrap());
-    let results = conformance::run_all(&subject(fake)).await.unwrap();
-    assert!(
-        results.iter().all(|(_, c)| *c == Checked::Passed),
-        "{results:?}"
-    );
+    let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
+    let new_runner = move || Arc::new(runner(&fake)) as Arc<dyn BuildRunner>;
+    // Conformance triggers twice per id: never a first attempt.
+    support::assert_conformance(new_runner, "gh", |r| r.with_first_attempt(false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,6 +189,9 @@ impl Service {
             StorePool::MySql(_) => "`cursor`",
             _ => "cursor",
         };
+        // An ack is followed by a claim pass that moves the cursor past it:
+        // re-read after each pass.
+        let mut passes = self.state.queue().admin().claim_passes();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for id in ids {
             let sql = format!(
@@ -196,13 +199,15 @@ impl Service {
                  AND m.seq > (SELECT MIN(p.{cursor}) FROM mq_partitions p \
                  WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
             );
-            while self.count(&sql).await > 0 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{id}: messages pending"
-                );
-                // Polled: an ack announces nothing a test could wait on.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            loop {
+                passes.borrow_and_update();
+                if self.count(&sql).await == 0 {
+                    break;
+                }
+                tokio::time::timeout_at(deadline, passes.changed())
+                    .await
+                    .unwrap_or_else(|_| panic!("{id}: messages pending"))
+                    .unwrap();
             }
         }
     }

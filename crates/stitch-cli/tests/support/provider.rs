@@ -1,0 +1,265 @@
+//! The cases that must hold whatever the CI provider is, written once
+//! against [`Provider`] and instantiated per provider by
+//! [`provider_suite!`] (`buildkite.rs` and `github.rs` each implement
+//! [`Provider`] on their fake and `stitch serve` configuration).
+
+#![allow(dead_code, unused_macros)] // each test file uses its own part of the helpers
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use stitch_fake_providers::faults::Pause;
+
+use super::serve::Serve;
+
+/// How long a case waits for its build to end.
+pub const WITHIN: Duration = Duration::from_secs(20);
+
+/// A request of the provider's build lifecycle that a case holds.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// The request that starts the build (Buildkite's trigger, GitHub's
+    /// workflow dispatch).
+    Start,
+    /// The status poll (Buildkite's get build, GitHub's get run).
+    Poll,
+}
+
+/// When a cancel lands relative to a held request.
+#[derive(Clone, Copy, Debug)]
+pub enum CancelAt {
+    /// While the request's answer is held.
+    WhileHeld,
+    /// Right after the answer went out.
+    AfterAnswer,
+}
+
+/// How `stitch serve` learns of the provider's builds.
+#[derive(Clone, Copy, Debug)]
+pub enum Setup {
+    /// Signed webhooks accepted and a 60 s safety-net poll: only a push or
+    /// a cancel ends a build within [`WITHIN`].
+    Pushed,
+    /// No webhooks; polls every 100 ms.
+    Polled,
+}
+
+/// A faked CI provider with `stitch serve` running queue `ci` on it, and
+/// the verbs the shared cases drive it with.
+#[allow(async_fn_in_trait)] // test-only, never spawned: no `Send` bound wanted
+pub trait Provider: Sized {
+    /// The head marker that makes the fake's build run until cancelled.
+    const HANG: &'static str;
+
+    /// Starts the fake and a `stitch serve` configured for it.
+    async fn start(setup: Setup) -> Self;
+
+    /// The running `stitch serve`.
+    fn serve(&self) -> &Serve;
+
+    /// Holds the fake's next answer to `step` until the pause is released.
+    fn hold_next(&self, step: Step) -> Pause;
+
+    /// Points the fake's webhooks at the running `stitch serve`.
+    fn send_webhooks(&self);
+
+    /// Returns once the webhook saying the build ended was answered.
+    async fn finished_webhook_delivered(&self, id: &str);
+
+    /// Asserts the provider itself was asked to cancel the build and did;
+    /// `settled`: its own state is final too (not still cancelling).
+    fn assert_cancelled_at_provider(&self, id: &str, settled: bool);
+
+    /// Asserts what the provider left in a finished build's record
+    /// (metadata, the build's page).
+    fn assert_finished_record(&self, record: &Value);
+
+    /// Asserts the provider's own lines in a finished build's log (read as
+    /// SSE), beyond its two steps.
+    fn assert_finished_log(&self, text: &str);
+}
+
+async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {
+    assert_eq!(s.cancel(http, id).await, 202, "cancel {id}");
+}
+
+async fn ends_as(http: &reqwest::Client, s: &Serve, id: &str, status: &str) {
+    let done = s.wait_all_terminal(http, &[id.to_string()], WITHIN).await;
+    assert_eq!(done[id], status, "{}", s.log());
+}
+
+/// Creates a build whose request for `step` is held at the fake.
+async fn create_held<P: Provider>(
+    p: &P,
+    http: &reqwest::Client,
+    step: Step,
+    head: &str,
+) -> (String, Pause) {
+    let pause = p.hold_next(step);
+    let id = p.serve().create(http, "ci", head).await;
+    pause.arrived().await;
+    (id, pause)
+}
+
+/// A never-ending build whose request for `step` is held; the cancel lands
+/// at `at` and must reach the provider at once.
+pub async fn cancel_around<P: Provider>(step: Step, at: CancelAt, head: &str) {
+    let p = P::start(Setup::Pushed).await;
+    let s = p.serve();
+    let http = reqwest::Client::new();
+    let head = format!("{head}{}", P::HANG);
+    let (id, pause) = create_held(&p, &http, step, &head).await;
+    match at {
+        CancelAt::WhileHeld => {
+            cancel(&http, s, &id).await;
+            pause.release();
+        }
+        CancelAt::AfterAnswer => {
+            pause.release();
+            cancel(&http, s, &id).await;
+        }
+    }
+    ends_as(&http, s, &id, "cancelled").await;
+    p.assert_cancelled_at_provider(&id, false);
+}
+
+/// A build whose request for `step` is held while it passes at the
+/// provider and its "finished" webhook reaches stitch.
+pub async fn webhook_while_held<P: Provider>(step: Step, head: &str) {
+    let p = P::start(Setup::Pushed).await;
+    p.send_webhooks();
+    let http = reqwest::Client::new();
+    let (id, pause) = create_held(&p, &http, step, head).await;
+    p.finished_webhook_delivered(&id).await;
+    pause.release();
+    ends_as(&http, p.serve(), &id, "succeeded").await;
+}
+
+/// Polled builds: a running build is cancelled at the provider, cancelling
+/// a finished one changes nothing, and the finished build's log streams
+/// over SSE as two steps with the provider's lines.
+pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
+    let p = P::start(Setup::Polled).await;
+    let s = p.serve();
+    let http = reqwest::Client::new();
+    let long = s
+        .create(
+            &http,
+            "ci",
+            &format!("https://git.example/c/long{}", P::HANG),
+        )
+        .await;
+    let short = s.create(&http, "ci", "https://git.example/c/short").await;
+    s.wait_status(&http, &long, "running").await;
+    s.wait_all_terminal(&http, std::slice::from_ref(&short), Duration::from_secs(30))
+        .await;
+    for id in [&long, &short] {
+        cancel(&http, s, id).await;
+    }
+    let done = s
+        .wait_all_terminal(
+            &http,
+            &[long.clone(), short.clone()],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done[&long], "cancelled");
+    assert_eq!(
+        done[&short], "succeeded",
+        "cancelling a finished build changes nothing"
+    );
+    p.assert_cancelled_at_provider(&long, true);
+    p.assert_finished_record(&s.get(&http, &short).await);
+
+    let text = http
+        .get(format!("{}/v1/builds/{short}/logs", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text.matches(r#""step_status":"start""#).count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
+    p.assert_finished_log(&text);
+}
+
+/// Expands to the provider suite for the [`Provider`] given:
+/// `cancel_running_and_finished_builds_and_stream_logs`, and
+/// `mod push_never_lost`, where a push (a cancel, a webhook) is never lost
+/// whenever it lands in the start/poll cycle: it takes effect at once, not
+/// at the next 60 s poll.
+macro_rules! provider_suite {
+    ($provider:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn cancel_running_and_finished_builds_and_stream_logs() {
+            $crate::support::provider::cancel_running_and_finished_builds_and_stream_logs::<
+                $provider,
+            >()
+            .await;
+        }
+
+        mod push_never_lost {
+            use super::*;
+            use $crate::support::provider::{cancel_around, webhook_while_held, CancelAt, Step};
+
+            type P = $provider;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_cancel_before_the_start_returns_cancels_at_once() {
+                cancel_around::<P>(Step::Start, CancelAt::WhileHeld, "https://git.example/c/1")
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_cancel_between_the_start_and_the_first_poll_cancels_at_once() {
+                cancel_around::<P>(
+                    Step::Start,
+                    CancelAt::AfterAnswer,
+                    "https://git.example/c/2",
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_cancel_during_a_poll_cancels_at_once() {
+                // The first poll starts right after the start: the cancel
+                // comes after the build was started and while that poll is
+                // out.
+                cancel_around::<P>(Step::Poll, CancelAt::WhileHeld, "https://git.example/c/3")
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_cancel_after_a_poll_answered_cancels_at_once() {
+                // The poll's answer goes out; the stage is writing or has
+                // written its 60 s hold when the cancel lands (both must
+                // work).
+                cancel_around::<P>(Step::Poll, CancelAt::AfterAnswer, "https://git.example/c/4")
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_webhook_during_a_poll_takes_effect_at_once() {
+                // The first poll is held with the build still waiting to
+                // run; the build passes meanwhile and its webhook reaches
+                // stitch while that poll is out. Its answer (not started)
+                // would hold the build for a minute.
+                webhook_while_held::<P>(Step::Poll, "https://git.example/c/5").await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_webhook_before_the_start_returns_takes_effect_at_once() {
+                webhook_while_held::<P>(Step::Start, "https://git.example/c/6").await;
+            }
+        }
+    };
+}
+
+#[allow(unused_imports)] // only the provider suites expand it
+pub(crate) use provider_suite;
