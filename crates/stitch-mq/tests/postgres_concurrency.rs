@@ -30,7 +30,11 @@ fn config() -> SubscriptionConfig {
     SubscriptionConfig {
         batch_size: 4,
         visibility_timeout: Duration::from_secs(60),
-        lease_duration: Duration::from_millis(800),
+        // Long enough that a consumer starved of CPU on a loaded machine
+        // keeps its partitions (an expired lease is a legitimate takeover
+        // and redelivery, which this suite's "never twice" would call a
+        // failure); renewals stay frequent so partitions are shared early.
+        lease_duration: Duration::from_secs(5),
         lease_renewal: Duration::from_millis(100),
         poll_interval: Duration::from_millis(50),
         ..SubscriptionConfig::new("workers")
