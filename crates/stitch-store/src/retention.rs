@@ -293,7 +293,7 @@ impl Store {
             &[],
         )
         .await?;
-        if !oldest_at.is_some_and(|at| at < before) {
+        if oldest_at.is_none_or(|at| at >= before) {
             return Ok(0);
         }
         let mut tx = self.begin().await?;
