@@ -265,7 +265,7 @@ impl GithubRunner {
             .filter(|r| r.names_build(id.as_str()))
             .collect();
         if matching.len() > 1 {
-            tracing::warn!(build = %id, runs = matching.len(), "several GitHub runs name one build; using the oldest");
+            tracing::warn!(build_id = %id, runs = matching.len(), "several GitHub runs name one build; using the oldest");
         }
         matching.sort_by_key(|r| r.id);
         Ok(matching.into_iter().next())
@@ -370,7 +370,7 @@ impl GithubRunner {
                     rounds -= 1;
                 }
                 Err(e) if e.outcome_unknown() => {
-                    tracing::info!(build = %id, error = %e, "dispatch outcome unknown; looking for the run before dispatching again");
+                    tracing::info!(build_id = %id, error = %e, "dispatch outcome unknown; looking for the run before dispatching again");
                     self.mark_dispatched(id, Dispatched::Unknown);
                     if let Some(run) = self.lookup_settled(id).await? {
                         return Ok(self.found(id, &run));
