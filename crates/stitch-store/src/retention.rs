@@ -146,6 +146,14 @@ fn pair(
     Ok((a?.unwrap_or(0), b.unwrap_or(0)))
 }
 
+/// A text column MySQL reported as binary (binary-collated; see `rows`).
+fn text_column(raw: Vec<u8>) -> Result<String> {
+    String::from_utf8(raw).map_err(|e| StoreError::Corrupt {
+        what: "a text column".into(),
+        detail: e.to_string(),
+    })
+}
+
 /// Build ids of the rows of a one-column text query in the transaction.
 async fn tx_ids(tx: &mut StoreTx<'_>, sql: &str, args: &[Arg<'_>]) -> Result<Vec<String>> {
     if let Ok(handle) = tx.sqlite_handle() {
@@ -165,12 +173,7 @@ async fn tx_ids(tx: &mut StoreTx<'_>, sql: &str, args: &[Arg<'_>]) -> Result<Vec
             .fetch_all(&mut *c)
             .await?
             .into_iter()
-            .map(|raw| {
-                String::from_utf8(raw).map_err(|e| StoreError::Corrupt {
-                    what: "a text column".into(),
-                    detail: e.to_string(),
-                })
-            })
+            .map(text_column)
             .collect(),
         TxConnection::Sqlite(_) => Err(StoreError::Internal(
             "a SQLite transaction without its raw handle".into(),
@@ -219,12 +222,7 @@ async fn read_ids(pool: &StorePool, sql: &str, args: &[Arg<'_>]) -> Result<Vec<S
             .fetch_all(p)
             .await?
             .into_iter()
-            .map(|raw| {
-                String::from_utf8(raw).map_err(|e| StoreError::Corrupt {
-                    what: "a text column".into(),
-                    detail: e.to_string(),
-                })
-            })
+            .map(text_column)
             .collect::<Result<_>>()?,
     })
 }
