@@ -84,7 +84,10 @@ async fn migrate_applies_both_schemas_on_postgres() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 1002, 1005, 1006, 2001, 2002, 2003]);
+    assert_eq!(
+        versions,
+        vec![1001, 1002, 1005, 1006, 1007, 2001, 2002, 2003]
+    );
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
          WHERE table_schema = current_schema() AND table_name IN ('builds', 'mq_messages') \

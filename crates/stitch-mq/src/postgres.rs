@@ -791,24 +791,53 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         .execute(&mut *conn)
         .await?;
     }
-    // Ordered and limited so it reads the due index only up to the first
-    // row this subscriber may serve.
-    result.next_due = sqlx::query_scalar(
-        "SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
-         AND (lease_owner = $3 OR lease_owner IS NULL OR lease_expires <= $4) ORDER BY next_due LIMIT 1",
-    )
-    .bind(&req.topic)
-    .bind(&req.group)
-    .bind(&req.subscriber)
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await?;
+    result.next_due = first_due(&mut *conn, req).await?;
     if result.messages.is_empty() && result.dead_lettered == 0 {
         // Nothing could be done although something is due: the due
         // partitions are locked by someone else for a moment.
         result.next_due = result.next_due.map(|d| d.max(now + LOCKED_RETRY_MS));
     }
     Ok(result)
+}
+
+/// When the first partition this subscriber may serve is due (`None`:
+/// nothing is pending). Ordered and limited so it reads the due index only
+/// up to that row.
+async fn first_due<'c, E>(conn: E, req: &ClaimRequest) -> MqResult<Option<Millis>>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    Ok(sqlx::query_scalar(
+        "SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
+         AND (lease_owner = $3 OR lease_owner IS NULL OR lease_expires <= $4) ORDER BY next_due LIMIT 1",
+    )
+    .bind(&req.topic)
+    .bind(&req.group)
+    .bind(&req.subscriber)
+    .bind(req.now)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// When the first partition this subscriber holds the lease of is due, and
+/// when the first one it may serve (held, free or expired) is due.
+async fn due_times(
+    pool: &PgPool,
+    req: &ClaimRequest,
+) -> MqResult<(Option<Millis>, Option<Millis>)> {
+    Ok(sqlx::query_as(
+        "SELECT \
+           (SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
+            AND lease_owner = $3 AND lease_expires > $4 ORDER BY next_due LIMIT 1), \
+           (SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
+            AND (lease_owner = $3 OR lease_owner IS NULL OR lease_expires <= $4) ORDER BY next_due LIMIT 1)",
+    )
+    .bind(&req.topic)
+    .bind(&req.group)
+    .bind(&req.subscriber)
+    .bind(req.now)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Makes the in-flight deliveries of the partitions in `chunk` that this
@@ -1330,6 +1359,26 @@ impl Driver for PostgresDriver {
     }
 
     async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult> {
+        // Most claims can take nothing: every notify wakes every topic's
+        // claim loop on every node, and a node at its fair-share cap retries
+        // every LOCKED_RETRY_MS while unowned work is due until its cap is
+        // recomputed. Those are answered by one read instead of a
+        // transaction of four round trips (measured in the two-node cancel
+        // benchmark: 27,000 of 42,000 claims took nothing). The answer is the
+        // one the claim itself would give.
+        let (owned_due, any_due) = due_times(&self.pool, req).await?;
+        let nothing_due = any_due.is_none_or(|at| at > req.now);
+        let nothing_takeable = req.may_acquire == 0 && owned_due.is_none_or(|at| at > req.now);
+        if nothing_due || nothing_takeable {
+            return Ok(ClaimResult {
+                next_due: if nothing_due {
+                    any_due
+                } else {
+                    any_due.map(|at| at.max(req.now + LOCKED_RETRY_MS))
+                },
+                ..ClaimResult::default()
+            });
+        }
         let mut tx = self.begin().await?;
         let result = claim_on(&mut tx, req).await?;
         tx.commit().await?;
@@ -1347,17 +1396,25 @@ impl Driver for PostgresDriver {
     }
 
     async fn wake(&self, topic: &str, partition_key: &str, now: Millis) -> MqResult<u64> {
-        // One round trip: the migration's `mq_wake` locks the partition,
-        // updates the delivery state and notifies in one implicit
-        // transaction (see its comment for why it is not sent statement by
-        // statement).
-        let woken: i64 = sqlx::query_scalar("SELECT mq_wake($1, $2, $3, $4)")
+        // Two round trips, each its own implicit transaction (migration
+        // 1007): the wake's lock and updates commit durably without a
+        // notify, then — only when something changed — a notify-only
+        // transaction that does not wait for its WAL flush. A notify inside
+        // the wake held PostgreSQL's database-wide notify lock through the
+        // wake's fsync, so every wake in the cluster queued behind the last.
+        let woken: i64 = sqlx::query_scalar("SELECT mq_wake_state($1, $2, $3)")
             .bind(topic)
             .bind(partition_key)
             .bind(now)
-            .bind(&*self.channel)
             .fetch_one(&self.pool)
             .await?;
+        if woken > 0 {
+            sqlx::query("SELECT mq_notify_soon($1, $2)")
+                .bind(&*self.channel)
+                .bind(topic)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(u64::try_from(woken).unwrap_or(0))
     }
 
