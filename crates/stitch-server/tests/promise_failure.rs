@@ -141,8 +141,8 @@ impl Harness {
         id: &BuildId,
         ok: impl Fn(&stitch_store::Build) -> bool,
     ) -> stitch_store::Build {
-        let mut commits = self.state.event_seq();
-        watch_until(&mut commits, &format!("build {id} as wanted"), || async {
+        let (mut commits, ok) = (self.state.event_seq(), &ok);
+        watch_until(&mut commits, &format!("build {id} as wanted"), move || async move {
             let b = self.state.store().get_build(id).await.unwrap();
             ok(&b).then_some(b)
         })

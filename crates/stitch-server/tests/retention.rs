@@ -135,7 +135,7 @@ impl Service {
     /// Reads the build after each committed event until it is terminal.
     async fn wait_terminal(&self, id: &str) {
         let mut events = self.state.event_seq();
-        watch_until(&mut events, &format!("{id} terminal"), || async {
+        watch_until(&mut events, &format!("{id} terminal"), move || async move {
             let (_, b) = self.get(&format!("/v1/builds/{id}")).await;
             let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
             status.is_terminal().then_some(())
@@ -192,9 +192,9 @@ impl Service {
                  AND m.seq > (SELECT MIN(p.{cursor}) FROM mq_partitions p \
                  WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
             );
-            let done = format!("{id}: queue messages done");
-            watch_until(&mut passes, &done, || async {
-                (self.count(&sql).await == 0).then_some(())
+            let (sql, done) = (sql.as_str(), format!("{id}: queue messages done"));
+            watch_until(&mut passes, &done, move || async move {
+                (self.count(sql).await == 0).then_some(())
             })
             .await;
         }

@@ -100,10 +100,11 @@ async fn a_pass_is_visible_on_metrics() {
     }
     let mut events = state.event_seq();
     let mut passes = state.queue().admin().claim_passes();
+    let service = &state;
     for id in &ids {
-        let build_id = id.parse().unwrap();
-        watch_until(&mut events, &format!("{id} terminal"), || async {
-            let build = state.store().get_build(&build_id).await.unwrap();
+        let build_id = &id.parse::<stitch_core::BuildId>().unwrap();
+        watch_until(&mut events, &format!("{id} terminal"), move || async move {
+            let build = service.store().get_build(build_id).await.unwrap();
             build.status.is_terminal().then_some(())
         })
         .await;
@@ -114,8 +115,9 @@ async fn a_pass_is_visible_on_metrics() {
              AND m.seq > (SELECT MIN(p.cursor) FROM mq_partitions p \
              WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
         );
-        watch_until(&mut passes, &format!("{id}: queue messages done"), || async {
-            (count(&state, &pending).await == 0).then_some(())
+        let pending = pending.as_str();
+        watch_until(&mut passes, &format!("{id}: queue messages done"), move || async move {
+            (count(service, pending).await == 0).then_some(())
         })
         .await;
     }

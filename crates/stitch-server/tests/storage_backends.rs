@@ -142,7 +142,7 @@ impl Service {
     /// terminal.
     async fn wait_terminal(&self, id: &str) -> Value {
         let mut events = self.state.event_seq();
-        watch_until(&mut events, &format!("{id} terminal"), || async {
+        watch_until(&mut events, &format!("{id} terminal"), move || async move {
             let b = self.get(id).await;
             let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
             status.is_terminal().then_some(b)
