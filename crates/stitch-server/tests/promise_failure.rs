@@ -142,10 +142,14 @@ impl Harness {
         ok: impl Fn(&stitch_store::Build) -> bool,
     ) -> stitch_store::Build {
         let (mut commits, ok) = (self.state.event_seq(), &ok);
-        watch_until(&mut commits, &format!("build {id} as wanted"), move || async move {
-            let b = self.state.store().get_build(id).await.unwrap();
-            ok(&b).then_some(b)
-        })
+        watch_until(
+            &mut commits,
+            &format!("build {id} as wanted"),
+            move || async move {
+                let b = self.state.store().get_build(id).await.unwrap();
+                ok(&b).then_some(b)
+            },
+        )
         .await
     }
 

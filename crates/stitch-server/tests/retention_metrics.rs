@@ -116,9 +116,11 @@ async fn a_pass_is_visible_on_metrics() {
              WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
         );
         let pending = pending.as_str();
-        watch_until(&mut passes, &format!("{id}: queue messages done"), move || async move {
-            (count(service, pending).await == 0).then_some(())
-        })
+        watch_until(
+            &mut passes,
+            &format!("{id}: queue messages done"),
+            move || async move { (count(service, pending).await == 0).then_some(()) },
+        )
         .await;
     }
     // Two builds finished long ago, one just now.
