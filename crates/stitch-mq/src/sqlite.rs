@@ -25,6 +25,7 @@ use sqlx::sqlite::{
 use sqlx::SqlitePool;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::clock::Clock;
 use crate::codec::{decode_detail, decode_meta, encode_meta};
 use crate::driver::*;
 use crate::error::{MqError, MqResult};
@@ -121,6 +122,9 @@ pub struct SqliteDriver {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// Stops the background checkpointer when the last clone is dropped.
     _checkpointer: Arc<DropGuard>,
+    /// Holds every wait on sqlx's worker thread ([`Clock::hold`]), so the
+    /// driver runs on Tokio's paused clock too.
+    clock: Clock,
 }
 
 impl SqliteDriver {
@@ -132,13 +136,22 @@ impl SqliteDriver {
     /// Uses an existing pool (shared with the build store); applies
     /// migrations and starts the background checkpointer.
     pub async fn from_pool(pool: SqlitePool) -> MqResult<Self> {
-        migrate(&pool).await?;
+        Self::from_pool_on(pool, Clock::System).await
+    }
+
+    /// [`Self::from_pool`] for queues on `clock`: with [`Clock::Tokio`]
+    /// every wait on sqlx's worker thread holds paused time still
+    /// ([`Clock::hold`]), so the queue's timing runs on a paused runtime
+    /// (tests). Each such wait then also costs a blocking-pool hand-off.
+    pub async fn from_pool_on(pool: SqlitePool, clock: Clock) -> MqResult<Self> {
+        clock.hold(migrate(&pool)).await?;
         let stop = CancellationToken::new();
-        tokio::spawn(checkpointer(pool.clone(), stop.clone()));
+        tokio::spawn(checkpointer(pool.clone(), clock.clone(), stop.clone()));
         Ok(Self {
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(())),
             _checkpointer: Arc::new(stop.drop_guard()),
+            clock,
         })
     }
 
@@ -167,7 +180,10 @@ impl SqliteDriver {
         let this = self.clone();
         tokio::spawn(async move {
             let _guard = this.writer.clone().lock_owned().await;
-            let mut conn = RawSqlite::acquire::<MqError>(&this.pool).await?;
+            let mut conn = this
+                .clock
+                .hold(RawSqlite::acquire::<MqError>(&this.pool))
+                .await?;
             // BEGIN, the statements and COMMIT all run on the raw handle: one
             // hand-off to sqlx's worker for the whole transaction, which runs
             // under the writer lock (every hand-off inside it is time no other
@@ -207,9 +223,9 @@ impl SqliteDriver {
         F: FnOnce(&rusqlite::Connection) -> MqResult<T> + Send + 'static,
         T: Send + 'static,
     {
-        let pool = self.pool.clone();
+        let (pool, clock) = (self.pool.clone(), self.clock.clone());
         tokio::spawn(async move {
-            let conn = RawSqlite::acquire::<MqError>(&pool).await?;
+            let conn = clock.hold(RawSqlite::acquire::<MqError>(&pool)).await?;
             f(conn.handle())
         })
         .await
@@ -262,7 +278,7 @@ impl SqliteDriver {
 /// Copies committed WAL pages back into the database file off the commit
 /// path: a PASSIVE checkpoint runs beside writers and readers without
 /// blocking them. Ends when the pool closes.
-async fn checkpointer(pool: SqlitePool, stop: CancellationToken) {
+async fn checkpointer(pool: SqlitePool, clock: Clock, stop: CancellationToken) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -273,10 +289,8 @@ async fn checkpointer(pool: SqlitePool, stop: CancellationToken) {
         if pool.is_closed() {
             return;
         }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
+        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool);
+        if let Err(e) = clock.hold(checkpoint).await {
             if pool.is_closed() {
                 return;
             }

@@ -15,7 +15,7 @@ use stitch_server::http;
 use stitch_server::stages;
 use stitch_server::state::AppState;
 use stitch_store::{EventKind, NewBuild};
-use tokio::time::Instant;
+use stitch_testkit::watch_until;
 use tokio_util::sync::CancellationToken;
 
 const API_TOKEN: &str = "api-token-for-tests";
@@ -141,23 +141,16 @@ impl Harness {
         id: &BuildId,
         ok: impl Fn(&stitch_store::Build) -> bool,
     ) -> stitch_store::Build {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut commits = self.state.event_seq();
-        loop {
-            // Marked seen before the read: a commit after it wakes us.
-            commits.borrow_and_update();
-            let b = self.state.store().get_build(id).await.unwrap();
-            if ok(&b) {
-                return b;
-            }
-            let changed = tokio::time::timeout_at(deadline, commits.changed()).await;
-            assert!(
-                matches!(changed, Ok(Ok(()))),
-                "build {id} stuck: {} {:?}",
-                b.status,
-                b.runner_metadata
-            );
-        }
+        let (mut commits, ok) = (self.state.event_seq(), &ok);
+        watch_until(
+            &mut commits,
+            &format!("build {id} as wanted"),
+            move || async move {
+                let b = self.state.store().get_build(id).await.unwrap();
+                ok(&b).then_some(b)
+            },
+        )
+        .await
     }
 
     fn token(&self, id: &BuildId) -> String {

@@ -19,6 +19,7 @@ use stitch_server::retention::{Pruner, LEASE};
 use stitch_server::stages;
 use stitch_server::state::{self, AppState};
 use stitch_store::StorePool;
+use stitch_testkit::watch_until;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
@@ -131,22 +132,15 @@ impl Service {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// Reads the build after each committed event until it is terminal.
     async fn wait_terminal(&self, id: &str) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut changes = self.state.event_seq();
-        loop {
+        let mut events = self.state.event_seq();
+        watch_until(&mut events, &format!("{id} terminal"), move || async move {
             let (_, b) = self.get(&format!("/v1/builds/{id}")).await;
             let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
-            if status.is_terminal() {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} still {status}"
-            );
-            // Woken by the next committed event (or re-checked after 200 ms).
-            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
-        }
+            status.is_terminal().then_some(())
+        })
+        .await
     }
 
     /// Writes a finish time long ago (beyond the 30-day default window).
@@ -192,23 +186,17 @@ impl Service {
         // An ack is followed by a claim pass that moves the cursor past it:
         // re-read after each pass.
         let mut passes = self.state.queue().admin().claim_passes();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for id in ids {
             let sql = format!(
                 "SELECT COUNT(*) FROM mq_messages m WHERE m.partition_key = '{id}' \
                  AND m.seq > (SELECT MIN(p.{cursor}) FROM mq_partitions p \
                  WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
             );
-            loop {
-                passes.borrow_and_update();
-                if self.count(&sql).await == 0 {
-                    break;
-                }
-                tokio::time::timeout_at(deadline, passes.changed())
-                    .await
-                    .unwrap_or_else(|_| panic!("{id}: messages pending"))
-                    .unwrap();
-            }
+            let (sql, done) = (sql.as_str(), format!("{id}: queue messages done"));
+            watch_until(&mut passes, &done, move || async move {
+                (self.count(sql).await == 0).then_some(())
+            })
+            .await;
         }
     }
 

@@ -14,6 +14,7 @@ use stitch_server::retention::Pruner;
 use stitch_server::stages;
 use stitch_server::state::AppState;
 use stitch_store::StorePool;
+use stitch_testkit::watch_until;
 use tokio_util::sync::CancellationToken;
 
 fn config(data_dir: std::path::PathBuf) -> Config {
@@ -97,29 +98,30 @@ async fn a_pass_is_visible_on_metrics() {
         let body: Value = resp.json().await.unwrap();
         ids.push(body["id"].as_str().unwrap().to_string());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut changes = state.event_seq();
+    let mut events = state.event_seq();
+    let mut passes = state.queue().admin().claim_passes();
+    let service = &state;
     for id in &ids {
-        loop {
-            let build = state.store().get_build(&id.parse().unwrap()).await.unwrap();
-            // Terminal, and its queue messages done (acked a moment later).
-            let pending = count(
-                &state,
-                &format!(
-                    "SELECT COUNT(*) FROM mq_messages m WHERE m.partition_key = '{id}' \
-                     AND m.seq > (SELECT MIN(p.cursor) FROM mq_partitions p \
-                     WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
-                ),
-            )
-            .await;
-            if build.status.is_terminal() && pending == 0 {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{id} not done");
-            // Woken by the next event; the acks announce nothing, so re-check
-            // after 20 ms at the latest.
-            let _ = tokio::time::timeout(Duration::from_millis(20), changes.changed()).await;
-        }
+        let build_id = &id.parse::<stitch_core::BuildId>().unwrap();
+        watch_until(&mut events, &format!("{id} terminal"), move || async move {
+            let build = service.store().get_build(build_id).await.unwrap();
+            build.status.is_terminal().then_some(())
+        })
+        .await;
+        // Its queue messages are acked a moment later, and an ack announces
+        // nothing: the claim pass after it moves the cursor past it.
+        let pending = format!(
+            "SELECT COUNT(*) FROM mq_messages m WHERE m.partition_key = '{id}' \
+             AND m.seq > (SELECT MIN(p.cursor) FROM mq_partitions p \
+             WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
+        );
+        let pending = pending.as_str();
+        watch_until(
+            &mut passes,
+            &format!("{id}: queue messages done"),
+            move || async move { (count(service, pending).await == 0).then_some(()) },
+        )
+        .await;
     }
     // Two builds finished long ago, one just now.
     exec(

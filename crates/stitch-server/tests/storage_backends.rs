@@ -20,6 +20,7 @@ use stitch_server::http::{self, HttpOptions};
 use stitch_server::stages;
 use stitch_server::state::AppState;
 use stitch_store::{BackendKind, EventKind};
+use stitch_testkit::watch_until;
 use tokio_util::sync::CancellationToken;
 
 // The queue's per-test schema/database helpers (skip or fail when a server
@@ -137,23 +138,16 @@ impl Service {
         resp.json().await.unwrap()
     }
 
-    /// Polls the build over HTTP until it is terminal.
+    /// Reads the build over HTTP after each committed event until it is
+    /// terminal.
     async fn wait_terminal(&self, id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut changes = self.state.event_seq();
-        loop {
+        let mut events = self.state.event_seq();
+        watch_until(&mut events, &format!("{id} terminal"), move || async move {
             let b = self.get(id).await;
             let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
-            if status.is_terminal() {
-                return b;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} still {status}"
-            );
-            // Woken by the next committed event (or re-checked after 200 ms).
-            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
-        }
+            status.is_terminal().then_some(b)
+        })
+        .await
     }
 
     async fn shutdown(self) {

@@ -17,8 +17,9 @@
 //!
 //! Layout: [`model`] value types; `logic` the rules, once for every backend,
 //! over the `Ops` trait; `rows` the row decoding every backend shares;
-//! `sqlite`, `postgres` and `mysql` each backend's settings, migrations and
-//! SQL; `group_commit` the committer; `pool` URLs and migrations. See
+//! `sqlite` SQLite's settings, migrations and SQL; `server` the SQL of the
+//! server backends, once, over a `Dialect` that `postgres` and `mysql`
+//! implement beside their pools and migrations; `group_commit` the committer; `pool` URLs and migrations. See
 //! `docs/architecture.md` ("stitch-store") and ADR 0009.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,6 +35,7 @@ mod pool;
 mod postgres;
 mod retention;
 mod rows;
+mod server;
 mod sqlite;
 mod store;
 mod write;

@@ -11,37 +11,12 @@ use stitch_core::BuildId;
 use stitch_mq::BackendKind;
 
 use crate::error::{Result, StoreError};
+use crate::mysql::MySql;
 use crate::pool::StorePool;
+use crate::postgres::Postgres;
+use crate::rows::ReadRow;
+use crate::server::{bind, placeholders, Arg, Dialect};
 use crate::store::{Store, StoreTx, TxConnection};
-
-/// A bind value of the portable statements below.
-#[derive(Clone, Copy, Debug)]
-enum Arg<'a> {
-    Int(i64),
-    Text(&'a str),
-}
-
-/// The statements are written with `?` placeholders (SQLite, MySQL);
-/// PostgreSQL numbers them.
-fn numbered(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// `?, ?, …` for `n` values.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -51,26 +26,56 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-macro_rules! bind_all {
-    ($q:expr, $args:expr) => {{
-        let mut q = $q;
-        for a in $args {
-            q = match *a {
-                Arg::Int(i) => q.bind(i),
-                Arg::Text(s) => q.bind(s.to_owned()),
-            };
-        }
-        q
-    }};
-}
-
 fn rusqlite_params<'a>(args: &'a [Arg<'a>]) -> Vec<&'a dyn rusqlite::ToSql> {
     args.iter()
         .map(|a| match a {
-            Arg::Int(i) => i as &dyn rusqlite::ToSql,
-            Arg::Text(s) => s as &dyn rusqlite::ToSql,
+            Arg::Int(v) => v as &dyn rusqlite::ToSql,
+            Arg::OptInt(v) => v as &dyn rusqlite::ToSql,
+            Arg::Text(v) => v as &dyn rusqlite::ToSql,
+            Arg::OptText(v) => v as &dyn rusqlite::ToSql,
+            Arg::Flag(v) => v as &dyn rusqlite::ToSql,
+            Arg::Bytes(v) => v as &dyn rusqlite::ToSql,
         })
         .collect()
+}
+
+/// The integer in column `index` of a row: `None` for NULL, and for a
+/// column the row does not have.
+fn int_at<R: sqlx::Row>(row: &R, index: usize) -> Result<Option<i64>>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    match row.try_get(index) {
+        Ok(v) => Ok(v),
+        Err(sqlx::Error::ColumnIndexOutOfBounds { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Rows of one or two integer columns (NULL and a missing second column
+/// read 0).
+fn int_pairs<R: sqlx::Row>(rows: &[R]) -> Result<Vec<(i64, i64)>>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    rows.iter()
+        .map(|r| Ok((int_at(r, 0)?.unwrap_or(0), int_at(r, 1)?.unwrap_or(0))))
+        .collect()
+}
+
+/// The text column `column` of every row.
+fn texts(rows: &[impl ReadRow], column: &str) -> Result<Vec<String>> {
+    rows.iter().map(|r| r.text(column)).collect()
+}
+
+/// A SQLite transaction whose raw handle is gone: cannot happen (a SQLite
+/// [`StoreTx`] always has one), reported rather than panicked on.
+fn no_handle<T>() -> Result<T> {
+    Err(StoreError::Internal(
+        "a SQLite transaction without its raw handle".into(),
+    ))
 }
 
 /// Runs a statement in the transaction; rows affected.
@@ -79,18 +84,9 @@ async fn tx_execute(tx: &mut StoreTx<'_>, sql: &str, args: &[Arg<'_>]) -> Result
         return Ok(handle.execute(sql, rusqlite_params(args).as_slice())? as u64);
     }
     match tx.connection() {
-        TxConnection::Postgres(c) => {
-            let sql = numbered(sql);
-            let q = bind_all!(sqlx::query(&sql), args);
-            Ok(q.execute(&mut *c).await?.rows_affected())
-        }
-        TxConnection::MySql(c) => {
-            let q = bind_all!(sqlx::query(sql), args);
-            Ok(q.execute(&mut *c).await?.rows_affected())
-        }
-        TxConnection::Sqlite(_) => Err(StoreError::Internal(
-            "a SQLite transaction without its raw handle".into(),
-        )),
+        TxConnection::Postgres(c) => Postgres::execute(c, sql, args).await,
+        TxConnection::MySql(c) => MySql::execute(c, sql, args).await,
+        TxConnection::Sqlite(_) => no_handle(),
     }
 }
 
@@ -107,124 +103,75 @@ async fn tx_ints(tx: &mut StoreTx<'_>, sql: &str, args: &[Arg<'_>]) -> Result<Ve
         })?;
         return Ok(rows.collect::<std::result::Result<_, _>>()?);
     }
-    use sqlx::Row;
-    let rows = match tx.connection() {
-        TxConnection::Postgres(c) => {
-            let sql = numbered(sql);
-            bind_all!(sqlx::query(&sql), args)
-                .fetch_all(&mut *c)
-                .await?
-                .iter()
-                .map(|r| pair(r.try_get(0), r.try_get(1)))
-                .collect::<Result<Vec<_>>>()?
-        }
-        TxConnection::MySql(c) => bind_all!(sqlx::query(sql), args)
-            .fetch_all(&mut *c)
-            .await?
-            .iter()
-            .map(|r| pair(r.try_get(0), r.try_get(1)))
-            .collect::<Result<Vec<_>>>()?,
-        TxConnection::Sqlite(_) => {
-            return Err(StoreError::Internal(
-                "a SQLite transaction without its raw handle".into(),
-            ))
-        }
-    };
-    Ok(rows)
+    match tx.connection() {
+        TxConnection::Postgres(c) => int_pairs(&Postgres::fetch_all(c, sql, args).await?),
+        TxConnection::MySql(c) => int_pairs(&MySql::fetch_all(c, sql, args).await?),
+        TxConnection::Sqlite(_) => no_handle(),
+    }
 }
 
-/// Builds a row pair from two column reads; a missing second column is 0.
-fn pair(
-    a: std::result::Result<Option<i64>, sqlx::Error>,
-    b: std::result::Result<Option<i64>, sqlx::Error>,
-) -> Result<(i64, i64)> {
-    let b = match b {
-        Ok(v) => v,
-        Err(sqlx::Error::ColumnIndexOutOfBounds { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
-    Ok((a?.unwrap_or(0), b.unwrap_or(0)))
-}
-
-/// A text column MySQL reported as binary (binary-collated; see `rows`).
-fn text_column(raw: Vec<u8>) -> Result<String> {
-    String::from_utf8(raw).map_err(|e| StoreError::Corrupt {
-        what: "a text column".into(),
-        detail: e.to_string(),
-    })
-}
-
-/// Build ids of the rows of a one-column text query in the transaction.
-async fn tx_ids(tx: &mut StoreTx<'_>, sql: &str, args: &[Arg<'_>]) -> Result<Vec<String>> {
+/// The text column `column` of every row of a query in the transaction.
+async fn tx_texts(
+    tx: &mut StoreTx<'_>,
+    column: &str,
+    sql: &str,
+    args: &[Arg<'_>],
+) -> Result<Vec<String>> {
     if let Ok(handle) = tx.sqlite_handle() {
         let mut stmt = handle.prepare_cached(sql)?;
-        let rows = stmt.query_map(rusqlite_params(args).as_slice(), |r| r.get::<_, String>(0))?;
+        let rows = stmt.query_map(rusqlite_params(args).as_slice(), |r| r.get(column))?;
         return Ok(rows.collect::<std::result::Result<_, _>>()?);
     }
     match tx.connection() {
-        TxConnection::Postgres(c) => {
-            let sql = numbered(sql);
-            Ok(bind_all!(sqlx::query_scalar::<_, String>(&sql), args)
-                .fetch_all(&mut *c)
-                .await?)
-        }
-        // MySQL reports binary-collated text as binary (see `rows`).
-        TxConnection::MySql(c) => bind_all!(sqlx::query_scalar::<_, Vec<u8>>(sql), args)
-            .fetch_all(&mut *c)
-            .await?
-            .into_iter()
-            .map(text_column)
-            .collect(),
-        TxConnection::Sqlite(_) => Err(StoreError::Internal(
-            "a SQLite transaction without its raw handle".into(),
-        )),
+        TxConnection::Postgres(c) => texts(&Postgres::fetch_all(c, sql, args).await?, column),
+        TxConnection::MySql(c) => texts(&MySql::fetch_all(c, sql, args).await?, column),
+        TxConnection::Sqlite(_) => no_handle(),
     }
 }
 
 /// One nullable integer from a read on the pool.
 async fn read_int(pool: &StorePool, sql: &str, args: &[Arg<'_>]) -> Result<Option<i64>> {
-    Ok(match pool {
+    let first = |pairs: Vec<Option<i64>>| pairs.into_iter().next().flatten();
+    Ok(first(match pool {
         StorePool::Sqlite(p) => {
-            bind_all!(sqlx::query_scalar::<_, Option<i64>>(sql), args)
-                .fetch_one(p)
-                .await?
+            let rows = bind::<sqlx::Sqlite>(sql, args).fetch_all(p).await?;
+            rows.iter().map(|r| int_at(r, 0)).collect::<Result<_>>()?
         }
         StorePool::Postgres(p) => {
-            let sql = numbered(sql);
-            bind_all!(sqlx::query_scalar::<_, Option<i64>>(&sql), args)
-                .fetch_one(p)
-                .await?
+            let rows = Postgres::fetch_all(&mut *p.acquire().await?, sql, args).await?;
+            rows.iter().map(|r| int_at(r, 0)).collect::<Result<_>>()?
         }
         StorePool::MySql(p) => {
-            bind_all!(sqlx::query_scalar::<_, Option<i64>>(sql), args)
-                .fetch_one(p)
-                .await?
+            let rows = MySql::fetch_all(&mut *p.acquire().await?, sql, args).await?;
+            rows.iter().map(|r| int_at(r, 0)).collect::<Result<_>>()?
         }
-    })
+    }))
 }
 
-/// Build ids of a one-column text query, read on the pool (no write lock).
-async fn read_ids(pool: &StorePool, sql: &str, args: &[Arg<'_>]) -> Result<Vec<String>> {
-    Ok(match pool {
-        StorePool::Sqlite(p) => {
-            bind_all!(sqlx::query_scalar::<_, String>(sql), args)
-                .fetch_all(p)
-                .await?
-        }
-        StorePool::Postgres(p) => {
-            let sql = numbered(sql);
-            bind_all!(sqlx::query_scalar::<_, String>(&sql), args)
-                .fetch_all(p)
-                .await?
-        }
-        // MySQL reports binary-collated text as binary (see `rows`).
-        StorePool::MySql(p) => bind_all!(sqlx::query_scalar::<_, Vec<u8>>(sql), args)
+/// The text column `column` of every row of a query read on the pool (no
+/// write lock).
+async fn read_texts(
+    pool: &StorePool,
+    column: &str,
+    sql: &str,
+    args: &[Arg<'_>],
+) -> Result<Vec<String>> {
+    match pool {
+        StorePool::Sqlite(p) => Ok(bind::<sqlx::Sqlite>(sql, args)
             .fetch_all(p)
             .await?
-            .into_iter()
-            .map(text_column)
-            .collect::<Result<_>>()?,
-    })
+            .iter()
+            .map(|r| sqlx::Row::try_get(r, column))
+            .collect::<std::result::Result<_, _>>()?),
+        StorePool::Postgres(p) => texts(
+            &Postgres::fetch_all(&mut *p.acquire().await?, sql, args).await?,
+            column,
+        ),
+        StorePool::MySql(p) => texts(
+            &MySql::fetch_all(&mut *p.acquire().await?, sql, args).await?,
+            column,
+        ),
+    }
 }
 
 /// What one call of [`Store::prune_builds`] deleted.
@@ -348,8 +295,9 @@ impl Store {
         // What to delete is read on the pool: the write transactions below
         // re-check it, and a pass that finds nothing takes no write lock.
         let pool = self.pool();
-        let ids = read_ids(
+        let ids = read_texts(
             &pool,
+            "id",
             &format!(
                 "SELECT id FROM builds WHERE {TERMINAL_FINISHED_BEFORE} ORDER BY finished_at, id LIMIT ?"
             ),
@@ -438,8 +386,9 @@ impl Store {
         .await?;
         let mut args = id_args.clone();
         args.push(Arg::Int(finished_before));
-        let doomed = tx_ids(
+        let doomed = tx_texts(
             &mut tx,
+            "id",
             &format!(
                 "SELECT id FROM builds WHERE id IN ({in_ids}) AND {TERMINAL_FINISHED_BEFORE} \
                  AND NOT EXISTS (SELECT 1 FROM events e WHERE e.build_id = builds.id)"
@@ -647,8 +596,9 @@ impl Store {
         .await?;
         // Read back rather than trust the row count: MySQL counts changed
         // rows, and a renewal at the same instant changes nothing.
-        let held = tx_ids(
+        let held = tx_texts(
             &mut tx,
+            "owner",
             "SELECT owner FROM store_leases WHERE name = ? AND owner = ? AND expires_at = ?",
             &[Arg::Text(name), Arg::Text(owner), Arg::Int(until)],
         )
@@ -660,8 +610,9 @@ impl Store {
     /// Who holds lease `name` at `now`, if anyone.
     pub async fn lease_holder(&self, name: &str, now: i64) -> Result<Option<String>> {
         let mut tx = self.begin().await?;
-        let holder = tx_ids(
+        let holder = tx_texts(
             &mut tx,
+            "owner",
             "SELECT owner FROM store_leases WHERE name = ? AND owner <> '' AND expires_at > ?",
             &[Arg::Text(name), Arg::Int(now)],
         )
@@ -681,19 +632,5 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_numbered_for_postgres() {
-        assert_eq!(
-            numbered("DELETE FROM t WHERE a IN (?, ?) LIMIT ?"),
-            "DELETE FROM t WHERE a IN ($1, $2) LIMIT $3"
-        );
-        assert_eq!(placeholders(3), "?, ?, ?");
     }
 }

@@ -34,6 +34,8 @@ pub(crate) trait ReadRow {
     fn opt_int(&self, column: &str) -> Result<Option<i64>>;
     /// A boolean column (stored as a boolean or as 0/1).
     fn flag(&self, column: &str) -> Result<bool>;
+    /// A binary column (NULL is an error).
+    fn bytes(&self, column: &str) -> Result<Vec<u8>>;
 }
 
 impl ReadRow for rusqlite::Row<'_> {
@@ -52,6 +54,9 @@ impl ReadRow for rusqlite::Row<'_> {
     fn flag(&self, column: &str) -> Result<bool> {
         Ok(self.get(column)?)
     }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
+        Ok(self.get(column)?)
+    }
 }
 
 impl ReadRow for sqlx::postgres::PgRow {
@@ -68,6 +73,9 @@ impl ReadRow for sqlx::postgres::PgRow {
         Ok(sqlx::Row::try_get(self, column)?)
     }
     fn flag(&self, column: &str) -> Result<bool> {
+        Ok(sqlx::Row::try_get(self, column)?)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
         Ok(sqlx::Row::try_get(self, column)?)
     }
 }
@@ -91,6 +99,9 @@ impl ReadRow for sqlx::mysql::MySqlRow {
         Ok(sqlx::Row::try_get(self, column)?)
     }
     fn flag(&self, column: &str) -> Result<bool> {
+        Ok(sqlx::Row::try_get(self, column)?)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
         Ok(sqlx::Row::try_get(self, column)?)
     }
 }

@@ -9,10 +9,13 @@
 //!
 //! - [`process_exit`]: a pidfd, readable once the process has exited;
 //! - [`dir_change`] and the helpers over it: inotify on directories, and the
-//!   test's own check re-run after each change the kernel reports.
+//!   test's own check re-run after each change the kernel reports;
+//! - [`watch_until`]: the test's check re-run after each step a component
+//!   announces on a watch channel (committed events, claim passes).
 //!
 //! - [`serve::Serve`]: a `stitch serve` child process with verbs (create,
-//!   cancel, promise, webhook) and waits on its `/v1/events` stream.
+//!   get, logs_text, cancel, promise, webhook) and waits on its
+//!   `/v1/events` stream.
 //!
 //! Every wait is bounded by [`WAIT`] and panics with what it waited for, so a
 //! hang is a failing test with a message, never a stuck CI job.
@@ -179,6 +182,35 @@ where
     Fut: Future<Output = Option<T>>,
 {
     DirWatch::new(dirs).until(what, check).await
+}
+
+/// Runs `check` now and after every change of `changes` until it returns
+/// `Some`; panics with `what` after [`WAIT`]. For a value a component
+/// publishes on each step it takes (a server's committed-event seq, a
+/// queue's claim passes): the test re-reads what it waits for after each
+/// step instead of on a timer.
+pub async fn watch_until<W, T, F, Fut>(
+    changes: &mut tokio::sync::watch::Receiver<W>,
+    what: &str,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // Marked seen before the check: a step after it wakes the wait.
+        changes.borrow_and_update();
+        if let Some(v) = check().await {
+            return v;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("{what}: the watched component stopped"),
+            Err(_) => panic!("{what}: not after {WAIT:?}"),
+        }
+    }
 }
 
 /// The parent directory of `path` (which must have one).

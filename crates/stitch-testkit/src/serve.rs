@@ -1,9 +1,9 @@
 //! A real `stitch serve` child process for end-to-end tests of any crate:
 //! start it from a config text, kill and restart it, and drive builds
-//! through its HTTP API with verbs (create, get, cancel, promise, webhook)
-//! while waiting on its `/v1/events` stream (never by polling), and read a
-//! build's poll loop from its queue (`stitch mq partitions`), re-read on
-//! each change in the data directory.
+//! through its HTTP API with verbs (create, get, logs_text, cancel,
+//! promise, webhook) while waiting on its `/v1/events` stream (never by
+//! polling), and read a build's poll loop from its queue (`stitch mq
+//! partitions`), re-read on each change in the data directory.
 //!
 //! Readiness is the line the server prints once its listener is bound
 //! (`stitch is serving http://…`), seen in its log file through inotify:
@@ -325,6 +325,21 @@ impl Serve {
             .json()
             .await
             .unwrap()
+    }
+
+    /// `GET /v1/builds/{id}/logs` read to its end: a terminal build's log
+    /// lines as SSE frames (the stream ends with the build). Panics on an
+    /// answer other than 200.
+    pub async fn logs_text(&self, http: &reqwest::Client, id: &str) -> String {
+        let r = http
+            .get(format!("{}/v1/builds/{id}/logs", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "logs of {id}: {text}");
+        text
     }
 
     /// `POST /v1/builds/{id}/cancel`; returns the HTTP status (202 when

@@ -172,14 +172,7 @@ pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
     p.assert_cancelled_at_provider(&long, true);
     p.assert_finished_record(&s.get(&http, &short).await);
 
-    let text = http
-        .get(format!("{}/v1/builds/{short}/logs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.logs_text(&http, &short).await;
     assert_eq!(
         text.matches(r#""step_status":"start""#).count(),
         2,

@@ -24,6 +24,7 @@ use stitch_server::config::{Config, FakeSection, QueueConfig, RunnerSection};
 use stitch_server::state::AppState;
 use stitch_spindle::did::{encode_multikey, DidKey};
 use stitch_spindle::Settings;
+use stitch_testkit::watch_until;
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
@@ -222,17 +223,12 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
     let mut written = db.written();
-    loop {
-        // Marked seen before the check: a write after it wakes the wait.
-        written.borrow_and_update();
-        if check().await {
-            return;
-        }
-        let next = tokio::time::timeout_at(deadline, written.changed()).await;
-        assert!(matches!(next, Ok(Ok(()))), "timed out waiting for {what}");
-    }
+    watch_until(&mut written, what, || {
+        let done = check();
+        async move { done.await.then_some(()) }
+    })
+    .await
 }
 
 /// Waits (bounded) until `f` holds, re-checking after every change `moved`
@@ -240,16 +236,7 @@ where
 /// [`FakeJetstream::connections_moved`]); spindle tables have
 /// `until_written` instead.
 pub async fn eventually(what: &str, mut moved: watch::Receiver<u64>, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        // Marked seen before the check: a change after it wakes the wait.
-        moved.borrow_and_update();
-        if f() {
-            return;
-        }
-        let next = tokio::time::timeout_at(deadline, moved.changed()).await;
-        assert!(matches!(next, Ok(Ok(()))), "timed out waiting for {what}");
-    }
+    watch_until(&mut moved, what, || std::future::ready(f().then_some(()))).await
 }
 
 // ---------------------------------------------------------------------------
