@@ -586,12 +586,15 @@ fn queues() -> BTreeMap<String, QueueConfig> {
         ..QueueConfig::default()
     };
     let mut q = BTreeMap::new();
-    let mut default = fake(400);
+    // Runs long enough (polled every 50 ms) that a loaded machine still
+    // sees each build `running` before it ends: 400 / 200 ms runs were
+    // seen going from pending straight to success under load.
+    let mut default = fake(1_500);
     default.poll.accepted = Duration::from_millis(50);
     default.poll.running = Duration::from_millis(50);
     let mut fast = default.clone();
     fast.runner = RunnerSection::Fake(FakeSection {
-        run_duration: Duration::from_millis(200),
+        run_duration: Duration::from_millis(1_000),
         accept_delay: Duration::from_millis(50),
         slow_factor: 2,
     });
@@ -601,7 +604,10 @@ fn queues() -> BTreeMap<String, QueueConfig> {
     q.insert("default".to_string(), default);
     q.insert("fast".to_string(), fast);
     let mut deadline = slow.clone();
-    deadline.max_duration = Some(Duration::from_millis(300));
+    // Counted from the build's creation: long enough that a loaded machine
+    // still shows the build `running` before the deadline ends it (300 ms
+    // skipped `running` under load in e2e's live-logs test).
+    deadline.max_duration = Some(Duration::from_secs(5));
     q.insert("slow".to_string(), slow);
     q.insert("deadline".to_string(), deadline);
     q
