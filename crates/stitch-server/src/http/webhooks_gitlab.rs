@@ -6,9 +6,10 @@
 //! Hook whose pipeline is named for a live build (`stitch <build id>`, else
 //! its `STITCH_BUILD_ID` variable) on a queue that secret speaks for, of
 //! that queue's project, wakes the build's signal partition; the poll asks
-//! GitLab for the truth (hook bodies are hints). Everything else verified —
-//! other events, pipelines that are not stitch's — is 200 and nothing
-//! else. The body is capped at [`GITLAB_MAX_BODY`].
+//! GitLab for the truth (hook bodies are hints). A hook whose status maps
+//! to the status the build already has wakes nothing. Everything else
+//! verified — other events, pipelines that are not stitch's — is 200 and
+//! nothing else. The body is capped at [`GITLAB_MAX_BODY`].
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -17,6 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use stitch_api::{ErrorBody, WebhookOutcome};
 use stitch_runners::gitlab::webhook::{pipeline_hint, EVENT_HEADER};
+use stitch_runners::gitlab::PipelineStatus;
 
 use super::error::ApiError;
 use super::webhooks::{count_delivery, ignored, outcome, wake};
@@ -105,6 +107,16 @@ async fn receive(
     let ours = queues.contains(&build.queue)
         && hooks.speaks_for(&build.queue, hint.project_path.as_deref(), hint.project_id);
     if !ours || build.status.is_terminal() {
+        return Ok(ignored());
+    }
+    // A hook whose status stitch already has (`pending` for an accepted
+    // build) changes nothing a poll would find: the safety-net poll
+    // covers a hint that was wrong. This keeps a build at four calls.
+    let hinted = hint
+        .status
+        .as_deref()
+        .map(|s| PipelineStatus::parse(s).status());
+    if hinted == Some(build.status) {
         return Ok(ignored());
     }
     wake(state, &id).await?;
