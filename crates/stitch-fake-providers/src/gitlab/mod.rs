@@ -318,6 +318,16 @@ impl FakeGitlab {
         .await;
     }
 
+    /// When the last hook saying the pipeline of `stitch_build_id` reached
+    /// `status` was sent.
+    pub fn webhook_sent_at(&self, stitch_build_id: &str, status: &str) -> Option<SystemTime> {
+        self.shared
+            .lock()
+            .webhook_times
+            .get(&(stitch_build_id.to_string(), status.to_string()))
+            .copied()
+    }
+
     /// Returns once every hook routed so far was delivered (answered).
     pub async fn webhooks_settled(&self) {
         crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
