@@ -682,6 +682,7 @@ struct TriggerBody {
 }
 
 /// Makes the pipeline, or says why not (the same for both create routes).
+#[allow(clippy::result_large_err)]
 fn new_pipeline(
     s: &Shared,
     project: &str,
