@@ -409,7 +409,7 @@ const WRITTEN_BY_STITCH: &[&str] = &[
     RERUN_OF,
 ];
 /// Prefixes of the runner-specific keys (`buildkite_number`, …).
-const WRITTEN_BY_RUNNERS: &[&str] = &["buildkite_", "github_", "fake_"];
+const WRITTEN_BY_RUNNERS: &[&str] = &["buildkite_", "github_", "gitlab_", "fake_"];
 /// The metadata key a rerun names the build it repeats with.
 const RERUN_OF: &str = "rerun_of";
 

@@ -312,7 +312,7 @@ enum BuildCommand {
     ///
     /// Metadata that stitch or the runner wrote (`url`, `error`,
     /// `exit_status`, `signal`, `promised_exit_status*`, `buildkite_*`,
-    /// `github_*`, `fake_*`, `provider_state`) is not copied; the new
+    /// `github_*`, `gitlab_*`, `fake_*`, `provider_state`) is not copied; the new
     /// build's `rerun_of` metadata names the old one. Prints the new id.
     Rerun {
         #[command(flatten)]

@@ -8,6 +8,8 @@
 //! - [`buildkite`]: the Buildkite REST API v2 and its webhooks.
 //! - [`github`]: the GitHub Actions REST API, App installation tokens and
 //!   `workflow_run` / `workflow_job` webhooks.
+//! - [`gitlab`]: the GitLab REST API v4 (pipelines, jobs, traces) and
+//!   Pipeline Hook webhooks.
 //!
 //! [`faults`] is the fault injection both share.
 #![forbid(unsafe_code)]
@@ -15,3 +17,4 @@
 pub mod buildkite;
 pub mod faults;
 pub mod github;
+pub mod gitlab;

@@ -6,6 +6,7 @@
 //! - [`local`]: runs a shell command per build as a real child process.
 //! - [`buildkite`]: builds on Buildkite pipelines (REST API v2).
 //! - [`github`]: builds as GitHub Actions workflow runs (REST API).
+//! - [`gitlab`]: builds as GitLab CI pipelines (REST API v4).
 //!
 //! Each runner with settings has a `section` module: its table of
 //! `stitch.toml` (`[queues.NAME.local]`, …), read by `stitch-server`.
@@ -26,6 +27,7 @@ pub mod buildkite;
 pub mod conformance;
 pub mod fake;
 pub mod github;
+pub mod gitlab;
 pub mod http_budget;
 pub mod http_error;
 mod http_metrics;
@@ -43,6 +45,7 @@ use std::str::FromStr;
 pub use buildkite::{BuildkiteConfig, BuildkiteRunner};
 pub use fake::{FakeConfig, FakeConfigError, FakeRunner};
 pub use github::{GithubConfig, GithubRunner};
+pub use gitlab::{GitlabConfig, GitlabRunner};
 pub use local::{LocalConfig, LocalConfigError, LocalRunner};
 pub use noop::NoopRunner;
 
@@ -61,16 +64,19 @@ pub enum RunnerKind {
     Buildkite,
     /// [`GithubRunner`].
     Github,
+    /// [`GitlabRunner`].
+    Gitlab,
 }
 
 impl RunnerKind {
     /// Every runner kind, in the order help texts list them.
-    pub const ALL: [RunnerKind; 5] = [
+    pub const ALL: [RunnerKind; 6] = [
         RunnerKind::Noop,
         RunnerKind::Fake,
         RunnerKind::Local,
         RunnerKind::Buildkite,
         RunnerKind::Github,
+        RunnerKind::Gitlab,
     ];
 
     /// The configuration name (`runner = "…"`).
@@ -81,6 +87,7 @@ impl RunnerKind {
             RunnerKind::Local => "local",
             RunnerKind::Buildkite => "buildkite",
             RunnerKind::Github => "github",
+            RunnerKind::Gitlab => "gitlab",
         }
     }
 }
@@ -142,7 +149,7 @@ mod tests {
         assert_eq!(err.name, "jenkins");
         assert_eq!(
             err.to_string(),
-            r#"unknown runner "jenkins"; valid runners are: noop, fake, local, buildkite, github"#
+            r#"unknown runner "jenkins"; valid runners are: noop, fake, local, buildkite, github, gitlab"#
         );
         assert!(parse_runner_name("Fake").is_err());
         assert!(parse_runner_name("").is_err());

@@ -7,6 +7,7 @@ pub mod config;
 pub mod consumer;
 mod dashboard;
 pub mod event_feed;
+pub mod gitlab_webhooks;
 pub mod http;
 pub mod job_token;
 pub mod retention;

@@ -12,6 +12,7 @@ use stitch_runners::buildkite::{BuildkiteConfig, BuildkiteRunner, BuildkiteSecti
 use stitch_runners::github::{
     self, AppTokens, Credentials, GithubConfig, GithubRunner, GithubSection,
 };
+use stitch_runners::gitlab::{self, GitlabConfig, GitlabRunner, GitlabSection};
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
 use stitch_runners::local::{LocalSection, RunAs};
@@ -68,6 +69,7 @@ pub fn poll_policy(config: &Config, queue: &QueueConfig) -> PollPolicy {
     let webhook = match &queue.runner {
         RunnerSection::Buildkite(bk) => bk.webhook.as_ref().map(|w| w.poll),
         RunnerSection::Github(_) => config.webhooks.github.as_ref().map(|w| w.poll),
+        RunnerSection::Gitlab(gl) => gl.webhook.as_ref().map(|w| w.poll),
         _ => None,
     };
     PollPolicy {
@@ -158,6 +160,7 @@ fn build_runner(
         )?),
         RunnerSection::Buildkite(bk) => Arc::new(buildkite_runner(bk, budget())?),
         RunnerSection::Github(gh) => Arc::new(github_runner(gh, budget())?),
+        RunnerSection::Gitlab(gl) => Arc::new(gitlab_runner(gl, budget())?),
     })
 }
 
@@ -191,6 +194,11 @@ fn budget_of(section: &RunnerSection) -> Option<(BudgetScope, RateLimit)> {
             };
             Some((scope("github", &gh.api_url, account), gh.rate_limit.limit()))
         }
+        // One budget per token: GitLab limits each user's requests.
+        RunnerSection::Gitlab(gl) => Some((
+            scope("gitlab", &gl.api_url, format!("token:{}", gl.token_env)),
+            gl.rate_limit.limit(),
+        )),
         RunnerSection::Noop | RunnerSection::Fake(_) | RunnerSection::Local(_) => None,
     }
 }
@@ -308,6 +316,31 @@ fn github_runner(gh: &GithubSection, budget: Arc<RequestBudget>) -> Result<Githu
     config.log_poll = gh.log_poll;
     config.lookup_settle = gh.lookup_settle;
     Ok(GithubRunner::new(client, config))
+}
+
+/// The value of the secret environment variable `env` (named by `key`).
+fn secret_env(env: &str, key: &str) -> Result<String, String> {
+    std::env::var(env)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("environment variable {env} ({key}) is unset or empty"))
+}
+
+fn gitlab_runner(gl: &GitlabSection, budget: Arc<RequestBudget>) -> Result<GitlabRunner, String> {
+    let http = http_client(gl.request_timeout, Default::default())?;
+    let token = secret_env(&gl.token_env, "gitlab.token_env")?;
+    let mut client = gitlab::Client::new(http, &gl.api_url, &token, budget, RetryPolicy::default())
+        .map_err(|e| format!("{}: {e}", gl.token_env))?;
+    if let Some(env) = &gl.trigger_token_env {
+        client = client.with_trigger_token(&secret_env(env, "gitlab.trigger_token_env")?);
+    }
+    let mut config = GitlabConfig::new(gl.project.clone(), gl.git_ref.clone());
+    config.variables = gl.variables.clone();
+    config.log_poll = gl.log_poll;
+    config.lookup_settle = gl.lookup_settle;
+    config.max_log_bytes = gl.max_log_bytes;
+    Ok(GitlabRunner::new(client, config))
 }
 
 /// A token from `token_env`, or the tokens a GitHub App mints.

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::event_feed::{EventFeed, FeedEvent};
+use crate::gitlab_webhooks::GitlabWebhooks;
 use crate::job_token::{self, JobTokens};
 use crate::runners::{build_queue_runtimes, QueueRuntime, RunnerError};
 use crate::webhooks::{BuildkiteWebhooks, GithubWebhooks};
@@ -46,6 +47,7 @@ struct Inner {
     bound: std::sync::OnceLock<std::net::SocketAddr>,
     buildkite_webhooks: BuildkiteWebhooks,
     github_webhooks: Option<GithubWebhooks>,
+    gitlab_webhooks: GitlabWebhooks,
 }
 
 /// Why the service could not start.
@@ -189,6 +191,7 @@ impl AppState {
         let queues = build_queue_runtimes(&config, wrap)?;
         let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let github_webhooks = GithubWebhooks::from_config(&config, |k| std::env::var(k).ok());
+        let gitlab_webhooks = GitlabWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let feed = EventFeed::start(store.clone(), events.subscribe());
         Ok(Self {
             inner: Arc::new(Inner {
@@ -202,6 +205,7 @@ impl AppState {
                 bound: std::sync::OnceLock::new(),
                 buildkite_webhooks,
                 github_webhooks,
+                gitlab_webhooks,
             }),
         })
     }
@@ -281,6 +285,11 @@ impl AppState {
     /// The configured Buildkite webhook secrets.
     pub fn buildkite_webhooks(&self) -> &BuildkiteWebhooks {
         &self.inner.buildkite_webhooks
+    }
+
+    /// The configured GitLab webhook secrets.
+    pub fn gitlab_webhooks(&self) -> &GitlabWebhooks {
+        &self.inner.gitlab_webhooks
     }
 
     /// The GitHub webhook, when `[webhooks.github]` is configured.

@@ -35,6 +35,10 @@ fn table(kind: RunnerKind) -> Option<RunnerTable> {
             &["github"][..],
             "missing; runner \"github\" needs a [queues.NAME.github] table with owner, repo and workflow",
         )),
+        RunnerKind::Gitlab => Some((
+            &["gitlab"][..],
+            "missing; runner \"gitlab\" needs a [queues.NAME.gitlab] table with project",
+        )),
     };
     Some(RunnerTable {
         name: kind.as_str(),

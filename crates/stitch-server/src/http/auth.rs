@@ -16,11 +16,12 @@ use super::error::ApiError;
 
 /// Paths that answer without a token: liveness and readiness probes, and
 /// webhook receivers (authenticated by the provider's token or signature).
-const PUBLIC_PATHS: [&str; 4] = [
+const PUBLIC_PATHS: [&str; 5] = [
     "/healthz",
     "/readyz",
     "/webhooks/buildkite",
     "/webhooks/github",
+    "/webhooks/gitlab",
 ];
 
 /// The accepted tokens; empty means authentication is off.

@@ -143,7 +143,7 @@ impl Metrics {
                 }
                 let _ = metrics::histogram!(metric::BUILD_QUEUED, "queue" => queue.clone());
                 let _ = metrics::histogram!(metric::POLL_LAG, "queue" => queue);
-                if matches!(q.runner_name, "buildkite" | "github") {
+                if matches!(q.runner_name, "buildkite" | "github" | "gitlab") {
                     providers.insert(q.runner_name);
                 }
             }
@@ -157,6 +157,9 @@ impl Metrics {
             }
             if state.github_webhooks().is_some() {
                 hooks.push("github");
+            }
+            if !state.gitlab_webhooks().is_empty() {
+                hooks.push("gitlab");
             }
             for provider in hooks {
                 for outcome in metric::WEBHOOK_OUTCOME_VALUES {

@@ -32,6 +32,7 @@ mod ops;
 mod queues;
 mod streams;
 mod webhooks;
+mod webhooks_gitlab;
 
 use std::future::Future;
 use std::io;
@@ -141,6 +142,11 @@ pub fn router_with(state: AppState, tokens: Vec<String>, options: HttpOptions) -
         .route(
             "/webhooks/github",
             post(webhooks::github).layer(DefaultBodyLimit::max(webhooks::GITHUB_MAX_BODY)),
+        )
+        .route(
+            "/webhooks/gitlab",
+            post(webhooks_gitlab::gitlab)
+                .layer(DefaultBodyLimit::max(webhooks_gitlab::GITLAB_MAX_BODY)),
         )
         .merge(crate::dashboard::routes())
         .fallback(error::not_found)

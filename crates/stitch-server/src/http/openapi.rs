@@ -12,7 +12,7 @@ use stitch_core::{BuildId, BuildStatus, LogKind, LogLine, OutputStream, RunnerRe
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{builds, events, logs, ops, queues, webhooks};
+use super::{builds, events, logs, ops, queues, webhooks, webhooks_gitlab};
 
 /// The OpenAPI document of the API.
 #[derive(OpenApi)]
@@ -38,6 +38,7 @@ use super::{builds, events, logs, ops, queues, webhooks};
         ops::openapi,
         webhooks::buildkite,
         webhooks::github,
+        webhooks_gitlab::gitlab,
     ),
     components(schemas(
         CreateBuild,

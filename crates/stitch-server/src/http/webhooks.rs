@@ -85,7 +85,7 @@ pub(crate) fn buildkite_build_id(
 /// Wakes `id`'s signal partition so its next poll happens now. The queue
 /// records the wake, so a poll that is running now (here or in another
 /// process) is followed by another at once instead of its hold (ADR 0012).
-async fn wake(state: &crate::state::AppState, id: &BuildId) -> Result<(), ApiError> {
+pub(super) async fn wake(state: &crate::state::AppState, id: &BuildId) -> Result<(), ApiError> {
     state
         .queue()
         .admin()
@@ -95,14 +95,14 @@ async fn wake(state: &crate::state::AppState, id: &BuildId) -> Result<(), ApiErr
     Ok(())
 }
 
-fn outcome(outcome: &str, build_id: Option<&BuildId>) -> Json<WebhookOutcome> {
+pub(super) fn outcome(outcome: &str, build_id: Option<&BuildId>) -> Json<WebhookOutcome> {
     Json(WebhookOutcome {
         outcome: outcome.into(),
         build_id: build_id.cloned(),
     })
 }
 
-fn ignored() -> Json<WebhookOutcome> {
+pub(super) fn ignored() -> Json<WebhookOutcome> {
     Json(WebhookOutcome {
         outcome: "ignored".into(),
         build_id: None,
@@ -140,7 +140,7 @@ pub(crate) async fn buildkite(
 
 /// Counts a delivery in `stitch_webhook_deliveries_total` by what it came
 /// to; the outcome names are a fixed set ([`metric::WEBHOOK_OUTCOME_VALUES`]).
-fn count_delivery(
+pub(super) fn count_delivery(
     ctx: &Ctx,
     provider: &'static str,
     answer: &Result<Json<WebhookOutcome>, ApiError>,

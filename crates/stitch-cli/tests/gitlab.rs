@@ -1,0 +1,422 @@
+//! `stitch serve` (the real binary) driving pipelines on the stateful fake
+//! GitLab over loopback HTTP: Pipeline Hooks and polling, lost create
+//! answers, SIGKILL and restart, a 429 storm, forged hooks, and the
+//! provider suite (push never lost, cancel and logs).
+
+mod support;
+
+use std::time::Duration;
+
+use stitch_fake_providers::gitlab::{
+    Endpoint, FakeGitlab, FakeOptions, Fault, FaultControl, Pause, Timing, WebhookTarget,
+};
+use support::provider::{provider_suite, Provider, Setup, Step};
+use support::serve::{Serve, STITCH};
+
+const TOKEN: &str = "glpat-test-token";
+const SECRET: &str = "gl-hook-0123456789abcdef";
+
+/// A budget far above what the tests send, unless a test sets its own.
+const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
+
+/// `extra` is appended to the `[queues.ci.gitlab]` table.
+fn config_text(fake: &FakeGitlab, extra: &str, poll: &str) -> String {
+    let budget = if extra.contains("rate_limit") {
+        ""
+    } else {
+        NO_BUDGET
+    };
+    format!(
+        r#"data_dir = "{{data}}"
+[queues.ci]
+runner = "gitlab"
+poll = {{ accepted = "{poll}", running = "{poll}" }}
+retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
+[queues.ci.gitlab]
+project = "acme/app"
+token_env = "GL_TOKEN"
+api_url = "{api}"
+request_timeout = "1s"
+log_poll = "100ms"
+{budget}
+{extra}
+"#,
+        api = fake.url(),
+    )
+}
+
+const ENV: [(&str, &str); 2] = [("GL_TOKEN", TOKEN), ("GL_WEBHOOK_SECRET", SECRET)];
+
+const WEBHOOK: &str = "[queues.ci.gitlab.webhook]\nsecret_env = \"GL_WEBHOOK_SECRET\"\n";
+
+async fn serve(fake: &FakeGitlab, extra: &str, poll: &str) -> Serve {
+    Serve::start(STITCH, &config_text(fake, extra, poll), &ENV).await
+}
+
+fn heads(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let marker = if i % 10 == 3 { "?stitch-gl=fail" } else { "" };
+            format!("https://git.example/c/{i}{marker}")
+        })
+        .collect()
+}
+
+fn expected(head: &str) -> &'static str {
+    if head.contains("stitch-gl=fail") {
+        "failed"
+    } else {
+        "succeeded"
+    }
+}
+
+async fn fake(rate_limit: Option<(u32, Duration)>) -> FakeGitlab {
+    FakeGitlab::start(FakeOptions {
+        token: TOKEN.into(),
+        timing: Timing {
+            schedule: Duration::from_millis(100),
+            run: Duration::from_millis(400),
+            ..Timing::default()
+        },
+        rate_limit,
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn hook_target(s: &Serve) -> WebhookTarget {
+    WebhookTarget {
+        url: format!("{}/webhooks/gitlab", s.base),
+        token: SECRET.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_hooks_drive_100_builds_within_four_calls_each() {
+    let fake = fake(None).await;
+    // The safety-net poll (60 s) is far beyond the test: only hooks can
+    // finish these builds in time.
+    let s = serve(&fake, WEBHOOK, "60s").await;
+    fake.set_webhook(Some(hook_target(&s)));
+    let http = reqwest::Client::new();
+    let hs = heads(100);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(s.create(&http, "ci", h).await);
+    }
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.pipelines_for(id), 1);
+    }
+    let stats = fake.stats();
+    assert!(
+        stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
+        "{stats:?}"
+    );
+    // The create, the poll after it, and one poll per hook that changed
+    // what stitch knows: at most 4 calls per build on average.
+    let per_build = stats.total_requests() as f64 / 100.0;
+    assert!(per_build <= 4.0, "{per_build} calls per build: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_alone_finishes_builds_and_lost_creates_make_one_pipeline_each() {
+    let fake = fake(None).await;
+    let s = serve(&fake, "", "150ms").await;
+    fake.inject_rate(Endpoint::Create, Fault::Reset, 0.1);
+    fake.inject_rate(
+        Endpoint::Create,
+        Fault::Timeout(Duration::from_secs(2)),
+        0.05,
+    );
+    fake.inject_rate(Endpoint::Create, Fault::LostAfterWork(502), 0.05);
+    fake.inject_rate(Endpoint::GetPipeline, Fault::Status(503), 0.05);
+    let http = reqwest::Client::new();
+    let hs = heads(100);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(s.create(&http, "ci", h).await);
+    }
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.pipelines_for(id), 1, "duplicate pipelines for {id}");
+    }
+    assert_eq!(fake.stats().pipelines_created, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_finish_every_build_without_duplicates() {
+    let fake = fake(None).await;
+    let mut s = serve(&fake, "", "150ms").await;
+    // Creates are slow to answer, so the kill lands amid unanswered
+    // creates; the first create's answer is held until after the kill, so
+    // at least one pipeline exists whose create stitch never saw answered.
+    fake.inject_rate(
+        Endpoint::Create,
+        Fault::Timeout(Duration::from_millis(300)),
+        0.3,
+    );
+    let held = fake.pause_next(Endpoint::Create);
+    let http = reqwest::Client::new();
+    let hs = heads(100);
+    let mut ids = Vec::new();
+    for h in &hs {
+        ids.push(s.create(&http, "ci", h).await);
+    }
+    held.arrived().await;
+    s.kill(); // SIGKILL
+    held.release();
+    assert!(fake.stats().pipelines_created >= 1);
+    s.restart().await;
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.pipelines_for(id), 1, "duplicate pipelines for {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_fails_no_build_and_the_budget_holds() {
+    let fake = fake(Some((30, Duration::from_secs(1)))).await;
+    let s = serve(
+        &fake,
+        "rate_limit = { requests = 30, window = \"1s\" }",
+        "200ms",
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let hs = heads(30);
+    let mut ids = Vec::new();
+    for (i, h) in hs.iter().enumerate() {
+        ids.push(s.create(&http, "ci", h).await);
+        if i == 10 {
+            fake.rate_limit_storm(Duration::from_secs(3));
+        }
+    }
+    let done = s
+        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+        .await;
+    for (id, h) in ids.iter().zip(&hs) {
+        assert_eq!(done[id], expected(h), "{id} {h}");
+        assert_eq!(fake.pipelines_for(id), 1);
+    }
+    let stats = fake.stats();
+    assert!(
+        stats.rate_limited > 0,
+        "the storm did not happen: {stats:?}"
+    );
+    let peak = fake.max_requests_in(Duration::from_secs(1));
+    assert!(
+        peak <= 30,
+        "{peak} requests within one second; the budget is 30"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_hooks_are_rejected_and_a_genuine_one_wakes() {
+    let fake = fake(None).await;
+    let s = serve(&fake, WEBHOOK, "60s").await;
+    fake.set_webhook(Some(hook_target(&s)));
+    let http = reqwest::Client::new();
+    let id = s
+        .create(&http, "ci", "https://git.example/c/1?stitch-gl=hang")
+        .await;
+    s.wait_status(&http, &id, "running").await;
+    // From here on only the test's own requests reach the receiver.
+    fake.set_webhook(None);
+    fake.webhooks_settled().await;
+    let resting = s.wait_poll_loop_resting(&id, Duration::from_secs(30)).await;
+    let polls_before = fake.stats().requests["get_pipeline"];
+    let url = format!("{}/webhooks/gitlab", s.base);
+    let post = |token: Option<&str>, event: &str, body: String| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-gitlab-event", event);
+        if let Some(t) = token {
+            r = r.header("x-gitlab-token", t);
+        }
+        r.body(body).send()
+    };
+    let body = fake.hook_json(&id).unwrap().to_string();
+    for (what, token) in [
+        ("no token", None),
+        ("a wrong token", Some("guess")),
+        ("a prefix of the token", Some("gl-hook-0123456789abcde")),
+        ("an empty token", Some("")),
+    ] {
+        let r = post(token, "Pipeline Hook", body.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{what}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_webhook", "{what}");
+        assert!(!v.to_string().contains(SECRET), "{what}: {v}");
+    }
+    let huge = "x".repeat(1100 * 1024);
+    let r = post(Some(SECRET), "Pipeline Hook", huge).await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let r = post(Some(SECRET), "Pipeline Hook", "{not json".into())
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Verified but not for stitch: another event, a foreign pipeline, a
+    // build of another project.
+    let foreign = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../stitch-runners/tests/data/gitlab/pipeline_hook.json"
+    ))
+    .unwrap();
+    let mut elsewhere: serde_json::Value = serde_json::from_str(&body).unwrap();
+    elsewhere["project"]["path_with_namespace"] = "acme/other".into();
+    elsewhere["project"]["id"] = 7.into();
+    for (event, b) in [
+        ("Push Hook", body.clone()),
+        ("Pipeline Hook", foreign),
+        ("Pipeline Hook", elsewhere.to_string()),
+    ] {
+        let r = post(Some(SECRET), event, b).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["outcome"], "ignored", "{event}");
+    }
+    // None of that reached the poll loop (listed exactly as before: no
+    // wake came and no poll ran).
+    assert_eq!(
+        s.poll_loop(&id)
+            .map(|p| (p["next_due"].clone(), p["in_flight"].clone())),
+        Some((resting["next_due"].clone(), resting["in_flight"].clone())),
+        "a rejected hook woke the poll loop"
+    );
+    assert_eq!(fake.stats().requests["get_pipeline"], polls_before);
+    // A genuine one wakes the build: cancel at GitLab, then tell stitch.
+    let r = http
+        .post(format!(
+            "{}/projects/acme%2Fapp/pipelines/{}/cancel",
+            fake.url(),
+            fake.pipeline_json(&id).unwrap()["id"]
+        ))
+        .header("private-token", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let body = fake.hook_json(&id).unwrap().to_string();
+    let r = post(Some(SECRET), "Pipeline Hook", body).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["outcome"], "woken");
+    let done = s
+        .wait_all_terminal(&http, std::slice::from_ref(&id), Duration::from_secs(10))
+        .await;
+    assert_eq!(done[&id], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_without_hooks_answers_404_and_trigger_tokens_work_end_to_end() {
+    let fake = fake(None).await;
+    let extra = "trigger_token_env = \"GL_TRIGGER\"";
+    let text = config_text(&fake, extra, "100ms");
+    let s = Serve::start(
+        STITCH,
+        &text,
+        &[("GL_TOKEN", TOKEN), ("GL_TRIGGER", fake.trigger_token())],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/webhooks/gitlab", s.base))
+        .header("x-gitlab-token", SECRET)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let id = s.create(&http, "ci", "https://git.example/c/1").await;
+    let done = s
+        .wait_all_terminal(&http, std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    assert_eq!(done[&id], "succeeded");
+    assert_eq!(fake.stats().requests.get("trigger_pipeline"), Some(&1));
+    let vars = fake.pipeline_variables(&id).unwrap();
+    assert!(vars.contains_key("STITCH_JOB_TOKEN"));
+    assert!(vars.contains_key("STITCH_SERVER"));
+    assert_eq!(vars["STITCH_BUILD_ID"], id);
+    // The trigger token never reaches the build record or its log.
+    let record = s.get(&http, &id).await.to_string();
+    assert!(!record.contains(fake.trigger_token()), "{record}");
+}
+
+/// GitLab for the provider-independent suites: create and get pipeline are
+/// the held steps, the `success` Pipeline Hook is the finished webhook.
+struct Gitlab {
+    fake: FakeGitlab,
+    serve: Serve,
+}
+
+impl Provider for Gitlab {
+    const HANG: &'static str = "?stitch-gl=hang";
+
+    async fn start(setup: Setup) -> Self {
+        let fake = fake(None).await;
+        let serve = match setup {
+            Setup::Pushed => serve(&fake, WEBHOOK, "60s").await,
+            Setup::Polled => serve(&fake, "", "100ms").await,
+        };
+        Self { fake, serve }
+    }
+
+    fn serve(&self) -> &Serve {
+        &self.serve
+    }
+
+    fn hold_next(&self, step: Step) -> Pause {
+        self.fake.pause_next(match step {
+            Step::Start => Endpoint::Create,
+            Step::Poll => Endpoint::GetPipeline,
+        })
+    }
+
+    fn send_webhooks(&self) {
+        self.fake.set_webhook(Some(hook_target(&self.serve)));
+    }
+
+    async fn finished_webhook_delivered(&self, id: &str) {
+        self.fake.webhook_delivered(id, "success").await;
+    }
+
+    fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
+        // `canceling` already maps to cancelled; the fake moves on to
+        // `canceled` 50 ms later.
+        let status = self.fake.pipeline_json(id).unwrap()["status"].clone();
+        if settled {
+            assert_eq!(status, "canceled");
+        } else {
+            assert!(status == "canceling" || status == "canceled", "{status}");
+        }
+    }
+
+    fn assert_finished_record(&self, record: &serde_json::Value) {
+        assert_eq!(record["metadata"]["gitlab_status"], "success");
+        assert!(record["metadata"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/acme/app/-/pipelines/"));
+    }
+
+    fn assert_finished_log(&self, text: &str) {
+        // GitLab's lines, without section markers or runner timestamps.
+        assert!(text.contains("$ make test"), "{text}");
+        assert!(!text.contains("section_start"), "{text}");
+        assert!(!text.contains(" 00O "), "{text}");
+    }
+}
+
+provider_suite!(Gitlab);
