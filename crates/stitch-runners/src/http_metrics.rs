@@ -13,6 +13,8 @@ use stitch_core::metric;
 pub(crate) const BUILDKITE: &str = "buildkite";
 /// The `provider` label of the GitHub client.
 pub(crate) const GITHUB: &str = "github";
+/// The `provider` label of the Jenkins client.
+pub(crate) const JENKINS: &str = "jenkins";
 
 /// One request attempt being timed; recorded when its answer (or the lack
 /// of one) is known.
