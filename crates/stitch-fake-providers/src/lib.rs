@@ -8,6 +8,8 @@
 //! - [`buildkite`]: the Buildkite REST API v2 and its webhooks.
 //! - [`github`]: the GitHub Actions REST API, App installation tokens and
 //!   `workflow_run` / `workflow_job` webhooks.
+//! - [`jenkins`]: a Jenkins controller's remote-access API (queue, builds,
+//!   progressive console text, CSRF crumbs).
 //!
 //! [`faults`] is the fault injection both share.
 #![forbid(unsafe_code)]
@@ -15,3 +17,4 @@
 pub mod buildkite;
 pub mod faults;
 pub mod github;
+pub mod jenkins;

@@ -68,4 +68,16 @@ mod tests {
         assert!(lines.iter().all(|l| l.time == t0));
         assert_eq!(lines[0].text, "+ make test");
     }
+
+    #[test]
+    fn a_captured_console_reads_as_its_lines() {
+        let raw = include_str!("../../../stitch-fake-providers/tests/data/jenkins/console.txt");
+        let lines = timed_lines::parse::<JenkinsConsole>(raw, Utc::now(), true);
+        assert_eq!(lines[1].text, "[Pipeline] Start of Pipeline");
+        assert_eq!(
+            lines.last().map(|l| l.text.as_str()),
+            Some("Finished: UNSTABLE")
+        );
+        assert!(lines.iter().all(|l| !l.text.contains('\u{1b}')));
+    }
 }

@@ -288,4 +288,45 @@ mod tests {
         assert!(cancelled.has_left());
         assert_eq!(cancelled.status(), BuildStatus::Cancelled);
     }
+
+    #[test]
+    fn captured_shapes_are_read() {
+        let waiting: QueueItem = serde_json::from_str(include_str!(concat!(
+            "../../../stitch-fake-providers/tests/data/jenkins",
+            "/queue_item_waiting.json"
+        )))
+        .unwrap();
+        assert!(!waiting.has_left());
+        assert_eq!(
+            waiting.stitch_build_id(),
+            Some("01JD3M6Q1B7V9K3T5W8X2Y4Z6A")
+        );
+        assert_eq!(
+            waiting.why.as_deref(),
+            Some("Waiting for next available executor")
+        );
+        let left: QueueItem = serde_json::from_str(include_str!(concat!(
+            "../../../stitch-fake-providers/tests/data/jenkins",
+            "/queue_item_left.json"
+        )))
+        .unwrap();
+        assert!(left.has_left());
+        assert_eq!(left.executable.as_ref().map(|e| e.number), Some(57));
+        let build: Build = serde_json::from_str(include_str!(concat!(
+            "../../../stitch-fake-providers/tests/data/jenkins",
+            "/build_unstable.json"
+        )))
+        .unwrap();
+        assert_eq!(build.queue_id, Some(118));
+        assert_eq!(build.status(), BuildStatus::Failed);
+        assert_eq!(build.result(), Some(BuildResult::Unstable));
+        assert_eq!(build.stitch_build_id(), Some("01JD3M6Q1B7V9K3T5W8X2Y4Z6A"));
+        let crumb: CrumbAnswer = serde_json::from_str(include_str!(concat!(
+            "../../../stitch-fake-providers/tests/data/jenkins",
+            "/crumb.json"
+        )))
+        .unwrap();
+        assert_eq!(crumb.crumb_request_field, "Jenkins-Crumb");
+        assert!(!format!("{crumb:?}").contains(&crumb.crumb));
+    }
 }
