@@ -476,3 +476,42 @@ async fn conformance_suite_passes_against_the_fake() {
     let new_runner = move || Arc::new(runner(&fake)) as Arc<dyn BuildRunner>;
     support::assert_conformance(new_runner, "jk", |r| r).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_past_max_log_bytes_ends_with_a_truncation_line() {
+    let fake = fake().await;
+    let r = JenkinsRunner::new(
+        client(&fake),
+        JenkinsConfig {
+            max_log_bytes: 40,
+            ..config()
+        },
+    );
+    let req = request("https://git.example/c/1");
+    let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
+    wait_terminal(fake.builds_moved(), &r, &h).await;
+    let lines: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(10),
+        r.logs(&h).await.unwrap().collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let data: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.kind == LogKind::Data)
+        .map(|l| l.content.as_str())
+        .collect();
+    assert_eq!(data[0], "Started by remote host 127.0.0.1");
+    assert!(
+        data.last().unwrap().starts_with("[stitch] log truncated"),
+        "{data:?}"
+    );
+    assert_eq!(
+        fake.stats().requests["console"],
+        1,
+        "nothing read past the cap"
+    );
+}

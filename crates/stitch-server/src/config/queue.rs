@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{BuildkiteSection, FakeSection, GithubSection, LocalSection, RunnerKind};
+use super::{
+    BuildkiteSection, FakeSection, GithubSection, JenkinsSection, LocalSection, RunnerKind,
+};
 
 /// A queue's runner with its section of `stitch.toml`.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +23,7 @@ pub enum RunnerSection {
     Local(LocalSection),
     Buildkite(BuildkiteSection),
     Github(GithubSection),
+    Jenkins(JenkinsSection),
 }
 
 impl RunnerSection {
@@ -32,6 +35,7 @@ impl RunnerSection {
             RunnerSection::Local(_) => RunnerKind::Local,
             RunnerSection::Buildkite(_) => RunnerKind::Buildkite,
             RunnerSection::Github(_) => RunnerKind::Github,
+            RunnerSection::Jenkins(_) => RunnerKind::Jenkins,
         }
     }
 }
@@ -79,6 +83,7 @@ struct QueueTable {
     fake: Option<FakeSection>,
     buildkite: Option<BuildkiteSection>,
     github: Option<GithubSection>,
+    jenkins: Option<JenkinsSection>,
 }
 
 impl Default for QueueTable {
@@ -95,6 +100,7 @@ impl Default for QueueTable {
             fake: None,
             buildkite: None,
             github: None,
+            jenkins: None,
         }
     }
 }
@@ -116,6 +122,7 @@ impl TryFrom<QueueTable> for QueueConfig {
             RunnerKind::Local => RunnerSection::Local(t.local.ok_or_else(missing)?),
             RunnerKind::Buildkite => RunnerSection::Buildkite(t.buildkite.ok_or_else(missing)?),
             RunnerKind::Github => RunnerSection::Github(t.github.ok_or_else(missing)?),
+            RunnerKind::Jenkins => RunnerSection::Jenkins(t.jenkins.ok_or_else(missing)?),
         };
         Ok(Self {
             runner,

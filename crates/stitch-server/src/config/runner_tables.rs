@@ -35,6 +35,10 @@ fn table(kind: RunnerKind) -> Option<RunnerTable> {
             &["github"][..],
             "missing; runner \"github\" needs a [queues.NAME.github] table with owner, repo and workflow",
         )),
+        RunnerKind::Jenkins => Some((
+            &["jenkins"][..],
+            "missing; runner \"jenkins\" needs a [queues.NAME.jenkins] table with url, job and user",
+        )),
     };
     Some(RunnerTable {
         name: kind.as_str(),

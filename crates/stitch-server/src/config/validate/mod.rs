@@ -6,6 +6,7 @@
 mod buildkite;
 mod fake;
 mod github;
+mod jenkins;
 mod local;
 mod service;
 
@@ -48,6 +49,7 @@ fn validate_runner(base: &[Seg], runner: &RunnerSection, problems: &mut Problems
         RunnerSection::Local(local) => local::validate(&key, local, problems),
         RunnerSection::Buildkite(bk) => buildkite::validate(&key, bk, problems, env),
         RunnerSection::Github(gh) => github::validate(&key, gh, problems, env),
+        RunnerSection::Jenkins(jk) => jenkins::validate(&key, jk, problems, env),
     }
 }
 
