@@ -11,6 +11,7 @@ mod cancel;
 mod counting;
 mod dashboard;
 mod github;
+mod jenkins;
 mod mq;
 mod plain_writes;
 mod promise;
@@ -73,6 +74,10 @@ enum Command {
     /// per build with webhooks vs polling only (304s counted apart),
     /// webhook-to-event latency.
     Github(github::GithubArgs),
+    /// `stitch serve` driving builds as runs of a job on the fake Jenkins
+    /// (polled: Jenkins sends no webhooks): API calls per build, the peak
+    /// requests per second against the queue's budget.
+    Jenkins(jenkins::JenkinsArgs),
     /// Retention over time: two `stitch serve` child processes on SQLite
     /// with builds created at a steady rate on `noop` and `fake` queues,
     /// one with short retention (--window, --interval) and one without;
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Command::Buildkite(args) => rt.block_on(buildkite::run(args)),
         Command::Cancel(args) => rt.block_on(cancel::run(args)),
         Command::Github(args) => rt.block_on(github::run(args)),
+        Command::Jenkins(args) => rt.block_on(jenkins::run(args)),
         Command::Soak(args) => rt.block_on(soak::run(args)),
         Command::Dashboard(args) => rt.block_on(dashboard::run(args)),
     }

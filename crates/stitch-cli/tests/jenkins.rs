@@ -286,10 +286,8 @@ impl Provider for Jenkins {
                 assert_eq!(item["cancelled"], true, "{item}");
             }
         }
-        assert!(
-            self.fake.stats().requests.get("stop").is_some()
-                || self.fake.stats().requests.get("cancel_item").is_some()
-        );
+        let requests = self.fake.stats().requests;
+        assert!(requests.contains_key("stop") || requests.contains_key("cancel_item"));
     }
 
     fn assert_finished_record(&self, record: &serde_json::Value) {
