@@ -12,6 +12,7 @@ mod counting;
 mod dashboard;
 mod github;
 mod gitlab;
+mod jenkins;
 mod mq;
 mod plain_writes;
 mod promise;
@@ -78,6 +79,10 @@ enum Command {
     /// GitLab.com's per-token limit: API calls per build with Pipeline
     /// Hooks vs polling only, the busiest minute, hook-to-event latency.
     Gitlab(gitlab::GitlabArgs),
+    /// `stitch serve` driving builds as runs of a job on the fake Jenkins
+    /// (polled: Jenkins sends no webhooks): API calls per build, the peak
+    /// requests per second against the queue's budget.
+    Jenkins(jenkins::JenkinsArgs),
     /// Retention over time: two `stitch serve` child processes on SQLite
     /// with builds created at a steady rate on `noop` and `fake` queues,
     /// one with short retention (--window, --interval) and one without;
@@ -105,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         Command::Cancel(args) => rt.block_on(cancel::run(args)),
         Command::Github(args) => rt.block_on(github::run(args)),
         Command::Gitlab(args) => rt.block_on(gitlab::run(args)),
+        Command::Jenkins(args) => rt.block_on(jenkins::run(args)),
         Command::Soak(args) => rt.block_on(soak::run(args)),
         Command::Dashboard(args) => rt.block_on(dashboard::run(args)),
     }

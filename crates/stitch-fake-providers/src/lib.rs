@@ -10,6 +10,8 @@
 //!   `workflow_run` / `workflow_job` webhooks.
 //! - [`gitlab`]: the GitLab REST API v4 (pipelines, jobs, traces) and
 //!   Pipeline Hook webhooks.
+//! - [`jenkins`]: a Jenkins controller's remote-access API (queue, builds,
+//!   progressive console text, CSRF crumbs).
 //!
 //! [`faults`] is the fault injection both share.
 #![forbid(unsafe_code)]
@@ -18,3 +20,4 @@ pub mod buildkite;
 pub mod faults;
 pub mod github;
 pub mod gitlab;
+pub mod jenkins;

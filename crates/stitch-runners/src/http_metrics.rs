@@ -15,6 +15,8 @@ pub(crate) const BUILDKITE: &str = "buildkite";
 pub(crate) const GITHUB: &str = "github";
 /// The `provider` label of the GitLab client.
 pub(crate) const GITLAB: &str = "gitlab";
+/// The `provider` label of the Jenkins client.
+pub(crate) const JENKINS: &str = "jenkins";
 
 /// One request attempt being timed; recorded when its answer (or the lack
 /// of one) is known.

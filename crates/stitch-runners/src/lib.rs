@@ -7,6 +7,7 @@
 //! - [`buildkite`]: builds on Buildkite pipelines (REST API v2).
 //! - [`github`]: builds as GitHub Actions workflow runs (REST API).
 //! - [`gitlab`]: builds as GitLab CI pipelines (REST API v4).
+//! - [`jenkins`]: builds as runs of a parameterised Jenkins job.
 //!
 //! Each runner with settings has a `section` module: its table of
 //! `stitch.toml` (`[queues.NAME.local]`, …), read by `stitch-server`.
@@ -33,6 +34,7 @@ pub mod http_error;
 mod http_metrics;
 pub mod http_retry;
 pub mod http_util;
+pub mod jenkins;
 pub mod local;
 pub mod log_follower;
 pub mod noop;
@@ -46,6 +48,7 @@ pub use buildkite::{BuildkiteConfig, BuildkiteRunner};
 pub use fake::{FakeConfig, FakeConfigError, FakeRunner};
 pub use github::{GithubConfig, GithubRunner};
 pub use gitlab::{GitlabConfig, GitlabRunner};
+pub use jenkins::{JenkinsConfig, JenkinsRunner};
 pub use local::{LocalConfig, LocalConfigError, LocalRunner};
 pub use noop::NoopRunner;
 
@@ -66,17 +69,20 @@ pub enum RunnerKind {
     Github,
     /// [`GitlabRunner`].
     Gitlab,
+    /// [`JenkinsRunner`].
+    Jenkins,
 }
 
 impl RunnerKind {
     /// Every runner kind, in the order help texts list them.
-    pub const ALL: [RunnerKind; 6] = [
+    pub const ALL: [RunnerKind; 7] = [
         RunnerKind::Noop,
         RunnerKind::Fake,
         RunnerKind::Local,
         RunnerKind::Buildkite,
         RunnerKind::Github,
         RunnerKind::Gitlab,
+        RunnerKind::Jenkins,
     ];
 
     /// The configuration name (`runner = "…"`).
@@ -88,6 +94,7 @@ impl RunnerKind {
             RunnerKind::Buildkite => "buildkite",
             RunnerKind::Github => "github",
             RunnerKind::Gitlab => "gitlab",
+            RunnerKind::Jenkins => "jenkins",
         }
     }
 }
@@ -145,12 +152,14 @@ mod tests {
 
     #[test]
     fn unknown_runner_lists_the_valid_names() {
-        let err = parse_runner_name("jenkins").unwrap_err();
-        assert_eq!(err.name, "jenkins");
-        assert_eq!(
-            err.to_string(),
-            r#"unknown runner "jenkins"; valid runners are: noop, fake, local, buildkite, github, gitlab"#
+        let err = parse_runner_name("travis").unwrap_err();
+        assert_eq!(err.name, "travis");
+        assert!(
+            err.to_string()
+                .starts_with(r#"unknown runner "travis"; valid runners are: noop, fake, local, buildkite, github, gitlab, jenkins"#),
+            "{err}"
         );
+        assert!(err.to_string().contains("jenkins"), "{err}");
         assert!(parse_runner_name("Fake").is_err());
         assert!(parse_runner_name("").is_err());
     }

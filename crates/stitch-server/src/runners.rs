@@ -15,6 +15,7 @@ use stitch_runners::github::{
 use stitch_runners::gitlab::{self, GitlabConfig, GitlabRunner, GitlabSection};
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
+use stitch_runners::jenkins::{self, JenkinsConfig, JenkinsRunner, JenkinsSection, JobPath};
 use stitch_runners::local::{LocalSection, RunAs};
 use stitch_runners::{FakeConfig, FakeRunner, LocalConfig, LocalRunner, NoopRunner};
 
@@ -161,6 +162,7 @@ fn build_runner(
         RunnerSection::Buildkite(bk) => Arc::new(buildkite_runner(bk, budget())?),
         RunnerSection::Github(gh) => Arc::new(github_runner(gh, budget())?),
         RunnerSection::Gitlab(gl) => Arc::new(gitlab_runner(gl, budget())?),
+        RunnerSection::Jenkins(jk) => Arc::new(jenkins_runner(jk, budget())?),
     })
 }
 
@@ -198,6 +200,10 @@ fn budget_of(section: &RunnerSection) -> Option<(BudgetScope, RateLimit)> {
         RunnerSection::Gitlab(gl) => Some((
             scope("gitlab", &gl.api_url, format!("token:{}", gl.token_env)),
             gl.rate_limit.limit(),
+        )),
+        RunnerSection::Jenkins(jk) => Some((
+            scope("jenkins", &jk.url, jk.user.clone()),
+            jk.rate_limit.limit(),
         )),
         RunnerSection::Noop | RunnerSection::Fake(_) | RunnerSection::Local(_) => None,
     }
@@ -341,6 +347,42 @@ fn gitlab_runner(gl: &GitlabSection, budget: Arc<RequestBudget>) -> Result<Gitla
     config.lookup_settle = gl.lookup_settle;
     config.max_log_bytes = gl.max_log_bytes;
     Ok(GitlabRunner::new(client, config))
+}
+
+/// The Jenkins runner: basic auth with the user's API token (never in a
+/// URL), and a transport that does not follow redirects (Jenkins answers
+/// `stop` and `cancelItem` with one, to an HTML page).
+fn jenkins_runner(
+    jk: &JenkinsSection,
+    budget: Arc<RequestBudget>,
+) -> Result<JenkinsRunner, String> {
+    let token = std::env::var(&jk.token_env)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "environment variable {} (jenkins.token_env) is unset or empty",
+                jk.token_env
+            )
+        })?;
+    let credentials =
+        jenkins::Credentials::new(jk.user.clone(), token).map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("stitch/", env!("CARGO_PKG_VERSION")))
+        .timeout(jk.request_timeout)
+        .connect_timeout(jk.request_timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("building the HTTP client: {e}"))?;
+    let client = jenkins::Client::new(http, &jk.url, credentials, budget, RetryPolicy::default())
+        .map_err(|e| e.to_string())?;
+    let mut config = JenkinsConfig::new(JobPath::parse(&jk.job)?);
+    config.parameters = jk.parameters.clone();
+    config.log_poll = jk.log_poll;
+    config.max_log_bytes = jk.max_log_bytes;
+    config.lookup_depth = jk.lookup_depth;
+    Ok(JenkinsRunner::new(client, config))
 }
 
 /// A token from `token_env`, or the tokens a GitHub App mints.

@@ -502,12 +502,12 @@ fn runner_keys_of_the_wrong_type_are_all_reported_with_their_source() {
 
 #[test]
 fn unknown_runner_kind_from_the_environment_names_the_variable() {
-    let p = setup(None, &[("STITCH_QUEUES__CI__RUNNER", "circleci")]).problems();
+    let p = setup(None, &[("STITCH_QUEUES__CI__RUNNER", "travis")]).problems();
     assert_only_problem(
         &p,
         "queues.ci.runner",
-        "unknown value \"circleci\"; expected one of: noop, fake, local, buildkite, github, \
-         gitlab (set by STITCH_QUEUES__CI__RUNNER)",
+        "unknown value \"travis\"; expected one of: noop, fake, local, buildkite, github, \
+         gitlab, jenkins (set by STITCH_QUEUES__CI__RUNNER)",
     );
 }
 

@@ -1,7 +1,9 @@
 //! The cases that must hold whatever the CI provider is, written once
 //! against [`Provider`] and instantiated per provider by
-//! [`provider_suite!`] (`buildkite.rs` and `github.rs` each implement
-//! [`Provider`] on their fake and `stitch serve` configuration).
+//! [`provider_suite!`] (`buildkite.rs`, `github.rs` and `jenkins.rs` each
+//! implement [`Provider`] on their fake and `stitch serve` configuration;
+//! a provider without webhooks expands `provider_suite!(P, polled)`, the
+//! cases that need none).
 
 #![allow(dead_code, unused_macros)] // each test file uses its own part of the helpers
 
@@ -39,7 +41,8 @@ pub enum CancelAt {
 #[derive(Clone, Copy, Debug)]
 pub enum Setup {
     /// Signed webhooks accepted and a 60 s safety-net poll: only a push or
-    /// a cancel ends a build within [`WITHIN`].
+    /// a cancel ends a build within [`WITHIN`]. (A provider without
+    /// webhooks: polls every 60 s, so only a cancel can.)
     Pushed,
     /// No webhooks; polls every 100 ms.
     Polled,
@@ -51,6 +54,10 @@ pub enum Setup {
 pub trait Provider: Sized {
     /// The head marker that makes the fake's build run until cancelled.
     const HANG: &'static str;
+
+    /// The steps a finished build's log has (one per job; a Jenkins build
+    /// is one console).
+    const STEPS: usize = 2;
 
     /// Starts the fake and a `stitch serve` configured for it.
     async fn start(setup: Setup) -> Self;
@@ -138,7 +145,7 @@ pub async fn webhook_while_held<P: Provider>(step: Step, head: &str) {
 
 /// Polled builds: a running build is cancelled at the provider, cancelling
 /// a finished one changes nothing, and the finished build's log streams
-/// over SSE as two steps with the provider's lines.
+/// over SSE as its steps ([`Provider::STEPS`]) with the provider's lines.
 pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
     let p = P::start(Setup::Polled).await;
     let s = p.serve();
@@ -175,10 +182,14 @@ pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
     let text = s.logs_text(&http, &short).await;
     assert_eq!(
         text.matches(r#""step_status":"start""#).count(),
-        2,
+        P::STEPS,
         "{text}"
     );
-    assert_eq!(text.matches(r#""step_status":"end""#).count(), 2, "{text}");
+    assert_eq!(
+        text.matches(r#""step_status":"end""#).count(),
+        P::STEPS,
+        "{text}"
+    );
     p.assert_finished_log(&text);
 }
 
@@ -186,9 +197,32 @@ pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
 /// `cancel_running_and_finished_builds_and_stream_logs`, and
 /// `mod push_never_lost`, where a push (a cancel, a webhook) is never lost
 /// whenever it lands in the start/poll cycle: it takes effect at once, not
-/// at the next 60 s poll.
+/// at the next 60 s poll. `provider_suite!(P, polled)` leaves out the
+/// webhook cases, for a provider that has none.
 macro_rules! provider_suite {
     ($provider:ty) => {
+        $crate::support::provider::provider_suite!(@cases $provider, {
+            use $crate::support::provider::webhook_while_held;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_webhook_during_a_poll_takes_effect_at_once() {
+                // The first poll is held with the build still waiting to
+                // run; the build passes meanwhile and its webhook reaches
+                // stitch while that poll is out. Its answer (not started)
+                // would hold the build for a minute.
+                webhook_while_held::<P>(Step::Poll, "https://git.example/c/5").await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_webhook_before_the_start_returns_takes_effect_at_once() {
+                webhook_while_held::<P>(Step::Start, "https://git.example/c/6").await;
+            }
+        });
+    };
+    ($provider:ty, polled) => {
+        $crate::support::provider::provider_suite!(@cases $provider, {});
+    };
+    (@cases $provider:ty, { $($webhook_case:item)* }) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn cancel_running_and_finished_builds_and_stream_logs() {
             $crate::support::provider::cancel_running_and_finished_builds_and_stream_logs::<
@@ -199,7 +233,7 @@ macro_rules! provider_suite {
 
         mod push_never_lost {
             use super::*;
-            use $crate::support::provider::{cancel_around, webhook_while_held, CancelAt, Step};
+            use $crate::support::provider::{cancel_around, CancelAt, Step};
 
             type P = $provider;
 
@@ -237,19 +271,7 @@ macro_rules! provider_suite {
                     .await;
             }
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_webhook_during_a_poll_takes_effect_at_once() {
-                // The first poll is held with the build still waiting to
-                // run; the build passes meanwhile and its webhook reaches
-                // stitch while that poll is out. Its answer (not started)
-                // would hold the build for a minute.
-                webhook_while_held::<P>(Step::Poll, "https://git.example/c/5").await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_webhook_before_the_start_returns_takes_effect_at_once() {
-                webhook_while_held::<P>(Step::Start, "https://git.example/c/6").await;
-            }
+            $($webhook_case)*
         }
     };
 }

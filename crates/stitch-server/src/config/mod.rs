@@ -29,6 +29,7 @@ pub use stitch_runners::fake::FakeSection;
 pub use stitch_runners::github::GithubSection;
 pub use stitch_runners::gitlab::{GitlabSection, GitlabWebhookSection};
 pub use stitch_runners::http_budget::RateLimitSection;
+pub use stitch_runners::jenkins::JenkinsSection;
 pub use stitch_runners::local::LocalSection;
 pub use stitch_runners::RunnerKind;
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    BuildkiteSection, FakeSection, GithubSection, GitlabSection, LocalSection, RunnerKind,
+    BuildkiteSection, FakeSection, GithubSection, GitlabSection, JenkinsSection, LocalSection,
+    RunnerKind,
 };
 
 /// A queue's runner with its section of `stitch.toml`.
@@ -24,6 +25,7 @@ pub enum RunnerSection {
     Buildkite(BuildkiteSection),
     Github(GithubSection),
     Gitlab(GitlabSection),
+    Jenkins(JenkinsSection),
 }
 
 impl RunnerSection {
@@ -36,6 +38,7 @@ impl RunnerSection {
             RunnerSection::Buildkite(_) => RunnerKind::Buildkite,
             RunnerSection::Github(_) => RunnerKind::Github,
             RunnerSection::Gitlab(_) => RunnerKind::Gitlab,
+            RunnerSection::Jenkins(_) => RunnerKind::Jenkins,
         }
     }
 }
@@ -84,6 +87,7 @@ struct QueueTable {
     buildkite: Option<BuildkiteSection>,
     github: Option<GithubSection>,
     gitlab: Option<GitlabSection>,
+    jenkins: Option<JenkinsSection>,
 }
 
 impl Default for QueueTable {
@@ -101,6 +105,7 @@ impl Default for QueueTable {
             buildkite: None,
             github: None,
             gitlab: None,
+            jenkins: None,
         }
     }
 }
@@ -123,6 +128,7 @@ impl TryFrom<QueueTable> for QueueConfig {
             RunnerKind::Buildkite => RunnerSection::Buildkite(t.buildkite.ok_or_else(missing)?),
             RunnerKind::Github => RunnerSection::Github(t.github.ok_or_else(missing)?),
             RunnerKind::Gitlab => RunnerSection::Gitlab(t.gitlab.ok_or_else(missing)?),
+            RunnerKind::Jenkins => RunnerSection::Jenkins(t.jenkins.ok_or_else(missing)?),
         };
         Ok(Self {
             runner,

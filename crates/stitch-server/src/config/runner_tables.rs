@@ -39,6 +39,10 @@ fn table(kind: RunnerKind) -> Option<RunnerTable> {
             &["gitlab"][..],
             "missing; runner \"gitlab\" needs a [queues.NAME.gitlab] table with project",
         )),
+        RunnerKind::Jenkins => Some((
+            &["jenkins"][..],
+            "missing; runner \"jenkins\" needs a [queues.NAME.jenkins] table with url, job and user",
+        )),
     };
     Some(RunnerTable {
         name: kind.as_str(),

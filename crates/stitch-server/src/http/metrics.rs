@@ -143,7 +143,7 @@ impl Metrics {
                 }
                 let _ = metrics::histogram!(metric::BUILD_QUEUED, "queue" => queue.clone());
                 let _ = metrics::histogram!(metric::POLL_LAG, "queue" => queue);
-                if matches!(q.runner_name, "buildkite" | "github" | "gitlab") {
+                if matches!(q.runner_name, "buildkite" | "github" | "gitlab" | "jenkins") {
                     providers.insert(q.runner_name);
                 }
             }

@@ -7,6 +7,7 @@ mod buildkite;
 mod fake;
 mod github;
 mod gitlab;
+mod jenkins;
 mod local;
 mod service;
 
@@ -50,6 +51,7 @@ fn validate_runner(base: &[Seg], runner: &RunnerSection, problems: &mut Problems
         RunnerSection::Buildkite(bk) => buildkite::validate(&key, bk, problems, env),
         RunnerSection::Github(gh) => github::validate(&key, gh, problems, env),
         RunnerSection::Gitlab(gl) => gitlab::validate(&key, gl, problems, env),
+        RunnerSection::Jenkins(jk) => jenkins::validate(&key, jk, problems, env),
     }
 }
 
