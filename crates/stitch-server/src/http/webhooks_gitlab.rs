@@ -36,7 +36,7 @@ pub const GITLAB_MAX_BODY: usize = 1024 * 1024;
     request_body(content = String, content_type = "application/json", description = "A GitLab webhook body (Pipeline Hook)"),
     params(
         ("X-Gitlab-Event" = Option<String>, Header, description = "Event name (`Pipeline Hook`, …)"),
-        ("X-Gitlab-Token" = String, Header, description = "The webhook's secret token")
+        ("X-Gitlab-Token" = Option<String>, Header, description = "The webhook's secret token (a request without it is refused 401 where webhooks are configured)")
     ),
     responses(
         (status = 200, description = "Verified; `woken` or `ignored`", body = WebhookOutcome),
