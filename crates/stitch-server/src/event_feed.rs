@@ -52,14 +52,27 @@ pub(crate) struct EventFeed {
 impl EventFeed {
     /// Starts the feed at the log's current end. `commits` changes whenever
     /// events were committed in this process.
-    pub(crate) fn start(store: Store, commits: watch::Receiver<u64>) -> Self {
-        Self::with_capacity(store, commits, FEED_CAPACITY)
+    pub(crate) async fn start(
+        store: Store,
+        commits: watch::Receiver<u64>,
+    ) -> Result<Self, StoreError> {
+        Self::with_capacity(store, commits, FEED_CAPACITY).await
     }
 
-    fn with_capacity(store: Store, commits: watch::Receiver<u64>, capacity: usize) -> Self {
+    /// The start position is read before the feed exists: a stream can only
+    /// subscribe afterwards, so its own first read of the log reaches at
+    /// least that position and the feed broadcasts everything after it. (Read
+    /// by the task instead, a stream that subscribed first could wait for
+    /// events between its read and the feed's start that are never sent.)
+    async fn with_capacity(
+        store: Store,
+        commits: watch::Receiver<u64>,
+        capacity: usize,
+    ) -> Result<Self, StoreError> {
+        let after = store.latest_seq().await?;
         let (feed, _) = broadcast::channel(capacity);
-        tokio::spawn(run(store, commits, feed.clone()));
-        Self { feed }
+        tokio::spawn(run(store, commits, feed.clone(), after));
+        Ok(Self { feed })
     }
 
     /// Every event with `seq > after`, forever, in order: from the database
@@ -88,16 +101,8 @@ async fn run(
     store: Store,
     mut commits: watch::Receiver<u64>,
     feed: broadcast::Sender<Arc<FeedEvent>>,
+    mut after: u64,
 ) {
-    let mut after = loop {
-        match store.latest_seq().await {
-            Ok(seq) => break seq,
-            Err(e) => {
-                tracing::warn!(error = %e, "event feed: reading the log position failed; retrying");
-                tokio::time::sleep(FEED_RECHECK).await;
-            }
-        }
-    };
     loop {
         // Mark the notification seen before reading, so a commit after the
         // read wakes the wait below.
@@ -279,7 +284,9 @@ mod tests {
     #[tokio::test]
     async fn a_stream_that_lags_past_the_broadcast_catches_up_from_the_log() {
         let log = Log::open().await;
-        let feed = EventFeed::with_capacity(log.store.clone(), log.commits.subscribe(), 4);
+        let feed = EventFeed::with_capacity(log.store.clone(), log.commits.subscribe(), 4)
+            .await
+            .unwrap();
         let mut stream = feed.stream(log.store.clone(), 0);
         log.commit().await;
         assert_eq!(take(&mut stream, 1).await, vec![1]);
@@ -294,7 +301,9 @@ mod tests {
     #[tokio::test]
     async fn a_stream_behind_retention_ends_with_events_pruned() {
         let log = Log::open().await;
-        let feed = EventFeed::with_capacity(log.store.clone(), log.commits.subscribe(), 4);
+        let feed = EventFeed::with_capacity(log.store.clone(), log.commits.subscribe(), 4)
+            .await
+            .unwrap();
         for _ in 0..5 {
             log.commit().await;
         }
@@ -319,11 +328,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn streams_started_during_commits_miss_and_repeat_nothing() {
         let log = Arc::new(Log::open().await);
-        let feed = Arc::new(EventFeed::with_capacity(
-            log.store.clone(),
-            log.commits.subscribe(),
-            64,
-        ));
+        let feed = Arc::new(
+            EventFeed::with_capacity(log.store.clone(), log.commits.subscribe(), 64)
+                .await
+                .unwrap(),
+        );
         let total = 300u64;
         let writer = {
             let log = log.clone();

@@ -192,7 +192,7 @@ impl AppState {
         let buildkite_webhooks = BuildkiteWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let github_webhooks = GithubWebhooks::from_config(&config, |k| std::env::var(k).ok());
         let gitlab_webhooks = GitlabWebhooks::from_config(&config, |k| std::env::var(k).ok());
-        let feed = EventFeed::start(store.clone(), events.subscribe());
+        let feed = EventFeed::start(store.clone(), events.subscribe()).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
