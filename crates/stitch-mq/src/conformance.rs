@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 use crate::driver::{
     ClaimRequest, ClaimResult, ClaimedMessage, Driver, LeaseTick, NewMessage, Outcome, OutcomeKind,
-    PartitionInfo, PartitionQuery,
+    PartitionInfo, PartitionQuery, LOCKED_RETRY_MS,
 };
 use crate::error::MqError;
 use crate::message::{now_millis, Failure, Message, Millis};
@@ -1431,6 +1431,50 @@ pub async fn dead_letters_prune_by_age(b: &dyn Backend) {
     assert!(d.dead_letters(T, 0, 10).await.unwrap().is_empty());
 }
 
+/// A claim whose fair-share cap is spent reports free work it could not
+/// take as `share_spent` and waits for what it holds instead of retrying
+/// every `LOCKED_RETRY_MS` (a capped node's loop did, until its next lease
+/// tick); with share left, the same claim takes that work.
+pub async fn a_capped_claim_waits_for_held_work(b: &dyn Backend) {
+    let d = b.driver("capped").await;
+    let d = d.as_ref();
+    let t0 = now_millis();
+    d.register_group(T, "g", t0).await.unwrap();
+    publish_at(d, "held-1", "p-held", t0, t0).await;
+    publish_at(d, "free-1", "p-free", t0, t0 + 10).await;
+
+    // A takes its one partition; the free one is due later: worth waking
+    // for, since A's share may have grown by then.
+    let first = d.claim(&claim_at("A", t0, 60_000, 1)).await.unwrap();
+    let held = single(&first, "held-1");
+    assert_eq!(first.next_due, Some(t0 + 10), "{first:?}");
+    assert!(!first.share_spent, "{first:?}");
+
+    // Capped, only the free partition due: nothing taken, no retry soon.
+    let now = t0 + 20;
+    let capped = d.claim(&claim_at("A", now, 60_000, 0)).await.unwrap();
+    assert!(capped.messages.is_empty(), "{capped:?}");
+    assert!(capped.share_spent, "{capped:?}");
+    assert!(
+        capped.next_due.is_none_or(|at| at > now + LOCKED_RETRY_MS),
+        "a capped claim must not come back for work it cannot take: {capped:?}"
+    );
+
+    // Held work still goes out while capped.
+    apply_one(d, outcome(&held, OutcomeKind::Ack), t0 + 21)
+        .await
+        .unwrap();
+    publish_at(d, "held-2", "p-held", t0 + 22, t0 + 22).await;
+    let served = d.claim(&claim_at("A", t0 + 23, 60_000, 0)).await.unwrap();
+    single(&served, "held-2");
+    assert!(served.share_spent, "{served:?}");
+
+    // With share left, the free partition is taken.
+    let grown = d.claim(&claim_at("A", t0 + 24, 60_000, 1)).await.unwrap();
+    single(&grown, "free-1");
+    assert!(!grown.share_spent, "{grown:?}");
+}
+
 /// The partition listing: key order, cursor, next due, lease owner and
 /// expiry, in-flight count; owner and due filters; pages by key.
 pub async fn partitions_list_pages_and_filters(b: &dyn Backend) {
@@ -1662,6 +1706,7 @@ macro_rules! conformance_tests {
             crashed_subscriber_is_taken_over, restarted_subscriber_reclaims_its_work,
             graceful_close_releases_leases, takeover_releases_dead_owners_deliveries,
             partitions_list_pages_and_filters, partitions_listing_rejects_bad_input,
+            a_capped_claim_waits_for_held_work,
             no_message_lost_across_dead_letters, redelivery_limit_dead_letters,
             garbage_collection_and_idle_partitions, wake_ups_are_event_driven,
             bad_input_is_rejected

@@ -91,8 +91,39 @@ pub struct ClaimResult {
     /// In-flight deliveries of dead previous owners made deliverable by this
     /// claim when it acquired their partitions (takeover).
     pub taken_over: usize,
-    /// Earliest `next_due` among partitions this subscriber may serve.
+    /// When to claim again: the earliest `next_due` among partitions this
+    /// subscriber may serve with the share it has left (see [`claim_due`]).
     pub next_due: Option<Millis>,
+    /// A partition this subscriber does not hold is due now, but its
+    /// fair-share cap is spent: no claim can take that work before a lease
+    /// tick recomputes the cap, so the engine ticks early instead of retrying.
+    pub share_spent: bool,
+}
+
+/// `(next_due, share_spent)` of a claim, from the earliest due time among
+/// the partitions the subscriber holds (`held_due`) and among all it may
+/// serve — held, free or expired (`any_due`) — and how many partitions it
+/// may still acquire after the claim (`may_acquire`). The one rule every
+/// driver applies:
+/// - share left, or nothing servable due yet → `any_due` (a free partition
+///   that becomes due later is worth waking for);
+/// - share spent and a held partition due now → come back at once;
+/// - share spent and only partitions it does not hold are due now → wait
+///   for a held one (or an event) and report `share_spent`: retrying the
+///   claim cannot take them (it did so every `LOCKED_RETRY_MS` before, a few
+///   hundred empty claims a second per capped node).
+pub fn claim_due(
+    now: Millis,
+    may_acquire: usize,
+    held_due: Option<Millis>,
+    any_due: Option<Millis>,
+) -> (Option<Millis>, bool) {
+    let due_now = |at: Option<Millis>| at.is_some_and(|at| at <= now);
+    if may_acquire > 0 || !due_now(any_due) {
+        (any_due, false)
+    } else {
+        (held_due, !due_now(held_due))
+    }
 }
 
 /// The outcome of one delivery, as stored.
@@ -372,6 +403,22 @@ mod tests {
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("s{i}")).collect()
+    }
+
+    #[test]
+    fn a_claim_waits_for_work_it_can_take() {
+        use super::claim_due;
+        // Share left: any servable partition counts.
+        assert_eq!(claim_due(100, 1, Some(500), Some(90)), (Some(90), false));
+        // Share spent, free work due later: wake then to notice it.
+        assert_eq!(claim_due(100, 0, Some(500), Some(300)), (Some(300), false));
+        // Share spent, a held partition due now: at once.
+        assert_eq!(claim_due(100, 0, Some(100), Some(50)), (Some(100), false));
+        // Share spent, only free work due now: wait for held work, tick early.
+        assert_eq!(claim_due(100, 0, Some(500), Some(50)), (Some(500), true));
+        assert_eq!(claim_due(100, 0, None, Some(50)), (None, true));
+        // Nothing pending.
+        assert_eq!(claim_due(100, 0, None, None), (None, false));
     }
 
     #[test]

@@ -510,12 +510,19 @@ impl Driver for MemoryDriver {
                 };
             }
         }
-        result.next_due = inner
+        let (mut held_due, mut any_due) = (None, None);
+        for (_, p) in inner
             .partitions
             .iter()
             .filter(|(k, p)| k.0 == req.topic && k.1 == req.group && servable(p))
-            .filter_map(|(_, p)| p.next_due)
-            .min();
+        {
+            let Some(due) = p.next_due else { continue };
+            any_due = min_due(any_due, due);
+            if p.lease_owner.as_deref() == Some(me) && p.lease_expires > now {
+                held_due = min_due(held_due, due);
+            }
+        }
+        (result.next_due, result.share_spent) = claim_due(now, may_acquire, held_due, any_due);
         Ok(result)
     }
 

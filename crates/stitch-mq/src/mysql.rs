@@ -498,16 +498,21 @@ async fn claim_on(conn: &mut MySqlConnection, req: &ClaimRequest) -> MqResult<Cl
         .execute(&mut *conn)
         .await?;
     }
-    result.next_due = sqlx::query_scalar(
-        "SELECT MIN(next_due) FROM mq_partitions WHERE topic = ? AND grp = ? AND next_due IS NOT NULL \
+    let (held_due, any_due): (Option<Millis>, Option<Millis>) = sqlx::query_as(
+        "SELECT \
+           MIN(CASE WHEN lease_owner = ? AND lease_expires > ? THEN next_due END), MIN(next_due) \
+         FROM mq_partitions WHERE topic = ? AND grp = ? AND next_due IS NOT NULL \
          AND (lease_owner = ? OR lease_owner IS NULL OR lease_expires <= ?)",
     )
+    .bind(&req.subscriber)
+    .bind(now)
     .bind(&req.topic)
     .bind(&req.group)
     .bind(&req.subscriber)
     .bind(now)
     .fetch_one(&mut *conn)
     .await?;
+    (result.next_due, result.share_spent) = claim_due(now, may_acquire, held_due, any_due);
     if result.messages.is_empty() && result.dead_lettered == 0 {
         result.next_due = result.next_due.map(|d| d.max(now + LOCKED_RETRY_MS));
     }

@@ -791,7 +791,8 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
         .execute(&mut *conn)
         .await?;
     }
-    result.next_due = first_due(&mut *conn, req).await?;
+    let (held_due, any_due) = due_times(&mut *conn, req).await?;
+    (result.next_due, result.share_spent) = claim_due(now, may_acquire, held_due, any_due);
     if result.messages.is_empty() && result.dead_lettered == 0 {
         // Nothing could be done although something is due: the due
         // partitions are locked by someone else for a moment.
@@ -800,31 +801,14 @@ async fn claim_on(conn: &mut PgConnection, req: &ClaimRequest) -> MqResult<Claim
     Ok(result)
 }
 
-/// When the first partition this subscriber may serve is due (`None`:
-/// nothing is pending). Ordered and limited so it reads the due index only
-/// up to that row.
-async fn first_due<'c, E>(conn: E, req: &ClaimRequest) -> MqResult<Option<Millis>>
+/// When the first partition this subscriber holds the lease of is due, and
+/// when the first one it may serve (held, free or expired) is due (`None`:
+/// nothing pending). Each ordered and limited so it reads the due index
+/// only up to that row.
+async fn due_times<'c, E>(conn: E, req: &ClaimRequest) -> MqResult<(Option<Millis>, Option<Millis>)>
 where
     E: sqlx::PgExecutor<'c>,
 {
-    Ok(sqlx::query_scalar(
-        "SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
-         AND (lease_owner = $3 OR lease_owner IS NULL OR lease_expires <= $4) ORDER BY next_due LIMIT 1",
-    )
-    .bind(&req.topic)
-    .bind(&req.group)
-    .bind(&req.subscriber)
-    .bind(req.now)
-    .fetch_optional(conn)
-    .await?)
-}
-
-/// When the first partition this subscriber holds the lease of is due, and
-/// when the first one it may serve (held, free or expired) is due.
-async fn due_times(
-    pool: &PgPool,
-    req: &ClaimRequest,
-) -> MqResult<(Option<Millis>, Option<Millis>)> {
     Ok(sqlx::query_as(
         "SELECT \
            (SELECT next_due FROM mq_partitions WHERE topic = $1 AND grp = $2 AND next_due IS NOT NULL \
@@ -836,7 +820,7 @@ async fn due_times(
     .bind(&req.group)
     .bind(&req.subscriber)
     .bind(req.now)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?)
 }
 
@@ -1360,22 +1344,19 @@ impl Driver for PostgresDriver {
 
     async fn claim(&self, req: &ClaimRequest) -> MqResult<ClaimResult> {
         // Most claims can take nothing: every notify wakes every topic's
-        // claim loop on every node, and a node at its fair-share cap retries
-        // every LOCKED_RETRY_MS while unowned work is due until its cap is
-        // recomputed. Those are answered by one read instead of a
-        // transaction of four round trips (measured in the two-node cancel
-        // benchmark: 27,000 of 42,000 claims took nothing). The answer is the
-        // one the claim itself would give.
-        let (owned_due, any_due) = due_times(&self.pool, req).await?;
+        // claim loop on every node, and a node at its fair-share cap can
+        // serve only what it holds. Those are answered by one read instead
+        // of a transaction of four round trips (measured in the two-node
+        // cancel benchmark: 27,000 of 42,000 claims took nothing). The
+        // answer is the one the claim itself would give.
+        let (held_due, any_due) = due_times(&self.pool, req).await?;
         let nothing_due = any_due.is_none_or(|at| at > req.now);
-        let nothing_takeable = req.may_acquire == 0 && owned_due.is_none_or(|at| at > req.now);
+        let nothing_takeable = req.may_acquire == 0 && held_due.is_none_or(|at| at > req.now);
         if nothing_due || nothing_takeable {
+            let (next_due, share_spent) = claim_due(req.now, req.may_acquire, held_due, any_due);
             return Ok(ClaimResult {
-                next_due: if nothing_due {
-                    any_due
-                } else {
-                    any_due.map(|at| at.max(req.now + LOCKED_RETRY_MS))
-                },
+                next_due,
+                share_spent,
                 ..ClaimResult::default()
             });
         }

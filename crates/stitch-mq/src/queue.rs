@@ -22,6 +22,13 @@ use crate::message::{validate_message, validate_name, validate_topic, Failure, M
 const OUTCOME_BATCH: usize = 512;
 /// Messages one claim hands out at most.
 const CLAIM_MAX: usize = 512;
+/// How soon a claim loop whose fair-share cap kept it from due work ticks
+/// its lease again (at most; never later than the poll interval). The wait
+/// bounds how long new partitions stay unserved while every node's cap is
+/// stale; one tick is a short transaction, so even a loop capped
+/// continuously adds 20 a second — where it used to retry the claim every
+/// `LOCKED_RETRY_MS`.
+const SHARE_RECHECK_MS: Millis = 50;
 /// Partitions one [`Admin::partitions`] page lists at most.
 pub const MAX_PARTITION_PAGE: usize = 1000;
 
@@ -454,14 +461,14 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                     if full {
                         continue;
                     }
-                    // Work is due that this claim did not take while the
-                    // fair-share cap is spent: the cap was computed when
-                    // fewer partitions were busy (a burst of new ones), so
-                    // recompute it now rather than at the next renewal — at
-                    // most once per poll interval.
-                    let capped = lease.owned >= lease.cap;
-                    if capped && res.next_due.is_some_and(|due| due <= now + LOCKED_RETRY_MS) {
-                        next_tick = next_tick.min(last_tick + poll);
+                    // Work is due that this claim could not take because
+                    // the fair-share cap is spent: the cap was computed when
+                    // fewer partitions were busy (new builds arrive between
+                    // ticks), so recompute it soon rather than at the next
+                    // renewal. Until then the loop waits for held work or an
+                    // event; another claim could not take that work anyway.
+                    if res.share_spent {
+                        next_tick = next_tick.min(last_tick + SHARE_RECHECK_MS.min(poll));
                     }
                     if let Some(due) = res.next_due {
                         wait_until = wait_until.min(due);

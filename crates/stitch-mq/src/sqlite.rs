@@ -638,13 +638,18 @@ fn claim_sync(c: &rusqlite::Connection, req: &ClaimRequest) -> MqResult<ClaimRes
             partition
         ])?;
     }
-    result.next_due = c
+    let (held_due, any_due): (Option<Millis>, Option<Millis>) = c
         .prepare_cached(
-            "SELECT next_due FROM mq_partitions WHERE topic = ?1 AND grp = ?2 AND next_due IS NOT NULL \
-             AND (lease_owner = ?3 OR lease_owner IS NULL OR lease_expires <= ?4) ORDER BY next_due LIMIT 1",
+            "SELECT \
+               (SELECT next_due FROM mq_partitions WHERE topic = ?1 AND grp = ?2 AND next_due IS NOT NULL \
+                AND lease_owner = ?3 AND lease_expires > ?4 ORDER BY next_due LIMIT 1), \
+               (SELECT next_due FROM mq_partitions WHERE topic = ?1 AND grp = ?2 AND next_due IS NOT NULL \
+                AND (lease_owner = ?3 OR lease_owner IS NULL OR lease_expires <= ?4) ORDER BY next_due LIMIT 1)",
         )?
-        .query_row(params![req.topic, req.group, req.subscriber, now], |r| r.get(0))
-        .optional()?;
+        .query_row(params![req.topic, req.group, req.subscriber, now], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    (result.next_due, result.share_spent) = claim_due(now, may_acquire, held_due, any_due);
     Ok(result)
 }
 
