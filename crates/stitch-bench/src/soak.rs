@@ -64,6 +64,10 @@ struct Row {
     data_dir_bytes: u64,
     rss_mib: f64,
     create_p99_ms: f64,
+    /// p99 of every create since the first retention window ended (0 before):
+    /// the steady state as one figure, steadier than a minute's p99.
+    #[serde(default)]
+    steady_p99_ms: f64,
     /// Rows of the hot tables, and the file's page and free-page counts:
     /// what a slower create could be paying for.
     #[serde(default)]
@@ -145,17 +149,18 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     );
     for (name, rows) in [("pruning on", &on), ("pruning off", &off)] {
         println!("\n{name}");
-        println!("  second  created   db MiB  WAL MiB  data dir MiB  RSS MiB  create p99 ms");
+        println!("  second  created   db MiB  WAL MiB  data dir MiB  RSS MiB  create p99 ms  since window ms");
         for r in rows {
             println!(
-                "  {:>6}  {:>7}  {:>7.2}  {:>7.2}  {:>12.2}  {:>7.1}  {:>13.2}",
+                "  {:>6}  {:>7}  {:>7.2}  {:>7.2}  {:>12.2}  {:>7.1}  {:>13.2}  {:>15.2}",
                 r.second,
                 r.created,
                 r.db_bytes as f64 / 1048576.0,
                 r.wal_bytes as f64 / 1048576.0,
                 r.data_dir_bytes as f64 / 1048576.0,
                 r.rss_mib,
-                r.create_p99_ms
+                r.create_p99_ms,
+                r.steady_p99_ms
             );
         }
         println!("  table rows and pages at each row:");
@@ -189,6 +194,15 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
             worst(&on),
             worst(&off),
             worst(&on) / worst(&off)
+        );
+    }
+    let steady = |rows: &[Row]| rows.last().map_or(0.0, |r| r.steady_p99_ms);
+    if steady(&off) > 0.0 {
+        println!(
+            "create p99 (every create after the first window): on {:.2} ms / off {:.2} ms = {:.2}x",
+            steady(&on),
+            steady(&off),
+            steady(&on) / steady(&off)
         );
     }
     Ok(())
@@ -292,8 +306,12 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
     let latencies = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1, 60_000_000, 3,
     )?));
+    let steady = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let created = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now();
+    let steady_from = start + Duration::from_secs(args.window);
     let end = start + Duration::from_secs(args.seconds);
     let mut next_sample = start + Duration::from_secs(args.sample);
     let mut ticks =
@@ -307,6 +325,7 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
         let body = format!(r#"{{"head":["https://example.com/change/{i}"]}}"#);
         i += 1;
         let (client, lat, done) = (client.clone(), latencies.clone(), created.clone());
+        let steady_all = steady.clone();
         tokio::spawn(async move {
             let t = Instant::now();
             let ok = client
@@ -320,6 +339,11 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
                 let us = t.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
                 if let Ok(mut h) = lat.lock() {
                     let _ = h.record(us.max(1));
+                }
+                if t >= steady_from {
+                    if let Ok(mut h) = steady_all.lock() {
+                        let _ = h.record(us.max(1));
+                    }
                 }
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -345,6 +369,9 @@ async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
                 data_dir_bytes: crate::sys::dir_bytes(&data_dir),
                 rss_mib: rss_mib(),
                 create_p99_ms: p99,
+                steady_p99_ms: steady
+                    .lock()
+                    .map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0),
                 shape: shape_of(&state).await,
             };
             println!("{}", serde_json::to_string(&row)?);

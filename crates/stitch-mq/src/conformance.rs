@@ -1174,6 +1174,7 @@ fn tick_at(subscriber: &str, now: Millis) -> LeaseTick {
         subscriber: subscriber.into(),
         now,
         lease_ms: LEASE_MS,
+        renewal: true,
     }
 }
 

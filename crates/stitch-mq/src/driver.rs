@@ -180,6 +180,11 @@ pub struct LeaseTick {
     pub subscriber: String,
     pub now: Millis,
     pub lease_ms: Millis,
+    /// A scheduled renewal (every `lease_renewal`), not an early recheck of
+    /// the fair share after a claim reported `share_spent`: drivers do their
+    /// housekeeping (PostgreSQL's sweep of finished delivery state) only on
+    /// these, so the extra ticks of a capped subscriber stay cheap.
+    pub renewal: bool,
 }
 
 /// A dead-lettered message.

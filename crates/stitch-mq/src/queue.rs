@@ -406,6 +406,7 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
     };
     let mut next_tick: Millis = 0;
     let mut last_tick: Millis = 0;
+    let mut next_renewal: Millis = 0;
     loop {
         if stop.is_cancelled() {
             return;
@@ -413,12 +414,17 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
         let now = sub.queue.now();
         if now >= next_tick {
             last_tick = now;
+            let is_renewal = now >= next_renewal;
+            if is_renewal {
+                next_renewal = now + renewal;
+            }
             let tick = LeaseTick {
                 topic: sub.topic.clone(),
                 group: c.group.clone(),
                 subscriber: c.subscriber.clone(),
                 now,
                 lease_ms: c.lease_duration.as_millis() as Millis,
+                renewal: is_renewal,
             };
             match driver.lease_tick(&tick).await {
                 Ok(r) => lease = r,
