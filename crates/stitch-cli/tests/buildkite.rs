@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stitch_fake_providers::buildkite::{
@@ -12,79 +11,28 @@ use stitch_fake_providers::buildkite::{
     WebhookTarget,
 };
 use support::provider::{provider_suite, Provider, Setup, Step};
-use support::serve::{Serve, STITCH};
+use support::queue::{expected, heads, Batch, QueueConfig};
+use support::serve::Serve;
 
 const TOKEN: &str = "bk-test-token";
 const SECRET: &str = "whsec-0123456789abcdef";
 
-/// A budget far above what the tests send, unless a test sets its own.
-const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
-
-/// `extra` is appended to the `[queues.ci.buildkite]` table.
-fn config_text(fake: &FakeBuildkite, extra: &str, poll: &str) -> String {
-    let budget = if extra.contains("rate_limit") {
-        ""
-    } else {
-        NO_BUDGET
-    };
-    format!(
-        r#"data_dir = "{{data}}"
-[queues.ci]
-runner = "buildkite"
-poll = {{ accepted = "{poll}", running = "{poll}" }}
-retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
-[queues.ci.buildkite]
-org = "acme"
-pipeline = "app"
-token_env = "BK_TOKEN"
-api_url = "{api}"
-request_timeout = "1s"
-log_poll = "100ms"
-{budget}
-{extra}
-"#,
-        api = fake.url(),
+/// Queue `ci` on pipeline `acme/app` of `fake`.
+fn queue(fake: &FakeBuildkite) -> QueueConfig {
+    QueueConfig::new(
+        "buildkite",
+        format!(
+            "org = \"acme\"\npipeline = \"app\"\ntoken_env = \"BK_TOKEN\"\napi_url = \"{}\"",
+            fake.url()
+        ),
     )
+    .env("BK_TOKEN", TOKEN)
+    .env("BK_WEBHOOK_SECRET", SECRET)
 }
 
-const ENV: [(&str, &str); 2] = [("BK_TOKEN", TOKEN), ("BK_WEBHOOK_SECRET", SECRET)];
-
-async fn serve(fake: &FakeBuildkite, extra: &str, poll: &str) -> Serve {
-    Serve::start(STITCH, &config_text(fake, extra, poll), &ENV).await
-}
-
-async fn create(http: &reqwest::Client, s: &Serve, head: &str) -> String {
-    s.create(http, "ci", head).await
-}
-
-async fn get(http: &reqwest::Client, s: &Serve, id: &str) -> serde_json::Value {
-    s.get(http, id).await
-}
-
-async fn wait_all_terminal(
-    http: &reqwest::Client,
-    s: &Serve,
-    ids: &[String],
-    within: Duration,
-) -> BTreeMap<String, String> {
-    s.wait_all_terminal(http, ids, within).await
-}
-
-fn heads(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let marker = if i % 10 == 3 { "?stitch-bk=fail" } else { "" };
-            format!("https://git.example/c/{i}{marker}")
-        })
-        .collect()
-}
-
-fn expected(head: &str) -> &'static str {
-    if head.contains("stitch-bk=fail") {
-        "failed"
-    } else {
-        "succeeded"
-    }
+/// `n` heads, every tenth failing.
+fn batch_heads(n: usize) -> Vec<String> {
+    heads(n, &[(3, "?stitch-bk=fail")])
 }
 
 async fn fake(rate_limit: Option<(u32, Duration)>) -> FakeBuildkite {
@@ -120,23 +68,17 @@ async fn webhooks_drive_200_builds_to_terminal() {
     let fake = fake(None).await;
     // The safety-net poll (60 s default) is far beyond the test: only
     // webhooks can finish these builds in time.
-    let s = serve(&fake, SIGNED_WEBHOOK, "5s").await;
+    let s = queue(&fake).poll("5s").extra(SIGNED_WEBHOOK).serve().await;
     fake.set_webhook(Some(WebhookTarget {
         url: format!("{}/webhooks/buildkite", s.base),
         auth: WebhookAuth::Signature(SECRET.into()),
         job_events: true,
     }));
     let http = reqwest::Client::new();
-    let hs = heads(200);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(create(&http, &s, h).await);
-    }
-    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(50)).await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.builds_for(id), 1);
-    }
+    Batch::create(&s, &http, batch_heads(200))
+        .await
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(50), |id| fake.builds_for(id))
+        .await;
     let stats = fake.stats();
     assert!(
         stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
@@ -149,7 +91,7 @@ async fn webhooks_drive_200_builds_to_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_alone_finishes_200_builds_and_lost_creates_make_one_build_each() {
     let fake = fake(None).await;
-    let s = serve(&fake, "", "150ms").await;
+    let s = queue(&fake).poll("150ms").serve().await;
     // A fifth of creates lose their answer after Buildkite made the build.
     fake.inject_rate(Endpoint::Create, Fault::Reset, 0.1);
     fake.inject_rate(
@@ -160,27 +102,17 @@ async fn polling_alone_finishes_200_builds_and_lost_creates_make_one_build_each(
     fake.inject_rate(Endpoint::Create, Fault::LostAfterWork(502), 0.05);
     fake.inject_rate(Endpoint::GetBuild, Fault::Status(503), 0.05);
     let http = reqwest::Client::new();
-    let hs = heads(200);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(create(&http, &s, h).await);
-    }
-    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(
-            fake.builds_for(id),
-            1,
-            "duplicate Buildkite builds for {id}"
-        );
-    }
+    Batch::create(&s, &http, batch_heads(200))
+        .await
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.builds_for(id))
+        .await;
     assert_eq!(fake.stats().builds_created, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     let fake = fake(None).await;
-    let mut s = serve(&fake, "", "150ms").await;
+    let mut s = queue(&fake).poll("150ms").serve().await;
     // Creates are slow to answer, so the kill lands amid unanswered creates;
     // the first create's answer is held until after the kill, so at least
     // one build exists at Buildkite whose create stitch never saw answered.
@@ -191,50 +123,34 @@ async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     );
     let held = fake.pause_next(Endpoint::Create);
     let http = reqwest::Client::new();
-    let hs = heads(200);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(create(&http, &s, h).await);
-    }
+    let batch = Batch::create(&s, &http, batch_heads(200)).await;
     held.arrived().await;
     s.kill(); // SIGKILL
     held.release();
     assert!(fake.stats().builds_created >= 1);
     s.restart().await;
-    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(
-            fake.builds_for(id),
-            1,
-            "duplicate Buildkite builds for {id}"
-        );
-    }
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.builds_for(id))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_fails_no_build_and_the_budget_holds() {
     let fake = fake(Some((30, Duration::from_secs(1)))).await;
-    let s = serve(
-        &fake,
-        "rate_limit = { requests = 30, window = \"1s\" }",
-        "200ms",
-    )
-    .await;
+    let s = queue(&fake)
+        .poll("200ms")
+        .extra("rate_limit = { requests = 30, window = \"1s\" }")
+        .serve()
+        .await;
     let http = reqwest::Client::new();
-    let hs = heads(40);
-    let mut ids = Vec::new();
-    for (i, h) in hs.iter().enumerate() {
-        ids.push(create(&http, &s, h).await);
+    Batch::create_with(&s, &http, batch_heads(40), |i| {
         if i == 10 {
             fake.rate_limit_storm(Duration::from_secs(3));
         }
-    }
-    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(90)).await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.builds_for(id), 1);
-    }
+    })
+    .await
+    .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.builds_for(id))
+    .await;
     let stats = fake.stats();
     assert!(
         stats.rate_limited > 0,
@@ -250,14 +166,16 @@ async fn a_429_storm_fails_no_build_and_the_budget_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_stale_and_tampered_webhooks_are_rejected() {
     let fake = fake(None).await;
-    let s = serve(&fake, SIGNED_WEBHOOK, "100ms").await;
+    let s = queue(&fake).extra(SIGNED_WEBHOOK).serve().await;
     fake.set_webhook(Some(WebhookTarget {
         url: format!("{}/webhooks/buildkite", s.base),
         auth: WebhookAuth::Signature(SECRET.into()),
         job_events: false,
     }));
     let http = reqwest::Client::new();
-    let id = create(&http, &s, "https://git.example/c/1?stitch-bk=hang").await;
+    let id = s
+        .create(&http, "ci", "https://git.example/c/1?stitch-bk=hang")
+        .await;
     s.wait_status(&http, &id, "running").await;
     // From here on only the test's own requests reach the receiver, once
     // the webhooks the fake sent before are answered (their wakes recorded).
@@ -359,7 +277,7 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
         polls_before,
         "a rejected webhook caused a poll"
     );
-    assert_eq!(get(&http, &s, &id).await["status"], "running");
+    assert_eq!(s.get(&http, &id).await["status"], "running");
 
     // Verified but not for stitch: ping, unknown events, foreign builds.
     let ping = std::fs::read_to_string(concat!(
@@ -409,13 +327,9 @@ async fn forged_stale_and_tampered_webhooks_are_rejected() {
     assert_eq!(r.status().as_u16(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["outcome"], "woken");
-    let done = wait_all_terminal(
-        &http,
-        &s,
-        std::slice::from_ref(&id),
-        Duration::from_secs(10),
-    )
-    .await;
+    let done = s
+        .wait_all_terminal(&http, std::slice::from_ref(&id), Duration::from_secs(10))
+        .await;
     assert_eq!(done[&id], "cancelled");
 }
 
@@ -424,20 +338,18 @@ async fn token_webhooks_wake_builds() {
     let fake = fake(None).await;
     let extra =
         "[queues.ci.buildkite.webhook]\nmode = \"token\"\nsecret_env = \"BK_WEBHOOK_SECRET\"\n";
-    let s = serve(&fake, extra, "100ms").await;
+    let s = queue(&fake).extra(extra).serve().await;
     fake.set_webhook(Some(WebhookTarget {
         url: format!("{}/webhooks/buildkite", s.base),
         auth: WebhookAuth::Token(SECRET.into()),
         job_events: false,
     }));
     let http = reqwest::Client::new();
-    let hs = heads(20);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(create(&http, &s, h).await);
-    }
-    let done = wait_all_terminal(&http, &s, &ids, Duration::from_secs(30)).await;
-    for (id, h) in ids.iter().zip(&hs) {
+    let batch = Batch::create(&s, &http, batch_heads(20)).await;
+    let done = s
+        .wait_all_terminal(&http, &batch.ids, Duration::from_secs(30))
+        .await;
+    for (id, h) in batch.ids.iter().zip(&batch.heads) {
         assert_eq!(done[id], expected(h));
     }
     let stats = fake.stats();
@@ -475,10 +387,7 @@ impl Provider for Buildkite {
 
     async fn start(setup: Setup) -> Self {
         let fake = fake(None).await;
-        let serve = match setup {
-            Setup::Pushed => serve(&fake, SIGNED_WEBHOOK, "60s").await,
-            Setup::Polled => serve(&fake, "", "100ms").await,
-        };
+        let serve = queue(&fake).setup(setup, SIGNED_WEBHOOK).serve().await;
         Self { fake, serve }
     }
 
@@ -538,17 +447,12 @@ provider_suite!(Buildkite);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_open_prints_the_provider_url() {
     let fake = fake(None).await;
-    let s = serve(&fake, "", "100ms").await;
+    let s = queue(&fake).serve().await;
     let http = reqwest::Client::new();
-    let id = create(&http, &s, "https://git.example/c/open").await;
-    wait_all_terminal(
-        &http,
-        &s,
-        std::slice::from_ref(&id),
-        Duration::from_secs(30),
-    )
-    .await;
-    let url = get(&http, &s, &id).await["url"]
+    let id = s.create(&http, "ci", "https://git.example/c/open").await;
+    s.wait_all_terminal(&http, std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    let url = s.get(&http, &id).await["url"]
         .as_str()
         .expect("a Buildkite build has a url")
         .to_string();

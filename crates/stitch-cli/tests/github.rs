@@ -12,39 +12,32 @@ use stitch_fake_providers::github::{
     WebhookTarget,
 };
 use support::provider::{provider_suite, Provider, Setup, Step};
-use support::serve::{Serve, STITCH};
+use support::queue::{heads, Batch, QueueConfig};
+use support::serve::Serve;
 
 const TOKEN: &str = "ghp-test-token";
 const SECRET: &str = "gh-webhook-secret-0123456789";
-const ENV: [(&str, &str); 2] = [("GH_TOKEN", TOKEN), ("GH_WEBHOOK_SECRET", SECRET)];
 
 const WEBHOOKS: &str = "[webhooks.github]\nsecret_env = \"GH_WEBHOOK_SECRET\"\n";
 
-/// `auth` replaces the token line; `extra` is appended to the
-/// `[queues.ci.github]` table, `tail` after it (top-level tables).
-fn config(fake: &FakeGithub, poll: &str, auth: Option<&str>, extra: &str, tail: &str) -> String {
-    let auth = auth.unwrap_or("token_env = \"GH_TOKEN\"");
-    format!(
-        r#"data_dir = "{{data}}"
-[queues.ci]
-runner = "github"
-poll = {{ accepted = "{poll}", running = "{poll}" }}
-retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
-[queues.ci.github]
-owner = "acme"
-repo = "app"
-workflow = "stitch.yml"
-{auth}
-api_url = "{api}"
-request_timeout = "1s"
-log_poll = "100ms"
-lookup_settle = "1s"
-rate_limit = {{ requests = 100000, window = "1s" }}
-{extra}
-{tail}
-"#,
-        api = fake.url(),
+/// Queue `ci` on workflow `stitch.yml` of `acme/app` at `fake`, signing in
+/// with `auth` (the table's credential keys).
+fn queue_signed_in(fake: &FakeGithub, auth: &str) -> QueueConfig {
+    QueueConfig::new(
+        "github",
+        format!(
+            "owner = \"acme\"\nrepo = \"app\"\nworkflow = \"stitch.yml\"\n{auth}\n\
+             api_url = \"{}\"\nlookup_settle = \"1s\"",
+            fake.url()
+        ),
     )
+    .env("GH_TOKEN", TOKEN)
+    .env("GH_WEBHOOK_SECRET", SECRET)
+}
+
+/// Queue `ci` as above, with the API token.
+fn queue(fake: &FakeGithub) -> QueueConfig {
+    queue_signed_in(fake, "token_env = \"GH_TOKEN\"")
 }
 
 async fn fake(options: FakeOptions) -> FakeGithub {
@@ -61,29 +54,9 @@ async fn fake(options: FakeOptions) -> FakeGithub {
     .unwrap()
 }
 
-fn heads(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let marker = if i % 10 == 3 { "?stitch-gh=fail" } else { "" };
-            format!("https://git.example/c/{i}{marker}")
-        })
-        .collect()
-}
-
-fn expected(head: &str) -> &'static str {
-    if head.contains("stitch-gh=fail") {
-        "failed"
-    } else {
-        "succeeded"
-    }
-}
-
-async fn create_all(s: &Serve, http: &reqwest::Client, hs: &[String]) -> Vec<String> {
-    let mut ids = Vec::new();
-    for h in hs {
-        ids.push(s.create(http, "ci", h).await);
-    }
-    ids
+/// `n` heads, every tenth failing.
+fn batch_heads(n: usize) -> Vec<String> {
+    heads(n, &[(3, "?stitch-gh=fail")])
 }
 
 /// How far ahead a resting poll loop's hold must reach: the webhook
@@ -99,7 +72,7 @@ async fn webhooks_drive_100_builds_to_terminal() {
     let fake = fake(FakeOptions::default()).await;
     // The safety-net poll (60 s default) is far beyond the test: only
     // webhooks can finish these builds in time.
-    let s = Serve::start(STITCH, &config(&fake, "5s", None, "", WEBHOOKS), &ENV).await;
+    let s = queue(&fake).poll("5s").tail(WEBHOOKS).serve().await;
     fake.set_webhook(Some(WebhookTarget {
         url: format!("{}/webhooks/github", s.base),
         secret: SECRET.into(),
@@ -108,15 +81,10 @@ async fn webhooks_drive_100_builds_to_terminal() {
         duplicate: true,
     }));
     let http = reqwest::Client::new();
-    let hs = heads(100);
-    let ids = create_all(&s, &http, &hs).await;
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(50))
+    let batch = Batch::create(&s, &http, batch_heads(100)).await;
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(50), |id| fake.runs_for(id))
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.runs_for(id), 1);
-    }
     let stats = fake.stats();
     assert!(
         stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
@@ -124,7 +92,7 @@ async fn webhooks_drive_100_builds_to_terminal() {
     );
     // Polls were few: a handful per build, not one per 200 ms of its life.
     assert!(get_runs(&fake) < 100 * 8, "{stats:?}");
-    let v = s.get(&http, &ids[0]).await;
+    let v = s.get(&http, &batch.ids[0]).await;
     assert_eq!(v["metadata"]["github_conclusion"], "success");
     assert!(v["metadata"]["github_run_id"].as_str().is_some());
 }
@@ -132,7 +100,7 @@ async fn webhooks_drive_100_builds_to_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_alone_finishes_100_builds_and_lost_dispatches_make_one_run_each() {
     let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(STITCH, &config(&fake, "150ms", None, "", ""), &ENV).await;
+    let s = queue(&fake).poll("150ms").serve().await;
     // A fifth of dispatches lose their answer after GitHub made the run.
     fake.inject_rate(Endpoint::Dispatch, Fault::Reset, 0.1);
     fake.inject_rate(
@@ -143,15 +111,10 @@ async fn polling_alone_finishes_100_builds_and_lost_dispatches_make_one_run_each
     fake.inject_rate(Endpoint::Dispatch, Fault::LostAfterWork(502), 0.05);
     fake.inject_rate(Endpoint::GetRun, Fault::Status(503), 0.05);
     let http = reqwest::Client::new();
-    let hs = heads(100);
-    let ids = create_all(&s, &http, &hs).await;
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+    Batch::create(&s, &http, batch_heads(100))
+        .await
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.runs_for(id))
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
-    }
     assert_eq!(fake.stats().runs_created, 100);
 }
 
@@ -167,21 +130,17 @@ async fn an_older_server_without_run_details_is_correlated_by_run_name() {
         ..FakeOptions::default()
     })
     .await;
-    let s = Serve::start(
-        STITCH,
-        &config(&fake, "150ms", None, "max_inputs = 10", ""),
-        &ENV,
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let hs = heads(20);
-    let ids = create_all(&s, &http, &hs).await;
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+    let s = queue(&fake)
+        .poll("150ms")
+        .extra("max_inputs = 10")
+        .serve()
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.runs_for(id), 1);
+    let http = reqwest::Client::new();
+    let batch = Batch::create(&s, &http, batch_heads(20)).await;
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(60), |id| fake.runs_for(id))
+        .await;
+    for id in &batch.ids {
         let run = fake.run_json(id).unwrap();
         let v = s.get(&http, id).await;
         assert_eq!(v["runner_ref"]["id"], run["id"].to_string());
@@ -191,7 +150,7 @@ async fn an_older_server_without_run_details_is_correlated_by_run_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
     let fake = fake(FakeOptions::default()).await;
-    let mut s = Serve::start(STITCH, &config(&fake, "150ms", None, "", ""), &ENV).await;
+    let mut s = queue(&fake).poll("150ms").serve().await;
     // Dispatches are slow to answer, so the kill lands amid unanswered ones;
     // the first dispatch's answer is held until after the kill, so at least
     // one run exists whose dispatch stitch never saw answered.
@@ -202,21 +161,16 @@ async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
     );
     let held = fake.pause_next(Endpoint::Dispatch);
     let http = reqwest::Client::new();
-    let hs = heads(100);
-    let ids = create_all(&s, &http, &hs).await;
+    let batch = Batch::create(&s, &http, batch_heads(100)).await;
     held.arrived().await;
     s.kill();
     held.release();
     let before = fake.stats().runs_created;
     assert!(before >= 1);
     s.restart().await;
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.runs_for(id))
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.runs_for(id), 1, "duplicate GitHub runs for {id}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +196,7 @@ async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
     let auth = format!(
         "app_id = \"424242\"\nprivate_key_file = \"{key_dir}/test_app_key.pem\"\ninstallation_id = 77"
     );
-    let s = Serve::start(STITCH, &config(&fake, "200ms", Some(&auth), "", ""), &ENV).await;
+    let s = queue_signed_in(&fake, &auth).poll("200ms").serve().await;
     let http = reqwest::Client::new();
     let hs: Vec<String> = (0..10)
         .map(|i| format!("https://git.example/c/{i}"))
@@ -270,7 +224,7 @@ async fn github_app_tokens_are_minted_and_refreshed_by_stitch_serve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_tampered_webhooks_are_rejected_and_genuine_ones_wake() {
     let fake = fake(FakeOptions::default()).await;
-    let s = Serve::start(STITCH, &config(&fake, "100ms", None, "", WEBHOOKS), &ENV).await;
+    let s = queue(&fake).tail(WEBHOOKS).serve().await;
     let http = reqwest::Client::new();
     let id = s
         .create(&http, "ci", "https://git.example/c/1?stitch-gh=hang")
@@ -448,11 +402,7 @@ impl Provider for Github {
 
     async fn start(setup: Setup) -> Self {
         let fake = fake(FakeOptions::default()).await;
-        let config = match setup {
-            Setup::Pushed => config(&fake, "60s", None, "", WEBHOOKS),
-            Setup::Polled => config(&fake, "100ms", None, "", ""),
-        };
-        let serve = Serve::start(STITCH, &config, &ENV).await;
+        let serve = queue(&fake).setup(setup, WEBHOOKS).serve().await;
         Self { fake, serve }
     }
 

@@ -11,63 +11,31 @@ use stitch_fake_providers::gitlab::{
     Endpoint, FakeGitlab, FakeOptions, Fault, FaultControl, Pause, Timing, WebhookTarget,
 };
 use support::provider::{provider_suite, Provider, Setup, Step};
-use support::serve::{Serve, STITCH};
+use support::queue::{heads, Batch, QueueConfig};
+use support::serve::Serve;
 
 const TOKEN: &str = "glpat-test-token";
 const SECRET: &str = "gl-hook-0123456789abcdef";
 
-/// A budget far above what the tests send, unless a test sets its own.
-const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
-
-/// `extra` is appended to the `[queues.ci.gitlab]` table.
-fn config_text(fake: &FakeGitlab, extra: &str, poll: &str) -> String {
-    let budget = if extra.contains("rate_limit") {
-        ""
-    } else {
-        NO_BUDGET
-    };
-    format!(
-        r#"data_dir = "{{data}}"
-[queues.ci]
-runner = "gitlab"
-poll = {{ accepted = "{poll}", running = "{poll}" }}
-retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
-[queues.ci.gitlab]
-project = "acme/app"
-token_env = "GL_TOKEN"
-api_url = "{api}"
-request_timeout = "1s"
-log_poll = "100ms"
-{budget}
-{extra}
-"#,
-        api = fake.url(),
-    )
-}
-
-const ENV: [(&str, &str); 2] = [("GL_TOKEN", TOKEN), ("GL_WEBHOOK_SECRET", SECRET)];
-
+/// Accepts Pipeline Hooks with the token `SECRET`.
 const WEBHOOK: &str = "[queues.ci.gitlab.webhook]\nsecret_env = \"GL_WEBHOOK_SECRET\"\n";
 
-async fn serve(fake: &FakeGitlab, extra: &str, poll: &str) -> Serve {
-    Serve::start(STITCH, &config_text(fake, extra, poll), &ENV).await
+/// Queue `ci` on project `acme/app` of `fake`.
+fn queue(fake: &FakeGitlab) -> QueueConfig {
+    QueueConfig::new(
+        "gitlab",
+        format!(
+            "project = \"acme/app\"\ntoken_env = \"GL_TOKEN\"\napi_url = \"{}\"",
+            fake.url()
+        ),
+    )
+    .env("GL_TOKEN", TOKEN)
+    .env("GL_WEBHOOK_SECRET", SECRET)
 }
 
-fn heads(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let marker = if i % 10 == 3 { "?stitch-gl=fail" } else { "" };
-            format!("https://git.example/c/{i}{marker}")
-        })
-        .collect()
-}
-
-fn expected(head: &str) -> &'static str {
-    if head.contains("stitch-gl=fail") {
-        "failed"
-    } else {
-        "succeeded"
-    }
+/// `n` heads, every tenth failing.
+fn batch_heads(n: usize) -> Vec<String> {
+    heads(n, &[(3, "?stitch-gl=fail")])
 }
 
 async fn fake(rate_limit: Option<(u32, Duration)>) -> FakeGitlab {
@@ -97,21 +65,15 @@ async fn pipeline_hooks_drive_100_builds_within_four_calls_each() {
     let fake = fake(None).await;
     // The safety-net poll (60 s) is far beyond the test: only hooks can
     // finish these builds in time.
-    let s = serve(&fake, WEBHOOK, "60s").await;
+    let s = queue(&fake).poll("60s").extra(WEBHOOK).serve().await;
     fake.set_webhook(Some(hook_target(&s)));
     let http = reqwest::Client::new();
-    let hs = heads(100);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(s.create(&http, "ci", h).await);
-    }
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(60))
+    Batch::create(&s, &http, batch_heads(100))
+        .await
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(60), |id| {
+            fake.pipelines_for(id)
+        })
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.pipelines_for(id), 1);
-    }
     let stats = fake.stats();
     assert!(
         stats.webhooks_sent > 0 && stats.webhooks_refused == 0,
@@ -126,7 +88,7 @@ async fn pipeline_hooks_drive_100_builds_within_four_calls_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_alone_finishes_builds_and_lost_creates_make_one_pipeline_each() {
     let fake = fake(None).await;
-    let s = serve(&fake, "", "150ms").await;
+    let s = queue(&fake).poll("150ms").serve().await;
     fake.inject_rate(Endpoint::Create, Fault::Reset, 0.1);
     fake.inject_rate(
         Endpoint::Create,
@@ -136,25 +98,19 @@ async fn polling_alone_finishes_builds_and_lost_creates_make_one_pipeline_each()
     fake.inject_rate(Endpoint::Create, Fault::LostAfterWork(502), 0.05);
     fake.inject_rate(Endpoint::GetPipeline, Fault::Status(503), 0.05);
     let http = reqwest::Client::new();
-    let hs = heads(100);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(s.create(&http, "ci", h).await);
-    }
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+    Batch::create(&s, &http, batch_heads(100))
+        .await
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| {
+            fake.pipelines_for(id)
+        })
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.pipelines_for(id), 1, "duplicate pipelines for {id}");
-    }
     assert_eq!(fake.stats().pipelines_created, 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     let fake = fake(None).await;
-    let mut s = serve(&fake, "", "150ms").await;
+    let mut s = queue(&fake).poll("150ms").serve().await;
     // Creates are slow to answer, so the kill lands amid unanswered
     // creates; the first create's answer is held until after the kill, so
     // at least one pipeline exists whose create stitch never saw answered.
@@ -165,50 +121,38 @@ async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     );
     let held = fake.pause_next(Endpoint::Create);
     let http = reqwest::Client::new();
-    let hs = heads(100);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(s.create(&http, "ci", h).await);
-    }
+    let batch = Batch::create(&s, &http, batch_heads(100)).await;
     held.arrived().await;
     s.kill(); // SIGKILL
     held.release();
     assert!(fake.stats().pipelines_created >= 1);
     s.restart().await;
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| {
+            fake.pipelines_for(id)
+        })
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.pipelines_for(id), 1, "duplicate pipelines for {id}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_fails_no_build_and_the_budget_holds() {
     let fake = fake(Some((30, Duration::from_secs(1)))).await;
-    let s = serve(
-        &fake,
-        "rate_limit = { requests = 30, window = \"1s\" }",
-        "200ms",
-    )
-    .await;
+    let s = queue(&fake)
+        .poll("200ms")
+        .extra("rate_limit = { requests = 30, window = \"1s\" }")
+        .serve()
+        .await;
     let http = reqwest::Client::new();
-    let hs = heads(30);
-    let mut ids = Vec::new();
-    for (i, h) in hs.iter().enumerate() {
-        ids.push(s.create(&http, "ci", h).await);
+    Batch::create_with(&s, &http, batch_heads(30), |i| {
         if i == 10 {
             fake.rate_limit_storm(Duration::from_secs(3));
         }
-    }
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
-        .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.pipelines_for(id), 1);
-    }
+    })
+    .await
+    .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| {
+        fake.pipelines_for(id)
+    })
+    .await;
     let stats = fake.stats();
     assert!(
         stats.rate_limited > 0,
@@ -224,7 +168,7 @@ async fn a_429_storm_fails_no_build_and_the_budget_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_malformed_hooks_are_rejected_and_a_genuine_one_wakes() {
     let fake = fake(None).await;
-    let s = serve(&fake, WEBHOOK, "60s").await;
+    let s = queue(&fake).poll("60s").extra(WEBHOOK).serve().await;
     fake.set_webhook(Some(hook_target(&s)));
     let http = reqwest::Client::new();
     let id = s
@@ -322,14 +266,12 @@ async fn forged_and_malformed_hooks_are_rejected_and_a_genuine_one_wakes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_without_hooks_answers_404_and_trigger_tokens_work_end_to_end() {
     let fake = fake(None).await;
-    let extra = "trigger_token_env = \"GL_TRIGGER\"";
-    let text = config_text(&fake, extra, "100ms");
-    let s = Serve::start(
-        STITCH,
-        &text,
-        &[("GL_TOKEN", TOKEN), ("GL_TRIGGER", fake.trigger_token())],
-    )
-    .await;
+    // No webhook table: the hook secret in the environment is not used.
+    let s = queue(&fake)
+        .extra("trigger_token_env = \"GL_TRIGGER\"")
+        .env("GL_TRIGGER", fake.trigger_token())
+        .serve()
+        .await;
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/webhooks/gitlab", s.base))
@@ -366,10 +308,7 @@ impl Provider for Gitlab {
 
     async fn start(setup: Setup) -> Self {
         let fake = fake(None).await;
-        let serve = match setup {
-            Setup::Pushed => serve(&fake, WEBHOOK, "60s").await,
-            Setup::Polled => serve(&fake, "", "100ms").await,
-        };
+        let serve = queue(&fake).setup(setup, WEBHOOK).serve().await;
         Self { fake, serve }
     }
 

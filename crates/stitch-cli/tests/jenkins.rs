@@ -12,48 +12,22 @@ use stitch_fake_providers::jenkins::{
     Endpoint, FakeJenkins, FakeOptions, Fault, FaultControl, Pause, Timing,
 };
 use support::provider::{provider_suite, Provider, Setup, Step};
-use support::serve::{Serve, STITCH};
+use support::queue::{heads, Batch, QueueConfig};
+use support::serve::Serve;
 
 const TOKEN: &str = "11f0e0c2d5b3a7e9c4d1f8a6b2e3c7d9a0";
 
-/// A budget far above what the tests send, unless a test sets its own.
-const NO_BUDGET: &str = "rate_limit = { requests = 100000, window = \"1s\" }";
-
-/// `extra` is appended to the `[queues.ci.jenkins]` table.
-fn config_text(fake: &FakeJenkins, extra: &str, poll: &str) -> String {
-    let budget = if extra.contains("rate_limit") {
-        ""
-    } else {
-        NO_BUDGET
-    };
-    format!(
-        r#"data_dir = "{{data}}"
-[queues.ci]
-runner = "jenkins"
-poll = {{ accepted = "{poll}", running = "{poll}" }}
-retry = {{ max_attempts = 30, initial = "100ms", max = "2s" }}
-[queues.ci.jenkins]
-url = "{url}"
-job = "team/app"
-user = "{user}"
-token_env = "JK_TOKEN"
-request_timeout = "1s"
-log_poll = "100ms"
-{budget}
-{extra}
-"#,
-        url = fake.url(),
-        user = fake.user(),
+/// Queue `ci` on job `team/app` of `fake`.
+fn queue(fake: &FakeJenkins) -> QueueConfig {
+    QueueConfig::new(
+        "jenkins",
+        format!(
+            "url = \"{}\"\njob = \"team/app\"\nuser = \"{}\"\ntoken_env = \"JK_TOKEN\"",
+            fake.url(),
+            fake.user()
+        ),
     )
-}
-
-async fn serve(fake: &FakeJenkins, extra: &str, poll: &str) -> Serve {
-    Serve::start(
-        STITCH,
-        &config_text(fake, extra, poll),
-        &[("JK_TOKEN", TOKEN)],
-    )
-    .await
+    .env("JK_TOKEN", TOKEN)
 }
 
 async fn fake_with(require_crumb: bool) -> FakeJenkins {
@@ -71,31 +45,15 @@ async fn fake_with(require_crumb: bool) -> FakeJenkins {
     .unwrap()
 }
 
-fn heads(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let marker = match i % 10 {
-                3 => "?stitch-jk=fail",
-                7 => "?stitch-jk=unstable",
-                _ => "",
-            };
-            format!("https://git.example/c/{i}{marker}")
-        })
-        .collect()
-}
-
-fn expected(head: &str) -> &'static str {
-    if head.contains("stitch-jk=") {
-        "failed"
-    } else {
-        "succeeded"
-    }
+/// `n` heads, every tenth failing and every tenth unstable (which fails).
+fn batch_heads(n: usize) -> Vec<String> {
+    heads(n, &[(3, "?stitch-jk=fail"), (7, "?stitch-jk=unstable")])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_finishes_200_builds_and_lost_triggers_make_one_build_each() {
     let fake = fake_with(false).await;
-    let s = serve(&fake, "", "150ms").await;
+    let s = queue(&fake).poll("150ms").serve().await;
     // A fifth of triggers lose their answer after Jenkins queued the item.
     fake.inject_rate(Endpoint::Trigger, Fault::Reset, 0.1);
     fake.inject_rate(
@@ -107,27 +65,19 @@ async fn polling_finishes_200_builds_and_lost_triggers_make_one_build_each() {
     fake.inject_rate(Endpoint::GetBuild, Fault::Status(503), 0.05);
     fake.inject_rate(Endpoint::QueueItem, Fault::Status(502), 0.05);
     let http = reqwest::Client::new();
-    let hs = heads(200);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(s.create(&http, "ci", h).await);
-    }
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+    let batch = Batch::create(&s, &http, batch_heads(200)).await;
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.items_for(id))
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.items_for(id), 1, "duplicate Jenkins builds for {id}");
-    }
     assert_eq!(fake.stats().items_queued, 200);
-    let record = s.get(&http, &ids[7]).await;
+    let record = s.get(&http, &batch.ids[7]).await;
     assert_eq!(record["metadata"]["jenkins_result"], "UNSTABLE");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     let fake = fake_with(false).await;
-    let mut s = serve(&fake, "", "150ms").await;
+    let mut s = queue(&fake).poll("150ms").serve().await;
     // Triggers are slow to answer, so the kill lands amid unanswered
     // triggers; the first one's answer is held until after the kill, so at
     // least one item exists at Jenkins whose trigger stitch never saw
@@ -139,11 +89,7 @@ async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     );
     let held = fake.pause_next(Endpoint::Trigger);
     let http = reqwest::Client::new();
-    let hs = heads(200);
-    let mut ids = Vec::new();
-    for h in &hs {
-        ids.push(s.create(&http, "ci", h).await);
-    }
+    let batch = Batch::create(&s, &http, batch_heads(200)).await;
     held.arrived().await;
     s.kill(); // SIGKILL
     held.release();
@@ -152,40 +98,28 @@ async fn sigkill_and_restart_finish_every_build_without_duplicates() {
     // restarted server must find those builds by their parameter.
     fake.forget_left_items();
     s.restart().await;
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
+    batch
+        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.items_for(id))
         .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.items_for(id), 1, "duplicate Jenkins builds for {id}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_fails_no_build_and_the_budget_holds() {
     let fake = fake_with(false).await;
-    let s = serve(
-        &fake,
-        "rate_limit = { requests = 30, window = \"1s\" }",
-        "200ms",
-    )
-    .await;
+    let s = queue(&fake)
+        .poll("200ms")
+        .extra("rate_limit = { requests = 30, window = \"1s\" }")
+        .serve()
+        .await;
     let http = reqwest::Client::new();
-    let hs = heads(40);
-    let mut ids = Vec::new();
-    for (i, h) in hs.iter().enumerate() {
-        ids.push(s.create(&http, "ci", h).await);
+    Batch::create_with(&s, &http, batch_heads(40), |i| {
         if i == 10 {
             fake.rate_limit_storm(Duration::from_secs(3));
         }
-    }
-    let done = s
-        .wait_all_terminal(&http, &ids, Duration::from_secs(90))
-        .await;
-    for (id, h) in ids.iter().zip(&hs) {
-        assert_eq!(done[id], expected(h), "{id} {h}");
-        assert_eq!(fake.items_for(id), 1);
-    }
+    })
+    .await
+    .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.items_for(id))
+    .await;
     assert!(fake.stats().rate_limited > 0, "{:?}", fake.stats());
     let peak = fake.max_requests_in(Duration::from_secs(1));
     assert!(
@@ -197,7 +131,7 @@ async fn a_429_storm_fails_no_build_and_the_budget_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_asking_for_crumbs_gets_them_and_the_token_stays_out_of_logs() {
     let fake = fake_with(true).await;
-    let s = serve(&fake, "", "100ms").await;
+    let s = queue(&fake).serve().await;
     let http = reqwest::Client::new();
     let ids = [
         s.create(&http, "ci", "https://git.example/c/1").await,
@@ -237,10 +171,8 @@ impl Provider for Jenkins {
 
     async fn start(setup: Setup) -> Self {
         let fake = fake_with(false).await;
-        let serve = match setup {
-            Setup::Pushed => serve(&fake, "", "60s").await,
-            Setup::Polled => serve(&fake, "", "100ms").await,
-        };
+        // No webhooks: "pushed" is only the minute-long poll.
+        let serve = queue(&fake).setup(setup, "").serve().await;
         Self { fake, serve }
     }
 

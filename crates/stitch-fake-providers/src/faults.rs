@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::watch;
 
@@ -81,19 +81,6 @@ impl Pause {
     }
 }
 
-/// Returns once `delivered()` holds, re-checking after each webhook
-/// delivery `deliveries` counts (both fakes bump it after every delivery).
-pub(crate) async fn until_delivered(deliveries: &watch::Sender<u64>, delivered: impl Fn() -> bool) {
-    let mut rx = deliveries.subscribe();
-    while !delivered() {
-        // The sender lives in the fake: `changed` fails only if the fake is
-        // gone, and then nothing will come.
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// The fault controls every fake gives its tests, written once: a fake
 /// says where its [`FaultRules`] live and names its endpoints; tests bring
 /// the trait into scope (`use stitch_fake_providers::buildkite::FaultControl`).
@@ -147,6 +134,13 @@ impl AnswerFault {
             pause.hold().await;
         }
         spoil(self.fault, resp).await
+    }
+
+    /// Adds `headers` (the rate-limit headers the gate computed) to a
+    /// finished answer, then [`apply`](Self::apply)s the faults to it.
+    pub(crate) async fn finish(self, headers: HeaderMap, mut resp: Response) -> Response {
+        resp.headers_mut().extend(headers);
+        self.apply(resp).await
     }
 }
 

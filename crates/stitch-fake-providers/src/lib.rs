@@ -13,7 +13,8 @@
 //! - [`jenkins`]: a Jenkins controller's remote-access API (queue, builds,
 //!   progressive console text, CSRF crumbs).
 //!
-//! [`faults`] is the fault injection both share.
+//! [`faults`] is the fault injection they share, `serving` the serving
+//! plumbing (background tasks, the clock, the webhook sender).
 #![forbid(unsafe_code)]
 
 pub mod buildkite;
@@ -21,3 +22,4 @@ pub mod faults;
 pub mod github;
 pub mod gitlab;
 pub mod jenkins;
+mod serving;

@@ -19,7 +19,8 @@
 //! [`http_util`] (transport messages, pagination, URLs), [`log_follower`]
 //! (following a build's log as it grows, per viewer or shared),
 //! [`timed_lines`] (raw job logs as timed lines, over the vendor's line
-//! stamps) and [`signature`] (webhook HMACs).
+//! stamps), [`trigger_book`] (which provider ref each build was triggered
+//! as, one trigger at a time per build) and [`signature`] (webhook HMACs).
 //! [`conformance`] is the suite every runner passes; [`RunnerKind`] names
 //! the runners a configuration may choose.
 #![forbid(unsafe_code)]
@@ -40,6 +41,7 @@ pub mod log_follower;
 pub mod noop;
 pub mod signature;
 pub mod timed_lines;
+pub mod trigger_book;
 
 use std::fmt;
 use std::str::FromStr;

@@ -2,45 +2,13 @@
 //! value reported at its key (real TOML files; the environment is passed
 //! in, never mutated).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use stitch_server::config::{load, ConfigError, GitlabSection, LoadOptions, RunnerSection};
+use stitch_server::config::{GitlabSection, RunnerSection};
 
-fn load_text(
-    toml: &str,
-    env: &[(&str, &str)],
-) -> Result<stitch_server::config::Config, ConfigError> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("stitch.toml");
-    std::fs::write(&path, toml).expect("write config");
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    load(&LoadOptions {
-        file: Some(path),
-        env: Some(env),
-        ..LoadOptions::default()
-    })
-}
+mod config_support;
 
-fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<(String, String)> {
-    match load_text(toml, env) {
-        Ok(c) => panic!("expected problems, got {c:#?}"),
-        Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
-    }
-}
-
-#[track_caller]
-fn assert_problem(problems: &[(String, String)], key: &str, fragment: &str) {
-    assert!(
-        problems
-            .iter()
-            .any(|(k, m)| k == key && m.contains(fragment)),
-        "no problem `{key}: …{fragment}…` in {problems:#?}"
-    );
-}
+use config_support::{assert_problem, load_text, problems};
 
 fn gitlab_of(c: &stitch_server::config::Config) -> GitlabSection {
     match &c.queues["app"].runner {

@@ -2,45 +2,13 @@
 //! the key it is reported at. Real TOML files; the environment is passed
 //! in, never mutated.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use stitch_server::config::{load, ConfigError, JenkinsSection, LoadOptions, RunnerSection};
+use stitch_server::config::{JenkinsSection, RunnerSection};
 
-fn load_with(
-    toml: &str,
-    env: &[(&str, &str)],
-) -> Result<stitch_server::config::Config, ConfigError> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("stitch.toml");
-    std::fs::write(&path, toml).expect("write config");
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    load(&LoadOptions {
-        file: Some(path),
-        env: Some(env),
-        ..LoadOptions::default()
-    })
-}
+mod config_support;
 
-fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<(String, String)> {
-    match load_with(toml, env) {
-        Ok(c) => panic!("expected problems, got {c:#?}"),
-        Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
-    }
-}
-
-#[track_caller]
-fn assert_problem(problems: &[(String, String)], key: &str, fragment: &str) {
-    assert!(
-        problems
-            .iter()
-            .any(|(k, m)| k == key && m.contains(fragment)),
-        "no problem `{key}: …{fragment}…` in {problems:#?}"
-    );
-}
+use config_support::{assert_problem, load_text, problems};
 
 const JENKINS: &str = r#"
 [queues.app]
@@ -54,7 +22,7 @@ user = "stitch-bot"
 const TOKEN: (&str, &str) = ("JENKINS_API_TOKEN", "11aa22bb");
 
 fn jenkins_of(toml: &str) -> JenkinsSection {
-    let c = load_with(toml, &[TOKEN]).unwrap_or_else(|e| panic!("{e:?}"));
+    let c = load_text(toml, &[TOKEN]).unwrap_or_else(|e| panic!("{e:?}"));
     match &c.queues["app"].runner {
         RunnerSection::Jenkins(jk) => jk.clone(),
         other => panic!("not a jenkins queue: {other:?}"),

@@ -8,82 +8,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use stitch_server::config::{
-    api_tokens, load, render_problems, ApiConfig, BuildkiteSection, Config, ConfigError,
-    FakeSection, GithubSection, HttpConfig, LoadOptions, LocalSection, PollConfig, QueueConfig,
-    RetentionConfig, RetentionSetting, RetryConfig, RunnerKind, RunnerSection, StorageConfig,
+    api_tokens, load, render_problems, ApiConfig, BuildkiteSection, Config, FakeSection,
+    GithubSection, HttpConfig, LoadOptions, LocalSection, PollConfig, QueueConfig, RetentionConfig,
+    RetentionSetting, RetryConfig, RunnerKind, RunnerSection, StorageConfig,
 };
-use tempfile::TempDir;
 
-/// A configuration source: an optional file, an environment, CLI flags.
-struct Setup {
-    _dir: TempDir,
-    opts: LoadOptions,
-}
+mod config_support;
 
-fn setup(toml: Option<&str>, env: &[(&str, &str)]) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = toml.map(|text| {
-        let path = dir.path().join("stitch.toml");
-        std::fs::write(&path, text).expect("write config");
-        path
-    });
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    Setup {
-        _dir: dir,
-        opts: LoadOptions {
-            file,
-            env: Some(env),
-            ..LoadOptions::default()
-        },
-    }
-}
-
-impl Setup {
-    fn load(&self) -> Result<Config, ConfigError> {
-        load(&self.opts)
-    }
-
-    fn ok(&self) -> Config {
-        self.load()
-            .unwrap_or_else(|e| panic!("unexpected problems:\n{}", render_problems(&e)))
-    }
-
-    fn problems(&self) -> Vec<(String, String)> {
-        match self.load() {
-            Ok(c) => panic!("expected problems, got {c:#?}"),
-            Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
-        }
-    }
-}
-
-fn ok(toml: &str, env: &[(&str, &str)]) -> Config {
-    setup(Some(toml), env).ok()
-}
-
-fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<(String, String)> {
-    setup(Some(toml), env).problems()
-}
-
-/// Asserts a problem at exactly `key` whose message contains `fragment`.
-#[track_caller]
-fn assert_problem(problems: &[(String, String)], key: &str, fragment: &str) {
-    assert!(
-        problems
-            .iter()
-            .any(|(k, m)| k == key && m.contains(fragment)),
-        "no problem `{key}: …{fragment}…` in {problems:#?}"
-    );
-}
-
-/// Asserts there is exactly one problem, at `key`, containing `fragment`.
-#[track_caller]
-fn assert_only_problem(problems: &[(String, String)], key: &str, fragment: &str) {
-    assert_eq!(problems.len(), 1, "expected one problem, got {problems:#?}");
-    assert_problem(problems, key, fragment);
-}
+use config_support::{assert_only_problem, assert_problem, ok, problems, setup};
 
 /// The runner sections of a queue, which must have that runner.
 #[track_caller]

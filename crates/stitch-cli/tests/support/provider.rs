@@ -1,6 +1,6 @@
 //! The cases that must hold whatever the CI provider is, written once
 //! against [`Provider`] and instantiated per provider by
-//! [`provider_suite!`] (`buildkite.rs`, `github.rs` and `jenkins.rs` each
+//! [`provider_suite!`] (`buildkite.rs`, `github.rs`, `gitlab.rs` and `jenkins.rs` each
 //! implement [`Provider`] on their fake and `stitch serve` configuration;
 //! a provider without webhooks expands `provider_suite!(P, polled)`, the
 //! cases that need none).

@@ -41,10 +41,10 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use crate::faults::{AnswerFault, FaultRules};
 pub use crate::faults::{Fault, FaultControl, Pause};
+use crate::serving::{encode, run_clock, send_webhooks, Clock, RateWindow, Tasks, Webhooks};
 use world::{is_terminal, CreateBody, Transition, World};
 pub use world::{Plan, MARKER};
 
@@ -128,11 +128,6 @@ impl FakeStats {
     }
 }
 
-struct RateWindow {
-    started: Instant,
-    count: u32,
-}
-
 struct Inner {
     world: World,
     faults: FaultRules<Endpoint>,
@@ -201,22 +196,14 @@ impl Default for FakeOptions {
 pub struct FakeBuildkite {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for FakeBuildkite {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    /// Aborted when the fake is dropped.
+    _tasks: Tasks,
 }
 
 impl FakeBuildkite {
     /// Starts the fake on `127.0.0.1:0`.
     pub async fn start(options: FakeOptions) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let (listener, addr) = crate::serving::bind().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut world = World::default();
         for (org, p) in &options.pipelines {
@@ -258,15 +245,14 @@ impl FakeBuildkite {
                 get(job_log).head(job_log),
             )
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let ticker = tokio::spawn(tick(shared.clone()));
-        let sender = tokio::spawn(send_webhooks(shared.clone(), rx));
+        let mut tasks = Tasks::default();
+        tasks.serve(listener, app);
+        tasks.spawn(run_clock(shared.clone()));
+        tasks.spawn(send_webhooks(shared.clone(), rx));
         Ok(Self {
             addr,
             shared,
-            tasks: vec![server, ticker, sender],
+            _tasks: tasks,
         })
     }
 
@@ -288,7 +274,7 @@ impl FakeBuildkite {
     /// Returns once a webhook for `event` (`build.finished`, …) of the
     /// build stamped with `stitch_build_id` was delivered (answered).
     pub async fn webhook_delivered(&self, stitch_build_id: &str, event: &str) {
-        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+        crate::serving::until_delivered(&self.shared.webhooks_delivered, || {
             self.webhook_sent_at(stitch_build_id, event).is_some()
         })
         .await;
@@ -299,7 +285,7 @@ impl FakeBuildkite {
     /// routed, so from then on only the test's own requests reach the
     /// receiver.
     pub async fn webhooks_settled(&self) {
-        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+        crate::serving::until_delivered(&self.shared.webhooks_delivered, || {
             let inner = self.shared.lock();
             inner.stats.webhooks_sent >= inner.webhooks_routed as u64
         })
@@ -364,15 +350,7 @@ impl FakeBuildkite {
         let Some(times) = inner.arrivals.get(org) else {
             return 0;
         };
-        let mut best = 0;
-        let mut start = 0;
-        for (end, t) in times.iter().enumerate() {
-            while *t >= times[start] + window {
-                start += 1;
-            }
-            best = best.max(end - start + 1);
-        }
-        best
+        crate::serving::max_in_window(times, window)
     }
 
     /// How many builds carry `meta_data["stitch:build_id"] = id`.
@@ -497,63 +475,57 @@ impl FaultControl for FakeBuildkite {
     }
 }
 
-/// Advances every build on each tick and queues the webhooks.
-async fn tick(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(shared.timing.tick);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let now = Instant::now();
-        let transitions: Vec<Transition> = {
-            let mut inner = shared.lock();
-            let mut out = Vec::new();
-            for p in inner.world.pipelines.values_mut() {
-                for b in p.builds.iter_mut().filter(|b| !is_terminal(&b.state)) {
-                    out.extend(b.advance(now, &shared.timing, &shared.base));
-                }
+/// Every build advances on each tick; its transitions are queued as
+/// webhooks.
+impl Clock for Shared {
+    type Move = Transition;
+
+    fn period(&self) -> Duration {
+        self.timing.tick
+    }
+
+    fn moved(&self) -> &watch::Sender<u64> {
+        &self.builds_moved
+    }
+
+    fn advance(&self, now: Instant) -> Vec<Transition> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for p in inner.world.pipelines.values_mut() {
+            for b in p.builds.iter_mut().filter(|b| !is_terminal(&b.state)) {
+                out.extend(b.advance(now, &self.timing, &self.base));
             }
-            out
-        };
-        if !transitions.is_empty() {
-            shared.builds_moved.send_modify(|n| *n += 1);
         }
-        for t in transitions {
-            let _ = shared.webhooks.send(t);
-        }
+        out
+    }
+
+    fn hand_on(&self, t: Transition) {
+        let _ = self.webhooks.send(t);
     }
 }
 
-/// Posts queued transitions to the webhook targets (in turn), up to 16 at
-/// once (as a real provider delivers them: concurrently, in no guaranteed
-/// order).
-async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Transition>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_default();
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    while let Some(t) = rx.recv().await {
-        let target = {
-            let mut inner = shared.lock();
-            if inner.webhooks.is_empty() {
-                continue;
-            }
-            let next = inner.webhooks_routed % inner.webhooks.len();
-            let target = inner.webhooks[next].clone();
-            if t.job.is_some() && !target.job_events {
-                continue;
-            }
-            inner.webhooks_routed += 1;
-            target
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (shared, http) = (shared.clone(), http.clone());
-        tokio::spawn(async move {
-            deliver(&shared, &http, &target, t).await;
-            drop(slot);
-        });
+/// Webhooks go to the targets in turn (job events only to those that
+/// take them).
+impl Webhooks for Shared {
+    type Transition = Transition;
+    type Target = WebhookTarget;
+
+    fn route(&self, t: &Transition) -> Option<WebhookTarget> {
+        let mut inner = self.lock();
+        if inner.webhooks.is_empty() {
+            return None;
+        }
+        let next = inner.webhooks_routed % inner.webhooks.len();
+        let target = inner.webhooks[next].clone();
+        if t.job.is_some() && !target.job_events {
+            return None;
+        }
+        inner.webhooks_routed += 1;
+        Some(target)
+    }
+
+    async fn deliver(&self, http: &reqwest::Client, target: WebhookTarget, t: Transition) {
+        deliver(self, http, &target, t).await;
     }
 }
 
@@ -647,24 +619,19 @@ fn gate(
     let limited = if let Some(until) = storm {
         Some((until - now, 0u32))
     } else if let Some((limit, window)) = shared.rate_limit {
-        let w = inner.windows.entry(org.to_string()).or_insert(RateWindow {
-            started: now,
-            count: 0,
-        });
-        if now >= w.started + window {
-            w.started = now;
-            w.count = 0;
-        }
-        w.count += 1;
-        let reset = (w.started + window).saturating_duration_since(now);
-        let remaining = limit.saturating_sub(w.count);
+        let (count, reset) = inner
+            .windows
+            .entry(org.to_string())
+            .or_insert_with(|| RateWindow::starting(now))
+            .count(now, window);
+        let remaining = limit.saturating_sub(count);
         rl.insert("ratelimit-limit", HeaderValue::from(limit));
         rl.insert("ratelimit-remaining", HeaderValue::from(remaining));
         rl.insert(
             "ratelimit-reset",
             HeaderValue::from(reset.as_secs_f64().ceil() as u64),
         );
-        (w.count > limit).then_some((reset, limit))
+        (count > limit).then_some((reset, limit))
     } else {
         None
     };
@@ -693,12 +660,6 @@ fn gate(
     }
     let answer = inner.faults.admit(endpoint, Endpoint::Any)?;
     Ok((answer, rl))
-}
-
-/// Applies a post-work fault to a finished answer.
-async fn finish(answer: AnswerFault, rl: HeaderMap, mut resp: Response) -> Response {
-    resp.headers_mut().extend(rl);
-    answer.apply(resp).await
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response {
@@ -754,7 +715,9 @@ async fn create_build(
     let Some(json) = created else {
         return not_found();
     };
-    finish(after, rl, json_response(StatusCode::CREATED, &json)).await
+    after
+        .finish(rl, json_response(StatusCode::CREATED, &json))
+        .await
 }
 
 async fn get_build(
@@ -773,7 +736,7 @@ async fn get_build(
             .map(|b| b.json(&s.base, true))
     });
     match found {
-        Some(json) => finish(after, rl, json_response(StatusCode::OK, &json)).await,
+        Some(json) => after.finish(rl, json_response(StatusCode::OK, &json)).await,
         None => not_found(),
     }
 }
@@ -862,18 +825,7 @@ async fn list_builds(
             resp.headers_mut().insert(header::LINK, v);
         }
     }
-    finish(after, rl, resp).await
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+    after.finish(rl, resp).await
 }
 
 async fn cancel_build(
@@ -915,7 +867,9 @@ async fn cancel_build(
         }
         b.json(&s.base, true)
     };
-    finish(after, rl, json_response(StatusCode::OK, &answer)).await
+    after
+        .finish(rl, json_response(StatusCode::OK, &answer))
+        .await
 }
 
 async fn job_log(
@@ -970,7 +924,7 @@ async fn job_log(
             ],
         )
             .into_response();
-        return finish(after, rl, resp).await;
+        return after.finish(rl, resp).await;
     }
     let raw = file == "log.txt"
         || headers
@@ -987,7 +941,7 @@ async fn job_log(
             &json!({"url": url, "content": log, "size": log.len(), "header_times": []}),
         ),
     };
-    finish(after, rl, resp).await
+    after.finish(rl, resp).await
 }
 
 /// A raw log read with a `Range` header: only a suffix range

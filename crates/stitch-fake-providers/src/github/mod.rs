@@ -26,7 +26,6 @@
 mod world;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,10 +38,10 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use crate::faults::{proxy_page, AnswerFault, FaultRules};
 pub use crate::faults::{Fault, FaultControl, Pause};
+use crate::serving::{encode, run_clock, send_webhooks, Clock, Tasks, Webhooks};
 pub use world::{render_run_name, Plan, MARKER};
 use world::{Transition, World};
 
@@ -265,24 +264,15 @@ impl Shared {
 /// The running fake. Stops when dropped.
 pub struct FakeGithub {
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for FakeGithub {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    /// Aborted when the fake is dropped.
+    _tasks: Tasks,
 }
 
 impl FakeGithub {
     /// Starts the fake (API and log storage) on `127.0.0.1:0`.
     pub async fn start(options: FakeOptions) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let storage = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr: SocketAddr = listener.local_addr()?;
-        let storage_addr: SocketAddr = storage.local_addr()?;
+        let (listener, addr) = crate::serving::bind().await?;
+        let (storage, storage_addr) = crate::serving::bind().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             base: format!("http://{addr}"),
@@ -323,17 +313,14 @@ impl FakeGithub {
         let storage_app = Router::new()
             .route("/logs/{token}", get(storage_log))
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let storage_server = tokio::spawn(async move {
-            let _ = axum::serve(storage, storage_app).await;
-        });
-        let ticker = tokio::spawn(tick(shared.clone()));
-        let sender = tokio::spawn(send_webhooks(shared.clone(), rx));
+        let mut tasks = Tasks::default();
+        tasks.serve(listener, app);
+        tasks.serve(storage, storage_app);
+        tasks.spawn(run_clock(shared.clone()));
+        tasks.spawn(send_webhooks(shared.clone(), rx));
         Ok(Self {
             shared,
-            tasks: vec![server, storage_server, ticker, sender],
+            _tasks: tasks,
         })
     }
 
@@ -350,7 +337,7 @@ impl FakeGithub {
     /// Returns once a `workflow_run` webhook with `action` (`completed`, …)
     /// for the run of `stitch_build_id` was delivered (answered).
     pub async fn webhook_delivered(&self, stitch_build_id: &str, action: &str) {
-        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+        crate::serving::until_delivered(&self.shared.webhooks_delivered, || {
             self.webhook_sent_at(stitch_build_id, action).is_some()
         })
         .await;
@@ -361,7 +348,7 @@ impl FakeGithub {
     /// routed, so from then on only the test's own requests reach the
     /// receiver.
     pub async fn webhooks_settled(&self) {
-        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+        crate::serving::until_delivered(&self.shared.webhooks_delivered, || {
             let inner = self.shared.lock();
             inner.stats.webhooks_sent >= inner.webhooks_routed
         })
@@ -494,62 +481,56 @@ impl FakeGithub {
     }
 }
 
-/// Advances every run on each tick and queues the webhooks.
-async fn tick(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(shared.options.timing.tick);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let now = Instant::now();
-        let transitions: Vec<Transition> = {
-            let mut inner = shared.lock();
-            let mut out = Vec::new();
-            for r in inner.world.runs.iter_mut().filter(|r| !r.is_completed()) {
-                out.extend(r.advance(now, &shared.options.timing, &shared.base));
-            }
-            out
-        };
-        if !transitions.is_empty() {
-            shared.runs_moved.send_modify(|n| *n += 1);
+/// Every run advances on each tick; its transitions are queued as
+/// webhooks.
+impl Clock for Shared {
+    type Move = Transition;
+
+    fn period(&self) -> Duration {
+        self.options.timing.tick
+    }
+
+    fn moved(&self) -> &watch::Sender<u64> {
+        &self.runs_moved
+    }
+
+    fn advance(&self, now: Instant) -> Vec<Transition> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for r in inner.world.runs.iter_mut().filter(|r| !r.is_completed()) {
+            out.extend(r.advance(now, &self.options.timing, &self.base));
         }
-        for t in transitions {
-            let _ = shared.webhooks.send(t);
-        }
+        out
+    }
+
+    fn hand_on(&self, t: Transition) {
+        let _ = self.webhooks.send(t);
     }
 }
 
-/// Posts queued transitions to the webhook target, up to 16 at once (as
-/// GitHub delivers them: concurrently, in no guaranteed order).
-async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Transition>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_default();
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    while let Some(t) = rx.recv().await {
-        let target = {
-            let mut inner = shared.lock();
-            let Some(target) = inner.webhook.clone() else {
-                continue;
-            };
-            if t.event == "workflow_job" && !target.job_events {
-                continue;
-            }
-            inner.webhooks_routed += if target.duplicate { 2 } else { 1 };
-            target
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (shared, http) = (shared.clone(), http.clone());
-        tokio::spawn(async move {
-            let delivery = uuid_like();
-            let times = if target.duplicate { 2 } else { 1 };
-            for _ in 0..times {
-                deliver(&shared, &http, &target, &t, &delivery).await;
-            }
-            drop(slot);
-        });
+/// Webhooks go to the one target (job events only if it takes them), as
+/// GitHub delivers them: concurrently, in no guaranteed order, and twice
+/// with the same delivery id where the target asks for duplicates.
+impl Webhooks for Shared {
+    type Transition = Transition;
+    type Target = WebhookTarget;
+
+    fn route(&self, t: &Transition) -> Option<WebhookTarget> {
+        let mut inner = self.lock();
+        let target = inner.webhook.clone()?;
+        if t.event == "workflow_job" && !target.job_events {
+            return None;
+        }
+        inner.webhooks_routed += if target.duplicate { 2 } else { 1 };
+        Some(target)
+    }
+
+    async fn deliver(&self, http: &reqwest::Client, target: WebhookTarget, t: Transition) {
+        let delivery = uuid_like();
+        let times = if target.duplicate { 2 } else { 1 };
+        for _ in 0..times {
+            deliver(self, http, &target, &t, &delivery).await;
+        }
     }
 }
 
@@ -736,9 +717,8 @@ fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<Pass
     })
 }
 
-async fn finish(pass: Pass, mut resp: Response) -> Response {
-    resp.headers_mut().extend(pass.headers);
-    pass.answer.apply(resp).await
+async fn finish(pass: Pass, resp: Response) -> Response {
+    pass.answer.finish(pass.headers, resp).await
 }
 
 /// A conditional GET: 304 when `If-None-Match` names the body's ETag
@@ -1039,17 +1019,6 @@ async fn list_runs(
         }
     }
     resp
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 async fn cancel_run(

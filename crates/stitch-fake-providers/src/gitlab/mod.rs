@@ -37,10 +37,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use crate::faults::{AnswerFault, FaultRules};
 pub use crate::faults::{Fault, FaultControl, Pause};
+use crate::serving::{encode, run_clock, send_webhooks, Clock, RateWindow, Tasks, Webhooks};
 pub use world::{expand, Plan, MARKER};
 use world::{is_terminal, Transition, World};
 
@@ -116,11 +116,6 @@ impl FakeStats {
     }
 }
 
-struct RateWindow {
-    started: Instant,
-    count: u32,
-}
-
 struct Inner {
     world: World,
     faults: FaultRules<Endpoint>,
@@ -188,22 +183,14 @@ impl Default for FakeOptions {
 pub struct FakeGitlab {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for FakeGitlab {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    /// Aborted when the fake is dropped.
+    _tasks: Tasks,
 }
 
 impl FakeGitlab {
     /// Starts the fake on `127.0.0.1:0`.
     pub async fn start(options: FakeOptions) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let (listener, addr) = crate::serving::bind().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut world = World::default();
         for (id, path) in &options.projects {
@@ -252,15 +239,14 @@ impl FakeGitlab {
             .route(&format!("{project}/pipelines/{{id}}/jobs"), get(list_jobs))
             .route(&format!("{project}/jobs/{{job}}/trace"), get(job_trace))
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let ticker = tokio::spawn(tick(shared.clone()));
-        let sender = tokio::spawn(send_webhooks(shared.clone(), rx));
+        let mut tasks = Tasks::default();
+        tasks.serve(listener, app);
+        tasks.spawn(run_clock(shared.clone()));
+        tasks.spawn(send_webhooks(shared.clone(), rx));
         Ok(Self {
             addr,
             shared,
-            tasks: vec![server, ticker, sender],
+            _tasks: tasks,
         })
     }
 
@@ -309,7 +295,7 @@ impl FakeGitlab {
     /// Returns once a hook saying the pipeline of `stitch_build_id` reached
     /// `status` was delivered (answered).
     pub async fn webhook_delivered(&self, stitch_build_id: &str, status: &str) {
-        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+        crate::serving::until_delivered(&self.shared.webhooks_delivered, || {
             self.shared
                 .lock()
                 .webhook_times
@@ -330,7 +316,7 @@ impl FakeGitlab {
 
     /// Returns once every hook routed so far was delivered (answered).
     pub async fn webhooks_settled(&self) {
-        crate::faults::until_delivered(&self.shared.webhooks_delivered, || {
+        crate::serving::until_delivered(&self.shared.webhooks_delivered, || {
             let inner = self.shared.lock();
             inner.stats.webhooks_sent >= inner.webhooks_routed
         })
@@ -356,15 +342,7 @@ impl FakeGitlab {
     /// The most requests the token sent within any span of `window`.
     pub fn max_requests_in(&self, window: Duration) -> usize {
         let inner = self.shared.lock();
-        let times = &inner.arrivals;
-        let (mut best, mut start) = (0, 0);
-        for (end, t) in times.iter().enumerate() {
-            while *t >= times[start] + window {
-                start += 1;
-            }
-            best = best.max(end - start + 1);
-        }
-        best
+        crate::serving::max_in_window(&inner.arrivals, window)
     }
 
     /// How many pipelines carry `STITCH_BUILD_ID = id`.
@@ -471,57 +449,50 @@ impl FaultControl for FakeGitlab {
     }
 }
 
-/// Advances every pipeline on each tick and queues the hooks.
-async fn tick(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(shared.timing.tick);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let now = Instant::now();
-        let transitions: Vec<Transition> = {
-            let mut inner = shared.lock();
-            let mut out = Vec::new();
-            for p in inner.world.projects.iter_mut() {
-                for pl in p.pipelines.iter_mut().filter(|pl| !is_terminal(&pl.status)) {
-                    out.extend(pl.advance(now, &shared.timing, &shared.base));
-                }
+/// Every pipeline advances on each tick; its transitions are queued as
+/// hooks.
+impl Clock for Shared {
+    type Move = Transition;
+
+    fn period(&self) -> Duration {
+        self.timing.tick
+    }
+
+    fn moved(&self) -> &watch::Sender<u64> {
+        &self.pipelines_moved
+    }
+
+    fn advance(&self, now: Instant) -> Vec<Transition> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for p in inner.world.projects.iter_mut() {
+            for pl in p.pipelines.iter_mut().filter(|pl| !is_terminal(&pl.status)) {
+                out.extend(pl.advance(now, &self.timing, &self.base));
             }
-            out
-        };
-        if !transitions.is_empty() {
-            shared.pipelines_moved.send_modify(|n| *n += 1);
         }
-        for t in transitions {
-            let _ = shared.webhooks.send(t);
-        }
+        out
+    }
+
+    fn hand_on(&self, t: Transition) {
+        let _ = self.webhooks.send(t);
     }
 }
 
-/// Posts queued hooks to the target, up to 16 at once (in no guaranteed
-/// order, as GitLab's Sidekiq workers deliver them).
-async fn send_webhooks(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Transition>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_default();
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    while let Some(t) = rx.recv().await {
-        let target = {
-            let mut inner = shared.lock();
-            let Some(target) = inner.webhook.clone() else {
-                continue;
-            };
-            inner.webhooks_routed += 1;
-            target
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (shared, http) = (shared.clone(), http.clone());
-        tokio::spawn(async move {
-            deliver(&shared, &http, &target, t).await;
-            drop(slot);
-        });
+/// Hooks go to the one target (in no guaranteed order, as GitLab's
+/// Sidekiq workers deliver them).
+impl Webhooks for Shared {
+    type Transition = Transition;
+    type Target = WebhookTarget;
+
+    fn route(&self, _: &Transition) -> Option<WebhookTarget> {
+        let mut inner = self.lock();
+        let target = inner.webhook.clone()?;
+        inner.webhooks_routed += 1;
+        Some(target)
+    }
+
+    async fn deliver(&self, http: &reqwest::Client, target: WebhookTarget, t: Transition) {
+        deliver(self, http, &target, t).await;
     }
 }
 
@@ -607,29 +578,23 @@ fn gate(
     let limited = if let Some(until) = storm {
         Some(until - now)
     } else if let Some((limit, window)) = shared.rate_limit {
-        let w = inner.window.get_or_insert(RateWindow {
-            started: now,
-            count: 0,
-        });
-        if now >= w.started + window {
-            w.started = now;
-            w.count = 0;
-        }
-        w.count += 1;
-        let reset = (w.started + window).saturating_duration_since(now);
+        let (count, reset) = inner
+            .window
+            .get_or_insert_with(|| RateWindow::starting(now))
+            .count(now, window);
         let reset_at = wall.timestamp() + reset.as_secs_f64().ceil() as i64;
         rl.insert(
             "ratelimit-name",
             HeaderValue::from_static("throttle_authenticated_api"),
         );
         rl.insert("ratelimit-limit", HeaderValue::from(limit));
-        rl.insert("ratelimit-observed", HeaderValue::from(w.count));
+        rl.insert("ratelimit-observed", HeaderValue::from(count));
         rl.insert(
             "ratelimit-remaining",
-            HeaderValue::from(limit.saturating_sub(w.count)),
+            HeaderValue::from(limit.saturating_sub(count)),
         );
         rl.insert("ratelimit-reset", HeaderValue::from(reset_at));
-        (w.count > limit).then_some(reset)
+        (count > limit).then_some(reset)
     } else {
         None
     };
@@ -649,11 +614,6 @@ fn gate(
     }
     let answer = inner.faults.admit(endpoint, Endpoint::Any)?;
     Ok((answer, rl))
-}
-
-async fn finish(answer: AnswerFault, rl: HeaderMap, mut resp: Response) -> Response {
-    resp.headers_mut().extend(rl);
-    answer.apply(resp).await
 }
 
 #[derive(serde::Deserialize)]
@@ -747,7 +707,11 @@ async fn create_pipeline(
         .map(|v| (v.key, v.value))
         .collect();
     match new_pipeline(&s, &project, &body.git_ref, vars, "api") {
-        Ok(json) => finish(after, rl, json_response(StatusCode::CREATED, &json)).await,
+        Ok(json) => {
+            after
+                .finish(rl, json_response(StatusCode::CREATED, &json))
+                .await
+        }
         Err(resp) => resp,
     }
 }
@@ -784,7 +748,11 @@ async fn trigger_pipeline(
         return not_found("");
     }
     match new_pipeline(&s, &project, &body.git_ref, body.variables, "trigger") {
-        Ok(json) => finish(after, rl, json_response(StatusCode::CREATED, &json)).await,
+        Ok(json) => {
+            after
+                .finish(rl, json_response(StatusCode::CREATED, &json))
+                .await
+        }
         Err(resp) => resp,
     }
 }
@@ -805,7 +773,7 @@ async fn get_pipeline(
             .map(|p| p.json(&s.base))
     });
     match found {
-        Some(json) => finish(after, rl, json_response(StatusCode::OK, &json)).await,
+        Some(json) => after.finish(rl, json_response(StatusCode::OK, &json)).await,
         None => not_found(""),
     }
 }
@@ -893,18 +861,7 @@ async fn list_pipelines(
             h.insert(header::LINK, v);
         }
     }
-    finish(after, rl, resp).await
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+    after.finish(rl, resp).await
 }
 
 async fn cancel_pipeline(
@@ -934,7 +891,9 @@ async fn cancel_pipeline(
         }
         p.json(&s.base)
     };
-    finish(after, rl, json_response(StatusCode::CREATED, &answer)).await
+    after
+        .finish(rl, json_response(StatusCode::CREATED, &answer))
+        .await
 }
 
 async fn list_jobs(
@@ -954,12 +913,9 @@ async fn list_jobs(
     });
     match jobs {
         Some(jobs) => {
-            finish(
-                after,
-                rl,
-                json_response(StatusCode::OK, &Value::Array(jobs)),
-            )
-            .await
+            after
+                .finish(rl, json_response(StatusCode::OK, &Value::Array(jobs)))
+                .await
         }
         None => not_found(""),
     }
@@ -986,7 +942,7 @@ async fn job_trace(
                 trace,
             )
                 .into_response();
-            finish(after, rl, resp).await
+            after.finish(rl, resp).await
         }
         None => not_found(""),
     }

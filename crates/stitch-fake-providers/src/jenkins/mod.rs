@@ -38,10 +38,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::faults::{AnswerFault, FaultRules};
 pub use crate::faults::{Fault, FaultControl, Pause};
+use crate::serving::{run_clock, Clock, Tasks};
 use world::{job_url, ItemState, World};
 pub use world::{ParamKind, Plan, MARKER};
 
@@ -203,22 +203,14 @@ pub struct FakeJenkins {
     shared: Arc<Shared>,
     user: String,
     token: String,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for FakeJenkins {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    /// Aborted when the fake is dropped.
+    _tasks: Tasks,
 }
 
 impl FakeJenkins {
     /// Starts the fake on `127.0.0.1:0`.
     pub async fn start(options: FakeOptions) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let (listener, addr) = crate::serving::bind().await?;
         let mut world = World::default();
         for (name, parameters) in &options.jobs {
             world.jobs.insert(
@@ -256,16 +248,15 @@ impl FakeJenkins {
             .route("/queue/cancelItem", post(cancel_item))
             .route("/crumbIssuer/api/json", get(crumb))
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let ticker = tokio::spawn(tick(shared.clone()));
+        let mut tasks = Tasks::default();
+        tasks.serve(listener, app);
+        tasks.spawn(run_clock(shared.clone()));
         Ok(Self {
             addr,
             shared,
             user: options.user,
             token: options.token,
-            tasks: vec![server, ticker],
+            _tasks: tasks,
         })
     }
 
@@ -328,15 +319,7 @@ impl FakeJenkins {
     /// The most requests sent within any span of `window`.
     pub fn max_requests_in(&self, window: Duration) -> usize {
         let inner = self.shared.lock();
-        let times = &inner.arrivals;
-        let (mut best, mut start) = (0, 0);
-        for (end, t) in times.iter().enumerate() {
-            while *t >= times[start] + window {
-                start += 1;
-            }
-            best = best.max(end - start + 1);
-        }
-        best
+        crate::serving::max_in_window(&inner.arrivals, window)
     }
 
     /// How many queue items were ever made for `STITCH_BUILD_ID = id`
@@ -436,17 +419,29 @@ impl FaultControl for FakeJenkins {
     }
 }
 
-/// Advances items and builds on each tick.
-async fn tick(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(shared.timing.tick);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let moved = shared.lock().world.advance(Instant::now(), &shared.timing);
+/// Items and builds advance on each tick (Jenkins sends no webhooks: a
+/// tick that moved anything is one move, handed on to nobody).
+impl Clock for Shared {
+    type Move = ();
+
+    fn period(&self) -> Duration {
+        self.timing.tick
+    }
+
+    fn moved(&self) -> &watch::Sender<u64> {
+        &self.moved
+    }
+
+    fn advance(&self, now: Instant) -> Vec<()> {
+        let moved = self.lock().world.advance(now, &self.timing);
         if moved {
-            shared.moved.send_modify(|n| *n += 1);
+            vec![()]
+        } else {
+            Vec::new()
         }
     }
+
+    fn hand_on(&self, (): ()) {}
 }
 
 /// Standard base64 (RFC 4648, padded): what basic auth carries.

@@ -15,8 +15,7 @@
 //! - **cancel**: 422 "already finished" is success; so is any 422 for a
 //!   build that turns out terminal.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -33,13 +32,12 @@ use super::model::{Build, BuildState, CreateBuild, META_BUILD_ID, META_QUEUE};
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
 use crate::timed_lines::data_lines;
+use crate::trigger_book::TriggerBook;
 
 /// Creates attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; every later attempt looks up
 /// first, so none can duplicate).
 const CREATE_ROUNDS: u32 = 3;
-/// Refs kept in the in-process cache before it is cleared (a cache only).
-const REF_CACHE_LIMIT: usize = 50_000;
 /// How far before a build id was minted a lookup searches (clock skew).
 const LOOKUP_SLACK: chrono::Duration = chrono::Duration::minutes(10);
 /// Pause between recovery lookups while a lost create settles.
@@ -123,8 +121,7 @@ impl BuildkiteConfig {
 pub struct BuildkiteRunner {
     client: Client,
     config: BuildkiteConfig,
-    refs: Mutex<HashMap<BuildId, RunnerRef>>,
-    triggering: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<()>>>>,
+    book: TriggerBook,
     /// The log follower of each build someone is viewing, shared by all
     /// its viewers.
     followers: SharedLogs,
@@ -144,8 +141,7 @@ impl BuildkiteRunner {
         Self {
             client,
             config,
-            refs: Mutex::new(HashMap::new()),
-            triggering: Mutex::new(HashMap::new()),
+            book: TriggerBook::new(),
             followers: SharedLogs::default(),
         }
     }
@@ -153,28 +149,6 @@ impl BuildkiteRunner {
     /// The configuration in use.
     pub fn config(&self) -> &BuildkiteConfig {
         &self.config
-    }
-
-    fn cached(&self, id: &BuildId) -> Option<RunnerRef> {
-        self.refs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    fn remember(&self, id: &BuildId, r: &RunnerRef) {
-        let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-        if refs.len() >= REF_CACHE_LIMIT {
-            refs.clear();
-        }
-        refs.insert(id.clone(), r.clone());
-    }
-
-    fn trigger_lock(&self, id: &BuildId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.triggering.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, lock| Arc::strong_count(lock) > 1);
-        map.entry(id.clone()).or_default().clone()
     }
 
     fn pipeline_of(&self, r: Option<&RunnerRef>) -> Pipeline {
@@ -292,7 +266,7 @@ impl BuildkiteRunner {
     }
 
     async fn trigger_locked(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
-        if let Some(r) = self.cached(&req.build_id) {
+        if let Some(r) = self.book.cached(&req.build_id) {
             return Ok(r);
         }
         if !req.first_attempt {
@@ -322,7 +296,7 @@ impl BuildkiteRunner {
 
     fn found(&self, id: &BuildId, b: &Build) -> RunnerRef {
         let r = self.runner_ref(b);
-        self.remember(id, &r);
+        self.book.remember(id, &r);
         r
     }
 
@@ -342,7 +316,7 @@ impl BuildkiteRunner {
         let r = handle
             .runner_ref
             .clone()
-            .or_else(|| self.cached(&handle.build_id));
+            .or_else(|| self.book.cached(&handle.build_id));
         let pipeline = self.pipeline_of(r.as_ref());
         if let Some(r) = r {
             let number: u64 = r.id.parse().map_err(|_| {
@@ -444,8 +418,7 @@ impl BuildRunner for BuildkiteRunner {
     async fn trigger(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
         req.validate()
             .map_err(|e| RunnerError::InvalidRequest(e.to_string()))?;
-        let lock = self.trigger_lock(&req.build_id);
-        let _serialized = lock.lock().await;
+        let _serialized = self.book.lock(&req.build_id).await;
         self.trigger_locked(req).await
     }
 
@@ -668,7 +641,7 @@ mod tests {
     #[test]
     fn create_body_stamps_the_build_and_merges_job_env() {
         use stitch_core::ChangeSet;
-        let budget = Arc::new(super::super::RequestBudget::new(Default::default()));
+        let budget = std::sync::Arc::new(super::super::RequestBudget::new(Default::default()));
         let client = Client::new(
             reqwest::Client::new(),
             "http://127.0.0.1:1",

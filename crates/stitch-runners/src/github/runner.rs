@@ -22,9 +22,8 @@
 //!   ref minted for another build; without a ref they find the run by
 //!   lookup. Cancel: 202 is done, 409 (completed) is a no-op.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -44,12 +43,11 @@ use super::model::{
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, Steps};
 use crate::timed_lines::data_lines;
+use crate::trigger_book::{BuildCache, TriggerBook};
 
 /// Dispatches attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; later attempts look first).
 const DISPATCH_ROUNDS: u32 = 3;
-/// Entries kept in the in-process caches before they are cleared.
-const CACHE_LIMIT: usize = 50_000;
 /// Pause between lookups while a dispatched run becomes visible.
 const SETTLE_STEP: Duration = Duration::from_millis(250);
 /// GitHub's cap on the total size of the inputs, characters.
@@ -137,9 +135,8 @@ pub struct GithubRunner {
     config: GithubConfig,
     /// Cleared once the server refused `return_run_details` (older GHES).
     run_details: AtomicBool,
-    refs: Mutex<HashMap<BuildId, RunnerRef>>,
-    dispatched: Mutex<HashMap<BuildId, Dispatched>>,
-    triggering: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<()>>>>,
+    book: TriggerBook,
+    dispatched: BuildCache<Dispatched>,
 }
 
 impl std::fmt::Debug for GithubRunner {
@@ -148,12 +145,6 @@ impl std::fmt::Debug for GithubRunner {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock only means another task panicked mid-update of a
-    // cache; the cache is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// JSON text of string lists and maps (which always serialize).
@@ -169,9 +160,8 @@ impl GithubRunner {
             client,
             config,
             run_details: AtomicBool::new(run_details),
-            refs: Mutex::new(HashMap::new()),
-            dispatched: Mutex::new(HashMap::new()),
-            triggering: Mutex::new(HashMap::new()),
+            book: TriggerBook::new(),
+            dispatched: BuildCache::new(),
         }
     }
 
@@ -185,38 +175,17 @@ impl GithubRunner {
         &self.client
     }
 
-    fn cached(&self, id: &BuildId) -> Option<RunnerRef> {
-        locked(&self.refs).get(id).cloned()
-    }
-
     fn remember(&self, id: &BuildId, r: &RunnerRef) {
-        let mut refs = locked(&self.refs);
-        if refs.len() >= CACHE_LIMIT {
-            refs.clear();
-        }
-        refs.insert(id.clone(), r.clone());
-        locked(&self.dispatched).remove(id);
+        self.book.remember(id, r);
+        self.dispatched.remove(id);
     }
 
     fn mark_dispatched(&self, id: &BuildId, how: Dispatched) {
-        let mut d = locked(&self.dispatched);
-        if d.len() >= CACHE_LIMIT {
-            d.clear();
-        }
         // A confirmed dispatch stays confirmed.
-        if d.get(id) != Some(&Dispatched::Confirmed) {
-            d.insert(id.clone(), how);
-        }
-    }
-
-    fn dispatched(&self, id: &BuildId) -> Option<Dispatched> {
-        locked(&self.dispatched).get(id).copied()
-    }
-
-    fn trigger_lock(&self, id: &BuildId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = locked(&self.triggering);
-        map.retain(|_, lock| Arc::strong_count(lock) > 1);
-        map.entry(id.clone()).or_default().clone()
+        self.dispatched.update(id, |old| match old {
+            Some(Dispatched::Confirmed) => Dispatched::Confirmed,
+            _ => how,
+        });
     }
 
     fn runner_ref(&self, id: &BuildId, run_id: u64, url: Option<&str>) -> RunnerRef {
@@ -316,11 +285,11 @@ impl GithubRunner {
 
     async fn trigger_locked(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
         let id = &req.build_id;
-        if let Some(r) = self.cached(id) {
+        if let Some(r) = self.book.cached(id) {
             return Ok(r);
         }
         let inputs = self.inputs(req)?;
-        let earlier = self.dispatched(id);
+        let earlier = self.dispatched.get(id);
         if !req.first_attempt || earlier.is_some() {
             let found = if earlier.is_some() {
                 self.lookup_settled(id).await?
@@ -391,7 +360,7 @@ impl GithubRunner {
         let r = handle
             .runner_ref
             .clone()
-            .or_else(|| self.cached(&handle.build_id));
+            .or_else(|| self.book.cached(&handle.build_id));
         if let Some(r) = r {
             if let Some(owner) = r.data(ref_data::BUILD_ID) {
                 if owner != handle.build_id.as_str() {
@@ -462,8 +431,7 @@ impl BuildRunner for GithubRunner {
     async fn trigger(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
         req.validate()
             .map_err(|e| RunnerError::InvalidRequest(e.to_string()))?;
-        let lock = self.trigger_lock(&req.build_id);
-        let _serialized = lock.lock().await;
+        let _serialized = self.book.lock(&req.build_id).await;
         self.trigger_locked(req).await
     }
 
@@ -575,7 +543,7 @@ mod tests {
             "http://127.0.0.1:1",
             version,
             Credentials::token("t").unwrap(),
-            Arc::new(RequestBudget::new(Default::default())),
+            std::sync::Arc::new(RequestBudget::new(Default::default())),
             RetryPolicy::none(),
         )
         .unwrap();

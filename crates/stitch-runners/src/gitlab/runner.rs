@@ -19,8 +19,7 @@
 //! - **logs**: one step per job (in job id order), each job's trace read
 //!   as it grows; only lines not sent before are emitted.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -39,13 +38,12 @@ use super::model::{
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
 use crate::timed_lines::data_lines;
+use crate::trigger_book::TriggerBook;
 
 /// Creates attempted for one trigger call before the error goes back to
 /// the caller (whose retry budget takes over; every later attempt looks up
 /// first, so none can duplicate).
 const CREATE_ROUNDS: u32 = 3;
-/// Refs kept in the in-process cache before it is cleared (a cache only).
-const REF_CACHE_LIMIT: usize = 50_000;
 /// How far before a build id was minted a lookup searches (clock skew).
 const LOOKUP_SLACK: chrono::Duration = chrono::Duration::minutes(10);
 /// Pause between recovery lookups while a lost create settles.
@@ -106,8 +104,7 @@ impl GitlabConfig {
 pub struct GitlabRunner {
     client: Client,
     config: GitlabConfig,
-    refs: Mutex<HashMap<BuildId, RunnerRef>>,
-    triggering: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<()>>>>,
+    book: TriggerBook,
     /// The log follower of each build someone is viewing, shared by all
     /// its viewers.
     followers: SharedLogs,
@@ -127,8 +124,7 @@ impl GitlabRunner {
         Self {
             client,
             config,
-            refs: Mutex::new(HashMap::new()),
-            triggering: Mutex::new(HashMap::new()),
+            book: TriggerBook::new(),
             followers: SharedLogs::default(),
         }
     }
@@ -136,28 +132,6 @@ impl GitlabRunner {
     /// The configuration in use.
     pub fn config(&self) -> &GitlabConfig {
         &self.config
-    }
-
-    fn cached(&self, id: &BuildId) -> Option<RunnerRef> {
-        self.refs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    fn remember(&self, id: &BuildId, r: &RunnerRef) {
-        let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-        if refs.len() >= REF_CACHE_LIMIT {
-            refs.clear();
-        }
-        refs.insert(id.clone(), r.clone());
-    }
-
-    fn trigger_lock(&self, id: &BuildId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.triggering.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, lock| Arc::strong_count(lock) > 1);
-        map.entry(id.clone()).or_default().clone()
     }
 
     fn project_of(&self, r: Option<&RunnerRef>) -> String {
@@ -172,7 +146,7 @@ impl GitlabRunner {
         if let Some(url) = &p.web_url {
             r = r.with_url(url.clone());
         }
-        self.remember(id, &r);
+        self.book.remember(id, &r);
         r
     }
 
@@ -235,7 +209,7 @@ impl GitlabRunner {
     }
 
     async fn trigger_locked(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
-        if let Some(r) = self.cached(&req.build_id) {
+        if let Some(r) = self.book.cached(&req.build_id) {
             return Ok(r);
         }
         if !req.first_attempt {
@@ -282,7 +256,7 @@ impl GitlabRunner {
         let r = handle
             .runner_ref
             .clone()
-            .or_else(|| self.cached(&handle.build_id));
+            .or_else(|| self.book.cached(&handle.build_id));
         let project = self.project_of(r.as_ref());
         if let Some(r) = r {
             let id: u64 = r.id.parse().map_err(|_| {
@@ -353,8 +327,7 @@ impl BuildRunner for GitlabRunner {
     async fn trigger(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
         req.validate()
             .map_err(|e| RunnerError::InvalidRequest(e.to_string()))?;
-        let lock = self.trigger_lock(&req.build_id);
-        let _serialized = lock.lock().await;
+        let _serialized = self.book.lock(&req.build_id).await;
         self.trigger_locked(req).await
     }
 
@@ -513,7 +486,7 @@ mod tests {
             reqwest::Client::new(),
             "http://127.0.0.1:1/api/v4",
             "glpat-x",
-            Arc::new(crate::http_budget::RequestBudget::new(Default::default())),
+            std::sync::Arc::new(crate::http_budget::RequestBudget::new(Default::default())),
             crate::http_retry::RetryPolicy::none(),
         )
         .unwrap();

@@ -25,8 +25,8 @@
 //! - **logs**: the console, read with the progressive-text API from the
 //!   offset Jenkins gave last (`X-Text-Size`), never downloaded twice.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,12 +42,11 @@ use super::logs::LineSplitter;
 use super::model::{Build, QueueItem, PARAM_BUILD_ID};
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs};
+use crate::trigger_book::{BuildCache, TriggerBook};
 
 /// Triggers attempted for one trigger call before the error goes back to
 /// the caller (whose retries take over; each later one looks up first).
 const TRIGGER_ROUNDS: u32 = 3;
-/// Entries kept in the in-process caches before they are cleared.
-const CACHE_LIMIT: usize = 50_000;
 /// How far before a build id was minted a lookup searches (clock skew).
 const LOOKUP_SLACK: chrono::Duration = chrono::Duration::minutes(10);
 /// Pause between recovery lookups while a lost trigger settles.
@@ -121,7 +120,6 @@ pub enum Progress {
 /// The Jenkins runner. See the module docs.
 pub struct JenkinsRunner {
     inner: Arc<Inner>,
-    triggering: Mutex<HashMap<BuildId, Arc<tokio::sync::Mutex<()>>>>,
     followers: SharedLogs,
 }
 
@@ -131,9 +129,9 @@ struct Inner {
     client: Client,
     config: JenkinsConfig,
     /// Refs of builds triggered or found by this process.
-    refs: Mutex<HashMap<BuildId, RunnerRef>>,
+    book: TriggerBook,
     /// Build numbers learnt from queue items (which Jenkins forgets).
-    numbers: Mutex<HashMap<BuildId, u64>>,
+    numbers: BuildCache<u64>,
 }
 
 impl std::fmt::Debug for JenkinsRunner {
@@ -144,14 +142,6 @@ impl std::fmt::Debug for JenkinsRunner {
     }
 }
 
-fn bounded_insert<V>(map: &Mutex<HashMap<BuildId, V>>, id: &BuildId, value: V) {
-    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    if map.len() >= CACHE_LIMIT {
-        map.clear();
-    }
-    map.insert(id.clone(), value);
-}
-
 impl JenkinsRunner {
     /// A runner for one queue's job.
     pub fn new(client: Client, config: JenkinsConfig) -> Self {
@@ -159,10 +149,9 @@ impl JenkinsRunner {
             inner: Arc::new(Inner {
                 client,
                 config,
-                refs: Mutex::new(HashMap::new()),
-                numbers: Mutex::new(HashMap::new()),
+                book: TriggerBook::new(),
+                numbers: BuildCache::new(),
             }),
-            triggering: Mutex::new(HashMap::new()),
             followers: SharedLogs::default(),
         }
     }
@@ -172,15 +161,9 @@ impl JenkinsRunner {
         &self.inner.config
     }
 
-    fn trigger_lock(&self, id: &BuildId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.triggering.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, lock| Arc::strong_count(lock) > 1);
-        map.entry(id.clone()).or_default().clone()
-    }
-
     async fn trigger_locked(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
         let inner = &self.inner;
-        if let Some(r) = inner.cached_ref(&req.build_id) {
+        if let Some(r) = inner.book.cached(&req.build_id) {
             return Ok(r);
         }
         if !req.first_attempt {
@@ -214,16 +197,6 @@ impl JenkinsRunner {
 }
 
 impl Inner {
-    fn cached_ref(&self, id: &BuildId) -> Option<RunnerRef> {
-        let refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-        refs.get(id).cloned()
-    }
-
-    fn cached_number(&self, id: &BuildId) -> Option<u64> {
-        let numbers = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
-        numbers.get(id).copied()
-    }
-
     /// The ref of queue item `queue_id`, remembered for `id`.
     fn found_item(&self, id: &BuildId, queue_id: u64) -> RunnerRef {
         let mut r = RunnerRef::new(queue_id.to_string())
@@ -231,20 +204,20 @@ impl Inner {
         if let Ok(url) = self.client.job_url(&self.config.job) {
             r = r.with_url(url.to_string());
         }
-        bounded_insert(&self.refs, id, r.clone());
+        self.book.remember(id, &r);
         r
     }
 
     /// The ref of a build found by lookup (its queue item, and its number).
     fn found_build(&self, id: &BuildId, build: &Build) -> RunnerRef {
-        bounded_insert(&self.numbers, id, build.number);
+        self.numbers.insert(id, build.number);
         let mut r = RunnerRef::new(build.queue_id.unwrap_or_default().to_string())
             .with_data("job", self.config.job.full_name().to_string())
             .with_data("number", build.number.to_string());
         if let Some(url) = &build.url {
             r = r.with_url(url.clone());
         }
-        bounded_insert(&self.refs, id, r.clone());
+        self.book.remember(id, &r);
         r
     }
 
@@ -364,9 +337,10 @@ impl Inner {
         handle: &BuildHandle,
     ) -> Result<Progress, RunnerError> {
         let id = &handle.build_id;
-        let r = handle.runner_ref.clone().or_else(|| self.cached_ref(id));
+        let r = handle.runner_ref.clone().or_else(|| self.book.cached(id));
         let number = self
-            .cached_number(id)
+            .numbers
+            .get(id)
             .or_else(|| r.as_ref()?.data("number")?.parse().ok());
         if let Some(number) = number {
             match self.own_build(client, id, number).await {
@@ -395,7 +369,7 @@ impl Inner {
                     }
                     return match &item.executable {
                         Some(exe) => {
-                            bounded_insert(&self.numbers, id, exe.number);
+                            self.numbers.insert(id, exe.number);
                             let build = self.own_build(client, id, exe.number).await?;
                             Ok(Progress::Built(build))
                         }
@@ -469,8 +443,7 @@ impl BuildRunner for JenkinsRunner {
     async fn trigger(&self, req: &TriggerRequest) -> Result<RunnerRef, RunnerError> {
         req.validate()
             .map_err(|e| RunnerError::InvalidRequest(e.to_string()))?;
-        let lock = self.trigger_lock(&req.build_id);
-        let _serialized = lock.lock().await;
+        let _serialized = self.inner.book.lock(&req.build_id).await;
         self.trigger_locked(req).await
     }
 
