@@ -181,9 +181,11 @@ pub struct LeaseTick {
     pub now: Millis,
     pub lease_ms: Millis,
     /// A scheduled renewal (every `lease_renewal`), not an early recheck of
-    /// the fair share after a claim reported `share_spent`: drivers do their
-    /// housekeeping (PostgreSQL's sweep of finished delivery state) only on
-    /// these, so the extra ticks of a capped subscriber stay cheap.
+    /// the fair share after a claim reported `share_spent`. A recheck must
+    /// report the cap and what the subscriber holds; drivers may skip the
+    /// rest on it (PostgreSQL only reads: no heartbeat, lease extension,
+    /// shedding or sweep), so the extra ticks of a capped subscriber stay
+    /// cheap and lock nothing.
     pub renewal: bool,
 }
 

@@ -1049,6 +1049,39 @@ async fn sweep_state(pool: &PgPool, t: &LeaseTick) -> MqResult<()> {
     Ok(())
 }
 
+/// An early recheck of the fair share: reads only. The full tick locks every
+/// partition row the subscriber holds to extend its leases, and claims,
+/// wakes and publishes wait behind that; run every 50 ms by a capped node
+/// (measured in the two-node cancel benchmark) it doubled create and cancel
+/// latency. Heartbeat, lease extension and shedding wait for the renewal.
+async fn fair_share_now(pool: &PgPool, t: &LeaseTick) -> MqResult<LeaseReport> {
+    let active: Vec<String> = sqlx::query_scalar(
+        "SELECT subscriber FROM mq_subscribers WHERE topic = $1 AND grp = $2 AND heartbeat_at > $3 ORDER BY subscriber",
+    )
+    .bind(&t.topic)
+    .bind(&t.group)
+    .bind(t.now - t.lease_ms)
+    .fetch_all(pool)
+    .await?;
+    let (busy, mine): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*) FILTER (WHERE next_due IS NOT NULL OR (lease_owner IS NOT NULL AND lease_expires > $3)), \
+                COUNT(*) FILTER (WHERE lease_owner = $4 AND lease_expires > $3) \
+         FROM mq_partitions WHERE topic = $1 AND grp = $2",
+    )
+    .bind(&t.topic)
+    .bind(&t.group)
+    .bind(t.now)
+    .bind(&t.subscriber)
+    .fetch_one(pool)
+    .await?;
+    let cap = fair_share_cap(busy as usize, &active, &t.subscriber);
+    Ok(LeaseReport {
+        cap,
+        owned: (mine as usize).min(cap),
+        active_subscribers: active.len().max(1),
+    })
+}
+
 async fn lease_tick_on(conn: &mut PgConnection, t: &LeaseTick) -> MqResult<LeaseReport> {
     sqlx::query(
         "INSERT INTO mq_subscribers (topic, grp, subscriber, heartbeat_at) VALUES ($1, $2, $3, $4) \
@@ -1275,6 +1308,9 @@ impl Driver for PostgresDriver {
     }
 
     async fn lease_tick(&self, t: &LeaseTick) -> MqResult<LeaseReport> {
+        if !t.renewal {
+            return fair_share_now(&self.pool, t).await;
+        }
         let mut tx = self.begin().await?;
         let report = lease_tick_on(&mut tx, t).await?;
         tx.commit().await?;
