@@ -147,6 +147,94 @@ async fn queue_lists_are_reused_until_the_next_event() {
     }
 }
 
+/// Runs one statement on the server's SQLite store, outside the store.
+async fn exec(s: &Server, sql: &str) {
+    match s.state.store().pool() {
+        stitch_store::StorePool::Sqlite(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
+        _ => panic!("the test server runs on SQLite"),
+    }
+}
+
+/// The last day's bucket of the hour starting at `start`.
+fn bucket(list: &Value, start: chrono::DateTime<chrono::Utc>) -> Value {
+    list["last_24h"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| {
+            serde_json::from_value::<chrono::DateTime<chrono::Utc>>(h["start"].clone()).unwrap()
+                == start
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("an hour starting at {start} in {list}"))
+}
+
+/// Settled hours (ended more than a few minutes ago) are counted once and
+/// kept; the current hour is counted afresh for every answer.
+#[tokio::test]
+async fn settled_hours_are_counted_once_and_the_current_hour_each_time() {
+    use chrono::{DurationRound, TimeDelta, Utc};
+    let s = Server::start().await;
+    let hour = Utc::now().duration_trunc(TimeDelta::hours(1)).unwrap() - TimeDelta::hours(3);
+    let past = s.create_ok("q-noop", "past").await;
+    let at = hour.timestamp_millis() + 60_000;
+    exec(
+        &s,
+        &format!(
+            "UPDATE builds SET status = 'failed', started_at = {}, finished_at = {at} \
+             WHERE id = '{past}'",
+            at - 4000
+        ),
+    )
+    .await;
+    let first = json(&s, "/v1/queues").await;
+    let settled = bucket(&first, hour);
+    assert_eq!(
+        (
+            settled["failed"].as_u64(),
+            settled["median_duration_ms"].as_u64()
+        ),
+        (Some(1), Some(4000))
+    );
+    assert_eq!(queue(&first, "q-noop")["counts"]["failed"], 1);
+
+    // Behind the store's back the settled hour changes (nothing in stitch
+    // does that: finish times are written once, at the finish), and a
+    // build finishes now. The next answer (after the event of a create)
+    // keeps the settled hour's count and counts the current hour afresh.
+    exec(
+        &s,
+        &format!("UPDATE builds SET status = 'succeeded' WHERE id = '{past}'"),
+    )
+    .await;
+    let now_id: BuildId = s.create_ok("q-noop", "now").await.parse().unwrap();
+    let none = Default::default();
+    let store = s.state.store();
+    store
+        .record_status(&now_id, None, BuildStatus::Running, &none, None)
+        .await
+        .unwrap();
+    store
+        .record_status(&now_id, None, BuildStatus::Cancelled, &none, None)
+        .await
+        .unwrap();
+    let second = json(&s, "/v1/queues").await;
+    let kept = bucket(&second, hour);
+    assert_eq!(
+        (kept["failed"].as_u64(), kept["succeeded"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let current = second["last_24h"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(current["cancelled"], 1, "{second}");
+    assert_eq!(queue(&second, "q-noop")["counts"]["cancelled"], 1);
+    assert_eq!(queue(&second, "q-noop")["counts"]["failed"], 1);
+}
+
 #[tokio::test]
 async fn queues_need_the_token_when_tokens_are_configured() {
     let s = Server::start_with(Some("sekrit-token"), HttpOptions::default()).await;

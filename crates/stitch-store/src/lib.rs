@@ -31,6 +31,7 @@ mod logic;
 pub mod model;
 mod mysql;
 mod ops;
+mod overview;
 mod pool;
 mod postgres;
 mod retention;
@@ -44,8 +45,8 @@ pub use announce::{CommitListener, Committed};
 pub use error::{Conflict, Result, StoreError};
 pub use model::{
     Build, BuildFilter, BuildRecord, CancelOutcome, CreateOutcome, Cursor, Event, EventKind,
-    FinishedBuild, InvalidCursor, Metadata, NewBuild, OpenBuildCount, StoredLogLine, ERROR_KEY,
-    URL_KEY,
+    FinishedBuild, FinishedCount, FinishedHour, InvalidCursor, Metadata, NewBuild, OpenBuildCount,
+    StoredLogLine, ERROR_KEY, URL_KEY,
 };
 pub use pool::{migrate, StorePool};
 pub use retention::{BuildsPruned, Prunable};

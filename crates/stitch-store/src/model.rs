@@ -186,6 +186,35 @@ pub struct FinishedBuild {
     pub finished_at: DateTime<Utc>,
 }
 
+/// One hour of finished builds, counted in the database
+/// ([`crate::Store::finished_hours`]): the overview's chart and its
+/// per-queue totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedHour {
+    /// The start of the hour (UTC, on the hour); builds whose `finished_at`
+    /// is in `[start, start + 1 h)`.
+    pub start: DateTime<Utc>,
+    /// Per queue and terminal status, the builds that finished in the hour;
+    /// queues and statuses without builds are absent.
+    pub counts: Vec<FinishedCount>,
+    /// The median run time (`finished_at - started_at`, the lower middle
+    /// one of an even count, never below 0) of the builds that finished in
+    /// the hour after starting; `None` when none started.
+    pub median_duration_ms: Option<u64>,
+}
+
+/// How many builds of one queue finished with one status in a
+/// [`FinishedHour`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedCount {
+    /// The build queue.
+    pub queue: String,
+    /// A terminal status.
+    pub status: BuildStatus,
+    /// Builds of the queue that finished with it in the hour.
+    pub count: u64,
+}
+
 /// Filter and page size for [`crate::Store::list_builds`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildFilter {

@@ -10,6 +10,7 @@ use stitch_core::BuildId;
 
 use crate::error::Result;
 use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
+use crate::rows::HourCountRow;
 
 /// Primitive reads and writes of one backend, on one connection.
 pub(crate) trait Ops {
@@ -69,6 +70,16 @@ pub(crate) trait Ops {
     /// Up to `limit` builds that finished at or after `since_ms` (epoch
     /// milliseconds), in no particular order.
     async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>>;
+
+    /// Per hour, queue and status, the builds that finished in
+    /// `[since_ms, until_ms)` (epoch milliseconds), counted by the
+    /// database ([`crate::rows::finished_counts_sql`]).
+    async fn finished_counts(&mut self, since_ms: i64, until_ms: i64) -> Result<Vec<HourCountRow>>;
+
+    /// The `nth` (from 0) shortest run time in milliseconds of the builds
+    /// that finished in `[from_ms, to_ms)` after starting
+    /// ([`crate::rows::NTH_RUN_TIME_SQL`]); `None` past the last.
+    async fn nth_run_time(&mut self, from_ms: i64, to_ms: i64, nth: u64) -> Result<Option<i64>>;
 
     /// Up to `limit` events with `seq > after`, in seq order.
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>>;

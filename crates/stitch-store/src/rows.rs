@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use stitch_core::BuildId;
 
 use crate::error::{Result, StoreError};
-use crate::model::{Build, Event, EventKind, FinishedBuild, OpenBuildCount};
+use crate::model::{Build, Event, EventKind, FinishedBuild, FinishedCount, OpenBuildCount};
 
 /// The build columns every backend selects, in this order.
 pub(crate) const BUILD_COLUMNS: &str = "id, queue, status, base, head, caller_metadata, \
@@ -187,6 +187,62 @@ pub(crate) fn open_counts_sql() -> String {
     )
 }
 
+/// One row of [`finished_counts_sql`]: builds of one queue that finished
+/// with one status in one hour, and how many of them had started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HourCountRow {
+    /// The hour's start, epoch milliseconds.
+    pub hour_ms: i64,
+    pub count: FinishedCount,
+    /// Of `count.count`, those with a `started_at` (a run time).
+    pub started: u64,
+}
+
+/// Epoch milliseconds in an hour: UTC hours start at multiples of it.
+pub(crate) const HOUR_MS: i64 = 3_600_000;
+
+/// The SQL of [`crate::ops::Ops::finished_counts`], the same on every
+/// backend (binds: since, until). The hour is `finished_at` rounded down
+/// with `%`, which is integer arithmetic on all three (`/` is not on
+/// MySQL); the aggregation runs in the database, so only
+/// hours × queues × statuses rows come back, not a day of builds.
+pub(crate) fn finished_counts_sql() -> String {
+    let hour = format!("finished_at - finished_at % {HOUR_MS}");
+    format!(
+        "SELECT {hour} AS hour_start, queue, status, COUNT(*) AS n, \
+         COUNT(started_at) AS started FROM builds \
+         WHERE finished_at >= ? AND finished_at < ? GROUP BY {hour}, queue, status"
+    )
+}
+
+/// The SQL of [`crate::ops::Ops::nth_run_time`], the same on every backend
+/// (binds: from, to, nth). The median is read as one row at an offset
+/// rather than with a median aggregate: PostgreSQL has
+/// `percentile_disc`, MariaDB only a window `MEDIAN`, MySQL and SQLite
+/// none; and a window `ROW_NUMBER` over the day was measured slower than
+/// one such read per hour (docs/benchmarks.md).
+pub(crate) const NTH_RUN_TIME_SQL: &str = "SELECT finished_at - started_at AS d FROM builds \
+     WHERE finished_at >= ? AND finished_at < ? AND started_at IS NOT NULL \
+     ORDER BY finished_at - started_at LIMIT 1 OFFSET ?";
+
+/// The columns of a [`finished_counts_sql`] row.
+pub(crate) fn hour_count_from_row(row: &impl ReadRow) -> Result<HourCountRow> {
+    let queue = row.text("queue")?;
+    let what = |column: &str| format!("finished count of queue {queue:?} {column}");
+    let status = row.text("status")?;
+    Ok(HourCountRow {
+        hour_ms: row.int("hour_start")?,
+        started: to_u64(row.int("started")?, "finished count started")?,
+        count: FinishedCount {
+            status: status
+                .parse()
+                .map_err(|e| StoreError::corrupt(what("status"), e))?,
+            count: to_u64(row.int("n")?, "finished count")?,
+            queue,
+        },
+    })
+}
+
 /// An event from a row holding [`EVENT_COLUMNS`].
 /// Every row of a result as a [`Build`].
 pub(crate) fn builds_from_rows(rows: &[impl ReadRow]) -> Result<Vec<Build>> {
@@ -238,7 +294,7 @@ pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-fn time(ms: i64, what: impl FnOnce() -> String) -> Result<DateTime<Utc>> {
+pub(crate) fn time(ms: i64, what: impl FnOnce() -> String) -> Result<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms)
         .ok_or_else(|| StoreError::corrupt(what(), format!("{ms} ms is out of range")))
 }

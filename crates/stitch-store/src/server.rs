@@ -24,9 +24,10 @@ use crate::error::Result;
 use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_from_row, millis,
-    open_count_from_row, open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64, ReadRow,
-    BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_counts_sql,
+    finished_from_row, hour_count_from_row, millis, open_count_from_row, open_counts_sql,
+    open_statuses_sql, to_i64, to_json, to_u64, HourCountRow, ReadRow, BUILD_COLUMNS,
+    EVENT_COLUMNS, NTH_RUN_TIME_SQL,
 };
 
 /// A bind value of a statement written with `?` placeholders.
@@ -330,6 +331,22 @@ impl<D: Dialect> Ops for ServerOps<'_, D> {
             )
             .await?;
         rows.iter().map(finished_from_row).collect()
+    }
+
+    async fn finished_counts(&mut self, since_ms: i64, until_ms: i64) -> Result<Vec<HourCountRow>> {
+        let args = [Arg::Int(since_ms), Arg::Int(until_ms)];
+        let rows = self.fetch_all(&finished_counts_sql(), &args).await?;
+        rows.iter().map(hour_count_from_row).collect()
+    }
+
+    async fn nth_run_time(&mut self, from_ms: i64, to_ms: i64, nth: u64) -> Result<Option<i64>> {
+        let args = [
+            Arg::Int(from_ms),
+            Arg::Int(to_ms),
+            Arg::Int(to_i64(nth, "offset")?),
+        ];
+        let row = self.fetch_optional(NTH_RUN_TIME_SQL, &args).await?;
+        row.map(|r| r.int("d")).transpose()
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

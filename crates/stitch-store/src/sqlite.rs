@@ -18,8 +18,9 @@ use crate::error::{Result, StoreError};
 use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, event_from_row, finished_from_row, millis, open_count_from_row,
-    open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64, BUILD_COLUMNS, EVENT_COLUMNS,
+    after_i64, build_from_row, event_from_row, finished_counts_sql, finished_from_row,
+    hour_count_from_row, millis, open_count_from_row, open_counts_sql, open_statuses_sql, to_i64,
+    to_json, to_u64, HourCountRow, BUILD_COLUMNS, EVENT_COLUMNS, NTH_RUN_TIME_SQL,
 };
 
 /// How long a writer waits for SQLite's write lock before `SQLITE_BUSY`.
@@ -390,6 +391,24 @@ impl Ops for SqliteOps<'_> {
             out.push(finished_from_row(row)?);
         }
         Ok(out)
+    }
+
+    async fn finished_counts(&mut self, since_ms: i64, until_ms: i64) -> Result<Vec<HourCountRow>> {
+        let mut stmt = self.conn.prepare_cached(&finished_counts_sql())?;
+        let mut rows = stmt.query(rusqlite::params![since_ms, until_ms])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(hour_count_from_row(row)?);
+        }
+        Ok(out)
+    }
+
+    async fn nth_run_time(&mut self, from_ms: i64, to_ms: i64, nth: u64) -> Result<Option<i64>> {
+        let mut stmt = self.conn.prepare_cached(NTH_RUN_TIME_SQL)?;
+        let nth = to_i64(nth, "offset")?;
+        Ok(stmt
+            .query_row(rusqlite::params![from_ms, to_ms, nth], |row| row.get(0))
+            .optional()?)
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

@@ -23,8 +23,8 @@ use crate::error::{wrong_backend, Result, StoreError};
 use crate::group_commit::{GroupCommitter, ServerTarget};
 use crate::logic;
 use crate::model::{
-    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, FinishedBuild, Metadata,
-    NewBuild, NewEvent, OpenBuildCount, StoredLogLine,
+    Build, BuildFilter, CancelOutcome, CreateOutcome, Cursor, Event, FinishedBuild, FinishedHour,
+    Metadata, NewBuild, NewEvent, OpenBuildCount, StoredLogLine,
 };
 use crate::mysql::{self, MySqlOps};
 use crate::ops::Ops;
@@ -424,6 +424,25 @@ impl Store {
     ) -> Result<Vec<FinishedBuild>> {
         let since_ms = since.timestamp_millis();
         with_read_ops!(self, |ops| ops.finished_since(since_ms, limit).await)
+    }
+
+    /// The builds that finished at or after `since` (and before `until`,
+    /// when given), hour by hour (UTC hours; `since` is meant to be on the
+    /// hour), oldest first: per queue and status how many, and the hour's
+    /// median run time. Counted by the database: the answer is a few rows
+    /// per hour however many builds finished. Hours without builds are
+    /// absent. The caller's clock decides the window; the store reads none.
+    pub async fn finished_hours(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Vec<FinishedHour>> {
+        let since_ms = since.timestamp_millis();
+        let until_ms = until.map_or(i64::MAX, |u| u.timestamp_millis());
+        with_read_ops!(self, |ops| crate::overview::finished_hours(
+            ops, since_ms, until_ms
+        )
+        .await)
     }
 
     /// Up to `limit` events with `seq > after`, in seq order. Because seqs are

@@ -753,7 +753,108 @@ async fn open_counts_and_finished_builds_for_the_overview(db: TestDb) {
     assert_eq!(s.finished_since(before, 1).await.unwrap().len(), 1);
 }
 
+/// The overview's hourly history, counted in SQL, against builds with
+/// known finish times and run times set directly in the table.
+async fn finished_hours_are_counted_in_the_database(db: TestDb) {
+    use chrono::{DateTime, TimeDelta, Utc};
+    use stitch_store::{FinishedCount, FinishedHour};
+    let t0: DateTime<Utc> = "2026-01-05T10:00:00Z".parse().unwrap();
+    let ms = |t: DateTime<Utc>| t.timestamp_millis();
+    let h = |n: i64| t0 + TimeDelta::hours(n);
+    // (queue, status, finished at, run time in ms or never started)
+    let builds: [(&str, &str, DateTime<Utc>, Option<i64>); 12] = [
+        ("a", "succeeded", h(0), Some(100)),
+        ("a", "succeeded", h(0) + TimeDelta::minutes(59), Some(300)),
+        ("a", "succeeded", h(0) + TimeDelta::minutes(30), Some(200)),
+        ("b", "failed", h(0) + TimeDelta::seconds(1), Some(50)),
+        ("b", "cancelled", h(0) + TimeDelta::seconds(2), None),
+        // Hour 1 has none. Hour 2: its first and last millisecond, and a
+        // run time below 0 (two writers' clocks apart) that counts as 0.
+        ("a", "failed", h(2), Some(1000)),
+        ("a", "failed", h(3) - TimeDelta::milliseconds(1), Some(-500)),
+        // Hour 3: never started only: counted, no median.
+        ("b", "cancelled", h(3) + TimeDelta::minutes(5), None),
+        // Hour 5, past `until` below.
+        ("b", "succeeded", h(5), Some(7)),
+        ("b", "succeeded", h(5) + TimeDelta::minutes(1), Some(9)),
+        // Before the window.
+        ("a", "succeeded", h(0) - TimeDelta::milliseconds(1), Some(1)),
+        // Far in the past.
+        ("a", "failed", h(-30), Some(1)),
+    ];
+    for (queue, status, finished, run) in builds {
+        let new = new_build(queue);
+        let id = new.id.clone();
+        db.store.create_build(new).await.unwrap();
+        let started = run.map_or("NULL".to_string(), |r| (ms(finished) - r).to_string());
+        db.exec(&format!(
+            "UPDATE builds SET status = '{status}', started_at = {started}, \
+             finished_at = {} WHERE id = '{id}'",
+            ms(finished)
+        ))
+        .await;
+    }
+    // Open builds have no finish time and are never counted.
+    db.store.create_build(new_build("a")).await.unwrap();
+
+    let count = |queue: &str, status: BuildStatus, count: u64| FinishedCount {
+        queue: queue.into(),
+        status,
+        count,
+    };
+    let hour0 = FinishedHour {
+        start: h(0),
+        counts: vec![
+            count("a", BuildStatus::Succeeded, 3),
+            count("b", BuildStatus::Cancelled, 1),
+            count("b", BuildStatus::Failed, 1),
+        ],
+        // Run times 50, 100, 200, 300: the lower middle one.
+        median_duration_ms: Some(100),
+    };
+    let hour2 = FinishedHour {
+        start: h(2),
+        counts: vec![count("a", BuildStatus::Failed, 2)],
+        median_duration_ms: Some(0),
+    };
+    let hour3 = FinishedHour {
+        start: h(3),
+        counts: vec![count("b", BuildStatus::Cancelled, 1)],
+        median_duration_ms: None,
+    };
+    let hour5 = FinishedHour {
+        start: h(5),
+        counts: vec![count("b", BuildStatus::Succeeded, 2)],
+        median_duration_ms: Some(7),
+    };
+    let s = &db.store;
+    assert_eq!(
+        s.finished_hours(h(0), Some(h(5))).await.unwrap(),
+        [hour0.clone(), hour2.clone(), hour3.clone()]
+    );
+    assert_eq!(
+        s.finished_hours(h(0), None).await.unwrap(),
+        [hour0, hour2.clone(), hour3, hour5]
+    );
+    // A bound inside an hour cuts it: only its part inside counts, for the
+    // median too (one build left: 1000 ms).
+    let cut = s
+        .finished_hours(h(2), Some(h(3) - TimeDelta::milliseconds(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        cut,
+        [FinishedHour {
+            start: h(2),
+            counts: vec![count("a", BuildStatus::Failed, 1)],
+            median_duration_ms: Some(1000),
+        }]
+    );
+    assert!(s.finished_hours(h(6), None).await.unwrap().is_empty());
+}
+
 store_suite!(
+    finished_hours_are_counted_in_the_database,
     open_counts_and_finished_builds_for_the_overview,
     create_then_get_returns_the_record_shape,
     create_appends_an_accepted_event,

@@ -310,12 +310,28 @@
     }, parts);
   }
 
+  // The oldest waiting build's age ticks every second between refetches.
+  // It is counted from the server's answer (`at`), not the browser's clock
+  // alone, so a browser whose clock is off still shows the right age.
+  let serverSkewMs = 0;
+  function age(since) {
+    return duration(Math.max(0, Date.now() + serverSkewMs - Date.parse(since)));
+  }
+  function tickAges() {
+    for (const node of document.querySelectorAll('[data-age-since]')) {
+      const text = age(node.dataset.ageSince);
+      if (node.textContent !== text) node.textContent = text;
+    }
+  }
+
   function oldestWaiting(q) {
     if (!q.oldest_waiting_at) return '—';
-    return el('span', { title: q.oldest_waiting_at }, duration(q.oldest_waiting_seconds * 1000));
+    return el('span', { title: q.oldest_waiting_at, 'data-age-since': q.oldest_waiting_at }, age(q.oldest_waiting_at));
   }
 
   function renderOverview(data, holder) {
+    serverSkewMs = Date.parse(data.at) - Date.now();
+    holder.dataset.at = data.at;
     const rows = data.queues.map((q) => el('tr', { 'data-queue': q.name },
       el('th', { scope: 'row' }, el('a', { href: `/builds?queue=${encodeURIComponent(q.name)}` }, q.name)),
       el('td', {}, q.runner),
@@ -357,6 +373,7 @@
     main.replaceChildren(el('h1', {}, 'Overview'), holder);
     const data = await api('/v1/queues');
     renderOverview(data, holder);
+    window.setInterval(tickAges, 1000);
     const refresh = throttled(async () => {
       try { renderOverview(await api('/v1/queues'), holder); } catch (e) { showError(e); }
     }, 1000);
@@ -401,15 +418,28 @@
       el('button', { type: 'submit' }, 'Apply'));
     const tbody = el('tbody', {}, page.builds.map(buildRow));
     const empty = el('p', { class: 'muted', id: 'no-builds', hidden: page.builds.length > 0 }, 'No builds match.');
+    // The API pages forward only. The cursors of the pages before this one
+    // ride along in the URL (`back`, oldest first), so Previous is a plain
+    // link and a shared URL can still go back.
+    const back = cursor ? params.getAll('back').filter((c) => c) : [];
     const pager = el('nav', { class: 'pager', 'aria-label': 'Pages' });
     const base = new URLSearchParams();
     if (queue) base.set('queue', queue);
     if (status) base.set('status', status);
-    if (cursor) pager.append(el('a', { href: `/builds?${base}` }, 'First page'));
+    const pageUrl = (at, stack) => {
+      const q = new URLSearchParams(base);
+      if (at) {
+        q.set('cursor', at);
+        for (const c of stack) q.append('back', c);
+      }
+      return `/builds?${q}`;
+    };
+    if (cursor) {
+      pager.append(el('a', { href: pageUrl('', []), id: 'first-page' }, 'First page'));
+      pager.append(el('a', { href: pageUrl(back[back.length - 1], back.slice(0, -1)), rel: 'prev', id: 'prev-page' }, 'Previous page'));
+    }
     if (page.next_cursor) {
-      const next = new URLSearchParams(base);
-      next.set('cursor', page.next_cursor);
-      pager.append(el('a', { href: `/builds?${next}`, rel: 'next' }, 'Next page'));
+      pager.append(el('a', { href: pageUrl(page.next_cursor, cursor ? [...back, cursor] : []), rel: 'next', id: 'next-page' }, 'Next page'));
     }
     main.replaceChildren(el('h1', {}, 'Builds'), form,
       el('div', { class: 'table-wrap' }, el('table', { id: 'builds' },

@@ -13,7 +13,7 @@ use stitch_api::{
 };
 use stitch_core::{BuildId, BuildStatus};
 use stitch_mq::MqError;
-use stitch_store::FinishedBuild;
+use stitch_store::FinishedHour;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
@@ -24,10 +24,6 @@ use crate::state::topics;
 
 /// Hours the overview's history covers.
 const HISTORY_HOURS: i64 = 24;
-/// Most finished builds read for the history. Past it the counts of the
-/// oldest hours are low; a day of more builds than this is beyond what
-/// one stitch serves (docs/benchmarks.md).
-const HISTORY_MAX_BUILDS: u32 = 200_000;
 /// The topics whose consumers dead-letter messages.
 const TOPICS: [&str; 2] = [topics::TRIGGER, topics::SIGNAL];
 /// Largest page of dead letters.
@@ -38,13 +34,34 @@ const MAX_DEAD_LETTERS: u32 = 1000;
 /// is then at most this stale.
 const QUEUE_LIST_REUSE: TimeDelta = TimeDelta::seconds(1);
 
+/// An hour that ended at least this long ago is settled: no build will
+/// finish in it any more. A build's finish time is its writer's clock when
+/// it became terminal, committed within moments; this covers a slow commit
+/// and another stitch process's clock running somewhat behind.
+const SETTLED_AFTER: TimeDelta = TimeDelta::minutes(5);
+
 /// The last `/v1/queues` answer. Every open overview page refetches the
 /// list after events, so after one event all of them ask at once; they
 /// wait on this lock while the first computes the answer (counting every
-/// open build and reading a day of finished ones), and reuse it.
+/// open build and the day's finished ones hour by hour), and reuse it.
 #[derive(Default)]
 pub(crate) struct QueueListCache {
-    last: tokio::sync::Mutex<Option<QueueList>>,
+    last: tokio::sync::Mutex<Computed>,
+}
+
+#[derive(Default)]
+struct Computed {
+    answer: Option<QueueList>,
+    settled: Option<Settled>,
+}
+
+/// The finished builds of settled hours `[from, until)`, counted once:
+/// each answer counts only the hours since `until` afresh (usually the
+/// current one), a 24th of the day.
+struct Settled {
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    hours: Vec<FinishedHour>,
 }
 
 /// Every configured queue with its runner kind, concurrency, builds per
@@ -65,25 +82,84 @@ pub(crate) async fn list_queues(State(ctx): State<Ctx>) -> Result<Json<QueueList
     // also after `event_seq`, so a follower misses nothing.
     let event_seq = ctx.state.store().latest_seq().await?;
     let mut last = ctx.queue_list.last.lock().await;
-    if let Some(list) = last.as_ref() {
+    if let Some(list) = last.answer.as_ref() {
         // An answer computed after this request's `event_seq` was read is
         // as fresh as one this request would compute.
         if list.event_seq >= event_seq && Utc::now() - list.at < QUEUE_LIST_REUSE {
             return Ok(Json(list.clone()));
         }
     }
-    let list = queue_list(&ctx, event_seq).await?;
-    *last = Some(list.clone());
+    let list = queue_list(&ctx, event_seq, &mut last.settled).await?;
+    last.answer = Some(list.clone());
     Ok(Json(list))
 }
 
+/// The finished builds from `first_hour` on, hour by hour, counted by the
+/// database: the settled hours from `settled` (counting those it lacks),
+/// the rest afresh.
+async fn finished_hours(
+    ctx: &Ctx,
+    now: DateTime<Utc>,
+    first_hour: DateTime<Utc>,
+    settled: &mut Option<Settled>,
+) -> Result<Vec<FinishedHour>, ApiError> {
+    let store = ctx.state.store();
+    // Retention shorter than the window deletes builds of settled hours,
+    // which a kept count would still show: count every hour each time.
+    let pruned_within = ctx
+        .state
+        .config()
+        .retention
+        .builds
+        .duration()
+        .and_then(|d| TimeDelta::from_std(d).ok())
+        .is_some_and(|d| d < TimeDelta::hours(HISTORY_HOURS) + SETTLED_AFTER);
+    let settled_until = hour_of(now - SETTLED_AFTER).max(first_hour);
+    if pruned_within {
+        *settled = None;
+    } else {
+        let kept = settled
+            .take()
+            .filter(|s| s.from <= first_hour && first_hour <= s.until && s.until <= settled_until);
+        let mut s = match kept {
+            Some(mut s) => {
+                s.hours.retain(|h| h.start >= first_hour);
+                s.from = first_hour;
+                s
+            }
+            None => Settled {
+                from: first_hour,
+                until: first_hour,
+                hours: Vec::new(),
+            },
+        };
+        if s.until < settled_until {
+            let more = store.finished_hours(s.until, Some(settled_until)).await?;
+            s.hours.extend(more);
+            s.until = settled_until;
+        }
+        *settled = Some(s);
+    }
+    let (mut hours, fresh_from) = match settled {
+        Some(s) => (s.hours.clone(), s.until),
+        None => (Vec::new(), first_hour),
+    };
+    // Unbounded above, as the queues' totals count a build whose finish
+    // time is ahead of this clock.
+    hours.extend(store.finished_hours(fresh_from, None).await?);
+    Ok(hours)
+}
+
 /// Computes the `/v1/queues` answer as of `event_seq`.
-async fn queue_list(ctx: &Ctx, event_seq: u64) -> Result<QueueList, ApiError> {
+async fn queue_list(
+    ctx: &Ctx,
+    event_seq: u64,
+    settled: &mut Option<Settled>,
+) -> Result<QueueList, ApiError> {
     let now = Utc::now();
     let first_hour = hour_of(now) - TimeDelta::hours(HISTORY_HOURS - 1);
-    let store = ctx.state.store();
-    let open = store.open_build_counts().await?;
-    let finished = store.finished_since(first_hour, HISTORY_MAX_BUILDS).await?;
+    let open = ctx.state.store().open_build_counts().await?;
+    let hours = finished_hours(ctx, now, first_hour, settled).await?;
 
     let mut summaries: BTreeMap<&str, QueueSummary> = ctx
         .state
@@ -117,16 +193,16 @@ async fn queue_list(ctx: &Ctx, event_seq: u64) -> Result<QueueList, ApiError> {
             s.oldest_waiting_seconds = u64::try_from(age).ok();
         }
     }
-    for f in &finished {
-        if let Some(s) = summaries.get_mut(f.queue.as_str()) {
-            *count_of(&mut s.counts, f.status) += 1;
+    for c in hours.iter().flat_map(|h| &h.counts) {
+        if let Some(s) = summaries.get_mut(c.queue.as_str()) {
+            *count_of(&mut s.counts, c.status) += c.count;
         }
     }
     Ok(QueueList {
         at: now,
         event_seq,
         queues: summaries.into_values().collect(),
-        last_24h: hour_buckets(first_hour, &finished),
+        last_24h: hour_buckets(first_hour, &hours),
     })
 }
 
@@ -149,45 +225,33 @@ fn count_of(c: &mut StatusCounts, status: BuildStatus) -> &mut u64 {
 }
 
 /// [`HISTORY_HOURS`] buckets from `first_hour`: finished builds per
-/// outcome and their median run time.
-pub(crate) fn hour_buckets(
-    first_hour: DateTime<Utc>,
-    finished: &[FinishedBuild],
-) -> Vec<HourBucket> {
-    let mut counts = vec![StatusCounts::default(); HISTORY_HOURS as usize];
-    let mut durations: Vec<Vec<u64>> = vec![Vec::new(); HISTORY_HOURS as usize];
-    for f in finished {
-        let hour = (f.finished_at - first_hour).num_hours();
-        let Some(i) = usize::try_from(hour).ok().filter(|i| *i < counts.len()) else {
+/// outcome (of every queue, configured or not) and their median run time.
+/// Hours outside the window are left out.
+fn hour_buckets(first_hour: DateTime<Utc>, hours: &[FinishedHour]) -> Vec<HourBucket> {
+    let mut buckets: Vec<HourBucket> = (0..HISTORY_HOURS)
+        .map(|i| HourBucket {
+            start: first_hour + TimeDelta::hours(i),
+            succeeded: 0,
+            failed: 0,
+            cancelled: 0,
+            median_duration_ms: None,
+        })
+        .collect();
+    for hour in hours {
+        let i = (hour.start - first_hour).num_hours();
+        let Some(bucket) = usize::try_from(i).ok().and_then(|i| buckets.get_mut(i)) else {
             continue;
         };
-        *count_of(&mut counts[i], f.status) += 1;
-        if let Some(started) = f.started_at {
-            let ms = (f.finished_at - started).num_milliseconds().max(0);
-            durations[i].push(u64::try_from(ms).unwrap_or(0));
+        let mut counts = StatusCounts::default();
+        for c in &hour.counts {
+            *count_of(&mut counts, c.status) += c.count;
         }
+        bucket.succeeded = counts.succeeded;
+        bucket.failed = counts.failed;
+        bucket.cancelled = counts.cancelled;
+        bucket.median_duration_ms = hour.median_duration_ms;
     }
-    counts
-        .into_iter()
-        .zip(durations)
-        .enumerate()
-        .map(|(i, (c, mut d))| HourBucket {
-            start: first_hour + TimeDelta::hours(i as i64),
-            succeeded: c.succeeded,
-            failed: c.failed,
-            cancelled: c.cancelled,
-            median_duration_ms: median(&mut d),
-        })
-        .collect()
-}
-
-/// The median (the lower middle one of an even count).
-fn median(values: &mut [u64]) -> Option<u64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_unstable();
-    values.get((values.len() - 1) / 2).copied()
+    buckets
 }
 
 /// Query parameters of `GET /v1/dead-letters`.

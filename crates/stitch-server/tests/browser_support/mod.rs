@@ -1,0 +1,124 @@
+//! Headless Chromium over WebDriver (Debian's `chromium` and
+//! `chromium-driver`) for the dashboard tests that need only the API
+//! server in this process, no stages (`dashboard_browser.rs`); the tests
+//! against a whole `stitch serve` are in stitch-cli's `tests/dashboard.rs`.
+//!
+//! Without `chromedriver` the tests skip with a notice, unless
+//! `STITCH_REQUIRE_BROWSER=1` (CI), where they fail.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+/// Longest wait for anything the page should show.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A chromedriver child and a WebDriver session in headless Chromium.
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Starts chromedriver and a headless Chromium session, or `None` (with a
+/// notice) when chromedriver is not installed and the browser is not
+/// required.
+pub async fn browser() -> Option<Browser> {
+    let Some(chromedriver) = find_program("chromedriver") else {
+        if std::env::var("STITCH_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!(
+                "STITCH_REQUIRE_BROWSER=1 but chromedriver is not on PATH \
+                 (apt-get install -y chromium chromium-driver)"
+            );
+        }
+        eprintln!(
+            "skipping: chromedriver is not installed (apt-get install -y chromium chromium-driver)"
+        );
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let mut driver = Command::new(chromedriver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    // Ready when it says so on stdout: no polling of its port.
+    let stdout = driver.stdout.take().expect("chromedriver stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let ok = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("started successfully"));
+        // Keep draining so chromedriver never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        ok
+    });
+    assert!(
+        tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
+        "chromedriver did not start"
+    );
+    let mut options = json!({
+        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,900", "--force-prefers-reduced-motion"]
+    });
+    if let Some(chromium) = find_program("chromium") {
+        options["binary"] = json!(chromium);
+    }
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), options);
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("WebDriver session in headless Chromium");
+    Some(Browser { client, driver })
+}
+
+/// Waits (WebDriver's own wait, no sleeps) for an element the locator
+/// finds; on a timeout, fails with the page's text.
+pub async fn wait_for_locator(c: &Client, what: Locator<'_>) -> fantoccini::elements::Element {
+    match c.wait().at_most(WAIT).for_element(what).await {
+        Ok(e) => e,
+        Err(e) => {
+            let body = c
+                .execute("return document.body.innerText", vec![])
+                .await
+                .unwrap_or_default();
+            panic!("{what:?} did not appear: {e}\npage text: {body}");
+        }
+    }
+}
+
+pub async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
+    wait_for_locator(c, Locator::Css(css)).await
+}
+
+/// Opens `url` and waits until the page has drawn itself (`body[data-ready]`).
+pub async fn open(c: &Client, url: &str) {
+    c.goto(url).await.unwrap();
+    wait_for(c, "body[data-ready]").await;
+}

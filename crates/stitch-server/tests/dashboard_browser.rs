@@ -1,0 +1,148 @@
+//! The dashboard in a real headless Chromium against the API server in
+//! this process (no stages run: builds stay `accepted`): the Builds pager
+//! goes forward and back, by keyboard too, and the Overview's oldest
+//! waiting age ticks without a reload. See `browser_support` for the
+//! Chromium it needs.
+
+mod browser_support;
+mod http_support;
+
+use browser_support::{browser, open, wait_for, wait_for_locator};
+use fantoccini::key::Key;
+use fantoccini::{Client, Locator};
+use http_support::Server;
+use serde_json::Value;
+
+/// The ids of the rows the Builds page shows, top to bottom.
+async fn rows(c: &Client) -> Vec<String> {
+    let ids = c
+        .execute(
+            "return [...document.querySelectorAll('#builds tbody tr')].map(r => r.dataset.build)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(ids).unwrap()
+}
+
+/// Every page of `/v1/builds?limit=50` over the API, as ids.
+async fn api_pages(s: &Server) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/builds?limit=50&cursor={c}"),
+            None => "/v1/builds?limit=50".to_string(),
+        };
+        let page: Value = s.get(&path).send().await.unwrap().json().await.unwrap();
+        let ids = page["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect();
+        pages.push(ids);
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return pages,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_builds_pager_goes_forward_twice_and_back_once() {
+    let Some(browser) = browser().await else {
+        return;
+    };
+    let c = &browser.client;
+    let s = Server::start().await;
+    for i in 0..120 {
+        s.create_ok("q-noop", &format!("https://example.com/change/{i}"))
+            .await;
+    }
+    let pages = api_pages(&s).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [50, 50, 20]);
+
+    open(c, &s.url("/builds")).await;
+    wait_for(c, &format!("tr[data-build='{}']", pages[0][0])).await;
+    assert_eq!(rows(c).await, pages[0]);
+    assert!(
+        c.find(Locator::Css("#prev-page")).await.is_err(),
+        "no Previous on the first page"
+    );
+
+    // Forward twice.
+    for page in &pages[1..] {
+        c.find(Locator::Css("#next-page"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(c, &format!("tr[data-build='{}']", page[0])).await;
+        assert_eq!(&rows(c).await, page);
+    }
+    assert!(
+        c.find(Locator::Css("#next-page")).await.is_err(),
+        "last page"
+    );
+
+    // Back once, by keyboard: the link takes focus and Enter follows it.
+    let prev = wait_for(c, "a#prev-page[rel='prev']").await;
+    c.execute("document.getElementById('prev-page').focus()", vec![])
+        .await
+        .unwrap();
+    prev.send_keys(&Key::Enter.to_string()).await.unwrap();
+    wait_for(c, &format!("tr[data-build='{}']", pages[1][0])).await;
+    assert_eq!(rows(c).await, pages[1]);
+
+    // The URL is enough to go on back: opened afresh (as shared), its
+    // Previous leads to the first page.
+    let shared = c.current_url().await.unwrap();
+    assert!(shared.as_str().contains("cursor="), "{shared}");
+    open(c, shared.as_str()).await;
+    wait_for(c, &format!("tr[data-build='{}']", pages[1][0])).await;
+    c.find(Locator::Css("#prev-page"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(c, &format!("tr[data-build='{}']", pages[0][0])).await;
+    assert_eq!(rows(c).await, pages[0]);
+    assert!(!c.current_url().await.unwrap().as_str().contains("cursor="));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_oldest_waiting_age_ticks_without_a_reload() {
+    let Some(browser) = browser().await else {
+        return;
+    };
+    let c = &browser.client;
+    let s = Server::start().await;
+    // No stage runs here: the build waits (`accepted`) for the whole test,
+    // and no event follows that would make the page refetch.
+    s.create_ok("default", "https://example.com/change/waiting")
+        .await;
+
+    open(c, &s.url("/")).await;
+    let age = wait_for(c, "tr[data-queue='default'] [data-age-since]").await;
+    let first = age.text().await.unwrap();
+    let answered = wait_for(c, "[data-at]").await;
+    let at = answered.attr("data-at").await.unwrap();
+    assert!(first.ends_with(" s"), "{first}");
+
+    // The text changes on its own: WebDriver waits for it, nothing sleeps.
+    let changed = wait_for_locator(
+        c,
+        Locator::XPath(&format!(
+            "//tr[@data-queue='default']//*[@data-age-since][normalize-space(.) != '{first}']"
+        )),
+    )
+    .await;
+    let second = changed.text().await.unwrap();
+    let seconds = |t: &str| t.trim_end_matches(" s").parse::<u64>().unwrap();
+    assert!(seconds(&second) > seconds(&first), "{first} -> {second}");
+    // Drawn from the same answer: no reload, no refetch.
+    assert_eq!(answered.attr("data-at").await.unwrap(), at);
+}
