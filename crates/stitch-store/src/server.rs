@@ -287,25 +287,12 @@ impl<D: Dialect> Ops for ServerOps<'_, D> {
         before: Option<&BuildId>,
         limit: u32,
     ) -> Result<Vec<Build>> {
-        // NULL parameters switch their filter off, so one statement serves
-        // every combination (each value is bound twice: `?` cannot repeat).
-        let sql = format!(
-            "SELECT {BUILD_COLUMNS} FROM builds \
-             WHERE (? IS NULL OR queue = ?) AND (? IS NULL OR status = ?) \
-             AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
-        );
-        let queue = Arg::OptText(filter.queue.as_deref());
-        let status = Arg::OptText(filter.status.map(|s| s.as_str()));
-        let before = Arg::OptText(before.map(|b| b.as_str()));
-        let args = [
-            queue,
-            queue,
-            status,
-            status,
-            before,
-            before,
-            Arg::Int(i64::from(limit)),
-        ];
+        let (sql, values) = filter.listing(BUILD_COLUMNS, before);
+        let args: Vec<Arg> = values
+            .into_iter()
+            .map(Arg::Text)
+            .chain([Arg::Int(i64::from(limit))])
+            .collect();
         builds_from_rows(&self.fetch_all(&sql, &args).await?)
     }
 

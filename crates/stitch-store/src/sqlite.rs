@@ -344,22 +344,12 @@ impl Ops for SqliteOps<'_> {
         before: Option<&BuildId>,
         limit: u32,
     ) -> Result<Vec<Build>> {
-        // NULL parameters switch their filter off, so one cached statement
-        // serves every combination.
-        let sql = format!(
-            "SELECT {BUILD_COLUMNS} FROM builds \
-             WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR status = ?2) \
-             AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
-        );
-        self.builds(
-            &sql,
-            rusqlite::params![
-                filter.queue.as_deref(),
-                filter.status.map(|s| s.as_str()),
-                before.map(|b| b.as_str()),
-                i64::from(limit),
-            ],
-        )
+        let (sql, values) = filter.listing(BUILD_COLUMNS, before);
+        let params = values
+            .into_iter()
+            .map(|v| rusqlite::types::Value::Text(v.to_string()))
+            .chain([rusqlite::types::Value::Integer(i64::from(limit))]);
+        self.builds(&sql, rusqlite::params_from_iter(params))
     }
 
     async fn builds_not_terminal(&mut self) -> Result<Vec<Build>> {
@@ -468,5 +458,57 @@ impl Ops for SqliteOps<'_> {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod listing_plan_tests {
+    use crate::rows::BUILD_COLUMNS;
+    use crate::{BuildFilter, Store};
+    use stitch_core::{BuildId, BuildStatus};
+
+    /// SQLite's plan for a listing page: each filter combination walks the
+    /// index that starts with its columns instead of every build.
+    #[tokio::test]
+    async fn each_filter_combination_uses_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("plan.db")).await.unwrap();
+        let pool = store.sqlite_pool().unwrap();
+        let before = BuildId::new();
+        let cases = [
+            (
+                Some("q"),
+                Some(BuildStatus::Accepted),
+                "builds_queue_status_id",
+            ),
+            (Some("q"), None, "(queue=?"),
+            (None, Some(BuildStatus::Failed), "(status=?"),
+        ];
+        for (queue, status, expected) in cases {
+            let filter = BuildFilter {
+                queue: queue.map(str::to_string),
+                status,
+                limit: 50,
+            };
+            let (sql, values) = filter.listing(BUILD_COLUMNS, Some(&before));
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(&explain);
+            for v in values {
+                query = query.bind(v);
+            }
+            let plan: Vec<String> = query
+                .bind(50i64)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.3)
+                .collect();
+            let plan = plan.join(" | ");
+            assert!(
+                plan.contains("USING INDEX") && plan.contains(expected),
+                "{queue:?}/{status:?}: {plan}"
+            );
+        }
     }
 }
