@@ -120,6 +120,25 @@ pub fn data_lines(step_id: i64, lines: &[TimedLine]) -> Vec<LogLine> {
         .collect()
 }
 
+/// The line that ends a build's log cut at `max_bytes` (`max_log_bytes`),
+/// saying where the rest is (`provider`, e.g. "Buildkite").
+pub fn truncation_line(
+    step_id: i64,
+    max_bytes: u64,
+    provider: &str,
+    now: DateTime<Utc>,
+) -> LogLine {
+    LogLine::data(
+        step_id,
+        OutputStream::Stderr,
+        format!(
+            "[stitch] log truncated: this build's log passed the {max_bytes}-byte limit \
+             (max_log_bytes); the rest is on {provider}"
+        ),
+        now,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

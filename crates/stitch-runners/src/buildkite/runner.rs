@@ -21,8 +21,8 @@ use std::time::Duration;
 use chrono::Utc;
 use stitch_core::metadata::keys;
 use stitch_core::{
-    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, BuildStatus, LogLine, LogStream,
-    OutputStream, RunnerError, RunnerRef, StatusReport, TriggerRequest,
+    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, BuildStatus, LogStream,
+    RunnerError, RunnerRef, StatusReport, TriggerRequest,
 };
 
 use super::client::{BuildQuery, Client, Pipeline};
@@ -31,7 +31,7 @@ use super::logs::{parse_time, step_end, step_start, JobRead};
 use super::model::{Build, BuildState, CreateBuild, META_BUILD_ID, META_QUEUE};
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
-use crate::timed_lines::data_lines;
+use crate::timed_lines::{data_lines, truncation_line};
 use crate::trigger_book::TriggerBook;
 
 /// Creates attempted for one trigger call before the error goes back to
@@ -541,7 +541,7 @@ impl LogSource for BuildLogs {
                 &step.state.splitter.push(&chunk.bytes[..take]),
             ));
             if over {
-                out.push(truncation_line(step.id, self.max_bytes, now));
+                out.push(truncation_line(step.id, self.max_bytes, "Buildkite", now));
                 return Ok(Batch {
                     lines: out,
                     finished: true,
@@ -560,19 +560,6 @@ impl LogSource for BuildLogs {
             finished: terminal,
         })
     }
-}
-
-/// The line that ends a log cut at `max_bytes`.
-fn truncation_line(step_id: i64, max_bytes: u64, now: chrono::DateTime<Utc>) -> LogLine {
-    LogLine::data(
-        step_id,
-        OutputStream::Stderr,
-        format!(
-            "[stitch] log truncated: this build's log passed the {max_bytes}-byte limit \
-             (max_log_bytes); the rest is on Buildkite"
-        ),
-        now,
-    )
 }
 
 #[cfg(test)]

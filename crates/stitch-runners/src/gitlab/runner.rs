@@ -25,8 +25,8 @@ use std::time::Duration;
 use chrono::Utc;
 use stitch_core::metadata::keys;
 use stitch_core::{
-    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, LogLine, LogStream,
-    OutputStream, RunnerError, RunnerRef, StatusReport, TriggerRequest,
+    async_trait, BuildHandle, BuildId, BuildMetadata, BuildRunner, LogStream, RunnerError,
+    RunnerRef, StatusReport, TriggerRequest,
 };
 
 use super::client::{Client, PipelineQuery};
@@ -37,7 +37,7 @@ use super::model::{
 };
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
-use crate::timed_lines::data_lines;
+use crate::timed_lines::{data_lines, truncation_line};
 use crate::trigger_book::TriggerBook;
 
 /// Creates attempted for one trigger call before the error goes back to
@@ -442,7 +442,7 @@ impl LogSource for PipelineLogs {
                 &step.state.splitter.push(&chunk.bytes[..take]),
             ));
             if over {
-                out.push(truncation_line(step.id, self.max_bytes, now));
+                out.push(truncation_line(step.id, self.max_bytes, "GitLab", now));
                 return Ok(Batch {
                     lines: out,
                     finished: true,
@@ -461,19 +461,6 @@ impl LogSource for PipelineLogs {
             finished: terminal,
         })
     }
-}
-
-/// The line that ends a log cut at `max_bytes`.
-fn truncation_line(step_id: i64, max_bytes: u64, now: chrono::DateTime<Utc>) -> LogLine {
-    LogLine::data(
-        step_id,
-        OutputStream::Stderr,
-        format!(
-            "[stitch] log truncated: this build's log passed the {max_bytes}-byte limit \
-             (max_log_bytes); the rest is on GitLab"
-        ),
-        now,
-    )
 }
 
 #[cfg(test)]
