@@ -10,10 +10,11 @@
 //!
 //! Jobs are synchronous closures over [`StoreWrite`]. On SQLite the
 //! committer is a task and the statements run on the raw handle without
-//! awaiting (ADR 0006). On PostgreSQL/MySQL it is an OS thread with its own
-//! current-thread runtime and its own connection: `StoreWrite` drives each
-//! async operation there with `block_on`, which is never nested because jobs
-//! run on that thread outside any runtime (ADR 0009).
+//! awaiting (ADR 0006). On PostgreSQL/MySQL there are two committers taking
+//! turns at one queue, each an OS thread with its own current-thread runtime
+//! and its own connection: `StoreWrite` drives each async operation there
+//! with `block_on`, which is never nested because jobs run on that thread
+//! outside any runtime (ADR 0009).
 
 use std::sync::Arc;
 
@@ -37,6 +38,15 @@ const MAX_BATCH: usize = 512;
 
 /// Jobs waiting for the committer before callers wait to submit.
 const QUEUE_DEPTH: usize = 8192;
+
+/// Committer threads (each with its own connection) per PostgreSQL/MySQL
+/// store. With one, a write that arrives while a batch runs waits for that
+/// batch and then for its own; with two, the idle committer takes it at
+/// once. Batches of one process then run side by side exactly as those of
+/// two processes already do (ADR 0016: they serialize only on the event
+/// counter at their end, and lock build rows in one global order). SQLite
+/// has one writer, so one committer.
+const SERVER_COMMITTERS: usize = 2;
 
 /// One caller's write, type-erased so jobs of any result type share a batch.
 trait Job: Send {
@@ -137,17 +147,22 @@ impl GroupCommitter {
         Self { jobs }
     }
 
-    /// Starts a PostgreSQL/MySQL committer on its own thread, with its own
-    /// runtime and connection to `server`. The thread ends when the last
-    /// handle drops.
+    /// Starts [`SERVER_COMMITTERS`] PostgreSQL/MySQL committers, each on
+    /// its own thread with its own runtime and connection to `server`,
+    /// taking batches from one queue. The threads end when the last handle
+    /// drops.
     pub(crate) fn start_server(server: ServerTarget, announcer: Announcer) -> Result<Self> {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        std::thread::Builder::new()
-            .name("stitch-store-committer".into())
-            .spawn(move || run_server(rx, server, announcer))
-            .map_err(|e| {
-                StoreError::Internal(format!("cannot start the store's write committer: {e}"))
-            })?;
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for n in 0..SERVER_COMMITTERS {
+            let (rx, server, announcer) = (rx.clone(), server.clone(), announcer.clone());
+            std::thread::Builder::new()
+                .name(format!("stitch-store-committer-{n}"))
+                .spawn(move || run_server(&rx, &server, &announcer))
+                .map_err(|e| {
+                    StoreError::Internal(format!("cannot start the store's write committer: {e}"))
+                })?;
+        }
         Ok(Self { jobs })
     }
 
@@ -303,9 +318,14 @@ impl ServerConn {
     }
 }
 
-/// The PostgreSQL/MySQL committer thread: takes whatever jobs are waiting
+/// Jobs shared by a store's committer threads.
+type SharedJobs = std::sync::Mutex<mpsc::Receiver<Box<dyn Job>>>;
+
+/// One PostgreSQL/MySQL committer thread: takes whatever jobs are waiting
 /// (up to [`MAX_BATCH`]), runs them in one transaction and answers them.
-fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget, announcer: Announcer) {
+/// The committers take turns at the queue: the one holding it waits for the
+/// next job and leaves with everything waiting behind that job.
+fn run_server(rx: &SharedJobs, server: &ServerTarget, announcer: &Announcer) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -316,23 +336,19 @@ fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget, announ
                 message: format!("cannot start the store committer's runtime: {e}"),
                 retryable: false,
             };
-            while let Some(job) = rx.blocking_recv() {
-                job.finish(Some(&failure));
+            let mut batch = Vec::new();
+            while take_batch(rx, &mut batch) {
+                for job in batch.drain(..) {
+                    job.finish(Some(&failure));
+                }
             }
             return;
         }
     };
     let mut conn: Option<ServerConn> = None;
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
-    while let Some(job) = rx.blocking_recv() {
-        batch.push(job);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let failure = match commit_server_batch(&rt, &server, &mut conn, &mut batch) {
+    while take_batch(rx, &mut batch) {
+        let failure = match commit_server_batch(&rt, server, &mut conn, &mut batch) {
             Ok(committed) => {
                 announcer.announce(&committed);
                 None
@@ -344,6 +360,23 @@ fn run_server(mut rx: mpsc::Receiver<Box<dyn Job>>, server: ServerTarget, announ
             job.finish(failure.as_ref());
         }
     }
+}
+
+/// Fills `batch` with the next job and whatever waits behind it (up to
+/// [`MAX_BATCH`]); false once every handle is gone.
+fn take_batch(rx: &SharedJobs, batch: &mut Vec<Box<dyn Job>>) -> bool {
+    let mut rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(job) = rx.blocking_recv() else {
+        return false;
+    };
+    batch.push(job);
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    true
 }
 
 /// Runs `batch` in one transaction on the committer's connection, making

@@ -260,9 +260,72 @@ async fn crossing_writes_of_two_handles_never_deadlock(db: TestDb) {
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
 }
 
+/// A write that arrives while the store's committer is inside a batch is
+/// taken by the store's other committer at once, not after that batch
+/// (PostgreSQL/MySQL; SQLite has one writer by design). The first write
+/// here blocks its committer until the second has committed: with one
+/// committer the second would wait behind it for ever.
+async fn a_write_does_not_wait_for_a_batch_in_progress(db: TestDb) {
+    if db.kind() == BackendKind::Sqlite {
+        return;
+    }
+    let a = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let b = db
+        .store
+        .create_build(new_build("app"))
+        .await
+        .unwrap()
+        .into_build()
+        .id;
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let first = {
+        let (store, a) = (db.store.clone(), a.clone());
+        tokio::spawn(async move {
+            store
+                .write_build(&a.clone(), move |w| {
+                    let _ = started_tx.send(());
+                    // Blocks this committer's thread (jobs run outside any
+                    // runtime) until the test has seen the second write.
+                    let _ = released.recv();
+                    w.record_status(&a, None, BuildStatus::Running, &meta(&[]), None)
+                })
+                .await
+        })
+    };
+    started.await.expect("the first write started");
+    // The bound only turns a hang behind the blocked batch into a failure.
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        db.store
+            .record_status(&b, None, BuildStatus::Running, &meta(&[]), None),
+    )
+    .await
+    .expect("a write waited for the batch in progress");
+    assert!(second.unwrap());
+    release.send(()).unwrap();
+    assert!(first.await.unwrap().unwrap());
+    let order: Vec<_> = db
+        .store
+        .events_after(2, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.build_id))
+        .collect();
+    assert_eq!(order, vec![(3, b), (4, a)]);
+}
+
 store_suite!(
     separate_stores_commit_gapless_seqs_that_readers_never_skip,
     separate_stores_creating_one_key_make_one_build,
     an_open_transaction_does_not_hold_up_writers_of_other_builds,
     crossing_writes_of_two_handles_never_deadlock,
+    a_write_does_not_wait_for_a_batch_in_progress,
 );
