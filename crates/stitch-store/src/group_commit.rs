@@ -10,7 +10,7 @@
 //!
 //! Jobs are synchronous closures over [`StoreWrite`]. On SQLite the
 //! committer is a task and the statements run on the raw handle without
-//! awaiting (ADR 0006). On PostgreSQL/MySQL there are two committers taking
+//! awaiting (ADR 0006). On PostgreSQL/MySQL there are four committers taking
 //! turns at one queue, each an OS thread with its own current-thread runtime
 //! and its own connection: `StoreWrite` drives each async operation there
 //! with `block_on`, which is never nested because jobs run on that thread
@@ -41,12 +41,14 @@ const QUEUE_DEPTH: usize = 8192;
 
 /// Committer threads (each with its own connection) per PostgreSQL/MySQL
 /// store. With one, a write that arrives while a batch runs waits for that
-/// batch and then for its own; with two, the idle committer takes it at
+/// batch and then for its own; with several, an idle committer takes it at
 /// once. Batches of one process then run side by side exactly as those of
 /// two processes already do (ADR 0016: they serialize only on the event
-/// counter at their end, and lock build rows in one global order). SQLite
-/// has one writer, so one committer.
-const SERVER_COMMITTERS: usize = 2;
+/// counter at their end, and lock build rows in one global order). Four,
+/// measured (docs/benchmarks.md, "several committers per node"): two nodes
+/// at 100 builds/s answered creates p50 63–167 ms with one, 40–49 with
+/// two, 29–38 with four. SQLite has one writer, so one committer.
+const SERVER_COMMITTERS: usize = 4;
 
 /// One caller's write, type-erased so jobs of any result type share a batch.
 trait Job: Send {
@@ -388,12 +390,27 @@ fn commit_server_batch(
     conn: &mut Option<ServerConn>,
     batch: &mut [Box<dyn Job>],
 ) -> std::result::Result<Committed, BatchFailure> {
+    let connect = || {
+        rt.block_on(server.connect())
+            .map_err(|e| BatchFailure::from_error(&e))
+    };
     let c = match conn {
         Some(c) => c,
-        None => conn.insert(
-            rt.block_on(server.connect())
-                .map_err(|e| BatchFailure::from_error(&e))?,
-        ),
+        None => conn.insert(connect()?),
+    };
+    // A connection the server closed since this committer's last batch (a
+    // restart, a failover, an idle timeout) fails at `BEGIN`, before any
+    // job has run: begin once more on a new connection, so a lost
+    // connection costs no write. (With several committers, each would
+    // otherwise fail one batch after a restart.)
+    let c = match rt.block_on(c.execute(BEGIN)) {
+        Ok(()) => c,
+        Err(_) => {
+            let c = conn.insert(connect()?);
+            rt.block_on(c.execute(BEGIN))
+                .map_err(|e| BatchFailure::from_error(&e))?;
+            c
+        }
     };
     let result = run_server_jobs(rt, c, batch);
     if result.is_err() && rt.block_on(c.execute("ROLLBACK")).is_err() {
@@ -402,6 +419,11 @@ fn commit_server_batch(
     result.map_err(|e| BatchFailure::from_error(&e))
 }
 
+/// A batch's first round trip; the first job's savepoint rides along.
+const BEGIN: &str = "BEGIN; SAVEPOINT job";
+
+/// Runs the jobs of a batch whose transaction [`BEGIN`] opened, and
+/// commits it.
 fn run_server_jobs(
     rt: &Runtime,
     conn: &mut ServerConn,
@@ -415,28 +437,34 @@ fn run_server_jobs(
     // Savepoint bookkeeping rides with the next statement that has no
     // parameters (`BEGIN`, the previous job's release): one round trip per
     // job fewer, on a path where round trips are most of a batch's time.
-    let mut bookkeeping = String::from("BEGIN");
+    let mut bookkeeping: Option<String> = None;
     let mut session = PublishSession::default();
     let mut committed = Committed::default();
     let mut events = Vec::new();
     for job in batch.iter_mut() {
-        bookkeeping.push_str("; SAVEPOINT job");
-        rt.block_on(conn.execute(&bookkeeping))?;
+        if let Some(mut sql) = bookkeeping.take() {
+            sql.push_str("; SAVEPOINT job");
+            rt.block_on(conn.execute(&sql))?;
+        }
         let mut w = conn.store_write(rt, &mut session);
         let ok = job.run(&mut w);
         // A rolled-back job announces nothing and appends nothing.
         let (announced, staged) = w.take_effects();
         if ok {
-            bookkeeping = String::from("RELEASE SAVEPOINT job");
+            bookkeeping = Some(String::from("RELEASE SAVEPOINT job"));
             committed.merge(announced);
             events.extend(staged);
         } else {
-            bookkeeping = String::from("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job");
+            bookkeeping = Some(String::from(
+                "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job",
+            ));
             // The rollback releases any topic lock the job took.
             session.forget_locks();
         }
     }
-    rt.block_on(conn.execute(&bookkeeping))?;
+    if let Some(sql) = bookkeeping {
+        rt.block_on(conn.execute(&sql))?;
+    }
     conn.store_write(rt, &mut session).append_events(events)?;
     rt.block_on(async {
         conn.finish_publishes(&mut session).await?;

@@ -261,7 +261,7 @@ async fn crossing_writes_of_two_handles_never_deadlock(db: TestDb) {
 }
 
 /// A write that arrives while the store's committer is inside a batch is
-/// taken by the store's other committer at once, not after that batch
+/// taken by another of the store's committers at once, not after that batch
 /// (PostgreSQL/MySQL; SQLite has one writer by design). The first write
 /// here blocks its committer until the second has committed: with one
 /// committer the second would wait behind it for ever.
