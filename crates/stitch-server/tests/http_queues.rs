@@ -170,13 +170,14 @@ fn bucket(list: &Value, start: chrono::DateTime<chrono::Utc>) -> Value {
 }
 
 /// Settled hours (ended more than a few minutes ago) are counted once and
-/// kept; the current hour is counted afresh for every answer.
+/// kept; the current hour is counted once and then from the events.
 #[tokio::test]
-async fn settled_hours_are_counted_once_and_the_current_hour_each_time() {
+async fn settled_hours_are_kept_and_the_current_hour_follows_the_events() {
     use chrono::{DurationRound, TimeDelta, Utc};
     let s = Server::start().await;
     let hour = Utc::now().duration_trunc(TimeDelta::hours(1)).unwrap() - TimeDelta::hours(3);
     let past = s.create_ok("q-noop", "past").await;
+    let hidden = s.create_ok("q-noop", "hidden").await;
     let at = hour.timestamp_millis() + 60_000;
     exec(
         &s,
@@ -198,13 +199,25 @@ async fn settled_hours_are_counted_once_and_the_current_hour_each_time() {
     );
     assert_eq!(queue(&first, "q-noop")["counts"]["failed"], 1);
 
-    // Behind the store's back the settled hour changes (nothing in stitch
-    // does that: finish times are written once, at the finish), and a
-    // build finishes now. The next answer (after the event of a create)
-    // keeps the settled hour's count and counts the current hour afresh.
+    // Behind the store's back the settled hour changes and a build
+    // finishes now without an event (nothing in stitch does either: finish
+    // times are written once, at the finish, with an event), and a build
+    // finishes through the store. The next answer (after the events)
+    // keeps the settled hour's count and counts the current hour from the
+    // events: the silent finish is not seen.
     exec(
         &s,
         &format!("UPDATE builds SET status = 'succeeded' WHERE id = '{past}'"),
+    )
+    .await;
+    let now_ms = Utc::now().timestamp_millis();
+    exec(
+        &s,
+        &format!(
+            "UPDATE builds SET status = 'failed', started_at = {}, finished_at = {now_ms} \
+             WHERE id = '{hidden}'",
+            now_ms - 10
+        ),
     )
     .await;
     let now_id: BuildId = s.create_ok("q-noop", "now").await.parse().unwrap();
@@ -231,6 +244,7 @@ async fn settled_hours_are_counted_once_and_the_current_hour_each_time() {
         .unwrap()
         .clone();
     assert_eq!(current["cancelled"], 1, "{second}");
+    assert_eq!(current["failed"], 0, "{second}");
     assert_eq!(queue(&second, "q-noop")["counts"]["cancelled"], 1);
     assert_eq!(queue(&second, "q-noop")["counts"]["failed"], 1);
 }

@@ -48,6 +48,7 @@ pub use model::{
     FinishedBuild, FinishedCount, FinishedHour, InvalidCursor, Metadata, NewBuild, OpenBuildCount,
     StoredLogLine, ERROR_KEY, URL_KEY,
 };
+pub use overview::HourlyHistory;
 pub use pool::{migrate, StorePool};
 pub use retention::{BuildsPruned, Prunable};
 pub use stitch_mq::{BackendKind, StorageFailure};

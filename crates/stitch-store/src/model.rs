@@ -175,6 +175,8 @@ pub struct OpenBuildCount {
 /// ([`crate::Store::finished_since`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinishedBuild {
+    /// The build.
+    pub id: BuildId,
     /// The build queue.
     pub queue: String,
     /// Its terminal status.

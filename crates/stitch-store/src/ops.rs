@@ -81,6 +81,15 @@ pub(crate) trait Ops {
     /// ([`crate::rows::NTH_RUN_TIME_SQL`]); `None` past the last.
     async fn nth_run_time(&mut self, from_ms: i64, to_ms: i64, nth: u64) -> Result<Option<i64>>;
 
+    /// Up to `limit` events with `seq > after`, in seq order, each as its
+    /// seq and, when its build has finished, that build
+    /// ([`crate::rows::FINISHED_BY_EVENTS_SQL`]).
+    async fn finished_by_events(
+        &mut self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Option<FinishedBuild>)>>;
+
     /// Up to `limit` events with `seq > after`, in seq order.
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>>;
 

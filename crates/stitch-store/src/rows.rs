@@ -163,12 +163,18 @@ pub(crate) fn open_count_from_row(row: &impl ReadRow) -> Result<OpenBuildCount> 
     })
 }
 
-/// The columns of a [`FinishedBuild`] row: `queue, status, started_at, finished_at`.
+/// The columns of a [`FinishedBuild`] row: `id, queue, status, started_at,
+/// finished_at`.
 pub(crate) fn finished_from_row(row: &impl ReadRow) -> Result<FinishedBuild> {
+    let id: BuildId = row
+        .text("id")?
+        .parse()
+        .map_err(|e| StoreError::corrupt("finished build id", e))?;
     let queue = row.text("queue")?;
-    let what = |column: &str| format!("finished build of queue {queue:?} {column}");
+    let what = |column: &str| format!("finished build {id} {column}");
     let status = row.text("status")?;
     Ok(FinishedBuild {
+        id: id.clone(),
         status: status
             .parse()
             .map_err(|e| StoreError::corrupt(what("status"), e))?,
@@ -224,6 +230,30 @@ pub(crate) fn finished_counts_sql() -> String {
 pub(crate) const NTH_RUN_TIME_SQL: &str = "SELECT finished_at - started_at AS d FROM builds \
      WHERE finished_at >= ? AND finished_at < ? AND started_at IS NOT NULL \
      ORDER BY finished_at - started_at LIMIT 1 OFFSET ?";
+
+/// The SQL of [`crate::ops::Ops::finished_by_events`], the same on every
+/// backend (binds: after, limit): each event after a seq, with its build's
+/// columns when that build has finished (NULL otherwise, and for a build
+/// retention deleted). Every event comes back, so a reader can tell a gap
+/// (events retention deleted) from events about open builds.
+pub(crate) const FINISHED_BY_EVENTS_SQL: &str = "SELECT e.seq AS seq, b.id AS id, \
+     b.queue AS queue, b.status AS status, b.started_at AS started_at, \
+     b.finished_at AS finished_at FROM events e \
+     LEFT JOIN builds b ON b.id = e.build_id AND b.finished_at IS NOT NULL \
+     WHERE e.seq > ? ORDER BY e.seq LIMIT ?";
+
+/// A [`FINISHED_BY_EVENTS_SQL`] row: the event's seq and, when its build
+/// has finished, the build.
+pub(crate) fn finished_by_event_from_row(
+    row: &impl ReadRow,
+) -> Result<(u64, Option<FinishedBuild>)> {
+    let seq = to_u64(row.int("seq")?, "events.seq")?;
+    let finished = match row.opt_int("finished_at")? {
+        Some(_) => Some(finished_from_row(row)?),
+        None => None,
+    };
+    Ok((seq, finished))
+}
 
 /// The columns of a [`finished_counts_sql`] row.
 pub(crate) fn hour_count_from_row(row: &impl ReadRow) -> Result<HourCountRow> {

@@ -24,10 +24,10 @@ use crate::error::Result;
 use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_counts_sql,
-    finished_from_row, hour_count_from_row, millis, open_count_from_row, open_counts_sql,
-    open_statuses_sql, to_i64, to_json, to_u64, HourCountRow, ReadRow, BUILD_COLUMNS,
-    EVENT_COLUMNS, NTH_RUN_TIME_SQL,
+    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_by_event_from_row,
+    finished_counts_sql, finished_from_row, hour_count_from_row, millis, open_count_from_row,
+    open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64, HourCountRow, ReadRow,
+    BUILD_COLUMNS, EVENT_COLUMNS, FINISHED_BY_EVENTS_SQL, NTH_RUN_TIME_SQL,
 };
 
 /// A bind value of a statement written with `?` placeholders.
@@ -312,7 +312,7 @@ impl<D: Dialect> Ops for ServerOps<'_, D> {
     async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>> {
         let rows = self
             .fetch_all(
-                "SELECT queue, status, started_at, finished_at FROM builds \
+                "SELECT id, queue, status, started_at, finished_at FROM builds \
                  WHERE finished_at >= ? LIMIT ?",
                 &[Arg::Int(since_ms), Arg::Int(i64::from(limit))],
             )
@@ -334,6 +334,16 @@ impl<D: Dialect> Ops for ServerOps<'_, D> {
         ];
         let row = self.fetch_optional(NTH_RUN_TIME_SQL, &args).await?;
         row.map(|r| r.int("d")).transpose()
+    }
+
+    async fn finished_by_events(
+        &mut self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Option<FinishedBuild>)>> {
+        let args = [Arg::Int(after_i64(after)), Arg::Int(i64::from(limit))];
+        let rows = self.fetch_all(FINISHED_BY_EVENTS_SQL, &args).await?;
+        rows.iter().map(finished_by_event_from_row).collect()
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

@@ -18,9 +18,10 @@ use crate::error::{Result, StoreError};
 use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, event_from_row, finished_counts_sql, finished_from_row,
-    hour_count_from_row, millis, open_count_from_row, open_counts_sql, open_statuses_sql, to_i64,
-    to_json, to_u64, HourCountRow, BUILD_COLUMNS, EVENT_COLUMNS, NTH_RUN_TIME_SQL,
+    after_i64, build_from_row, event_from_row, finished_by_event_from_row, finished_counts_sql,
+    finished_from_row, hour_count_from_row, millis, open_count_from_row, open_counts_sql,
+    open_statuses_sql, to_i64, to_json, to_u64, HourCountRow, BUILD_COLUMNS, EVENT_COLUMNS,
+    FINISHED_BY_EVENTS_SQL, NTH_RUN_TIME_SQL,
 };
 
 /// How long a writer waits for SQLite's write lock before `SQLITE_BUSY`.
@@ -372,7 +373,7 @@ impl Ops for SqliteOps<'_> {
 
     async fn finished_since(&mut self, since_ms: i64, limit: u32) -> Result<Vec<FinishedBuild>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT queue, status, started_at, finished_at FROM builds \
+            "SELECT id, queue, status, started_at, finished_at FROM builds \
              WHERE finished_at >= ?1 LIMIT ?2",
         )?;
         let mut rows = stmt.query(rusqlite::params![since_ms, i64::from(limit)])?;
@@ -399,6 +400,20 @@ impl Ops for SqliteOps<'_> {
         Ok(stmt
             .query_row(rusqlite::params![from_ms, to_ms, nth], |row| row.get(0))
             .optional()?)
+    }
+
+    async fn finished_by_events(
+        &mut self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Option<FinishedBuild>)>> {
+        let mut stmt = self.conn.prepare_cached(FINISHED_BY_EVENTS_SQL)?;
+        let mut rows = stmt.query(rusqlite::params![after_i64(after), i64::from(limit)])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(finished_by_event_from_row(row)?);
+        }
+        Ok(out)
     }
 
     async fn events_after(&mut self, after: u64, limit: u32) -> Result<Vec<Event>> {

@@ -445,6 +445,17 @@ impl Store {
         .await)
     }
 
+    /// Up to `limit` events with `seq > after`, in seq order, each as its
+    /// seq and, when its build has finished, that build: what
+    /// [`crate::HourlyHistory`] counts the unsettled hours from.
+    pub(crate) async fn finished_by_events(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Option<FinishedBuild>)>> {
+        with_read_ops!(self, |ops| ops.finished_by_events(after, limit).await)
+    }
+
     /// Up to `limit` events with `seq > after`, in seq order. Because seqs are
     /// allocated under a lock held until commit (SQLite's write lock, the
     /// `event_seq` row elsewhere) and committed in order, a reader that

@@ -13,7 +13,7 @@ use stitch_api::{
 };
 use stitch_core::{BuildId, BuildStatus};
 use stitch_mq::MqError;
-use stitch_store::FinishedHour;
+use stitch_store::{FinishedHour, HourlyHistory};
 use utoipa::IntoParams;
 
 use super::error::ApiError;
@@ -34,16 +34,11 @@ const MAX_DEAD_LETTERS: u32 = 1000;
 /// is then at most this stale.
 const QUEUE_LIST_REUSE: TimeDelta = TimeDelta::seconds(1);
 
-/// An hour that ended at least this long ago is settled: no build will
-/// finish in it any more. A build's finish time is its writer's clock when
-/// it became terminal, committed within moments; this covers a slow commit
-/// and another stitch process's clock running somewhat behind.
-const SETTLED_AFTER: TimeDelta = TimeDelta::minutes(5);
-
 /// The last `/v1/queues` answer. Every open overview page refetches the
 /// list after events, so after one event all of them ask at once; they
 /// wait on this lock while the first computes the answer (counting every
-/// open build and the day's finished ones hour by hour), and reuse it.
+/// open build, and the day's finished ones from what `history` kept), and
+/// reuse it.
 #[derive(Default)]
 pub(crate) struct QueueListCache {
     last: tokio::sync::Mutex<Computed>,
@@ -52,16 +47,10 @@ pub(crate) struct QueueListCache {
 #[derive(Default)]
 struct Computed {
     answer: Option<QueueList>,
-    settled: Option<Settled>,
-}
-
-/// The finished builds of settled hours `[from, until)`, counted once:
-/// each answer counts only the hours since `until` afresh (usually the
-/// current one), a 24th of the day.
-struct Settled {
-    from: DateTime<Utc>,
-    until: DateTime<Utc>,
-    hours: Vec<FinishedHour>,
+    /// The day's finished builds hour by hour, kept between answers: an
+    /// answer reads only the events since the last (the rule is in
+    /// [`HourlyHistory`]).
+    history: HourlyHistory,
 }
 
 /// Every configured queue with its runner kind, concurrency, builds per
@@ -89,23 +78,24 @@ pub(crate) async fn list_queues(State(ctx): State<Ctx>) -> Result<Json<QueueList
             return Ok(Json(list.clone()));
         }
     }
-    let list = queue_list(&ctx, event_seq, &mut last.settled).await?;
+    let list = queue_list(&ctx, event_seq, &mut last.history).await?;
     last.answer = Some(list.clone());
     Ok(Json(list))
 }
 
-/// The finished builds from `first_hour` on, hour by hour, counted by the
-/// database: the settled hours from `settled` (counting those it lacks),
-/// the rest afresh.
+/// The finished builds from `first_hour` on, hour by hour, as of
+/// `event_seq` or later: from what `history` kept, unless retention may
+/// have deleted builds of the window.
 async fn finished_hours(
     ctx: &Ctx,
     now: DateTime<Utc>,
     first_hour: DateTime<Utc>,
-    settled: &mut Option<Settled>,
+    event_seq: u64,
+    history: &mut HourlyHistory,
 ) -> Result<Vec<FinishedHour>, ApiError> {
     let store = ctx.state.store();
-    // Retention shorter than the window deletes builds of settled hours,
-    // which a kept count would still show: count every hour each time.
+    // Retention shorter than the window deletes builds a kept count would
+    // still show: count every hour each time.
     let pruned_within = ctx
         .state
         .config()
@@ -113,53 +103,26 @@ async fn finished_hours(
         .builds
         .duration()
         .and_then(|d| TimeDelta::from_std(d).ok())
-        .is_some_and(|d| d < TimeDelta::hours(HISTORY_HOURS) + SETTLED_AFTER);
-    let settled_until = hour_of(now - SETTLED_AFTER).max(first_hour);
+        .is_some_and(|d| d < TimeDelta::hours(HISTORY_HOURS) + HourlyHistory::SETTLED_AFTER);
     if pruned_within {
-        *settled = None;
-    } else {
-        let kept = settled
-            .take()
-            .filter(|s| s.from <= first_hour && first_hour <= s.until && s.until <= settled_until);
-        let mut s = match kept {
-            Some(mut s) => {
-                s.hours.retain(|h| h.start >= first_hour);
-                s.from = first_hour;
-                s
-            }
-            None => Settled {
-                from: first_hour,
-                until: first_hour,
-                hours: Vec::new(),
-            },
-        };
-        if s.until < settled_until {
-            let more = store.finished_hours(s.until, Some(settled_until)).await?;
-            s.hours.extend(more);
-            s.until = settled_until;
-        }
-        *settled = Some(s);
+        history.forget();
+        // Unbounded above, as the queues' totals count a build whose
+        // finish time is ahead of this clock.
+        return Ok(store.finished_hours(first_hour, None).await?);
     }
-    let (mut hours, fresh_from) = match settled {
-        Some(s) => (s.hours.clone(), s.until),
-        None => (Vec::new(), first_hour),
-    };
-    // Unbounded above, as the queues' totals count a build whose finish
-    // time is ahead of this clock.
-    hours.extend(store.finished_hours(fresh_from, None).await?);
-    Ok(hours)
+    Ok(history.hours(store, now, first_hour, event_seq).await?)
 }
 
 /// Computes the `/v1/queues` answer as of `event_seq`.
 async fn queue_list(
     ctx: &Ctx,
     event_seq: u64,
-    settled: &mut Option<Settled>,
+    history: &mut HourlyHistory,
 ) -> Result<QueueList, ApiError> {
     let now = Utc::now();
     let first_hour = hour_of(now) - TimeDelta::hours(HISTORY_HOURS - 1);
     let open = ctx.state.store().open_build_counts().await?;
-    let hours = finished_hours(ctx, now, first_hour, settled).await?;
+    let hours = finished_hours(ctx, now, first_hour, event_seq, history).await?;
 
     let mut summaries: BTreeMap<&str, QueueSummary> = ctx
         .state
