@@ -7,10 +7,10 @@ mod support;
 use std::time::Duration;
 
 use stitch_fake_providers::buildkite::{
-    sign, Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Pause, Timing, WebhookAuth,
+    sign, Endpoint, FakeBuildkite, FakeOptions, FaultControl, Pause, Timing, WebhookAuth,
     WebhookTarget,
 };
-use support::provider::{provider_suite, Provider, Setup, Step};
+use support::provider::{provider_suite, Provider, Setup, Step, Storms};
 use support::queue::{expected, heads, Batch, QueueConfig};
 use support::serve::Serve;
 
@@ -86,81 +86,6 @@ async fn webhooks_drive_200_builds_to_terminal() {
     );
     // Polls were few: far less than one per 200 ms of each build's life.
     assert!(stats.requests["get_build"] < 200 * 8, "{stats:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polling_alone_finishes_200_builds_and_lost_creates_make_one_build_each() {
-    let fake = fake(None).await;
-    let s = queue(&fake).poll("150ms").serve().await;
-    // A fifth of creates lose their answer after Buildkite made the build.
-    fake.inject_rate(Endpoint::Create, Fault::Reset, 0.1);
-    fake.inject_rate(
-        Endpoint::Create,
-        Fault::Timeout(Duration::from_secs(2)),
-        0.05,
-    );
-    fake.inject_rate(Endpoint::Create, Fault::LostAfterWork(502), 0.05);
-    fake.inject_rate(Endpoint::GetBuild, Fault::Status(503), 0.05);
-    let http = reqwest::Client::new();
-    Batch::create(&s, &http, batch_heads(200))
-        .await
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.builds_for(id))
-        .await;
-    assert_eq!(fake.stats().builds_created, 200);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_and_restart_finish_every_build_without_duplicates() {
-    let fake = fake(None).await;
-    let mut s = queue(&fake).poll("150ms").serve().await;
-    // Creates are slow to answer, so the kill lands amid unanswered creates;
-    // the first create's answer is held until after the kill, so at least
-    // one build exists at Buildkite whose create stitch never saw answered.
-    fake.inject_rate(
-        Endpoint::Create,
-        Fault::Timeout(Duration::from_millis(300)),
-        0.3,
-    );
-    let held = fake.pause_next(Endpoint::Create);
-    let http = reqwest::Client::new();
-    let batch = Batch::create(&s, &http, batch_heads(200)).await;
-    held.arrived().await;
-    s.kill(); // SIGKILL
-    held.release();
-    assert!(fake.stats().builds_created >= 1);
-    s.restart().await;
-    batch
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.builds_for(id))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_storm_fails_no_build_and_the_budget_holds() {
-    let fake = fake(Some((30, Duration::from_secs(1)))).await;
-    let s = queue(&fake)
-        .poll("200ms")
-        .extra("rate_limit = { requests = 30, window = \"1s\" }")
-        .serve()
-        .await;
-    let http = reqwest::Client::new();
-    Batch::create_with(&s, &http, batch_heads(40), |i| {
-        if i == 10 {
-            fake.rate_limit_storm(Duration::from_secs(3));
-        }
-    })
-    .await
-    .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.builds_for(id))
-    .await;
-    let stats = fake.stats();
-    assert!(
-        stats.rate_limited > 0,
-        "the storm did not happen: {stats:?}"
-    );
-    let peak = fake.max_requests_in("acme", Duration::from_secs(1));
-    assert!(
-        peak <= 30,
-        "{peak} requests within one second; the budget is 30"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,15 +309,30 @@ struct Buildkite {
 
 impl Provider for Buildkite {
     const HANG: &'static str = "?stitch-bk=hang";
+    const BATCH: usize = 200;
+    type Fake = FakeBuildkite;
 
     async fn start(setup: Setup) -> Self {
-        let fake = fake(None).await;
+        let fake =
+            fake(matches!(setup, Setup::Storm).then_some((30, Duration::from_secs(1)))).await;
         let serve = queue(&fake).setup(setup, SIGNED_WEBHOOK).serve().await;
         Self { fake, serve }
     }
 
     fn serve(&self) -> &Serve {
         &self.serve
+    }
+
+    fn serve_mut(&mut self) -> &mut Serve {
+        &mut self.serve
+    }
+
+    fn fake(&self) -> &FakeBuildkite {
+        &self.fake
+    }
+
+    fn batch_heads(n: usize) -> Vec<String> {
+        batch_heads(n)
     }
 
     fn hold_next(&self, step: Step) -> Pause {
@@ -440,7 +380,22 @@ impl Provider for Buildkite {
     }
 }
 
+impl Storms for Buildkite {
+    fn rate_limit_storm(&self, length: Duration) {
+        self.fake.rate_limit_storm(length);
+    }
+
+    fn rate_limited(&self) -> u64 {
+        self.fake.stats().rate_limited
+    }
+
+    fn max_requests_in(&self, window: Duration) -> usize {
+        self.fake.max_requests_in("acme", window)
+    }
+}
+
 provider_suite!(Buildkite);
+provider_suite!(@storm Buildkite);
 
 /// `stitch build open` prints the Buildkite page of the build and, with
 /// `--browser`, hands it to `$BROWSER` (a script here that records it).

@@ -5,24 +5,21 @@
 //! replayed, and with API tokens the page asks for one and refuses a wrong
 //! one.
 //!
-//! Without `chromedriver` the tests skip with a notice, unless
-//! `STITCH_REQUIRE_BROWSER=1` (CI), where they fail. With
+//! The browser is `stitch_testkit::browser`'s: without `chromedriver` the
+//! tests skip with a notice, unless `STITCH_REQUIRE_BROWSER=1` (CI), where
+//! they fail. With
 //! `STITCH_UPDATE_SCREENSHOTS=1` they write the README's screenshots to
 //! `docs/images/`.
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
 
-use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use stitch_testkit::browser::fantoccini::{Client, Locator};
+use stitch_testkit::browser::{browser, open, wait_for};
+use stitch_testkit::WAIT;
 use support::serve::{Serve, STITCH};
-
-/// Longest wait for anything the page should show.
-const WAIT: Duration = Duration::from_secs(30);
 
 const CONFIG: &str = r#"data_dir = "{data}"
 [queues.default]
@@ -34,104 +31,6 @@ runner = "fake"
 poll = { accepted = "100ms", running = "100ms" }
 fake = { accept_delay = "100ms", run_duration = "60s" }
 "#;
-
-/// A chromedriver child and a WebDriver session in headless Chromium.
-struct Browser {
-    client: Client,
-    driver: Child,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Starts chromedriver and a headless Chromium session, or `None` (with a
-/// notice) when chromedriver is not installed and the browser is not
-/// required.
-async fn browser() -> Option<Browser> {
-    let Some(chromedriver) = find_program("chromedriver") else {
-        if std::env::var("STITCH_REQUIRE_BROWSER").as_deref() == Ok("1") {
-            panic!(
-                "STITCH_REQUIRE_BROWSER=1 but chromedriver is not on PATH \
-                 (apt-get install -y chromium chromium-driver)"
-            );
-        }
-        eprintln!(
-            "skipping: chromedriver is not installed (apt-get install -y chromium chromium-driver)"
-        );
-        return None;
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    let mut driver = Command::new(chromedriver)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chromedriver");
-    // Ready when it says so on stdout: no polling of its port.
-    let stdout = driver.stdout.take().expect("chromedriver stdout");
-    let ready = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let ok = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|l| l.contains("started successfully"));
-        // Keep draining so chromedriver never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        ok
-    });
-    assert!(
-        tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
-        "chromedriver did not start"
-    );
-    let mut options = json!({
-        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1280,900", "--force-prefers-reduced-motion"]
-    });
-    if let Some(chromium) = find_program("chromium") {
-        options["binary"] = json!(chromium);
-    }
-    let mut caps = serde_json::Map::new();
-    caps.insert("goog:chromeOptions".into(), options);
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("WebDriver session in headless Chromium");
-    Some(Browser { client, driver })
-}
-
-async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
-    match c.wait().at_most(WAIT).for_element(Locator::Css(css)).await {
-        Ok(e) => e,
-        Err(e) => {
-            let body = c
-                .execute("return document.body.innerText", vec![])
-                .await
-                .unwrap_or_default();
-            panic!("{css} did not appear: {e}\npage text: {body}");
-        }
-    }
-}
-
-/// Waits until the page has drawn itself (`body[data-ready]`).
-async fn open(c: &Client, url: &str) {
-    c.goto(url).await.unwrap();
-    wait_for(c, "body[data-ready]").await;
-}
 
 /// Resolves when `#log` holds more than `n` lines: a MutationObserver in
 /// the page answers, nothing polls.

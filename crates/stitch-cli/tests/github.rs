@@ -8,8 +8,7 @@ mod support;
 use std::time::Duration;
 
 use stitch_fake_providers::github::{
-    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Pause, Timing,
-    WebhookTarget,
+    sign, Endpoint, FakeApp, FakeGithub, FakeOptions, FaultControl, Pause, Timing, WebhookTarget,
 };
 use support::provider::{provider_suite, Provider, Setup, Step};
 use support::queue::{heads, Batch, QueueConfig};
@@ -98,27 +97,6 @@ async fn webhooks_drive_100_builds_to_terminal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polling_alone_finishes_100_builds_and_lost_dispatches_make_one_run_each() {
-    let fake = fake(FakeOptions::default()).await;
-    let s = queue(&fake).poll("150ms").serve().await;
-    // A fifth of dispatches lose their answer after GitHub made the run.
-    fake.inject_rate(Endpoint::Dispatch, Fault::Reset, 0.1);
-    fake.inject_rate(
-        Endpoint::Dispatch,
-        Fault::Timeout(Duration::from_secs(2)),
-        0.05,
-    );
-    fake.inject_rate(Endpoint::Dispatch, Fault::LostAfterWork(502), 0.05);
-    fake.inject_rate(Endpoint::GetRun, Fault::Status(503), 0.05);
-    let http = reqwest::Client::new();
-    Batch::create(&s, &http, batch_heads(100))
-        .await
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.runs_for(id))
-        .await;
-    assert_eq!(fake.stats().runs_created, 100);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_server_without_run_details_is_correlated_by_run_name() {
     let fake = fake(FakeOptions {
         older_server: true,
@@ -145,32 +123,6 @@ async fn an_older_server_without_run_details_is_correlated_by_run_name() {
         let v = s.get(&http, id).await;
         assert_eq!(v["runner_ref"]["id"], run["id"].to_string());
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_and_restart_finish_every_build_without_duplicate_runs() {
-    let fake = fake(FakeOptions::default()).await;
-    let mut s = queue(&fake).poll("150ms").serve().await;
-    // Dispatches are slow to answer, so the kill lands amid unanswered ones;
-    // the first dispatch's answer is held until after the kill, so at least
-    // one run exists whose dispatch stitch never saw answered.
-    fake.inject_rate(
-        Endpoint::Dispatch,
-        Fault::Timeout(Duration::from_millis(300)),
-        0.3,
-    );
-    let held = fake.pause_next(Endpoint::Dispatch);
-    let http = reqwest::Client::new();
-    let batch = Batch::create(&s, &http, batch_heads(100)).await;
-    held.arrived().await;
-    s.kill();
-    held.release();
-    let before = fake.stats().runs_created;
-    assert!(before >= 1);
-    s.restart().await;
-    batch
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.runs_for(id))
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +351,8 @@ struct Github {
 
 impl Provider for Github {
     const HANG: &'static str = "?stitch-gh=hang";
+    const BATCH: usize = 100;
+    type Fake = FakeGithub;
 
     async fn start(setup: Setup) -> Self {
         let fake = fake(FakeOptions::default()).await;
@@ -408,6 +362,18 @@ impl Provider for Github {
 
     fn serve(&self) -> &Serve {
         &self.serve
+    }
+
+    fn serve_mut(&mut self) -> &mut Serve {
+        &mut self.serve
+    }
+
+    fn fake(&self) -> &FakeGithub {
+        &self.fake
+    }
+
+    fn batch_heads(n: usize) -> Vec<String> {
+        batch_heads(n)
     }
 
     fn hold_next(&self, step: Step) -> Pause {

@@ -8,9 +8,9 @@ mod support;
 use std::time::Duration;
 
 use stitch_fake_providers::gitlab::{
-    Endpoint, FakeGitlab, FakeOptions, Fault, FaultControl, Pause, Timing, WebhookTarget,
+    Endpoint, FakeGitlab, FakeOptions, FaultControl, Pause, Timing, WebhookTarget,
 };
-use support::provider::{provider_suite, Provider, Setup, Step};
+use support::provider::{provider_suite, Provider, Setup, Step, Storms};
 use support::queue::{heads, Batch, QueueConfig};
 use support::serve::Serve;
 
@@ -83,86 +83,6 @@ async fn pipeline_hooks_drive_100_builds_within_four_calls_each() {
     // what stitch knows: at most 4 calls per build on average.
     let per_build = stats.total_requests() as f64 / 100.0;
     assert!(per_build <= 4.0, "{per_build} calls per build: {stats:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polling_alone_finishes_builds_and_lost_creates_make_one_pipeline_each() {
-    let fake = fake(None).await;
-    let s = queue(&fake).poll("150ms").serve().await;
-    fake.inject_rate(Endpoint::Create, Fault::Reset, 0.1);
-    fake.inject_rate(
-        Endpoint::Create,
-        Fault::Timeout(Duration::from_secs(2)),
-        0.05,
-    );
-    fake.inject_rate(Endpoint::Create, Fault::LostAfterWork(502), 0.05);
-    fake.inject_rate(Endpoint::GetPipeline, Fault::Status(503), 0.05);
-    let http = reqwest::Client::new();
-    Batch::create(&s, &http, batch_heads(100))
-        .await
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| {
-            fake.pipelines_for(id)
-        })
-        .await;
-    assert_eq!(fake.stats().pipelines_created, 100);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_and_restart_finish_every_build_without_duplicates() {
-    let fake = fake(None).await;
-    let mut s = queue(&fake).poll("150ms").serve().await;
-    // Creates are slow to answer, so the kill lands amid unanswered
-    // creates; the first create's answer is held until after the kill, so
-    // at least one pipeline exists whose create stitch never saw answered.
-    fake.inject_rate(
-        Endpoint::Create,
-        Fault::Timeout(Duration::from_millis(300)),
-        0.3,
-    );
-    let held = fake.pause_next(Endpoint::Create);
-    let http = reqwest::Client::new();
-    let batch = Batch::create(&s, &http, batch_heads(100)).await;
-    held.arrived().await;
-    s.kill(); // SIGKILL
-    held.release();
-    assert!(fake.stats().pipelines_created >= 1);
-    s.restart().await;
-    batch
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| {
-            fake.pipelines_for(id)
-        })
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_storm_fails_no_build_and_the_budget_holds() {
-    let fake = fake(Some((30, Duration::from_secs(1)))).await;
-    let s = queue(&fake)
-        .poll("200ms")
-        .extra("rate_limit = { requests = 30, window = \"1s\" }")
-        .serve()
-        .await;
-    let http = reqwest::Client::new();
-    Batch::create_with(&s, &http, batch_heads(30), |i| {
-        if i == 10 {
-            fake.rate_limit_storm(Duration::from_secs(3));
-        }
-    })
-    .await
-    .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| {
-        fake.pipelines_for(id)
-    })
-    .await;
-    let stats = fake.stats();
-    assert!(
-        stats.rate_limited > 0,
-        "the storm did not happen: {stats:?}"
-    );
-    let peak = fake.max_requests_in(Duration::from_secs(1));
-    assert!(
-        peak <= 30,
-        "{peak} requests within one second; the budget is 30"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,15 +225,30 @@ struct Gitlab {
 
 impl Provider for Gitlab {
     const HANG: &'static str = "?stitch-gl=hang";
+    const BATCH: usize = 100;
+    type Fake = FakeGitlab;
 
     async fn start(setup: Setup) -> Self {
-        let fake = fake(None).await;
+        let fake =
+            fake(matches!(setup, Setup::Storm).then_some((30, Duration::from_secs(1)))).await;
         let serve = queue(&fake).setup(setup, WEBHOOK).serve().await;
         Self { fake, serve }
     }
 
     fn serve(&self) -> &Serve {
         &self.serve
+    }
+
+    fn serve_mut(&mut self) -> &mut Serve {
+        &mut self.serve
+    }
+
+    fn fake(&self) -> &FakeGitlab {
+        &self.fake
+    }
+
+    fn batch_heads(n: usize) -> Vec<String> {
+        batch_heads(n)
     }
 
     fn hold_next(&self, step: Step) -> Pause {
@@ -358,4 +293,19 @@ impl Provider for Gitlab {
     }
 }
 
+impl Storms for Gitlab {
+    fn rate_limit_storm(&self, length: Duration) {
+        self.fake.rate_limit_storm(length);
+    }
+
+    fn rate_limited(&self) -> u64 {
+        self.fake.stats().rate_limited
+    }
+
+    fn max_requests_in(&self, window: Duration) -> usize {
+        self.fake.max_requests_in(window)
+    }
+}
+
 provider_suite!(Gitlab);
+provider_suite!(@storm Gitlab);

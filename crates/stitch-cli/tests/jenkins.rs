@@ -11,7 +11,7 @@ use std::time::Duration;
 use stitch_fake_providers::jenkins::{
     Endpoint, FakeJenkins, FakeOptions, Fault, FaultControl, Pause, Timing,
 };
-use support::provider::{provider_suite, Provider, Setup, Step};
+use support::provider::{provider_suite, Provider, Setup, Step, Storms};
 use support::queue::{heads, Batch, QueueConfig};
 use support::serve::Serve;
 
@@ -48,84 +48,6 @@ async fn fake_with(require_crumb: bool) -> FakeJenkins {
 /// `n` heads, every tenth failing and every tenth unstable (which fails).
 fn batch_heads(n: usize) -> Vec<String> {
     heads(n, &[(3, "?stitch-jk=fail"), (7, "?stitch-jk=unstable")])
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polling_finishes_200_builds_and_lost_triggers_make_one_build_each() {
-    let fake = fake_with(false).await;
-    let s = queue(&fake).poll("150ms").serve().await;
-    // A fifth of triggers lose their answer after Jenkins queued the item.
-    fake.inject_rate(Endpoint::Trigger, Fault::Reset, 0.1);
-    fake.inject_rate(
-        Endpoint::Trigger,
-        Fault::Timeout(Duration::from_secs(2)),
-        0.05,
-    );
-    fake.inject_rate(Endpoint::Trigger, Fault::LostAfterWork(502), 0.05);
-    fake.inject_rate(Endpoint::GetBuild, Fault::Status(503), 0.05);
-    fake.inject_rate(Endpoint::QueueItem, Fault::Status(502), 0.05);
-    let http = reqwest::Client::new();
-    let batch = Batch::create(&s, &http, batch_heads(200)).await;
-    batch
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.items_for(id))
-        .await;
-    assert_eq!(fake.stats().items_queued, 200);
-    let record = s.get(&http, &batch.ids[7]).await;
-    assert_eq!(record["metadata"]["jenkins_result"], "UNSTABLE");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_and_restart_finish_every_build_without_duplicates() {
-    let fake = fake_with(false).await;
-    let mut s = queue(&fake).poll("150ms").serve().await;
-    // Triggers are slow to answer, so the kill lands amid unanswered
-    // triggers; the first one's answer is held until after the kill, so at
-    // least one item exists at Jenkins whose trigger stitch never saw
-    // answered.
-    fake.inject_rate(
-        Endpoint::Trigger,
-        Fault::Timeout(Duration::from_millis(300)),
-        0.3,
-    );
-    let held = fake.pause_next(Endpoint::Trigger);
-    let http = reqwest::Client::new();
-    let batch = Batch::create(&s, &http, batch_heads(200)).await;
-    held.arrived().await;
-    s.kill(); // SIGKILL
-    held.release();
-    assert!(fake.stats().items_queued >= 1);
-    // Jenkins forgets queue items a while after they left the queue: the
-    // restarted server must find those builds by their parameter.
-    fake.forget_left_items();
-    s.restart().await;
-    batch
-        .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.items_for(id))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_storm_fails_no_build_and_the_budget_holds() {
-    let fake = fake_with(false).await;
-    let s = queue(&fake)
-        .poll("200ms")
-        .extra("rate_limit = { requests = 30, window = \"1s\" }")
-        .serve()
-        .await;
-    let http = reqwest::Client::new();
-    Batch::create_with(&s, &http, batch_heads(40), |i| {
-        if i == 10 {
-            fake.rate_limit_storm(Duration::from_secs(3));
-        }
-    })
-    .await
-    .ends_as_expected_once_each(&s, &http, Duration::from_secs(90), |id| fake.items_for(id))
-    .await;
-    assert!(fake.stats().rate_limited > 0, "{:?}", fake.stats());
-    let peak = fake.max_requests_in(Duration::from_secs(1));
-    assert!(
-        peak <= 30,
-        "{peak} requests within one second; the budget is 30"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,6 +90,8 @@ struct Jenkins {
 impl Provider for Jenkins {
     const HANG: &'static str = "?stitch-jk=hang";
     const STEPS: usize = 1;
+    const BATCH: usize = 200;
+    type Fake = FakeJenkins;
 
     async fn start(setup: Setup) -> Self {
         let fake = fake_with(false).await;
@@ -178,6 +102,36 @@ impl Provider for Jenkins {
 
     fn serve(&self) -> &Serve {
         &self.serve
+    }
+
+    fn serve_mut(&mut self) -> &mut Serve {
+        &mut self.serve
+    }
+
+    fn fake(&self) -> &FakeJenkins {
+        &self.fake
+    }
+
+    fn batch_heads(n: usize) -> Vec<String> {
+        batch_heads(n)
+    }
+
+    fn lossy_extras(&self) {
+        // A queued build is followed through its queue item first.
+        self.fake
+            .inject_rate(Endpoint::QueueItem, Fault::Status(502), 0.05);
+    }
+
+    async fn check_lossy_batch(&self, http: &reqwest::Client, batch: &Batch) {
+        // The eighth head is unstable: failed, and Jenkins's result says why.
+        let record = self.serve.get(http, &batch.ids[7]).await;
+        assert_eq!(record["metadata"]["jenkins_result"], "UNSTABLE");
+    }
+
+    fn before_restart(&self) {
+        // Jenkins forgets queue items a while after they left the queue:
+        // the restarted server must find those builds by their parameter.
+        self.fake.forget_left_items();
     }
 
     fn hold_next(&self, step: Step) -> Pause {
@@ -238,4 +192,19 @@ impl Provider for Jenkins {
     }
 }
 
+impl Storms for Jenkins {
+    fn rate_limit_storm(&self, length: Duration) {
+        self.fake.rate_limit_storm(length);
+    }
+
+    fn rate_limited(&self) -> u64 {
+        self.fake.stats().rate_limited
+    }
+
+    fn max_requests_in(&self, window: Duration) -> usize {
+        self.fake.max_requests_in(window)
+    }
+}
+
 provider_suite!(Jenkins, polled);
+provider_suite!(@storm Jenkins);

@@ -114,6 +114,25 @@ pub trait FaultControl {
     }
 }
 
+/// What the tests written once for every provider need of a fake beyond
+/// its faults: which request starts a build, which reads its status, and
+/// how many builds the provider holds for one stitch build (exactly one,
+/// however many answers were lost).
+pub trait ProviderFake: FaultControl {
+    /// The request that starts a build (Buildkite's and GitLab's create,
+    /// GitHub's workflow dispatch, Jenkins's trigger).
+    const START: Self::Endpoint;
+    /// The read of one build's status.
+    const POLL: Self::Endpoint;
+
+    /// The provider's builds carrying stitch build `stitch_build_id`.
+    fn builds_for(&self, stitch_build_id: &str) -> usize;
+
+    /// Every build the provider was asked to start and started (Jenkins:
+    /// queue items), whatever became of the answer.
+    fn builds_started(&self) -> u64;
+}
+
 /// What the faults do to one admitted request's answer, once its work is
 /// done: hold it at a pause, spoil it, or neither.
 #[must_use]

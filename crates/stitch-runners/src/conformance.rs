@@ -160,6 +160,9 @@ impl<'a> Ctx<'a> {
                     report.status, self.subject.deadline
                 )));
             }
+            // Polled: the suite knows a runner only through the
+            // `BuildRunner` contract, which announces no change of a
+            // build; asking `status` again is the only way to see one.
             tokio::time::sleep(self.subject.poll).await;
         }
     }

@@ -7,12 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
-use stitch_core::{
-    BuildHandle, BuildId, BuildRunner, BuildStatus, LogKind, RunnerError, RunnerRef, StepStatus,
-};
-use stitch_fake_providers::buildkite::{
-    Endpoint, FakeBuildkite, FakeOptions, Fault, FaultControl, Timing,
-};
+use stitch_core::{BuildRunner, BuildStatus, LogKind, RunnerError, StepStatus};
+use stitch_fake_providers::buildkite::{FakeBuildkite, FakeOptions, Timing};
 use stitch_runners::buildkite::{
     BuildQuery, BuildkiteConfig, BuildkiteRunner, Client, Pipeline, RateLimit, RequestBudget,
 };
@@ -146,26 +142,9 @@ async fn a_lost_ref_is_recovered_through_meta_data() {
 async fn create_answers_lost_in_every_way_make_exactly_one_build() {
     let fake = FakeBuildkite::start(FakeOptions::default()).await.unwrap();
     let r = runner(&fake);
-    for fault in [
-        Fault::Timeout(Duration::from_secs(2)),
-        Fault::Reset,
-        Fault::LostAfterWork(502),
-    ] {
-        fake.inject(Endpoint::Create, fault, 1);
-        let req = request("https://git.example/c/1");
-        let got = r
-            .trigger(&req)
-            .await
-            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
-        assert_eq!(fake.builds_for(req.build_id.as_str()), 1, "{fault:?}");
-        let h = req.handle().with_ref(got);
-        assert!(r.status(&h).await.is_ok());
+    for (req, got) in support::lost_starts_make_exactly_one_build(&fake, &r, request).await {
+        assert!(r.status(&req.handle().with_ref(got)).await.is_ok());
     }
-    // A 5xx before any work: the lookup finds nothing, the create is repeated.
-    fake.inject(Endpoint::Create, Fault::Status(503), 1);
-    let req = request("https://git.example/c/2");
-    r.trigger(&req).await.unwrap();
-    assert_eq!(fake.builds_for(req.build_id.as_str()), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,13 +153,7 @@ async fn safe_calls_ride_out_5xx_bursts_and_resets() {
     let r = runner(&fake);
     let req = request("https://git.example/c/1");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
-    fake.inject(Endpoint::GetBuild, Fault::Status(502), 2);
-    fake.inject(Endpoint::GetBuild, Fault::Reset, 1);
-    r.status(&h).await.unwrap();
-    // Past the policy's attempts the error is retryable for the caller.
-    fake.inject(Endpoint::GetBuild, Fault::Status(503), 4);
-    let e = r.status(&h).await.unwrap_err();
-    assert!(e.is_retryable(), "{e}");
+    support::status_reads_ride_out_5xx_bursts_and_resets(&fake, &r, &h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,13 +304,7 @@ async fn logs_follow_a_running_build_with_buildkite_timestamps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ref_of_another_build_is_not_found() {
     let fake = FakeBuildkite::start(FakeOptions::default()).await.unwrap();
-    let r = runner(&fake);
-    let req = request("https://git.example/c/1");
-    let real = r.trigger(&req).await.unwrap();
-    let stranger = BuildHandle::new(BuildId::new(), "ci").with_ref(real);
-    assert!(r.status(&stranger).await.unwrap_err().is_not_found());
-    let garbage = BuildHandle::new(BuildId::new(), "ci").with_ref(RunnerRef::new("not-a-number"));
-    assert!(r.status(&garbage).await.unwrap_err().is_not_found());
+    support::refs_of_other_builds_are_not_found(&runner(&fake)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

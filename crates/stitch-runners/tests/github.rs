@@ -6,13 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use stitch_core::{
-    BuildHandle, BuildId, BuildRunner, BuildStatus, LogKind, RunnerError, RunnerRef, StepStatus,
-    TriggerRequest,
-};
-use stitch_fake_providers::github::{
-    Endpoint, FakeApp, FakeGithub, FakeOptions, Fault, FaultControl, Timing,
-};
+use stitch_core::{BuildRunner, BuildStatus, LogKind, RunnerError, StepStatus, TriggerRequest};
+use stitch_fake_providers::github::{FakeApp, FakeGithub, FakeOptions, Timing};
 use stitch_runners::github::{
     AppTokens, Client, Credentials, GithubConfig, GithubRunner, Repo, RunQuery,
 };
@@ -183,28 +178,12 @@ async fn an_older_server_is_dispatched_without_run_details_and_found_by_run_name
 async fn lost_dispatch_answers_make_exactly_one_run() {
     let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
     let r = runner(&fake);
-    for fault in [
-        Fault::Timeout(Duration::from_secs(2)),
-        Fault::Reset,
-        Fault::LostAfterWork(502),
-    ] {
-        fake.inject(Endpoint::Dispatch, fault, 1);
-        let req = request("https://git.example/c/1");
-        let got = r
-            .trigger(&req)
-            .await
-            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
-        assert_eq!(fake.runs_for(req.build_id.as_str()), 1, "{fault:?}");
+    for (req, got) in support::lost_starts_make_exactly_one_build(&fake, &r, request).await {
         assert_eq!(
             got.id,
             fake.run_json(req.build_id.as_str()).unwrap()["id"].to_string()
         );
     }
-    // A 5xx before any work: the lookup finds nothing, the dispatch is repeated.
-    fake.inject(Endpoint::Dispatch, Fault::Status(503), 1);
-    let req = request("https://git.example/c/2");
-    r.trigger(&req).await.unwrap();
-    assert_eq!(fake.runs_for(req.build_id.as_str()), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,13 +477,7 @@ async fn lists_follow_link_pagination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ref_of_another_build_is_not_found() {
     let fake = FakeGithub::start(FakeOptions::default()).await.unwrap();
-    let r = runner(&fake);
-    let req = request("https://git.example/c/1");
-    let real = r.trigger(&req).await.unwrap();
-    let stranger = BuildHandle::new(BuildId::new(), "ci").with_ref(real);
-    assert!(r.status(&stranger).await.unwrap_err().is_not_found());
-    let garbage = BuildHandle::new(BuildId::new(), "ci").with_ref(RunnerRef::new("not-a-number"));
-    assert!(r.status(&garbage).await.unwrap_err().is_not_found());
+    support::refs_of_other_builds_are_not_found(&runner(&fake)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

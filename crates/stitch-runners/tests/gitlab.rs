@@ -6,12 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use stitch_core::{
-    BuildHandle, BuildId, BuildRunner, BuildStatus, LogKind, RunnerError, RunnerRef, StepStatus,
-};
-use stitch_fake_providers::gitlab::{
-    Endpoint, FakeGitlab, FakeOptions, Fault, FaultControl, Timing,
-};
+use stitch_core::{BuildRunner, BuildStatus, LogKind, RunnerError, StepStatus};
+use stitch_fake_providers::gitlab::{FakeGitlab, FakeOptions, Timing};
 use stitch_runners::gitlab::{Client, GitlabConfig, GitlabRunner, PipelineQuery};
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use support::{fast_retry, request, unlimited, wait_report, wait_terminal};
@@ -155,25 +151,9 @@ async fn a_lost_ref_is_recovered_by_the_pipeline_name() {
 async fn create_answers_lost_in_every_way_make_exactly_one_pipeline() {
     let fake = fake().await;
     let r = runner(&fake);
-    for fault in [
-        Fault::Timeout(Duration::from_secs(2)),
-        Fault::Reset,
-        Fault::LostAfterWork(502),
-    ] {
-        fake.inject(Endpoint::Create, fault, 1);
-        let req = request("https://git.example/c/1");
-        let got = r
-            .trigger(&req)
-            .await
-            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
-        assert_eq!(fake.pipelines_for(req.build_id.as_str()), 1, "{fault:?}");
+    for (req, got) in support::lost_starts_make_exactly_one_build(&fake, &r, request).await {
         assert!(r.status(&req.handle().with_ref(got)).await.is_ok());
     }
-    // A 5xx before any work: the lookup finds nothing, the create is repeated.
-    fake.inject(Endpoint::Create, Fault::Status(503), 1);
-    let req = request("https://git.example/c/2");
-    r.trigger(&req).await.unwrap();
-    assert_eq!(fake.pipelines_for(req.build_id.as_str()), 1);
     assert_eq!(fake.stats().pipelines_created, 4);
 }
 
@@ -183,12 +163,7 @@ async fn safe_calls_ride_out_5xx_bursts_and_resets() {
     let r = runner(&fake);
     let req = request("https://git.example/c/1");
     let h = req.handle().with_ref(r.trigger(&req).await.unwrap());
-    fake.inject(Endpoint::GetPipeline, Fault::Status(502), 2);
-    fake.inject(Endpoint::GetPipeline, Fault::Reset, 1);
-    r.status(&h).await.unwrap();
-    fake.inject(Endpoint::GetPipeline, Fault::Status(503), 4);
-    let e = r.status(&h).await.unwrap_err();
-    assert!(e.is_retryable(), "{e}");
+    support::status_reads_ride_out_5xx_bursts_and_resets(&fake, &r, &h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,16 +289,7 @@ async fn a_pipeline_not_named_for_its_build_is_not_found_with_a_hint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ref_of_another_build_is_not_found() {
-    let fake = fake().await;
-    let r = runner(&fake);
-    let real = r
-        .trigger(&request("https://git.example/c/1"))
-        .await
-        .unwrap();
-    let stranger = BuildHandle::new(BuildId::new(), "ci").with_ref(real);
-    assert!(r.status(&stranger).await.unwrap_err().is_not_found());
-    let garbage = BuildHandle::new(BuildId::new(), "ci").with_ref(RunnerRef::new("not-a-number"));
-    assert!(r.status(&garbage).await.unwrap_err().is_not_found());
+    support::refs_of_other_builds_are_not_found(&runner(&fake().await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

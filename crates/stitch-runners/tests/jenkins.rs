@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use stitch_core::{
-    BuildHandle, BuildId, BuildRunner, BuildStatus, LogKind, RunnerError, RunnerRef, StepStatus,
-};
+use stitch_core::{BuildRunner, BuildStatus, LogKind, RunnerError, StepStatus};
 use stitch_fake_providers::jenkins::{
     Endpoint, FakeJenkins, FakeOptions, Fault, FaultControl, Timing,
 };
@@ -230,27 +228,11 @@ async fn a_restart_finds_the_build_by_its_parameter_after_jenkins_forgot_the_ite
 async fn trigger_answers_lost_in_every_way_make_exactly_one_build() {
     let fake = fake().await;
     let r = runner(&fake);
-    for fault in [
-        Fault::Timeout(Duration::from_secs(2)),
-        Fault::Reset,
-        Fault::LostAfterWork(502),
-    ] {
-        fake.inject(Endpoint::Trigger, fault, 1);
-        let req = request("https://git.example/c/1");
-        let got = r
-            .trigger(&req)
-            .await
-            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
-        assert_eq!(fake.items_for(req.build_id.as_str()), 1, "{fault:?}");
+    for (req, got) in support::lost_starts_make_exactly_one_build(&fake, &r, request).await {
         let h = req.handle().with_ref(got);
         let done = wait_terminal(fake.builds_moved(), &r, &h).await;
-        assert_eq!(done.status, BuildStatus::Succeeded, "{fault:?}");
+        assert_eq!(done.status, BuildStatus::Succeeded);
     }
-    // A 5xx before any work: the lookup finds nothing, the trigger is repeated.
-    fake.inject(Endpoint::Trigger, Fault::Status(503), 1);
-    let req = request("https://git.example/c/2");
-    r.trigger(&req).await.unwrap();
-    assert_eq!(fake.items_for(req.build_id.as_str()), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,12 +270,7 @@ async fn safe_calls_ride_out_5xx_bursts_resets_and_429s() {
         s.status == BuildStatus::Running
     })
     .await;
-    fake.inject(Endpoint::GetBuild, Fault::Status(502), 2);
-    fake.inject(Endpoint::GetBuild, Fault::Reset, 1);
-    r.status(&h).await.unwrap();
-    fake.inject(Endpoint::GetBuild, Fault::Status(503), 4);
-    let e = r.status(&h).await.unwrap_err();
-    assert!(e.is_retryable(), "{e}");
+    support::status_reads_ride_out_5xx_bursts_and_resets(&fake, &r, &h).await;
     fake.rate_limit_storm(Duration::from_millis(900));
     r.status(&h).await.unwrap();
     assert!(fake.stats().rate_limited > 0);
@@ -442,14 +419,7 @@ async fn the_console_is_followed_from_offsets_and_never_read_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ref_of_another_build_is_not_found() {
-    let fake = fake().await;
-    let r = runner(&fake);
-    let req = request("https://git.example/c/1");
-    let real = r.trigger(&req).await.unwrap();
-    let stranger = BuildHandle::new(BuildId::new(), "ci").with_ref(real);
-    assert!(r.status(&stranger).await.unwrap_err().is_not_found());
-    let garbage = BuildHandle::new(BuildId::new(), "ci").with_ref(RunnerRef::new("not-a-number"));
-    assert!(r.status(&garbage).await.unwrap_err().is_not_found());
+    support::refs_of_other_builds_are_not_found(&runner(&fake().await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,16 @@
 //! The dashboard in a real headless Chromium against the API server in
 //! this process (no stages run: builds stay `accepted`): the Builds pager
 //! goes forward and back, by keyboard too, and the Overview's oldest
-//! waiting age ticks without a reload. See `browser_support` for the
-//! Chromium it needs.
+//! waiting age ticks without a reload. See `stitch_testkit::browser` for
+//! the Chromium it needs.
 
-mod browser_support;
 mod http_support;
 
-use browser_support::{browser, open, wait_for, wait_for_locator};
-use fantoccini::key::Key;
-use fantoccini::{Client, Locator};
 use http_support::Server;
 use serde_json::Value;
+use stitch_testkit::browser::fantoccini::key::Key;
+use stitch_testkit::browser::fantoccini::{Client, Locator};
+use stitch_testkit::browser::{browser, open, wait_for, wait_for_locator};
 
 /// The ids of the rows the Builds page shows, top to bottom.
 async fn rows(c: &Client) -> Vec<String> {

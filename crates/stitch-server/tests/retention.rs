@@ -9,22 +9,18 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use stitch_core::BuildStatus;
+use serde_json::Value;
 use stitch_server::config::{
     Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetentionSetting, RunnerSection,
 };
-use stitch_server::http::{self, HttpOptions};
 use stitch_server::retention::{Pruner, LEASE};
-use stitch_server::stages;
-use stitch_server::state::{self, AppState};
-use stitch_store::StorePool;
-use stitch_testkit::watch_until;
+use stitch_server::state;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_util::sync::CancellationToken;
 
+mod service_support;
 #[path = "../../stitch-mq/tests/support/mod.rs"]
 mod support;
+use service_support::Service;
 
 fn fast() -> QueueConfig {
     QueueConfig {
@@ -71,78 +67,8 @@ fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
     config
 }
 
-struct Service {
-    base: String,
-    state: AppState,
-    config: Config,
-    client: reqwest::Client,
-    stop: CancellationToken,
-    _dir: tempfile::TempDir,
-}
-
+/// What retention's cases read of the service beyond the shared verbs.
 impl Service {
-    async fn start(storage_url: Option<String>) -> Service {
-        let dir = tempfile::tempdir().unwrap();
-        let config = config(dir.path().join("data"), storage_url);
-        let state = AppState::open(config.clone()).await.unwrap();
-        let stop = CancellationToken::new();
-        stages::start(&state, stop.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        state.set_bound_addr(addr);
-        let router = http::router_with(state.clone(), Vec::new(), HttpOptions::default());
-        let shutdown = stop.clone();
-        tokio::spawn(http::serve(listener, router, async move {
-            shutdown.cancelled().await
-        }));
-        Service {
-            base: format!("http://{addr}"),
-            state,
-            config,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
-            stop,
-            _dir: dir,
-        }
-    }
-
-    async fn create(&self, queue: &str, head: &str) -> String {
-        let resp = self
-            .client
-            .post(format!("{}/v1/queues/{queue}/builds", self.base))
-            .json(&json!({"head": [head]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
-        let body: Value = resp.json().await.unwrap();
-        body["id"].as_str().unwrap().to_string()
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Reads the build after each committed event until it is terminal.
-    async fn wait_terminal(&self, id: &str) {
-        let mut events = self.state.event_seq();
-        watch_until(&mut events, &format!("{id} terminal"), move || async move {
-            let (_, b) = self.get(&format!("/v1/builds/{id}")).await;
-            let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
-            status.is_terminal().then_some(())
-        })
-        .await
-    }
-
     /// Writes a finish time long ago (beyond the 30-day default window).
     async fn age(&self, ids: &[&str]) {
         let sql = format!(
@@ -152,20 +78,7 @@ impl Service {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        match self.state.store().pool() {
-            StorePool::Sqlite(p) => drop(sqlx::query(&sql).execute(&p).await.unwrap()),
-            StorePool::Postgres(p) => drop(sqlx::query(&sql).execute(&p).await.unwrap()),
-            StorePool::MySql(p) => drop(sqlx::query(&sql).execute(&p).await.unwrap()),
-        }
-    }
-
-    /// One integer from `sql` (a `COUNT(*)`) on the service's database.
-    async fn count(&self, sql: &str) -> i64 {
-        match self.state.store().pool() {
-            StorePool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
-            StorePool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
-            StorePool::MySql(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
-        }
+        self.exec(&sql).await;
     }
 
     /// The queue messages stored for a build (its partition key is its id).
@@ -176,37 +89,8 @@ impl Service {
         .await
     }
 
-    /// Waits until every queue message of the builds is done (a build is
-    /// terminal a moment before its last message is acked).
-    async fn wait_queue_done(&self, ids: &[&str]) {
-        let cursor = match self.state.store().pool() {
-            StorePool::MySql(_) => "`cursor`",
-            _ => "cursor",
-        };
-        // An ack is followed by a claim pass that moves the cursor past it:
-        // re-read after each pass.
-        let mut passes = self.state.queue().admin().claim_passes();
-        for id in ids {
-            let sql = format!(
-                "SELECT COUNT(*) FROM mq_messages m WHERE m.partition_key = '{id}' \
-                 AND m.seq > (SELECT MIN(p.{cursor}) FROM mq_partitions p \
-                 WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
-            );
-            let (sql, done) = (sql.as_str(), format!("{id}: queue messages done"));
-            watch_until(&mut passes, &done, move || async move {
-                (self.count(sql).await == 0).then_some(())
-            })
-            .await;
-        }
-    }
-
     fn local_dir(&self, id: &str) -> PathBuf {
         stitch_server::runners::local_state_dir(&self.config, "ci").join(id)
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.state.store().close().await;
     }
 }
 
@@ -219,9 +103,9 @@ fn now_ms() -> i64 {
 /// (with the oldest retained seq) on SSE `?after=`, `Last-Event-ID` and the
 /// WebSocket handshake; the position just before the oldest is served.
 async fn a_pass_prunes_aged_builds_and_clients_learn_it(s: Service) {
-    let old_local = s.create("ci", "c/1").await;
-    let young_local = s.create("ci", "c/2").await;
-    let old_fake = s.create("default", "https://forge/c/3").await;
+    let old_local = s.create_ok("ci", "c/1").await;
+    let young_local = s.create_ok("ci", "c/2").await;
+    let old_fake = s.create_ok("default", "https://forge/c/3").await;
     for id in [&old_local, &young_local, &old_fake] {
         s.wait_terminal(id).await;
     }
@@ -318,7 +202,7 @@ async fn a_pass_prunes_aged_builds_and_clients_learn_it(s: Service) {
 /// nothing; once the holder's pass is done and released, the other runs.
 /// Deterministic: the lease is taken at a time the test passes in.
 async fn two_pruners_never_prune_at_once(s: Service) {
-    let id = s.create("default", "https://forge/c/9").await;
+    let id = s.create_ok("default", "https://forge/c/9").await;
     s.wait_terminal(&id).await;
     s.age(&[&id]).await;
     let (other_store, other_driver) = state::open_storage(&s.config).await.unwrap();
@@ -382,7 +266,7 @@ macro_rules! on_every_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Service::start(None).await).await;
+                    super::$name(super::Service::start(|dir| super::config(dir, None)).await).await;
                 }
             )*
         }
@@ -395,7 +279,7 @@ macro_rules! on_every_backend {
                     };
                     db.options("server").await;
                     let url = super::postgres_url(&db.schema("server"));
-                    super::$name(super::Service::start(Some(url)).await).await;
+                    super::$name(super::Service::start(|dir| super::config(dir, Some(url))).await).await;
                 }
             )*
         }
@@ -408,7 +292,7 @@ macro_rules! on_every_backend {
                     };
                     db.options("server").await;
                     let url = super::mysql_url(&db.database("server"));
-                    super::$name(super::Service::start(Some(url)).await).await;
+                    super::$name(super::Service::start(|dir| super::config(dir, Some(url))).await).await;
                 }
             )*
         }

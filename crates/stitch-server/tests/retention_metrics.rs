@@ -7,15 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use stitch_server::config::{Config, FakeSection, PollConfig, QueueConfig, RetentionSetting};
-use stitch_server::http::{self, HttpOptions};
 use stitch_server::retention::Pruner;
-use stitch_server::stages;
-use stitch_server::state::AppState;
-use stitch_store::StorePool;
-use stitch_testkit::watch_until;
-use tokio_util::sync::CancellationToken;
+
+mod service_support;
+use service_support::Service;
 
 fn config(data_dir: std::path::PathBuf) -> Config {
     let queue = QueueConfig {
@@ -48,100 +44,38 @@ fn series(text: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
-async fn count(state: &AppState, sql: &str) -> i64 {
-    match state.store().pool() {
-        StorePool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
-        StorePool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
-        StorePool::MySql(p) => sqlx::query_scalar(sql).fetch_one(&p).await.unwrap(),
-    }
-}
-
-async fn exec(state: &AppState, sql: &str) {
-    match state.store().pool() {
-        StorePool::Sqlite(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
-        StorePool::Postgres(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
-        StorePool::MySql(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_is_visible_on_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(config(dir.path().join("data")))
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    stages::start(&state, stop.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    state.set_bound_addr(addr);
-    let router = http::router_with(state.clone(), Vec::new(), HttpOptions::default());
-    let shutdown = stop.clone();
-    tokio::spawn(http::serve(listener, router, async move {
-        shutdown.cancelled().await
-    }));
-    let base = format!("http://{addr}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
-
+    let s = Service::start(config).await;
     let mut ids = Vec::new();
     for n in 0..3 {
-        let resp = client
-            .post(format!("{base}/v1/queues/default/builds"))
-            .json(&json!({"head": [format!("https://forge/c/{n}")]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
-        let body: Value = resp.json().await.unwrap();
-        ids.push(body["id"].as_str().unwrap().to_string());
-    }
-    let mut events = state.event_seq();
-    let mut passes = state.queue().admin().claim_passes();
-    let service = &state;
-    for id in &ids {
-        let build_id = &id.parse::<stitch_core::BuildId>().unwrap();
-        watch_until(&mut events, &format!("{id} terminal"), move || async move {
-            let build = service.store().get_build(build_id).await.unwrap();
-            build.status.is_terminal().then_some(())
-        })
-        .await;
-        // Its queue messages are acked a moment later, and an ack announces
-        // nothing: the claim pass after it moves the cursor past it.
-        let pending = format!(
-            "SELECT COUNT(*) FROM mq_messages m WHERE m.partition_key = '{id}' \
-             AND m.seq > (SELECT MIN(p.cursor) FROM mq_partitions p \
-             WHERE p.topic = m.topic AND p.partition_key = m.partition_key)"
+        ids.push(
+            s.create_ok("default", &format!("https://forge/c/{n}"))
+                .await,
         );
-        let pending = pending.as_str();
-        watch_until(
-            &mut passes,
-            &format!("{id}: queue messages done"),
-            move || async move { (count(service, pending).await == 0).then_some(()) },
-        )
-        .await;
     }
+    for id in &ids {
+        s.wait_terminal(id).await;
+    }
+    s.wait_queue_done(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
     // Two builds finished long ago, one just now.
-    exec(
-        &state,
-        &format!(
-            "UPDATE builds SET finished_at = 1 WHERE id IN ('{}', '{}')",
-            ids[0], ids[1]
-        ),
-    )
+    s.exec(&format!(
+        "UPDATE builds SET finished_at = 1 WHERE id IN ('{}', '{}')",
+        ids[0], ids[1]
+    ))
     .await;
 
-    let report = Pruner::for_service(&state)
+    let report = Pruner::for_service(&s.state)
         .run_pass(chrono::Utc::now().timestamp_millis())
         .await
         .unwrap();
     assert_eq!((report.builds, report.queue_messages), (2, 4), "{report:?}");
     assert!(report.events > 0, "{report:?}");
 
-    let text = client
-        .get(format!("{base}/metrics"))
+    let text = s
+        .client
+        .get(format!("{}/metrics", s.base))
         .send()
         .await
         .unwrap()
@@ -165,7 +99,7 @@ async fn a_pass_is_visible_on_metrics() {
         Some(1.0),
         "{text}"
     );
-    let oldest = state.store().oldest_retained_seq().await.unwrap();
+    let oldest = s.state.store().oldest_retained_seq().await.unwrap();
     assert!(oldest > 1);
     assert_eq!(
         series(&text, "stitch_events_oldest_retained_seq"),
@@ -179,6 +113,5 @@ async fn a_pass_is_visible_on_metrics() {
         Some(bytes as f64),
         "{text}"
     );
-    stop.cancel();
-    state.store().close().await;
+    s.shutdown().await;
 }

@@ -11,23 +11,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use stitch_core::BuildStatus;
 use stitch_server::config::{
     Config, FakeSection, LocalSection, PollConfig, QueueConfig, RetryConfig, RunnerSection,
 };
-use stitch_server::http::{self, HttpOptions};
-use stitch_server::stages;
-use stitch_server::state::AppState;
 use stitch_store::{BackendKind, EventKind};
-use stitch_testkit::watch_until;
-use tokio_util::sync::CancellationToken;
 
 // The queue's per-test schema/database helpers (skip or fail when a server
 // is missing), shared rather than copied.
+mod service_support;
 #[path = "../../stitch-mq/tests/support/mod.rs"]
 mod support;
 mod tls_support;
+use service_support::Service;
 use tls_support::connection_uses_tls;
 
 fn fast() -> QueueConfig {
@@ -79,83 +76,6 @@ fn config(data_dir: PathBuf, storage_url: Option<String>) -> Config {
     config
 }
 
-/// A running service: HTTP on loopback plus both stages.
-struct Service {
-    base: String,
-    state: AppState,
-    client: reqwest::Client,
-    stop: CancellationToken,
-    _dir: tempfile::TempDir,
-}
-
-impl Service {
-    async fn start(storage_url: Option<String>) -> Service {
-        let dir = tempfile::tempdir().unwrap();
-        let state = AppState::open(config(dir.path().join("data"), storage_url))
-            .await
-            .unwrap();
-        let stop = CancellationToken::new();
-        stages::start(&state, stop.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        state.set_bound_addr(addr);
-        let router = http::router_with(state.clone(), Vec::new(), HttpOptions::default());
-        let shutdown = stop.clone();
-        tokio::spawn(http::serve(listener, router, async move {
-            shutdown.cancelled().await
-        }));
-        Service {
-            base: format!("http://{addr}"),
-            state,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
-            stop,
-            _dir: dir,
-        }
-    }
-
-    async fn create(&self, queue: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .post(format!("{}/v1/queues/{queue}/builds", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.json().await.unwrap())
-    }
-
-    async fn get(&self, id: &str) -> Value {
-        let resp = self
-            .client
-            .get(format!("{}/v1/builds/{id}", self.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        resp.json().await.unwrap()
-    }
-
-    /// Reads the build over HTTP after each committed event until it is
-    /// terminal.
-    async fn wait_terminal(&self, id: &str) -> Value {
-        let mut events = self.state.event_seq();
-        watch_until(&mut events, &format!("{id} terminal"), move || async move {
-            let b = self.get(id).await;
-            let status: BuildStatus = serde_json::from_value(b["status"].clone()).unwrap();
-            status.is_terminal().then_some(b)
-        })
-        .await
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.state.store().close().await;
-    }
-}
-
 /// Builds on the fake and the local runner reach their outcomes through the
 /// API, an idempotent replay answers 200 with the same build, and the event
 /// log is gapless with every build's history in order.
@@ -184,7 +104,7 @@ async fn builds_reach_their_outcome_through_the_api(service: Service, expected: 
         let b = service.wait_terminal(id).await;
         assert_eq!(b["status"], *status, "{b}");
     }
-    let local_fail = service.get(&want[3].0).await;
+    let local_fail = service.build(&want[3].0).await;
     assert_eq!(local_fail["metadata"]["exit_status"], "3", "{local_fail}");
 
     let store = service.state.store();
@@ -209,7 +129,7 @@ async fn builds_reach_their_outcome_through_the_api(service: Service, expected: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_builds_reach_their_outcome_through_the_api() {
-    let service = Service::start(None).await;
+    let service = Service::start(|dir| config(dir, None)).await;
     builds_reach_their_outcome_through_the_api(service, BackendKind::Sqlite).await;
 }
 
@@ -236,7 +156,7 @@ async fn postgres_builds_reach_their_outcome_through_the_api() {
         return;
     };
     db.options("server").await;
-    let service = Service::start(Some(postgres_url(&db.schema("server")))).await;
+    let service = Service::start(|dir| config(dir, Some(postgres_url(&db.schema("server"))))).await;
     builds_reach_their_outcome_through_the_api(service, BackendKind::Postgres).await;
 }
 
@@ -246,7 +166,7 @@ async fn mysql_builds_reach_their_outcome_through_the_api() {
         return;
     };
     db.options("server").await;
-    let service = Service::start(Some(mysql_url(&db.database("server")))).await;
+    let service = Service::start(|dir| config(dir, Some(mysql_url(&db.database("server"))))).await;
     builds_reach_their_outcome_through_the_api(service, BackendKind::MySql).await;
 }
 
@@ -279,7 +199,7 @@ async fn postgres_over_verified_tls_builds_reach_their_outcome_through_the_api()
             ("options", &format!("-csearch_path={}", db.schema("server"))),
         ],
     );
-    let service = Service::start(Some(url.to_string())).await;
+    let service = Service::start(|dir| config(dir, Some(url.to_string()))).await;
     assert!(connection_uses_tls(service.state.store()).await);
     builds_reach_their_outcome_through_the_api(service, BackendKind::Postgres).await;
 }
@@ -298,7 +218,7 @@ async fn mysql_over_verified_tls_builds_reach_their_outcome_through_the_api() {
         &[("ssl-mode", "VERIFY_IDENTITY"), ("ssl-ca", &ca)],
     );
     url.set_path(&format!("/{}", db.database("server")));
-    let service = Service::start(Some(url.to_string())).await;
+    let service = Service::start(|dir| config(dir, Some(url.to_string()))).await;
     assert!(connection_uses_tls(service.state.store()).await);
     builds_reach_their_outcome_through_the_api(service, BackendKind::MySql).await;
 }

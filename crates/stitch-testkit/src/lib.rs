@@ -16,12 +16,16 @@
 //! - [`serve::Serve`]: a `stitch serve` child process with verbs (create,
 //!   get, logs_text, cancel, promise, webhook) and waits on its
 //!   `/v1/events` stream.
+//! - [`browser`] (feature `browser`): a headless Chromium session over
+//!   WebDriver and waits on what its page shows.
 //!
 //! Every wait is bounded by [`WAIT`] and panics with what it waited for, so a
 //! hang is a failing test with a message, never a stuck CI job.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "browser")]
+pub mod browser;
 pub mod serve;
 
 use std::future::Future;

@@ -3,7 +3,8 @@
 //! [`provider_suite!`] (`buildkite.rs`, `github.rs`, `gitlab.rs` and `jenkins.rs` each
 //! implement [`Provider`] on their fake and `stitch serve` configuration;
 //! a provider without webhooks expands `provider_suite!(P, polled)`, the
-//! cases that need none).
+//! cases that need none). A provider whose fake can refuse with 429s
+//! ([`Storms`]) adds `provider_suite!(@storm P)`.
 
 #![allow(dead_code, unused_macros)] // each test file uses its own part of the helpers
 
@@ -11,8 +12,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use stitch_fake_providers::faults::Pause;
+use stitch_fake_providers::faults::{Fault, FaultControl, Pause, ProviderFake};
 
+use super::queue::Batch;
 use super::serve::Serve;
 
 /// How long a case waits for its build to end.
@@ -46,6 +48,12 @@ pub enum Setup {
     Pushed,
     /// No webhooks; polls every 100 ms.
     Polled,
+    /// No webhooks; polls every 150 ms (a batch of [`Provider::BATCH`]
+    /// builds over a lossy network, or a SIGKILL amid it).
+    Batch,
+    /// No webhooks; polls every 200 ms within a budget of 30 requests a
+    /// second, on a fake that allows 30 a second (where it limits at all).
+    Storm,
 }
 
 /// A faked CI provider with `stitch serve` running queue `ci` on it, and
@@ -59,11 +67,37 @@ pub trait Provider: Sized {
     /// is one console).
     const STEPS: usize = 2;
 
+    /// How many builds the batch cases create.
+    const BATCH: usize;
+
+    /// The provider's fake.
+    type Fake: ProviderFake;
+
     /// Starts the fake and a `stitch serve` configured for it.
     async fn start(setup: Setup) -> Self;
 
     /// The running `stitch serve`.
     fn serve(&self) -> &Serve;
+
+    /// The running `stitch serve`, to kill and restart.
+    fn serve_mut(&mut self) -> &mut Serve;
+
+    /// The fake.
+    fn fake(&self) -> &Self::Fake;
+
+    /// `n` heads of a batch, every tenth failing (the fake's markers).
+    fn batch_heads(n: usize) -> Vec<String>;
+
+    /// Faults of the provider's own for the lossy batch, beyond its lost
+    /// start answers and failing polls.
+    fn lossy_extras(&self) {}
+
+    /// What the provider leaves in a lossy batch's records beyond their
+    /// outcomes.
+    async fn check_lossy_batch(&self, _http: &reqwest::Client, _batch: &Batch) {}
+
+    /// Runs between the SIGKILL of `stitch serve` and its restart.
+    fn before_restart(&self) {}
 
     /// Holds the fake's next answer to `step` until the pause is released.
     fn hold_next(&self, step: Step) -> Pause;
@@ -193,8 +227,95 @@ pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
     p.assert_finished_log(&text);
 }
 
+/// How long a batch may take to end.
+const BATCH_WITHIN: Duration = Duration::from_secs(90);
+
+/// A batch polled over a lossy network: a fifth of start requests lose
+/// their answer after the provider started the build (reset, timeout, a
+/// proxy's 502) and some polls fail; every build still ends as its head
+/// says, with exactly one build at the provider.
+pub async fn lost_starts_make_one_build_each<P: Provider>() {
+    let p = P::start(Setup::Batch).await;
+    let (fake, s) = (p.fake(), p.serve());
+    let start = <P::Fake as ProviderFake>::START;
+    fake.inject_rate(start, Fault::Reset, 0.1);
+    fake.inject_rate(start, Fault::Timeout(Duration::from_secs(2)), 0.05);
+    fake.inject_rate(start, Fault::LostAfterWork(502), 0.05);
+    fake.inject_rate(<P::Fake as ProviderFake>::POLL, Fault::Status(503), 0.05);
+    p.lossy_extras();
+    let http = reqwest::Client::new();
+    let batch = Batch::create(s, &http, P::batch_heads(P::BATCH)).await;
+    batch
+        .ends_as_expected_once_each(s, &http, BATCH_WITHIN, |id| fake.builds_for(id))
+        .await;
+    assert_eq!(fake.builds_started(), P::BATCH as u64);
+    p.check_lossy_batch(&http, &batch).await;
+}
+
+/// `stitch serve` is SIGKILLed amid unanswered start requests and
+/// restarted: every build ends, none twice at the provider.
+pub async fn sigkill_and_restart_finish_every_build_without_duplicates<P: Provider>() {
+    let mut p = P::start(Setup::Batch).await;
+    // Starts are slow to answer, so the kill lands amid unanswered ones;
+    // the first start's answer is held until after the kill, so at least
+    // one build exists at the provider whose start stitch never saw
+    // answered.
+    let start = <P::Fake as ProviderFake>::START;
+    p.fake()
+        .inject_rate(start, Fault::Timeout(Duration::from_millis(300)), 0.3);
+    let held = p.fake().pause_next(start);
+    let http = reqwest::Client::new();
+    let batch = Batch::create(p.serve(), &http, P::batch_heads(P::BATCH)).await;
+    held.arrived().await;
+    p.serve_mut().kill(); // SIGKILL
+    held.release();
+    assert!(p.fake().builds_started() >= 1);
+    p.before_restart();
+    p.serve_mut().restart().await;
+    let fake = p.fake();
+    batch
+        .ends_as_expected_once_each(p.serve(), &http, BATCH_WITHIN, |id| fake.builds_for(id))
+        .await;
+}
+
+/// A provider whose fake can refuse every request with 429 for a while.
+pub trait Storms: Provider {
+    /// Refuses every request with 429 (and its retry hint) for `length`.
+    fn rate_limit_storm(&self, length: Duration);
+
+    /// Requests refused with 429 so far.
+    fn rate_limited(&self) -> u64;
+
+    /// The most requests the fake saw within any `window` (the budget's
+    /// scope: Buildkite's organization, the token, the controller user).
+    fn max_requests_in(&self, window: Duration) -> usize;
+}
+
+/// A 429 storm while builds run fails none of them, and stitch stays
+/// within its budget of 30 requests a second throughout.
+pub async fn a_429_storm_fails_no_build_and_the_budget_holds<P: Storms>() {
+    let p = P::start(Setup::Storm).await;
+    let (fake, s) = (p.fake(), p.serve());
+    let http = reqwest::Client::new();
+    Batch::create_with(s, &http, P::batch_heads(40), |i| {
+        if i == 10 {
+            p.rate_limit_storm(Duration::from_secs(3));
+        }
+    })
+    .await
+    .ends_as_expected_once_each(s, &http, BATCH_WITHIN, |id| fake.builds_for(id))
+    .await;
+    assert!(p.rate_limited() > 0, "the storm did not happen");
+    let peak = p.max_requests_in(Duration::from_secs(1));
+    assert!(
+        peak <= 30,
+        "{peak} requests within one second; the budget is 30"
+    );
+}
+
 /// Expands to the provider suite for the [`Provider`] given:
-/// `cancel_running_and_finished_builds_and_stream_logs`, and
+/// `cancel_running_and_finished_builds_and_stream_logs`, the batch cases
+/// (`lost_starts_make_one_build_each`, `sigkill_and_restart_…`), and
 /// `mod push_never_lost`, where a push (a cancel, a webhook) is never lost
 /// whenever it lands in the start/poll cycle: it takes effect at once, not
 /// at the next 60 s poll. `provider_suite!(P, polled)` leaves out the
@@ -222,10 +343,32 @@ macro_rules! provider_suite {
     ($provider:ty, polled) => {
         $crate::support::provider::provider_suite!(@cases $provider, {});
     };
+    (@storm $provider:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_429_storm_fails_no_build_and_the_budget_holds() {
+            $crate::support::provider::a_429_storm_fails_no_build_and_the_budget_holds::<
+                $provider,
+            >()
+            .await;
+        }
+    };
     (@cases $provider:ty, { $($webhook_case:item)* }) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn cancel_running_and_finished_builds_and_stream_logs() {
             $crate::support::provider::cancel_running_and_finished_builds_and_stream_logs::<
+                $provider,
+            >()
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn lost_starts_make_one_build_each() {
+            $crate::support::provider::lost_starts_make_one_build_each::<$provider>().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn sigkill_and_restart_finish_every_build_without_duplicates() {
+            $crate::support::provider::sigkill_and_restart_finish_every_build_without_duplicates::<
                 $provider,
             >()
             .await;

@@ -74,11 +74,16 @@ impl QueueConfig {
 
     /// The queue the provider suite's [`Setup`] asks for: `Pushed` takes
     /// webhooks (`webhook`, its tables; empty for a provider without) and
-    /// polls once a minute, `Polled` polls every 100 ms.
+    /// polls once a minute, the others poll (`Storm` within a budget of 30
+    /// requests a second).
     pub fn setup(self, setup: Setup, webhook: &str) -> Self {
         match setup {
             Setup::Pushed => self.poll("60s").tail(webhook),
             Setup::Polled => self.poll("100ms"),
+            Setup::Batch => self.poll("150ms"),
+            Setup::Storm => self
+                .poll("200ms")
+                .extra("rate_limit = { requests = 30, window = \"1s\" }"),
         }
     }
 

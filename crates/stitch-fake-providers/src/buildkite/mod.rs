@@ -43,7 +43,7 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, watch};
 
 use crate::faults::{AnswerFault, FaultRules};
-pub use crate::faults::{Fault, FaultControl, Pause};
+pub use crate::faults::{Fault, FaultControl, Pause, ProviderFake};
 use crate::serving::{encode, run_clock, send_webhooks, Clock, RateWindow, Tasks, Webhooks};
 use world::{is_terminal, CreateBody, Transition, World};
 pub use world::{Plan, MARKER};
@@ -472,6 +472,19 @@ impl FaultControl for FakeBuildkite {
 
     fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Endpoint>) -> R) -> R {
         f(&mut self.shared.lock().faults)
+    }
+}
+
+impl ProviderFake for FakeBuildkite {
+    const START: Endpoint = Endpoint::Create;
+    const POLL: Endpoint = Endpoint::GetBuild;
+
+    fn builds_for(&self, stitch_build_id: &str) -> usize {
+        FakeBuildkite::builds_for(self, stitch_build_id)
+    }
+
+    fn builds_started(&self) -> u64 {
+        self.stats().builds_created
     }
 }
 

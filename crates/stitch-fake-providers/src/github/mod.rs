@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use crate::faults::{proxy_page, AnswerFault, FaultRules};
-pub use crate::faults::{Fault, FaultControl, Pause};
+pub use crate::faults::{Fault, FaultControl, Pause, ProviderFake};
 use crate::serving::{encode, run_clock, send_webhooks, Clock, Tasks, Webhooks};
 pub use world::{render_run_name, Plan, MARKER};
 use world::{Transition, World};
@@ -1149,6 +1149,19 @@ impl FaultControl for FakeGithub {
 
     fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Endpoint>) -> R) -> R {
         f(&mut self.shared.lock().faults)
+    }
+}
+
+impl ProviderFake for FakeGithub {
+    const START: Endpoint = Endpoint::Dispatch;
+    const POLL: Endpoint = Endpoint::GetRun;
+
+    fn builds_for(&self, stitch_build_id: &str) -> usize {
+        self.runs_for(stitch_build_id)
+    }
+
+    fn builds_started(&self) -> u64 {
+        self.stats().runs_created
     }
 }
 

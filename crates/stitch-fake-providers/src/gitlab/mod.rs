@@ -39,7 +39,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use crate::faults::{AnswerFault, FaultRules};
-pub use crate::faults::{Fault, FaultControl, Pause};
+pub use crate::faults::{Fault, FaultControl, Pause, ProviderFake};
 use crate::serving::{encode, run_clock, send_webhooks, Clock, RateWindow, Tasks, Webhooks};
 pub use world::{expand, Plan, MARKER};
 use world::{is_terminal, Transition, World};
@@ -446,6 +446,19 @@ impl FaultControl for FakeGitlab {
 
     fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Endpoint>) -> R) -> R {
         f(&mut self.shared.lock().faults)
+    }
+}
+
+impl ProviderFake for FakeGitlab {
+    const START: Endpoint = Endpoint::Create;
+    const POLL: Endpoint = Endpoint::GetPipeline;
+
+    fn builds_for(&self, stitch_build_id: &str) -> usize {
+        self.pipelines_for(stitch_build_id)
+    }
+
+    fn builds_started(&self) -> u64 {
+        self.stats().pipelines_created
     }
 }
 

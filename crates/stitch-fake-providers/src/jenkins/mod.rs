@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::faults::{AnswerFault, FaultRules};
-pub use crate::faults::{Fault, FaultControl, Pause};
+pub use crate::faults::{Fault, FaultControl, Pause, ProviderFake};
 use crate::serving::{run_clock, Clock, Tasks};
 use world::{job_url, ItemState, World};
 pub use world::{ParamKind, Plan, MARKER};
@@ -416,6 +416,19 @@ impl FaultControl for FakeJenkins {
 
     fn with_fault_rules<R>(&self, f: impl FnOnce(&mut FaultRules<Endpoint>) -> R) -> R {
         f(&mut self.shared.lock().faults)
+    }
+}
+
+impl ProviderFake for FakeJenkins {
+    const START: Endpoint = Endpoint::Trigger;
+    const POLL: Endpoint = Endpoint::GetBuild;
+
+    fn builds_for(&self, stitch_build_id: &str) -> usize {
+        self.items_for(stitch_build_id)
+    }
+
+    fn builds_started(&self) -> u64 {
+        self.stats().items_queued
     }
 }
 

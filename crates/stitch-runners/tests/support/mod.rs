@@ -1,12 +1,18 @@
-//! What the Buildkite and GitHub runner tests share: client settings, the
-//! wait on the fake's clock, and the conformance subject of a provider fake.
+//! What the provider runner tests (Buildkite, GitHub, GitLab, Jenkins)
+//! share: client settings, the wait on the fake's clock, the conformance
+//! subject of a provider fake, and the cases every provider's runner must
+//! pass against its fake ([`ProviderFake`]): lost start answers, 5xx
+//! bursts on status reads, refs of other builds.
 
 #![allow(dead_code)] // each test file uses its own part of the helpers
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use stitch_core::{BuildHandle, BuildId, BuildRunner, ChangeSet, StatusReport, TriggerRequest};
+use stitch_core::{
+    BuildHandle, BuildId, BuildRunner, ChangeSet, RunnerRef, StatusReport, TriggerRequest,
+};
+use stitch_fake_providers::faults::{Fault, ProviderFake};
 use stitch_runners::conformance::{self, Checked, Scenario, Subject};
 use stitch_runners::http_budget::{RateLimit, RequestBudget};
 use stitch_runners::http_retry::RetryPolicy;
@@ -94,4 +100,63 @@ pub async fn assert_conformance(
         results.iter().all(|(_, c)| *c == Checked::Passed),
         "{results:?}"
     );
+}
+
+/// Loses the answer to the request that starts a build in every way a
+/// network can after the provider did the work (a timeout, a reset, a
+/// proxy's 502), then fails one with a 503 before any work: every trigger
+/// still returns a ref, and the provider holds exactly one build for each
+/// (found by the lookup after a lost answer, made again after the 503).
+/// `request` makes each trigger's request; returns the requests with their
+/// refs, for the provider's own checks.
+pub async fn lost_starts_make_exactly_one_build<F: ProviderFake>(
+    fake: &F,
+    r: &dyn BuildRunner,
+    request: fn(&str) -> TriggerRequest,
+) -> Vec<(TriggerRequest, RunnerRef)> {
+    let mut triggered = Vec::new();
+    for fault in [
+        Fault::Timeout(Duration::from_secs(2)),
+        Fault::Reset,
+        Fault::LostAfterWork(502),
+        Fault::Status(503),
+    ] {
+        fake.inject(F::START, fault, 1);
+        let req = request("https://git.example/c/1");
+        let got = r
+            .trigger(&req)
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert_eq!(fake.builds_for(req.build_id.as_str()), 1, "{fault:?}");
+        triggered.push((req, got));
+    }
+    triggered
+}
+
+/// Status reads ride out a short burst of 5xx answers and a reset; past the
+/// retry policy's attempts the error is retryable for the caller.
+pub async fn status_reads_ride_out_5xx_bursts_and_resets<F: ProviderFake>(
+    fake: &F,
+    r: &dyn BuildRunner,
+    h: &BuildHandle,
+) {
+    fake.inject(F::POLL, Fault::Status(502), 2);
+    fake.inject(F::POLL, Fault::Reset, 1);
+    r.status(h).await.unwrap();
+    fake.inject(F::POLL, Fault::Status(503), 4);
+    let e = r.status(h).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+}
+
+/// A real ref under another build's id, and a ref that is no ref of the
+/// provider's, are both "not found" (never another build's status).
+pub async fn refs_of_other_builds_are_not_found(r: &dyn BuildRunner) {
+    let real = r
+        .trigger(&request("https://git.example/c/1"))
+        .await
+        .unwrap();
+    let stranger = BuildHandle::new(BuildId::new(), "ci").with_ref(real);
+    assert!(r.status(&stranger).await.unwrap_err().is_not_found());
+    let garbage = BuildHandle::new(BuildId::new(), "ci").with_ref(RunnerRef::new("not-a-number"));
+    assert!(r.status(&garbage).await.unwrap_err().is_not_found());
 }

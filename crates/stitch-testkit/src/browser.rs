@@ -1,25 +1,28 @@
 //! Headless Chromium over WebDriver (Debian's `chromium` and
-//! `chromium-driver`) for the dashboard tests that need only the API
-//! server in this process, no stages (`dashboard_browser.rs`); the tests
-//! against a whole `stitch serve` are in stitch-cli's `tests/dashboard.rs`.
+//! `chromium-driver`) for the dashboard's browser tests: stitch-server's
+//! `dashboard_browser.rs` (the API server in its process) and stitch-cli's
+//! `dashboard.rs` (a whole `stitch serve`). Behind the `browser` feature, so
+//! only the crates with browser tests build the WebDriver client.
 //!
-//! Without `chromedriver` the tests skip with a notice, unless
-//! `STITCH_REQUIRE_BROWSER=1` (CI), where they fail.
-
-#![allow(dead_code)]
+//! Without `chromedriver` on `PATH`, [`browser`] answers `None` and the test
+//! skips with a notice, unless `STITCH_REQUIRE_BROWSER=1` (CI), where it
+//! fails.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
+/// The WebDriver client, for the tests' own page steps (one version, here).
+pub use fantoccini;
+
+use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-/// Longest wait for anything the page should show.
-pub const WAIT: Duration = Duration::from_secs(30);
+use crate::WAIT;
 
-/// A chromedriver child and a WebDriver session in headless Chromium.
+/// A chromedriver child and a WebDriver session in headless Chromium; the
+/// child is killed when this is dropped.
 pub struct Browser {
     pub client: Client,
     driver: Child,
@@ -58,7 +61,7 @@ pub async fn browser() -> Option<Browser> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .unwrap();
+        .expect("a free loopback port for chromedriver");
     let mut driver = Command::new(chromedriver)
         .arg(format!("--port={port}"))
         .stdout(Stdio::piped())
@@ -77,10 +80,11 @@ pub async fn browser() -> Option<Browser> {
         std::thread::spawn(move || lines.for_each(drop));
         ok
     });
-    assert!(
-        tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
-        "chromedriver did not start"
-    );
+    let started = tokio::time::timeout(WAIT, ready)
+        .await
+        .expect("chromedriver did not start in time")
+        .expect("reading chromedriver's output");
+    assert!(started, "chromedriver exited without starting");
     let mut options = json!({
         "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--window-size=1280,900", "--force-prefers-reduced-motion"]
@@ -99,8 +103,8 @@ pub async fn browser() -> Option<Browser> {
 }
 
 /// Waits (WebDriver's own wait, no sleeps) for an element the locator
-/// finds; on a timeout, fails with the page's text.
-pub async fn wait_for_locator(c: &Client, what: Locator<'_>) -> fantoccini::elements::Element {
+/// finds; after [`WAIT`], fails with the page's text.
+pub async fn wait_for_locator(c: &Client, what: Locator<'_>) -> Element {
     match c.wait().at_most(WAIT).for_element(what).await {
         Ok(e) => e,
         Err(e) => {
@@ -113,12 +117,15 @@ pub async fn wait_for_locator(c: &Client, what: Locator<'_>) -> fantoccini::elem
     }
 }
 
-pub async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
+/// [`wait_for_locator`] with a CSS selector.
+pub async fn wait_for(c: &Client, css: &str) -> Element {
     wait_for_locator(c, Locator::Css(css)).await
 }
 
 /// Opens `url` and waits until the page has drawn itself (`body[data-ready]`).
 pub async fn open(c: &Client, url: &str) {
-    c.goto(url).await.unwrap();
+    c.goto(url)
+        .await
+        .unwrap_or_else(|e| panic!("opening {url}: {e}"));
     wait_for(c, "body[data-ready]").await;
 }
