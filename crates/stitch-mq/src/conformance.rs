@@ -230,6 +230,8 @@ pub async fn dedup_horizon_is_bounded_by_retention(b: &dyn Backend) {
             .duplicates,
         1
     );
+    // The horizon is measured on the backend's clock (the SQL servers' own
+    // time), which no paused tokio clock reaches: let 200 ms really pass.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let report = q.admin().gc().await.unwrap();
     assert_eq!(report.messages, 1);
@@ -745,6 +747,8 @@ pub async fn subscribers_share_partitions(b: &dyn Backend) {
                 .map(|p| msg(&format!("{p}-{i:03}"), p))
                 .collect();
             publisher.publish_batch(T, batch).await.unwrap();
+            // Paces the producer so publishes interleave with claims (the case under
+            // test); nothing is waited for here.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
@@ -1041,6 +1045,8 @@ pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
         stats.leased, 1,
         "only the busy partition keeps a lease: {stats:?}"
     );
+    // The collector takes acks strictly older than `now - retention` (0 here)
+    // on the backend's clock: one real millisecond past the last ack.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let report = q.admin().gc().await.unwrap();
     assert_eq!(report.messages, 9);
@@ -1061,6 +1067,11 @@ pub async fn wake_ups_are_event_driven(b: &dyn Backend) {
     cfg.lease_renewal = Duration::from_secs(20);
     cfg.lease_duration = Duration::from_secs(60);
     let mut sub = subscribe(&q, cfg).await;
+    // Lets the subscriber finish its first (empty) claim and park on the
+    // wake-up channel, so the time below is the push's, not that claim's. No
+    // sync point reaches inside a SQL backend's listener; a late park lets
+    // the first claim find the message instead (the case then does not
+    // exercise the push, but cannot fail for it).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     q.publisher().publish(T, msg("m", "p")).await.unwrap();
@@ -1071,6 +1082,8 @@ pub async fn wake_ups_are_event_driven(b: &dyn Backend) {
         start.elapsed()
     );
     d.postpone(Duration::from_secs(3600)).await.unwrap();
+    // As above: the delivery's postpone lands and the subscriber parks
+    // before the wake is sent.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     q.admin().wake(T, "p").await.unwrap();
