@@ -27,6 +27,7 @@
 mod announce;
 mod error;
 mod group_commit;
+mod hour_counts;
 mod logic;
 pub mod model;
 mod mysql;

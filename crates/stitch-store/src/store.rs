@@ -439,7 +439,7 @@ impl Store {
     ) -> Result<Vec<FinishedHour>> {
         let since_ms = since.timestamp_millis();
         let until_ms = until.map_or(i64::MAX, |u| u.timestamp_millis());
-        with_read_ops!(self, |ops| crate::overview::finished_hours(
+        with_read_ops!(self, |ops| crate::hour_counts::finished_hours(
             ops, since_ms, until_ms
         )
         .await)
