@@ -575,17 +575,7 @@ async fn promised_failure_appends_one_failing_event(db: TestDb) {
 }
 
 async fn builds_not_terminal_lists_open_builds_oldest_first(db: TestDb) {
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(
-            db.store
-                .create_build(new_build("app"))
-                .await
-                .unwrap()
-                .into_build()
-                .id,
-        );
-    }
+    let ids = db.create_builds(4).await;
     let none = Metadata::new();
     db.store
         .record_status(&ids[0], None, BuildStatus::Running, &none, None)

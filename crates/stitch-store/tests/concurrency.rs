@@ -55,24 +55,6 @@ async fn write_events(store: Store, writer: usize) -> u64 {
     committed
 }
 
-/// Two builds created on `db`'s own store, in this order.
-async fn two_builds(db: &TestDb) -> (stitch_core::BuildId, stitch_core::BuildId) {
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        ids.push(
-            db.store
-                .create_build(new_build("app"))
-                .await
-                .unwrap()
-                .into_build()
-                .id,
-        );
-    }
-    let b = ids.pop().unwrap();
-    let a = ids.pop().unwrap();
-    (a, b)
-}
-
 /// Writers on separate handles commit events while a reader follows the log
 /// with `events_after` from the last seq it saw: the reader sees every seq
 /// exactly once, in order, with no gap at any moment, and the final log is
@@ -176,7 +158,7 @@ async fn an_open_transaction_does_not_hold_up_writers_of_other_builds(db: TestDb
     if db.kind() == BackendKind::Sqlite {
         return;
     }
-    let (a, b) = two_builds(&db).await;
+    let [a, b]: [_; 2] = db.create_builds(2).await.try_into().unwrap();
     let other = db.another_store("other").await;
 
     let mut tx = db.store.begin().await.unwrap();
@@ -219,7 +201,7 @@ async fn an_open_transaction_does_not_hold_up_writers_of_other_builds(db: TestDb
 /// many times over: batches run their jobs in build order, so they never
 /// deadlock (a deadlock would fail a write with a retryable error).
 async fn crossing_writes_of_two_handles_never_deadlock(db: TestDb) {
-    let (a, b) = two_builds(&db).await;
+    let [a, b]: [_; 2] = db.create_builds(2).await.try_into().unwrap();
     let other = db.another_store("other").await;
     let mut tasks = Vec::new();
     for round in 0..40 {
@@ -261,7 +243,7 @@ async fn a_write_does_not_wait_for_a_batch_in_progress(db: TestDb) {
     if db.kind() == BackendKind::Sqlite {
         return;
     }
-    let (a, b) = two_builds(&db).await;
+    let [a, b]: [_; 2] = db.create_builds(2).await.try_into().unwrap();
     let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
     let (release, released) = std::sync::mpsc::channel::<()>();
     let first = {

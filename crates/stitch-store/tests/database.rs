@@ -194,17 +194,7 @@ async fn foreign_statements_share_the_transaction(db: TestDb) {
 }
 
 async fn events_after_resumes_and_limits(db: TestDb) {
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(
-            db.store
-                .create_build(new_build("app"))
-                .await
-                .unwrap()
-                .into_build()
-                .id,
-        );
-    }
+    let ids = db.create_builds(3).await;
     for id in &ids {
         db.store
             .record_status(id, None, BuildStatus::Running, &Metadata::new(), None)

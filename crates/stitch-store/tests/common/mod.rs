@@ -39,6 +39,23 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// `n` builds of queue `app` created on this database's own store,
+    /// their ids in creation order.
+    pub async fn create_builds(&self, n: usize) -> Vec<BuildId> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(
+                self.store
+                    .create_build(new_build("app"))
+                    .await
+                    .unwrap()
+                    .into_build()
+                    .id,
+            );
+        }
+        ids
+    }
+
     /// Which backend this test runs on.
     pub fn kind(&self) -> BackendKind {
         self.store.backend()
