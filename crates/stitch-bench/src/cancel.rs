@@ -43,6 +43,7 @@ use stitch_fake_providers::buildkite::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::pg_statements::Statements;
 use crate::provider::print_latency;
 use crate::scratch_db::{Backend, Scratch};
 use crate::serve_child::{migrate, stitch_binary, ServeChild};
@@ -276,6 +277,10 @@ async fn run_on(
         })
         .collect();
     let database = backend.server_processes();
+    let statements = match backend {
+        Backend::Postgres(url) => Statements::open(url).await,
+        _ => None,
+    };
     println!("\n######## {setup}");
     let phases = [
         PhaseSpec {
@@ -302,6 +307,7 @@ async fn run_on(
             servers: &servers,
             feed: &feed,
             database: database.as_ref(),
+            statements: statements.as_ref(),
         };
         if let Err(e) = run_phase(&ctx, spec, rng).await {
             result = Err(e);
@@ -481,6 +487,8 @@ struct PhaseCtx<'a> {
     servers: &'a [ServeChild],
     feed: &'a Feed,
     database: Option<&'a NamedProcesses>,
+    /// The database server's statement counters, where it has them.
+    statements: Option<&'a Statements>,
 }
 
 /// What happened to one build on the client side.
@@ -533,6 +541,9 @@ async fn run_phase(ctx: &PhaseCtx<'_>, spec: &PhaseSpec, rng: &mut StdRng) -> an
         .into_iter()
         .map(|cancel| (cancel, Duration::from_micros(rng.gen_range(0..=within_us))))
         .collect();
+    if let Some(st) = ctx.statements {
+        st.reset().await?;
+    }
     let stats_before = ctx.fake.stats();
     let before = Usage::now(ctx);
     let started = Instant::now();
@@ -566,6 +577,10 @@ async fn run_phase(ctx: &PhaseCtx<'_>, spec: &PhaseSpec, rng: &mut StdRng) -> an
     for t in tasks {
         outcomes.push(t.await?);
     }
+    // The load's own window (creates and cancels sent, every answer in):
+    // the phase's averages below also cover the builds' quiet run after it,
+    // which hides how busy the machine was while requests came in.
+    let busy = Usage::now(ctx);
     // The creates' own span (the last answer), not the cancels after them.
     let creates_done = outcomes
         .iter()
@@ -599,11 +614,14 @@ async fn run_phase(ctx: &PhaseCtx<'_>, spec: &PhaseSpec, rng: &mut StdRng) -> an
         &outcomes,
         creates_done,
         wall,
-        &before,
-        &after,
+        [&before, &busy, &after],
         &stats_before,
         &stats_after,
-    )
+    )?;
+    if let Some(st) = ctx.statements {
+        st.print_top(15).await?;
+    }
+    Ok(())
 }
 
 async fn one_build(
@@ -674,18 +692,24 @@ fn report(
     outcomes: &[Outcome],
     creates_done: Duration,
     wall: Duration,
-    before: &Usage,
-    after: &Usage,
+    [before, busy, after]: [&Usage; 3],
     stats_before: &FakeStats,
     stats_after: &FakeStats,
 ) -> anyhow::Result<()> {
     let cancel_times = ctx.fake.cancel_times();
     let created_times = ctx.fake.created_times();
+    let read_times = ctx.fake.read_times();
     let mut to_trigger = Vec::new();
     let (mut lost_status, mut lost_provider, mut lost_unfinished) = (0, 0, 0);
     let (mut before_trigger, mut refused, mut accepted) = (0, 0, 0);
     let (mut plain_wrong, mut plain_unfinished) = (0, 0);
     let mut to_provider = Vec::new();
+    // The cancel's path split at the status read the signal stage made
+    // just before its cancel call: the request's own answer, answer →
+    // that read (wake, the owning node's claim, the stage's store read),
+    // read → cancel call (status answer, the stage's decision).
+    let mut answered_to_read = Vec::new();
+    let mut read_to_cancel = Vec::new();
     let mut to_cancelled_event = Vec::new();
     let mut webhook_to_seen = Vec::new();
     let mut webhook_to_at = Vec::new();
@@ -752,6 +776,14 @@ fn report(
         }
         if let Some(at) = cancel_times.get(id) {
             to_provider.push(at.saturating_duration_since(sent).as_micros() as u64);
+            let read = read_times
+                .get(id)
+                .and_then(|reads| reads.iter().rev().find(|r| *r <= at));
+            if let Some(read) = read {
+                let answered = sent + Duration::from_micros(o.cancel_micros);
+                answered_to_read.push(read.saturating_duration_since(answered).as_micros() as u64);
+                read_to_cancel.push(at.saturating_duration_since(*read).as_micros() as u64);
+            }
         }
         if let Some(s) = seen.filter(|s| s.cancelled) {
             to_cancelled_event.push(micros_since(s.seen, sent_wall));
@@ -808,6 +840,12 @@ fn report(
         "cancel request → provider cancel call, ms (target p99 ≤ 100)",
         &to_provider,
     )?;
+    latency("  of which: cancel request answered, ms", &cancel_lat)?;
+    latency(
+        "  of which: answered → the stage's status read (wake, claim), ms",
+        &answered_to_read,
+    )?;
+    latency("  of which: status read → cancel call, ms", &read_to_cancel)?;
     latency(
         "cancel request → `cancelled` event seen (SSE), ms",
         &to_cancelled_event,
@@ -825,7 +863,6 @@ fn report(
         "create answered → provider create call (trigger), ms",
         &to_trigger,
     )?;
-    latency("cancel answered, ms", &cancel_lat)?;
     let n = built.max(1) as f64;
     let mut calls: BTreeMap<&str, u64> = BTreeMap::new();
     for (k, v) in &stats_after.requests {
@@ -852,7 +889,20 @@ fn report(
             stats_after.webhooks_refused - stats_before.webhooks_refused
         ),
     );
+    for (window, from, to) in [
+        ("load (first create to last cancel answered)", before, busy),
+        ("phase (to every terminal event)", before, after),
+    ] {
+        print_usage(ctx, window, from, to);
+    }
+    Ok(())
+}
+
+/// CPU of every process between two snapshots, and memory now.
+fn print_usage(ctx: &PhaseCtx<'_>, window: &str, before: &Usage, after: &Usage) {
+    let line = |label: &str, value: String| println!("{label:<72} {value}");
     let secs = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
+    println!("CPU over the {window}, {secs:.1} s:");
     for (i, s) in ctx.servers.iter().enumerate() {
         let cpu = match (before.nodes[i], after.nodes[i]) {
             (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64(),
@@ -860,21 +910,23 @@ fn report(
         };
         let (rss, peak) = pid_rss_mib(s.pid).unwrap_or((f64::NAN, f64::NAN));
         line(
-            &format!("stitch serve node-{i}: CPU s (cores), RSS now / peak MiB"),
+            &format!("  stitch serve node-{i}: CPU s (cores), RSS now / peak MiB"),
             format!("{cpu:.1} ({:.2}), {rss:.1} / {peak:.1}", cpu / secs),
         );
     }
     if let (Some(db), Some(a), Some(b)) = (ctx.database, &before.database, &after.database) {
         let cpu = b.since(a).as_secs_f64();
         line(
-            &format!("database server ({}): CPU s (cores), memory MiB", db.name()),
+            &format!(
+                "  database server ({}): CPU s (cores), memory MiB",
+                db.name()
+            ),
             format!("{cpu:.1} ({:.2}), {:.0}", cpu / secs, db.memory_mib()),
         );
     }
     let bench = after.bench.saturating_sub(before.bench).as_secs_f64();
     line(
-        "this program (load + fake Buildkite): CPU s (cores)",
+        "  this program (load + fake Buildkite): CPU s (cores)",
         format!("{bench:.1} ({:.2})", bench / secs),
     );
-    Ok(())
 }

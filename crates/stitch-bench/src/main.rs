@@ -14,6 +14,7 @@ mod github;
 mod gitlab;
 mod jenkins;
 mod mq;
+mod pg_statements;
 mod plain_writes;
 mod promise;
 mod provider;

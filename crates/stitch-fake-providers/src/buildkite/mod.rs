@@ -432,6 +432,18 @@ impl FakeBuildkite {
             .collect()
     }
 
+    /// When each `GET` of each stitch-stamped build arrived, in order (the
+    /// fake's clock, like [`cancel_times`](Self::cancel_times)), by stitch
+    /// build id.
+    pub fn read_times(&self) -> HashMap<String, Vec<Instant>> {
+        self.shared
+            .lock()
+            .world
+            .all_builds()
+            .filter_map(|b| Some((b.meta_data.get("stitch:build_id")?.clone(), b.reads.clone())))
+            .collect()
+    }
+
     /// When each stitch-stamped build was created (its create request
     /// arrived; the fake's clock, like [`cancel_times`](Self::cancel_times)),
     /// by stitch build id.
@@ -742,11 +754,12 @@ async fn get_build(
         Ok(x) => x,
         Err(resp) => return resp,
     };
+    let arrived = Instant::now();
     let found = number.parse().ok().and_then(|n| {
-        s.lock()
-            .world
-            .build_mut(&org, &pipeline, n)
-            .map(|b| b.json(&s.base, true))
+        s.lock().world.build_mut(&org, &pipeline, n).map(|b| {
+            b.reads.push(arrived);
+            b.json(&s.base, true)
+        })
     });
     match found {
         Some(json) => after.finish(rl, json_response(StatusCode::OK, &json)).await,

@@ -74,6 +74,9 @@ pub struct FakeBuild {
     pub plan: Plan,
     pub born: Instant,
     pub cancel_at: Option<Instant>,
+    /// When each `GET` of this build arrived (benchmarks split a cancel's
+    /// latency at the status read that led to it).
+    pub reads: Vec<Instant>,
     pub branch: String,
     pub commit: String,
     pub message: String,
@@ -390,6 +393,7 @@ impl World {
             plan,
             born: now,
             cancel_at: None,
+            reads: Vec::new(),
             branch: body.branch.clone(),
             commit: body.commit.clone(),
             message: body.message.clone(),
