@@ -10,7 +10,7 @@ use stitch_fake_providers::buildkite::{
     sign, Endpoint, FakeBuildkite, FakeOptions, FaultControl, Pause, Timing, WebhookAuth,
     WebhookTarget,
 };
-use support::provider::{provider_suite, Provider, Setup, Step, Storms};
+use support::provider::{provider_suite, Provider, Setup, Step, Storms, SETTLE};
 use support::queue::{expected, heads, Batch, QueueConfig};
 use support::serve::Serve;
 
@@ -354,13 +354,16 @@ impl Provider for Buildkite {
         self.fake.webhook_delivered(id, "build.finished").await;
     }
 
-    fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
+    async fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
         // Buildkite's `canceling` already maps to cancelled; the fake moves
         // on to `canceled` 50 ms later.
-        let state = self.fake.build_json(id).unwrap()["state"].clone();
         if settled {
-            assert_eq!(state, "canceled");
+            let settled = self.fake.build_until(id, |b| b["state"] == "canceled");
+            tokio::time::timeout(SETTLE, settled)
+                .await
+                .expect("the provider's cancelled build settles");
         } else {
+            let state = self.fake.build_json(id).unwrap()["state"].clone();
             assert!(state == "canceling" || state == "canceled", "{state}");
         }
     }

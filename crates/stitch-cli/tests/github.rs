@@ -396,7 +396,7 @@ impl Provider for Github {
         self.fake.webhook_delivered(id, "completed").await;
     }
 
-    fn assert_cancelled_at_provider(&self, id: &str, _settled: bool) {
+    async fn assert_cancelled_at_provider(&self, id: &str, _settled: bool) {
         // The fake completes a run as cancelled when asked: always settled.
         assert!(
             self.fake

@@ -10,7 +10,7 @@ use std::time::Duration;
 use stitch_fake_providers::gitlab::{
     Endpoint, FakeGitlab, FakeOptions, FaultControl, Pause, Timing, WebhookTarget,
 };
-use support::provider::{provider_suite, Provider, Setup, Step, Storms};
+use support::provider::{provider_suite, Provider, Setup, Step, Storms, SETTLE};
 use support::queue::{heads, Batch, QueueConfig};
 use support::serve::Serve;
 
@@ -266,13 +266,16 @@ impl Provider for Gitlab {
         self.fake.webhook_delivered(id, "success").await;
     }
 
-    fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
+    async fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
         // `canceling` already maps to cancelled; the fake moves on to
         // `canceled` 50 ms later.
-        let status = self.fake.pipeline_json(id).unwrap()["status"].clone();
         if settled {
-            assert_eq!(status, "canceled");
+            let settled = self.fake.pipeline_until(id, |b| b["status"] == "canceled");
+            tokio::time::timeout(SETTLE, settled)
+                .await
+                .expect("the provider's cancelled build settles");
         } else {
+            let status = self.fake.pipeline_json(id).unwrap()["status"].clone();
             assert!(status == "canceling" || status == "canceled", "{status}");
         }
     }

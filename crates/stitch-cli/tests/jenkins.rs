@@ -11,7 +11,7 @@ use std::time::Duration;
 use stitch_fake_providers::jenkins::{
     Endpoint, FakeJenkins, FakeOptions, Fault, FaultControl, Pause, Timing,
 };
-use support::provider::{provider_suite, Provider, Setup, Step, Storms};
+use support::provider::{provider_suite, Provider, Setup, Step, Storms, SETTLE};
 use support::queue::{heads, Batch, QueueConfig};
 use support::serve::Serve;
 
@@ -153,13 +153,16 @@ impl Provider for Jenkins {
         )
     }
 
-    fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
+    async fn assert_cancelled_at_provider(&self, id: &str, settled: bool) {
         // Cancelled in the queue (never built), or a stopped build:
         // `ABORTED` once settled, still building for a moment before.
         match self.fake.build_json(id) {
             Some(build) => {
                 if settled {
-                    assert_eq!(build["result"], "ABORTED", "{build}");
+                    let settled = self.fake.build_until(id, |b| b["result"] == "ABORTED");
+                    tokio::time::timeout(SETTLE, settled)
+                        .await
+                        .expect("the provider's stopped build settles as ABORTED");
                 } else {
                     assert!(
                         build["result"] == "ABORTED" || build["building"] == true,

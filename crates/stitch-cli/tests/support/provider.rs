@@ -109,8 +109,10 @@ pub trait Provider: Sized {
     async fn finished_webhook_delivered(&self, id: &str);
 
     /// Asserts the provider itself was asked to cancel the build and did;
-    /// `settled`: its own state is final too (not still cancelling).
-    fn assert_cancelled_at_provider(&self, id: &str, settled: bool);
+    /// `settled`: its own state also becomes final (not still cancelling) —
+    /// waited for on the fake's own moves, since stitch may record the
+    /// cancel while the provider still says it is cancelling.
+    async fn assert_cancelled_at_provider(&self, id: &str, settled: bool);
 
     /// Asserts what the provider left in a finished build's record
     /// (metadata, the build's page).
@@ -120,6 +122,11 @@ pub trait Provider: Sized {
     /// SSE), beyond its two steps.
     fn assert_finished_log(&self, text: &str);
 }
+
+/// How long a provider's cancelled build may take to settle once stitch
+/// recorded the cancel (the fakes take 50 ms; the bound is for a loaded
+/// machine).
+pub const SETTLE: Duration = Duration::from_secs(30);
 
 async fn cancel(http: &reqwest::Client, s: &Serve, id: &str) {
     assert_eq!(s.cancel(http, id).await, 202, "cancel {id}");
@@ -162,7 +169,7 @@ pub async fn cancel_around<P: Provider>(step: Step, at: CancelAt, head: &str) {
         }
     }
     ends_as(&http, s, &id, "cancelled").await;
-    p.assert_cancelled_at_provider(&id, false);
+    p.assert_cancelled_at_provider(&id, false).await;
 }
 
 /// A build whose request for `step` is held while it passes at the
@@ -210,7 +217,7 @@ pub async fn cancel_running_and_finished_builds_and_stream_logs<P: Provider>() {
         done[&short], "succeeded",
         "cancelling a finished build changes nothing"
     );
-    p.assert_cancelled_at_provider(&long, true);
+    p.assert_cancelled_at_provider(&long, true).await;
     p.assert_finished_record(&s.get(&http, &short).await);
 
     let text = s.logs_text(&http, &short).await;
