@@ -3,9 +3,8 @@
 //! and all of them are answered after that transaction commits.
 //!
 //! Every transaction pays for `BEGIN`, the event counter (SQLite's write
-//! lock; on PostgreSQL/MySQL the `event_seq` row, taken as the batch's last
-//! statements, ADR 0016) and a commit; sharing them pays those once per
-//! batch. A job's failure rolls back its savepoint only, so it is reported
+//! lock; on PostgreSQL/MySQL a sequencing pass after the commit, ADR 0020)
+//! and a commit; sharing them pays those once per batch. A job's failure rolls back its savepoint only, so it is reported
 //! to its caller alone.
 //!
 //! Jobs are synchronous closures over [`StoreWrite`]. On SQLite the
@@ -27,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::announce::{Announcer, Committed};
 use crate::error::{Result, StoreError};
 use crate::mysql;
+use crate::sequencer::Sequencer;
 use crate::sqlite::SqliteWriteTx;
 use crate::write::StoreWrite;
 use sqlx::sqlite::SqlitePool;
@@ -153,14 +153,21 @@ impl GroupCommitter {
     /// its own thread with its own runtime and connection to `server`,
     /// taking batches from one queue. The threads end when the last handle
     /// drops.
-    pub(crate) fn start_server(server: ServerTarget, announcer: Announcer) -> Result<Self> {
+    /// A batch that appended events is answered once `sequencer` has
+    /// numbered them (ADR 0020).
+    pub(crate) fn start_server(
+        server: ServerTarget,
+        announcer: Announcer,
+        sequencer: Option<Sequencer>,
+    ) -> Result<Self> {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for n in 0..SERVER_COMMITTERS {
             let (rx, server, announcer) = (rx.clone(), server.clone(), announcer.clone());
+            let sequencer = sequencer.clone();
             std::thread::Builder::new()
                 .name(format!("stitch-store-committer-{n}"))
-                .spawn(move || run_server(&rx, &server, &announcer))
+                .spawn(move || run_server(&rx, &server, &announcer, sequencer.as_ref()))
                 .map_err(|e| {
                     StoreError::Internal(format!("cannot start the store's write committer: {e}"))
                 })?;
@@ -327,7 +334,12 @@ type SharedJobs = std::sync::Mutex<mpsc::Receiver<Box<dyn Job>>>;
 /// (up to [`MAX_BATCH`]), runs them in one transaction and answers them.
 /// The committers take turns at the queue: the one holding it waits for the
 /// next job and leaves with everything waiting behind that job.
-fn run_server(rx: &SharedJobs, server: &ServerTarget, announcer: &Announcer) {
+fn run_server(
+    rx: &SharedJobs,
+    server: &ServerTarget,
+    announcer: &Announcer,
+    sequencer: Option<&Sequencer>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -351,10 +363,29 @@ fn run_server(rx: &SharedJobs, server: &ServerTarget, announcer: &Announcer) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while take_batch(rx, &mut batch) {
         let failure = match commit_server_batch(&rt, server, &mut conn, &mut batch) {
-            Ok(committed) => {
-                announcer.announce(&committed);
-                None
-            }
+            Ok(committed) => match sequencer {
+                Some(sequencer) if committed.events => {
+                    // Publishes wake the queue now; the jobs are answered,
+                    // and the events announced, once the events are in the
+                    // log. This thread goes on to the next batch meanwhile.
+                    announcer.announce(&Committed {
+                        published: committed.published,
+                        events: false,
+                    });
+                    metrics_batch(batch.len());
+                    let jobs: Vec<Box<dyn Job>> = batch.drain(..).collect();
+                    sequencer.after_next_pass(Box::new(move || {
+                        for job in jobs {
+                            job.finish(None);
+                        }
+                    }));
+                    continue;
+                }
+                _ => {
+                    announcer.announce(&committed);
+                    None
+                }
+            },
             Err(failure) => Some(failure),
         };
         metrics_batch(batch.len());

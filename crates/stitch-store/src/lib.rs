@@ -37,6 +37,7 @@ mod pool;
 mod postgres;
 mod retention;
 mod rows;
+mod sequencer;
 mod server;
 mod sqlite;
 mod store;

@@ -248,24 +248,14 @@ pub(crate) async fn request_cancel<O: Ops>(ops: &mut O, id: &BuildId) -> Result<
     })
 }
 
-/// Appends a transaction's events as its last statements before `COMMIT`:
-/// takes the database-wide event counter (the `event_seq` row; SQLite's
-/// write lock is held anyway), numbers the events in order and inserts them.
-/// Holding the counter from here to the commit keeps seqs gapless and in
-/// commit order, and because nothing is locked after it, its holder never
-/// waits on another writer (ADR 0016).
+/// Appends a transaction's events as its last statements before `COMMIT`
+/// ([`Ops::append_events`]: numbered now on SQLite, by the sequencing pass
+/// after the commit on PostgreSQL/MySQL).
 pub(crate) async fn append_events<O: Ops>(ops: &mut O, staged: Vec<NewEvent>) -> Result<()> {
     if staged.is_empty() {
         return Ok(());
     }
-    let count = u64::try_from(staged.len())
-        .map_err(|_| StoreError::InvalidInput("too many events in one transaction".into()))?;
-    let first = ops.allocate_event_seqs(count).await?;
-    let events: Vec<_> = (first..)
-        .zip(staged)
-        .map(|(seq, event)| event.with_seq(seq))
-        .collect();
-    ops.insert_events(&events).await
+    ops.append_events(staged).await
 }
 
 pub(crate) async fn append_log_lines<O: Ops>(

@@ -7,8 +7,8 @@
 //! Connections run at READ COMMITTED (the queue's `pool_options` set it;
 //! the group committer's own connection sets it itself), so every statement
 //! reads the latest commits and InnoDB takes no gap locks for our reads.
-//! Events take their seqs from the `event_seq` row as a transaction's last
-//! statements, as on PostgreSQL (ADR 0009, ADR 0016).
+//! Events wait in `event_pending` for the sequencing pass to number them,
+//! as on PostgreSQL (ADR 0009, ADR 0016, ADR 0020).
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlRow};
 use sqlx::MySqlConnection;
@@ -16,7 +16,7 @@ use sqlx::MySqlConnection;
 use crate::error::Result;
 use crate::model::Event;
 use crate::rows::{millis, to_i64, to_json, ReadRow};
-use crate::server::{bind, Arg, Dialect, ServerOps};
+use crate::server::{bind, Arg, Dialect, EventTable, ServerOps};
 
 /// ER_DUP_ENTRY: a unique key already holds the value.
 const DUPLICATE_KEY: u16 = 1062;
@@ -113,20 +113,33 @@ impl Dialect for MySql {
         rows.first().map(|row| row.int(column)).transpose()
     }
 
-    async fn insert_events(conn: &mut MySqlConnection, events: &[Event]) -> Result<()> {
+    async fn insert_events(
+        conn: &mut MySqlConnection,
+        into: EventTable,
+        events: &[Event],
+    ) -> Result<()> {
         // Multi-row inserts. Chunks keep a statement well under MySQL's
-        // 65,535 placeholders.
+        // 65,535 placeholders. A multi-row insert takes its auto-increment
+        // ids in row order, so pending ids follow the events' order.
+        let head = match into {
+            EventTable::Log => {
+                "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) "
+            }
+            EventTable::Pending => {
+                "INSERT INTO event_pending (build_id, queue, kind, status, metadata, at) "
+            }
+        };
         for chunk in events.chunks(1000) {
-            let mut insert = sqlx::QueryBuilder::new(
-                "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) ",
-            );
+            let mut insert = sqlx::QueryBuilder::new(head);
             let mut rows = Vec::with_capacity(chunk.len());
             for e in chunk {
                 rows.push((to_i64(e.seq, "event seq")?, to_json(&e.metadata)?, e));
             }
             insert.push_values(rows, |mut row, (seq, metadata, e)| {
-                row.push_bind(seq)
-                    .push_bind(e.build_id.as_str())
+                if into == EventTable::Log {
+                    row.push_bind(seq);
+                }
+                row.push_bind(e.build_id.as_str())
                     .push_bind(e.queue.as_str())
                     .push_bind(e.kind.as_str())
                     .push_bind(e.status.as_str())

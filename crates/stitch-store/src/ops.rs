@@ -9,7 +9,9 @@
 use stitch_core::BuildId;
 
 use crate::error::Result;
-use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
+use crate::model::{
+    Build, BuildFilter, Event, FinishedBuild, NewEvent, OpenBuildCount, StoredLogLine,
+};
 use crate::rows::HourCountRow;
 
 /// Primitive reads and writes of one backend, on one connection.
@@ -34,13 +36,12 @@ pub(crate) trait Ops {
     /// the stored version is `expected_version`; `Ok(false)` when no row matched.
     async fn update_build(&mut self, build: &Build, expected_version: i64) -> Result<bool>;
 
-    /// Allocates `count` consecutive event sequence numbers and returns the
-    /// first. Locks the database-wide counter until commit (PostgreSQL/MySQL:
-    /// the `event_seq` row), so call it last, right before `COMMIT`.
-    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64>;
-
-    /// Inserts events whose seqs came from [`Ops::allocate_event_seqs`], in order.
-    async fn insert_events(&mut self, events: &[Event]) -> Result<()>;
+    /// Appends a transaction's events, as its last statements before
+    /// `COMMIT`. SQLite, whose write lock is held anyway, takes the event
+    /// counter, numbers the events in order and inserts them: the counter
+    /// held to the commit keeps seqs gapless and in commit order (ADR 0016).
+    /// The server backends leave them for the sequencing pass (ADR 0020).
+    async fn append_events(&mut self, staged: Vec<NewEvent>) -> Result<()>;
 
     /// Reserves `count` log line numbers for a build and returns the last one
     /// reserved (the first is `last - count + 1`); `None` for an unknown build.

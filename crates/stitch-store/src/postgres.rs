@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use crate::error::Result;
 use crate::model::Event;
 use crate::rows::{millis, to_i64, to_json};
-use crate::server::{bind, Arg, Dialect, ServerOps};
+use crate::server::{bind, Arg, Dialect, EventTable, ServerOps};
 
 /// Connections of a pool opened from a URL.
 const POOL_SIZE: u32 = 10;
@@ -115,7 +115,11 @@ impl Dialect for Postgres {
         Ok(row.map(|row| sqlx::Row::try_get(&row, 0)).transpose()?)
     }
 
-    async fn insert_events(conn: &mut PgConnection, events: &[Event]) -> Result<()> {
+    async fn insert_events(
+        conn: &mut PgConnection,
+        into: EventTable,
+        events: &[Event],
+    ) -> Result<()> {
         // One statement for the whole batch, its columns as arrays.
         let mut seqs = Vec::with_capacity(events.len());
         let mut builds = Vec::with_capacity(events.len());
@@ -133,20 +137,30 @@ impl Dialect for Postgres {
             metadata.push(to_json(&e.metadata)?);
             ats.push(millis(e.at));
         }
-        sqlx::query(
-            "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], \
-                                  $5::text[], $6::text[], $7::bigint[])",
-        )
-        .bind(seqs)
-        .bind(builds)
-        .bind(queues)
-        .bind(kinds)
-        .bind(statuses)
-        .bind(metadata)
-        .bind(ats)
-        .execute(conn)
-        .await?;
+        let query = match into {
+            EventTable::Log => sqlx::query(
+                "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], \
+                                      $5::text[], $6::text[], $7::bigint[])",
+            )
+            .bind(seqs),
+            // `WITH ORDINALITY`: the ids follow the events' order.
+            EventTable::Pending => sqlx::query(
+                "INSERT INTO event_pending (build_id, queue, kind, status, metadata, at) \
+                 SELECT b, q, k, s, m, a FROM unnest($1::text[], $2::text[], $3::text[], \
+                                      $4::text[], $5::text[], $6::bigint[]) \
+                 WITH ORDINALITY AS u(b, q, k, s, m, a, n) ORDER BY n",
+            ),
+        };
+        query
+            .bind(builds)
+            .bind(queues)
+            .bind(kinds)
+            .bind(statuses)
+            .bind(metadata)
+            .bind(ats)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

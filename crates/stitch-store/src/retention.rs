@@ -384,6 +384,22 @@ impl Store {
             &[Arg::Int(last_event)],
         )
         .await?;
+        // On the servers a build's last events may still wait for the
+        // sequencing pass (ADR 0020): lock the builds first, so that no
+        // writer adds pending events and no pass moves them into the log
+        // while they are checked and deleted (both need the build row).
+        let pending = if self.backend() == BackendKind::Sqlite {
+            ""
+        } else {
+            tx_texts(
+                &mut tx,
+                "id",
+                &format!("SELECT id FROM builds WHERE id IN ({in_ids}) ORDER BY id FOR UPDATE"),
+                &id_args,
+            )
+            .await?;
+            " AND NOT EXISTS (SELECT 1 FROM event_pending p WHERE p.build_id = builds.id)"
+        };
         let mut args = id_args.clone();
         args.push(Arg::Int(finished_before));
         let doomed = tx_texts(
@@ -391,7 +407,7 @@ impl Store {
             "id",
             &format!(
                 "SELECT id FROM builds WHERE id IN ({in_ids}) AND {TERMINAL_FINISHED_BEFORE} \
-                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.build_id = builds.id)"
+                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.build_id = builds.id){pending}"
             ),
             &args,
         )

@@ -8,10 +8,12 @@
 //! type bounds and the pools stay typed.
 //!
 //! Several stitch processes may write one database. Store writers lock the
-//! rows they change and run side by side; a transaction's events take their
-//! seqs from the one-row `event_seq` table as its last statements, and that
-//! row stays locked until commit, which keeps seqs gapless and in commit
-//! order (ADR 0009, ADR 0016).
+//! rows they change and run side by side; a transaction's events go to
+//! `event_pending` without a seq, and a sequencing pass
+//! ([`ServerOps::sequence_pending`]) numbers the committed ones under the
+//! one-row `event_seq` table, which keeps seqs gapless and in the order the
+//! events became visible without making every writer wait for that row
+//! (ADR 0009, ADR 0016, ADR 0020).
 
 use std::marker::PhantomData;
 
@@ -21,13 +23,15 @@ use sqlx::{Database, Encode, Type};
 use stitch_core::BuildId;
 
 use crate::error::Result;
-use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
+use crate::model::{
+    Build, BuildFilter, Event, FinishedBuild, NewEvent, OpenBuildCount, StoredLogLine,
+};
 use crate::ops::Ops;
 use crate::rows::{
-    after_i64, build_from_row, builds_from_rows, events_from_rows, finished_by_event_from_row,
-    finished_counts_sql, finished_from_row, hour_count_from_row, millis, open_count_from_row,
-    open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64, HourCountRow, ReadRow,
-    BUILD_COLUMNS, EVENT_COLUMNS, FINISHED_BY_EVENTS_SQL, NTH_RUN_TIME_SQL,
+    after_i64, build_from_row, builds_from_rows, event_from_row, events_from_rows,
+    finished_by_event_from_row, finished_counts_sql, finished_from_row, hour_count_from_row,
+    millis, open_count_from_row, open_counts_sql, open_statuses_sql, to_i64, to_json, to_u64,
+    HourCountRow, ReadRow, BUILD_COLUMNS, EVENT_COLUMNS, FINISHED_BY_EVENTS_SQL, NTH_RUN_TIME_SQL,
 };
 
 /// A bind value of a statement written with `?` placeholders.
@@ -109,10 +113,25 @@ pub(crate) trait Dialect {
         id: Arg<'_>,
     ) -> Result<Option<i64>>;
 
-    /// Inserts events (seqs already allocated) as few statements as the
-    /// server allows: they run while the event counter is held.
-    async fn insert_events(conn: &mut Self::Conn, events: &[Event]) -> Result<()>;
+    /// Inserts events as few statements as the server allows: into the log
+    /// with their seqs (the sequencing pass, holding the event counter), or
+    /// into `event_pending` without them (a writer; the table numbers them
+    /// in insertion order).
+    async fn insert_events(conn: &mut Self::Conn, into: EventTable, events: &[Event])
+        -> Result<()>;
 }
+
+/// Where [`Dialect::insert_events`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventTable {
+    /// `events`, seqs given.
+    Log,
+    /// `event_pending`, seqs ignored (the pass gives them).
+    Pending,
+}
+
+/// Most pending events one statement of a sequencing pass moves.
+const SEQUENCE_CHUNK: usize = 1000;
 
 /// [`Ops`] on one connection of a server backend (pooled, or inside a
 /// transaction).
@@ -144,6 +163,99 @@ impl<'c, D: Dialect> ServerOps<'c, D> {
     async fn one_build(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Option<Build>> {
         let row = self.fetch_optional(sql, args).await?;
         row.as_ref().map(build_from_row).transpose()
+    }
+}
+
+impl<D: Dialect> ServerOps<'_, D> {
+    /// Whether any events wait in `event_pending` (a read, no lock).
+    pub(crate) async fn any_pending(&mut self) -> Result<bool> {
+        Ok(!self
+            .fetch_all("SELECT id FROM event_pending LIMIT 1", &[])
+            .await?
+            .is_empty())
+    }
+
+    /// A sequencing pass, inside a transaction the caller opened and
+    /// commits: takes the `event_seq` row (waiting for another process's
+    /// pass), then moves every committed pending event into the log with
+    /// the next seqs, oldest `id` first; events of builds that are gone
+    /// (pruned meanwhile) are dropped. Returns how many it moved. Statements
+    /// after the lock each read what is committed by then (READ COMMITTED on
+    /// both servers), so a pass that took the lock after a writer committed
+    /// moves that writer's events, unless an earlier pass did.
+    pub(crate) async fn sequence_pending(&mut self) -> Result<u64> {
+        let next = self
+            .fetch_optional(
+                "SELECT next_seq FROM event_seq WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await?
+            .ok_or_else(|| crate::error::StoreError::corrupt("event_seq", "the row is missing"))?
+            .int("next_seq")?;
+        let mut next = to_u64(next, "event_seq.next_seq")?;
+        let mut moved = 0u64;
+        let chunk = i64::try_from(SEQUENCE_CHUNK).unwrap_or(i64::MAX);
+        loop {
+            // The pending id stands in the seq column until renumbered;
+            // `live` is NULL for a build pruned since its events were
+            // written: those events go with it (the log's foreign key
+            // would refuse them).
+            let sql =
+                "SELECT p.id AS seq, p.build_id, p.queue, p.kind, p.status, p.metadata, p.at, \
+                       b.id AS live FROM event_pending p LEFT JOIN builds b ON b.id = p.build_id \
+                       ORDER BY p.id LIMIT ?";
+            let rows = self.fetch_all(sql, &[Arg::Int(chunk)]).await?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id = row.int("seq")?;
+                ids.push(id);
+                if row.opt_text("live")?.is_none() {
+                    continue;
+                }
+                // A row stitch did not write (or a newer version's) cannot
+                // hold up every later event: it is dropped, loudly.
+                match event_from_row(row) {
+                    Ok(mut event) => {
+                        event.seq = next;
+                        next += 1;
+                        events.push(event);
+                    }
+                    Err(e) => tracing::error!(
+                        pending_id = id,
+                        error = %e,
+                        "dropping an unreadable pending event"
+                    ),
+                }
+            }
+            let id_args: Vec<Arg<'_>> = ids.iter().map(|id| Arg::Int(*id)).collect();
+            let in_ids = placeholders(ids.len());
+            if !events.is_empty() {
+                D::insert_events(self.conn, EventTable::Log, &events).await?;
+            }
+            D::execute(
+                self.conn,
+                &format!("DELETE FROM event_pending WHERE id IN ({in_ids})"),
+                &id_args,
+            )
+            .await?;
+            moved += events.len() as u64;
+            if ids.len() < SEQUENCE_CHUNK {
+                break;
+            }
+        }
+        if moved > 0 {
+            D::execute(
+                self.conn,
+                "UPDATE event_seq SET next_seq = ? WHERE id = 1",
+                &[Arg::Int(to_i64(next, "event_seq.next_seq")?)],
+            )
+            .await?;
+        }
+        Ok(moved)
     }
 }
 
@@ -229,18 +341,11 @@ impl<D: Dialect> Ops for ServerOps<'_, D> {
         Ok(affected == 1)
     }
 
-    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64> {
-        // Locks the counter row until commit: the last statements of a
-        // transaction (ADR 0016), so its holder waits on no one else.
-        let count = to_i64(count, "event count")?;
-        let next = D::add_returning(self.conn, "event_seq", "next_seq", count, Arg::Int(1))
-            .await?
-            .ok_or_else(|| crate::error::StoreError::corrupt("event_seq", "the row is missing"))?;
-        to_u64(next - count, "event_seq.next_seq")
-    }
-
-    async fn insert_events(&mut self, events: &[Event]) -> Result<()> {
-        D::insert_events(self.conn, events).await
+    async fn append_events(&mut self, staged: Vec<NewEvent>) -> Result<()> {
+        // No seq and no shared lock here: the sequencing pass numbers them
+        // once this transaction has committed (ADR 0020).
+        let events: Vec<Event> = staged.into_iter().map(|e| e.with_seq(0)).collect();
+        D::insert_events(self.conn, EventTable::Pending, &events).await
     }
 
     async fn reserve_log_lines(&mut self, id: &BuildId, count: u64) -> Result<Option<u64>> {

@@ -15,7 +15,9 @@ use stitch_core::BuildId;
 use stitch_mq::raw_sqlite::RawSqlite;
 
 use crate::error::{Result, StoreError};
-use crate::model::{Build, BuildFilter, Event, FinishedBuild, OpenBuildCount, StoredLogLine};
+use crate::model::{
+    Build, BuildFilter, Event, FinishedBuild, NewEvent, OpenBuildCount, StoredLogLine,
+};
 use crate::ops::Ops;
 use crate::rows::{
     after_i64, build_from_row, event_from_row, finished_by_event_from_row, finished_counts_sql,
@@ -201,6 +203,39 @@ impl<'c> SqliteOps<'c> {
     }
 }
 
+impl SqliteOps<'_> {
+    /// Takes `count` consecutive event seqs; the first.
+    fn allocate_event_seqs(&mut self, count: u64) -> Result<u64> {
+        // Counter row, not AUTOINCREMENT: rolled back with the transaction,
+        // so committed seqs have no gaps.
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE event_seq SET next = next + ?1 WHERE id = 1 RETURNING next - ?1",
+        )?;
+        let first: i64 = stmt.query_row([to_i64(count, "event count")?], |row| row.get(0))?;
+        to_u64(first, "event_seq.next")
+    }
+
+    /// Inserts numbered events, in order.
+    fn insert_events(&mut self, events: &[Event]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for e in events {
+            stmt.execute(rusqlite::params![
+                to_i64(e.seq, "event seq")?,
+                e.build_id.as_str(),
+                &e.queue,
+                e.kind.as_str(),
+                e.status.as_str(),
+                to_json(&e.metadata)?,
+                millis(e.at),
+            ])?;
+        }
+        Ok(())
+    }
+}
+
 impl Ops for SqliteOps<'_> {
     async fn load_build_for_update(&mut self, id: &BuildId) -> Result<Option<Build>> {
         // The transaction began IMMEDIATE: it already holds the database write lock.
@@ -274,33 +309,15 @@ impl Ops for SqliteOps<'_> {
         Ok(changed == 1)
     }
 
-    async fn allocate_event_seqs(&mut self, count: u64) -> Result<u64> {
-        // Counter row, not AUTOINCREMENT: rolled back with the transaction,
-        // so committed seqs have no gaps.
-        let mut stmt = self.conn.prepare_cached(
-            "UPDATE event_seq SET next = next + ?1 WHERE id = 1 RETURNING next - ?1",
-        )?;
-        let first: i64 = stmt.query_row([to_i64(count, "event count")?], |row| row.get(0))?;
-        to_u64(first, "event_seq.next")
-    }
-
-    async fn insert_events(&mut self, events: &[Event]) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO events (seq, build_id, queue, kind, status, metadata, at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        for e in events {
-            stmt.execute(rusqlite::params![
-                to_i64(e.seq, "event seq")?,
-                e.build_id.as_str(),
-                &e.queue,
-                e.kind.as_str(),
-                e.status.as_str(),
-                to_json(&e.metadata)?,
-                millis(e.at),
-            ])?;
-        }
-        Ok(())
+    async fn append_events(&mut self, staged: Vec<NewEvent>) -> Result<()> {
+        let count = u64::try_from(staged.len())
+            .map_err(|_| StoreError::InvalidInput("too many events in one transaction".into()))?;
+        let first = self.allocate_event_seqs(count)?;
+        let events: Vec<_> = (first..)
+            .zip(staged)
+            .map(|(seq, event)| event.with_seq(seq))
+            .collect();
+        self.insert_events(&events)
     }
 
     async fn reserve_log_lines(&mut self, id: &BuildId, count: u64) -> Result<Option<u64>> {

@@ -31,6 +31,7 @@ use crate::ops::Ops;
 use crate::pool::{self, StorePool};
 use crate::postgres::{self, PgOps};
 use crate::rows::serialize_lines;
+use crate::sequencer::{Sequencer, SequencerPool};
 use crate::sqlite::{self, SqliteOps};
 use crate::write::StoreWrite;
 
@@ -48,6 +49,9 @@ pub struct Store {
     committer: Arc<tokio::sync::OnceCell<GroupCommitter>>,
     /// Told about every commit that published or appended events.
     announcer: Announcer,
+    /// Numbers the events of PostgreSQL/MySQL writers after they commit
+    /// (ADR 0020); `None` on SQLite, whose writers number their own.
+    sequencer: Option<Sequencer>,
 }
 
 /// The database behind a [`Store`].
@@ -138,19 +142,30 @@ impl Store {
     pub async fn from_pool(pool: impl Into<StorePool>) -> Result<Store> {
         let pool = pool.into();
         pool::migrate(&pool).await?;
-        let backend = match pool {
-            StorePool::Sqlite(pool) => Backend::Sqlite(pool),
-            StorePool::Postgres(pool) => Backend::Postgres {
-                channel: postgres::notify_channel(&pool).await?.into(),
-                pool,
-            },
-            StorePool::MySql(pool) => Backend::MySql(pool),
+        let announcer = Announcer::default();
+        let (backend, sequencer) = match pool {
+            StorePool::Sqlite(pool) => (Backend::Sqlite(pool), None),
+            StorePool::Postgres(pool) => {
+                let sequencer =
+                    Sequencer::start(SequencerPool::Postgres(pool.clone()), announcer.clone());
+                let backend = Backend::Postgres {
+                    channel: postgres::notify_channel(&pool).await?.into(),
+                    pool,
+                };
+                (backend, Some(sequencer))
+            }
+            StorePool::MySql(pool) => {
+                let sequencer =
+                    Sequencer::start(SequencerPool::MySql(pool.clone()), announcer.clone());
+                (Backend::MySql(pool), Some(sequencer))
+            }
         };
         Ok(Store {
             backend,
             writer: None,
             committer: Default::default(),
-            announcer: Announcer::default(),
+            announcer,
+            sequencer,
         })
     }
 
@@ -218,6 +233,7 @@ impl Store {
             committed: Committed::default(),
             staged: Vec::new(),
             announcer: self.announcer.clone(),
+            sequencer: self.sequencer.clone(),
             _writer: guard,
             _store: PhantomData,
         })
@@ -302,12 +318,14 @@ impl Store {
                             channel: channel.clone(),
                         },
                         self.announcer.clone(),
+                        self.sequencer.clone(),
                     ),
                     Backend::MySql(pool) => GroupCommitter::start_server(
                         ServerTarget::MySql {
                             options: mysql::committer_options(pool),
                         },
                         self.announcer.clone(),
+                        self.sequencer.clone(),
                     ),
                 }
             })
@@ -531,6 +549,8 @@ pub struct StoreTx<'s> {
     /// The events it appends when it commits (ADR 0016).
     staged: Vec<NewEvent>,
     announcer: Announcer,
+    /// Numbers them after the commit on PostgreSQL/MySQL (ADR 0020).
+    sequencer: Option<Sequencer>,
     _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
     // Ties the transaction to its store so it cannot outlive the handle.
     _store: PhantomData<&'s Store>,
@@ -631,19 +651,33 @@ impl StoreTx<'_> {
         })
     }
 
-    /// Appends the transaction's events (taking the event counter), commits
-    /// every write made through it, then announces what it published and
-    /// whether it appended events.
+    /// Appends the transaction's events, commits every write made through
+    /// it, then announces what it published and whether it appended events.
+    /// On PostgreSQL/MySQL it returns once its events are numbered (the
+    /// sequencing pass after the commit, ADR 0020), so they are readable
+    /// when it returns, as on SQLite.
     pub async fn commit(mut self) -> Result<()> {
         let staged = std::mem::take(&mut self.staged);
-        self.committed.events |= !staged.is_empty();
+        let appended = !staged.is_empty();
+        self.committed.events |= appended;
         on_tx!(self, |ops| logic::append_events(ops, staged).await)?;
         match self.inner {
             TxInner::Sqlite(tx) => tx.commit()?,
             TxInner::Postgres { tx, .. } => tx.commit().await?,
             TxInner::MySql(tx) => tx.commit().await?,
         }
-        self.announcer.announce(&self.committed);
+        match &self.sequencer {
+            Some(sequencer) if appended => {
+                // Publishes wake the queue now; the pass announces the
+                // events once they are in the log.
+                self.announcer.announce(&Committed {
+                    published: std::mem::take(&mut self.committed.published),
+                    events: false,
+                });
+                sequencer.next_pass().await;
+            }
+            _ => self.announcer.announce(&self.committed),
+        }
         Ok(())
     }
 

@@ -2,14 +2,15 @@
 //! group committer, as separate `stitch serve` processes would have —
 //! writing at once. Run against SQLite, PostgreSQL and MySQL/MariaDB; on the
 //! servers this is the case the `event_seq` counter exists for (ADR 0009,
-//! ADR 0016: taken only for a transaction's events, right before commit).
+//! ADR 0016), taken there by the sequencing pass after writers commit
+//! (ADR 0020).
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{keyed, meta, new_build, TestDb};
+use common::{exec_on, keyed, meta, new_build, TestDb};
 use stitch_core::BuildStatus;
 use stitch_store::{BackendKind, BuildFilter, Store};
 use tokio::sync::watch;
@@ -283,8 +284,84 @@ async fn a_write_does_not_wait_for_a_batch_in_progress(db: TestDb) {
     assert_eq!(order, vec![(3, b), (4, a)]);
 }
 
+/// Told when the store announces appended events.
+struct EventsAnnounced(watch::Sender<u64>);
+
+impl stitch_store::CommitListener for EventsAnnounced {
+    fn committed(&self, what: &stitch_store::Committed) {
+        if what.events {
+            self.0.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// A pending event row as a writer leaves it (PostgreSQL/MySQL, ADR 0020).
+fn pending_row(build: &str, status: &str) -> String {
+    format!(
+        "INSERT INTO event_pending (build_id, queue, kind, status, metadata, at) \
+         VALUES ('{build}', 'app', 'status', '{status}', '{{}}', 1)"
+    )
+}
+
+/// Events a writer committed but whose process died before its
+/// sequencing pass (here: a row put in `event_pending` by hand after the
+/// writer's store closed) are numbered by another store's recheck, without
+/// any write of its own, and announced there.
+async fn events_left_pending_are_numbered_by_another_store(db: TestDb) {
+    if db.kind() == BackendKind::Sqlite {
+        return;
+    }
+    let [id]: [_; 1] = db.create_builds(1).await.try_into().unwrap();
+    let other = db.another_store("survivor").await;
+    let (tx, mut announced) = watch::channel(0u64);
+    assert!(other.announce_commits_to(std::sync::Arc::new(EventsAnnounced(tx))));
+    let before = other.latest_seq().await.unwrap();
+    // The writer's process is gone: only `other` runs passes now.
+    db.close().await;
+    exec_on(&other, &pending_row(id.as_str(), "running")).await;
+    // The recheck runs every second; the bound only turns a hang into a
+    // failure.
+    tokio::time::timeout(Duration::from_secs(30), announced.changed())
+        .await
+        .expect("the leftover event was announced")
+        .unwrap();
+    let events = other.events_after(before, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((events[0].seq, &events[0].build_id), (before + 1, &id));
+    assert_eq!(events[0].status, BuildStatus::Running);
+}
+
+/// A pending event whose build is gone (pruned meanwhile) is dropped by the
+/// pass instead of blocking it: the next write's event is numbered right
+/// after the last one, and nothing stays pending.
+async fn pending_events_of_a_gone_build_do_not_block_the_log(db: TestDb) {
+    if db.kind() == BackendKind::Sqlite {
+        return;
+    }
+    let [id]: [_; 1] = db.create_builds(1).await.try_into().unwrap();
+    let before = db.store.latest_seq().await.unwrap();
+    db.exec(&pending_row("b_gone", "failed")).await;
+    assert!(db
+        .store
+        .record_status(&id, None, BuildStatus::Running, &meta(&[]), None)
+        .await
+        .unwrap());
+    // Readable as soon as the write returned.
+    let events = db.store.events_after(before, 10).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.seq, e.build_id.clone()))
+            .collect::<Vec<_>>(),
+        vec![(before + 1, id)]
+    );
+    assert_eq!(db.ints("SELECT COUNT(*) FROM event_pending").await, vec![0]);
+}
+
 store_suite!(
     separate_stores_commit_gapless_seqs_that_readers_never_skip,
+    events_left_pending_are_numbered_by_another_store,
+    pending_events_of_a_gone_build_do_not_block_the_log,
     separate_stores_creating_one_key_make_one_build,
     an_open_transaction_does_not_hold_up_writers_of_other_builds,
     crossing_writes_of_two_handles_never_deadlock,

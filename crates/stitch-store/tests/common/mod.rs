@@ -106,11 +106,7 @@ impl TestDb {
     /// Runs one statement outside the store (no parameters: tests inline
     /// their own literals).
     pub async fn exec(&self, sql: &str) {
-        match self.store.pool() {
-            StorePool::Sqlite(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
-            StorePool::Postgres(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
-            StorePool::MySql(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
-        }
+        exec_on(&self.store, sql).await;
     }
 
     /// The first column of every row of `sql`, as text.
@@ -162,6 +158,17 @@ impl TestDb {
     /// Closes this test's store pool (the database stays).
     pub async fn close(&self) {
         self.store.close().await;
+    }
+}
+
+/// Runs one statement on `store`'s pool, outside the store (no
+/// parameters: tests inline their own literals).
+#[allow(dead_code)] // not every test file runs statements on another store
+pub async fn exec_on(store: &Store, sql: &str) {
+    match store.pool() {
+        StorePool::Sqlite(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
+        StorePool::Postgres(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
+        StorePool::MySql(p) => drop(sqlx::query(sql).execute(&p).await.unwrap()),
     }
 }
 
