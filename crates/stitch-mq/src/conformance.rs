@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 use crate::driver::{
     ClaimRequest, ClaimResult, ClaimedMessage, Driver, LeaseTick, NewMessage, Outcome, OutcomeKind,
@@ -22,7 +23,7 @@ use crate::driver::{
 };
 use crate::error::MqError;
 use crate::message::{now_millis, Failure, Message, Millis};
-use crate::queue::{Delivery, NackOutcome, PartitionFilter, Queue, Subscription};
+use crate::queue::{ClaimProgress, Delivery, NackOutcome, PartitionFilter, Queue, Subscription};
 
 /// A backend under test.
 #[async_trait]
@@ -87,6 +88,32 @@ fn msg(id: &str, partition: &str) -> Message {
 
 async fn subscribe(q: &Queue, cfg: SubscriptionConfig) -> Subscription {
     q.subscriber().subscribe(T, cfg).await.expect("subscribe")
+}
+
+/// Waits until `sub`'s claim loop progress satisfies `what` (`why` names it
+/// in the failure).
+async fn progress_until(
+    sub: &Subscription,
+    why: &str,
+    what: impl FnMut(&ClaimProgress) -> bool,
+) -> ClaimProgress {
+    let mut progress = sub.progress();
+    let reached = match tokio::time::timeout(WAIT, progress.wait_for(what)).await {
+        Ok(Ok(p)) => Some(*p),
+        Ok(Err(_)) => panic!("subscription stopped before {why}"),
+        Err(_) => None,
+    };
+    reached.unwrap_or_else(|| panic!("not {why} within {WAIT:?}: {:?}", *progress.borrow()))
+}
+
+/// A wall clock `by` ahead: a queue on it is the same process `by` later,
+/// so a check sees retention horizons pass without waiting for them. Only
+/// for checks on real time (the paused backends pin every queue's clock).
+fn ahead(by: Duration) -> Clock {
+    Clock::Tokio {
+        epoch: now_millis() + by.as_millis() as Millis,
+        start: Instant::now(),
+    }
 }
 
 /// Payload and metadata round-trip; first attempt is 1.
@@ -216,12 +243,19 @@ pub async fn dedup_horizon_is_bounded_by_retention(b: &dyn Backend) {
         dedup_retention: Duration::from_millis(200),
         ..quiet()
     };
-    let q = b.open("horizon", cfg).await;
+    let q = b.open("horizon", cfg.clone()).await;
     let mut sub = subscribe(&q, fast_config("g")).await;
     q.publisher().publish(T, msg("m", "p")).await.unwrap();
     recv(&mut sub).await.ack().await.unwrap();
+    // A claim pass after the ack moved the cursor past it: from here only
+    // the horizon keeps the message.
+    let written = q.admin().outcomes_written();
+    progress_until(&sub, "a claim pass after the ack", |p| {
+        p.outcomes_seen >= written
+    })
+    .await;
     // Inside the horizon: collected nothing, still a duplicate.
-    q.admin().gc().await.unwrap();
+    assert_eq!(q.admin().gc().await.unwrap().messages, 0);
     assert_eq!(
         q.publisher()
             .publish(T, msg("m", "p"))
@@ -230,10 +264,18 @@ pub async fn dedup_horizon_is_bounded_by_retention(b: &dyn Backend) {
             .duplicates,
         1
     );
-    // The horizon is measured on the backend's clock (the SQL servers' own
-    // time), which no paused tokio clock reaches: let 200 ms really pass.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let report = q.admin().gc().await.unwrap();
+    // Past the horizon: the same storage collected by a queue whose clock
+    // reads 300 ms later (drivers take the time from the engine).
+    let later = b
+        .open(
+            "horizon",
+            QueueConfig {
+                clock: ahead(Duration::from_millis(300)),
+                ..cfg
+            },
+        )
+        .await;
+    let report = later.admin().gc().await.unwrap();
     assert_eq!(report.messages, 1);
     assert_eq!(
         q.publisher()
@@ -735,11 +777,18 @@ pub async fn subscribers_share_partitions(b: &dyn Backend) {
     let q = b.open("share", quiet()).await;
     let mut s1 = subscribe(&q, fast_config("g")).await;
     let mut s2 = subscribe(&q, fast_config("g")).await;
-    // Let both heartbeat before work arrives so the first does not take all.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both heartbeat and each one's lease tick counted the other before work
+    // arrives, so the first does not take all.
+    for s in [&s1, &s2] {
+        progress_until(s, "both subscribers active", |p| p.active_subscribers >= 2).await;
+    }
     let parts = ["p0", "p1", "p2", "p3"];
     let total = 200;
     let publisher = q.publisher();
+    // Deliveries received so far: the feeder publishes a batch once the
+    // previous one arrived, so publishes interleave with claims (the case
+    // under test) by construction.
+    let (received, mut arrived) = tokio::sync::watch::channel(0usize);
     let feeder = tokio::spawn(async move {
         for i in 0..total / 4 {
             let batch = parts
@@ -747,20 +796,31 @@ pub async fn subscribers_share_partitions(b: &dyn Backend) {
                 .map(|p| msg(&format!("{p}-{i:03}"), p))
                 .collect();
             publisher.publish_batch(T, batch).await.unwrap();
-            // Paces the producer so publishes interleave with claims (the case under
-            // test); nothing is waited for here.
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Ends when the consumer side gave up (the assertions tell why).
+            if arrived.wait_for(|n| *n >= (i + 1) * 4).await.is_err() {
+                return;
+            }
         }
     });
     let mut got: BTreeMap<String, usize> = BTreeMap::new();
     let mut per_sub = [HashSet::new(), HashSet::new()];
     let deadline = Instant::now() + WAIT * 2;
-    while got.len() < total && Instant::now() < deadline {
-        tokio::select! {
-            Some(d) = s1.recv() => { per_sub[0].insert(d.partition_key().to_string()); *got.entry(d.id().to_string()).or_default() += 1; d.ack().await.unwrap(); }
-            Some(d) = s2.recv() => { per_sub[1].insert(d.partition_key().to_string()); *got.entry(d.id().to_string()).or_default() += 1; d.ack().await.unwrap(); }
-        }
+    while got.len() < total {
+        let next = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                Some(d) = s1.recv() => Some((0, d)),
+                Some(d) = s2.recv() => Some((1, d)),
+                else => None,
+            }
+        })
+        .await;
+        let Ok(Some((i, d))) = next else { break };
+        per_sub[i].insert(d.partition_key().to_string());
+        *got.entry(d.id().to_string()).or_default() += 1;
+        d.ack().await.unwrap();
+        received.send_modify(|n| *n += 1);
     }
+    drop(received);
     feeder.await.unwrap();
     assert_eq!(got.len(), total, "every message delivered");
     assert!(got.values().all(|n| *n == 1), "no message delivered twice");
@@ -1018,7 +1078,7 @@ pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
         dedup_retention: Duration::ZERO,
         ..quiet()
     };
-    let q = b.open("gc", cfg).await;
+    let q = b.open("gc", cfg.clone()).await;
     let mut sub = subscribe(&q, fast_config("g")).await;
     q.publisher()
         .publish_batch(
@@ -1038,17 +1098,43 @@ pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
             d.ack().await.unwrap();
         }
     }
-    // Give the claim loop a pass to advance cursors and a lease tick to shed idle leases.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let stats = q.admin().stats(T, "g").await.unwrap();
-    assert_eq!(
-        stats.leased, 1,
-        "only the busy partition keeps a lease: {stats:?}"
-    );
-    // The collector takes acks strictly older than `now - retention` (0 here)
-    // on the backend's clock: one real millisecond past the last ack.
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let report = q.admin().gc().await.unwrap();
+    // A claim pass after the acks advances the cursors past them ...
+    let written = q.admin().outcomes_written();
+    progress_until(&sub, "a claim pass after the acks", |p| {
+        p.outcomes_seen >= written
+    })
+    .await;
+    // ... and a lease tick sheds the idle leases: checked after each pass of
+    // the claim loop (which ticks first when a tick is due), until a deadline.
+    let mut passes = sub.progress();
+    let deadline = Instant::now() + WAIT;
+    let mut checks = 0;
+    loop {
+        let stats = q.admin().stats(T, "g").await.unwrap();
+        checks += 1;
+        if stats.leased == 1 {
+            break;
+        }
+        let more = tokio::time::timeout_at(deadline, passes.changed()).await;
+        assert!(
+            matches!(more, Ok(Ok(()))),
+            "only the busy partition keeps a lease: {stats:?} after {checks} checks, {:?}",
+            *passes.borrow()
+        );
+    }
+    // The collector takes acks strictly older than `now - retention` (0
+    // here): collected by a queue whose clock reads a second later, the
+    // last ack is past it however fast this ran.
+    let later = b
+        .open(
+            "gc",
+            QueueConfig {
+                clock: ahead(Duration::from_secs(1)),
+                ..cfg
+            },
+        )
+        .await;
+    let report = later.admin().gc().await.unwrap();
     assert_eq!(report.messages, 9);
     assert_eq!(report.partitions, 9);
     let stats = q.admin().stats(T, "g").await.unwrap();
@@ -1067,12 +1153,10 @@ pub async fn wake_ups_are_event_driven(b: &dyn Backend) {
     cfg.lease_renewal = Duration::from_secs(20);
     cfg.lease_duration = Duration::from_secs(60);
     let mut sub = subscribe(&q, cfg).await;
-    // Lets the subscriber finish its first (empty) claim and park on the
-    // wake-up channel, so the time below is the push's, not that claim's. No
-    // sync point reaches inside a SQL backend's listener; a late park lets
-    // the first claim find the message instead (the case then does not
-    // exercise the push, but cannot fail for it).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first (empty) claim is over, so only the push can bring what is
+    // published next (a publish during the loop's wait wakes it; one before
+    // the wait makes the wait end at once).
+    progress_until(&sub, "the first claim pass done", |p| p.passes >= 1).await;
     let start = Instant::now();
     q.publisher().publish(T, msg("m", "p")).await.unwrap();
     let d = recv(&mut sub).await;
@@ -1082,9 +1166,13 @@ pub async fn wake_ups_are_event_driven(b: &dyn Backend) {
         start.elapsed()
     );
     d.postpone(Duration::from_secs(3600)).await.unwrap();
-    // As above: the delivery's postpone lands and the subscriber parks
-    // before the wake is sent.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // As above: a claim pass has run on storage holding the postpone (and
+    // found nothing due) before the wake is sent.
+    let written = q.admin().outcomes_written();
+    progress_until(&sub, "a claim pass after the postpone", |p| {
+        p.outcomes_seen >= written
+    })
+    .await;
     let start = Instant::now();
     q.admin().wake(T, "p").await.unwrap();
     let d = recv(&mut sub).await;

@@ -38,6 +38,6 @@ pub use error::{MqError, MqResult, StorageFailure};
 pub use message::{now_millis, Failure, Message, Millis};
 pub use open::{AnyDriver, BackendKind};
 pub use queue::{
-    Admin, Delivery, NackOutcome, PartitionFilter, Publisher, Queue, Subscriber, Subscription,
-    MAX_PARTITION_PAGE, MAX_PRUNE_BATCH,
+    Admin, ClaimProgress, Delivery, NackOutcome, PartitionFilter, Publisher, Queue, Subscriber,
+    Subscription, MAX_PARTITION_PAGE, MAX_PRUNE_BATCH,
 };

@@ -3,7 +3,7 @@
 //! batched outcome writes and background garbage collection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ struct Shared {
     /// Claim passes completed by this queue's subscriptions (a sync point,
     /// see [`Admin::claim_passes`]).
     claim_passes: watch::Sender<u64>,
+    /// Outcomes the writer has finished with (a sync point, see
+    /// [`Admin::outcomes_written`]); shared with the outcome writer.
+    outcomes_written: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -112,10 +115,12 @@ impl Queue {
             outcomes: tx,
             shutdown: CancellationToken::new(),
             claim_passes: watch::Sender::new(0),
+            outcomes_written: Arc::new(AtomicU64::new(0)),
         });
         tokio::spawn(outcome_writer(
             shared.driver.clone(),
             shared.config.clock.clone(),
+            shared.outcomes_written.clone(),
             rx,
         ));
         if let Some(wakeups) = shared.driver.wakeups() {
@@ -310,6 +315,7 @@ impl Subscriber {
             config,
             notify,
             permits: Arc::new(Semaphore::new(0)),
+            progress: watch::Sender::new(ClaimProgress::default()),
         });
         sub.permits.add_permits(sub.config.max_in_flight);
         let task = tokio::spawn(claim_loop(sub.clone(), tx, stop.clone()));
@@ -328,6 +334,36 @@ struct SubShared {
     config: SubscriptionConfig,
     notify: Arc<Notify>,
     permits: Arc<Semaphore>,
+    /// What the claim loop has done (a sync point, see [`Subscription::progress`]).
+    progress: watch::Sender<ClaimProgress>,
+}
+
+impl SubShared {
+    /// Counts a finished claim pass that began when `outcomes_seen`
+    /// outcomes were written.
+    fn pass_done(&self, outcomes_seen: u64) {
+        self.queue.claim_passes.send_modify(|n| *n += 1);
+        self.progress.send_modify(|p| {
+            p.passes += 1;
+            p.outcomes_seen = outcomes_seen;
+        });
+    }
+}
+
+/// What a subscription's claim loop has done so far, watched through
+/// [`Subscription::progress`]: a sync point for tests and tools that must
+/// know the loop acted ("a pass ran after my outcome and delivered
+/// nothing", "both subscribers see each other") instead of waiting a while.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClaimProgress {
+    /// Claim passes completed, counted as [`Admin::claim_passes`] counts them.
+    pub passes: u64,
+    /// [`Admin::outcomes_written`] when the latest completed pass began: that
+    /// pass read storage with every one of those outcomes in it.
+    pub outcomes_seen: u64,
+    /// Active subscribers of the group (this one included) at the latest
+    /// lease tick; 0 before the first.
+    pub active_subscribers: usize,
 }
 
 /// A live subscription: receive deliveries, then close it.
@@ -352,6 +388,13 @@ impl Subscription {
     /// The subscriber name holding this subscription's leases.
     pub fn subscriber_name(&self) -> &str {
         &self.sub.config.subscriber
+    }
+
+    /// This subscription's claim loop progress, watched (see
+    /// [`ClaimProgress`]). The loop updates it once per pass whether or not
+    /// anyone watches; it never waits for a watcher.
+    pub fn progress(&self) -> watch::Receiver<ClaimProgress> {
+        self.sub.progress.subscribe()
     }
 
     /// Graceful shutdown: stop claiming, hand buffered (unseen) deliveries
@@ -427,7 +470,14 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                 renewal: is_renewal,
             };
             match driver.lease_tick(&tick).await {
-                Ok(r) => lease = r,
+                Ok(r) => {
+                    lease = r;
+                    sub.progress.send_if_modified(|p| {
+                        let changed = p.active_subscribers != r.active_subscribers;
+                        p.active_subscribers = r.active_subscribers;
+                        changed
+                    });
+                }
                 Err(e) => tracing::warn!(topic = %sub.topic, error = %e, "lease tick failed"),
             }
             next_tick = now + renewal;
@@ -447,6 +497,8 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                 may_acquire: lease.cap.saturating_sub(lease.owned),
                 max_attempts: c.retry.max_attempts,
             };
+            // Read before the claim reads storage: that claim sees them all.
+            let outcomes_seen = sub.queue.outcomes_written.load(Ordering::Acquire);
             match driver.claim(&req).await {
                 Ok(res) => {
                     lease.owned += res.acquired;
@@ -463,7 +515,7 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                             return;
                         }
                     }
-                    sub.queue.claim_passes.send_modify(|n| *n += 1);
+                    sub.pass_done(outcomes_seen);
                     if full {
                         continue;
                     }
@@ -482,7 +534,7 @@ async fn claim_loop(sub: Arc<SubShared>, tx: mpsc::Sender<Delivery>, stop: Cance
                 }
                 Err(e) => {
                     tracing::warn!(topic = %sub.topic, error = %e, "claim failed");
-                    sub.queue.claim_passes.send_modify(|n| *n += 1);
+                    sub.pass_done(outcomes_seen);
                 }
             }
         }
@@ -702,6 +754,15 @@ impl Admin {
         self.shared.claim_passes.subscribe()
     }
 
+    /// How many outcomes (acks, nacks, postpones, …, visibility extensions)
+    /// this queue's outcome writer has finished with: stored, or refused with
+    /// an error. Read after an outcome returned, it counts that outcome, so a subscription whose
+    /// [`ClaimProgress::outcomes_seen`] reaches it has run a whole claim pass
+    /// on storage holding it.
+    pub fn outcomes_written(&self) -> u64 {
+        self.shared.outcomes_written.load(Ordering::Acquire)
+    }
+
     /// Wakes `partition_key` in every group: postponed or delayed messages
     /// are due now, and an in-flight delivery's next postpone makes it due
     /// now instead of holding it. Recorded in storage, so a wake from any
@@ -900,6 +961,7 @@ async fn gc_loop(shared: Weak<Shared>, every: Duration, stop: CancellationToken)
 async fn outcome_writer(
     driver: Arc<dyn Driver>,
     clock: Clock,
+    written: Arc<AtomicU64>,
     mut rx: mpsc::UnboundedReceiver<OutcomeRequest>,
 ) {
     let mut batch: Vec<OutcomeRequest> = Vec::with_capacity(OUTCOME_BATCH);
@@ -914,6 +976,8 @@ async fn outcome_writer(
         let ops: Vec<Outcome> = batch.iter().map(|(o, _)| o.clone()).collect();
         match driver.apply(&ops, clock.now()).await {
             Ok(results) => {
+                // Counted before anyone is answered (see `Admin::outcomes_written`).
+                written.fetch_add(ops.len() as u64, Ordering::Release);
                 for ((_, reply), result) in batch.drain(..).zip(results) {
                     let _ = reply.send(result);
                 }
@@ -926,6 +990,7 @@ async fn outcome_writer(
                         Ok(mut r) => r.pop().unwrap_or(Ok(())),
                         Err(e) => Err(e),
                     };
+                    written.fetch_add(1, Ordering::Release);
                     let _ = reply.send(result);
                 }
             }
