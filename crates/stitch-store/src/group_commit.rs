@@ -373,7 +373,7 @@ fn run_server(
                         events: false,
                     });
                     metrics_batch(batch.len());
-                    let jobs: Vec<Box<dyn Job>> = batch.drain(..).collect();
+                    let jobs = std::mem::take(&mut batch);
                     sequencer.after_next_pass(Box::new(move || {
                         for job in jobs {
                             job.finish(None);
