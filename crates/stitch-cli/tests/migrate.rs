@@ -86,7 +86,7 @@ async fn migrate_applies_both_schemas_on_postgres() {
             .unwrap();
     assert_eq!(
         versions,
-        vec![1001, 1002, 1005, 1006, 1007, 2001, 2002, 2003]
+        vec![1001, 1002, 1005, 1006, 1007, 2001, 2002, 2003, 2004]
     );
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
@@ -120,7 +120,7 @@ async fn migrate_applies_both_schemas_on_mysql() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(versions, vec![1001, 1005, 2001, 2002, 2003]);
+    assert_eq!(versions, vec![1001, 1005, 2001, 2002, 2003, 2004]);
 }
 
 #[test]
