@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use crate::clock::Clock;
 use crate::config::{QueueConfig, RetryPolicy, SubscriptionConfig};
 use crate::driver::{
-    ClaimRequest, ClaimResult, ClaimedMessage, Driver, LeaseTick, NewMessage, Outcome, OutcomeKind,
-    PartitionInfo, PartitionQuery, LOCKED_RETRY_MS,
+    ClaimRequest, ClaimResult, ClaimedMessage, Driver, GcReport, LeaseTick, NewMessage, Outcome,
+    OutcomeKind, PartitionInfo, PartitionQuery, LOCKED_RETRY_MS,
 };
 use crate::error::MqError;
 use crate::message::{now_millis, Failure, Message, Millis};
@@ -114,6 +114,22 @@ fn ahead(by: Duration) -> Clock {
         epoch: now_millis() + by.as_millis() as Millis,
         start: Instant::now(),
     }
+}
+
+/// Runs the collector over queue `name`'s storage from a queue whose clock
+/// reads `by` later than this process's (drivers take the time from the
+/// engine), so retention horizons have passed however fast the check ran.
+async fn gc_from_later(b: &dyn Backend, name: &str, cfg: QueueConfig, by: Duration) -> GcReport {
+    let later = b
+        .open(
+            name,
+            QueueConfig {
+                clock: ahead(by),
+                ..cfg
+            },
+        )
+        .await;
+    later.admin().gc().await.unwrap()
 }
 
 /// Payload and metadata round-trip; first attempt is 1.
@@ -264,18 +280,8 @@ pub async fn dedup_horizon_is_bounded_by_retention(b: &dyn Backend) {
             .duplicates,
         1
     );
-    // Past the horizon: the same storage collected by a queue whose clock
-    // reads 300 ms later (drivers take the time from the engine).
-    let later = b
-        .open(
-            "horizon",
-            QueueConfig {
-                clock: ahead(Duration::from_millis(300)),
-                ..cfg
-            },
-        )
-        .await;
-    let report = later.admin().gc().await.unwrap();
+    // Past the horizon: the same storage collected 300 ms later.
+    let report = gc_from_later(b, "horizon", cfg, Duration::from_millis(300)).await;
     assert_eq!(report.messages, 1);
     assert_eq!(
         q.publisher()
@@ -1123,18 +1129,8 @@ pub async fn garbage_collection_and_idle_partitions(b: &dyn Backend) {
         );
     }
     // The collector takes acks strictly older than `now - retention` (0
-    // here): collected by a queue whose clock reads a second later, the
-    // last ack is past it however fast this ran.
-    let later = b
-        .open(
-            "gc",
-            QueueConfig {
-                clock: ahead(Duration::from_secs(1)),
-                ..cfg
-            },
-        )
-        .await;
-    let report = later.admin().gc().await.unwrap();
+    // here): collected a second later, the last ack is past it.
+    let report = gc_from_later(b, "gc", cfg, Duration::from_secs(1)).await;
     assert_eq!(report.messages, 9);
     assert_eq!(report.partitions, 9);
     let stats = q.admin().stats(T, "g").await.unwrap();
