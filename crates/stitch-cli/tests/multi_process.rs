@@ -281,6 +281,9 @@ struct EventTail {
     events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// The last seq received.
     last: tokio::sync::watch::Receiver<u64>,
+    /// How the stream ended, once it has (the server closed it, or a read
+    /// failed): a failed wait says so instead of only counting.
+    ended: Arc<Mutex<Option<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -297,18 +300,32 @@ impl EventTail {
         let sink = events.clone();
         let (last_tx, last) = tokio::sync::watch::channel(0u64);
         let mut body = r.bytes_stream().map_err(std::io::Error::other);
+        let ended = Arc::new(Mutex::new(None));
+        let end = ended.clone();
         let task = tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::new();
-            while let Some(Ok(chunk)) = body.next().await {
-                buf.extend_from_slice(&chunk);
+            let how = loop {
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => break format!("reading it failed: {e}"),
+                    None => break "the server closed it".to_string(),
+                }
                 for event in stitch_testkit::serve::take_sse_events(&mut buf) {
                     let seq = event["seq"].as_u64().unwrap_or(0);
                     sink.lock().push(event);
                     last_tx.send_replace(seq);
                 }
-            }
+            };
+            *end.lock() = Some(how);
+            // Wakes a waiter: nothing more will come.
+            last_tx.send_modify(|_| {});
         });
-        EventTail { events, last, task }
+        EventTail {
+            events,
+            last,
+            ended,
+            task,
+        }
     }
 
     /// Waits until the subscriber saw `seq`.
@@ -340,8 +357,9 @@ impl EventTail {
     }
 
     /// Waits until the subscriber saw `n` builds running or ended, re-counting
-    /// after each event it receives.
-    async fn wait_started(&self, n: usize, within: Duration) {
+    /// after each event it receives; on failure says whether the stream
+    /// ended and shows `server`'s log.
+    async fn wait_started(&self, n: usize, within: Duration, server: &Serve) {
         let mut last = self.last.clone();
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -351,10 +369,18 @@ impl EventTail {
             if started >= n {
                 return;
             }
-            let next = tokio::time::timeout_at(deadline, last.changed()).await;
+            let ended = self.ended.lock().clone();
+            let next = match ended {
+                Some(_) => None,
+                None => tokio::time::timeout_at(deadline, last.changed()).await.ok(),
+            };
             assert!(
-                matches!(next, Ok(Ok(()))),
-                "{started} of {n} builds started within {within:?}"
+                matches!(next, Some(Ok(()))),
+                "{started} of {n} builds started within {within:?}; the event stream: {}; \
+                 last seq {}; server log:\n{}",
+                ended.as_deref().unwrap_or("open"),
+                *self.last.borrow(),
+                server.log()
             );
         }
     }
@@ -496,7 +522,7 @@ async fn servers_share_the_work_and_survive_a_sigkill(backend: Backend, processe
 
     // SIGKILL node-0 once a good part of the builds ran (as the event log
     // tells).
-    tail.wait_started(BUILDS * 3 / 10, Duration::from_secs(120))
+    tail.wait_started(BUILDS * 3 / 10, Duration::from_secs(120), &servers[1])
         .await;
     alive.lock()[0] = false;
     servers[0].kill();
@@ -593,7 +619,7 @@ async fn server_rides_through_dropped_connections(backend: Backend) {
     for _ in 0..2 {
         // Twenty more builds run (as the event log tells) before the drop.
         let before = tail.started();
-        tail.wait_started(before + 20, Duration::from_secs(60))
+        tail.wait_started(before + 20, Duration::from_secs(60), server)
             .await;
         let dropped = backend.drop_connections().await;
         assert!(dropped > 0, "no connection of the server found");
