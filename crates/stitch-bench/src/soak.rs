@@ -9,6 +9,8 @@
 //! data dir size, RSS, and the p99 of the creates in that period; the
 //! parent prints both tables and the figures the issue asks for (growth after
 //! the first window, create p99 ratio). Children, so RSS is per server.
+//! `--control` adds a third server with retention off, so the run also
+//! shows how much two identical servers differ (the ratio's noise floor).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -47,7 +49,13 @@ pub struct SoakArgs {
     /// for inspection after the run, instead of a deleted temporary one.
     #[arg(long)]
     keep: Option<std::path::PathBuf>,
-    /// Internal: run one server (`on` or `off`) and print JSON rows.
+    /// Also run a second server with retention off (`control`): how far
+    /// two identical servers' create p99 differ on this machine in the same
+    /// run, the resolution the on/off ratio can be read at.
+    #[arg(long)]
+    control: bool,
+    /// Internal: run one server (`on`, `off` or `control`) and print JSON
+    /// rows.
     #[arg(long, hide = true)]
     child: Option<String>,
 }
@@ -110,7 +118,7 @@ async fn shape_of(state: &AppState) -> std::collections::BTreeMap<String, i64> {
 
 pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
     if let Some(mode) = &args.child {
-        return child(&args, mode == "on").await;
+        return child(&args, mode).await;
     }
     let exe = std::env::current_exe()?;
     let spawn = |mode: &str| {
@@ -141,13 +149,27 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
             .spawn()
     };
     let (on, off) = (spawn("on")?, spawn("off")?);
-    let (on, off) = tokio::join!(rows_of(on), rows_of(off));
-    let (on, off) = (on?, off?);
+    let control = match args.control {
+        true => Some(spawn("control")?),
+        false => None,
+    };
+    let control = async {
+        match control {
+            Some(c) => rows_of(c).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    let (on, off, control) = tokio::join!(rows_of(on), rows_of(off), control);
+    let (on, off, control) = (on?, off?, control?);
     println!(
         "soak: {} s, {} builds/s (noop + fake), SQLite; pruning on = builds/events {} s, interval {} s",
         args.seconds, args.rate, args.window, args.interval
     );
-    for (name, rows) in [("pruning on", &on), ("pruning off", &off)] {
+    let mut tables = vec![("pruning on", &on), ("pruning off", &off)];
+    if args.control {
+        tables.push(("pruning off (control)", &control));
+    }
+    for (name, rows) in tables {
         println!("\n{name}");
         println!("  second  created   db MiB  WAL MiB  data dir MiB  RSS MiB  create p99 ms  since window ms");
         for r in rows {
@@ -204,6 +226,16 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
             steady(&off),
             steady(&on) / steady(&off)
         );
+        if args.control {
+            println!(
+                "  the same, two servers without pruning: control {:.2} ms / off {:.2} ms = {:.2}x \
+                 (worst period {:.2}x)",
+                steady(&control),
+                steady(&off),
+                steady(&control) / steady(&off),
+                worst(&control) / worst(&off).max(f64::MIN_POSITIVE)
+            );
+        }
     }
     Ok(())
 }
@@ -238,10 +270,15 @@ fn rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn child(args: &SoakArgs, pruning: bool) -> anyhow::Result<()> {
+async fn child(args: &SoakArgs, mode: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        ["on", "off", "control"].contains(&mode),
+        "unknown soak child {mode:?}"
+    );
+    let pruning = mode == "on";
     let dir = tempfile::tempdir()?;
     let data_dir = match &args.keep {
-        Some(keep) => keep.join(if pruning { "on" } else { "off" }),
+        Some(keep) => keep.join(mode),
         None => dir.path().join("data"),
     };
     let mut queues = std::collections::BTreeMap::new();
