@@ -21,7 +21,9 @@ if [ ! -x "$STITCH" ]; then
     cargo build -p stitch-cli
 fi
 if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
-    python3 -m venv "$VENV"
+    # --clear: a venv left by another checkout (a moved target dir) has
+    # scripts pointing at that checkout's interpreter; start it afresh.
+    python3 -m venv --clear "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use stitch_testkit::browser::fantoccini::{Client, Locator};
-use stitch_testkit::browser::{browser, open, wait_for};
+use stitch_testkit::browser::{browser, click_and_wait_for_next_page, open, wait_for};
 use stitch_testkit::WAIT;
 use support::serve::{Serve, STITCH};
 
@@ -126,12 +126,7 @@ async fn dashboard_pages_work_live_in_chromium() {
         .select_by_value("failed")
         .await
         .unwrap();
-    c.find(Locator::Css("form.filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_and_wait_for_next_page(c, "form.filters button[type=submit]").await;
     wait_for(c, &format!("tr[data-build='{failing}']")).await;
     assert!(c
         .current_url()

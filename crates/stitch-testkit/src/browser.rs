@@ -122,6 +122,22 @@ pub async fn wait_for(c: &Client, css: &str) -> Element {
     wait_for_locator(c, Locator::Css(css)).await
 }
 
+/// Clicks `css` (a submit button or a link) and waits until the page it
+/// leads to has drawn itself. The page being left is marked first: its own
+/// `body[data-ready]` (and any element also on the next page) would
+/// otherwise satisfy a wait before the browser has even navigated.
+pub async fn click_and_wait_for_next_page(c: &Client, css: &str) {
+    c.execute("document.body.setAttribute('data-left', '')", vec![])
+        .await
+        .unwrap_or_else(|e| panic!("marking the page before clicking {css}: {e}"));
+    wait_for(c, css)
+        .await
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    wait_for(c, "body[data-ready]:not([data-left])").await;
+}
+
 /// Opens `url` and waits until the page has drawn itself (`body[data-ready]`).
 pub async fn open(c: &Client, url: &str) {
     c.goto(url)
