@@ -149,10 +149,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
             .spawn()
     };
     let (on, off) = (spawn("on")?, spawn("off")?);
-    let control = match args.control {
-        true => Some(spawn("control")?),
-        false => None,
-    };
+    let control = args.control.then(|| spawn("control")).transpose()?;
     let control = async {
         match control {
             Some(c) => rows_of(c).await,
