@@ -1,7 +1,7 @@
 //! The dashboard in a real headless Chromium against the API server in
 //! this process (no stages run: builds stay `accepted`): the Builds pager
-//! goes forward and back, by keyboard too, and the Overview's oldest
-//! waiting age ticks without a reload. See `stitch_testkit::browser` for
+//! goes forward and back, by keyboard too, the Overview's oldest waiting
+//! age ticks without a reload, and a page left closes its streams. See `stitch_testkit::browser` for
 //! the Chromium it needs.
 
 mod http_support;
@@ -144,4 +144,68 @@ async fn the_oldest_waiting_age_ticks_without_a_reload() {
     assert!(seconds(&second) > seconds(&first), "{first} -> {second}");
     // Drawn from the same answer: no reload, no refetch.
     assert_eq!(answered.attr("data-at").await.unwrap(), at);
+}
+
+/// The server's open event streams (`stitch_http_streams_active`).
+async fn open_event_streams(s: &Server) -> u64 {
+    let text = s
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("stitch_http_streams_active{stream=\"events\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |n| n.parse::<f64>().unwrap() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_left_closes_its_streams() {
+    let Some(browser) = browser().await else {
+        return;
+    };
+    let c = &browser.client;
+    let s = Server::start().await;
+    let id = s
+        .create_ok("default", "https://example.com/change/streams")
+        .await;
+
+    // Each of these pages follows /v1/events. Chromium kept the pages it
+    // left (and their streams) alive: six of them held every connection a
+    // browser opens to one server, and the next page waited 30-50 s for one.
+    let build = format!("/builds/{id}");
+    for path in ["/", "/builds", &build, "/", "/builds", &build] {
+        open(c, &s.url(path)).await;
+        wait_for(c, "main h1").await;
+    }
+    // The build page's timeline is drawn from its event stream: open now.
+    wait_for(c, "ol#timeline li[data-seq]").await;
+    assert!(open_event_streams(&s).await >= 1);
+    // Dead letters follows nothing: every stream open now is a left page's.
+    open(c, &s.url("/dead-letters")).await;
+    wait_for(c, "main h1").await;
+
+    // The page aborted its streams as it was hidden; the server sees each
+    // connection close a moment later, without writing to it. The bound is
+    // far above that moment on a loaded machine, and far below how long
+    // Chromium kept the streams of the pages it left (20 s and more).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut polls = 0;
+    loop {
+        let open = open_event_streams(&s).await;
+        polls += 1;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{open} event streams still open after leaving their pages ({polls} polls)"
+        );
+        // A metrics scrape is the only view of the server's streams: no
+        // event announces one closing, so this polls at a fixed step.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -9,6 +9,7 @@
 //! fails.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -22,7 +23,7 @@ use serde_json::json;
 use crate::WAIT;
 
 /// A chromedriver child and a WebDriver session in headless Chromium; the
-/// child is killed when this is dropped.
+/// driver's whole process group is killed when this is dropped.
 pub struct Browser {
     pub client: Client,
     driver: Child,
@@ -30,7 +31,15 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // chromedriver leads its own process group, and the Chromium it
+        // starts (browser, renderers, GPU and network helpers) stays in it:
+        // killing chromedriver alone left them all running after every test.
+        // A test that panics never reaches a session close, so Drop ends
+        // the group rather than asking WebDriver to quit.
+        let group = rustix::process::Pid::from_child(&self.driver);
+        if rustix::process::kill_process_group(group, rustix::process::Signal::KILL).is_err() {
+            let _ = self.driver.kill();
+        }
         let _ = self.driver.wait();
     }
 }
@@ -64,6 +73,8 @@ pub async fn browser() -> Option<Browser> {
         .expect("a free loopback port for chromedriver");
     let mut driver = Command::new(chromedriver)
         .arg(format!("--port={port}"))
+        // Its own process group, so Drop can end Chromium with it.
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

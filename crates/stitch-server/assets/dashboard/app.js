@@ -14,6 +14,15 @@
   const connection = document.getElementById('connection');
   const announcer = document.getElementById('announce');
 
+  // Aborted when the page is hidden (left, or kept in the back/forward
+  // cache). A browser opens at most six HTTP/1.1 connections to one server,
+  // and the open streams of pages it keeps would hold them: the next page's
+  // loads then waited for them (30-50 s in Chromium). A page shown again
+  // from that cache reloads, its streams being gone.
+  const pageStreams = new AbortController();
+  window.addEventListener('pagehide', () => pageStreams.abort());
+  window.addEventListener('pageshow', (e) => { if (e.persisted) window.location.reload(); });
+
   // ---- DOM helpers: text always goes in as text, never as markup ----
 
   function el(tag, attrs, ...children) {
@@ -132,12 +141,13 @@
   // Reads an SSE response through fetch(), so the token goes in the
   // Authorization header (EventSource cannot send one, and a token in the
   // URL would end up in logs and history). Calls onFrame({event, id, data})
-  // per frame; resolves when the stream ends.
-  async function readSse(path, onFrame, signal) {
+  // per frame; resolves when the stream ends, and rejects when the page is
+  // hidden (see pageStreams).
+  async function readSse(path, onFrame) {
     const resp = await fetch(path, {
       headers: authHeaders({ Accept: 'text/event-stream' }),
       cache: 'no-store',
-      signal,
+      signal: pageStreams.signal,
     });
     if (!resp.ok) throw await failure(resp);
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -191,6 +201,7 @@
             onEvent(ev);
           });
         } catch (e) {
+          if (pageStreams.signal.aborted) return;
           if (e instanceof Unauthorized) { showLogin(true); return; }
           if (e instanceof ApiFailure && e.code === 'events_pruned') {
             // Retention passed our position: start over from the page's data.
@@ -618,6 +629,7 @@
         });
         if (!finished) logStatus.textContent = 'The log stream ended early; reload to resume.';
       } catch (e) {
+        if (pageStreams.signal.aborted) return;
         if (e instanceof Unauthorized) { showLogin(true); return; }
         if (e instanceof ApiFailure && e.code === 'logs_not_found') logStatus.textContent = 'No log yet: it appears once the build starts on its runner.';
         else logStatus.textContent = `The log cannot be read: ${e.message}`;
