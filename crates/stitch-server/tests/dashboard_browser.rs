@@ -148,14 +148,7 @@ async fn the_oldest_waiting_age_ticks_without_a_reload() {
 
 /// The server's open event streams (`stitch_http_streams_active`).
 async fn open_event_streams(s: &Server) -> u64 {
-    let text = s
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     text.lines()
         .find(|l| l.starts_with("stitch_http_streams_active{stream=\"events\""))
         .and_then(|l| l.rsplit(' ').next())

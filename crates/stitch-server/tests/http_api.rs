@@ -437,14 +437,7 @@ async fn invented_methods_and_paths_add_no_metric_series() {
     let s = Server::start().await;
     let invented = |i: usize| reqwest::Method::from_bytes(format!("XM{i}").as_bytes()).unwrap();
     let series = || async {
-        let text = s
-            .get("/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = s.metrics_text().await;
         text.lines()
             .filter(|l| l.starts_with("stitch_http_"))
             .map(str::to_string)

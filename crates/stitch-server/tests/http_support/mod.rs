@@ -142,6 +142,13 @@ impl Server {
         self.authed(self.client.get(self.url(path)))
     }
 
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        let resp = self.get("/metrics").send().await.expect("GET /metrics");
+        assert_eq!(resp.status(), 200, "GET /metrics");
+        resp.text().await.expect("the metrics text")
+    }
+
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.authed(self.client.post(self.url(path)))
     }
