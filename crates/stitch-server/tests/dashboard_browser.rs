@@ -1,8 +1,8 @@
 //! The dashboard in a real headless Chromium against the API server in
 //! this process (no stages run: builds stay `accepted`): the Builds pager
 //! goes forward and back, by keyboard too, the Overview's oldest waiting
-//! age ticks without a reload, and a page left closes its streams. See `stitch_testkit::browser` for
-//! the Chromium it needs.
+//! age ticks without a reload, and a page left closes its streams. See
+//! `stitch_testkit::browser` for the Chromium it needs.
 
 mod http_support;
 
