@@ -5,7 +5,9 @@
 //!
 //! The seam: how a vendor stamps its lines (Buildkite's `ESC _bk;t=…`
 //! markers, GitHub's RFC 3339 prefixes) is a [`LineStamp`]; the splitting
-//! and the inheritance are written once, here.
+//! and the inheritance are written once, here, with what the vendors that
+//! fetch a job's log by byte offset share (`JobRead`) and their timestamp
+//! forms (`parse_vendor_time`).
 
 use std::marker::PhantomData;
 
@@ -139,6 +141,44 @@ pub fn truncation_line(
     )
 }
 
+/// Parses a vendor's timestamp: RFC 3339 as the REST APIs write it
+/// (`2026-01-02T03:04:05.123Z`), or the `2018-03-25 03:58:14 UTC` form of
+/// older webhook payloads (Buildkite's, GitLab's).
+pub fn parse_vendor_time(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S UTC")
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+/// How far one job's raw log was read (for a vendor whose log is fetched
+/// by byte offset), and the line it left open.
+#[derive(Debug)]
+pub(crate) struct JobRead<S> {
+    pub(crate) bytes_read: u64,
+    pub(crate) splitter: LineSplitter<S>,
+}
+
+impl<S> Clone for JobRead<S> {
+    fn clone(&self) -> Self {
+        Self {
+            bytes_read: self.bytes_read,
+            splitter: self.splitter.clone(),
+        }
+    }
+}
+
+impl<S: LineStamp> JobRead<S> {
+    pub(crate) fn new(start: DateTime<Utc>) -> Self {
+        Self {
+            bytes_read: 0,
+            splitter: LineSplitter::new(start),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +241,23 @@ mod tests {
                 "x".to_string(),
                 DateTime::from_timestamp(5, 0).unwrap()
             )]
+        );
+    }
+
+    #[test]
+    fn both_vendor_time_forms_parse() {
+        // Buildkite's REST form with millis, GitLab's webhook form.
+        let rest = parse_vendor_time("2018-03-25T03:58:14.123Z").unwrap();
+        let hook = parse_vendor_time("2018-03-25 03:58:14 UTC").unwrap();
+        assert_eq!(rest.timestamp(), hook.timestamp());
+        assert_eq!(
+            parse_vendor_time("2016-08-12T15:23:28.000Z"),
+            parse_vendor_time("2016-08-12 15:23:28 UTC")
+        );
+        assert!(parse_vendor_time("yesterday").is_none());
+        assert!(
+            parse_vendor_time("2016-08-12 15:23:28").is_none(),
+            "no zone"
         );
     }
 }

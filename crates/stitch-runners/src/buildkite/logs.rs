@@ -8,7 +8,7 @@ use stitch_core::{LogLine, StepKind};
 
 use super::model::Job;
 pub use crate::timed_lines::TimedLine;
-use crate::timed_lines::{self, LineStamp};
+use crate::timed_lines::{self, parse_vendor_time, LineStamp};
 
 /// The marker the agent writes before a timestamp; an `ESC` usually
 /// precedes it and a `BEL` ends the timestamp.
@@ -66,39 +66,15 @@ fn strip_markers(line: &str) -> (String, Option<DateTime<Utc>>) {
     (out, first)
 }
 
-/// Parses a Buildkite timestamp: ISO 8601 (`2026-01-02T03:04:05.123Z`) or
-/// the older webhook form `2018-03-25 03:58:14 UTC`.
-pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc));
-    }
-    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S UTC")
-        .ok()
-        .map(|n| n.and_utc())
-}
-
 /// How far one job's log was read, and the line it left open.
-#[derive(Clone, Debug)]
-pub(crate) struct JobRead {
-    pub(crate) bytes_read: u64,
-    pub(crate) splitter: LineSplitter,
-}
-
-impl JobRead {
-    pub(crate) fn new(start: DateTime<Utc>) -> Self {
-        Self {
-            bytes_read: 0,
-            splitter: LineSplitter::new(start),
-        }
-    }
-}
+pub(crate) type JobRead = timed_lines::JobRead<BuildkiteStamp>;
 
 /// The control line opening `job`'s step.
 pub(crate) fn step_start(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogLine {
     let time = job
         .started_at
         .as_deref()
-        .and_then(parse_time)
+        .and_then(parse_vendor_time)
         .unwrap_or(fallback);
     LogLine::step_start(
         step_id,
@@ -114,7 +90,7 @@ pub(crate) fn step_end(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogL
     let time = job
         .finished_at
         .as_deref()
-        .and_then(parse_time)
+        .and_then(parse_vendor_time)
         .unwrap_or(fallback);
     LogLine::step_end(step_id, job.display_name(), StepKind::User, time)
 }
@@ -179,13 +155,5 @@ mod tests {
         assert!(t.is_none());
         let (text, _) = strip_markers("\u{1b}[31mred\u{1b}[0m");
         assert_eq!(text, "\u{1b}[31mred\u{1b}[0m", "other escapes are kept");
-    }
-
-    #[test]
-    fn both_timestamp_forms_parse() {
-        let a = parse_time("2018-03-25T03:58:14.123Z").unwrap();
-        let b = parse_time("2018-03-25 03:58:14 UTC").unwrap();
-        assert_eq!(a.timestamp(), b.timestamp());
-        assert!(parse_time("yesterday").is_none());
     }
 }

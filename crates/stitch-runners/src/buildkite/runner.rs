@@ -27,10 +27,11 @@ use stitch_core::{
 
 use super::client::{BuildQuery, Client, Pipeline};
 use super::error::BuildkiteError;
-use super::logs::{parse_time, step_end, step_start, JobRead};
+use super::logs::{step_end, step_start, JobRead};
 use super::model::{Build, BuildState, CreateBuild, META_BUILD_ID, META_QUEUE};
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
+use crate::timed_lines::parse_vendor_time;
 use crate::timed_lines::{data_lines, truncation_line};
 use crate::trigger_book::TriggerBook;
 
@@ -506,7 +507,7 @@ impl LogSource for BuildLogs {
             let start = job
                 .started_at
                 .as_deref()
-                .and_then(parse_time)
+                .and_then(parse_vendor_time)
                 .unwrap_or(now);
             let step = self.steps.step(job.id.clone(), || JobRead::new(start));
             if step.closed {

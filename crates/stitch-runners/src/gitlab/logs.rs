@@ -11,7 +11,7 @@ use stitch_core::{LogLine, StepKind};
 
 use super::model::Job;
 pub use crate::timed_lines::TimedLine;
-use crate::timed_lines::{self, LineStamp};
+use crate::timed_lines::{self, parse_vendor_time, LineStamp};
 
 /// GitLab's stamps (see the module docs).
 #[derive(Clone, Copy, Debug)]
@@ -96,39 +96,15 @@ fn strip_sections(line: &str) -> (String, Option<DateTime<Utc>>) {
     (out, first)
 }
 
-/// Parses a GitLab REST timestamp (ISO 8601) or a webhook one
-/// (`2016-08-12 15:23:28 UTC`).
-pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc));
-    }
-    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S UTC")
-        .ok()
-        .map(|n| n.and_utc())
-}
-
 /// How far one job's trace was read, and the line it left open.
-#[derive(Clone, Debug)]
-pub(crate) struct JobRead {
-    pub(crate) bytes_read: u64,
-    pub(crate) splitter: LineSplitter,
-}
-
-impl JobRead {
-    pub(crate) fn new(start: DateTime<Utc>) -> Self {
-        Self {
-            bytes_read: 0,
-            splitter: LineSplitter::new(start),
-        }
-    }
-}
+pub(crate) type JobRead = timed_lines::JobRead<GitlabStamp>;
 
 /// The control line opening `job`'s step (its stage as the command).
 pub(crate) fn step_start(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogLine {
     let time = job
         .started_at
         .as_deref()
-        .and_then(parse_time)
+        .and_then(parse_vendor_time)
         .unwrap_or(fallback);
     LogLine::step_start(
         step_id,
@@ -144,7 +120,7 @@ pub(crate) fn step_end(step_id: i64, job: &Job, fallback: DateTime<Utc>) -> LogL
     let time = job
         .finished_at
         .as_deref()
-        .and_then(parse_time)
+        .and_then(parse_vendor_time)
         .unwrap_or(fallback);
     LogLine::step_end(step_id, job.display_name(), StepKind::User, time)
 }
@@ -210,13 +186,5 @@ mod tests {
             assert_eq!(lines, whole, "cut at {cut}");
         }
         assert_eq!(whole[0].text, "h\u{e9}llo \u{2603}");
-    }
-
-    #[test]
-    fn both_timestamp_forms_parse() {
-        let a = parse_time("2016-08-12T15:23:28.000Z").unwrap();
-        let b = parse_time("2016-08-12 15:23:28 UTC").unwrap();
-        assert_eq!(a, b);
-        assert!(parse_time("yesterday").is_none());
     }
 }

@@ -31,12 +31,13 @@ use stitch_core::{
 
 use super::client::{Client, PipelineQuery};
 use super::error::GitlabError;
-use super::logs::{parse_time, step_end, step_start, JobRead};
+use super::logs::{step_end, step_start, JobRead};
 use super::model::{
     pipeline_name, CreatePipeline, Pipeline, PipelineStatus, Variable, VAR_PIPELINE_NAME,
 };
 use crate::http_budget::Priority;
 use crate::log_follower::{Batch, LogFollower, LogSource, SharedLogs, Steps};
+use crate::timed_lines::parse_vendor_time;
 use crate::timed_lines::{data_lines, truncation_line};
 use crate::trigger_book::TriggerBook;
 
@@ -414,7 +415,7 @@ impl LogSource for PipelineLogs {
             let start = job
                 .started_at
                 .as_deref()
-                .and_then(parse_time)
+                .and_then(parse_vendor_time)
                 .unwrap_or(now);
             let step = self.steps.step(job.id, || JobRead::new(start));
             if step.closed {
