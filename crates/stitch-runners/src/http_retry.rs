@@ -1,17 +1,42 @@
-//! The retry policy vendor HTTP clients (`buildkite::Client`, later the
-//! GitHub client) are given by their wiring: how many attempts a *safe*
-//! call gets, the backoff between them, and the longest wait a provider's
+//! The retry policy vendor HTTP clients (Buildkite, GitHub, GitLab,
+//! Jenkins) are given by their wiring: how many attempts a *safe* call
+//! gets, the backoff between them, and the longest wait a provider's
 //! rate-limit reset may impose before the client gives the error back to
-//! its caller (whose own, slower retry schedule takes over).
+//! its caller (whose own, slower retry schedule takes over); and the one
+//! send of an attempt every client shares ([`RetryPolicy::send_attempt`]).
 //!
 //! Which calls are safe to repeat is the client's knowledge, not the
-//! policy's: the policy only answers "may I try again, and after how long".
+//! policy's: the client says it per call ([`Safety`]), the policy only
+//! answers "may I try again, and after how long".
 //! Hand-written rather than a crate because it is a value type of four
 //! numbers and one formula; see `docs/adr/0005-buildkite-client-budget-and-retries.md`.
 
 use std::time::Duration;
 
 use rand::Rng;
+
+use crate::http_error::{AnswerDetail, HttpError};
+use crate::http_metrics;
+
+/// Whether a call may be sent again after an unknown outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Safety {
+    /// Repeating it changes nothing (reads, cancels).
+    Safe,
+    /// Repeating it may start a second build (a create, a workflow
+    /// dispatch, a job trigger).
+    StartsBuild,
+}
+
+/// What one send of a request came to.
+pub(crate) enum Sent<D> {
+    /// The vendor answered (with any status).
+    Answered(reqwest::Response),
+    /// No answer, and the call may be sent again: the backoff was waited.
+    Again,
+    /// No answer, and the call may not be sent again.
+    Failed(HttpError<D>),
+}
 
 /// Attempts and backoff for repeatable HTTP calls.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +103,38 @@ impl RetryPolicy {
     /// `max_rate_limit_wait` and the caller should get the error instead.
     pub fn rate_limit_wait(&self, reset: Duration) -> Option<Duration> {
         (reset <= self.max_rate_limit_wait).then(|| self.with_jitter(reset))
+    }
+
+    /// Sends `request` once as attempt number `attempt` (1-based), timed
+    /// into the HTTP metrics as `provider`'s `operation`. When no answer
+    /// came, the call is sent again if repeating it is harmless (`Safe`, or
+    /// the connection was never made) and attempts are left: the backoff is
+    /// waited here and [`Sent::Again`] returned.
+    pub(crate) async fn send_attempt<D: AnswerDetail>(
+        &self,
+        request: reqwest::RequestBuilder,
+        provider: &'static str,
+        operation: &'static str,
+        safety: Safety,
+        attempt: u32,
+    ) -> Sent<D> {
+        let timing = http_metrics::Attempt::start(provider, operation);
+        match request.send().await {
+            Ok(resp) => {
+                timing.answered(resp.status().as_u16());
+                Sent::Answered(resp)
+            }
+            Err(e) => {
+                timing.failed();
+                let err = HttpError::transport(&e);
+                let repeatable = safety == Safety::Safe || !err.outcome_unknown();
+                if repeatable && self.may_retry(attempt) {
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    return Sent::Again;
+                }
+                Sent::Failed(err)
+            }
+        }
     }
 
     /// `d` plus up to `jitter · d` (at least 0–50 ms, so a zero reset

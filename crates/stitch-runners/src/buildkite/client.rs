@@ -24,7 +24,7 @@ use super::error::{api_error, rate_limit_reset, BuildkiteError};
 use super::model::{Build, CreateBuild};
 use crate::http_budget::{Priority, RequestBudget};
 use crate::http_metrics;
-use crate::http_retry::RetryPolicy;
+use crate::http_retry::{RetryPolicy, Safety, Sent};
 use crate::http_util::{next_link, transport_message};
 
 /// The most pages a list follows (100 builds each).
@@ -74,15 +74,6 @@ pub struct BuildQuery {
     pub states: Vec<String>,
     /// `exclude_jobs=true` (cheaper when only the state is needed).
     pub exclude_jobs: bool,
-}
-
-/// Whether a call may be repeated after an unknown outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Safety {
-    /// Repeating it changes nothing (GET, cancel).
-    Safe,
-    /// Repeating it may create a second build.
-    Create,
 }
 
 /// The Buildkite REST client. Cheap to clone.
@@ -179,7 +170,7 @@ impl Client {
     ) -> Result<Build, BuildkiteError> {
         let url = self.builds_url(p, &[])?;
         let resp = self
-            .send("create_build", Safety::Create, || {
+            .send("create_build", Safety::StartsBuild, || {
                 self.http.request(Method::POST, url.clone()).json(body)
             })
             .await?;
@@ -402,22 +393,20 @@ impl Client {
         loop {
             attempt += 1;
             self.budget.acquire(self.priority).await;
-            let timing = http_metrics::Attempt::start(http_metrics::BUILDKITE, operation);
-            let resp = match request().send().await {
-                Ok(resp) => {
-                    timing.answered(resp.status().as_u16());
-                    resp
-                }
-                Err(e) => {
-                    timing.failed();
-                    let err = BuildkiteError::transport(&e);
-                    let repeatable = safety == Safety::Safe || !err.outcome_unknown();
-                    if repeatable && self.retry.may_retry(attempt) {
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
-                        continue;
-                    }
-                    return Err(err);
-                }
+            let resp = match self
+                .retry
+                .send_attempt(
+                    request(),
+                    http_metrics::BUILDKITE,
+                    operation,
+                    safety,
+                    attempt,
+                )
+                .await
+            {
+                Sent::Answered(resp) => resp,
+                Sent::Again => continue,
+                Sent::Failed(err) => return Err(err),
             };
             let status = resp.status();
             http_metrics::note_remaining(

@@ -41,7 +41,7 @@ use super::model::{
 };
 use crate::http_budget::{Priority, RequestBudget};
 use crate::http_metrics;
-use crate::http_retry::RetryPolicy;
+use crate::http_retry::{RetryPolicy, Safety, Sent};
 use crate::http_util::{join_segments, next_link, parse_api_root, same_origin, transport_message};
 
 /// The most pages a list follows (100 runs each).
@@ -78,15 +78,6 @@ pub struct RunQuery {
     pub created_from: Option<DateTime<Utc>>,
     /// `status=` (a status or a conclusion).
     pub status: Option<String>,
-}
-
-/// Whether a call may be repeated after an unknown outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Safety {
-    /// Repeating it changes nothing (GET, cancel).
-    Safe,
-    /// Repeating it may start a second run.
-    Dispatch,
 }
 
 /// An answer read whole.
@@ -189,7 +180,13 @@ impl Client {
     ) -> Result<Option<DispatchResponse>, GithubError> {
         let url = self.repo_url(repo, &["workflows", workflow, "dispatches"])?;
         let answer = self
-            .send("dispatch", Method::POST, &url, Some(body), Safety::Dispatch)
+            .send(
+                "dispatch",
+                Method::POST,
+                &url,
+                Some(body),
+                Safety::StartsBuild,
+            )
             .await?;
         if answer.status == StatusCode::NO_CONTENT || answer.body.is_empty() {
             return Ok(None);
@@ -356,22 +353,14 @@ impl Client {
             if let Some(b) = body {
                 req = req.json(b);
             }
-            let timing = http_metrics::Attempt::start(http_metrics::GITHUB, operation);
-            let resp = match req.send().await {
-                Ok(resp) => {
-                    timing.answered(resp.status().as_u16());
-                    resp
-                }
-                Err(e) => {
-                    timing.failed();
-                    let err = GithubError::transport(&e);
-                    let repeatable = safety == Safety::Safe || !err.outcome_unknown();
-                    if repeatable && self.retry.may_retry(attempt) {
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
-                        continue;
-                    }
-                    return Err(err);
-                }
+            let resp = match self
+                .retry
+                .send_attempt(req, http_metrics::GITHUB, operation, safety, attempt)
+                .await
+            {
+                Sent::Answered(resp) => resp,
+                Sent::Again => continue,
+                Sent::Failed(err) => return Err(err),
             };
             let status = resp.status();
             let headers = resp.headers().clone();

@@ -31,7 +31,7 @@ use super::error::{api_error, header_u64, rate_limit_wait, until_reset, GitlabEr
 use super::model::{CreatePipeline, Job, Pipeline, TriggerPipeline};
 use crate::http_budget::{Priority, RequestBudget};
 use crate::http_metrics;
-use crate::http_retry::RetryPolicy;
+use crate::http_retry::{RetryPolicy, Safety, Sent};
 use crate::http_util::{join_segments, next_link, parse_api_root, same_origin, transport_message};
 
 /// The most pages a list follows (100 items each).
@@ -56,15 +56,6 @@ pub struct TraceChunk {
     /// The bytes past the offset asked for, at most `max_new + 1` of them
     /// (one more than allowed says the trace outgrew the allowance).
     pub bytes: Bytes,
-}
-
-/// Whether a call may be repeated after an unknown outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Safety {
-    /// Repeating it changes nothing (GET, cancel).
-    Safe,
-    /// Repeating it may create a second pipeline.
-    Create,
 }
 
 /// The GitLab REST client. Cheap to clone.
@@ -162,7 +153,7 @@ impl Client {
                     Method::POST,
                     &url,
                     Some(body),
-                    Safety::Create,
+                    Safety::StartsBuild,
                 )
                 .await?
             }
@@ -178,7 +169,7 @@ impl Client {
                     Method::POST,
                     &url,
                     Some(&trigger),
-                    Safety::Create,
+                    Safety::StartsBuild,
                 )
                 .await?
             }
@@ -397,22 +388,14 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let timing = http_metrics::Attempt::start(http_metrics::GITLAB, operation);
-        let resp = match req.send().await {
-            Ok(resp) => {
-                timing.answered(resp.status().as_u16());
-                resp
-            }
-            Err(e) => {
-                timing.failed();
-                let err = GitlabError::transport(&e);
-                let repeatable = safety == Safety::Safe || !err.outcome_unknown();
-                if repeatable && self.retry.may_retry(attempt) {
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
-                    return Ok(None);
-                }
-                return Err(err);
-            }
+        let resp = match self
+            .retry
+            .send_attempt(req, http_metrics::GITLAB, operation, safety, attempt)
+            .await
+        {
+            Sent::Answered(resp) => resp,
+            Sent::Again => return Ok(None),
+            Sent::Failed(err) => return Err(err),
         };
         let status = resp.status();
         let now = Utc::now().timestamp();

@@ -28,7 +28,7 @@ use super::error::{api_error, retry_after, JenkinsError};
 use super::model::{Build, BuildRange, CrumbAnswer, Queue, QueueItem};
 use crate::http_budget::{Priority, RequestBudget};
 use crate::http_metrics;
-use crate::http_retry::RetryPolicy;
+use crate::http_retry::{RetryPolicy, Safety, Sent};
 use crate::http_util::{join_segments, parse_api_root, transport_message};
 
 /// The fields of a build stitch reads (Jenkins' `tree` filter keeps the
@@ -139,15 +139,6 @@ pub struct ConsoleChunk {
     pub more: bool,
 }
 
-/// Whether a call may be repeated after an unknown outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Safety {
-    /// Repeating it changes nothing (reads, stop, cancelItem).
-    Safe,
-    /// Repeating it may queue a second build.
-    Trigger,
-}
-
 /// The Jenkins client. Cheap to clone; clones share the crumb.
 #[derive(Clone)]
 pub struct Client {
@@ -238,7 +229,7 @@ impl Client {
         let resp = self
             .send(
                 "build_with_parameters",
-                Safety::Trigger,
+                Safety::StartsBuild,
                 Method::POST,
                 &url,
                 Some(parameters),
@@ -491,22 +482,14 @@ impl Client {
                         .body(self.form_body(form));
                 }
             }
-            let timing = http_metrics::Attempt::start(http_metrics::JENKINS, operation);
-            let resp = match req.send().await {
-                Ok(resp) => {
-                    timing.answered(resp.status().as_u16());
-                    resp
-                }
-                Err(e) => {
-                    timing.failed();
-                    let err = JenkinsError::transport(&e);
-                    let repeatable = safety == Safety::Safe || !err.outcome_unknown();
-                    if repeatable && self.retry.may_retry(attempt) {
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
-                        continue;
-                    }
-                    return Err(err);
-                }
+            let resp = match self
+                .retry
+                .send_attempt(req, http_metrics::JENKINS, operation, safety, attempt)
+                .await
+            {
+                Sent::Answered(resp) => resp,
+                Sent::Again => continue,
+                Sent::Failed(err) => return Err(err),
             };
             let status = resp.status();
             if status.is_success() || status.is_redirection() {
