@@ -9,20 +9,22 @@
 //! event (p50/p99/max). The request budget is set far above the load so it
 //! measures stitch's own call pattern, not the limiter.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use stitch_fake_providers::buildkite::{
     FakeBuildkite, FakeOptions, Timing, WebhookAuth, WebhookTarget,
 };
 use stitch_server::config::{
-    BuildkiteSection, Config, PollConfig, QueueConfig, RateLimitSection, RunnerSection,
-    WebhookModeName, WebhookSection,
+    BuildkiteSection, PollConfig, QueueConfig, RateLimitSection, RunnerSection, WebhookModeName,
+    WebhookSection,
 };
 
-use crate::provider::{create_and_wait, print_calls, print_latency, terminal_times, Server};
+use crate::provider::{
+    create_and_wait, latencies_to_terminal, one_queue_config, print_calls, print_latency, rfc3339,
+    terminal_times, webhook_mode, Server,
+};
 
 const TOKEN_ENV: &str = "STITCH_BENCH_BK_TOKEN";
 const SECRET_ENV: &str = "STITCH_BENCH_BK_WEBHOOK_SECRET";
@@ -61,11 +63,7 @@ pub async fn run(args: BuildkiteArgs) -> anyhow::Result<()> {
         args.builds, args.run_ms
     );
     for mode in &args.only {
-        let webhooks = match mode.as_str() {
-            "webhooks" => true,
-            "polling" => false,
-            other => anyhow::bail!("unknown mode {other:?}; use webhooks or polling"),
-        };
+        let webhooks = webhook_mode(mode)?;
         one_mode(&args, root.join(mode), webhooks).await?;
     }
     Ok(())
@@ -108,12 +106,7 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
         poll: PollConfig::default(),
         ..QueueConfig::default()
     };
-    let config = Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir,
-        queues: BTreeMap::from([("ci".to_string(), queue)]),
-        ..Config::default()
-    };
+    let config = one_queue_config(data_dir, queue);
     let server = Server::start(config).await?;
     let state = &server.state;
     if webhooks {
@@ -129,19 +122,9 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
     print_calls(mode, "Buildkite", &run, &stats.requests);
     let terminal_at = terminal_times(state).await?;
     // Finish at Buildkite → terminal event in stitch, for both modes.
-    let mut finish = Vec::new();
-    for id in &run.ids {
-        let finished = fake
-            .build_json(id.as_str())
-            .and_then(|b| b["finished_at"].as_str().map(str::to_string))
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
-        if let (Some(f), Some(at)) = (finished, terminal_at.get(id.as_str())) {
-            let micros = (*at - f.with_timezone(&chrono::Utc))
-                .num_microseconds()
-                .unwrap_or(0);
-            finish.push(micros.max(1) as u64);
-        }
-    }
+    let finish = latencies_to_terminal(&run, &terminal_at, |id| {
+        fake.build_json(id).and_then(|b| rfc3339(&b["finished_at"]))
+    });
     print_latency("build finished → terminal event, ms", &finish)?;
     if webhooks {
         println!(
@@ -149,17 +132,10 @@ async fn one_mode(args: &BuildkiteArgs, data_dir: PathBuf, webhooks: bool) -> an
             "webhooks received per build",
             stats.webhooks_sent as f64 / args.builds.max(1) as f64
         );
-        let mut lat = Vec::new();
-        for id in &run.ids {
-            let (Some(sent), Some(at)) = (
-                fake.webhook_sent_at(id.as_str(), "build.finished"),
-                terminal_at.get(id.as_str()),
-            ) else {
-                continue;
-            };
-            let at = SystemTime::from(*at);
-            lat.push(at.duration_since(sent).unwrap_or_default().as_micros() as u64);
-        }
+        let lat = latencies_to_terminal(&run, &terminal_at, |id| {
+            fake.webhook_sent_at(id, "build.finished")
+                .map(DateTime::<Utc>::from)
+        });
         print_latency("webhook-to-event latency, ms", &lat)?;
     }
     server.stop().await;

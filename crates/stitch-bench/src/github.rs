@@ -11,17 +11,20 @@
 //! above the load so it measures stitch's own call pattern.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use stitch_fake_providers::github::{FakeGithub, FakeOptions, Timing, WebhookTarget};
 use stitch_server::config::{
     Config, GithubSection, GithubWebhookSection, PollConfig, QueueConfig, RateLimitSection,
     RunnerSection, WebhooksConfig,
 };
 
-use crate::provider::{create_and_wait, print_calls, print_latency, terminal_times, Server};
+use crate::provider::{
+    create_and_wait, latencies_to_terminal, one_queue_config, print_calls, print_latency, rfc3339,
+    terminal_times, webhook_mode, Server,
+};
 
 const TOKEN_ENV: &str = "STITCH_BENCH_GH_TOKEN";
 const SECRET_ENV: &str = "STITCH_BENCH_GH_WEBHOOK_SECRET";
@@ -60,11 +63,7 @@ pub async fn run(args: GithubArgs) -> anyhow::Result<()> {
         args.builds, args.run_ms
     );
     for mode in &args.only {
-        let webhooks = match mode.as_str() {
-            "webhooks" => true,
-            "polling" => false,
-            other => anyhow::bail!("unknown mode {other:?}; use webhooks or polling"),
-        };
+        let webhooks = webhook_mode(mode)?;
         one_mode(&args, root.join(mode), webhooks).await?;
     }
     Ok(())
@@ -107,16 +106,13 @@ async fn one_mode(args: &GithubArgs, data_dir: PathBuf, webhooks: bool) -> anyho
         ..QueueConfig::default()
     };
     let config = Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir,
-        queues: BTreeMap::from([("ci".to_string(), queue)]),
         webhooks: WebhooksConfig {
             github: webhooks.then(|| GithubWebhookSection {
                 secret_env: SECRET_ENV.into(),
                 poll: Duration::from_secs(60),
             }),
         },
-        ..Config::default()
+        ..one_queue_config(data_dir, queue)
     };
     let server = Server::start(config).await?;
     let state = &server.state;
@@ -139,27 +135,13 @@ async fn one_mode(args: &GithubArgs, data_dir: PathBuf, webhooks: bool) -> anyho
         stats.not_modified as f64 / n
     );
     let terminal_at = terminal_times(state).await?;
-    let mut finish = Vec::new();
-    let mut hook = Vec::new();
-    for id in &run.ids {
-        let completed = fake
-            .run_json(id.as_str())
-            .and_then(|r| r["updated_at"].as_str().map(str::to_string))
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
-        let Some(at) = terminal_at.get(id.as_str()) else {
-            continue;
-        };
-        if let Some(c) = completed {
-            let micros = (*at - c.with_timezone(&chrono::Utc))
-                .num_microseconds()
-                .unwrap_or(0);
-            finish.push(micros.max(1) as u64);
-        }
-        if let Some(sent) = fake.webhook_sent_at(id.as_str(), "completed") {
-            let at = SystemTime::from(*at);
-            hook.push(at.duration_since(sent).unwrap_or_default().as_micros() as u64);
-        }
-    }
+    let finish = latencies_to_terminal(&run, &terminal_at, |id| {
+        fake.run_json(id).and_then(|r| rfc3339(&r["updated_at"]))
+    });
+    let hook = latencies_to_terminal(&run, &terminal_at, |id| {
+        fake.webhook_sent_at(id, "completed")
+            .map(DateTime::<Utc>::from)
+    });
     // GitHub's times have whole seconds: this figure is coarse.
     print_latency("run completed → terminal event, ms (±1 s)", &finish)?;
     if webhooks {

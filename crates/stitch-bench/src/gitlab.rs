@@ -11,17 +11,19 @@
 //! latency from the fake finishing a pipeline to stitch's terminal event.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use stitch_fake_providers::gitlab::{FakeGitlab, FakeOptions, Timing, WebhookTarget};
 use stitch_server::config::{
-    Config, GitlabSection, GitlabWebhookSection, PollConfig, QueueConfig, RateLimitSection,
-    RunnerSection,
+    GitlabSection, GitlabWebhookSection, PollConfig, QueueConfig, RateLimitSection, RunnerSection,
 };
 
-use crate::provider::{create_and_wait, print_calls, print_latency, terminal_times, Server};
+use crate::provider::{
+    create_and_wait, latencies_to_terminal, one_queue_config, print_calls, print_latency, rfc3339,
+    terminal_times, webhook_mode, Server,
+};
 
 const TOKEN_ENV: &str = "STITCH_BENCH_GL_TOKEN";
 const SECRET_ENV: &str = "STITCH_BENCH_GL_WEBHOOK_SECRET";
@@ -62,11 +64,7 @@ pub async fn run(args: GitlabArgs) -> anyhow::Result<()> {
         args.builds, args.run_ms, args.rate_limit
     );
     for mode in &args.only {
-        let webhooks = match mode.as_str() {
-            "webhooks" => true,
-            "polling" => false,
-            other => anyhow::bail!("unknown mode {other:?}; use webhooks or polling"),
-        };
+        let webhooks = webhook_mode(mode)?;
         one_mode(&args, root.join(mode), webhooks).await?;
     }
     Ok(())
@@ -109,12 +107,7 @@ async fn one_mode(args: &GitlabArgs, data_dir: PathBuf, webhooks: bool) -> anyho
         poll: PollConfig::default(),
         ..QueueConfig::default()
     };
-    let config = Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir,
-        queues: BTreeMap::from([("ci".to_string(), queue)]),
-        ..Config::default()
-    };
+    let config = one_queue_config(data_dir, queue);
     let server = Server::start(config).await?;
     let state = &server.state;
     if webhooks {
@@ -135,19 +128,10 @@ async fn one_mode(args: &GitlabArgs, data_dir: PathBuf, webhooks: bool) -> anyho
     );
     println!("{:<52} {}", "answered 429", stats.rate_limited);
     let terminal_at = terminal_times(state).await?;
-    let mut finish = Vec::new();
-    for id in &run.ids {
-        let finished = fake
-            .pipeline_json(id.as_str())
-            .and_then(|p| p["finished_at"].as_str().map(str::to_string))
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok());
-        if let (Some(f), Some(at)) = (finished, terminal_at.get(id.as_str())) {
-            let micros = (*at - f.with_timezone(&chrono::Utc))
-                .num_microseconds()
-                .unwrap_or(0);
-            finish.push(micros.max(1) as u64);
-        }
-    }
+    let finish = latencies_to_terminal(&run, &terminal_at, |id| {
+        fake.pipeline_json(id)
+            .and_then(|p| rfc3339(&p["finished_at"]))
+    });
     print_latency("pipeline finished → terminal event, ms", &finish)?;
     if webhooks {
         println!(
@@ -155,17 +139,12 @@ async fn one_mode(args: &GitlabArgs, data_dir: PathBuf, webhooks: bool) -> anyho
             "Pipeline Hooks received per build",
             stats.webhooks_sent as f64 / args.builds.max(1) as f64
         );
-        let mut lat = Vec::new();
-        for id in &run.ids {
-            let sent = ["success", "failed"]
+        let lat = latencies_to_terminal(&run, &terminal_at, |id| {
+            ["success", "failed"]
                 .iter()
-                .find_map(|s| fake.webhook_sent_at(id.as_str(), s));
-            let (Some(sent), Some(at)) = (sent, terminal_at.get(id.as_str())) else {
-                continue;
-            };
-            let at = SystemTime::from(*at);
-            lat.push(at.duration_since(sent).unwrap_or_default().as_micros() as u64);
-        }
+                .find_map(|s| fake.webhook_sent_at(id, s))
+                .map(DateTime::<Utc>::from)
+        });
         print_latency("hook-to-event latency, ms", &lat)?;
     }
     server.stop().await;

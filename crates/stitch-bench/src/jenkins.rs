@@ -9,16 +9,19 @@
 //! `rate_limit`, requests per second; Jenkins has no limit of its own).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use chrono::DateTime;
 use stitch_fake_providers::jenkins::{FakeJenkins, FakeOptions, Timing};
 use stitch_server::config::{
-    Config, JenkinsSection, PollConfig, QueueConfig, RateLimitSection, RunnerSection,
+    JenkinsSection, PollConfig, QueueConfig, RateLimitSection, RunnerSection,
 };
 
-use crate::provider::{create_and_wait, print_calls, print_latency, terminal_times, Server};
+use crate::provider::{
+    create_and_wait, latencies_to_terminal, one_queue_config, print_calls, print_latency,
+    terminal_times, Server,
+};
 
 const TOKEN_ENV: &str = "STITCH_BENCH_JENKINS_TOKEN";
 const TOKEN: &str = "bench-jenkins-token";
@@ -83,12 +86,7 @@ pub async fn run(args: JenkinsArgs) -> anyhow::Result<()> {
         poll: PollConfig::default(),
         ..QueueConfig::default()
     };
-    let config = Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir,
-        queues: BTreeMap::from([("ci".to_string(), queue)]),
-        ..Config::default()
-    };
+    let config = one_queue_config(data_dir, queue);
     let server = Server::start(config).await?;
     let state = &server.state;
     let run = create_and_wait(state, args.builds).await?;
@@ -106,23 +104,11 @@ pub async fn run(args: JenkinsArgs) -> anyhow::Result<()> {
         args.budget
     );
     let terminal_at = terminal_times(state).await?;
-    let mut finish = Vec::new();
-    for id in &run.ids {
-        let Some(build) = fake.build_json(id.as_str()) else {
-            continue;
-        };
-        let (Some(start), Some(took)) = (build["timestamp"].as_i64(), build["duration"].as_i64())
-        else {
-            continue;
-        };
-        let Some(finished) = chrono::DateTime::from_timestamp_millis(start + took) else {
-            continue;
-        };
-        if let Some(at) = terminal_at.get(id.as_str()) {
-            let micros = (*at - finished).num_microseconds().unwrap_or(0);
-            finish.push(micros.max(1) as u64);
-        }
-    }
+    let finish = latencies_to_terminal(&run, &terminal_at, |id| {
+        let build = fake.build_json(id)?;
+        let started = build["timestamp"].as_i64()?;
+        DateTime::from_timestamp_millis(started + build["duration"].as_i64()?)
+    });
     print_latency("build finished → terminal event, ms", &finish)?;
     server.stop().await;
     Ok(())

@@ -5,11 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use stitch_core::{BuildId, BuildStatus};
-use stitch_server::config::Config;
+use stitch_server::config::{Config, QueueConfig};
 use stitch_server::service::{create_build, CreateBuild};
 use stitch_server::state::AppState;
 use stitch_server::{http, stages};
@@ -139,10 +141,54 @@ pub fn print_calls(mode: &str, provider: &str, run: &Run, requests: &BTreeMap<&'
     }
 }
 
+/// A config serving `queue` as queue `ci` from `data_dir`, on an
+/// ephemeral loopback port.
+pub fn one_queue_config(data_dir: PathBuf, queue: QueueConfig) -> Config {
+    Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir,
+        queues: BTreeMap::from([("ci".to_string(), queue)]),
+        ..Config::default()
+    }
+}
+
+/// Whether a mode named in `--only` runs with webhooks (`webhooks`) or
+/// without (`polling`).
+pub fn webhook_mode(mode: &str) -> anyhow::Result<bool> {
+    match mode {
+        "webhooks" => Ok(true),
+        "polling" => Ok(false),
+        other => anyhow::bail!("unknown mode {other:?}; use webhooks or polling"),
+    }
+}
+
+/// A provider's RFC 3339 time field (`finished_at`), if it holds one.
+pub fn rfc3339(field: &serde_json::Value) -> Option<DateTime<Utc>> {
+    let t = DateTime::parse_from_rfc3339(field.as_str()?).ok()?;
+    Some(t.with_timezone(&Utc))
+}
+
+/// Microseconds from `since(build id)` (when the provider finished the
+/// build, or sent its webhook) to the build's terminal event in stitch, for
+/// each of `run`'s builds that has both (at least 1).
+pub fn latencies_to_terminal(
+    run: &Run,
+    terminal_at: &BTreeMap<String, DateTime<Utc>>,
+    mut since: impl FnMut(&str) -> Option<DateTime<Utc>>,
+) -> Vec<u64> {
+    let mut out = Vec::new();
+    for id in &run.ids {
+        let (Some(at), Some(from)) = (terminal_at.get(id.as_str()), since(id.as_str())) else {
+            continue;
+        };
+        let micros = (*at - from).num_microseconds().unwrap_or(0);
+        out.push(micros.max(1) as u64);
+    }
+    out
+}
+
 /// When each build's first terminal event was recorded.
-pub async fn terminal_times(
-    state: &AppState,
-) -> anyhow::Result<BTreeMap<String, chrono::DateTime<chrono::Utc>>> {
+pub async fn terminal_times(state: &AppState) -> anyhow::Result<BTreeMap<String, DateTime<Utc>>> {
     let events = state.store().events_after(0, u32::MAX).await?;
     let mut terminal_at = BTreeMap::new();
     for e in events.iter().filter(|e| e.status.is_terminal()) {
