@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::http_budget::RequestBudget;
 use crate::http_error::{AnswerDetail, HttpError};
 use crate::http_metrics;
 
@@ -137,6 +138,36 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether a call that got an error answer is sent again, the wait
+    /// before it done. A rate-limit answer (`rate_limit`: the wait the
+    /// vendor asked for) was refused before processing, so every call may
+    /// repeat it: the whole `budget` pauses for the wait when the policy
+    /// allows one that long. A server error is repeated only for `Safe`
+    /// calls, after the backoff. Anything else is given back.
+    pub(crate) async fn again_after_error_answer(
+        &self,
+        budget: &RequestBudget,
+        provider: &'static str,
+        status: reqwest::StatusCode,
+        rate_limit: Option<Duration>,
+        safety: Safety,
+        attempt: u32,
+    ) -> bool {
+        if let Some(reset) = rate_limit {
+            let Some(wait) = self.rate_limit_wait(reset) else {
+                return false;
+            };
+            budget.pause_for(wait);
+            http_metrics::rate_limit_pause(provider);
+            return self.may_retry(attempt);
+        }
+        if status.is_server_error() && safety == Safety::Safe && self.may_retry(attempt) {
+            tokio::time::sleep(self.backoff(attempt)).await;
+            return true;
+        }
+        false
+    }
+
     /// `d` plus up to `jitter · d` (at least 0–50 ms, so a zero reset
     /// still spreads callers out a little).
     pub fn with_jitter(&self, d: Duration) -> Duration {
@@ -189,5 +220,93 @@ mod tests {
         assert!(p.rate_limit_wait(Duration::from_secs(121)).is_none());
         let w = p.rate_limit_wait(Duration::from_secs(2)).unwrap();
         assert!(w >= Duration::from_secs(2) && w <= Duration::from_millis(2400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_answer_is_sent_again_by_its_kind() {
+        use crate::http_budget::{Priority, RateLimit};
+        use reqwest::StatusCode;
+        use tokio::time::Instant;
+
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            max_rate_limit_wait: Duration::from_secs(10),
+            jitter: 0.0,
+        };
+        let budget = RequestBudget::new(RateLimit::default());
+        let again = |status: u16, rate_limit: Option<u64>, safety: Safety, attempt: u32| {
+            policy.again_after_error_answer(
+                &budget,
+                "test",
+                StatusCode::from_u16(status).unwrap(),
+                rate_limit.map(Duration::from_secs),
+                safety,
+                attempt,
+            )
+        };
+        // A server error: a safe call after the backoff, one that may
+        // start a build never, and none after the last attempt.
+        let t0 = Instant::now();
+        assert!(again(503, None, Safety::Safe, 1).await);
+        assert_eq!(t0.elapsed(), Duration::from_millis(100));
+        assert!(!again(503, None, Safety::StartsBuild, 1).await);
+        assert!(!again(503, None, Safety::Safe, 3).await);
+        // Any other error answer is given back.
+        assert!(!again(404, None, Safety::Safe, 1).await);
+        assert!(!again(401, None, Safety::Safe, 1).await);
+        assert!(budget.try_acquire(Priority::Control), "nothing paused it");
+        // A rate limit longer than the policy waits: given back, no pause.
+        assert!(!again(429, Some(60), Safety::Safe, 1).await);
+        assert!(budget.try_acquire(Priority::Control), "nothing paused it");
+        // A rate limit: any call again (it was refused before processing),
+        // the whole budget paused for the wait instead of this caller alone.
+        let t0 = Instant::now();
+        assert!(again(429, Some(2), Safety::StartsBuild, 1).await);
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "the budget waits, not the call"
+        );
+        assert!(
+            !budget.try_acquire(Priority::Control),
+            "the budget is paused"
+        );
+        // After the last attempt the pause still holds, and the error is given back.
+        assert!(!again(429, Some(2), Safety::Safe, 3).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_connection_is_sent_again_even_for_a_create() {
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            max_rate_limit_wait: Duration::ZERO,
+            jitter: 0.0,
+        };
+        // A port held by a socket that never listens: the connection is
+        // refused, so nothing reached the vendor and even a create may be
+        // sent again. (Holding it keeps another test from taking it.)
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/");
+        let send = |attempt| {
+            policy.send_attempt::<crate::buildkite::error::BuildkiteDetail>(
+                http.post(&url),
+                "test",
+                "create",
+                Safety::StartsBuild,
+                attempt,
+            )
+        };
+        assert!(matches!(send(1).await, Sent::Again));
+        match send(2).await {
+            Sent::Failed(e) => assert!(!e.outcome_unknown(), "{e:?}"),
+            _ => panic!("the last attempt gives the error back"),
+        }
     }
 }

@@ -420,20 +420,20 @@ impl Client {
             let reset = rate_limit_reset(resp.headers());
             let body = resp.text().await.unwrap_or_default();
             let err = api_error(status, &body, reset);
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                // Refused before processing: safe for every call, create included.
-                let reset = reset.unwrap_or_else(|| self.retry.backoff(attempt));
-                if let Some(wait) = self.retry.rate_limit_wait(reset) {
-                    self.budget.pause_for(wait);
-                    http_metrics::rate_limit_pause(http_metrics::BUILDKITE);
-                    if self.retry.may_retry(attempt) {
-                        continue;
-                    }
-                }
-                return Err(err);
-            }
-            if status.is_server_error() && safety == Safety::Safe && self.retry.may_retry(attempt) {
-                tokio::time::sleep(self.retry.backoff(attempt)).await;
+            let rate_limit = (status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| reset.unwrap_or_else(|| self.retry.backoff(attempt)));
+            if self
+                .retry
+                .again_after_error_answer(
+                    &self.budget,
+                    http_metrics::BUILDKITE,
+                    status,
+                    rate_limit,
+                    safety,
+                    attempt,
+                )
+                .await
+            {
                 continue;
             }
             return Err(err);

@@ -410,28 +410,30 @@ impl Client {
                 attempt -= 1;
                 continue;
             }
-            if let GithubError::Api {
-                detail:
-                    GithubDetail {
-                        rate_limited: true,
-                        retry_after,
-                    },
-                ..
-            } = &err
+            // Rate limits come as 403s or 429s, refused before processing.
+            let rate_limit = match &err {
+                GithubError::Api {
+                    detail:
+                        GithubDetail {
+                            rate_limited: true,
+                            retry_after,
+                        },
+                    ..
+                } => Some(retry_after.unwrap_or(SECONDARY_LIMIT_WAIT)),
+                _ => None,
+            };
+            if self
+                .retry
+                .again_after_error_answer(
+                    &self.budget,
+                    http_metrics::GITHUB,
+                    status,
+                    rate_limit,
+                    safety,
+                    attempt,
+                )
+                .await
             {
-                // Refused before processing: safe for every call, dispatch included.
-                let wait = retry_after.unwrap_or(SECONDARY_LIMIT_WAIT);
-                if let Some(wait) = self.retry.rate_limit_wait(wait) {
-                    self.budget.pause_for(wait);
-                    http_metrics::rate_limit_pause(http_metrics::GITHUB);
-                    if self.retry.may_retry(attempt) {
-                        continue;
-                    }
-                }
-                return Err(err);
-            }
-            if status.is_server_error() && safety == Safety::Safe && self.retry.may_retry(attempt) {
-                tokio::time::sleep(self.retry.backoff(attempt)).await;
                 continue;
             }
             return Err(err);

@@ -406,21 +406,21 @@ impl Client {
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap_or_default();
         let err = api_error(status, &headers, &text, now);
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            // Refused before processing: safe for every call, create included.
-            let wait =
-                rate_limit_wait(&headers, now).unwrap_or_else(|| self.retry.backoff(attempt));
-            if let Some(wait) = self.retry.rate_limit_wait(wait) {
-                self.budget.pause_for(wait);
-                http_metrics::rate_limit_pause(http_metrics::GITLAB);
-                if self.retry.may_retry(attempt) {
-                    return Ok(None);
-                }
-            }
-            return Err(err);
-        }
-        if status.is_server_error() && safety == Safety::Safe && self.retry.may_retry(attempt) {
-            tokio::time::sleep(self.retry.backoff(attempt)).await;
+        // A 429 was refused before processing: safe for every call.
+        let rate_limit = (status == StatusCode::TOO_MANY_REQUESTS)
+            .then(|| rate_limit_wait(&headers, now).unwrap_or_else(|| self.retry.backoff(attempt)));
+        if self
+            .retry
+            .again_after_error_answer(
+                &self.budget,
+                http_metrics::GITLAB,
+                status,
+                rate_limit,
+                safety,
+                attempt,
+            )
+            .await
+        {
             return Ok(None);
         }
         Err(err)

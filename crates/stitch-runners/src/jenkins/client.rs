@@ -506,19 +506,20 @@ impl Client {
                 self.refresh_crumb(err).await?;
                 continue;
             }
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                let reset = wait.unwrap_or_else(|| self.retry.backoff(attempt));
-                if let Some(pause) = self.retry.rate_limit_wait(reset) {
-                    self.budget.pause_for(pause);
-                    http_metrics::rate_limit_pause(http_metrics::JENKINS);
-                    if self.retry.may_retry(attempt) {
-                        continue;
-                    }
-                }
-                return Err(err);
-            }
-            if status.is_server_error() && safety == Safety::Safe && self.retry.may_retry(attempt) {
-                tokio::time::sleep(self.retry.backoff(attempt)).await;
+            let rate_limit = (status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| wait.unwrap_or_else(|| self.retry.backoff(attempt)));
+            if self
+                .retry
+                .again_after_error_answer(
+                    &self.budget,
+                    http_metrics::JENKINS,
+                    status,
+                    rate_limit,
+                    safety,
+                    attempt,
+                )
+                .await
+            {
                 continue;
             }
             return Err(err);
