@@ -49,7 +49,7 @@ use crate::config::HttpConfig;
 use crate::state::AppState;
 
 pub use error::ApiError;
-pub use streams::limit_websocket;
+pub use streams::{close_websocket, limit_websocket};
 
 /// Default interval between keepalives on idle streams: SSE comment lines
 /// and WebSocket pings.

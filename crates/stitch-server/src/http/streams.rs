@@ -188,17 +188,27 @@ pub(crate) async fn pump_websocket(
             code,
             reason: Utf8Bytes::from(reason),
         };
-        if send(&mut socket, Message::Close(Some(frame))).await {
-            // Let the client answer the close so it sees a clean shutdown.
-            let _ = tokio::time::timeout(CLOSE_LINGER, async {
-                while let Some(Ok(m)) = socket.recv().await {
-                    if matches!(m, Message::Close(_)) {
-                        break;
-                    }
+        close_websocket(&mut socket, Some(frame)).await;
+    }
+}
+
+/// Ends a WebSocket with the closing handshake: sends `frame`, then reads
+/// (and drops) what the client still sends until its own close, for at most
+/// a second. Dropping the connection right after the close frame would be
+/// quicker but unsafe: a frame the client sent meanwhile (a pong, its close
+/// reply) left unread makes the kernel answer with a TCP reset, and a reset
+/// can discard the close frame still in the client's receive buffer, so the
+/// client sees a dropped connection instead of the close code.
+pub async fn close_websocket(socket: &mut WebSocket, frame: Option<CloseFrame>) {
+    if send(socket, Message::Close(frame)).await {
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(m)) = socket.recv().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
                 }
-            })
-            .await;
-        }
+            }
+        })
+        .await;
     }
 }
 

@@ -14,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use stitch_server::http::close_websocket;
+
 use crate::records::EventFrame;
 use crate::Spindle;
 
@@ -58,7 +60,7 @@ async fn stream(spindle: Spindle, mut socket: WebSocket, mut cursor: i64) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, "spindle /events: reading records failed");
-                    let _ = socket.send(Message::Close(None)).await;
+                    close_websocket(&mut socket, None).await;
                     return;
                 }
             };
@@ -89,7 +91,7 @@ async fn stream(spindle: Spindle, mut socket: WebSocket, mut cursor: i64) {
         }
         tokio::select! {
             _ = spindle.stop.cancelled() => {
-                let _ = socket.send(Message::Close(None)).await;
+                close_websocket(&mut socket, None).await;
                 return;
             }
             changed = appended.changed() => {

@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::stream::{BoxStream, StreamExt};
 use stitch_core::{BuildHandle, BuildId, LogLine, OutputStream, RunnerError, StepKind};
+use stitch_server::http::close_websocket;
 
 use crate::Spindle;
 
@@ -235,15 +236,15 @@ async fn pump(spindle: Spindle, mut socket: WebSocket, mut frames: Frames) {
     let mut ping = tokio::time::interval(spindle.settings.ping_interval);
     ping.reset();
     let close = |code, reason: &'static str| {
-        Message::Close(Some(CloseFrame {
+        Some(CloseFrame {
             code,
             reason: reason.into(),
-        }))
+        })
     };
     loop {
         tokio::select! {
             _ = spindle.stop.cancelled() => {
-                let _ = socket.send(close(close_code::AWAY, "server shutting down")).await;
+                close_websocket(&mut socket, close(close_code::AWAY, "server shutting down")).await;
                 return;
             }
             _ = ping.tick() => {
@@ -263,11 +264,11 @@ async fn pump(spindle: Spindle, mut socket: WebSocket, mut frames: Frames) {
                 }
                 Some(Err(reason)) => {
                     tracing::warn!(reason, "spindle /logs: log source failed");
-                    let _ = socket.send(close(close_code::ERROR, "log stream failed")).await;
+                    close_websocket(&mut socket, close(close_code::ERROR, "log stream failed")).await;
                     return;
                 }
                 None => {
-                    let _ = socket.send(close(close_code::NORMAL, "log stream complete")).await;
+                    close_websocket(&mut socket, close(close_code::NORMAL, "log stream complete")).await;
                     return;
                 }
             },
